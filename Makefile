@@ -1,0 +1,78 @@
+# Entry points for users and CI. Every target depends on `setup`, so `make demo` and `make test`
+# are all a newcomer needs. Library code lives in pipeline/, shard_tools/ and tstl/; this file
+# only wires variables to their command-line interfaces.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+
+DATA_DIR ?= data
+RUNS_DIR ?= runs
+JOBS ?= $(shell nproc)
+DATASET ?= ucf101
+SPLIT ?= 1
+PART ?= 1/1
+MODEL ?=
+CLIP ?=
+VIDEOMAE ?=
+CHECKPOINT ?=
+GROUPS ?=
+OVERRIDES ?=
+SSV2_ROOT ?= $(DATA_DIR)/raw/ssv2
+UCF101_ROOT ?= $(DATA_DIR)/raw/ucf101
+SYNTH_ARGS ?=
+
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help setup test demo synthetic prepare-ssv2 prepare-ucf101 shards bench clean-demo
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## virtualenv in .venv with every dependency, ffmpeg and a C++ compiler for DeepSpeed
+
+$(STAMP): pyproject.toml
+	@if ! command -v ffmpeg >/dev/null || ! command -v g++ >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "setup: installing ffmpeg and g++ with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg g++ >/dev/null; \
+	  else \
+	    echo "setup: no system ffmpeg/g++ and no root: the imageio-ffmpeg binary is used for ffmpeg;" \
+	         "install g++ yourself if you train with DeepSpeed on CPU"; \
+	  fi; \
+	fi
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[train]'
+	$(PY) -c "import tstl.env; tstl.env.check()"
+	touch $(STAMP)
+
+test: setup  ## run the test suite
+	$(PY) -m pytest -q tests
+
+synthetic: setup  ## write the synthetic SSV2- and UCF101-style raw datasets under DATA_DIR/raw
+	$(PY) -m pipeline.synthetic --out $(DATA_DIR)/raw $(SYNTH_ARGS)
+
+prepare-ssv2: setup  ## SSV2 .webm -> 240p H.264 .mp4 + annotation CSVs + manifest
+	$(PY) -m pipeline.cli prepare-ssv2 --ssv2-root $(SSV2_ROOT) --data-dir $(DATA_DIR) --jobs $(JOBS) --part $(PART)
+
+prepare-ucf101: setup  ## UCF101 .avi -> .mp4 + annotation CSVs for the three splits + manifest
+	$(PY) -m pipeline.cli prepare-ucf101 --ucf101-root $(UCF101_ROOT) --data-dir $(DATA_DIR) --jobs $(JOBS) --part $(PART)
+
+shards: setup  ## WebDataset shards of a prepared dataset (DATASET=ssv2|ucf101, SPLIT=1..3 for ucf101)
+	$(PY) -m shard_tools.cli build --dataset $(DATASET) --data-dir $(DATA_DIR) --split $(SPLIT)
+
+demo: setup  ## the whole pipeline end to end on a small synthetic dataset
+	$(MAKE) synthetic
+	$(MAKE) prepare-ssv2 SSV2_ROOT=$(DATA_DIR)/raw/ssv2
+	$(MAKE) shards DATASET=ssv2
+	$(PY) -m shard_tools.cli verify $(DATA_DIR)/ssv2/shards/train
+
+bench: setup  ## benchmarks; figures go to docs/benchmarks.md
+	$(PY) -m pipeline.bench --out docs/benchmarks.md
+
+clean-demo:  ## remove the demo data
+	rm -rf $(DATA_DIR)/raw $(DATA_DIR)/ssv2 $(DATA_DIR)/ucf101

@@ -1,0 +1,1 @@
+"""Offline stages: SSV2/UCF101 transcoding, annotation CSVs, manifests and synthetic datasets."""

@@ -1,0 +1,1 @@
+"""Build, verify, inspect, summarise and subset WebDataset shard sets."""

@@ -1,0 +1,79 @@
+"""Unit tests for the typed config loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import pytest
+
+from tstl.config import ConfigError, dump_yaml, load_config, parse_overrides, to_dict
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    name: Literal["adamw", "sgd"] = "adamw"
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class Top:
+    epochs: int = 10
+    out: Path = Path("runs")
+    ckpt: Optional[str] = None
+    views: list[int] = field(default_factory=lambda: [2, 3])
+    optim: Optim = field(default_factory=Optim)
+
+
+def test_defaults_yaml_and_overrides_layer_in_order(tmp_path: Path) -> None:
+    f = tmp_path / "a.yaml"
+    f.write_text("epochs: 5\noptim:\n  lr: 0.1\n")
+    cfg = load_config(Top, [f], ["optim.name=sgd", "views=[1, 1]", "out=/x"])
+    assert cfg.epochs == 5 and cfg.optim.lr == 0.1 and cfg.optim.name == "sgd"
+    assert cfg.views == [1, 1] and cfg.out == Path("/x") and cfg.optim.betas == (0.9, 0.999)
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse() -> None:
+    assert load_config(Top, [], ["optim.lr=1"]).optim.lr == 1.0
+    with pytest.raises(ConfigError, match="epochs: expected an integer"):
+        load_config(Top, [], ["epochs=1.5"])
+
+
+def test_unknown_key_names_source_and_suggests(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'optim.lrr' \(did you mean 'lr'\?\)"):
+        load_config(Top, [f])
+
+
+def test_bad_values_and_validation_errors() -> None:
+    with pytest.raises(ConfigError, match="command line: optim.name: expected one of 'adamw', 'sgd'"):
+        load_config(Top, [], ["optim.name=adam"])
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        load_config(Top, [], ["optim.lr=-1"])
+    with pytest.raises(ConfigError, match="optim.betas: expected a list of 2 items"):
+        load_config(Top, [], ["optim.betas=[0.9]"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        parse_overrides(["epochs"])
+
+
+def test_missing_or_malformed_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(Top, [tmp_path / "none.yaml"])
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(Top, [bad])
+
+
+def test_round_trip_through_yaml(tmp_path: Path) -> None:
+    cfg = load_config(Top, [], ["ckpt=foo", "optim.lr=0.5"])
+    dump_yaml(cfg, tmp_path / "resolved.yaml")
+    again = load_config(Top, [tmp_path / "resolved.yaml"])
+    assert to_dict(again) == to_dict(cfg)

@@ -1,0 +1,205 @@
+"""Typed configuration: dataclasses filled from YAML files and dotted command-line overrides.
+
+Every component declares its own ``@dataclass`` next to the code it configures; a top-level config nests them.
+This module turns plain data (YAML, ``key.sub=value`` strings) into those dataclasses and back:
+
+* unknown keys are errors (with a "did you mean" hint), so a typo never silently falls back to a default;
+* values are checked against the field's type annotation (``int``, ``float``, ``bool``, ``str``, ``Path``,
+  ``Optional``, ``Literal``, ``list``/``tuple``/``dict`` of those, nested dataclasses);
+* ``__post_init__`` of each dataclass does value validation (ranges, cross-field rules);
+* every error names the source (file or ``command line``) and the dotted key.
+
+Example::
+
+    cfg = load_config(TrainConfig, ["configs/ucf101.yaml", "configs/model/bcast.yaml"], ["optim.lr=3e-4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "parse_overrides", "merge", "dump_yaml"]
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file is wrong; the message says where and how to fix it."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against annotation ``tp`` and convert where lossless (int -> float, str -> Path)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {key}: expected {expected}, got {value!r}")
+
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise fail(" or ".join(_type_name(a) for a in args))
+    if origin is typing.Literal:
+        if value not in args:
+            raise fail("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise fail(f"a mapping for {tp.__name__}")
+        return from_dict(tp, value, source=source, prefix=key)
+    if origin in (list, Sequence, tuple) or tp in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise fail("a list")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise fail(f"a list of {len(args)} items")
+            return tuple(_convert(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_convert(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple or tp is tuple else items
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise fail("a mapping")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _convert(v, vt, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail("a string")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise fail("a path")
+        return Path(value)
+    raise ConfigError(f"{source}: {key}: unsupported annotation {tp!r}")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config", prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrongly typed values."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {prefix or '<root>'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(sorted(fields))}"
+            raise ConfigError(f"{source}: unknown key '{dotted}'{hint}")
+        kwargs[key] = _convert(value, hints[key], dotted, source)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {prefix or cls.__name__}: {e}") from e
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data (YAML-safe) form of a config dataclass."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def merge(base: dict, update: Mapping) -> dict:
+    """Recursive dict merge; mappings merge key by key, everything else replaces."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """``["optim.lr=3e-4", "data.views=[2,3]"]`` -> nested dict; values are parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"command line: '{item}' is not of the form key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"command line: cannot parse the value of '{key}': {e}") from e
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: '{key}' overrides a value that is not a mapping")
+        node[leaf] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    return data
+
+
+def load_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
+    """Defaults of ``cls`` <- each YAML file in order <- dotted overrides; validated at every layer.
+
+    Each layer is validated on its own first, so an error names the file (or the command line) it came from.
+    """
+    data: dict = {}
+    for f in files:
+        layer = _read_yaml(Path(f))
+        from_dict(cls, merge(data, layer), source=str(f))
+        data = merge(data, layer)
+    layer = parse_overrides(overrides)
+    result = from_dict(cls, merge(data, layer), source="command line" if overrides else "config")
+    return result
+
+
+def dump_yaml(obj: Any, path: str | Path | None = None) -> str:
+    """YAML text of a config dataclass; also written to ``path`` when given."""
+    text = yaml.safe_dump(to_dict(obj), sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
