@@ -1,0 +1,184 @@
+"""Parallel, resumable execution of one stage over many items.
+
+A stage is a function ``work(item) -> dict`` that turns one source file into one output file (written under a
+temporary name and renamed by the work function itself). The runner decides what needs doing from the manifest,
+runs the work on a thread pool (the heavy lifting happens in ffmpeg subprocesses, so threads suffice and avoid
+pickling), journals every result as soon as it is known, and compacts the manifest at the end.
+
+An item is skipped when its manifest row says it was produced from a source of the same size and mtime, with
+the same parameters, and the output still has the recorded size and mtime. Nothing is probed or decoded for a
+skipped item, so a rerun with nothing to do costs two ``stat`` calls per item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable
+
+from tqdm import tqdm
+
+from pipeline import manifest as mf
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of work: a source file and where its output goes."""
+
+    key: str
+    source: Path
+    output: Path
+    output_rel: str
+    split: str = ""
+
+
+@dataclass
+class Summary:
+    """What a run did; ``failures`` lists (key, status, error) for every item that is not ok."""
+
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    failures: list[tuple[str, str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed_fraction(self) -> float:
+        return len(self.failures) / self.total if self.total else 0.0
+
+    def log(self, desc: str) -> None:
+        kinds = Counter(status for _, status, _ in self.failures)
+        logger.info("%s: %d items, %d processed, %d already done, %d not ok %s in %.1f s", desc, self.total,
+                    self.done, self.skipped, len(self.failures), dict(kinds) if kinds else "", self.seconds)
+        for key, status, error in self.failures[:20]:
+            logger.warning("  %s: %s: %s", key, status, error)
+        if len(self.failures) > 20:
+            logger.warning("  ... and %d more (see the manifest)", len(self.failures) - 20)
+
+
+def params_hash(params: dict) -> str:
+    return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_part(part: str) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 1 <= i <= n."""
+    try:
+        i, n = (int(x) for x in part.split("/"))
+    except ValueError:
+        raise ValueError(f"--part must look like i/n (e.g. 3/8), got '{part}'") from None
+    if not 1 <= i <= n:
+        raise ValueError(f"--part {part}: need 1 <= i <= n")
+    return i, n
+
+
+def in_part(key: str, part: tuple[int, int]) -> bool:
+    """Stable assignment of keys to parts: adding or removing items never moves the others."""
+    i, n = part
+    return n == 1 or int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % n == i - 1
+
+
+def _is_current(item: Item, prev: dict | None, src: os.stat_result, phash: str, retry_failed: bool) -> bool:
+    if prev is None or prev.get("params_hash") != phash:
+        return False
+    if prev.get("source_size") != src.st_size or prev.get("source_mtime_ns") != src.st_mtime_ns:
+        return False
+    if prev.get("status") != "ok":
+        return not retry_failed  # a known-bad source stays failed until it changes or --retry-failed
+    try:
+        out = item.output.stat()
+    except FileNotFoundError:
+        return False
+    return prev.get("output_size") == out.st_size and prev.get("output_mtime_ns") == out.st_mtime_ns
+
+
+def _row(item: Item, src: os.stat_result | None, params: dict, phash: str, result: dict) -> dict:
+    row = {
+        "key": item.key, "split": item.split, "source": str(item.source), "output": item.output_rel,
+        "source_size": src.st_size if src else None, "source_mtime_ns": src.st_mtime_ns if src else None,
+        "params": json.dumps(params, sort_keys=True), "params_hash": phash,
+        "processed_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+    }
+    row.update(result)
+    if row.get("status") == "ok":
+        out = item.output.stat()
+        row["output_size"], row["output_mtime_ns"] = out.st_size, out.st_mtime_ns
+    return row
+
+
+def _safe(work: Callable[[Item], dict], item: Item) -> dict:
+    try:
+        return work(item)
+    except Exception as e:  # one bad item must never stop the stage
+        logger.debug("%s failed", item.key, exc_info=True)
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+
+
+def run_stage(items: Iterable[Item], work: Callable[[Item], dict], manifest_path: Path, params: dict, *,
+              jobs: int, desc: str, retry_failed: bool = False) -> Summary:
+    """Run ``work`` on every item whose output is missing, stale or broken; record everything in the manifest."""
+    start = time.monotonic()
+    phash = params_hash(params)
+    previous = mf.latest_by_key(manifest_path)
+    journal = mf.Journal(manifest_path)
+    summary, todo, keys = Summary(), [], set()
+    try:
+        for item in items:
+            summary.total += 1
+            keys.add(item.key)
+            prev = previous.get(item.key)
+            try:
+                src = item.source.stat()
+            except FileNotFoundError:
+                row = _row(item, None, params, phash, {"status": "missing", "error": "source file not found"})
+                journal.append(row)
+                summary.failures.append((item.key, "missing", f"{item.source} not found"))
+                continue
+            if _is_current(item, prev, src, phash, retry_failed):
+                summary.skipped += 1
+                if prev.get("status") != "ok":
+                    summary.failures.append((item.key, prev["status"], prev.get("error") or ""))
+                continue
+            todo.append((item, src))
+        _run_pool(todo, work, journal, params, phash, jobs, desc, summary)
+    finally:
+        journal.close()
+    mf.compact(manifest_path, keep=keys)
+    summary.seconds = time.monotonic() - start
+    return summary
+
+
+def _run_pool(todo: list, work: Callable[[Item], dict], journal: mf.Journal, params: dict, phash: str, jobs: int,
+              desc: str, summary: Summary) -> None:
+    """Thread pool with a bounded number of items in flight (memory stays flat for 200k+ items)."""
+    pending: dict[Future, tuple[Item, os.stat_result]] = {}
+    queue = iter(todo)
+    with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(todo), desc=desc, unit="video",
+                                                             disable=not todo) as bar:
+        while True:
+            while len(pending) < 2 * jobs:
+                nxt = next(queue, None)
+                if nxt is None:
+                    break
+                pending[pool.submit(_safe, work, nxt[0])] = nxt
+            if not pending:
+                break
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                item, src = pending.pop(fut)
+                row = _row(item, src, params, phash, fut.result())
+                journal.append(row)
+                summary.done += 1
+                if row["status"] != "ok":
+                    summary.failures.append((item.key, row["status"], row.get("error") or ""))
+                bar.update(1)
+

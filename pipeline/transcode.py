@@ -1,0 +1,155 @@
+"""Transcode one video to the training format: H.264, yuv420p, fixed height, even width, no audio, faststart.
+
+The ffmpeg command is built with ffmpeg-python and run as an argument list (never through a shell), so any file
+name works; paths are passed with the ``file:`` protocol prefix so a name starting with ``-`` is not an option.
+Frames are passed through (``-fps_mode passthrough``): no frame is dropped or duplicated, so frame rate and frame
+count are those of the source. ``-threads 1`` per job plus bit-exact flags make the output byte-identical across
+reruns; parallelism comes from running one ffmpeg per core.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import av
+import ffmpeg
+
+from pipeline.ffmpeg_bin import ffmpeg_exe
+from pipeline.runner import Item
+
+# Bump when the command line changes in a way that changes outputs: every video is then redone.
+COMMAND_VERSION = 1
+MIN_SOURCE_BYTES = 1024  # smaller files cannot hold a decodable video (VideoMAE skips < 1 KB too)
+
+
+@dataclass(frozen=True)
+class TranscodeParams:
+    """Encoder settings; all of them go into the manifest and the skip decision."""
+
+    height: int = 240
+    crf: int = 23
+    preset: str = "veryfast"
+    gop: int | None = None  # keyframe interval; None = x264 default
+    command_version: int = COMMAND_VERSION
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_command(src: Path, dst: Path, p: TranscodeParams) -> list[str]:
+    """The ffmpeg argv for one transcode."""
+    inp = ffmpeg.input(f"file:{src}")
+    video = inp.video.filter("scale", -2, p.height)  # -2: keep the aspect ratio with an even width
+    opts = {
+        "vcodec": "libx264", "preset": p.preset, "crf": p.crf, "pix_fmt": "yuv420p",
+        "movflags": "+faststart", "fps_mode": "passthrough", "threads": 1, "map_metadata": -1,
+        "fflags": "+bitexact", "flags:v": "+bitexact", "format": "mp4", "an": None, "sn": None, "dn": None,
+    }
+    if p.gop:
+        opts["g"] = p.gop
+    out = ffmpeg.output(video, f"file:{dst}", **opts).global_args("-nostdin", "-hide_banner", "-loglevel", "error")
+    return ffmpeg.compile(out, cmd=ffmpeg_exe(), overwrite_output=True)
+
+
+@functools.cache
+def ffmpeg_version() -> str:
+    out = subprocess.run([ffmpeg_exe(), "-version"], capture_output=True, text=True, check=False).stdout
+    return out.splitlines()[0] if out else "unknown"
+
+
+def probe(path: Path) -> dict:
+    """Stream facts from demuxing (no decoding): frames, fps, size, duration and the header's duration."""
+    with av.open(str(path), metadata_errors="ignore") as c:
+        if not c.streams.video:
+            raise ValueError("no video stream")
+        s = c.streams.video[0]
+        frames, first, last = 0, None, None
+        for pkt in c.demux(s):
+            if pkt.size == 0:  # the flush packet at the end
+                continue
+            frames += 1
+            if pkt.pts is not None:
+                end = pkt.pts + (pkt.duration or 0)
+                first = pkt.pts if first is None else min(first, pkt.pts)
+                last = end if last is None else max(last, end)
+        rate = s.average_rate or s.guessed_rate
+        duration = float((last - first) * s.time_base) if first is not None else 0.0
+        return {
+            "frames": frames, "fps": float(rate) if rate else 0.0, "width": s.codec_context.width,
+            "height": s.codec_context.height, "duration": duration,
+            "header_duration": c.duration / 1e6 if c.duration else None, "header_frames": s.frames or None,
+        }
+
+
+def check_source(path: Path) -> dict:
+    """Reject sources that cannot yield a complete video, with a reason a person can act on."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError("zero-byte file")
+    if size < MIN_SOURCE_BYTES:
+        raise ValueError(f"only {size} bytes: not a complete video")
+    try:
+        info = probe(path)
+    except (av.error.FFmpegError, ValueError) as e:
+        raise ValueError(f"not a readable video ({e})") from None
+    if info["frames"] == 0:
+        raise ValueError("no video frames")
+    # A cut-off file still announces its full length in the header (frame count in AVI, duration in WebM/MP4);
+    # its packets stop early.
+    hf, hd = info["header_frames"], info["header_duration"]
+    if hf and info["frames"] < 0.9 * hf:
+        raise ValueError(f"truncated: {info['frames']} of the {hf} frames the header announces")
+    if hd and info["duration"] < 0.9 * hd - 0.2:
+        raise ValueError(f"truncated: packets cover {info['duration']:.2f} s of the {hd:.2f} s the header announces")
+    return info
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: SIGKILL this ffmpeg when the stage process dies, so a killed stage leaves no orphan encoders."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _tmp_name(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{os.urandom(3).hex()}")
+
+
+def _clear_stale_tmp(dst: Path) -> None:
+    """Remove temp files a killed run left for this output (only this item's, so parallel parts never clash)."""
+    for stale in dst.parent.glob(f".{dst.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+def transcode(item: Item, params: TranscodeParams, timeout: float) -> dict:
+    """Transcode ``item.source`` to ``item.output``; returns the manifest fields (status, error, stream facts)."""
+    try:
+        src_info = check_source(item.source)
+    except ValueError as e:
+        return {"status": "failed", "error": str(e)}
+    item.output.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale_tmp(item.output)
+    tmp = _tmp_name(item.output)
+    try:
+        proc = subprocess.run(build_command(item.source, tmp, params), capture_output=True, timeout=timeout,
+                              preexec_fn=_die_with_parent)
+        if proc.returncode != 0:
+            err = proc.stderr.decode(errors="replace").strip().splitlines()
+            return {"status": "failed", "error": f"ffmpeg exit {proc.returncode}: {' | '.join(err[-3:])}"}
+        out = probe(tmp)
+        if out["frames"] != src_info["frames"]:
+            return {"status": "failed",
+                    "error": f"frame count changed: source {src_info['frames']}, output {out['frames']}"}
+        os.replace(tmp, item.output)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "error": f"ffmpeg took longer than {timeout:.0f} s"}
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"status": "ok", "error": None, "source_frames": src_info["frames"], "ffmpeg": ffmpeg_version(),
+            **{k: out[k] for k in ("frames", "fps", "width", "height", "duration")}}

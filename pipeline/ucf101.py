@@ -1,0 +1,98 @@
+"""UCF101 release: ``UCF-101/<Class>/v_*.avi`` and the ``ucfTrainTestlist`` split files.
+
+Labels are 0-based indices of ``classInd.txt`` (which is 1-based). Train lists carry a label, test lists do not:
+the label comes from the class folder. The folder ``HandstandPushups`` holds files named ``v_HandStandPushups_*``,
+so the class is always taken from the folder part of the path, never from the file name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.ssv2 import MetadataError
+
+SPLITS = (1, 2, 3)
+
+
+@dataclass
+class UCF101Annotations:
+    classes: list[str]
+    splits: dict[str, list[tuple[str, int]]]  # "train_split1" -> [("Class/v_x.avi", label), ...]
+
+
+def video_dir(root: Path) -> Path:
+    sub = root / "UCF-101"
+    return sub if sub.is_dir() else root
+
+
+def list_dir(root: Path) -> Path:
+    d = root / "ucfTrainTestlist"
+    if not d.is_dir():
+        raise MetadataError(f"{d}: folder not found. Unzip UCF101TrainTestSplits-RecognitionTask.zip into "
+                            f"{root} (UCF101_ROOT must hold UCF-101/ and ucfTrainTestlist/)")
+    return d
+
+
+def _lines(path: Path) -> list[str]:
+    if not path.exists():
+        raise MetadataError(f"{path}: file not found; it is part of the official ucfTrainTestlist")
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def read_classes(lists: Path) -> list[str]:
+    path = lists / "classInd.txt"
+    classes: dict[int, str] = {}
+    for n, line in enumerate(_lines(path), 1):
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise MetadataError(f"{path}: line {n} '{line}' is not '<index> <ClassName>'")
+        classes[int(parts[0])] = parts[1]
+    if sorted(classes) != list(range(1, len(classes) + 1)):
+        raise MetadataError(f"{path}: indices must run 1..{len(classes)} without gaps or repeats")
+    return [classes[i] for i in range(1, len(classes) + 1)]
+
+
+def _read_list(path: Path, index: dict[str, int]) -> list[tuple[str, int]]:
+    out, seen = [], set()
+    for n, line in enumerate(_lines(path), 1):
+        parts = line.split()
+        rel = parts[0]
+        folder = rel.split("/")[0]
+        if "/" not in rel or folder not in index:
+            raise MetadataError(f"{path}: line {n}: '{rel}' is not '<Class>/<file>.avi' with a class of classInd.txt")
+        label = index[folder]
+        if len(parts) > 1 and int(parts[1]) - 1 != label:
+            raise MetadataError(f"{path}: line {n}: label {parts[1]} does not match the folder '{folder}' "
+                                f"(classInd.txt gives {label + 1})")
+        if rel in seen:
+            raise MetadataError(f"{path}: line {n}: '{rel}' is listed twice")
+        seen.add(rel)
+        out.append((rel, label))
+    return out
+
+
+def read_annotations(root: Path) -> UCF101Annotations:
+    """Read classInd and the three train/test splits."""
+    lists = list_dir(root)
+    classes = read_classes(lists)
+    index = {name: i for i, name in enumerate(classes)}
+    splits = {}
+    for k in SPLITS:
+        splits[f"train_split{k}"] = _read_list(lists / f"trainlist0{k}.txt", index)
+        splits[f"test_split{k}"] = _read_list(lists / f"testlist0{k}.txt", index)
+    return UCF101Annotations(classes=classes, splits=splits)
+
+
+def resolve(videos: Path, rel: str) -> Path:
+    """The file on disk for a list entry; tolerates case differences between the lists and the disk."""
+    path = videos / rel
+    if path.exists():
+        return path
+    folder, name = rel.split("/", 1)
+    for d in (videos / folder, *[p for p in videos.glob("*") if p.name.lower() == folder.lower()]):
+        if d.is_dir():
+            for f in d.iterdir():
+                if f.name.lower() == name.lower():
+                    return f
+    return path  # missing: the runner records it as such
