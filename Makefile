@@ -69,7 +69,7 @@ demo: setup  ## the whole pipeline end to end on a small synthetic dataset
 	$(MAKE) synthetic
 	$(MAKE) prepare-ssv2 SSV2_ROOT=$(DATA_DIR)/raw/ssv2
 	$(MAKE) shards DATASET=ssv2
-	$(PY) -m shard_tools.cli verify $(DATA_DIR)/ssv2/shards/train
+	$(PY) -m shard_tools.cli verify $(DATA_DIR)/ssv2/shards/train $(DATA_DIR)/ssv2/shards/val
 
 bench: setup  ## benchmarks; figures go to docs/benchmarks.md
 	$(PY) -m pipeline.bench --out docs/benchmarks.md

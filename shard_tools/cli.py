@@ -1,0 +1,146 @@
+"""``python -m shard_tools.cli {build,verify,ls,inspect,stats,subset}``: build and look after WebDataset shard sets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from shard_tools import shardset
+from shard_tools.build import AnnotationError, BuildOptions, build_dataset
+from shard_tools.stats import report
+from shard_tools.subset import read_group_map, subset
+from shard_tools.tario import iter_samples
+from shard_tools.verify import verify
+
+logger = logging.getLogger("shard_tools")
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    opts = BuildOptions(seed=a.seed, max_samples=a.max_samples, max_bytes=int(a.max_mb * 2**20), jobs=a.jobs,
+                        verify_existing=not a.quick)
+    build_dataset(a.data_dir, a.dataset, a.split, opts, annotations=a.annotations, videos=a.videos)
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    bad = 0
+    for d in a.shard_dirs:
+        reports = verify(d, decode=not a.no_decode, jobs=a.jobs)
+        samples = sum(r.samples for r in reports)
+        errors = [(r.name, e) for r in reports for e in r.errors]
+        for name, err in errors:
+            print(f"FAIL {d}/{name}: {err}")
+        print(f"{'OK  ' if not errors else 'FAIL'} {d}: {len(reports)} shards, {samples} samples, {len(errors)} problems")
+        bad += bool(errors)
+    return 1 if bad else 0
+
+
+def cmd_ls(a: argparse.Namespace) -> int:
+    ss = shardset.load(a.shard_dir)
+    print(f"{ss.dataset}/{ss.split}: {ss.num_samples} samples, {len(ss.shards)} shards, {len(ss.classes)} classes")
+    for s in ss.shards:
+        print(f"{s.name}  {s.samples:6d} samples  {s.bytes / 2**20:9.2f} MiB  {s.sha256[:16]}  {len(s.class_hist)} classes")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    paths = sorted(a.path.glob("shard-*.tar")) if a.path.is_dir() else [a.path]
+    shown = 0
+    for p in paths:
+        for key, parts in iter_samples(p):
+            if a.key and key != a.key:
+                continue
+            meta = json.loads(parts.get("json", b"{}"))
+            sizes = {ext: len(b) for ext, b in parts.items()}
+            print(f"{p.name} {key} {json.dumps(meta, sort_keys=True)} parts={sizes}")
+            shown += 1
+            if a.n and shown >= a.n:
+                return 0
+    if a.key and not shown:
+        print(f"no sample with key '{a.key}' in {a.path}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_stats(a: argparse.Namespace) -> int:
+    png = a.png or a.shard_dir / "stats.png"
+    print(report(a.shard_dir, png))
+    print(f"plot: {png}")
+    return 0
+
+
+def cmd_subset(a: argparse.Namespace) -> int:
+    if a.classes:
+        classes = [int(c) for c in a.classes.split(",")]
+    else:
+        groups = read_group_map(a.groups)
+        if not 0 <= a.group < len(groups):
+            raise ValueError(f"{a.groups}: group {a.group} does not exist (there are {len(groups)})")
+        classes = groups[a.group]
+    subset(a.src, a.out, classes, remap=a.remap, opts=BuildOptions(max_samples=a.max_samples))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m shard_tools.cli", description=__doc__.split(":", 1)[1].strip())
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="shard a prepared dataset (one shard set per split)")
+    b.add_argument("--dataset", required=True, help="ssv2 or ucf101 (folder name under --data-dir)")
+    b.add_argument("--data-dir", type=Path, required=True, help="the DATA_DIR of the prepare stage")
+    b.add_argument("--split", type=int, default=1, help="UCF101 split 1-3 (default 1)")
+    b.add_argument("--annotations", type=Path, nargs="+", help="shard these CSVs instead (e.g. CAST's train.csv)")
+    b.add_argument("--videos", type=Path, help="folder the CSV paths are relative to (default <dataset>/videos)")
+    b.add_argument("--seed", type=int, default=0, help="shuffle seed of training splits (default 0)")
+    b.add_argument("--max-samples", type=int, help="videos per shard (default: clamp(ceil(N/128), 8, 256))")
+    b.add_argument("--max-mb", type=float, default=256, help="MiB per shard at most (default 256)")
+    b.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel processes (default: all cores)")
+    b.add_argument("--quick", action="store_true", help="trust existing shards of the right size (skip sha256)")
+    b.set_defaults(fn=cmd_build)
+    v = sub.add_parser("verify", help="checksums, tar integrity, sample parts and video decoding")
+    v.add_argument("shard_dirs", type=Path, nargs="+")
+    v.add_argument("--no-decode", action="store_true", help="skip decoding the videos")
+    v.add_argument("--jobs", type=int, default=os.cpu_count())
+    v.set_defaults(fn=cmd_verify)
+    ls = sub.add_parser("ls", help="list the shards of a set")
+    ls.add_argument("shard_dir", type=Path)
+    ls.set_defaults(fn=cmd_ls)
+    i = sub.add_parser("inspect", help="print the samples (metadata) of a shard or shard set")
+    i.add_argument("path", type=Path, help="a shard .tar or a shard set folder")
+    i.add_argument("--key", help="only this sample key")
+    i.add_argument("-n", type=int, default=20, help="at most this many samples (0: all; default 20)")
+    i.set_defaults(fn=cmd_inspect)
+    s = sub.add_parser("stats", help="class balance, durations, frames and sizes, with a PNG plot")
+    s.add_argument("shard_dir", type=Path)
+    s.add_argument("--png", type=Path, help="plot path (default <shard_dir>/stats.png)")
+    s.set_defaults(fn=cmd_stats)
+    sb = sub.add_parser("subset", help="new shard set with only some classes (bytes copied, no re-encode)")
+    sb.add_argument("src", type=Path)
+    sb.add_argument("out", type=Path)
+    g = sb.add_mutually_exclusive_group(required=True)
+    g.add_argument("--classes", help="comma-separated class ids")
+    g.add_argument("--groups", type=Path, help="class-group map (TSTL class_grouping.json or {\"groups\": ...})")
+    sb.add_argument("--group", type=int, default=0, help="which group of --groups (default 0)")
+    sb.add_argument("--remap", action="store_true", help="relabel to group-local ids 0..k-1")
+    sb.add_argument("--max-samples", type=int, help="videos per shard")
+    sb.set_defaults(fn=cmd_subset)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tstl.log import init_logging
+
+    args = build_parser().parse_args(argv)
+    init_logging()
+    try:
+        return args.fn(args)
+    except (AnnotationError, FileNotFoundError, ValueError) as e:
+        logger.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

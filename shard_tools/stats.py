@@ -1,0 +1,74 @@
+"""Summaries of a shard set: class balance, durations, frames and sizes, as text and as a PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from shard_tools import shardset
+from shard_tools.tario import iter_samples
+
+
+def collect(shard_dir: Path) -> dict[str, np.ndarray]:
+    """Per-sample label, duration, frames, fps and mp4 size from the shards' json parts."""
+    ss = shardset.load(shard_dir)
+    cols: dict[str, list] = {"label": [], "duration": [], "frames": [], "fps": [], "bytes": []}
+    for info in ss.shards:
+        for _, parts in iter_samples(shard_dir / info.name):
+            meta = json.loads(parts["json"])
+            for k in ("label", "duration", "frames", "fps"):
+                cols[k].append(meta[k])
+            cols["bytes"].append(len(parts["mp4"]))
+    return {k: np.asarray(v) for k, v in cols.items()}
+
+
+def _describe(name: str, x: np.ndarray, unit: str = "") -> str:
+    if x.size == 0:
+        return f"{name:<10} (none)"
+    q = np.percentile(x, [0, 5, 50, 95, 100])
+    return f"{name:<10} mean {x.mean():10.2f}{unit}  min {q[0]:.2f}  p5 {q[1]:.2f}  median {q[2]:.2f}  " \
+           f"p95 {q[3]:.2f}  max {q[4]:.2f}"
+
+
+def report(shard_dir: Path, png: Path | None = None) -> str:
+    """Text summary; also a 2x2 PNG of the distributions when ``png`` is given."""
+    ss = shardset.load(shard_dir)
+    data = collect(shard_dir)
+    counts = np.bincount(data["label"], minlength=len(ss.classes) or None) if data["label"].size else np.zeros(0)
+    lines = [f"{shard_dir}: {ss.dataset}/{ss.split}, {ss.num_samples} samples in {len(ss.shards)} shards, "
+             f"{sum(s.bytes for s in ss.shards) / 2**20:.1f} MiB, {len(ss.missing)} left out",
+             _describe("duration", data["duration"], " s"), _describe("frames", data["frames"]),
+             _describe("fps", data["fps"]), _describe("size", data["bytes"] / 1024, " KiB"),
+             f"classes    {int((counts > 0).sum())} present; per class min {counts.min() if counts.size else 0}, "
+             f"max {counts.max() if counts.size else 0}, imbalance {counts.max() / max(counts.min(), 1):.2f}x"
+             if counts.size else "classes    (none)"]
+    for c, n in enumerate(counts):
+        name = ss.classes[c] if c < len(ss.classes) else str(c)
+        lines.append(f"  {c:4d} {n:7d}  {name}")
+    if png is not None:
+        _plot(png, data, counts, f"{ss.dataset}/{ss.split}")
+    return "\n".join(lines)
+
+
+def _plot(png: Path, data: dict[str, np.ndarray], counts: np.ndarray, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 2, figsize=(10, 7))
+    ax[0, 0].bar(np.arange(len(counts)), counts)
+    ax[0, 0].set(title="videos per class", xlabel="class")
+    ax[0, 1].hist(data["duration"], bins=30)
+    ax[0, 1].set(title="duration", xlabel="seconds")
+    ax[1, 0].hist(data["frames"], bins=30)
+    ax[1, 0].set(title="frames per video", xlabel="frames")
+    ax[1, 1].hist(data["bytes"] / 1024, bins=30)
+    ax[1, 1].set(title="mp4 size", xlabel="KiB")
+    fig.suptitle(title)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
