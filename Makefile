@@ -24,10 +24,11 @@ OVERRIDES ?=
 SSV2_ROOT ?= $(DATA_DIR)/raw/ssv2
 UCF101_ROOT ?= $(DATA_DIR)/raw/ucf101
 SYNTH_ARGS ?=
+MAX_FAIL ?= 0.05
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup test demo synthetic prepare-ssv2 prepare-ucf101 shards bench clean-demo
+.PHONY: help setup test demo synthetic prepare-ssv2 prepare-ucf101 finalize shards bench clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -57,17 +58,20 @@ synthetic: setup  ## write the synthetic SSV2- and UCF101-style raw datasets und
 	$(PY) -m pipeline.synthetic --out $(DATA_DIR)/raw $(SYNTH_ARGS)
 
 prepare-ssv2: setup  ## SSV2 .webm -> 240p H.264 .mp4 + annotation CSVs + manifest
-	$(PY) -m pipeline.cli prepare-ssv2 --ssv2-root $(SSV2_ROOT) --data-dir $(DATA_DIR) --jobs $(JOBS) --part $(PART)
+	$(PY) -m pipeline.cli prepare-ssv2 --ssv2-root $(SSV2_ROOT) --data-dir $(DATA_DIR) --jobs $(JOBS) --part $(PART) --max-failure-fraction $(MAX_FAIL)
 
 prepare-ucf101: setup  ## UCF101 .avi -> .mp4 + annotation CSVs for the three splits + manifest
-	$(PY) -m pipeline.cli prepare-ucf101 --ucf101-root $(UCF101_ROOT) --data-dir $(DATA_DIR) --jobs $(JOBS) --part $(PART)
+	$(PY) -m pipeline.cli prepare-ucf101 --ucf101-root $(UCF101_ROOT) --data-dir $(DATA_DIR) --jobs $(JOBS) --part $(PART) --max-failure-fraction $(MAX_FAIL)
+
+finalize:  ## after --part runs on several machines: merge manifests, write CSVs (DATASET=ssv2|ucf101)
+	$(PY) -m pipeline.cli finalize $(DATA_DIR)/$(DATASET)
 
 shards: setup  ## WebDataset shards of a prepared dataset (DATASET=ssv2|ucf101, SPLIT=1..3 for ucf101)
 	$(PY) -m shard_tools.cli build --dataset $(DATASET) --data-dir $(DATA_DIR) --split $(SPLIT)
 
 demo: setup  ## the whole pipeline end to end on a small synthetic dataset
 	$(MAKE) synthetic
-	$(MAKE) prepare-ssv2 SSV2_ROOT=$(DATA_DIR)/raw/ssv2
+	$(MAKE) prepare-ssv2 SSV2_ROOT=$(DATA_DIR)/raw/ssv2 MAX_FAIL=0.2  # the synthetic set has broken files on purpose
 	$(MAKE) shards DATASET=ssv2
 	$(PY) -m shard_tools.cli verify $(DATA_DIR)/ssv2/shards/train $(DATA_DIR)/ssv2/shards/val
 

@@ -32,7 +32,7 @@ SCHEMA = pa.schema([
     ("error", pa.string()),
     ("duration", pa.float64()),      # seconds, of the output
     ("frames", pa.int64()),          # video frames in the output
-    ("source_frames", pa.int64()),   # video packets in the source (frames for the codecs we meet)
+    ("source_frames", pa.int64()),   # frames the source header announces (AVI, MP4; empty for WebM)
     ("fps", pa.float64()),
     ("width", pa.int64()),
     ("height", pa.int64()),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def ffmpeg_version() -> str:
 
 
 def probe(path: Path) -> dict:
-    """Stream facts from demuxing (no decoding): frames, fps, size, duration and the header's duration."""
+    """Stream facts from demuxing (no decoding): frames, fps, size and duration."""
     with av.open(str(path), metadata_errors="ignore") as c:
         if not c.streams.video:
             raise ValueError("no video stream")
@@ -84,31 +85,41 @@ def probe(path: Path) -> dict:
         return {
             "frames": frames, "fps": float(rate) if rate else 0.0, "width": s.codec_context.width,
             "height": s.codec_context.height, "duration": duration,
-            "header_duration": c.duration / 1e6 if c.duration else None, "header_frames": s.frames or None,
         }
 
 
+def read_header(path: Path) -> dict:
+    """What the container header announces (no demuxing): duration, frame count (AVI, MP4), stream present."""
+    with av.open(str(path), metadata_errors="ignore") as c:
+        if not c.streams.video:
+            raise ValueError("no video stream")
+        s = c.streams.video[0]
+        return {"header_duration": c.duration / 1e6 if c.duration else None, "header_frames": s.frames or None}
+
+
 def check_source(path: Path) -> dict:
-    """Reject sources that cannot yield a complete video, with a reason a person can act on."""
+    """Reject sources that cannot be videos, with a reason a person can act on. Reads the header only."""
     size = path.stat().st_size
     if size == 0:
         raise ValueError("zero-byte file")
     if size < MIN_SOURCE_BYTES:
         raise ValueError(f"only {size} bytes: not a complete video")
     try:
-        info = probe(path)
+        return read_header(path)
     except (av.error.FFmpegError, ValueError) as e:
         raise ValueError(f"not a readable video ({e})") from None
-    if info["frames"] == 0:
+
+
+def check_complete(src: dict, out: dict) -> None:
+    """A cut-off source still announces its full length in its header (frame count in AVI, duration in WebM); the
+    frames ffmpeg could decode from it stop early. Raise if the output is clearly shorter than announced."""
+    if out["frames"] == 0:
         raise ValueError("no video frames")
-    # A cut-off file still announces its full length in the header (frame count in AVI, duration in WebM/MP4);
-    # its packets stop early.
-    hf, hd = info["header_frames"], info["header_duration"]
-    if hf and info["frames"] < 0.9 * hf:
-        raise ValueError(f"truncated: {info['frames']} of the {hf} frames the header announces")
-    if hd and info["duration"] < 0.9 * hd - 0.2:
-        raise ValueError(f"truncated: packets cover {info['duration']:.2f} s of the {hd:.2f} s the header announces")
-    return info
+    hf, hd = src["header_frames"], src["header_duration"]
+    if hf and out["frames"] < 0.9 * hf:
+        raise ValueError(f"truncated: {out['frames']} of the {hf} frames the header announces")
+    if hd and out["duration"] < 0.9 * hd - 0.2:
+        raise ValueError(f"truncated: frames cover {out['duration']:.2f} s of the {hd:.2f} s the header announces")
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -140,16 +151,19 @@ def transcode(item: Item, params: TranscodeParams, timeout: float) -> dict:
         proc = subprocess.run(build_command(item.source, tmp, params), capture_output=True, timeout=timeout,
                               preexec_fn=_die_with_parent)
         if proc.returncode != 0:
-            err = proc.stderr.decode(errors="replace").strip().splitlines()
+            # Name the real output instead of the random temp name and drop ffmpeg's pointer addresses
+            # ("[matroska,webm @ 0x55...]"), so the same failure reads the same on every run.
+            text = proc.stderr.decode(errors="replace").replace(str(tmp), str(item.output))
+            err = re.sub(r" @ 0x[0-9a-f]+", "", text).strip().splitlines()
             return {"status": "failed", "error": f"ffmpeg exit {proc.returncode}: {' | '.join(err[-3:])}"}
         out = probe(tmp)
-        if out["frames"] != src_info["frames"]:
-            return {"status": "failed",
-                    "error": f"frame count changed: source {src_info['frames']}, output {out['frames']}"}
+        check_complete(src_info, out)
         os.replace(tmp, item.output)
+    except ValueError as e:
+        return {"status": "failed", "error": str(e)}
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "error": f"ffmpeg took longer than {timeout:.0f} s"}
     finally:
         tmp.unlink(missing_ok=True)
-    return {"status": "ok", "error": None, "source_frames": src_info["frames"], "ffmpeg": ffmpeg_version(),
+    return {"status": "ok", "error": None, "source_frames": src_info["header_frames"], "ffmpeg": ffmpeg_version(),
             **{k: out[k] for k in ("frames", "fps", "width", "height", "duration")}}

@@ -72,7 +72,7 @@ def test_transcoded_videos_keep_frames_and_rate(raw: Path, prepared: tuple[Path,
     data, _ = prepared
     rows = {r["key"]: r for r in mf.read_rows(data / "ssv2/manifest.parquet")}
     ok = [r for r in rows.values() if r["status"] == "ok"]
-    assert ok and all(r["frames"] == r["source_frames"] for r in ok)
+    assert ok
     for r in ok[:6]:
         path = data / "ssv2/videos" / r["output"]
         with av.open(str(path)) as c:
@@ -82,6 +82,7 @@ def test_transcoded_videos_keep_frames_and_rate(raw: Path, prepared: tuple[Path,
             assert sum(1 for _ in c.decode(v)) == r["frames"]
         with av.open(r["source"]) as c:
             assert float(c.streams.video[0].average_rate) == pytest.approx(r["fps"], rel=1e-3)
+            assert sum(1 for _ in c.decode(video=0)) == r["frames"]  # no frame dropped or duplicated
         head = path.read_bytes()[:4096]
         assert head.find(b"moov") != -1 and (head.find(b"mdat") == -1 or head.find(b"moov") < head.find(b"mdat"))
     assert set(pq.read_schema(data / "ssv2/manifest.parquet").names) >= {
