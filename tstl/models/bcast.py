@@ -1,0 +1,465 @@
+"""B-CAST: a frozen CLIP ViT spatial expert and a frozen VideoMAE ViT temporal expert joined by bidirectional
+bottleneck cross-attention and adapters.
+
+Paper: "CAST: Cross-Attention in Space and Time for Video Action Recognition" (Lee et al., NeurIPS 2023),
+reference code KHU-VLL/CAST (``bidir_vit_base_patch16_224``). Parameter names follow the reference exactly, so
+CAST and TSTL checkpoints load without any key mapping; OpenAI CLIP and VideoMAE checkpoints are mapped in
+``convert_checkpoint``.
+
+Deliberate deviations from the reference (numerics at inference are identical; see tests/models/test_bcast.py):
+
+* The spatial stream is kept batch-first (``[B*T', N, D]``) instead of CLIP's sequence-first layout, which saves
+  a permute per block; attention is computed per frame either way.
+* All attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
+* Layer norms compute in at least float32 and cast back, so the model runs in bf16 and fp16 (the reference's CLIP
+  LayerNorm has no bf16 branch).
+* Drop path on the spatial stream drops per sample; the reference drops per *token* across the batch because its
+  drop-path sees the sequence-first tensor (dim 0 = tokens). Only training with drop path > 0 is affected.
+* Frozen experts have ``requires_grad=False`` from construction and activation checkpointing is optional
+  (``set_grad_checkpointing``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import DropPath, trunc_normal_
+from torch.utils.checkpoint import checkpoint
+
+from tstl.models.checkpoint import Conversion
+from tstl.models.registry import register_model
+
+# A parameter is trained iff its name contains one of these (the reference's rule, minus patterns that match
+# nothing). ``clip_space_pos``/``vmae_space_pos`` are caught by "cross" through ``s2t_cross``.
+TRAINABLE_PATTERNS = ("cross", "clip_time_pos", "vmae_time_pos", "Adapter", "ln_post", "vmae_fc_norm", "head")
+NO_WEIGHT_DECAY = ("clip_time_pos", "clip_space_pos", "vmae_space_pos", "vmae_time_pos")
+_CLIP_KEYS = re.compile(r"^(clip_|blocks\.\d+\.clip_)")
+_VMAE_KEYS = re.compile(r"^(patch_embed\.|blocks\.\d+\.(norm1|attn|norm2|mlp)\.)")
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm that computes in at least float32 and returns the input dtype (safe under bf16/fp16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        w = self.weight.to(dtype) if self.weight is not None else None
+        b = self.bias.to(dtype) if self.bias is not None else None
+        return F.layer_norm(x.to(dtype), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """CLIP's activation: x * sigmoid(1.702 x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter ``fc2(GELU(fc1(x)))``, plus ``x`` when ``skip``."""
+
+    def __init__(self, dim: int, ratio: float = 0.25, skip: bool = True) -> None:
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.skip = skip
+        self.D_fc1 = nn.Linear(dim, hidden)
+        self.D_fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = self.D_fc2(F.gelu(self.D_fc1(x)))
+        return x + delta if self.skip else delta
+
+
+class ClipAttention(nn.Module):
+    """CLIP's multi-head self-attention with ``nn.MultiheadAttention``'s parameter names, batch-first, via SDPA."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(F.linear(x, self.in_proj_weight, self.in_proj_bias), "b n (three h d) -> three b h n d",
+                            three=3, h=self.num_heads)
+        return self.out_proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+
+
+class VideoMAEAttention(nn.Module):
+    """VideoMAE attention: bias-free qkv with separate q and v biases (k has none), via SDPA."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        q, k, v = rearrange(F.linear(x, self.qkv.weight, bias), "b n (three h d) -> three b h n d", three=3,
+                            h=self.num_heads)
+        return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+
+
+class ClipMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(dim, hidden)
+        self.gelu = QuickGELU()
+        self.c_proj = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def _cross_attention(q: torch.Tensor, kv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    q = rearrange(q, "b n (h d) -> b h n d", h=num_heads)
+    k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=num_heads)
+    return rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+
+
+class T2SCross(nn.Module):
+    """Temporal -> spatial: CLIP patch tokens attend along time to the VideoMAE tokens at the same location.
+
+    The CLS token of each frame passes through unchanged.
+    """
+
+    def __init__(self, dim: int, num_heads: int, frames: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.clip_time_pos = nn.Parameter(torch.randn(frames, dim) * (dim // num_heads) ** -0.5)
+        self.vmae_time_pos = nn.Parameter(torch.randn(frames, dim) * (dim // num_heads) ** -0.5)
+        self.t2s_q = nn.Linear(dim, dim, bias=False)
+        self.t2s_q_bias = nn.Parameter(torch.zeros(dim))
+        self.t2s_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.t2s_kv_bias = nn.Parameter(torch.zeros(2 * dim))
+        self.t2s_proj = nn.Linear(dim, dim)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor, frames: int) -> torch.Tensor:
+        """s: [B*T', 1+P, d] CLIP tokens; t: [B, T'*P, d] VideoMAE tokens -> [B*T', 1+P, d]."""
+        cls, patches = s[:, :1], s[:, 1:]
+        p = patches.shape[1]
+        q = rearrange(patches, "(b t) p d -> (b p) t d", t=frames) + self.clip_time_pos
+        kv = rearrange(t, "b (t p) d -> (b p) t d", p=p) + self.vmae_time_pos
+        out = _cross_attention(F.linear(q, self.t2s_q.weight, self.t2s_q_bias),
+                               F.linear(kv, self.t2s_kv.weight, self.t2s_kv_bias), self.num_heads)
+        out = rearrange(self.t2s_proj(out), "(b p) t d -> (b t) p d", p=p)
+        return torch.cat([cls, out], dim=1)
+
+
+class S2TCross(nn.Module):
+    """Spatial -> temporal: VideoMAE tokens attend over space to the CLIP patch tokens of the paired frame.
+
+    The output projection is named ``t2s_proj`` as in the reference checkpoints.
+    """
+
+    def __init__(self, dim: int, num_heads: int, patches: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.clip_space_pos = nn.Parameter(torch.randn(patches, dim) * (dim // num_heads) ** -0.5)
+        self.vmae_space_pos = nn.Parameter(torch.randn(patches, dim) * (dim // num_heads) ** -0.5)
+        self.s2t_q = nn.Linear(dim, dim, bias=False)
+        self.s2t_q_bias = nn.Parameter(torch.zeros(dim))
+        self.s2t_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.s2t_kv_bias = nn.Parameter(torch.zeros(2 * dim))
+        self.t2s_proj = nn.Linear(dim, dim)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor, frames: int) -> torch.Tensor:
+        """s: [B*T', 1+P, d]; t: [B, T'*P, d] -> [B, T'*P, d]."""
+        q = rearrange(t, "b (t p) d -> (b t) p d", t=frames) + self.vmae_space_pos
+        kv = s[:, 1:] + self.clip_space_pos
+        out = _cross_attention(F.linear(q, self.s2t_q.weight, self.s2t_q_bias),
+                               F.linear(kv, self.s2t_kv.weight, self.s2t_kv_bias), self.num_heads)
+        return rearrange(self.t2s_proj(out), "(b t) p d -> b (t p) d", t=frames)
+
+
+class Block(nn.Module):
+    """One layer advancing both streams: attention + adapters, bidirectional cross-attention, MLP + adapters."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, frames: int, patches: int, down_ratio: int,
+                 adapter_ratio: float, drop_path: float) -> None:
+        super().__init__()
+        hidden, cross_dim = int(dim * mlp_ratio), dim // down_ratio
+        self.clip_ln_1 = LayerNorm(dim, eps=1e-5)
+        self.clip_attn = ClipAttention(dim, num_heads)
+        self.S_Adapter = Adapter(dim, adapter_ratio, skip=True)
+        self.norm1 = LayerNorm(dim, eps=1e-6)
+        self.attn = VideoMAEAttention(dim, num_heads)
+        self.T_Adapter = Adapter(dim, adapter_ratio, skip=True)
+        self.cross_s_down = nn.Linear(dim, cross_dim)
+        self.cross_t_down = nn.Linear(dim, cross_dim)
+        self.ln_s_cross = LayerNorm(cross_dim, eps=1e-6)
+        self.ln_t_cross = LayerNorm(cross_dim, eps=1e-6)
+        self.t2s_cross = T2SCross(cross_dim, num_heads, frames)
+        self.s2t_cross = S2TCross(cross_dim, num_heads, patches)
+        self.cross_s_up = nn.Linear(cross_dim, dim)
+        self.cross_t_up = nn.Linear(cross_dim, dim)
+        self.clip_ln_2 = LayerNorm(dim, eps=1e-5)
+        self.clip_mlp = ClipMlp(dim, hidden)
+        self.S_MLP_Adapter = Adapter(dim, adapter_ratio, skip=False)
+        self.norm2 = LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, hidden)
+        self.T_MLP_Adapter = Adapter(dim, adapter_ratio, skip=False)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.frames = frames
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = s + self.S_Adapter(self.clip_attn(self.clip_ln_1(s)))
+        t = t + self.T_Adapter(self.attn(self.norm1(t)))
+        ns = self.ln_s_cross(self.cross_s_down(s))
+        nt = self.ln_t_cross(self.cross_t_down(t))
+        # Both directions read the same pre-update tokens.
+        c_s = self.cross_s_up(F.gelu(self.t2s_cross(ns, nt, self.frames)))
+        c_t = self.cross_t_up(F.gelu(self.s2t_cross(ns, nt, self.frames)))
+        s = s + self.drop_path(c_s)
+        t = t + self.drop_path(c_t)
+        h = self.clip_ln_2(s)
+        s = s + self.clip_mlp(h) + self.drop_path(0.5 * self.S_MLP_Adapter(h))
+        h = self.norm2(t)
+        t = t + self.mlp(h) + self.drop_path(0.5 * self.T_MLP_Adapter(h))
+        return s, t
+
+
+def sinusoid_table(n: int, dim: int) -> torch.Tensor:
+    """The fixed 1-D sine/cosine position table VideoMAE adds to its tokens: [1, n, dim]."""
+    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    div = torch.pow(10000.0, 2 * (torch.arange(dim) // 2).double() / dim)
+    table = pos / div
+    table[:, 0::2] = torch.sin(table[:, 0::2])
+    table[:, 1::2] = torch.cos(table[:, 1::2])
+    return table.float()[None]
+
+
+class BCAST(nn.Module):
+    """B-CAST video classifier. Input ``[B, 3, T, H, W]`` (normalised), output logits ``[B, num_classes]``."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, num_frames: int = 16, num_classes: int = 400,
+                 tubelet_size: int = 2, down_ratio: int = 2, adapter_ratio: float = 0.25,
+                 drop_path_rate: float = 0.0, head_drop_rate: float = 0.0, init_scale: float = 1.0) -> None:
+        super().__init__()
+        if num_frames % tubelet_size or img_size % patch_size:
+            raise ValueError("num_frames must be a multiple of tubelet_size and img_size of patch_size")
+        self.num_classes, self.num_frames, self.tubelet_size = num_classes, num_frames, tubelet_size
+        self.embed_dim, self.img_size = embed_dim, img_size
+        self.clip_frames = num_frames // tubelet_size
+        patches = (img_size // patch_size) ** 2
+        self.clip_conv1 = nn.Conv2d(3, embed_dim, patch_size, patch_size, bias=False)
+        self.clip_class_embedding = nn.Parameter(embed_dim**-0.5 * torch.randn(embed_dim))
+        self.clip_positional_embedding = nn.Parameter(embed_dim**-0.5 * torch.randn(patches + 1, embed_dim))
+        self.clip_ln_pre = LayerNorm(embed_dim, eps=1e-5)
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv3d(3, embed_dim, (tubelet_size, patch_size, patch_size),
+                                          (tubelet_size, patch_size, patch_size))
+        # Fixed, never saved or loaded (as in VideoMAE): a non-persistent buffer so it follows .to()/.double().
+        self.register_buffer("pos_embed", sinusoid_table(self.clip_frames * patches, embed_dim), persistent=False)
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, self.clip_frames, patches, down_ratio, adapter_ratio, r)
+            for r in rates)
+        self.clip_ln_post = LayerNorm(embed_dim, eps=1e-5)
+        self.vmae_fc_norm = LayerNorm(embed_dim, eps=1e-6)
+        self.noun_last_Adapter = Adapter(embed_dim, adapter_ratio, skip=False)
+        self.verb_last_Adapter = Adapter(embed_dim, adapter_ratio, skip=False)
+        self.head_dropout = nn.Dropout(head_drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.grad_checkpointing = False
+        self._init_weights(init_scale)
+        for name, p in self.named_parameters():
+            p.requires_grad = any(pat in name for pat in TRAINABLE_PATTERNS)
+
+    def _init_weights(self, init_scale: float) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for name, m in self.blocks.named_modules():
+            # Adapters and up-projections start at zero, so at initialisation both streams are the pure experts.
+            if isinstance(m, Adapter):
+                nn.init.zeros_(m.D_fc2.weight)
+                nn.init.zeros_(m.D_fc2.bias)
+            elif isinstance(m, nn.Linear) and "up" in name.rsplit(".", 1)[-1]:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+        for a in (self.noun_last_Adapter, self.verb_last_Adapter):
+            nn.init.zeros_(a.D_fc2.weight)
+        with torch.no_grad():
+            self.head.weight.mul_(init_scale)
+            self.head.bias.mul_(init_scale)
+
+    # ------------------------------------------------------------------------------------------- forward
+
+    def _stems(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[2] != self.num_frames or x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
+            raise ValueError(f"B-CAST expects [B, 3, {self.num_frames}, {self.img_size}, {self.img_size}] clips, got "
+                             f"{list(x.shape)} (CLIP's position table is not interpolated)")
+        # CLIP sees the last frame of every VideoMAE tubelet (frames 1, 3, 5, ... for tubelets of 2).
+        frames = rearrange(x[:, :, self.tubelet_size - 1 :: self.tubelet_size], "b c t h w -> (b t) c h w")
+        s = self.clip_conv1(frames).flatten(2).transpose(1, 2)
+        cls = self.clip_class_embedding.to(s.dtype).expand(s.shape[0], 1, -1)
+        s = self.clip_ln_pre(torch.cat([cls, s], dim=1) + self.clip_positional_embedding.to(s.dtype))
+        t = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        t = t + self.pos_embed.to(t.dtype)
+        return s, t
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features of both streams: (spatial [B, D], temporal [B, D])."""
+        s, t = self._stems(x)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                s, t = checkpoint(blk, s, t, use_reentrant=False)
+            else:
+                s, t = blk(s, t)
+        s = rearrange(s[:, 0], "(b t) d -> b t d", t=self.clip_frames).mean(1)
+        return self.clip_ln_post(s), self.vmae_fc_norm(t.mean(1))
+
+    def forward_head(self, feats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        s, t = feats
+        return self.head(self.head_dropout(self.noun_last_Adapter(s) + self.verb_last_Adapter(t)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # ------------------------------------------------------------------------------------------- training helpers
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Cross-attention position tables (biases and norms are excluded from decay by their shape)."""
+        return {n for n, _ in self.named_parameters() if any(p in n for p in NO_WEIGHT_DECAY)}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm-style layer groups: stems = 0, block i = i + 1, everything after the blocks last."""
+        return {
+            "stem": r"^clip_conv1|^clip_class_embedding|^clip_positional_embedding|^clip_ln_pre|^patch_embed",
+            "blocks": [(r"^blocks\.(\d+)", None), (r"^clip_ln_post|^vmae_fc_norm|^\w+_last_Adapter", (99999,))],
+        }
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the trained parameters (what a TSTL expert checkpoint needs to store)."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def convert_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> Conversion:
+        """Map an OpenAI CLIP, VideoMAE (pre-trained or fine-tuned) or CAST/TSTL state dict onto this model."""
+        keys = set(state_dict)
+        if any(k.startswith("module.") for k in keys):
+            state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+            keys = set(state_dict)
+        if any(".clip_attn." in k for k in keys):
+            return Conversion(state_dict, "cast")
+        if any(k.startswith("visual.") for k in keys) or "conv1.weight" in keys:
+            return self._from_clip(state_dict)
+        if any(re.match(r"^(encoder\.|backbone\.)?patch_embed\.proj\.", k) for k in keys):
+            return self._from_videomae(state_dict)
+        raise ValueError("unrecognised checkpoint layout: expected OpenAI CLIP, VideoMAE or CAST keys")
+
+    def _other_keys(self, belongs: re.Pattern, why: str) -> dict[str, str]:
+        """Model keys outside one expert: a checkpoint of that expert is known not to provide them. Keys of the
+        expert itself stay unexplained, so a checkpoint that lacks some of them fails a strict load."""
+        return {k: why for k in self.state_dict() if not belongs.match(k)}
+
+    def _from_clip(self, sd: dict[str, torch.Tensor]) -> Conversion:
+        visual = any(k.startswith("visual.") for k in sd)
+        out, dropped = {}, {}
+        for k, v in sd.items():
+            if visual and not k.startswith("visual."):
+                dropped[k] = "CLIP text tower: not used"
+                continue
+            k = k.removeprefix("visual.")
+            if k.startswith("transformer.resblocks."):
+                i, rest = k.removeprefix("transformer.resblocks.").split(".", 1)
+                out[f"blocks.{i}.clip_{rest}"] = v
+            elif k == "proj":
+                dropped["proj"] = "CLIP's image projection is not used by B-CAST"
+            else:
+                out[f"clip_{k}"] = v
+        return Conversion(out, "openai-clip", self._other_keys(_CLIP_KEYS, "not part of the CLIP expert"), dropped)
+
+    def _from_videomae(self, sd: dict[str, torch.Tensor]) -> Conversion:
+        pretrain = any(k.startswith("encoder.") for k in sd)
+        out, dropped = {}, {}
+        head = self.head.weight.shape
+        for k, v in sd.items():
+            name = k.removeprefix("backbone.").removeprefix("encoder.")
+            if k.startswith(("decoder.", "encoder_to_decoder", "mask_token")):
+                dropped[k] = "VideoMAE pre-training decoder"
+            elif name.startswith(("norm.", "fc_norm.")):
+                dropped[k] = "VideoMAE's final norm: B-CAST keeps vmae_fc_norm at its own initialisation (as CAST)"
+            elif name.startswith("head."):
+                # As CAST: a VideoMAE classifier of the right shape initialises the head, any other is dropped.
+                if name == "head.weight" and v.shape != head or name == "head.bias" and v.shape[0] != head[0]:
+                    dropped[k] = "VideoMAE head of another number of classes"
+                else:
+                    out[name] = v
+            elif name == "pos_embed":
+                dropped[k] = "fixed sinusoidal table, not loaded"
+            else:
+                out[name] = v
+        fmt = "videomae-pretrain" if pretrain else "videomae-finetune"
+        missing = self._other_keys(_VMAE_KEYS, "not part of the VideoMAE expert")
+        missing.update({k: "initialised (the VideoMAE head has another shape)" for k in ("head.weight", "head.bias")
+                        if k not in out})
+        return Conversion(out, fmt, missing, dropped)
+
+
+def _build(defaults: dict, **kwargs) -> BCAST:
+    unknown = set(kwargs) - set(BCAST.__init__.__code__.co_varnames)
+    if unknown:
+        raise TypeError(f"unknown B-CAST arguments: {sorted(unknown)}")
+    return BCAST(**{**defaults, **kwargs})
+
+
+@register_model
+def bcast_vit_b16(**kwargs) -> BCAST:
+    """CAST's ``bidir_vit_base_patch16_224``: CLIP ViT-B/16 + VideoMAE ViT-B, 16 frames at 224 px."""
+    return _build(dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_frames=16), **kwargs)
+
+
+@register_model
+def bcast_test(**kwargs) -> BCAST:
+    """Tiny B-CAST for tests and CPU demos: 32 px, 4 frames, width 64, depth 2."""
+    return _build(dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_frames=4,
+                       num_classes=8), **kwargs)
+
+
+@register_model
+def bcast_small_demo(**kwargs) -> BCAST:
+    """Small B-CAST the CPU demo trains in minutes: 64 px, 8 frames, width 96, depth 3."""
+    return _build(dict(img_size=64, patch_size=16, embed_dim=96, depth=3, num_heads=4, num_frames=8,
+                       num_classes=8), **kwargs)
+
+
+def flops_per_view(model: BCAST) -> float:
+    """Multiply-accumulates of one forward view, counted with torch's FlopCounterMode (FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, model.num_frames, model.img_size, model.img_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / 2
+
