@@ -194,6 +194,8 @@ def build_split(rows: list[tuple[str, int]], videos: Path, out: Path, *, dataset
                 classes: list[str], shuffle: bool, opts: BuildOptions) -> ShardSet:
     """Build (or bring up to date) the shard set of one split under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp-*"):
+        stale.unlink()  # left by a killed build (one builder per shard set at a time)
     records, missing = _records(rows, videos, classes)
     for rel in missing:
         logger.warning("%s/%s: listed in the annotations but not found; left out (rerun the prepare stage)", videos, rel)

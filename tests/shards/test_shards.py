@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -120,12 +121,14 @@ def test_killed_build_resumes_to_the_same_set(built: Path, dataset: Path, tmp_pa
     shutil.copytree(dataset / "ssv2", work / "ssv2", ignore=shutil.ignore_patterns("shards"))
     cmd = [sys.executable, "-m", "shard_tools.cli", "build", "--dataset", "ssv2", "--data-dir", str(work),
            "--max-samples", "1", "--jobs", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A new session, so the kill takes the whole process group (the pool workers too), as a scheduler would.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     out = work / "ssv2/shards/train"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(list(out.glob("shard-*.tar"))) < 3:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+    while time.monotonic() < deadline and len(list(out.glob("shard-*.tar"))) < 2:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "shards.json").exists()  # killed before finishing
     assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
