@@ -23,12 +23,18 @@ from tstl.models.reference_bcast import reference_forward
 logger = logging.getLogger(__name__)
 
 
-def _time(step, steps: int) -> float:
-    step()  # warm-up (allocator, kernels)
-    start = time.perf_counter()
+def _time_interleaved(a, b, steps: int) -> tuple[float, float]:
+    """Mean seconds per call of ``a`` and ``b``, alternating so that background load hits both alike."""
+    a(), b()  # warm-up (allocator, kernels)
+    ta = tb = 0.0
     for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+        start = time.perf_counter()
+        a()
+        ta += time.perf_counter() - start
+        start = time.perf_counter()
+        b()
+        tb += time.perf_counter() - start
+    return ta / steps, tb / steps
 
 
 def run(model_name: str, batch: int, steps: int) -> dict:
@@ -52,8 +58,7 @@ def run(model_name: str, batch: int, steps: int) -> dict:
 
     with torch.no_grad():
         diff = (model(x) - reference_forward(sd, x, **cfg)).abs().max().item()
-    t_ref = _time(reference, steps)
-    t_ours = _time(ours, steps)
+    t_ours, t_ref = _time_interleaved(ours, reference, steps)
     return {"model": model_name, "batch": batch, "frames": model.num_frames, "size": model.img_size, "steps": steps,
             "ours_s": t_ours, "reference_s": t_ref, "max_abs_diff": diff, "threads": torch.get_num_threads()}
 
@@ -62,8 +67,8 @@ def markdown(r: dict) -> str:
     return f"""## B-CAST training step (`python -m tstl.models.bench_bcast`)
 
 `{r['model']}`, batch {r['batch']} x {r['frames']} x {r['size']}^2, forward + backward (trainable parameters only),
-CPU ({platform.machine()}, {os.cpu_count()} cores, {r['threads']} torch threads), float32, mean of {r['steps']} steps after
-a warm-up.
+CPU ({platform.machine()}, {os.cpu_count()} cores, {r['threads']} torch threads), float32, mean of {r['steps']} steps each,
+the two implementations alternating, after a warm-up.
 
 | implementation | s / step | clips / s |
 |---|---|---|
