@@ -1,0 +1,13 @@
+"""Streaming WebDataset loader: shards -> decode -> frame sampling -> augmentation -> batches.
+
+``build_train_loader`` and ``build_eval_loader`` are the entry points; see ``docs/loader.md``.
+"""
+
+from tstl import _torchvision_shim
+
+_torchvision_shim.install()
+
+from tstl.data.config import DataConfig  # noqa: E402
+from tstl.data.loader import BadSampleRateError, ShardLoader, build_eval_loader, build_train_loader  # noqa: E402
+
+__all__ = ["DataConfig", "ShardLoader", "BadSampleRateError", "build_train_loader", "build_eval_loader"]

@@ -1,0 +1,100 @@
+"""Typed configuration of the streaming loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    """Frame sampling, augmentation and batching of one dataset (loaded with ``tstl.config.load_config``)."""
+
+    num_frames: int = 16
+    """Frames per clip (T)."""
+    sampling: Literal["segment", "dense"] = "segment"
+    """``segment``: one frame per equal segment (SSV2, TSN style); ``dense``: consecutive frames with a stride."""
+    sampling_rate: int = 4
+    """Stride between sampled frames for ``dense`` sampling."""
+    input_size: int = 224
+    """Output height and width of a clip."""
+    short_side_scale: int = 0
+    """Evaluation: the short side is resized to this before the spatial crops; 0 means ``input_size``."""
+    flip: bool = False
+    """Random horizontal flip in training. Keep it off for SSV2 (its labels name directions)."""
+    rand_augment: str = "rand-m7-n4-mstd0.5-inc1"
+    """timm RandAugment spec, drawn once per clip and applied to every frame; empty string disables it."""
+    reprob: float = 0.25
+    """Random erasing probability per clip (timm ``RandomErasing``, pixel mode, same box on every frame)."""
+    rrc_scale: tuple[float, float] = (0.08, 1.0)
+    """Random resized crop: area fraction range."""
+    rrc_ratio: tuple[float, float] = (0.75, 4 / 3)
+    """Random resized crop: aspect ratio range."""
+    mixup: float = 0.8
+    """Mixup alpha (0 disables mixup)."""
+    cutmix: float = 1.0
+    """CutMix alpha (0 disables cutmix)."""
+    mixup_prob: float = 1.0
+    """Probability of applying mixup or cutmix to a batch."""
+    mixup_switch_prob: float = 0.5
+    """Probability of cutmix instead of mixup when both are on."""
+    label_smoothing: float = 0.1
+    """Label smoothing folded into the soft targets when mixup/cutmix is on."""
+    batch_size: int = 8
+    """Training clips per batch on each rank."""
+    eval_batch_size: int = 8
+    """Evaluation views per batch on each rank."""
+    num_workers: int = 4
+    """DataLoader worker processes per rank (0 = decode in the main process)."""
+    shuffle_buffer: int = 64
+    """Samples held by each worker's shuffle buffer in training (encoded bytes, not frames)."""
+    seed: int = 0
+    """Base seed; shard order, shuffle and augmentation derive from (seed, epoch, rank, worker, sample)."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel normalisation mean (values in 0..1)."""
+    std: tuple[float, float, float] = IMAGENET_STD
+    """Per-channel normalisation standard deviation."""
+    test_views: tuple[int, int] = (2, 3)
+    """Evaluation views: temporal clips T x spatial crops C per video."""
+    max_bad_fraction: float = 0.01
+    """Fail when more than this fraction of a worker's samples are bad (checked after ``min_bad_check`` samples)."""
+    min_bad_check: int = 50
+    """Samples a worker reads before the bad-sample rate is enforced (a few bad ones early are not a trend)."""
+    quarantine: str = ""
+    """File that bad sample keys are appended to (``key<TAB>shard<TAB>reason``); empty = log only."""
+    decode_timeout_s: float = 30.0
+    """A decode taking longer is abandoned and the sample counted bad (0 disables the guard)."""
+    pin_memory: bool = False
+    """Pin batches in page-locked memory (GPU training)."""
+    prefetch_factor: int = 2
+    """Batches prefetched per worker."""
+    labels: list[int] = field(default_factory=list)
+    """Keep only samples with these labels (e.g. one TSTL expert's class group); empty keeps all."""
+    remap_labels: bool = False
+    """With ``labels``: relabel the kept classes 0..k-1 in the order listed (``num_classes`` becomes k)."""
+    shard_url_template: str = ""
+    """Read shards from ``template.format(name=...)`` (e.g. ``pipe:aws s3 cp s3://b/ssv2/train/{name} -``)."""
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1 or self.sampling_rate < 1 or self.input_size < 8:
+            raise ValueError("num_frames and sampling_rate must be >= 1 and input_size >= 8")
+        if self.batch_size < 1 or self.eval_batch_size < 1 or self.num_workers < 0:
+            raise ValueError("batch sizes must be >= 1 and num_workers >= 0")
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise ValueError(f"mixup/cutmix need an even batch_size, got {self.batch_size}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError("max_bad_fraction must be in [0, 1]")
+        if self.remap_labels and not self.labels:
+            raise ValueError("remap_labels needs a labels list")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels has duplicates: {self.labels}")
+        if min(self.test_views) < 1:
+            raise ValueError("test_views must be >= 1 in both entries")
+
+    @property
+    def mixup_active(self) -> bool:
+        """Whether training batches carry soft (mixed) targets."""
+        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0

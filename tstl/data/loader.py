@@ -1,0 +1,161 @@
+"""``ShardLoader``: equal steps on every rank, exact epoch coverage, batch-level mixup, mid-epoch resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterator, Sequence
+
+from timm.data import Mixup
+from torch.utils.data import DataLoader
+
+from tstl.data.config import DataConfig
+from tstl.data.pipeline import BadSampleRateError, ClipStream, RoleState, StreamSpec, derive_seed
+from tstl.data.sources import ShardSet, resolve, slot_length
+from tstl.data.transforms import seeded
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ShardLoader", "BadSampleRateError", "build_train_loader", "build_eval_loader"]
+
+Source = str | os.PathLike | Sequence[str] | ShardSet
+
+
+class ShardLoader:
+    """Batches of one rank for one epoch at a time; see ``docs/loader.md`` for the guarantees.
+
+    Args:
+        cfg: loader configuration.
+        shardset: resolved shards (``sources.resolve``).
+        train: training (shuffle, augmentation, mixup) or evaluation (multi-view, deterministic).
+        rank, world_size: this process' place in the job.
+        epoch: the epoch the next iteration produces.
+        views: evaluation views (temporal T, spatial C).
+        balance: ``pad`` (default) or ``drop``, the rule that makes all slots equal (see ``slot_length``).
+    """
+
+    def __init__(self, cfg: DataConfig, shardset: ShardSet, *, train: bool, rank: int = 0, world_size: int = 1,
+                 epoch: int = 0, views: tuple[int, int] = (1, 1), balance: str = "pad") -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.cfg, self.shardset, self.train = cfg, shardset, train
+        self.rank, self.world_size, self.views = rank, world_size, tuple(views)
+        self.workers = max(1, cfg.num_workers)
+        bsz = cfg.batch_size if train else 1
+        self.length = slot_length(shardset.num_samples, world_size * self.workers, bsz, balance == "drop")
+        per_role = self.length if train else self.length * self.views[0] * self.views[1]
+        self.batches_per_role = -(-per_role // (cfg.batch_size if train else cfg.eval_batch_size))
+        self.mixup = self._mixup() if train and cfg.mixup_active else None
+        self.bad_samples = 0
+        self.set_epoch(epoch)
+
+    # ---- metadata -----------------------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        """Samples (videos) in the shard set."""
+        return self.shardset.num_samples
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes: from ``shards.json`` (None when unknown), or ``len(labels)`` with ``remap_labels``."""
+        return len(self.cfg.labels) if self.cfg.remap_labels else self.shardset.num_classes
+
+    @property
+    def classes(self) -> list[str] | None:
+        """Class names by label from ``shards.json``."""
+        return self.shardset.classes
+
+    def __len__(self) -> int:
+        return self.batches_per_role * self.workers
+
+    # ---- epoch and state ----------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning at the next iteration."""
+        self.epoch, self.step = epoch, 0
+        self._roles: dict[int, RoleState] = {}
+
+    def state_dict(self) -> dict:
+        """Position after the last batch handed out: resuming continues with the very next batch."""
+        return {"epoch": self.epoch, "step": self.step, "rank": self.rank, "world_size": self.world_size,
+                "workers": self.workers, "seed": self.cfg.seed, "length": self.length,
+                "bad_samples": self.bad_samples, "roles": {r: s.to_dict() for r, s in self._roles.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from ``state_dict()``; the job layout (world size, workers, seed, data) must be unchanged."""
+        if not self.train and state.get("step", 0):
+            raise ValueError("evaluation loaders cannot resume mid-pass; rerun the evaluation from the start")
+        mine = {k: v for k, v in self.state_dict().items() if k in ("rank", "world_size", "workers", "seed", "length")}
+        theirs = {k: state[k] for k in mine}
+        if mine != theirs:
+            raise ValueError(f"loader state was saved with {theirs}, this loader has {mine}; resume with the same "
+                             "world size, num_workers, seed and shard set, or restart the epoch with set_epoch()")
+        self.epoch, self.step, self.bad_samples = state["epoch"], state["step"], state["bad_samples"]
+        self._roles = {int(r): RoleState(**s) for r, s in state["roles"].items()}
+
+    # ---- iteration ----------------------------------------------------------------------------------------
+    def _mixup(self) -> Mixup:
+        if not self.num_classes:
+            raise ValueError("mixup/cutmix need num_classes; read the shards through shards.json")
+        c = self.cfg
+        return Mixup(mixup_alpha=c.mixup, cutmix_alpha=c.cutmix, prob=c.mixup_prob, switch_prob=c.mixup_switch_prob,
+                     label_smoothing=c.label_smoothing, num_classes=self.num_classes)
+
+    def _apply_mixup(self, batch: dict) -> None:
+        video = batch["video"]
+        b, c, t, h, w = video.shape
+        if b % 2:
+            raise ValueError(f"mixup needs an even batch, got {b}")
+        # timm's Mixup cuts boxes out of dims (-2, -1) of a 4-D tensor: fold time into channels so the box spans
+        # every frame. Its draws use NumPy's global generator, seeded per step for reproducible resumes.
+        with seeded(derive_seed(self.cfg.seed, self.epoch, self.rank, self.step, 4)):
+            _, batch["label"] = self.mixup(video.view(b, c * t, h, w), batch["label"])
+
+    def __iter__(self) -> Iterator[dict]:
+        total = len(self)
+        if self.step >= total:  # the previous epoch ran to its end: go on with the next one
+            self.set_epoch(self.epoch + 1)
+        spec = StreamSpec(self.cfg, self.shardset, self.train, self.rank, self.world_size, self.epoch, self.workers,
+                          self.length, self.views, dict(self._roles), self.step % self.workers)
+        nw = self.cfg.num_workers
+        dl = DataLoader(ClipStream(spec), batch_size=None, num_workers=nw, pin_memory=self.cfg.pin_memory,
+                        prefetch_factor=self.cfg.prefetch_factor if nw else None, persistent_workers=False)
+        for batch in dl:
+            role = batch.pop("_role")
+            state = RoleState(**batch.pop("_state"))
+            prev = self._roles.get(role, RoleState())
+            self.bad_samples += state.bad - prev.bad
+            self._roles[role] = state
+            if self.mixup is not None:
+                self._apply_mixup(batch)
+            self.step += 1
+            yield batch
+        if self.step != total:
+            raise RuntimeError(f"rank {self.rank} produced {self.step} batches instead of {total}; the shard set "
+                               "changed during the epoch?")
+
+
+def _shards(source: Source, cfg: DataConfig) -> ShardSet:
+    return source if isinstance(source, ShardSet) else resolve(source, cfg.shard_url_template, cfg.labels)
+
+
+def build_train_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                       balance: str = "pad") -> ShardLoader:
+    """Training loader of one rank: shuffled, augmented, mixed; ``len()`` equal on every rank.
+
+    Args:
+        cfg: loader configuration.
+        source: shard-set directory, ``shards.json`` path/URL, brace pattern, ``pipe:``/http URL or a list.
+        rank, world_size: this process' place in the job.
+        epoch: first epoch to produce (``set_epoch`` moves on).
+        balance: ``pad`` repeats up to ``world_size * workers * batch_size - 1`` samples per epoch so nothing is
+            left out; ``drop`` leaves up to that many out instead (a different few each epoch).
+    """
+    return ShardLoader(cfg, _shards(source, cfg), train=True, rank=rank, world_size=world_size, epoch=epoch,
+                       balance=balance)
+
+
+def build_eval_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_size: int = 1,
+                      views: tuple[int, int] | None = None) -> ShardLoader:
+    """Evaluation loader: every video once (plus documented repeats), T x C views each, batches with ``view``."""
+    return ShardLoader(cfg, _shards(source, cfg), train=False, rank=rank, world_size=world_size,
+                       views=tuple(views or cfg.test_views))

@@ -1,0 +1,260 @@
+"""The per-worker stream: pieces -> tar samples -> shuffle buffer -> decode -> sampling -> augmentation -> batches.
+
+Each DataLoader worker plays one "role" (a (rank, worker) slot of the epoch plan) and emits exactly the same
+number of batches as every other role, whatever happens to individual samples. Every batch carries private
+``_role``/``_state`` entries that ``ShardLoader`` strips and keeps as resume state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tarfile
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
+
+from tstl.data import sampling
+from tstl.data.config import DataConfig
+from tstl.data.decode import BadSample, decode_clip
+from tstl.data.sources import Piece, ShardSet, epoch_order, iter_tar, keep, slot_pieces
+from tstl.data.transforms import EvalViews, TrainClipTransform, seeded
+
+logger = logging.getLogger(__name__)
+
+
+class BadSampleRateError(RuntimeError):
+    """More samples than ``max_bad_fraction`` were bad: the data needs fixing, not the loader."""
+
+
+@dataclass
+class RoleState:
+    """Progress of one role within an epoch (what resuming needs)."""
+
+    pos: int = 0
+    """Raw samples consumed from the shuffled stream."""
+    emitted: int = 0
+    """Clips (train) or views (eval) put into batches."""
+    bad: int = 0
+    """Raw samples that were bad."""
+    last_good: int = -1
+    """Position of the last good raw sample (the filler source)."""
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class StreamSpec:
+    """Everything a worker needs to produce its part of an epoch."""
+
+    cfg: DataConfig
+    shardset: ShardSet
+    train: bool
+    rank: int
+    world_size: int
+    epoch: int
+    slots_per_rank: int
+    length: int
+    """Raw samples per role (clips in training, videos in evaluation)."""
+    views: tuple[int, int] = (1, 1)
+    start: dict[int, RoleState] = field(default_factory=dict)
+    role_offset: int = 0
+    """Worker ``i`` plays role ``(i + role_offset) % slots_per_rank`` (resume keeps the batch order exact)."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed from a tuple of integers (epoch, rank, role, ...), well mixed by NumPy's SeedSequence."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def _read(pieces: list[Piece], labels: frozenset[int] | None = None) -> Iterator[dict]:
+    """Raw samples of the pieces; a shard that ends early or breaks yields placeholders marked ``_error``.
+
+    With ``labels``, positions count only the samples of those labels (the shard counts were filtered the same way).
+    """
+    for piece in pieces:
+        got = 0
+        try:
+            stream = iter_tar(piece.shard.url)
+            try:
+                for i, sample in enumerate(s for s in stream if keep(s, labels)):
+                    if i < piece.skip:
+                        continue
+                    if got == piece.take:
+                        break
+                    sample["_shard"] = piece.shard.name
+                    got += 1
+                    yield sample
+            finally:
+                stream.close()
+        except (OSError, tarfile.TarError, ValueError) as e:
+            logger.error("%s: unreadable after %d samples: %s", piece.shard.url, got, e)
+            reason = f"shard unreadable: {e}"
+        else:
+            reason = "shard has fewer samples than shards.json says"
+        for i in range(got, piece.take):
+            yield {"__key__": f"{piece.shard.name}#{piece.skip + i}", "_shard": piece.shard.name, "_error": reason}
+
+
+def _shuffle(src: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Reservoir shuffle: fill ``size`` samples, then emit a random one per sample read."""
+    buf: list[dict] = []
+    for sample in src:
+        buf.append(sample)
+        if len(buf) >= size:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+class ClipStream(IterableDataset):
+    """Iterable over batches of one rank; each DataLoader worker produces one role's batches."""
+
+    def __init__(self, spec: StreamSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    # ---- set-up -------------------------------------------------------------------------------------------
+    def _role(self) -> int:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        return (worker + self.spec.role_offset) % self.spec.slots_per_rank
+
+    def _raw(self, role: int) -> Iterator[dict]:
+        s = self.spec
+        slot = s.rank * s.slots_per_rank + role
+        order = epoch_order(s.shardset.shards, derive_seed(s.cfg.seed, s.epoch, 0x5A5A) if s.train else None)
+        raw = _read(slot_pieces(order, slot, s.length), s.shardset.labels)
+        if s.train and s.cfg.shuffle_buffer > 1:
+            raw = _shuffle(raw, s.cfg.shuffle_buffer, random.Random(derive_seed(s.cfg.seed, s.epoch, s.rank, role, 1)))
+        return raw
+
+    # ---- per sample ---------------------------------------------------------------------------------------
+    def _parse(self, sample: dict) -> tuple[bytes, int, int]:
+        if "_error" in sample:
+            raise BadSample(sample["_error"])
+        missing = [p for p in ("mp4", "cls", "json") if p not in sample]
+        if missing:
+            raise BadSample(f"missing part(s) {', '.join(missing)}")
+        try:
+            label = int(sample["cls"])
+            if self.spec.cfg.remap_labels:
+                label = self.spec.cfg.labels.index(label)
+            frames = int(json.loads(sample["json"])["frames"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise BadSample(f"bad cls/json: {e}") from None
+        return sample["mp4"], label, frames
+
+    def _train_items(self, sample: dict, aug_index: int, role: int, tf: TrainClipTransform) -> list[tuple]:
+        s, cfg = self.spec, self.spec.cfg
+        data, label, frames = self._parse(sample)
+        with seeded(derive_seed(cfg.seed, s.epoch, s.rank, role, aug_index, 2)):
+            rng = np.random.default_rng(derive_seed(cfg.seed, s.epoch, s.rank, role, aug_index, 3))
+            clip = decode_clip(data, frames, lambda n: sampling.train_indices(
+                cfg.sampling, n, cfg.num_frames, cfg.sampling_rate, rng), cfg.decode_timeout_s)
+            return [(tf(clip), label, sample["__key__"], 0)]
+
+    def _eval_items(self, sample: dict, views: EvalViews) -> list[tuple]:
+        cfg, (nt, nc) = self.spec.cfg, self.spec.views
+        data, label, frames = self._parse(sample)
+        t_len = cfg.num_frames
+
+        def pick(n: int) -> np.ndarray:
+            return np.concatenate([sampling.test_indices(cfg.sampling, n, t_len, cfg.sampling_rate, t, nt)
+                                   for t in range(nt)])
+
+        clip = decode_clip(data, frames, pick, cfg.decode_timeout_s)
+        out = []
+        for t in range(nt):
+            resized = views.resize(clip[t * t_len:(t + 1) * t_len])
+            out += [(views.crop(resized, c), label, sample["__key__"], t * nc + c) for c in range(nc)]
+        return out
+
+    # ---- bad samples --------------------------------------------------------------------------------------
+    def _bad(self, sample: dict, reason: str, st: RoleState, seen: int) -> None:
+        cfg = self.spec.cfg
+        st.bad += 1
+        logger.warning("bad sample %s in %s: %s", sample.get("__key__"), sample.get("_shard"), reason)
+        if cfg.quarantine:
+            with open(cfg.quarantine, "a") as f:
+                f.write(f"{sample.get('__key__')}\t{sample.get('_shard')}\t{reason}\n")
+        if seen >= cfg.min_bad_check and st.bad / seen > cfg.max_bad_fraction:
+            raise BadSampleRateError(
+                f"{st.bad} of {seen} samples bad (> max_bad_fraction={cfg.max_bad_fraction}); last: "
+                f"{sample.get('__key__')} in {sample.get('_shard')}: {reason}. Keys are in "
+                f"{cfg.quarantine or '(no quarantine file set)'}; rebuild those videos/shards or raise the limit")
+
+    # ---- main loop ----------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        s, cfg = self.spec, self.spec.cfg
+        role = self._role()
+        st = RoleState(**self.spec.start[role].to_dict()) if role in self.spec.start else RoleState()
+        per_raw = 1 if s.train else s.views[0] * s.views[1]
+        target = s.length * per_raw
+        bsz = cfg.batch_size if s.train else cfg.eval_batch_size
+        tf = TrainClipTransform(cfg) if s.train else None
+        ev = None if s.train else EvalViews(cfg, s.views[1])
+        make = (lambda smp, idx: self._train_items(smp, idx, role, tf)) if s.train else \
+            (lambda smp, idx: self._eval_items(smp, ev))
+        raw = self._raw(role)
+        try:
+            yield from self._emit(raw, make, role, st, target, bsz)
+        finally:
+            raw.close()  # an early stop must not leave a tar stream (or a pipe: process) open
+
+    def _emit(self, raw: Iterator[dict], make: Callable[[dict, int], list[tuple]], role: int, st: RoleState,
+              target: int, bsz: int) -> Iterator[dict]:
+        """Decode, augment and batch the raw stream, then top the role up to ``target`` items."""
+        s = self.spec
+        reservoir: dict | None = None
+        pending: list[tuple] = []
+        for pos, sample in enumerate(raw):
+            if pos < st.pos:  # resuming: skip without decoding, but remember the filler source
+                if pos == st.last_good:
+                    reservoir = sample
+                continue
+            try:
+                items = make(sample, pos)
+            except BadSample as e:
+                st.pos = pos + 1
+                self._bad(sample, str(e), st, pos + 1)
+                continue
+            st.pos, st.last_good, reservoir = pos + 1, pos, sample
+            pending += items
+            while len(pending) >= bsz:
+                st.emitted += bsz
+                yield self._batch(pending[:bsz], role, st)
+                pending = pending[bsz:]
+        # Bad or missing samples leave the role short: refill from the last good sample (new augmentation) so
+        # every role, hence every rank, emits exactly the planned number of batches.
+        while st.emitted + len(pending) < target:
+            if reservoir is None:
+                raise BadSampleRateError(f"rank {s.rank} role {role}: no decodable sample in its {s.length} samples")
+            pending = (pending + make(reservoir, s.length + st.emitted + len(pending)))[:target - st.emitted]
+            while len(pending) >= bsz:
+                st.emitted += bsz
+                yield self._batch(pending[:bsz], role, st)
+                pending = pending[bsz:]
+        if pending:
+            st.emitted += len(pending)
+            yield self._batch(pending, role, st)
+
+    def _batch(self, items: list[tuple], role: int, st: RoleState) -> dict:
+        batch = {
+            # default_collate stacks straight into shared memory inside a worker: one copy of the batch, not two.
+            "video": default_collate([it[0] for it in items]),
+            "label": torch.tensor([it[1] for it in items], dtype=torch.long),
+            "key": [it[2] for it in items],
+            "_role": role,
+            "_state": st.to_dict(),
+        }
+        if not self.spec.train:
+            batch["view"] = torch.tensor([it[3] for it in items], dtype=torch.long)
+        return batch
