@@ -1,0 +1,115 @@
+"""Typed configuration of a training run, loaded from ``configs/*.yaml`` with dotted command-line overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tstl.data.config import DataConfig
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build and what to load into it."""
+
+    name: str = "bcast_vit_b16"
+    """A registered model (``tstl.models.list_models()``)."""
+    num_classes: int = 0
+    """Classes of the head; 0 = the number in the training shard set's ``shards.json``."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth of the last block (linearly increasing from 0)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Further architecture arguments (e.g. ``attention_type`` for TimeSformer)."""
+    init: list[str] = field(default_factory=list)
+    """Checkpoints loaded in order before training (CLIP, VideoMAE, CAST, TimeSformer, timm; see docs/models.md)."""
+    train_experts: bool = False
+    """Train every parameter, frozen experts included. Only for experts without pre-trained weights (the demo)."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing (less memory, ~30% more compute)."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule. Learning rates are per 256 clips and scaled by the total batch."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    """Peak learning rate for a total batch of 256 (scaled linearly by total_batch / 256)."""
+    min_lr: float = 1e-6
+    """Final learning rate of the cosine, per 256 clips."""
+    warmup_epochs: float = 5.0
+    """Linear warm-up from 0 over this many epochs."""
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9
+    """SGD only."""
+    layer_decay: float = 0.75
+    """Layer-wise learning-rate decay (1.0 = off); needs the model's ``group_matcher``."""
+    clip_grad: float = 0.0
+    """Gradient-norm clipping (0 = off)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.warmup_epochs < 0:
+            raise ValueError("lr must be > 0, min_lr and warmup_epochs >= 0")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+
+
+@dataclass
+class EngineConfig:
+    """What DeepSpeed does: precision, ZeRO stage, accumulation."""
+
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    zero_stage: int = 0
+    accum_steps: int = 1
+    """Micro-batches per optimizer step (gradient accumulation)."""
+    fp16_initial_scale_power: int = 16
+    fp16_loss_scale_window: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        if self.accum_steps < 1:
+            raise ValueError("accum_steps must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1
+    """Save at the end of every this many epochs (and at the end of training)."""
+    every_steps: int = 0
+    """Also save every this many optimizer steps (0 = off); resumes mid-epoch."""
+    keep_last: int = 2
+    """Complete checkpoints kept besides the best one."""
+
+
+@dataclass
+class TrainConfig:
+    """A whole run: data, model, optimisation, engine, checkpoints, evaluation."""
+
+    dataset: str = "ucf101"
+    data_dir: str = "data"
+    train_split: str = "train_split1"
+    val_split: str = "test_split1"
+    """Shard set for the per-epoch single-view validation and the final multi-view test."""
+    out_dir: str = "runs/default"
+    """Run folder: resolved config, checkpoints, metrics, evaluation report. A rerun resumes from it."""
+    epochs: int = 30
+    seed: int = 0
+    max_nonfinite: int = 10
+    """Stop after this many non-finite losses (each one's step is skipped)."""
+    val_every: int = 1
+    """Quick single-view validation every this many epochs (0 = off)."""
+    test_at_end: bool = True
+    """Full multi-view test (data.test_views) after training."""
+    log_every: int = 10
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError("epochs must be >= 1")

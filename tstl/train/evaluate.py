@@ -1,0 +1,132 @@
+"""Multi-view evaluation: per-view softmax gathered from all ranks, duplicates removed, averaged per video.
+
+The evaluation loader gives every (video, view) as its own sample and may repeat a few to keep ranks in step; here
+each (key, view) counts once, the views of a video are averaged in probability space, and top-1/top-5, per-class
+accuracy and the confusion matrix are computed on the merged predictions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from tstl.train import dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    top1: float
+    top5: float
+    videos: int
+    per_class: np.ndarray  # accuracy per class (nan where a class has no video)
+    confusion: np.ndarray  # [true, predicted] counts
+    probs: dict[str, np.ndarray]  # merged probabilities per video key
+    labels: dict[str, int]
+
+    def summary(self) -> dict:
+        return {"top1": self.top1, "top5": self.top5, "videos": self.videos,
+                "mean_class_acc": float(np.nanmean(self.per_class)) if self.per_class.size else float("nan")}
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, batches: Iterable[dict], device: torch.device,
+            dtype: torch.dtype = torch.float32) -> dict[tuple[str, int], tuple[np.ndarray, int]]:
+    """Softmax of every (key, view) this rank sees: {(key, view): (probs, label)}."""
+    out = {}
+    was_training = model.training
+    model.eval()
+    for batch in batches:
+        video = batch["video"].to(device, dtype=dtype, non_blocking=True)
+        probs = torch.softmax(model(video).float(), dim=-1).cpu().numpy()
+        views = batch.get("view", torch.zeros(len(batch["key"]), dtype=torch.long)).tolist()
+        for key, view, p, y in zip(batch["key"], views, probs, batch["label"].tolist()):
+            out[(key, int(view))] = (p, int(y))
+    model.train(was_training)
+    return out
+
+
+def merge(per_rank: list[dict[tuple[str, int], tuple[np.ndarray, int]]]) -> tuple[dict, dict]:
+    """Union over ranks (a repeated (key, view) counts once), then the mean over the views of each video."""
+    views: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
+    for part in per_rank:
+        for kv, value in part.items():
+            views.setdefault(kv, value)
+    sums: dict[str, list] = {}
+    for (key, _), (p, y) in views.items():
+        acc = sums.setdefault(key, [np.zeros_like(p, dtype=np.float64), 0, y])
+        acc[0] += p
+        acc[1] += 1
+    probs = {k: (s / n).astype(np.float32) for k, (s, n, _) in sums.items()}
+    labels = {k: y for k, (_, _, y) in sums.items()}
+    return probs, labels
+
+
+def metrics(probs: dict[str, np.ndarray], labels: dict[str, int], num_classes: int) -> EvalResult:
+    keys = sorted(probs)
+    if not keys:
+        raise ValueError("no predictions to evaluate")
+    p = np.stack([probs[k] for k in keys])
+    y = np.array([labels[k] for k in keys])
+    top = np.argsort(-p, axis=1)[:, :5]
+    pred = top[:, 0]
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (y, pred), 1)
+    support = confusion.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(support > 0, np.diag(confusion) / support, np.nan)
+    return EvalResult(top1=float((pred == y).mean()), top5=float((top == y[:, None]).any(1).mean()), videos=len(keys),
+                      per_class=per_class, confusion=confusion, probs=probs, labels=labels)
+
+
+def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.device, num_classes: int,
+             dtype: torch.dtype = torch.float32) -> EvalResult:
+    """Predict on this rank's share, gather every rank's in memory, merge views, compute the metrics (all ranks)."""
+    local = predict(model, batches, device, dtype)
+    return metrics(*merge(dist.all_gather_objects(local)), num_classes)
+
+
+def save_report(result: EvalResult, out: Path, classes: list[str] | None = None) -> None:
+    """metrics.json, per_class.csv, confusion.npy/.csv, predictions.npz and confusion.png under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = classes or [str(i) for i in range(len(result.per_class))]
+    (out / "metrics.json").write_text(json.dumps(result.summary(), indent=1))
+    with open(out / "per_class.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "class", "videos", "accuracy"])
+        for i, (name, acc) in enumerate(zip(names, result.per_class)):
+            w.writerow([i, name, int(result.confusion[i].sum()), "" if np.isnan(acc) else f"{acc:.4f}"])
+    np.save(out / "confusion.npy", result.confusion)
+    np.savetxt(out / "confusion.csv", result.confusion, fmt="%d", delimiter=",")
+    keys = sorted(result.probs)
+    np.savez(out / "predictions.npz", keys=np.array(keys), probs=np.stack([result.probs[k] for k in keys]),
+             labels=np.array([result.labels[k] for k in keys]))
+    plot_confusion(result.confusion, names, out / "confusion.png")
+
+
+def plot_confusion(confusion: np.ndarray, names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    norm = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(max(5, n * 0.45), max(4, n * 0.4)))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if n <= 40:
+        ax.set_xticks(range(n), [s[:28] for s in names], rotation=90, fontsize=7)
+        ax.set_yticks(range(n), [s[:28] for s in names], fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion (row-normalised)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,214 @@
+"""The training loop: build -> resume -> {train epoch, validate, checkpoint} -> multi-view test -> report."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
+from tqdm import tqdm
+
+from tstl.config import dump_yaml, to_dict
+from tstl.data import build_eval_loader, build_train_loader
+from tstl.models import create_model, load_checkpoint
+from tstl.train import dist, engine as eng
+from tstl.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from tstl.train.config import ModelConfig, TrainConfig
+from tstl.train.evaluate import EvalResult, evaluate, save_report
+from tstl.train.metrics import MetricsSink
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def shard_dir(cfg: TrainConfig, split: str) -> Path:
+    return Path(cfg.data_dir) / cfg.dataset / "shards" / split
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, list[str]]:
+    """The model with its initial weights; returns it and where each part of the weights came from."""
+    model = create_model(cfg.name, num_classes=num_classes, drop_path_rate=cfg.drop_path_rate, **cfg.kwargs)
+    provenance = [f"{cfg.name}: random initialisation (seeded)"]
+    for path in cfg.init:
+        report = load_checkpoint(model, path)
+        provenance.append(f"{path}: {report.format}, {report.loaded} tensors")
+    if cfg.train_experts:
+        for p in model.parameters():
+            p.requires_grad = True
+        provenance.append("train_experts: every parameter is trained (no pre-trained experts)")
+    if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    return model, provenance
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Owns the engine, loaders, checkpointer and metrics of one run; ``train()`` resumes automatically."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.device = dist.init()
+        self.run_dir = Path(cfg.out_dir)
+        self.dtype = DTYPES[cfg.engine.precision]
+        seed_everything(cfg.seed)  # same model init on every rank
+        self.train_loader = build_train_loader(cfg.data, shard_dir(cfg, cfg.train_split), rank=dist.rank(),
+                                               world_size=dist.world())
+        num_classes = cfg.model.num_classes or self.train_loader.num_classes
+        if not num_classes:
+            raise ValueError("model.num_classes is 0 and the shard set has no shards.json to take it from")
+        self.num_classes, self.classes = num_classes, self.train_loader.classes
+        model, provenance = build_model(cfg.model, num_classes)
+        self._log_start(model, provenance)
+        self.plan = eng.BatchPlan(cfg.data.batch_size, cfg.engine.accum_steps, dist.world())
+        self.steps_per_epoch = max(1, len(self.train_loader) // cfg.engine.accum_steps)
+        lr, min_lr = self.plan.scaled(cfg.optim.lr), self.plan.scaled(cfg.optim.min_lr)
+        optimizer = eng.build_optimizer(eng.param_groups(model, cfg.optim), cfg.optim, lr)
+        sched = lambda opt: eng.build_scheduler(opt, cfg.optim, lr, min_lr, self.steps_per_epoch, cfg.epochs)  # noqa
+        ds_config = eng.deepspeed_config(cfg.engine, cfg.optim, self.plan)
+        logger.info("batch: %d per rank x %d accumulation x %d ranks = %d; lr %.3g (= %.3g x %d / 256); "
+                    "%d optimizer steps per epoch", self.plan.micro_batch, self.plan.accum_steps, self.plan.world_size,
+                    self.plan.total, lr, cfg.optim.lr, self.plan.total, self.steps_per_epoch)
+        self.engine, self.scheduler = eng.initialize(model, optimizer, sched, ds_config)
+        self.ckpt = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
+        self.sink = MetricsSink(self.run_dir)
+        self.step = self.epoch = self.nonfinite = 0
+        self.criterion_soft = SoftTargetCrossEntropy()
+
+    def _log_start(self, model: nn.Module, provenance: list[str]) -> None:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        logger.info("model %s: %s trainable, %s frozen parameters, %d classes", self.cfg.model.name,
+                    f"{trainable:,}", f"{frozen:,}", self.num_classes)
+        for line in provenance:
+            logger.info("weights: %s", line)
+        if dist.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(self.cfg, self.run_dir / "config.yaml")
+
+    # ------------------------------------------------------------------------------------------- state
+
+    def _client_state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "nonfinite": self.nonfinite, "config": to_dict(self.cfg)}
+
+    def _rank_state(self) -> dict:
+        return {"loader": self.train_loader.state_dict(), "rng": rng_state()}
+
+    def resume(self) -> bool:
+        loaded = self.ckpt.load_latest(self.engine)
+        if loaded is None:
+            return False
+        client, rank_state = loaded
+        self.step, self.epoch, self.nonfinite = client["step"], client["epoch"], client["nonfinite"]
+        self.train_loader.load_state_dict(rank_state["loader"])
+        set_rng_state(rank_state["rng"])
+        return True
+
+    def save(self, metric: float | None = None) -> None:
+        self.ckpt.save(self.engine, self.step, self.epoch, self._client_state(), self._rank_state(), metric)
+
+    # ------------------------------------------------------------------------------------------- training
+
+    def loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if label.dtype.is_floating_point:  # mixup/cutmix soft targets (label smoothing folded in)
+            return self.criterion_soft(logits, label)
+        return F.cross_entropy(logits, label, label_smoothing=self.cfg.data.label_smoothing)
+
+    def train_step(self, batch: dict) -> float | None:
+        """One micro-batch; returns the loss, or None when it was not finite (the step is skipped)."""
+        video = batch["video"].to(self.device, dtype=self.dtype, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True)
+        loss = self.loss(self.engine(video), label)
+        if dist.any_true(not torch.isfinite(loss).item(), self.device):
+            self.nonfinite += 1
+            logger.warning("non-finite loss at step %d (%d so far): batch skipped", self.step, self.nonfinite)
+            if self.nonfinite > self.cfg.max_nonfinite:
+                raise NonFiniteLossError(f"more than {self.cfg.max_nonfinite} non-finite losses; lower the lr or "
+                                         "check the data (see the quarantine list)")
+            return None
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.item()
+
+    def train_epoch(self) -> None:
+        loader, cfg = self.train_loader, self.cfg
+        if loader.epoch != self.epoch or loader.step >= len(loader):
+            loader.set_epoch(self.epoch)
+        bar = tqdm(total=len(loader), initial=loader.step, desc=f"epoch {self.epoch}", disable=not dist.is_main(),
+                   dynamic_ncols=True)
+        wait = busy = 0.0
+        t0 = time.perf_counter()
+        for batch in loader:
+            t1 = time.perf_counter()
+            loss = self.train_step(batch)
+            t2 = time.perf_counter()
+            wait, busy = wait + (t1 - t0), busy + (t2 - t1)
+            self.step = loader.step + self.epoch * len(loader)
+            lr = self.engine.get_lr()[0] if self.engine.get_lr() else 0.0
+            clips_s = len(batch["key"]) * dist.world() / max(t2 - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "nan", lr=f"{lr:.2e}",
+                            clips_s=f"{clips_s:.1f}", wait=f"{wait / max(wait + busy, 1e-9):.0%}")
+            bar.update(1)
+            if loss is not None and self.step % cfg.log_every == 0:
+                self.sink.log(self.step, {"train/loss": loss, "train/lr": lr, "train/clips_per_s": clips_s,
+                                          "train/data_wait": wait / max(wait + busy, 1e-9)}, epoch=self.epoch)
+            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and loader.step < len(loader):
+                self.save()
+            t0 = time.perf_counter()
+        bar.close()
+
+    def validate(self, views: tuple[int, int]) -> EvalResult:
+        loader = build_eval_loader(self.cfg.data, shard_dir(self.cfg, self.cfg.val_split), rank=dist.rank(),
+                                   world_size=dist.world(), views=views)
+        return evaluate(self.engine.module, loader, self.device, self.num_classes, self.dtype)
+
+    def train(self) -> EvalResult | None:
+        """Resume if a checkpoint exists, train the remaining epochs, test; returns the final test result."""
+        if self.resume() and self.train_loader.step >= len(self.train_loader):
+            self.epoch += 1  # the checkpoint was taken at the end of an epoch
+        while self.epoch < self.cfg.epochs:
+            self.train_epoch()
+            metric = None
+            if self.cfg.val_every and (self.epoch + 1) % self.cfg.val_every == 0:
+                res = self.validate((1, 1))
+                metric = res.top1
+                self.sink.log(self.step, {"val/top1": res.top1, "val/top5": res.top5}, epoch=self.epoch)
+                logger.info("epoch %d: single-view val top-1 %.4f top-5 %.4f (%d videos)", self.epoch, res.top1,
+                            res.top5, res.videos)
+            last = self.epoch + 1 == self.cfg.epochs
+            if last or (self.epoch + 1) % self.cfg.checkpoint.every_epochs == 0:
+                self.save(metric)
+            self.epoch += 1
+        return self.test() if self.cfg.test_at_end else None
+
+    def test(self) -> EvalResult:
+        views = tuple(self.cfg.data.test_views)
+        res = self.validate(views)
+        logger.info("multi-view test (%d x %d views): top-1 %.4f top-5 %.4f mean class acc %.4f (%d videos)",
+                    *views, res.top1, res.top5, res.summary()["mean_class_acc"], res.videos)
+        if dist.is_main():
+            save_report(res, self.run_dir / "test", self.classes)
+        self.sink.log(self.step, {"test/top1": res.top1, "test/top5": res.top5})
+        return res
+
+    def close(self) -> None:
+        self.sink.close()
+
+
