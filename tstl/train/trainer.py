@@ -65,6 +65,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.device = dist.init()
+        if self.device.type == "cpu":
+            # Denormal floats (values below ~1e-38, e.g. from softmax/GELU tails once training moves the
+            # zero-initialised adapters) are 10-20x slower on x86 CPUs; flushing them to zero changes nothing else.
+            torch.set_flush_denormal(True)
         self.run_dir = Path(cfg.out_dir)
         self.dtype = DTYPES[cfg.engine.precision]
         seed_everything(cfg.seed)  # same model init on every rank
