@@ -13,9 +13,6 @@ from tstl.models.checkpoint import LoadReport, load_checkpoint  # noqa: E402
 
 # Model families register their variants on import.
 from tstl.models import bcast as _bcast  # noqa: E402,F401
-try:  # TEMPORARY while timesformer.py is being written
-    from tstl.models import timesformer as _timesformer  # noqa: E402,F401
-except ImportError:
-    pass
+from tstl.models import timesformer as _timesformer  # noqa: E402,F401
 
 __all__ = ["create_model", "list_models", "register_model", "load_checkpoint", "LoadReport"]
