@@ -25,10 +25,19 @@ SSV2_ROOT ?= $(DATA_DIR)/raw/ssv2
 UCF101_ROOT ?= $(DATA_DIR)/raw/ucf101
 SYNTH_ARGS ?=
 MAX_FAIL ?= 0.05
+BENCH_VIDEOS ?= 64
+# Training: processes = local GPUs, or 1 CPU process where there is none (override with NPROC=n).
+NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] && echo $$n || echo 1)
+MASTER_PORT ?= 29500
+RUN_DIR ?= $(RUNS_DIR)/$(DATASET)-$(or $(MODEL),bcast_vit_b16)
+TRAIN_CONFIGS = configs/data/$(DATASET).yaml configs/model/$(or $(MODEL),bcast_vit_b16).yaml
+comma := ,
+INIT = $(strip $(CLIP) $(VIDEOMAE))
+TRAIN_OVERRIDES = data_dir=$(DATA_DIR) out_dir=$(RUN_DIR) $(if $(INIT),model.init=[$(subst $(eval) ,$(comma),$(INIT))]) $(OVERRIDES)
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup test demo synthetic prepare-ssv2 prepare-ucf101 finalize shards bench clean-demo
+.PHONY: help setup test demo synthetic prepare-ssv2 prepare-ucf101 finalize shards train eval bench clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -69,14 +78,28 @@ finalize:  ## after --part runs on several machines: merge manifests, write CSVs
 shards: setup  ## WebDataset shards of a prepared dataset (DATASET=ssv2|ucf101, SPLIT=1..3 for ucf101)
 	$(PY) -m shard_tools.cli build --dataset $(DATASET) --data-dir $(DATA_DIR) --split $(SPLIT)
 
+train: setup  ## DeepSpeed training on the shards of `make shards` (DATASET, MODEL, CLIP, VIDEOMAE, OVERRIDES)
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(MASTER_PORT) --module tstl.train.cli train \
+	  --config $(TRAIN_CONFIGS) $(TRAIN_OVERRIDES)
+
+eval: setup  ## multi-view evaluation of CHECKPOINT (a file, a DeepSpeed tag folder or a run folder)
+	$(PY) -m tstl.train.cli eval --checkpoint $(CHECKPOINT) $(if $(wildcard $(CHECKPOINT)/config.yaml),,--config $(TRAIN_CONFIGS)) \
+	  data_dir=$(DATA_DIR) $(OVERRIDES)
+
 demo: setup  ## the whole pipeline end to end on a small synthetic dataset
-	$(MAKE) synthetic
+	$(MAKE) synthetic SYNTH_ARGS="--preset demo --datasets ssv2"
 	$(MAKE) prepare-ssv2 SSV2_ROOT=$(DATA_DIR)/raw/ssv2 MAX_FAIL=0.2  # the synthetic set has broken files on purpose
 	$(MAKE) shards DATASET=ssv2
 	$(PY) -m shard_tools.cli verify $(DATA_DIR)/ssv2/shards/train $(DATA_DIR)/ssv2/shards/val
+	$(PY) -m tstl.train.cli train --config configs/data/ssv2.yaml configs/demo.yaml data_dir=$(DATA_DIR) \
+	  out_dir=$(RUNS_DIR)/demo $(OVERRIDES)
+	@cat $(RUNS_DIR)/demo/report.md
 
 bench: setup  ## benchmarks; figures go to docs/benchmarks.md
 	$(PY) -m pipeline.bench --out docs/benchmarks.md
+	$(PY) -m tstl.data.bench --out docs/benchmarks.md --videos $(BENCH_VIDEOS)
+	$(PY) -m tstl.models.bench_bcast --out docs/benchmarks.md
+	$(PY) -m tstl.models.bench_timesformer --out docs/benchmarks.md
 
-clean-demo:  ## remove the demo data
-	rm -rf $(DATA_DIR)/raw $(DATA_DIR)/ssv2 $(DATA_DIR)/ucf101
+clean-demo:  ## remove the demo data and run
+	rm -rf $(DATA_DIR)/raw $(DATA_DIR)/ssv2 $(DATA_DIR)/ucf101 $(RUNS_DIR)/demo
