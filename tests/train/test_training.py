@@ -59,8 +59,9 @@ def _losses(run: Path) -> dict[int, float]:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_two_ranks_zero1(data_dir: Path, tmp_path: Path, precision: str) -> None:
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(),
-           "-m", "tstl.train.cli", "train", "--config", *CONFIGS, f"data_dir={data_dir}", f"out_dir={run}",
+    # the launcher `make train` uses: it passes --local_rank=N to every process
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", _port(),
+           "--module", "tstl.train.cli", "train", "--config", *CONFIGS, f"data_dir={data_dir}", f"out_dir={run}",
            "epochs=2", "engine.zero_stage=1", f"engine.precision={precision}", *TINY]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -449,8 +449,8 @@ def bcast_test(**kwargs) -> BCAST:
 
 @register_model
 def bcast_small_demo(**kwargs) -> BCAST:
-    """Small B-CAST the CPU demo trains in minutes: 64 px, 8 frames, width 96, depth 3."""
-    return _build(dict(img_size=64, patch_size=16, embed_dim=96, depth=3, num_heads=4, num_frames=8,
+    """Small B-CAST the CPU demo trains in minutes: 32 px, 4 px patches, 8 frames, width 64, depth 2."""
+    return _build(dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_frames=8,
                        num_classes=8), **kwargs)
 
 

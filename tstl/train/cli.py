@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, help="report folder (default <out_dir>/eval-<name>)")
     e.add_argument("overrides", nargs="*")
     e.set_defaults(fn=cmd_eval)
+    for launched in (p, t, e):  # the deepspeed launcher passes --local_rank=N; we read LOCAL_RANK from the env
+        launched.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     r = sub.add_parser("report", help="write <run>/report.md with accuracy and plots")
     r.add_argument("run_dir", type=Path)
     r.set_defaults(fn=cmd_report)
