@@ -1,0 +1,1 @@
+"""TSTL two-stage learning: class groups, routed selector + group experts, expert storage."""
