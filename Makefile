@@ -37,7 +37,7 @@ TRAIN_OVERRIDES = data_dir=$(DATA_DIR) out_dir=$(RUN_DIR) $(if $(INIT),model.ini
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup test demo synthetic prepare-ssv2 prepare-ucf101 finalize shards train eval bench clean-demo
+.PHONY: help setup test demo synthetic prepare-ssv2 prepare-ucf101 finalize shards train eval groups bench clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -86,6 +86,10 @@ eval: setup  ## multi-view evaluation of CHECKPOINT (a file, a DeepSpeed tag fol
 	$(PY) -m tstl.train.cli eval --checkpoint $(CHECKPOINT) $(if $(wildcard $(CHECKPOINT)/config.yaml),,--config $(TRAIN_CONFIGS)) \
 	  data_dir=$(DATA_DIR) $(OVERRIDES)
 
+groups: setup  ## TSTL class groups (METHOD=balanced|confusion K=groups CLASSES=n [CONFUSION=confusion.npy] GROUPS=out)
+	$(PY) -m tstl.twostage.cli groups --method $(or $(METHOD),balanced) --num-groups $(or $(K),4) \
+	  --num-classes $(or $(CLASSES),8) $(if $(CONFUSION),--confusion $(CONFUSION)) --out $(or $(GROUPS),$(RUNS_DIR)/groups.json)
+
 demo: setup  ## the whole pipeline end to end on a small synthetic dataset
 	$(MAKE) synthetic SYNTH_ARGS="--preset demo --datasets ssv2"
 	$(MAKE) prepare-ssv2 SSV2_ROOT=$(DATA_DIR)/raw/ssv2 MAX_FAIL=0.2  # the synthetic set has broken files on purpose
@@ -100,6 +104,7 @@ bench: setup  ## benchmarks; figures go to docs/benchmarks.md
 	$(PY) -m tstl.data.bench --out docs/benchmarks.md --videos $(BENCH_VIDEOS)
 	$(PY) -m tstl.models.bench_bcast --out docs/benchmarks.md
 	$(PY) -m tstl.models.bench_timesformer --out docs/benchmarks.md
+	$(PY) -m tstl.twostage.bench --out docs/benchmarks.md
 
 clean-demo:  ## remove the demo data and run
 	rm -rf $(DATA_DIR)/raw $(DATA_DIR)/ssv2 $(DATA_DIR)/ucf101 $(RUNS_DIR)/demo
