@@ -12,6 +12,7 @@ Two on-disk formats are supported:
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import logging
 import os
 from dataclasses import dataclass
@@ -151,8 +152,11 @@ def save_groups(groups: ClassGroups, path: str | os.PathLike, fmt: str = "ours")
         }
     else:
         raise ValueError(f"unknown group format {fmt!r}; use 'ours' or 'tstl'")
-    with open(path, "w") as f:
-        json.dump(d, f, indent=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(d, indent=1))
+    os.replace(tmp, path)
 
 
 def balanced_groups(num_classes: int, num_groups: int) -> ClassGroups:

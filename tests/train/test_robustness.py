@@ -1,0 +1,99 @@
+"""Checkpoint completeness/rotation and non-finite loss handling, with stand-ins for the DeepSpeed engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tstl.train.checkpoint import MARKER, Checkpointer
+from tstl.train.config import TrainConfig
+from tstl.train.trainer import NonFiniteLossError, Trainer
+
+
+class FakeEngine:
+    """Records what DeepSpeed would save/load; its ``save_checkpoint`` writes one file per tag like DeepSpeed."""
+
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+        self.steps = 0
+        self.backwards = 0
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        assert not save_latest  # we keep our own completion markers, not DeepSpeed's `latest`
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        torch.save(client_state, Path(save_dir) / tag / "mp_rank_00_model_states.pt")
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str, dict]:
+        self.loaded.append(tag)
+        return tag, torch.load(Path(load_dir) / tag / "mp_rank_00_model_states.pt", weights_only=False)
+
+
+def _save(ck: Checkpointer, engine: FakeEngine, step: int, metric: float | None) -> str:
+    return ck.save(engine, step, epoch=step // 10, client_state={"step": step}, rank_state={"loader": step},
+                   metric=metric)
+
+
+def test_incomplete_save_is_ignored_and_rotation_keeps_last_and_best(tmp_path: Path) -> None:
+    ck, engine = Checkpointer(tmp_path, keep_last=2), FakeEngine()
+    for step, metric in [(10, 0.2), (20, 0.9), (30, 0.4), (40, 0.5)]:
+        _save(ck, engine, step, metric)
+    tags = sorted(d.name for d in ck.dir.iterdir())
+    assert tags == ["step-0000020", "step-0000030", "step-0000040"]  # last 2 + the best (0.9 at step 20)
+    assert ck.best() == str(ck.dir / "step-0000020")
+
+    # a crash while saving step 50: DeepSpeed's files are there, our marker is not
+    _save(ck, engine, 50, 0.1)
+    (ck.dir / "step-0000050" / MARKER).unlink()
+    client, rank_state = ck.load_latest(engine)
+    assert engine.loaded == ["step-0000040"] and client == {"step": 40} and rank_state["loader"] == 40
+
+    # a marker torn mid-write is no marker either
+    (ck.dir / "step-0000050" / MARKER).write_text('{"step": 5')
+    assert [t for _, t, _ in ck.complete()][-1] == "step-0000040"
+
+
+def test_resume_refuses_a_different_world_size(tmp_path: Path) -> None:
+    ck, engine = Checkpointer(tmp_path), FakeEngine()
+    tag = _save(ck, engine, 10, None)
+    marker = ck.dir / tag / MARKER
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "world_size": 4}))
+    with pytest.raises(RuntimeError, match="4 ranks"):
+        ck.load_latest(engine)
+
+
+class _Engine(nn.Module):
+    """A model whose output becomes NaN on demand, with DeepSpeed's backward/step surface."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.backwards = self.steps = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1)) * x.flatten(1)[:, :1]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.backwards += 1
+
+    def step(self) -> None:
+        self.steps += 1
+
+
+def test_non_finite_losses_skip_the_step_then_stop() -> None:
+    trainer = object.__new__(Trainer)  # only what train_step touches
+    trainer.cfg = TrainConfig(max_nonfinite=2)
+    trainer.engine, trainer.device, trainer.dtype = _Engine(), torch.device("cpu"), torch.float32
+    trainer.step, trainer.nonfinite = 0, 0
+    good = {"video": torch.ones(2, 3), "label": torch.tensor([0, 1])}
+    bad = {"video": torch.full((2, 3), float("nan")), "label": torch.tensor([0, 1])}
+
+    assert trainer.train_step(good) is not None
+    assert trainer.train_step(bad) is None and trainer.train_step(bad) is None
+    assert (trainer.engine.backwards, trainer.engine.steps, trainer.nonfinite) == (1, 1, 2)  # skipped, not trained
+    with pytest.raises(NonFiniteLossError, match="more than 2"):
+        trainer.train_step(bad)
+    assert trainer.engine.steps == 1
