@@ -83,7 +83,7 @@ train: setup  ## DeepSpeed training on the shards of `make shards` (DATASET, MOD
 	  --config $(TRAIN_CONFIGS) $(TRAIN_OVERRIDES)
 
 eval: setup  ## multi-view evaluation of CHECKPOINT (a file, a DeepSpeed tag folder or a run folder)
-	$(PY) -m tstl.train.cli eval --checkpoint $(CHECKPOINT) $(if $(wildcard $(CHECKPOINT)/config.yaml),,--config $(TRAIN_CONFIGS)) \
+	$(PY) -m tstl.train.cli eval --checkpoint $(CHECKPOINT) $(if $(wildcard $(CHECKPOINT)/config.yaml $(CHECKPOINT)/../../config.yaml),,--config $(TRAIN_CONFIGS)) \
 	  data_dir=$(DATA_DIR) $(OVERRIDES)
 
 groups: setup  ## TSTL class groups (METHOD=balanced|confusion K=groups CLASSES=n [CONFUSION=confusion.npy] GROUPS=out)
