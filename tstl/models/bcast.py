@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath
+from timm.models.vision_transformer import init_weights_vit_timm
 from torch.utils.checkpoint import checkpoint
 
 from tstl.models.checkpoint import Conversion
@@ -287,14 +288,8 @@ class BCAST(nn.Module):
             p.requires_grad = any(pat in name for pat in TRAINABLE_PATTERNS)
 
     def _init_weights(self, init_scale: float) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        for m in self.modules():  # Linear: truncated normal (std 0.02), zero bias; LayerNorms keep (1, 0)
+            init_weights_vit_timm(m, needs_reset=False)
         for name, m in self.blocks.named_modules():
             # Adapters and up-projections start at zero, so at initialisation both streams are the pure experts.
             if isinstance(m, Adapter):

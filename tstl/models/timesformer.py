@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.models.vision_transformer import init_weights_vit_timm
 from torch.utils.checkpoint import checkpoint
 
 from tstl.models.checkpoint import Conversion
@@ -202,14 +203,8 @@ class TimeSformer(nn.Module):
     def _init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        for m in self.modules():  # Linear: truncated normal (std 0.02), zero bias; LayerNorms keep (1, 0)
+            init_weights_vit_timm(m, needs_reset=False)
         # time_embed stays zero and temporal_fc starts at zero in every block, so at initialisation the temporal
         # branch adds nothing and the patch tokens see the (ImageNet) spatial ViT unchanged.
         for blk in self.blocks:
