@@ -83,6 +83,7 @@ class SynthConfig:
     broken_ssv2: int = 3
     broken_ucf: int = 1
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    background: str = "texture"  # "texture" (hard: the object hides in clutter) or "plain" (noise on a flat colour)
 
     def __post_init__(self) -> None:
         if not 2 <= self.num_classes <= len(CLASSES):
@@ -96,7 +97,8 @@ class SynthConfig:
 PRESETS: dict[str, dict] = {
     "ci": {},
     # Enough clips for a small model to learn the motions in a few CPU minutes; clips stay short and narrow.
-    "demo": {"videos_per_class": 40, "ucf_groups_per_class": 6, "ucf_clips_per_group": 4},
+    # A plain background keeps the object visible at the 32 px a CPU demo can afford; the classes stay motion-only.
+    "demo": {"videos_per_class": 40, "ucf_groups_per_class": 6, "ucf_clips_per_group": 4, "background": "plain"},
 }
 
 
@@ -177,11 +179,16 @@ def _trajectory(motion: str, rng: np.random.Generator, w: int, h: int, n: int) -
     return {"cx": cx, "cy": cy, "angle": angle, "scale": scale}
 
 
-def render_frames(motion: str, seed: tuple[int, ...], width: int, height: int, num_frames: int) -> np.ndarray:
+def render_frames(motion: str, seed: tuple[int, ...], width: int, height: int, num_frames: int,
+                  background: str = "texture") -> np.ndarray:
     """Render one clip as uint8 [T, H, W, 3]; fully determined by the arguments."""
     rng = np.random.default_rng(list(seed))
     # A dimmer background keeps the object salient at the low resolutions small models train on.
-    background = _texture(rng, height, width, scale=int(rng.integers(6, 16))) // 2 + 40
+    clutter = _texture(rng, height, width, scale=int(rng.integers(6, 16))) // 2 + 40
+    if background == "plain":
+        colour = rng.integers(30, 90, size=3)
+        clutter = (colour + rng.integers(-8, 9, size=(height, width, 3))).clip(0, 255).astype(np.uint8)
+    background = clutter
     tex, mask = _object_patch(rng, int(min(width, height) * rng.uniform(0.28, 0.38)))
     traj = _trajectory(motion, rng, width, height, num_frames)
     frames = np.repeat(background[None], num_frames, axis=0)
@@ -238,7 +245,8 @@ def _break(path: Path, kind: str) -> None:
 def make_video(job: VideoJob) -> str:
     """Worker entry: render, encode and (optionally) damage one video. Returns its path."""
     path = Path(job.path)
-    frames = render_frames(CLASSES[job.class_index].motion, job.seed, job.width, job.height, job.num_frames)
+    frames = render_frames(CLASSES[job.class_index].motion, job.seed, job.width, job.height, job.num_frames,
+                           job.extra.get("background", "texture"))
     _encode(frames, path, job.fps, job.codec)
     if job.broken:
         _break(path, job.broken)
@@ -276,7 +284,7 @@ def plan_ssv2(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict]:
             fps = int(rng.choice(cfg.ssv2_fps))
             noun = str(rng.choice(NOUNS))
             jobs.append(VideoJob(str(vid_dir / f"{vid}.webm"), c, (cfg.seed, 1, int(vid)), int(rng.choice(cfg.ssv2_widths)),
-                                 240, fps, _num_frames(rng, cfg, fps), "vp9"))
+                                 240, fps, _num_frames(rng, cfg, fps), "vp9", extra={"background": cfg.background}))
             template = cls.ssv2_template
             entry = {"id": vid, "label": template.replace("[something]", noun).lower(), "template": template,
                      "placeholders": [noun]}
@@ -307,7 +315,8 @@ def plan_ucf101(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict[str,
             for c in range(1, cfg.ucf_clips_per_group + 1):
                 rel = f"{name}/v_{prefix}_g{g:02d}_c{c:02d}.avi"
                 jobs.append(VideoJob(str(root / "UCF-101" / rel), motion_of[name], (cfg.seed, 2, label, g, c), w, h,
-                                     cfg.ucf_fps, _num_frames(rng, cfg, cfg.ucf_fps), "mpeg4"))
+                                     cfg.ucf_fps, _num_frames(rng, cfg, cfg.ucf_fps), "mpeg4",
+                                     extra={"background": cfg.background}))
                 for k in (1, 2, 3):
                     # Like the official protocol, a whole group is either train or test in a split.
                     if (g - 1) % 3 == k - 1:
