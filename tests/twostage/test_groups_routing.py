@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from tstl.twostage.groups import (
 )
 from tstl.twostage.routing import RoutingMetrics, route
 
-SAMPLE = "/work/shared/data/tstl-class_grouping.json"
+# The real TSTL file, from the shared/ folder that sits beside the checkout (as in CI).
+SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tstl-class_grouping.json"
 
 
 def test_loads_real_tstl_file():
