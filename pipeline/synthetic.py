@@ -28,7 +28,7 @@ import logging
 import os
 import subprocess
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ffmpeg
@@ -115,7 +115,7 @@ class VideoJob:
     num_frames: int
     codec: str
     broken: str | None = None
-    extra: dict = field(default_factory=dict)
+    background: str = "texture"
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -184,14 +184,13 @@ def render_frames(motion: str, seed: tuple[int, ...], width: int, height: int, n
     """Render one clip as uint8 [T, H, W, 3]; fully determined by the arguments."""
     rng = np.random.default_rng(list(seed))
     # A dimmer background keeps the object salient at the low resolutions small models train on.
-    clutter = _texture(rng, height, width, scale=int(rng.integers(6, 16))) // 2 + 40
+    plate = _texture(rng, height, width, scale=int(rng.integers(6, 16))) // 2 + 40
     if background == "plain":
         colour = rng.integers(30, 90, size=3)
-        clutter = (colour + rng.integers(-8, 9, size=(height, width, 3))).clip(0, 255).astype(np.uint8)
-    background = clutter
+        plate = (colour + rng.integers(-8, 9, size=(height, width, 3))).clip(0, 255).astype(np.uint8)
     tex, mask = _object_patch(rng, int(min(width, height) * rng.uniform(0.28, 0.38)))
     traj = _trajectory(motion, rng, width, height, num_frames)
-    frames = np.repeat(background[None], num_frames, axis=0)
+    frames = np.repeat(plate[None], num_frames, axis=0)
     for i in range(num_frames):
         patch, pmask = _warp(tex, mask, traj["angle"][i], traj["scale"][i])
         ph, pw = pmask.shape
@@ -246,7 +245,7 @@ def make_video(job: VideoJob) -> str:
     """Worker entry: render, encode and (optionally) damage one video. Returns its path."""
     path = Path(job.path)
     frames = render_frames(CLASSES[job.class_index].motion, job.seed, job.width, job.height, job.num_frames,
-                           job.extra.get("background", "texture"))
+                           job.background)
     _encode(frames, path, job.fps, job.codec)
     if job.broken:
         _break(path, job.broken)
@@ -284,7 +283,7 @@ def plan_ssv2(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict]:
             fps = int(rng.choice(cfg.ssv2_fps))
             noun = str(rng.choice(NOUNS))
             jobs.append(VideoJob(str(vid_dir / f"{vid}.webm"), c, (cfg.seed, 1, int(vid)), int(rng.choice(cfg.ssv2_widths)),
-                                 240, fps, _num_frames(rng, cfg, fps), "vp9", extra={"background": cfg.background}))
+                                 240, fps, _num_frames(rng, cfg, fps), "vp9", background=cfg.background))
             template = cls.ssv2_template
             entry = {"id": vid, "label": template.replace("[something]", noun).lower(), "template": template,
                      "placeholders": [noun]}
@@ -316,7 +315,7 @@ def plan_ucf101(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict[str,
                 rel = f"{name}/v_{prefix}_g{g:02d}_c{c:02d}.avi"
                 jobs.append(VideoJob(str(root / "UCF-101" / rel), motion_of[name], (cfg.seed, 2, label, g, c), w, h,
                                      cfg.ucf_fps, _num_frames(rng, cfg, cfg.ucf_fps), "mpeg4",
-                                     extra={"background": cfg.background}))
+                                     background=cfg.background))
                 for k in (1, 2, 3):
                     # Like the official protocol, a whole group is either train or test in a split.
                     if (g - 1) % 3 == k - 1:

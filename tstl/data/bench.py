@@ -51,7 +51,7 @@ def make_videos(root: Path, n: int) -> list[Path]:
     paths = []
     for i in tqdm(range(n), desc="videos", leave=False):
         p = root / f"{i}.mp4"
-        subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", f"testsrc2=size=428x240:rate=12",
+        subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=428x240:rate=12",
                         "-vf", f"hue=h={i * 13 % 360}", "-frames:v", str(FRAMES), "-c:v", "libx264",
                         "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p", "-y", str(p)], check=True)
         paths.append(p)
