@@ -34,10 +34,21 @@ TRAIN_CONFIGS = configs/data/$(DATASET).yaml configs/model/$(or $(MODEL),bcast_v
 comma := ,
 INIT = $(strip $(CLIP) $(VIDEOMAE))
 TRAIN_OVERRIDES = data_dir=$(DATA_DIR) out_dir=$(RUN_DIR) $(if $(INIT),model.init=[$(subst $(eval) ,$(comma),$(INIT))]) $(OVERRIDES)
+# TSTL: both stages start from CAST (a trained B-CAST checkpoint or run folder) when given; GROUPS is a group file.
+CAST ?=
+BASELINE ?=
+TSTL_DIR ?= $(RUNS_DIR)/tstl-$(DATASET)
+TSTL_CONFIGS = $(TRAIN_CONFIGS) configs/tstl/default.yaml
+TSTL_OVERRIDES = data_dir=$(DATA_DIR) out_dir=$(TSTL_DIR) $(if $(INIT),model.init=[$(subst $(eval) ,$(comma),$(INIT))]) \
+  $(if $(CAST),tstl.init=[$(CAST)]) $(if $(GROUPS),tstl.groups=$(GROUPS)) $(if $(BASELINE),tstl.baseline=$(BASELINE)) $(OVERRIDES)
+DEMO_TSTL = --config configs/data/ssv2.yaml configs/demo.yaml configs/tstl/demo.yaml data_dir=$(DATA_DIR) \
+  out_dir=$(RUNS_DIR)/demo-tstl tstl.groups=$(RUNS_DIR)/demo-tstl-groups.json tstl.init=[$(RUNS_DIR)/demo] \
+  tstl.baseline=$(RUNS_DIR)/demo $(OVERRIDES)
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup test demo synthetic prepare-ssv2 prepare-ucf101 finalize shards train eval groups bench clean-demo
+.PHONY: help setup test demo demo-tstl synthetic prepare-ssv2 prepare-ucf101 finalize shards train eval groups \
+  train-tstl eval-tstl bench clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -90,6 +101,14 @@ groups: setup  ## TSTL class groups (METHOD=balanced|confusion K=groups CLASSES=
 	$(PY) -m tstl.twostage.cli groups --method $(or $(METHOD),balanced) --num-groups $(or $(K),4) \
 	  --num-classes $(or $(CLASSES),8) $(if $(CONFUSION),--confusion $(CONFUSION)) --out $(or $(GROUPS),$(RUNS_DIR)/groups.json)
 
+train-tstl: setup  ## TSTL: stage-1 selector + stage-2 experts, resumable (DATASET, GROUPS, CLIP, VIDEOMAE, CAST, OVERRIDES)
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(MASTER_PORT) --module tstl.twostage.cli train \
+	  --config $(TSTL_CONFIGS) $(TSTL_OVERRIDES)
+
+eval-tstl: setup  ## TSTL routed multi-view evaluation, hard + soft routing (BASELINE=a single B-CAST run to compare)
+	$(PY) -m tstl.twostage.cli eval --config $(TSTL_CONFIGS) $(TSTL_OVERRIDES)
+	@cat $(TSTL_DIR)/eval/report.md
+
 demo: setup  ## the whole pipeline end to end on a small synthetic dataset
 	$(MAKE) synthetic SYNTH_ARGS="--preset demo --datasets ssv2"
 	$(MAKE) prepare-ssv2 SSV2_ROOT=$(DATA_DIR)/raw/ssv2 MAX_FAIL=0.2  # the synthetic set has broken files on purpose
@@ -99,6 +118,17 @@ demo: setup  ## the whole pipeline end to end on a small synthetic dataset
 	  out_dir=$(RUNS_DIR)/demo $(OVERRIDES)
 	@cat $(RUNS_DIR)/demo/report.md
 
+demo-tstl: setup  ## TSTL on the demo data (runs `make demo` first if needed): groups, both stages, routed eval
+	@test -f $(RUNS_DIR)/demo/report.md || $(MAKE) demo
+	# groups from the demo B-CAST's confusion on the *training* videos (the val videos stay unseen)
+	$(PY) -m tstl.train.cli eval --checkpoint $(RUNS_DIR)/demo --out $(RUNS_DIR)/demo/train-confusion \
+	  data_dir=$(DATA_DIR) val_split=train data.test_views=[1,1]
+	$(PY) -m tstl.twostage.cli groups --method confusion --num-groups 4 \
+	  --confusion $(RUNS_DIR)/demo/train-confusion/confusion.npy --out $(RUNS_DIR)/demo-tstl-groups.json
+	$(PY) -m tstl.twostage.cli train $(DEMO_TSTL)
+	$(PY) -m tstl.twostage.cli eval $(DEMO_TSTL)
+	@cat $(RUNS_DIR)/demo-tstl/eval/report.md
+
 bench: setup  ## benchmarks; figures go to docs/benchmarks.md
 	$(PY) -m pipeline.bench --out docs/benchmarks.md
 	$(PY) -m tstl.data.bench --out docs/benchmarks.md --videos $(BENCH_VIDEOS)
@@ -107,4 +137,4 @@ bench: setup  ## benchmarks; figures go to docs/benchmarks.md
 	$(PY) -m tstl.twostage.bench --out docs/benchmarks.md
 
 clean-demo:  ## remove the demo data and run
-	rm -rf $(DATA_DIR)/raw $(DATA_DIR)/ssv2 $(DATA_DIR)/ucf101 $(RUNS_DIR)/demo
+	rm -rf $(DATA_DIR)/raw $(DATA_DIR)/ssv2 $(DATA_DIR)/ucf101 $(RUNS_DIR)/demo $(RUNS_DIR)/demo-tstl $(RUNS_DIR)/demo-tstl-groups.json

@@ -45,6 +45,16 @@ def test_int_is_accepted_for_float_but_not_the_reverse() -> None:
         load_config(Top, [], ["epochs=1.5"])
 
 
+def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    # YAML 1.1 (PyYAML) reads 5e-4 as a string; a learning rate written that way must still work
+    f = tmp_path / "a.yaml"
+    f.write_text("optim:\n  lr: 2E-3\n")
+    assert load_config(Top, [f]).optim.lr == 2e-3
+    assert load_config(Top, [], ["optim.lr=5e-4"]).optim.lr == 5e-4
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(Top, [], ["optim.lr=fast"])
+
+
 def test_unknown_key_names_source_and_suggests(tmp_path: Path) -> None:
     f = tmp_path / "bad.yaml"
     f.write_text("optim:\n  lrr: 0.1\n")

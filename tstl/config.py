@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import re
 import difflib
 import types
 import typing
@@ -26,8 +27,9 @@ from typing import Any, Mapping, Sequence, TypeVar
 import yaml
 
 T = TypeVar("T")
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
-__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "parse_overrides", "merge", "dump_yaml"]
+__all__ = ["ConfigError", "load_config", "load_cli_config", "from_dict", "to_dict", "parse_overrides", "merge", "dump_yaml"]
 
 
 class ConfigError(ValueError):
@@ -92,6 +94,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             raise fail("an integer")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; every user writes it that way
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail("a number")
         return float(value)
@@ -195,6 +199,13 @@ def load_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Seque
     layer = parse_overrides(overrides)
     result = from_dict(cls, merge(data, layer), source="command line" if overrides else "config")
     return result
+
+
+def load_cli_config(cls: type[T], words: Sequence[str | Path], overrides: Sequence[str] = ()) -> T:
+    """``load_config`` for a command line: ``key=value`` words among the ``--config`` files count as overrides
+    (``--config a.yaml b.yaml optim.lr=1e-4`` is what people type)."""
+    words = [str(w) for w in words]
+    return load_config(cls, [w for w in words if "=" not in w], [w for w in words if "=" in w] + list(overrides))
 
 
 def dump_yaml(obj: Any, path: str | Path | None = None) -> str:

@@ -161,6 +161,27 @@ def test_reads_shard_sets_built_by_shard_tools(tmp_path: Path, videos: dict[int,
     batches = run(sub)
     assert sub.num_classes == 2 and sorted(set(keys(batches))) == ["1", "3", "4", "6", "7"]
     assert {k: int(v) for b in batches for k, v in zip(b["key"], b["label"])}["3"] == 0  # label 2 -> 0
+    assert sub.classes == ["c", "a"]  # names follow the remapped order
+
+
+def test_label_map_relabels_classes_to_groups(shardset: Callable[..., Path]) -> None:
+    root = shardset(20, [9, 11])  # labels i % 5
+    group_of = [1, 0, 2, 0, 1]  # class -> group, as TSTL's stage-1 selector is trained
+    for loader in (build_train_loader(cfg(label_map=group_of), root),
+                   build_eval_loader(cfg(label_map=group_of, test_views=(1, 1)), root)):
+        got = {k: int(v) for b in run(loader) for k, v in zip(b["key"], b["label"])}
+        assert loader.num_classes == 3 and loader.classes is None
+        assert got == {f"v{i:03d}": group_of[i % 5] for i in range(20)}
+    mixed = next(iter(build_train_loader(cfg(label_map=group_of, mixup=0.8), root)))
+    assert mixed["label"].shape == (2, 3)  # mixup targets over groups
+    # label_map after an expert-style filter: classes [4, 1] -> local 0, 1 -> mapped 1, 0
+    sub = build_train_loader(cfg(labels=[4, 1], remap_labels=True, label_map=[1, 0]), root)
+    got = {k: int(v) for b in run(sub) for k, v in zip(b["key"], b["label"])}
+    assert got == {f"v{i:03d}": {4: 1, 1: 0}[i % 5] for i in range(20) if i % 5 in (1, 4)}
+    with pytest.raises(ValueError, match="label_map has 4 entries"):
+        build_train_loader(cfg(label_map=[0, 1, 0, 1]), root)
+    with pytest.raises(ValueError, match="every new label"):
+        cfg(label_map=[0, 2, 0, 2, 0])
 
 
 def test_label_filter_keeps_balance_and_coverage(shardset: Callable[..., Path]) -> None:

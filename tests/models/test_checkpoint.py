@@ -133,6 +133,26 @@ def test_cast_and_deepspeed_checkpoints_round_trip(tmp_path: Path) -> None:
             torch.testing.assert_close(model.eval()(x), src.eval()(x), rtol=0, atol=0)
 
 
+def test_a_cast_checkpoint_of_other_classes_starts_a_new_head_only_when_asked(tmp_path: Path) -> None:
+    src = _model()
+    src.load_state_dict(_reference_weights())
+    torch.save({"model": src.state_dict()}, tmp_path / "cast.pth")
+    selector = create_model("bcast_test", num_classes=3)  # e.g. a TSTL selector over 3 groups
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_checkpoint(selector, tmp_path / "cast.pth")
+    head = selector.head.weight.detach().clone()
+    report = load_checkpoint(selector, tmp_path / "cast.pth", reinit_mismatched=("head.",))
+    assert sorted(report.missing) == ["head.bias", "head.weight"] and not report.unexplained
+    assert torch.equal(selector.head.weight, head)  # kept at its initialisation
+    assert torch.equal(selector.state_dict()["blocks.0.clip_attn.in_proj_weight"],
+                       src.state_dict()["blocks.0.clip_attn.in_proj_weight"])
+    expert = create_model("bcast_test", num_classes=2)  # a TSTL expert of classes [3, 1]
+    load_checkpoint(expert, tmp_path / "cast.pth", reinit_mismatched=("head.",), head_rows=[3, 1])
+    assert torch.equal(expert.head.weight, src.head.weight[[3, 1]]) and torch.equal(expert.head.bias, src.head.bias[[3, 1]])
+    with pytest.raises(ValueError, match="cannot take rows"):
+        load_checkpoint(create_model("bcast_test", num_classes=2), tmp_path / "cast.pth", head_rows=[3, 7])
+
+
 def test_experts_then_cast_fill_the_whole_model(tmp_path: Path) -> None:
     ref = _reference_weights()
     _scripted(_clip_layout(ref), tmp_path / "clip.pt")

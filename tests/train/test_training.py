@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,36 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.prepare import PrepareOptions, prepare_ssv2
-from pipeline.synthetic import SynthConfig, generate
-from shard_tools.build import BuildOptions, build_dataset
+from tests.conftest import ROOT, TINY, free_port as _port, subprocess_env as _env
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = [str(ROOT / "configs/data/ssv2.yaml"), str(ROOT / "configs/demo.yaml")]
-TINY = ["model.name=bcast_test", "data.num_frames=4", "data.input_size=32", "data.batch_size=2",
-        "data.eval_batch_size=4", "data.num_workers=0", "data.test_views=[2,2]", "log_every=1", "val_every=1"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("train-data")
-    generate(SynthConfig(seed=2, num_classes=4, videos_per_class=5, broken_ssv2=0, duration_s=(1.0, 1.5)),
-             root / "raw", datasets=("ssv2",), jobs=2)
-    prepare_ssv2(root / "raw/ssv2", PrepareOptions(data_dir=root, jobs=2))
-    build_dataset(root, "ssv2", 1, BuildOptions(max_samples=2, jobs=2))
-    return root
-
-
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def _env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("MASTER_PORT", None)
-    return env
 
 
 def _losses(run: Path) -> dict[int, float]:

@@ -9,7 +9,7 @@ import torch
 from tstl.twostage.groups import (
     ClassGroups, GroupFileError, balanced_groups, confusion_groups, load_groups, save_groups,
 )
-from tstl.twostage.routing import RoutingMetrics, route
+from tstl.twostage.routing import route
 
 # The real TSTL file, from the shared/ folder that sits beside the checkout (as in CI).
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tstl-class_grouping.json"
@@ -150,15 +150,10 @@ def test_never_runs_unselected_expert():
     assert out.expert_calls == [3, 0, 0] and [c[0] for c in calls] == [0]
 
 
-def test_metrics():
-    groups = ClassGroups(((0, 1), (2, 3)), 4)
-    probs = torch.tensor([[0.7, 0.3, 0, 0], [0, 0, 0.4, 0.6], [0.9, 0.1, 0, 0]])
-    sel = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    labels = torch.tensor([0, 2, 3])
-    m = RoutingMetrics(groups)
-    m.update(probs, sel, labels, expert_logits_true_group=torch.tensor([0, 1, 1]))
-    s = m.summary()
-    assert s["selector_acc"] == pytest.approx(200 / 3)
-    assert s["top1"] == pytest.approx(100 / 3)
-    assert s["top5"] == 100.0  # only 4 classes, so every label is within the top-5
-    assert s["expert_acc"] == [100.0, 50.0]
+def test_slot_probs_give_hard_and_soft_from_one_pass():
+    groups, experts, x, sel, _ = _setup()
+    soft = route(x, sel, experts, groups, top_k=2)
+    hard = route(x, sel, experts, groups, top_k=1)
+    torch.testing.assert_close(soft.slot_probs[:, 0], hard.probs)
+    torch.testing.assert_close((soft.weights.unsqueeze(-1) * soft.slot_probs).sum(1), soft.probs)
+    assert soft.groups[:, 0].tolist() == hard.groups[:, 0].tolist() == [0, 2, 1]

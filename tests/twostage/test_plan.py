@@ -1,17 +1,47 @@
-from tstl.data.config import DataConfig
-from tstl.twostage.groups import ClassGroups
-from tstl.twostage.plan import expert_file, expert_overrides, pending_experts
+from pathlib import Path
 
+import pytest
+
+from tstl.config import ConfigError, load_config
+from tstl.twostage.config import TSTLConfig
+from tstl.twostage.groups import ClassGroups
+from tstl.twostage.plan import expert_config, expert_file, pending_experts, selector_config
 
 GROUPS = ClassGroups(((0, 5), (1, 2, 3), (4, 6, 7)), 8)
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_expert_overrides_filter_and_remap(tmp_path):
-    o = expert_overrides(GROUPS, 2, tmp_path, init=["cast.pth"])
-    assert o["data.labels"] == [4, 6, 7] and o["data.remap_labels"] is True
-    assert o["model.num_classes"] == 3 and o["model.init"] == ["cast.pth"]
-    assert o["out_dir"].endswith("expert_02")
-    DataConfig(labels=o["data.labels"], remap_labels=True)  # the loader's config accepts them
+def _cfg(tmp_path, *extra):
+    files = [ROOT / "configs/data/ssv2.yaml", ROOT / "configs/model/bcast_vit_b16.yaml", ROOT / "configs/tstl/default.yaml"]
+    cfg = load_config(TSTLConfig, files, [f"out_dir={tmp_path}", "model.init=[clip.pt,vmae.pth]", *extra])
+    cfg.check()
+    return cfg
+
+
+def test_stage_configs_filter_relabel_and_layer_the_overrides(tmp_path):
+    cfg = _cfg(tmp_path, "tstl.init=[cast.pth]", "tstl.expert.epochs=3", "tstl.selector.optim.lr=2e-3")
+    sel = selector_config(cfg, GROUPS)
+    assert sel.data.label_map == [0, 1, 1, 1, 2, 0, 2, 2] and sel.model.num_classes == 3
+    assert sel.model.init == ["clip.pt", "vmae.pth", "cast.pth"] and sel.optim.lr == 2e-3
+    assert sel.out_dir == str(tmp_path / "selector") and sel.test_at_end is False
+    assert sel.epochs == 10 and sel.data.num_frames == cfg.data.num_frames  # recipe override, else the run's
+    ex = expert_config(cfg, GROUPS, 2)
+    assert ex.data.labels == [4, 6, 7] and ex.data.remap_labels and not ex.data.label_map
+    assert ex.model.num_classes == 3 and ex.epochs == 3 and ex.optim.lr == cfg.optim.lr
+    assert ex.out_dir == str(tmp_path / "expert_02")
+    trunk = expert_config(cfg, GROUPS, 0, trunk=tmp_path / "trunk.pt")
+    assert trunk.model.init[0] == str(tmp_path / "trunk.pt")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tstl.expert.optim.lrr=1", "unknown key 'optim.lrr'"),
+    ("tstl.selector.model.train_experts=true", "train_experts must be false"),
+    ("tstl.num_groups=0", "tstl.groups=<group file> or tstl.num_groups"),
+    ("tstl.soft_top_k=0", "soft_top_k"),
+])
+def test_bad_tstl_configs_are_refused_at_load(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(tmp_path, override)
 
 
 def test_resume_skips_finished_experts(tmp_path):
@@ -38,3 +68,13 @@ def test_cli_groups(tmp_path):
     assert main(["groups", "--method", "confusion", "--num-groups", "4", "--confusion", str(tmp_path / "c.npy"),
                  "--format", "tstl", "--out", str(tmp_path / "c.json")]) == 0
     assert load_groups(tmp_path / "c.json").groups == ((0, 7), (1, 6), (2, 5), (3, 4))
+
+
+def test_shipped_tstl_recipes_load_and_pass_the_checks():
+    for files in (["data/ucf101.yaml", "model/bcast_vit_b16.yaml", "tstl/default.yaml"],
+                  ["data/ssv2.yaml", "demo.yaml", "tstl/demo.yaml"]):
+        cfg = load_config(TSTLConfig, [ROOT / "configs" / f for f in files])
+        cfg.check()
+        assert not selector_config(cfg, GROUPS).model.train_experts
+    with pytest.raises(ConfigError, match="train_experts must be false"):  # the plain demo trains its experts
+        load_config(TSTLConfig, [ROOT / "configs" / f for f in ("data/ssv2.yaml", "demo.yaml", "tstl/default.yaml")]).check()

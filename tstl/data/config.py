@@ -75,6 +75,9 @@ class DataConfig:
     """Keep only samples with these labels (e.g. one TSTL expert's class group); empty keeps all."""
     remap_labels: bool = False
     """With ``labels``: relabel the kept classes 0..k-1 in the order listed (``num_classes`` becomes k)."""
+    label_map: list[int] = field(default_factory=list)
+    """Relabel every sample ``y -> label_map[y]`` (after ``labels``/``remap_labels``), e.g. class -> group for TSTL's
+    stage-1 selector; ``num_classes`` becomes ``max(label_map) + 1``. Empty keeps the labels."""
     shard_url_template: str = ""
     """Read shards from ``template.format(name=...)`` (e.g. ``pipe:aws s3 cp s3://b/ssv2/train/{name} -``)."""
 
@@ -91,6 +94,8 @@ class DataConfig:
             raise ValueError("remap_labels needs a labels list")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"labels has duplicates: {self.labels}")
+        if self.label_map and (min(self.label_map) < 0 or set(self.label_map) != set(range(max(self.label_map) + 1))):
+            raise ValueError("label_map must use every new label 0..max(label_map) and no negative one")
         if min(self.test_views) < 1:
             raise ValueError("test_views must be >= 1 in both entries")
 

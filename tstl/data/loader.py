@@ -41,6 +41,7 @@ class ShardLoader:
         self.cfg, self.shardset, self.train = cfg, shardset, train
         self.rank, self.world_size, self.views = rank, world_size, tuple(views)
         self.workers = max(1, cfg.num_workers)
+        self._check_label_map()
         bsz = cfg.batch_size if train else 1
         self.length = slot_length(shardset.num_samples, world_size * self.workers, bsz, balance == "drop")
         per_role = self.length if train else self.length * self.views[0] * self.views[1]
@@ -57,13 +58,25 @@ class ShardLoader:
 
     @property
     def num_classes(self) -> int | None:
-        """Number of classes: from ``shards.json`` (None when unknown), or ``len(labels)`` with ``remap_labels``."""
+        """Number of classes: from ``shards.json`` (None when unknown), ``len(labels)`` with ``remap_labels``, or
+        ``max(label_map) + 1``."""
+        if self.cfg.label_map:
+            return max(self.cfg.label_map) + 1
         return len(self.cfg.labels) if self.cfg.remap_labels else self.shardset.num_classes
 
     @property
     def classes(self) -> list[str] | None:
-        """Class names by label from ``shards.json``."""
-        return self.shardset.classes
+        """Class names by label from ``shards.json`` (None when unknown or ``label_map`` merges classes)."""
+        names = self.shardset.classes
+        if self.cfg.label_map or names is None:
+            return None
+        return [names[k] for k in self.cfg.labels] if self.cfg.remap_labels else names
+
+    def _check_label_map(self) -> None:
+        domain = len(self.cfg.labels) if self.cfg.remap_labels else self.shardset.num_classes
+        if self.cfg.label_map and domain is not None and len(self.cfg.label_map) != domain:
+            raise ValueError(f"data.label_map has {len(self.cfg.label_map)} entries but the shard set's labels "
+                             f"(after data.labels/remap_labels) have {domain} classes; give one entry per class")
 
     def __len__(self) -> int:
         return self.batches_per_role * self.workers

@@ -147,8 +147,10 @@ class ClipStream(IterableDataset):
             label = int(sample["cls"])
             if self.spec.cfg.remap_labels:
                 label = self.spec.cfg.labels.index(label)
+            if self.spec.cfg.label_map:
+                label = self.spec.cfg.label_map[label]
             frames = int(json.loads(sample["json"])["frames"])
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, IndexError) as e:
             raise BadSample(f"bad cls/json: {e}") from None
         return sample["mp4"], label, frames
 

@@ -110,13 +110,32 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> LoadReport:
+def _select_head_rows(conv: Conversion, own: dict[str, torch.Tensor], rows: list[int], path) -> None:
+    for k in ("head.weight", "head.bias"):
+        v = conv.state_dict.get(k)
+        if v is None or k not in own or v.shape == own[k].shape:
+            continue
+        if len(rows) != own[k].shape[0] or max(rows) >= v.shape[0]:
+            raise ValueError(f"{path}: cannot take rows {rows[:8]} of a {v.shape[0]}-class head for a "
+                             f"{own[k].shape[0]}-class model")
+        conv.state_dict[k] = v[rows]
+        logger.info("%s: %s initialised from the checkpoint's rows %s", path, k, rows)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool = True,
+                    reinit_mismatched: tuple[str, ...] = (), head_rows: list[int] | None = None) -> LoadReport:
     """Detect the format of ``path``, map it onto ``model`` and load it.
 
     Args:
         model: a model whose class implements ``convert_checkpoint``.
         path: checkpoint file (any supported format).
         strict: raise if a key is missing or unexpected without an explanation from the converter.
+        reinit_mismatched: key prefixes (e.g. ``("head.",)``) whose tensors are skipped, and keep the model's
+            initialisation, when their shape differs: fine-tuning from a checkpoint of another number of classes
+            (as CAST's fine-tuning does). Any other shape mismatch is an error.
+        head_rows: classes of the checkpoint's head (``head.weight``/``head.bias`` rows) that become this model's
+            classes, in order, when the head sizes differ: a TSTL expert starts from its group's rows of a CAST
+            classifier instead of a new head.
 
     Returns:
         A ``LoadReport`` with the missing and unexpected keys (also logged).
@@ -126,6 +145,14 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
         raise TypeError(f"{type(model).__name__} does not implement convert_checkpoint()")
     conv = model.convert_checkpoint(state_dict)
     own = model.state_dict()
+    if head_rows is not None:
+        _select_head_rows(conv, own, list(head_rows), path)
+    for k in [k for k, v in conv.state_dict.items() if k.startswith(reinit_mismatched) and k in own
+              and v.shape != own[k].shape]:
+        logger.info("%s: %s has shape %s, the model %s: kept at its initialisation", path, k,
+                    tuple(conv.state_dict[k].shape), tuple(own[k].shape))
+        del conv.state_dict[k]
+        conv.explained_missing[k] = "shape differs (another number of classes): re-initialised"
     shape_errors = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in conv.state_dict.items()

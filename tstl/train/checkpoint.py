@@ -103,3 +103,27 @@ class Checkpointer:
         rank_state = torch.load(self.dir / tag / f"rank-{dist.rank()}.pt", weights_only=False)
         logger.info("resumed from %s (step %d)", self.dir / tag, step)
         return client, rank_state
+
+
+def resolve_weights(path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """A checkpoint file, a DeepSpeed tag folder or a run folder -> (weights file, the run's config.yaml if any).
+
+    A run folder resolves to its best complete checkpoint (by validation metric), else its newest one.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        ck = Checkpointer(path)
+        done = ck.complete()
+        best = ck.best() or (str(ck.dir / done[-1][1]) if done else None)
+        if best is None:
+            raise FileNotFoundError(f"{path} has no complete checkpoint")
+        return resolve_weights(best)
+    if path.is_dir():
+        files = sorted(path.glob("*model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no mp_rank_00_model_states.pt inside (is it a DeepSpeed tag folder?)")
+        run_cfg = path.parent.parent / "config.yaml"
+        return files[0], run_cfg if run_cfg.exists() else None
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path, None

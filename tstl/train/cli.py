@@ -12,18 +12,16 @@ import logging
 import sys
 from pathlib import Path
 
-from tstl.config import ConfigError, load_config
+from tstl.config import ConfigError, load_cli_config
 from tstl.log import init_logging
 
 logger = logging.getLogger("tstl.train")
 
 
 def _config(files: list[Path], overrides: list[str]):
-    """YAML files then overrides; ``key=value`` words given after ``--config`` count as overrides too."""
     from tstl.train.config import TrainConfig
 
-    words = [str(f) for f in files]
-    return load_config(TrainConfig, [w for w in words if "=" not in w], [w for w in words if "=" in w] + overrides)
+    return load_cli_config(TrainConfig, files, overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -43,25 +41,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve_checkpoint(path: Path) -> tuple[Path, Path | None]:
-    """A checkpoint file, a DeepSpeed tag folder or a run folder -> (weights file, run config if any)."""
-    from tstl.train.checkpoint import Checkpointer
-
-    if path.is_dir() and (path / "checkpoints").is_dir():  # a run folder: its best (else newest) checkpoint
-        ck = Checkpointer(path)
-        best = ck.best() or (str(ck.dir / ck.complete()[-1][1]) if ck.complete() else None)
-        if best is None:
-            raise FileNotFoundError(f"{path} has no complete checkpoint")
-        return _resolve_checkpoint(Path(best))
-    if path.is_dir():
-        files = sorted(path.glob("*model_states.pt"))
-        if not files:
-            raise FileNotFoundError(f"{path}: no mp_rank_00_model_states.pt inside")
-        run_cfg = path.parent.parent / "config.yaml"
-        return files[0], run_cfg if run_cfg.exists() else None
-    return path, None
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -70,7 +49,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tstl.train.evaluate import evaluate, save_report
     from tstl.train.trainer import DTYPES, build_model, shard_dir
 
-    weights, run_cfg = _resolve_checkpoint(args.checkpoint)
+    from tstl.train.checkpoint import resolve_weights
+
+    weights, run_cfg = resolve_weights(args.checkpoint)
     files = args.config or ([run_cfg] if run_cfg else [])
     cfg = _config(files, args.overrides)
     device = dist.init()

@@ -21,7 +21,12 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Further architecture arguments (e.g. ``attention_type`` for TimeSformer)."""
     init: list[str] = field(default_factory=list)
-    """Checkpoints loaded in order before training (CLIP, VideoMAE, CAST, TimeSformer, timm; see docs/models.md)."""
+    """Checkpoints loaded in order before training (CLIP, VideoMAE, CAST, TimeSformer, timm; see docs/models.md).
+    An entry may also be a run folder (its best checkpoint) or a DeepSpeed tag folder. A checkpoint whose head has
+    another number of classes initialises everything but the head."""
+    head_rows: list[int] = field(default_factory=list)
+    """When an ``init`` checkpoint's head has more classes: initialise the head from these rows (classes), in
+    order, instead of anew (a TSTL expert starts from its group's rows of a CAST classifier)."""
     train_experts: bool = False
     """Train every parameter, frozen experts included. Only for experts without pre-trained weights (the demo)."""
     grad_checkpointing: bool = False

@@ -18,7 +18,7 @@ from tstl.config import dump_yaml, to_dict
 from tstl.data import build_eval_loader, build_train_loader
 from tstl.models import create_model, load_checkpoint
 from tstl.train import dist, engine as eng
-from tstl.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from tstl.train.checkpoint import Checkpointer, resolve_weights, rng_state, set_rng_state
 from tstl.train.config import ModelConfig, TrainConfig
 from tstl.train.evaluate import EvalResult, evaluate, save_report
 from tstl.train.metrics import MetricsSink
@@ -40,9 +40,13 @@ def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, list[str
     """The model with its initial weights; returns it and where each part of the weights came from."""
     model = create_model(cfg.name, num_classes=num_classes, drop_path_rate=cfg.drop_path_rate, **cfg.kwargs)
     provenance = [f"{cfg.name}: random initialisation (seeded)"]
-    for path in cfg.init:
-        report = load_checkpoint(model, path)
-        provenance.append(f"{path}: {report.format}, {report.loaded} tensors")
+    for entry in cfg.init:
+        path, _ = resolve_weights(entry)  # a file, a DeepSpeed tag folder or a run folder (its best checkpoint)
+        # a checkpoint with another number of classes (a CAST model as a TSTL selector or expert) starts a new head
+        report = load_checkpoint(model, path, reinit_mismatched=("head.",), head_rows=cfg.head_rows or None)
+        reinit = [k for k, why in report.explained.items() if why.endswith("re-initialised") and k in report.missing]
+        provenance.append(f"{path}: {report.format}, {report.loaded} tensors"
+                          + (f" ({', '.join(reinit)} re-initialised: shape differs)" if reinit else ""))
     if cfg.train_experts:
         for p in model.parameters():
             p.requires_grad = True

@@ -1,17 +1,91 @@
-"""TSTL command line: ``python -m tstl.twostage.cli groups ...``."""
+"""TSTL command line: ``python -m tstl.twostage.cli {groups,train,eval}``.
+
+``train`` runs stage 1 (selector) and stage 2 (experts) through the ordinary trainer and resumes where a killed run
+stopped; ``eval`` writes the routed multi-view report. Both take the YAML files of ``make train`` plus
+``configs/tstl/*.yaml`` and dotted overrides (``tstl.expert.epochs=5``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 
+from tstl.config import ConfigError, load_cli_config, load_config
 from tstl.log import init_logging
-from tstl.twostage.groups import balanced_groups, confusion_groups, load_groups, save_groups
+from tstl.twostage.groups import GroupFileError, balanced_groups, confusion_groups, load_groups, save_groups
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("tstl.twostage")
+
+
+def _config(files: list[Path], overrides: list[str]):
+    from tstl.twostage.config import TSTLConfig
+
+    cfg = load_cli_config(TSTLConfig, files, overrides)
+    cfg.check()
+    return cfg
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tstl.twostage.train import train_two_stage
+
+    train_two_stage(_config(args.config, args.overrides))
+    return 0
+
+
+def _baseline(cfg, num_classes: int):
+    """The single B-CAST of ``tstl.baseline``: its run's model settings when it is a run, else the run's own."""
+    from tstl.models import create_model, load_checkpoint
+    from tstl.train.checkpoint import resolve_weights
+    from tstl.train.config import TrainConfig
+
+    weights, run_cfg = resolve_weights(cfg.tstl.baseline)
+    model_cfg = load_config(TrainConfig, [run_cfg]).model if run_cfg else cfg.model
+    model = create_model(model_cfg.name, num_classes=num_classes, **model_cfg.kwargs)
+    load_checkpoint(model, weights)
+    logger.info("baseline: %s (%s)", weights, model_cfg.name)
+    return model.eval(), f"Single B-CAST: `{weights}` ({model_cfg.name}; a run folder gives its best checkpoint)."
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from tstl.data import build_eval_loader
+    from tstl.train import dist
+    from tstl.train.trainer import DTYPES, shard_dir
+    from tstl.twostage.evaluate import evaluate_routed, load_released, load_run, write_report
+    from tstl.twostage.train import resolve_groups
+
+    cfg = _config(args.config, args.overrides)
+    device = dist.init()
+    out = Path(cfg.out_dir)
+    pinned = out / "groups.json"
+    if pinned.exists() and not cfg.tstl.groups:  # a trained run knows its groups; num_groups defaults don't apply
+        groups = load_groups(pinned)
+    else:  # a group file must match the run's; released checkpoints need one
+        groups = resolve_groups(cfg)
+    if args.selector:
+        models = load_released(cfg.model.name, args.selector, args.experts or [], groups, **cfg.model.kwargs)
+    else:
+        models = load_run(out, groups)
+    loader = build_eval_loader(cfg.data, shard_dir(cfg, cfg.val_split), rank=dist.rank(), world_size=dist.world())
+    dtype = DTYPES[cfg.engine.precision] if device.type == "cuda" else torch.float32
+    baseline, note = _baseline(cfg, groups.num_classes) if cfg.tstl.baseline else (None, "")
+    baseline = baseline.to(device, dtype) if baseline is not None else None
+    res = evaluate_routed(models.to(device, dtype), loader, device, cfg.tstl.soft_top_k, dtype, baseline)
+    if dist.is_main():
+        report = args.out or out / "eval"
+        write_report(res, report, loader.classes, f"TSTL routed evaluation: {cfg.dataset} {cfg.val_split} ({out})",
+                     [note] if note else [])
+        s = res["summary"]
+        print(json.dumps({"selector_acc": s["selector_acc"],
+                          **{k: {"top1": v["top1"], "top5": v["top5"]} for k, v in s["methods"].items()},
+                          "report": str(report / "report.md")}, indent=1))
+    return 0
 
 
 def _groups(args: argparse.Namespace) -> int:
@@ -34,8 +108,21 @@ def _groups(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the sub-command."""
     init_logging()
-    p = argparse.ArgumentParser(prog="python -m tstl.twostage.cli", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m tstl.twostage.cli", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="stage 1 (selector) then stage 2 (experts); resumes a killed run")
+    t.add_argument("--config", type=Path, nargs="+", required=True, help="YAML files, later ones override earlier")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tstl.num_groups=4 tstl.expert.epochs=5")
+    t.set_defaults(fn=_train)
+    e = sub.add_parser("eval", help="routed multi-view evaluation (hard and soft) next to a single B-CAST")
+    e.add_argument("--config", type=Path, nargs="+", required=True, help="the YAML files the run was trained with")
+    e.add_argument("--selector", type=Path, help="a released selector checkpoint (CAST layout) instead of the run's")
+    e.add_argument("--experts", type=Path, nargs="+", help="released expert checkpoints, one per group, in order")
+    e.add_argument("--out", type=Path, help="report folder (default <out_dir>/eval)")
+    e.add_argument("overrides", nargs="*")
+    e.set_defaults(fn=_eval)
+    for launched in (p, t, e):  # the deepspeed launcher passes --local_rank=N; we read LOCAL_RANK from the env
+        launched.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     g = sub.add_parser("groups", help="write a class-group file (balanced-contiguous or from a confusion matrix)")
     g.add_argument("--method", choices=["balanced", "confusion"], default="balanced")
     g.add_argument("--num-groups", type=int, required=True, help="number of groups K")
@@ -43,8 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--confusion", help="[N, N] .npy confusion matrix of a trained B-CAST (confusion method)")
     g.add_argument("--format", choices=["ours", "tstl"], default="ours", help="output format (see docs/tstl.md)")
     g.add_argument("--out", required=True, help="output JSON file")
+    g.set_defaults(fn=_groups)
     args = p.parse_args(argv)
-    return _groups(args)
+    try:
+        return args.fn(args)
+    except (ConfigError, GroupFileError, FileNotFoundError) as err:
+        logger.error("%s", err)
+        return 2
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def build_with_frozen(model_name: str, model_kwargs: dict[str, Any], frozen: dic
         if verify_hashes and file_sha256(src["path"]) != src["sha256"]:
             raise ValueError(f"{src['path']}: SHA-256 differs from the one recorded when the expert was trained; "
                              "restore the original file or retrain the expert")
-        load_checkpoint(model, src["path"], strict=False)
+        # the head is trainable (restored from the expert file), so a source's head of another size is skipped
+        load_checkpoint(model, src["path"], strict=False, reinit_mismatched=("head.",))
     return model
 
 

@@ -26,14 +26,30 @@ class RoutedOutput:
     """Result of routing one batch.
 
     Attributes:
-        probs: ``[B, num_classes]`` global class probabilities.
+        probs: ``[B, num_classes]`` global class probabilities (the weighted sum over the chosen experts).
         groups: ``[B, k]`` selected group ids, best first.
+        weights: ``[B, k]`` the selector's probabilities of those groups, renormalised to sum to 1.
+        slot_probs: ``[B, k, num_classes]`` each chosen expert's softmax placed in global class space;
+            ``slot_probs[:, 0]`` is the hard-routing output whatever ``k`` is.
         expert_calls: Number of samples each expert processed (index = group id).
     """
 
     probs: torch.Tensor
     groups: torch.Tensor
+    weights: torch.Tensor
+    slot_probs: torch.Tensor
     expert_calls: list[int] = field(default_factory=list)
+
+
+def expert_columns(groups: ClassGroups, group: int, width: int, device: torch.device) -> torch.Tensor:
+    """Global classes of an expert's outputs: its group's classes (our experts), or every class for an expert with
+    a head over all classes (TSTL's released experts, whose chosen expert may name a class outside its group)."""
+    if width == len(groups.groups[group]):
+        return torch.tensor(groups.groups[group], device=device)
+    if width == groups.num_classes:
+        return torch.arange(width, device=device)
+    raise ValueError(f"expert {group} has {width} outputs; expected {len(groups.groups[group])} (its group) or "
+                     f"{groups.num_classes} (all classes)")
 
 
 def route(
@@ -48,7 +64,8 @@ def route(
     Args:
         x: Input batch ``[B, ...]``.
         selector_logits: ``[B, G]`` selector logits over groups.
-        experts: ``experts[g]`` maps a sub-batch to ``[b, len(groups.groups[g])]`` logits.
+        experts: ``experts[g]`` maps a sub-batch to ``[b, len(groups.groups[g])]`` logits over its group (in
+            group order) or to ``[b, num_classes]`` logits over every class.
         groups: The class partition.
         top_k: 1 = hard routing; >1 = soft routing over the top-k groups.
     """
@@ -59,63 +76,13 @@ def route(
     sel = selector_logits.float().softmax(-1)
     weights, chosen = sel.topk(top_k, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
-    probs = torch.zeros(b, groups.num_classes, dtype=torch.float32, device=selector_logits.device)
+    slot_probs = torch.zeros(b, top_k, groups.num_classes, dtype=torch.float32, device=selector_logits.device)
     calls = [0] * g_count
     for g in chosen.unique().tolist():
         rows, slot = (chosen == g).nonzero(as_tuple=True)
         out = experts[g](x[rows]).float().softmax(-1)
-        cols = torch.tensor(groups.groups[g], device=probs.device)
-        probs[rows.unsqueeze(1), cols.unsqueeze(0)] += weights[rows, slot].unsqueeze(1) * out
+        cols = expert_columns(groups, g, out.shape[1], slot_probs.device)
+        slot_probs[rows.unsqueeze(1), slot.unsqueeze(1), cols.unsqueeze(0)] = out
         calls[g] = int(rows.numel())
-    return RoutedOutput(probs=probs, groups=chosen, expert_calls=calls)
-
-
-@dataclass
-class RoutingMetrics:
-    """Accumulates selector accuracy, per-expert accuracy on their own groups and end-to-end top-1/top-5."""
-
-    groups: ClassGroups
-    n: int = 0
-    selector_correct: int = 0
-    top1: int = 0
-    top5: int = 0
-    expert_seen: list[int] = field(default_factory=list)
-    expert_correct: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.expert_seen = [0] * self.groups.num_groups
-        self.expert_correct = [0] * self.groups.num_groups
-
-    def update(self, probs: torch.Tensor, selector_logits: torch.Tensor, labels: torch.Tensor,
-               expert_logits_true_group: torch.Tensor | None = None) -> None:
-        """Add one batch.
-
-        Args:
-            probs: ``[B, C]`` routed global probabilities.
-            selector_logits: ``[B, G]``.
-            labels: ``[B]`` global labels.
-            expert_logits_true_group: optional ``[B]`` local predictions of each sample's *true* group's
-                expert (oracle routing), for per-expert accuracy.
-        """
-        g_true, l_true = (torch.as_tensor(a) for a in self.groups.to_local(labels.cpu().numpy()))
-        self.n += labels.numel()
-        self.selector_correct += int((selector_logits.argmax(-1).cpu() == g_true).sum())
-        top = probs.topk(min(5, probs.shape[1]), dim=-1).indices.cpu()
-        self.top1 += int((top[:, 0] == labels.cpu()).sum())
-        self.top5 += int((top == labels.cpu().unsqueeze(1)).any(1).sum())
-        if expert_logits_true_group is not None:
-            hit = expert_logits_true_group.cpu() == l_true
-            for g in range(self.groups.num_groups):
-                m = g_true == g
-                self.expert_seen[g] += int(m.sum())
-                self.expert_correct[g] += int(hit[m].sum())
-
-    def summary(self) -> dict[str, float | list[float | None]]:
-        """Accuracies in percent (per-expert entries are None when an expert saw no samples)."""
-        pct = lambda a, b: 100.0 * a / b if b else float("nan")  # noqa: E731
-        return {
-            "selector_acc": pct(self.selector_correct, self.n),
-            "top1": pct(self.top1, self.n),
-            "top5": pct(self.top5, self.n),
-            "expert_acc": [pct(c, s) if s else None for c, s in zip(self.expert_correct, self.expert_seen)],
-        }
+    probs = (weights.unsqueeze(-1) * slot_probs).sum(1)
+    return RoutedOutput(probs=probs, groups=chosen, weights=weights, slot_probs=slot_probs, expert_calls=calls)

@@ -1,0 +1,99 @@
+"""TSTL end to end on synthetic shards: both stages through the trainer, killed in stage 2 and resumed, then the
+routed evaluation next to a single B-CAST."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import ROOT, TINY, free_port, subprocess_env
+from tstl.models import create_model
+from tstl.twostage.experts import read_expert
+
+CONFIGS = [str(ROOT / f"configs/{f}.yaml") for f in ("data/ssv2", "demo", "tstl/default")]
+
+
+def _cli(cmd: str, data_dir: Path, run: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "tstl.twostage.cli", cmd, "--config", *CONFIGS, f"data_dir={data_dir}",
+            f"out_dir={run}", "model.train_experts=false", "tstl.num_groups=2", *TINY, *extra]
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not ready() and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_two_stage_run_killed_in_stage_2_resumes_then_evaluates(data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "tstl"
+    train = _cli("train", data_dir, run, "tstl.selector.epochs=1", "tstl.expert.epochs=2",
+                 "tstl.expert.checkpoint.every_steps=1")
+    killed = subprocess.Popen(train, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    _kill_when(killed, lambda: any((run / "expert_01/checkpoints").glob("*/complete.json")))
+    assert (run / "selector/selector.pt").exists() and (run / "expert_00/expert.pt").exists()
+    assert not (run / "expert_01/expert.pt").exists(), "stage 2 finished before it could be killed"
+    before = {p: p.stat().st_mtime_ns for p in (run / "selector/selector.pt", run / "expert_00/expert.pt")}
+
+    proc = subprocess.run(train, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "selector already trained" in proc.stderr and "1 of 2 experts to train (finished: [0])" in proc.stderr
+    assert f"resumed from {run / 'expert_01/checkpoints'}" in proc.stderr  # mid-epoch, from its own checkpoint
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # finished stages untouched
+
+    # each stage was trained on the right labels of the same shards
+    sel_cfg = yaml.safe_load((run / "selector/config.yaml").read_text())
+    ex_cfg = yaml.safe_load((run / "expert_01/config.yaml").read_text())
+    assert sel_cfg["data"]["label_map"] == [0, 0, 1, 1] and sel_cfg["model"]["num_classes"] == 2
+    assert ex_cfg["data"]["labels"] == [2, 3] and ex_cfg["data"]["remap_labels"] and ex_cfg["epochs"] == 2
+    # expert files: trainable tensors only, frozen ones by reference to the run's shared initial weights
+    payload = read_expert(run / "expert_01/expert.pt")
+    model = create_model("bcast_test", num_classes=2)
+    assert set(payload["trainable"]) == set(model.trainable_state_dict())
+    assert sum(v.numel() for v in payload["trainable"].values()) < sum(p.numel() for p in model.parameters()) / 4
+    assert [s["path"] for s in payload["frozen"]["checkpoints"]] == [str(run / "trunk.pt")]
+
+    base = tmp_path / "bcast"
+    single = [sys.executable, "-m", "tstl.train.cli", "train", "--config", *CONFIGS[:2], f"data_dir={data_dir}",
+              f"out_dir={base}", "epochs=1", "test_at_end=false", *TINY]
+    assert subprocess.run(single, cwd=ROOT, env=subprocess_env(), capture_output=True).returncode == 0
+    ev = subprocess.run(_cli("eval", data_dir, run, f"tstl.baseline={base}"), cwd=ROOT, env=subprocess_env(),
+                        capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    summary = json.loads((run / "eval/metrics.json").read_text())
+    assert summary["videos"] == 4 and summary["views"] == 16
+    assert set(summary["methods"]) == {"hard", "soft", "oracle", "baseline"}
+    assert summary["forwards"]["selector"] == 16 and sum(summary["forwards"]["hard_routed"]) == 16
+    assert [e["videos"] for e in summary["experts"]] == [2, 2]
+    report = (run / "eval/report.md").read_text()
+    assert "single B-CAST" in report and "hard routing" in report and (run / "eval/hard/confusion.png").exists()
+
+    other = subprocess.run(train[:-3] + ["tstl.num_groups=4"], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                           text=True, timeout=600)
+    assert other.returncode == 2 and "started with other class groups" in other.stderr
+    assert torch.load(run / "selector/selector.pt", weights_only=True)["format"] == "tstl-expert/v1"
+
+
+@pytest.mark.multiproc
+def test_two_ranks_through_the_deepspeed_launcher(data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "tstl"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port(),
+           "--module", *_cli("train", data_dir, run, "tstl.selector.epochs=1", "tstl.expert.epochs=1",
+                             "engine.zero_stage=1")[2:]]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("selector", "expert_00", "expert_01"):
+        marker = json.loads(next((run / stage / "checkpoints").glob("*/complete.json")).read_text())
+        assert marker["world_size"] == 2, stage
+    assert read_expert(run / "expert_01/expert.pt")["extra"]["classes"] == [2, 3]

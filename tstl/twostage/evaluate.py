@@ -1,0 +1,249 @@
+"""Routed multi-view evaluation of a TSTL run, next to a single B-CAST on the same views.
+
+Every view is routed on its own (the selector sees the view, the chosen expert(s) classify it), then the views of
+a video are averaged in probability space as in ``tstl.train.evaluate``. One pass gives, per view:
+
+* ``selector``: the selector's group probabilities (selector accuracy);
+* ``hard``: the top group's expert (TSTL's rule; 2 B-CAST forwards per view);
+* ``soft``: the top-k groups' experts weighted by the selector (1 + k forwards per view);
+* ``oracle``: the true group's expert (per-expert accuracy on its own group; it reuses the routed outputs and
+  runs an extra forward only for views the selector sent elsewhere);
+* ``baseline``: a single B-CAST (``tstl.baseline``), when given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tstl.models import create_model, load_checkpoint
+from tstl.models.checkpoint import read_checkpoint
+from tstl.train import dist
+from tstl.train.evaluate import EvalResult, merge, metrics, save_report
+from tstl.twostage.experts import load_expert, read_expert
+from tstl.twostage.groups import ClassGroups
+from tstl.twostage.plan import expert_file, selector_file
+from tstl.twostage.routing import expert_columns, route
+
+logger = logging.getLogger(__name__)
+
+FIELDS = ("selector", "hard", "soft", "oracle", "baseline")
+
+
+@dataclass
+class RoutedModels:
+    """The selector and one expert per group (``experts[g]`` outputs logits over ``groups.groups[g]`` in order)."""
+
+    selector: nn.Module
+    experts: list[nn.Module]
+    groups: ClassGroups
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> RoutedModels:
+        # experts share frozen tensors with the selector: moving them one by one keeps a single copy, because a
+        # parameter that is already on the target is left as it is
+        for m in (self.selector, *self.experts):
+            m.to(device, dtype)
+        return self
+
+
+def load_run(out_dir: str | Path, groups: ClassGroups, verify_hashes: bool = True) -> RoutedModels:
+    """The selector and experts a ``train_two_stage`` run wrote; experts with the same frozen sources as the
+    selector share its frozen tensors (one CLIP + VideoMAE in memory)."""
+    missing = [str(p) for p in [selector_file(out_dir)] + [expert_file(out_dir, g) for g in range(groups.num_groups)]
+               if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{out_dir}: the TSTL run is not finished, missing {missing[:4]}; run make train-tstl "
+                                "again to finish it")
+    selector = load_expert(selector_file(out_dir), verify_hashes=verify_hashes)
+    frozen = read_expert(selector_file(out_dir))["frozen"]
+    experts = []
+    for g in range(groups.num_groups):
+        path = expert_file(out_dir, g)
+        same = read_expert(path)["frozen"] == frozen
+        experts.append(load_expert(path, trunk=selector if same else None, verify_hashes=verify_hashes))
+    return RoutedModels(selector, experts, groups)
+
+
+def _head_classes(path: str | Path) -> int:
+    sd = read_checkpoint(path)
+    heads = [v for k, v in sd.items() if k.removeprefix("module.") == "head.weight"]
+    if not heads:
+        raise ValueError(f"{path}: no head.weight; expected a CAST-layout selector or expert checkpoint")
+    return int(heads[0].shape[0])
+
+
+def load_released(model_name: str, selector_path: str | Path, expert_paths: Sequence[str | Path],
+                  groups: ClassGroups, **model_kwargs) -> RoutedModels:
+    """TSTL's released checkpoints (full CAST layout): a selector with a head over groups and experts whose head
+    covers every class (TSTL's: the chosen expert's softmax over all classes is the prediction, as TSTL's
+    "maxlogit" rule with one expert) or only their group."""
+    if len(expert_paths) != groups.num_groups:
+        raise ValueError(f"{len(expert_paths)} expert checkpoints for {groups.num_groups} groups")
+
+    def build(path: str | Path, num_classes: int) -> nn.Module:
+        model = create_model(model_name, num_classes=num_classes, **model_kwargs)
+        load_checkpoint(model, path)
+        return model.eval()
+
+    if _head_classes(selector_path) != groups.num_groups:
+        raise ValueError(f"{selector_path}: head has {_head_classes(selector_path)} outputs, the groups "
+                         f"{groups.num_groups}")
+    selector = build(selector_path, groups.num_groups)
+    experts: list[nn.Module] = []
+    for g, path in enumerate(expert_paths):
+        n = _head_classes(path)
+        if n not in (groups.num_classes, len(groups.groups[g])):
+            raise ValueError(f"{path}: head has {n} outputs; expected {groups.num_classes} (all classes) or "
+                             f"{len(groups.groups[g])} (group {g})")
+        experts.append(build(path, n))
+    return RoutedModels(selector, experts, groups)
+
+
+@dataclass
+class Tally:
+    """B-CAST forwards run by this evaluation, per kind."""
+
+    views: int = 0
+    selector: int = 0
+    routed: list[int] = field(default_factory=list)
+    """Views each expert ran on (the soft top-k routing, which includes the hard one)."""
+    hard: list[int] = field(default_factory=list)
+    """Views the selector's top group sent to each expert (what hard routing runs)."""
+    oracle_extra: int = 0
+    baseline: int = 0
+
+
+def _oracle(x: torch.Tensor, out, true_group: torch.Tensor, models: RoutedModels, tally: Tally) -> torch.Tensor:
+    """Each view's true-group expert in global class space, reusing the routed outputs where possible."""
+    hit = out.groups == true_group.unsqueeze(1)  # [B, k]
+    oracle = (out.slot_probs * hit.unsqueeze(-1)).sum(1)
+    for g in true_group[~hit.any(1)].unique().tolist():
+        rows = ((true_group == g) & ~hit.any(1)).nonzero(as_tuple=True)[0]
+        probs = models.experts[g](x[rows]).float().softmax(-1)
+        cols = expert_columns(models.groups, g, probs.shape[1], x.device)
+        oracle[rows.unsqueeze(1), cols.unsqueeze(0)] = probs
+        tally.oracle_extra += int(rows.numel())
+    return oracle
+
+
+@torch.no_grad()
+def predict_routed(models: RoutedModels, batches: Iterable[dict], device: torch.device, top_k: int,
+                   dtype: torch.dtype = torch.float32, baseline: nn.Module | None = None
+                   ) -> tuple[dict[tuple[str, int], dict], Tally]:
+    """Per (key, view) of this rank: ``{field: probabilities}`` for every field of ``FIELDS`` plus ``label``."""
+    groups = models.groups
+    class_to_group = torch.as_tensor(groups.class_to_group, device=device)
+    tally = Tally(routed=[0] * groups.num_groups, hard=[0] * groups.num_groups)
+    out: dict[tuple[str, int], dict] = {}
+    for batch in batches:
+        x = batch["video"].to(device, dtype=dtype, non_blocking=True)
+        labels = batch["label"].to(device)
+        sel_logits = models.selector(x).float()
+        routed = route(x, sel_logits, models.experts, groups, top_k=top_k)
+        oracle = _oracle(x, routed, class_to_group[labels], models, tally)
+        fields = {"selector": sel_logits.softmax(-1), "hard": routed.slot_probs[:, 0], "soft": routed.probs,
+                  "oracle": oracle}
+        if baseline is not None:
+            fields["baseline"] = baseline(x).float().softmax(-1)
+            tally.baseline += len(x)
+        tally.views += len(x)
+        tally.selector += len(x)
+        tally.routed = [a + b for a, b in zip(tally.routed, routed.expert_calls)]
+        top = torch.bincount(routed.groups[:, 0], minlength=groups.num_groups).tolist()
+        tally.hard = [a + b for a, b in zip(tally.hard, top)]
+        views = batch.get("view", torch.zeros(len(x), dtype=torch.long)).tolist()
+        arrays = {k: v.cpu().numpy() for k, v in fields.items()}
+        for i, (key, view, y) in enumerate(zip(batch["key"], views, batch["label"].tolist())):
+            out[(key, int(view))] = {"label": int(y), **{k: v[i] for k, v in arrays.items()}}
+    return out, tally
+
+
+def _field(per_rank: list[dict], name: str, label_of=lambda y: y) -> tuple[dict, dict]:
+    return merge([{kv: (rec[name], label_of(rec["label"])) for kv, rec in part.items() if name in rec}
+                  for part in per_rank])
+
+
+def summarize(per_rank: list[dict], tallies: list[Tally], groups: ClassGroups, top_k: int) -> dict:
+    """Metrics of every field on the merged views (run on every rank; cheap)."""
+    c2g = groups.class_to_group
+    results: dict[str, EvalResult] = {}
+    for name in ("hard", "soft", "oracle", "baseline"):
+        probs, labels = _field(per_rank, name)
+        if probs:
+            results[name] = metrics(probs, labels, groups.num_classes)
+    sel = metrics(*_field(per_rank, "selector", lambda y: int(c2g[y])), groups.num_groups)
+    oracle = results["oracle"]
+    expert_acc = []
+    for g, members in enumerate(groups.groups):
+        videos = int(oracle.confusion[list(members)].sum())
+        correct = int(np.trace(oracle.confusion[np.ix_(members, members)]))
+        expert_acc.append({"group": g, "classes": list(members), "videos": videos,
+                           "accuracy": correct / videos if videos else None})
+    views = sum(t.views for t in tallies)
+    routed = np.sum([t.routed for t in tallies], axis=0)
+    hard = np.sum([t.hard for t in tallies], axis=0)
+    summary = {
+        "videos": sel.videos, "views": views, "num_groups": groups.num_groups, "soft_top_k": top_k,
+        "selector_acc": sel.top1, "selector_top5": sel.top5,
+        "methods": {name: {**r.summary(), "forwards_per_view": _cost(name, top_k, groups.num_groups)}
+                    for name, r in results.items()},
+        "experts": expert_acc,
+        "forwards": {"selector": sum(t.selector for t in tallies), "routed_experts": routed.tolist(),
+                     "hard_routed": hard.tolist(),
+                     "oracle_extra": sum(t.oracle_extra for t in tallies),
+                     "baseline": sum(t.baseline for t in tallies)},
+    }
+    return {"summary": summary, "results": results, "selector": sel}
+
+
+def _cost(name: str, top_k: int, num_groups: int) -> float | None:
+    """B-CAST forwards a method needs per view on its own (not what this combined evaluation ran)."""
+    return {"hard": 2.0, "soft": 1.0 + min(top_k, num_groups), "baseline": 1.0}.get(name)
+
+
+def write_report(res: dict, out: Path, classes: list[str] | None, title: str, notes: Sequence[str] = ()) -> str:
+    """``metrics.json``, ``report.md`` and a ``save_report`` folder per method under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    s = res["summary"]
+    (out / "metrics.json").write_text(json.dumps(s, indent=1))
+    for name, r in res["results"].items():
+        save_report(r, out / name, classes)
+    save_report(res["selector"], out / "selector", [f"group {g}" for g in range(s["num_groups"])])
+    names = {"baseline": "single B-CAST (tstl.baseline)", "hard": "TSTL, hard routing (top-1 group)",
+             "soft": f"TSTL, soft routing (top-{s['soft_top_k']} groups)",
+             "oracle": "oracle routing (true group's expert; upper bound)"}
+    lines = [f"# {title}", "", f"{s['videos']} videos, {s['views'] // max(s['videos'], 1)} views each. "
+             f"{s['num_groups']} groups; selector accuracy {s['selector_acc']:.4f} "
+             f"(chance {1 / s['num_groups']:.4f}).", "",
+             "| model | top-1 | top-5 | mean class acc | B-CAST forwards per view |", "|---|---|---|---|---|"]
+    for name in ("baseline", "hard", "soft", "oracle"):
+        if name in s["methods"]:
+            m = s["methods"][name]
+            cost = f"{m['forwards_per_view']:.0f}" if m["forwards_per_view"] else "n/a"
+            lines.append(f"| {names[name]} | {m['top1']:.4f} | {m['top5']:.4f} | {m['mean_class_acc']:.4f} | {cost} |")
+    lines += ["", "## Experts on their own group", "",
+              "| group | classes | videos | accuracy | views the selector sent here (hard) |", "|---|---|---|---|---|"]
+    for e, calls in zip(s["experts"], s["forwards"]["hard_routed"]):
+        acc = f"{e['accuracy']:.4f}" if e["accuracy"] is not None else "n/a"
+        names_g = ", ".join(classes[c] if classes else str(c) for c in e["classes"])
+        lines.append(f"| {e['group']} | {names_g} | {e['videos']} | {acc} | {calls} |")
+    lines += ["", "Routing per view, views averaged in probability space. The soft-routing row's experts include "
+              "the hard one, so one pass measures both.", *(["", *notes] if notes else []), "",
+              "![hard routing](hard/confusion.png) ![selector](selector/confusion.png)"]
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text
+
+
+def evaluate_routed(models: RoutedModels, batches: Iterable[dict], device: torch.device, top_k: int,
+                    dtype: torch.dtype = torch.float32, baseline: nn.Module | None = None) -> dict:
+    """Predict on this rank's share, gather every rank's, summarise (all ranks)."""
+    local, tally = predict_routed(models, batches, device, top_k, dtype, baseline)
+    return summarize(dist.all_gather_objects(local), dist.all_gather_objects(tally), models.groups, top_k)

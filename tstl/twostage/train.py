@@ -1,0 +1,122 @@
+"""Two-stage training: the stage-1 selector, then every stage-2 expert, each an ordinary ``Trainer`` run.
+
+Every stage goes through the same loader, DeepSpeed engine and checkpointing as ``make train``; the stages differ
+only in their configs (``tstl.twostage.plan``). The run resumes at any point: a finished stage (its trainable-only
+``selector.pt`` / ``expert.pt`` exists) is skipped, an unfinished one resumes from its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tstl.config import ConfigError
+from tstl.data.sources import resolve
+from tstl.models import create_model
+from tstl.train import dist
+from tstl.train.checkpoint import resolve_weights
+from tstl.train.config import TrainConfig
+from tstl.train.trainer import Trainer, shard_dir
+from tstl.twostage.config import TSTLConfig
+from tstl.twostage.experts import frozen_sources_from_paths, save_expert
+from tstl.twostage.groups import ClassGroups, balanced_groups, load_groups, save_groups
+from tstl.twostage.plan import expert_config, expert_file, pending_experts, selector_config, selector_file
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_groups(cfg: TSTLConfig) -> ClassGroups:
+    """The run's class groups: from ``tstl.groups`` or balanced, checked against the shards, pinned in the run."""
+    num_classes = resolve(shard_dir(cfg, cfg.train_split), cfg.data.shard_url_template).num_classes
+    if cfg.tstl.groups:
+        groups = load_groups(cfg.tstl.groups)
+        source = cfg.tstl.groups
+    else:
+        groups = balanced_groups(num_classes, cfg.tstl.num_groups)
+        source = f"balanced groups (tstl.num_groups={cfg.tstl.num_groups})"
+    if num_classes is not None and groups.num_classes != num_classes:
+        raise ConfigError(f"{source}: {groups.num_classes} classes, but the shards of {cfg.train_split} have "
+                          f"{num_classes}; use a group file made for this dataset (make groups)")
+    pinned = Path(cfg.out_dir) / "groups.json"
+    if pinned.exists():
+        if load_groups(pinned).groups != groups.groups:
+            raise ConfigError(f"{pinned}: this run was started with other class groups than {source}; finish it "
+                              "with the same groups or start a new run (out_dir=...)")
+    elif dist.is_main():
+        pinned.parent.mkdir(parents=True, exist_ok=True)
+        save_groups(groups, pinned, "ours")
+    dist.barrier()
+    return groups
+
+
+def initial_trunk(cfg: TSTLConfig, groups: ClassGroups) -> Path | None:
+    """Without any checkpoint to start from, write the run's random initial weights once, so that every stage
+    starts from the same frozen experts and expert files can refer to them. Only useful for tests."""
+    if cfg.model.init or cfg.tstl.init:
+        return None
+    path = Path(cfg.out_dir) / "trunk.pt"
+    if dist.is_main() and not path.exists():
+        logger.warning("no model.init or tstl.init: the frozen experts are random (fine for tests, useless "
+                       "otherwise); their initial weights are kept in %s", path)
+        torch.manual_seed(cfg.seed)
+        # a head over every class, so that experts can start from their group's rows of it, as from a CAST
+        model = create_model(cfg.model.name, num_classes=groups.num_classes, **cfg.model.kwargs)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict()}, tmp)
+        os.replace(tmp, path)
+    dist.barrier()
+    return path
+
+
+def _frozen_sources(stage: TrainConfig) -> dict[str, Any]:
+    return frozen_sources_from_paths([resolve_weights(p)[0] for p in stage.model.init])
+
+
+def run_stage(stage: TrainConfig, dest: Path, extra: dict[str, Any]) -> None:
+    """Train one stage to its end (resuming if it was interrupted), then write its trainable-only file."""
+    trainer = Trainer(stage)
+    try:
+        trainer.train()
+        if dist.is_main():
+            kwargs = {"num_classes": trainer.num_classes, "drop_path_rate": stage.model.drop_path_rate,
+                      **stage.model.kwargs}
+            save_expert(trainer.engine.module, dest, stage.model.name, kwargs, _frozen_sources(stage),
+                        {**extra, "epochs": stage.epochs, "run": stage.out_dir})
+            logger.info("wrote %s", dest)
+    finally:
+        trainer.close()
+        del trainer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    dist.barrier()
+
+
+def train_two_stage(cfg: TSTLConfig) -> ClassGroups:
+    """Stage 1 (selector on group labels), then stage 2 (one expert per group); finished stages are skipped."""
+    cfg.check()
+    dist.init()  # before anything is written: only rank 0 writes the run's shared files
+    groups = resolve_groups(cfg)
+    trunk = initial_trunk(cfg, groups)
+    out = Path(cfg.out_dir)
+    logger.info("TSTL run %s: %d classes in %d groups (sizes %s)", out, groups.num_classes, groups.num_groups,
+                [len(g) for g in groups.groups])
+    if selector_file(out).exists():
+        logger.info("stage 1: %s exists, selector already trained", selector_file(out))
+    else:
+        logger.info("stage 1: training the selector over %d groups", groups.num_groups)
+        run_stage(selector_config(cfg, groups, trunk), selector_file(out), {"role": "selector"})
+    todo = pending_experts(groups, out)
+    logger.info("stage 2: %d of %d experts to train%s", len(todo), groups.num_groups,
+                f" (finished: {sorted(set(range(groups.num_groups)) - set(todo))})" if len(todo) < groups.num_groups
+                else "")
+    for g in todo:
+        logger.info("stage 2: expert %d of %d, classes %s", g, groups.num_groups, list(groups.groups[g]))
+        run_stage(expert_config(cfg, groups, g, trunk), expert_file(out, g),
+                  {"role": "expert", "group": g, "classes": list(groups.groups[g])})
+    return groups
