@@ -149,6 +149,10 @@ def test_a_cast_checkpoint_of_other_classes_starts_a_new_head_only_when_asked(tm
     expert = create_model("bcast_test", num_classes=2)  # a TSTL expert of classes [3, 1]
     load_checkpoint(expert, tmp_path / "cast.pth", reinit_mismatched=("head.",), head_rows=[3, 1])
     assert torch.equal(expert.head.weight, src.head.weight[[3, 1]]) and torch.equal(expert.head.bias, src.head.bias[[3, 1]])
+    other = create_model("bcast_test", num_classes=2)  # the checkpoint classifies another dataset (7 classes here)
+    head = other.head.weight.detach().clone()
+    load_checkpoint(other, tmp_path / "cast.pth", reinit_mismatched=("head.",), head_rows=[3, 1], head_rows_of=7)
+    assert torch.equal(other.head.weight, head)  # not taken from unrelated classes: a new head
     with pytest.raises(ValueError, match="cannot take rows"):
         load_checkpoint(create_model("bcast_test", num_classes=2), tmp_path / "cast.pth", head_rows=[3, 7])
 

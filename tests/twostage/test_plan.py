@@ -78,3 +78,61 @@ def test_shipped_tstl_recipes_load_and_pass_the_checks():
         assert not selector_config(cfg, GROUPS).model.train_experts
     with pytest.raises(ConfigError, match="train_experts must be false"):  # the plain demo trains its experts
         load_config(TSTLConfig, [ROOT / "configs" / f for f in ("data/ssv2.yaml", "demo.yaml", "tstl/default.yaml")]).check()
+
+
+def test_stage_init_is_pinned_and_a_changed_init_is_refused_on_resume(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from tstl.train.config import TrainConfig
+    from tstl.twostage.train import pin_init
+
+    for name in ("a.pt", "b.pt"):
+        torch.save({"x": torch.zeros(1)}, tmp_path / name)
+    stage = TrainConfig(out_dir=str(tmp_path / "expert_00"))
+    stage.model.init = ["a.pt"]  # relative, as typed on a command line
+    monkeypatch.chdir(tmp_path)
+    pinned, frozen = pin_init(stage)
+    assert pinned.model.init == [str(tmp_path / "a.pt")] == [c["path"] for c in frozen["checkpoints"]]
+    stage.model.init = ["b.pt"]
+    pin_init(stage)  # nothing trained yet: the stage simply starts from b
+    marker = tmp_path / "expert_00/checkpoints/step-0000001/complete.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"step": 1, "epoch": 0, "metric": None, "world_size": 1}))
+    stage.model.init = ["a.pt"]
+    with pytest.raises(ConfigError, match="was started from"):
+        pin_init(stage)
+
+
+def _on_main_worker(rank: int, port: str, results) -> None:
+    import os
+
+    import torch.distributed as tdist
+
+    from tstl.train import dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    tdist.init_process_group("gloo", rank=rank, world_size=2)
+
+    def boom():
+        raise OSError("disk full")
+
+    try:
+        assert dist.on_main(lambda: f"decided by rank {dist.rank()}") == "decided by rank 0"
+        dist.on_main(boom)
+    except Exception as e:  # noqa: BLE001
+        results[rank] = f"{type(e).__name__}: {e}"
+    tdist.destroy_process_group()
+
+
+@pytest.mark.multiproc
+def test_a_failure_on_rank_0_is_raised_on_every_rank():
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    results = mp.Manager().dict()
+    mp.spawn(_on_main_worker, args=(free_port(), results), nprocs=2, join=True)
+    assert results[0] == "OSError: disk full"
+    assert results[1] == "RuntimeError: rank 0 failed: OSError: disk full"  # told, not left waiting

@@ -110,10 +110,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _select_head_rows(conv: Conversion, own: dict[str, torch.Tensor], rows: list[int], path) -> None:
+def _select_head_rows(conv: Conversion, own: dict[str, torch.Tensor], rows: list[int], total: int | None,
+                      path) -> None:
     for k in ("head.weight", "head.bias"):
         v = conv.state_dict.get(k)
         if v is None or k not in own or v.shape == own[k].shape:
+            continue
+        if total is not None and v.shape[0] != total:
+            logger.warning("%s: its head has %d classes, this dataset %d: %s is not taken from it", path,
+                           v.shape[0], total, k)
             continue
         if len(rows) != own[k].shape[0] or max(rows) >= v.shape[0]:
             raise ValueError(f"{path}: cannot take rows {rows[:8]} of a {v.shape[0]}-class head for a "
@@ -123,7 +128,8 @@ def _select_head_rows(conv: Conversion, own: dict[str, torch.Tensor], rows: list
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool = True,
-                    reinit_mismatched: tuple[str, ...] = (), head_rows: list[int] | None = None) -> LoadReport:
+                    reinit_mismatched: tuple[str, ...] = (), head_rows: list[int] | None = None,
+                    head_rows_of: int | None = None) -> LoadReport:
     """Detect the format of ``path``, map it onto ``model`` and load it.
 
     Args:
@@ -136,6 +142,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
         head_rows: classes of the checkpoint's head (``head.weight``/``head.bias`` rows) that become this model's
             classes, in order, when the head sizes differ: a TSTL expert starts from its group's rows of a CAST
             classifier instead of a new head.
+        head_rows_of: with ``head_rows``: the number of classes the checkpoint's head must have for its rows to be
+            taken (the dataset's); a head of another size (another dataset's classifier) is not used.
 
     Returns:
         A ``LoadReport`` with the missing and unexpected keys (also logged).
@@ -146,10 +154,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
     conv = model.convert_checkpoint(state_dict)
     own = model.state_dict()
     if head_rows is not None:
-        _select_head_rows(conv, own, list(head_rows), path)
+        _select_head_rows(conv, own, list(head_rows), head_rows_of, path)
     for k in [k for k, v in conv.state_dict.items() if k.startswith(reinit_mismatched) and k in own
               and v.shape != own[k].shape]:
-        logger.info("%s: %s has shape %s, the model %s: kept at its initialisation", path, k,
+        logger.warning("%s: %s has shape %s, the model %s: kept at its initialisation", path, k,
                     tuple(conv.state_dict[k].shape), tuple(own[k].shape))
         del conv.state_dict[k]
         conv.explained_missing[k] = "shape differs (another number of classes): re-initialised"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -65,3 +65,32 @@ def any_true(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def broadcast_object(obj: Any = None, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (pickled; for small decisions)."""
+    if not dist.is_initialized() or world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only and return its result on every rank.
+
+    An exception on rank 0 is raised on every rank, so no rank is left waiting at the next collective; rank 0 decides
+    once for everybody (e.g. which stages are finished, even where ranks' views of a shared filesystem differ).
+    """
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others are told
+            error = e
+    ok, payload = broadcast_object((error is None, result if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if not ok:
+        raise RuntimeError(f"rank 0 failed: {payload}")
+    return payload

@@ -36,14 +36,20 @@ def shard_dir(cfg: TrainConfig, split: str) -> Path:
     return Path(cfg.data_dir) / cfg.dataset / "shards" / split
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, list[str]]:
-    """The model with its initial weights; returns it and where each part of the weights came from."""
+def build_model(cfg: ModelConfig, num_classes: int,
+                dataset_classes: int | None = None) -> tuple[nn.Module, list[str]]:
+    """The model with its initial weights; returns it and where each part of the weights came from.
+
+    ``dataset_classes``: the dataset's number of classes; ``cfg.head_rows`` are taken only from a checkpoint head of
+    that size.
+    """
     model = create_model(cfg.name, num_classes=num_classes, drop_path_rate=cfg.drop_path_rate, **cfg.kwargs)
     provenance = [f"{cfg.name}: random initialisation (seeded)"]
     for entry in cfg.init:
         path, _ = resolve_weights(entry)  # a file, a DeepSpeed tag folder or a run folder (its best checkpoint)
         # a checkpoint with another number of classes (a CAST model as a TSTL selector or expert) starts a new head
-        report = load_checkpoint(model, path, reinit_mismatched=("head.",), head_rows=cfg.head_rows or None)
+        report = load_checkpoint(model, path, reinit_mismatched=("head.",), head_rows=cfg.head_rows or None,
+                                 head_rows_of=dataset_classes)
         reinit = [k for k, why in report.explained.items() if why.endswith("re-initialised") and k in report.missing]
         provenance.append(f"{path}: {report.format}, {report.loaded} tensors"
                           + (f" ({', '.join(reinit)} re-initialised: shape differs)" if reinit else ""))
@@ -81,7 +87,7 @@ class Trainer:
         if not num_classes:
             raise ValueError("model.num_classes is 0 and the shard set has no shards.json to take it from")
         self.num_classes, self.classes = num_classes, self.train_loader.classes
-        model, provenance = build_model(cfg.model, num_classes)
+        model, provenance = build_model(cfg.model, num_classes, self.train_loader.shardset.num_classes)
         self._log_start(model, provenance)
         self.plan = eng.BatchPlan(cfg.data.batch_size, cfg.engine.accum_steps, dist.world())
         self.steps_per_epoch = max(1, len(self.train_loader) // cfg.engine.accum_steps)

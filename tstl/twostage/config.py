@@ -51,7 +51,10 @@ class TSTLConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for stage in ("selector", "expert"):
-            self.stage_base(stage)  # unknown keys or bad values in tstl.<stage> fail when the config loads
+            try:  # unknown keys or bad values in tstl.<stage> fail when the config loads (with the file named)
+                self.stage_base(stage)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
 
     def check(self) -> None:
         """Rules that hold for the whole layered config (not for each file alone); raises ``ConfigError``."""
@@ -73,7 +76,4 @@ class TSTLConfig(TrainConfig):
 def with_overrides(base: TrainConfig | dict[str, Any], overrides: dict[str, Any], source: str) -> TrainConfig:
     """A new, validated ``TrainConfig``: ``base`` with the nested mapping ``overrides`` merged in."""
     data = to_dict(base) if not isinstance(base, dict) else base
-    try:
-        return from_dict(TrainConfig, merge(data, overrides), source=source)
-    except ConfigError as e:
-        raise ValueError(str(e)) from None
+    return from_dict(TrainConfig, merge(data, overrides), source=source)

@@ -46,8 +46,8 @@ class RoutedModels:
     groups: ClassGroups
 
     def to(self, device: torch.device, dtype: torch.dtype) -> RoutedModels:
-        # experts share frozen tensors with the selector: moving them one by one keeps a single copy, because a
-        # parameter that is already on the target is left as it is
+        # experts share frozen Parameter objects with the selector; Module.to converts each parameter in place
+        # (param.data is replaced), so the shared objects stay shared and one copy moves
         for m in (self.selector, *self.experts):
             m.to(device, dtype)
         return self

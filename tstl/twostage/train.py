@@ -8,6 +8,7 @@ only in their configs (``tstl.twostage.plan``). The run resumes at any point: a 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 from pathlib import Path
@@ -19,10 +20,10 @@ from tstl.config import ConfigError
 from tstl.data.sources import resolve
 from tstl.models import create_model
 from tstl.train import dist
-from tstl.train.checkpoint import resolve_weights
+from tstl.train.checkpoint import Checkpointer, resolve_weights
 from tstl.train.config import TrainConfig
 from tstl.train.trainer import Trainer, shard_dir
-from tstl.twostage.config import TSTLConfig
+from tstl.twostage.config import TSTLConfig, with_overrides
 from tstl.twostage.experts import frozen_sources_from_paths, save_expert
 from tstl.twostage.groups import ClassGroups, balanced_groups, load_groups, save_groups
 from tstl.twostage.plan import expert_config, expert_file, pending_experts, selector_config, selector_file
@@ -31,7 +32,12 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_groups(cfg: TSTLConfig) -> ClassGroups:
-    """The run's class groups: from ``tstl.groups`` or balanced, checked against the shards, pinned in the run."""
+    """The run's class groups: from ``tstl.groups`` or balanced, checked against the shards, pinned in the run.
+    Rank 0 reads and writes; every rank gets its answer."""
+    return dist.on_main(lambda: _resolve_groups(cfg))
+
+
+def _resolve_groups(cfg: TSTLConfig) -> ClassGroups:
     num_classes = resolve(shard_dir(cfg, cfg.train_split), cfg.data.shard_url_template).num_classes
     if cfg.tstl.groups:
         groups = load_groups(cfg.tstl.groups)
@@ -47,10 +53,8 @@ def resolve_groups(cfg: TSTLConfig) -> ClassGroups:
         if load_groups(pinned).groups != groups.groups:
             raise ConfigError(f"{pinned}: this run was started with other class groups than {source}; finish it "
                               "with the same groups or start a new run (out_dir=...)")
-    elif dist.is_main():
-        pinned.parent.mkdir(parents=True, exist_ok=True)
+    else:
         save_groups(groups, pinned, "ours")
-    dist.barrier()
     return groups
 
 
@@ -60,7 +64,10 @@ def initial_trunk(cfg: TSTLConfig, groups: ClassGroups) -> Path | None:
     if cfg.model.init or cfg.tstl.init:
         return None
     path = Path(cfg.out_dir) / "trunk.pt"
-    if dist.is_main() and not path.exists():
+
+    def write() -> None:
+        if path.exists():
+            return
         logger.warning("no model.init or tstl.init: the frozen experts are random (fine for tests, useless "
                        "otherwise); their initial weights are kept in %s", path)
         torch.manual_seed(cfg.seed)
@@ -69,32 +76,63 @@ def initial_trunk(cfg: TSTLConfig, groups: ClassGroups) -> Path | None:
         tmp = path.with_suffix(".tmp")
         torch.save({"model": model.state_dict()}, tmp)
         os.replace(tmp, path)
-    dist.barrier()
+
+    dist.on_main(write)
     return path
 
 
-def _frozen_sources(stage: TrainConfig) -> dict[str, Any]:
-    return frozen_sources_from_paths([resolve_weights(p)[0] for p in stage.model.init])
+def pin_init(stage: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
+    """Resolve the stage's ``model.init`` (run folders -> their best checkpoint) to absolute files once, when the
+    stage first starts, and keep them (with their SHA-256) in ``<stage>/frozen.json``.
+
+    A resumed stage continues from its own checkpoints, whose frozen weights came from the pinned files; so the
+    expert file must name those, and a rerun whose ``init`` now resolves to other files is refused rather than
+    recorded wrongly.
+    """
+    out, pin = Path(stage.out_dir), Path(stage.out_dir) / "frozen.json"
+
+    def decide() -> dict[str, Any]:
+        files = [str(Path(resolve_weights(p)[0]).resolve()) for p in stage.model.init]
+        if pin.exists() and Checkpointer(out).complete():
+            pinned = json.loads(pin.read_text())
+            before = [c["path"] for c in pinned["checkpoints"]]
+            if before != files:
+                raise ConfigError(f"{out} was started from {before} and would now start from {files}; finish it "
+                                  f"with the same model.init/tstl.init or remove {out} to retrain this stage")
+            return pinned
+        sources = frozen_sources_from_paths(files)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = pin.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sources, indent=1))
+        os.replace(tmp, pin)
+        return sources
+
+    sources = dist.on_main(decide)
+    files = [c["path"] for c in sources["checkpoints"]]
+    return with_overrides(stage, {"model": {"init": files}}, f"{out} pinned init"), sources
 
 
 def run_stage(stage: TrainConfig, dest: Path, extra: dict[str, Any]) -> None:
     """Train one stage to its end (resuming if it was interrupted), then write its trainable-only file."""
+    stage, frozen = pin_init(stage)
     trainer = Trainer(stage)
     try:
         trainer.train()
-        if dist.is_main():
-            kwargs = {"num_classes": trainer.num_classes, "drop_path_rate": stage.model.drop_path_rate,
-                      **stage.model.kwargs}
-            save_expert(trainer.engine.module, dest, stage.model.name, kwargs, _frozen_sources(stage),
-                        {**extra, "epochs": stage.epochs, "run": stage.out_dir})
-            logger.info("wrote %s", dest)
+        model = trainer.engine.module
+        kwargs = {"num_classes": trainer.num_classes, "drop_path_rate": stage.model.drop_path_rate,
+                  **stage.model.kwargs}
+        dist.on_main(lambda: save_expert(model, dest, stage.model.name, kwargs, frozen,
+                                         {**extra, "epochs": stage.epochs, "run": stage.out_dir}))
+        logger.info("wrote %s", dest)
     finally:
         trainer.close()
-        del trainer
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    dist.barrier()
+
+
+def _release_memory() -> None:
+    """Between stages: the finished stage's engine, optimizer state and loader workers go before the next starts."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def train_two_stage(cfg: TSTLConfig) -> ClassGroups:
@@ -106,12 +144,14 @@ def train_two_stage(cfg: TSTLConfig) -> ClassGroups:
     out = Path(cfg.out_dir)
     logger.info("TSTL run %s: %d classes in %d groups (sizes %s)", out, groups.num_classes, groups.num_groups,
                 [len(g) for g in groups.groups])
-    if selector_file(out).exists():
+    # rank 0 decides what is finished, so that every rank runs the same stages in the same order
+    selector_done, todo = dist.on_main(lambda: (selector_file(out).exists(), pending_experts(groups, out)))
+    if selector_done:
         logger.info("stage 1: %s exists, selector already trained", selector_file(out))
     else:
         logger.info("stage 1: training the selector over %d groups", groups.num_groups)
         run_stage(selector_config(cfg, groups, trunk), selector_file(out), {"role": "selector"})
-    todo = pending_experts(groups, out)
+        _release_memory()
     logger.info("stage 2: %d of %d experts to train%s", len(todo), groups.num_groups,
                 f" (finished: {sorted(set(range(groups.num_groups)) - set(todo))})" if len(todo) < groups.num_groups
                 else "")
@@ -119,4 +159,5 @@ def train_two_stage(cfg: TSTLConfig) -> ClassGroups:
         logger.info("stage 2: expert %d of %d, classes %s", g, groups.num_groups, list(groups.groups[g]))
         run_stage(expert_config(cfg, groups, g, trunk), expert_file(out, g),
                   {"role": "expert", "group": g, "classes": list(groups.groups[g])})
+        _release_memory()
     return groups
