@@ -15,16 +15,11 @@ logger = logging.getLogger(__name__)
 
 
 def read_group_map(path: Path) -> list[list[int]]:
-    """Class groups from TSTL's ``class_grouping.json`` (``class_to_head``) or ``{"groups": [[ids], ...]}``."""
-    data = json.loads(path.read_text())
-    if "groups" in data:
-        return [list(map(int, g)) for g in data["groups"]]
-    if "class_to_head" in data:
-        groups: dict[int, list[int]] = {}
-        for cls, head in data["class_to_head"].items():
-            groups.setdefault(int(head), []).append(int(cls))
-        return [sorted(groups[h]) for h in sorted(groups)]
-    raise ValueError(f"{path}: expected 'class_to_head' (TSTL format) or 'groups'")
+    """Class groups of a group file in either format TSTL training reads (``tstl.twostage.groups``), each group's
+    classes in the file's order, which is also the order of the local ids a remapped subset and an expert use."""
+    from tstl.twostage.groups import load_groups
+
+    return [list(g) for g in load_groups(path).groups]
 
 
 def _filtered(src: Path, ss: ShardSet, keep: dict[int, int], remap: bool):

@@ -164,10 +164,13 @@ def test_subset_by_classes_and_by_tstl_group_map(built: Path, tmp_path: Path) ->
     groups = read_group_map(SHARED / "tstl-class_grouping.json")
     assert len(groups) == 15 and sorted(c for g in groups for c in g) == list(range(174))
     gm = tmp_path / "groups.json"
-    gm.write_text(json.dumps({"groups": [[1], [0, 2]]}))
+    gm.write_text(json.dumps({"format": "tstl-groups/v1", "num_classes": 3, "groups": [[1], [2, 0]]}))
     assert cli_main(["subset", str(built / "train"), str(tmp_path / "g"), "--groups", str(gm), "--group", "1"]) == 0
     labels = {int(p["cls"]) for i in shardset.load(tmp_path / "g").shards for _, p in iter_samples(tmp_path / "g" / i.name)}
     assert labels == {0, 2}
+    assert cli_main(["subset", str(built / "train"), str(tmp_path / "r"), "--groups", str(gm), "--group", "1",
+                     "--remap"]) == 0
+    assert shardset.load(tmp_path / "r").classes == ["c", "a"]  # local ids in the group file's order, as experts
 
 
 def test_cast_annotation_files_are_accepted(dataset: Path, tmp_path: Path) -> None:

@@ -31,6 +31,9 @@ def test_stage_configs_filter_relabel_and_layer_the_overrides(tmp_path):
     assert ex.out_dir == str(tmp_path / "expert_02")
     trunk = expert_config(cfg, GROUPS, 0, trunk=tmp_path / "trunk.pt")
     assert trunk.model.init[0] == str(tmp_path / "trunk.pt")
+    assert ex.train_split == cfg.train_split  # the same shards, filtered on the fly
+    sub = expert_config(_cfg(tmp_path, "tstl.expert_split=train-g{group:02d}"), GROUPS, 2)
+    assert sub.train_split == "train-g02" and sub.data.labels == [4, 6, 7]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -38,6 +41,7 @@ def test_stage_configs_filter_relabel_and_layer_the_overrides(tmp_path):
     ("tstl.selector.model.train_experts=true", "train_experts must be false"),
     ("tstl.num_groups=0", "tstl.groups=<group file> or tstl.num_groups"),
     ("tstl.soft_top_k=0", "soft_top_k"),
+    ("tstl.expert_split=train-sub", "must contain {group}"),
 ])
 def test_bad_tstl_configs_are_refused_at_load(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):

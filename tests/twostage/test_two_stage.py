@@ -97,3 +97,23 @@ def test_two_ranks_through_the_deepspeed_launcher(data_dir: Path, tmp_path: Path
         marker = json.loads(next((run / stage / "checkpoints").glob("*/complete.json")).read_text())
         assert marker["world_size"] == 2, stage
     assert read_expert(run / "expert_01/expert.pt")["extra"]["classes"] == [2, 3]
+
+
+def test_experts_can_read_per_group_subsets(data_dir: Path, tmp_path: Path) -> None:
+    from shard_tools.cli import main as shards_cli
+
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"format": "tstl-groups/v1", "num_classes": 4, "groups": [[3, 0], [1, 2]]}))
+    shards = data_dir / "ssv2/shards"
+    for g in range(2):  # what a user would run: one subset per group, bytes copied, labels kept
+        assert shards_cli(["subset", str(shards / "train"), str(shards / f"train-g{g:02d}"), "--groups", str(groups),
+                           "--group", str(g)]) == 0
+    run = tmp_path / "tstl"
+    proc = subprocess.run(_cli("train", data_dir, run, f"tstl.groups={groups}", "tstl.expert_split=train-g{group:02d}",
+                               "tstl.selector.epochs=1", "tstl.expert.epochs=1"),
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = yaml.safe_load((run / "expert_00/config.yaml").read_text())
+    assert cfg["train_split"] == "train-g00" and cfg["data"]["labels"] == [3, 0]
+    metrics = [json.loads(line) for line in (run / "expert_00/metrics.jsonl").read_text().splitlines()]
+    assert len([m for m in metrics if "train/loss" in m]) == 3  # the 6 videos of classes 3 and 0, batch 2

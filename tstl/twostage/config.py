@@ -32,6 +32,10 @@ class TwoStageConfig:
     """Overrides of the run config for the stage-1 selector (e.g. ``{epochs: 10}``)."""
     expert: dict[str, Any] = field(default_factory=dict)
     """Overrides of the run config for every stage-2 expert."""
+    expert_split: str = ""
+    """Training shard set of expert ``g``: ``expert_split.format(group=g)`` under ``<data_dir>/<dataset>/shards/``,
+    e.g. ``train-g{group:02d}`` made with ``shard_tools subset --groups ... --group g`` (without ``--remap``).
+    Empty: every expert reads ``train_split`` and keeps its classes on the fly (no extra disk)."""
     soft_top_k: int = 2
     """Soft routing: the selector's top-k groups' experts are weighted by its renormalised probabilities."""
     baseline: str = ""
@@ -40,6 +44,8 @@ class TwoStageConfig:
     def __post_init__(self) -> None:
         if self.num_groups < 0 or self.soft_top_k < 1:
             raise ValueError("num_groups must be >= 0 and soft_top_k >= 1")
+        if self.expert_split and "{group" not in self.expert_split:
+            raise ValueError(f"expert_split must contain {{group}} (one shard set per group), got {self.expert_split!r}")
 
 
 @dataclass

@@ -74,4 +74,7 @@ def expert_config(cfg: TSTLConfig, groups: ClassGroups, group: int, trunk: Path 
     members = [int(c) for c in groups.groups[group]]
     data = {"labels": members, "remap_labels": True}
     model = {"num_classes": len(members), "head_rows": members}
-    return _stage(cfg, "expert", expert_dir(cfg.out_dir, group), data, model, trunk)
+    stage = _stage(cfg, "expert", expert_dir(cfg.out_dir, group), data, model, trunk)
+    if cfg.tstl.expert_split:  # a per-group subset: still filtered by label, which keeps every sample of it
+        stage = with_overrides(stage, {"train_split": cfg.tstl.expert_split.format(group=group)}, "tstl.expert_split")
+    return stage
