@@ -97,6 +97,13 @@ def test_two_ranks_through_the_deepspeed_launcher(data_dir: Path, tmp_path: Path
         marker = json.loads(next((run / stage / "checkpoints").glob("*/complete.json")).read_text())
         assert marker["world_size"] == 2, stage
     assert read_expert(run / "expert_01/expert.pt")["extra"]["classes"] == [2, 3]
+    ev = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port(),
+          "--module", *_cli("eval", data_dir, run)[2:]]
+    proc = subprocess.run(ev, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "eval/metrics.json").read_text())
+    assert summary["videos"] == 4 and summary["views"] == 16  # each rank's share merged on rank 0, padding dropped
+    assert summary["forwards"]["views_run"] >= 16
 
 
 def test_experts_can_read_per_group_subsets(data_dir: Path, tmp_path: Path) -> None:

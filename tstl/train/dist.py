@@ -58,6 +58,15 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0, in rank order; None on the other ranks (for results only rank 0 writes)."""
+    if not dist.is_initialized() or world() == 1:
+        return [obj]
+    out: list[Any] | None = [None] * world() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def any_true(flag: bool, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any rank (so all ranks take the same branch)."""
     if not dist.is_initialized() or world() == 1:

@@ -171,7 +171,7 @@ def _field(per_rank: list[dict], name: str, label_of=lambda y: y) -> tuple[dict,
 
 
 def summarize(per_rank: list[dict], tallies: list[Tally], groups: ClassGroups, top_k: int) -> dict:
-    """Metrics of every field on the merged views (run on every rank; cheap)."""
+    """Metrics of every field on the merged views of all ranks (on rank 0)."""
     c2g = groups.class_to_group
     results: dict[str, EvalResult] = {}
     for name in ("hard", "soft", "oracle", "baseline"):
@@ -186,7 +186,7 @@ def summarize(per_rank: list[dict], tallies: list[Tally], groups: ClassGroups, t
         correct = int(np.trace(oracle.confusion[np.ix_(members, members)]))
         expert_acc.append({"group": g, "classes": list(members), "videos": videos,
                            "accuracy": correct / videos if videos else None})
-    views = sum(t.views for t in tallies)
+    views = len({kv for part in per_rank for kv in part})  # distinct (video, view) pairs: ranks' padding repeats
     routed = np.sum([t.routed for t in tallies], axis=0)
     hard = np.sum([t.hard for t in tallies], axis=0)
     summary = {
@@ -195,7 +195,7 @@ def summarize(per_rank: list[dict], tallies: list[Tally], groups: ClassGroups, t
         "methods": {name: {**r.summary(), "forwards_per_view": _cost(name, top_k, groups.num_groups)}
                     for name, r in results.items()},
         "experts": expert_acc,
-        "forwards": {"selector": sum(t.selector for t in tallies), "routed_experts": routed.tolist(),
+        "forwards": {"views_run": sum(t.views for t in tallies), "selector": sum(t.selector for t in tallies), "routed_experts": routed.tolist(),
                      "hard_routed": hard.tolist(),
                      "oracle_extra": sum(t.oracle_extra for t in tallies),
                      "baseline": sum(t.baseline for t in tallies)},
@@ -243,7 +243,8 @@ def write_report(res: dict, out: Path, classes: list[str] | None, title: str, no
 
 
 def evaluate_routed(models: RoutedModels, batches: Iterable[dict], device: torch.device, top_k: int,
-                    dtype: torch.dtype = torch.float32, baseline: nn.Module | None = None) -> dict:
-    """Predict on this rank's share, gather every rank's, summarise (all ranks)."""
+                    dtype: torch.dtype = torch.float32, baseline: nn.Module | None = None) -> dict | None:
+    """Predict on this rank's share; rank 0 gathers every rank's and returns the summary (None on other ranks)."""
     local, tally = predict_routed(models, batches, device, top_k, dtype, baseline)
-    return summarize(dist.all_gather_objects(local), dist.all_gather_objects(tally), models.groups, top_k)
+    parts, tallies = dist.gather_objects(local), dist.gather_objects(tally)
+    return summarize(parts, tallies, models.groups, top_k) if parts is not None else None
