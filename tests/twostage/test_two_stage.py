@@ -124,3 +124,25 @@ def test_experts_can_read_per_group_subsets(data_dir: Path, tmp_path: Path) -> N
     assert cfg["train_split"] == "train-g00" and cfg["data"]["labels"] == [3, 0]
     metrics = [json.loads(line) for line in (run / "expert_00/metrics.jsonl").read_text().splitlines()]
     assert len([m for m in metrics if "train/loss" in m]) == 3  # the 6 videos of classes 3 and 0, batch 2
+
+
+def test_eval_of_released_tstl_checkpoints(data_dir: Path, tmp_path: Path) -> None:
+    """TSTL's released files: a CAST-layout selector over groups and CAST-layout experts over all classes."""
+    torch.manual_seed(0)
+    torch.save({"model": create_model("bcast_test", num_classes=2).state_dict()}, tmp_path / "selector.pth")
+    experts = []
+    for g in range(2):
+        experts.append(tmp_path / f"expert-{g}.pth")
+        torch.save({"module": create_model("bcast_test", num_classes=4).state_dict()}, experts[-1])
+    groups = tmp_path / "class_grouping.json"  # TSTL's own format
+    groups.write_text(json.dumps({"class_to_head": {"0": 0, "1": 0, "2": 1, "3": 1},
+                                  "head_to_classes": {"0": [0, 1], "1": [2, 3]},
+                                  "head_to_local": {"0": {"0": 0, "1": 1}, "1": {"2": 0, "3": 1}},
+                                  "num_heads": 2, "num_classes": 4}))
+    run = tmp_path / "released"
+    cmd = _cli("eval", data_dir, run) + ["--selector", str(tmp_path / "selector.pth"), "--experts",
+                                         *map(str, experts), f"tstl.groups={groups}"]  # an override after --experts
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "eval/metrics.json").read_text())
+    assert summary["videos"] == 4 and summary["num_groups"] == 2 and "baseline" not in summary["methods"]

@@ -60,7 +60,9 @@ def _eval(args: argparse.Namespace) -> int:
     from tstl.twostage.evaluate import evaluate_routed, load_released, load_run, write_report
     from tstl.twostage.train import resolve_groups
 
-    cfg = _config(args.config, args.overrides)
+    # key=value words typed after --experts are overrides, not checkpoint paths
+    experts = [p for p in args.experts or [] if "=" not in str(p)]
+    cfg = _config(args.config, args.overrides + [str(p) for p in args.experts or [] if "=" in str(p)])
     device = dist.init()
     out = Path(cfg.out_dir)
     pinned = out / "groups.json"
@@ -69,7 +71,7 @@ def _eval(args: argparse.Namespace) -> int:
     else:  # a group file must match the run's; released checkpoints need one
         groups = resolve_groups(cfg)
     if args.selector:
-        models = load_released(cfg.model.name, args.selector, args.experts or [], groups, **cfg.model.kwargs)
+        models = load_released(cfg.model.name, args.selector, experts, groups, **cfg.model.kwargs)
     else:
         models = load_run(out, groups)
     loader = build_eval_loader(cfg.data, shard_dir(cfg, cfg.val_split), rank=dist.rank(), world_size=dist.world())
