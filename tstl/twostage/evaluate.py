@@ -30,7 +30,7 @@ from tstl.train.evaluate import EvalResult, merge, metrics, save_report
 from tstl.twostage.experts import load_expert, read_expert
 from tstl.twostage.groups import ClassGroups
 from tstl.twostage.plan import expert_file, selector_file
-from tstl.twostage.routing import expert_columns, route
+from tstl.twostage.routing import RoutedOutput, expert_columns, route
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Tally:
     """B-CAST forwards run by this evaluation, per kind."""
 
     views: int = 0
-    selector: int = 0
+    """Views run (each one selector forward), the loader's padding repeats included."""
     routed: list[int] = field(default_factory=list)
     """Views each expert ran on (the soft top-k routing, which includes the hard one)."""
     hard: list[int] = field(default_factory=list)
@@ -120,7 +120,7 @@ class Tally:
     baseline: int = 0
 
 
-def _oracle(x: torch.Tensor, out, true_group: torch.Tensor, models: RoutedModels, tally: Tally) -> torch.Tensor:
+def _oracle(x: torch.Tensor, out: RoutedOutput, true_group: torch.Tensor, models: RoutedModels, tally: Tally) -> torch.Tensor:
     """Each view's true-group expert in global class space, reusing the routed outputs where possible."""
     hit = out.groups == true_group.unsqueeze(1)  # [B, k]
     oracle = (out.slot_probs * hit.unsqueeze(-1)).sum(1)
@@ -154,7 +154,6 @@ def predict_routed(models: RoutedModels, batches: Iterable[dict], device: torch.
             fields["baseline"] = baseline(x).float().softmax(-1)
             tally.baseline += len(x)
         tally.views += len(x)
-        tally.selector += len(x)
         tally.routed = [a + b for a, b in zip(tally.routed, routed.expert_calls)]
         top = torch.bincount(routed.groups[:, 0], minlength=groups.num_groups).tolist()
         tally.hard = [a + b for a, b in zip(tally.hard, top)]
@@ -195,7 +194,7 @@ def summarize(per_rank: list[dict], tallies: list[Tally], groups: ClassGroups, t
         "methods": {name: {**r.summary(), "forwards_per_view": _cost(name, top_k, groups.num_groups)}
                     for name, r in results.items()},
         "experts": expert_acc,
-        "forwards": {"views_run": sum(t.views for t in tallies), "selector": sum(t.selector for t in tallies), "routed_experts": routed.tolist(),
+        "forwards": {"views_run": sum(t.views for t in tallies), "selector": sum(t.views for t in tallies), "routed_experts": routed.tolist(),
                      "hard_routed": hard.tolist(),
                      "oracle_extra": sum(t.oracle_extra for t in tallies),
                      "baseline": sum(t.baseline for t in tallies)},
