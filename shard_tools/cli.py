@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("out", type=Path)
     g = sb.add_mutually_exclusive_group(required=True)
     g.add_argument("--classes", help="comma-separated class ids")
-    g.add_argument("--groups", type=Path, help="class-group map (TSTL class_grouping.json or {\"groups\": ...})")
+    g.add_argument("--groups", type=Path, help="class-group file (TSTL class_grouping.json or ours, see docs/tstl.md)")
     sb.add_argument("--group", type=int, default=0, help="which group of --groups (default 0)")
     sb.add_argument("--remap", action="store_true", help="relabel to group-local ids 0..k-1")
     sb.add_argument("--max-samples", type=int, help="videos per shard")
