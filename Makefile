@@ -68,7 +68,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[train]'
-	$(PY) -c "import tstl.env; tstl.env.check()"
+	$(PY) -c "import tstl.core.env; tstl.core.env.check()"
 	touch $(STAMP)
 
 test: setup  ## run the test suite
@@ -130,11 +130,11 @@ demo-tstl: setup  ## TSTL on the demo data (runs `make demo` first if needed): g
 	@cat $(RUNS_DIR)/demo-tstl/eval/report.md
 
 bench: setup  ## benchmarks; figures go to docs/benchmarks.md
-	$(PY) -m pipeline.bench --out docs/benchmarks.md
-	$(PY) -m tstl.data.bench --out docs/benchmarks.md --videos $(BENCH_VIDEOS)
-	$(PY) -m tstl.models.bench_bcast --out docs/benchmarks.md
-	$(PY) -m tstl.models.bench_timesformer --out docs/benchmarks.md
-	$(PY) -m tstl.twostage.bench --out docs/benchmarks.md
+	$(PY) -m benchmarks.transcode --out docs/benchmarks.md
+	$(PY) -m benchmarks.loader --out docs/benchmarks.md --videos $(BENCH_VIDEOS)
+	$(PY) -m benchmarks.bcast --out docs/benchmarks.md
+	$(PY) -m benchmarks.timesformer --out docs/benchmarks.md
+	$(PY) -m benchmarks.tstl_routing --out docs/benchmarks.md
 
 clean-demo:  ## remove the demo data and run
 	rm -rf $(DATA_DIR)/raw $(DATA_DIR)/ssv2 $(DATA_DIR)/ucf101 $(RUNS_DIR)/demo $(RUNS_DIR)/demo-tstl $(RUNS_DIR)/demo-tstl-groups.json

@@ -35,7 +35,7 @@ import ffmpeg
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.ffmpeg_bin import ffmpeg_exe
+from tstl.core.ffmpeg import ffmpeg_exe
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ def generate(cfg: SynthConfig, out: Path, datasets: tuple[str, ...] = ("ssv2", "
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tstl.log import init_logging
+    from tstl.core.log import init_logging
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m pipeline.synthetic")
     p.add_argument("--out", type=Path, required=True, help="folder to write ssv2/ and ucf101/ into")

@@ -22,7 +22,7 @@ from pathlib import Path
 import av
 import ffmpeg
 
-from pipeline.ffmpeg_bin import ffmpeg_exe
+from tstl.core.ffmpeg import ffmpeg_exe
 from pipeline.runner import Item
 
 # Bump when the command line changes in a way that changes outputs: every video is then redone.

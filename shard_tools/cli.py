@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tstl.log import init_logging
+    from tstl.core.log import init_logging
 
     args = build_parser().parse_args(argv)
     init_logging()

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from tstl.config import ConfigError, dump_yaml, load_config, parse_overrides, to_dict
+from tstl.core.config import ConfigError, dump_yaml, load_config, parse_overrides, to_dict
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Callable
 import pytest
 import webdataset as wds
 
-from pipeline.ffmpeg_bin import ffmpeg_exe
+from tstl.core.ffmpeg import ffmpeg_exe
 
 NUM_CLASSES = 5
 

@@ -9,7 +9,7 @@ from einops import rearrange
 
 from tstl.models import create_model
 from tstl.models.bcast import BCAST, flops_per_view
-from tstl.models.reference_bcast import reference_forward
+from benchmarks.reference.bcast import reference_forward
 
 TINY = dict(depth=2, num_heads=4, patch_size=8)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tstl.models import create_model, load_checkpoint
-from tstl.models.reference_timesformer import reference_forward
+from benchmarks.reference.timesformer import reference_forward
 from tstl.models.timesformer import ATTENTION_TYPES, TimeSformer
 
 import timm  # noqa: E402  (after tstl.models, which installs the torchvision shim)

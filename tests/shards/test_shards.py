@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.ffmpeg_bin import ffmpeg_exe
+from tstl.core.ffmpeg import ffmpeg_exe
 from shard_tools import shardset
 from shard_tools.build import BuildOptions, build_dataset, read_csv
 from shard_tools.cli import main as cli_main

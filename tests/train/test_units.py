@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tstl.config import ConfigError, load_config
+from tstl.core.config import ConfigError, load_config
 from tstl.models import create_model
 from tstl.train.config import EngineConfig, OptimConfig, TrainConfig
 from tstl.train.engine import BatchPlan, deepspeed_config, lr_factor, param_groups

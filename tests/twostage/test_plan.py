@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tstl.config import ConfigError, load_config
+from tstl.core.config import ConfigError, load_config
 from tstl.twostage.config import TSTLConfig
 from tstl.twostage.groups import ClassGroups
 from tstl.twostage.plan import expert_config, expert_file, pending_experts, selector_config

@@ -3,9 +3,9 @@
 ``build_train_loader`` and ``build_eval_loader`` are the entry points; see ``docs/loader.md``.
 """
 
-from tstl import _torchvision_shim
+from tstl.core import torchvision_shim
 
-_torchvision_shim.install()
+torchvision_shim.install()
 
 from tstl.data.config import DataConfig  # noqa: E402
 from tstl.data.loader import BadSampleRateError, ShardLoader, build_eval_loader, build_train_loader  # noqa: E402

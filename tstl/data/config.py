@@ -11,7 +11,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class DataConfig:
-    """Frame sampling, augmentation and batching of one dataset (loaded with ``tstl.config.load_config``)."""
+    """Frame sampling, augmentation and batching of one dataset (loaded with ``tstl.core.config.load_config``)."""
 
     num_frames: int = 16
     """Frames per clip (T)."""

@@ -4,9 +4,9 @@
 supported checkpoint format into it. Importing this package registers all families.
 """
 
-from tstl import _torchvision_shim
+from tstl.core import torchvision_shim
 
-_torchvision_shim.install()
+torchvision_shim.install()
 
 from tstl.models.registry import create_model, list_models, register_model  # noqa: E402
 from tstl.models.checkpoint import LoadReport, load_checkpoint  # noqa: E402

@@ -1,5 +1,5 @@
 """DeepSpeed training and multi-view evaluation: ``python -m tstl.train.cli {train,eval,report}``."""
 
-from tstl import _torchvision_shim
+from tstl.core import torchvision_shim
 
-_torchvision_shim.install()
+torchvision_shim.install()

@@ -12,8 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-from tstl.config import ConfigError, load_cli_config
-from tstl.log import init_logging
+from tstl.core.config import ConfigError, load_cli_config
+from tstl.core.log import init_logging
 
 logger = logging.getLogger("tstl.train")
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 from tqdm import tqdm
 
-from tstl.config import dump_yaml, to_dict
+from tstl.core.config import dump_yaml, to_dict
 from tstl.data import build_eval_loader, build_train_loader
 from tstl.models import create_model, load_checkpoint
 from tstl.train import dist, engine as eng

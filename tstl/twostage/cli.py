@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tstl.config import ConfigError, load_cli_config, load_config
-from tstl.log import init_logging
+from tstl.core.config import ConfigError, load_cli_config, load_config
+from tstl.core.log import init_logging
 from tstl.twostage.groups import GroupFileError, balanced_groups, confusion_groups, load_groups, save_groups
 
 logger = logging.getLogger("tstl.twostage")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tstl.config import ConfigError, from_dict, merge, to_dict
+from tstl.core.config import ConfigError, from_dict, merge, to_dict
 from tstl.train.config import TrainConfig
 
 

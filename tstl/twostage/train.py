@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tstl.config import ConfigError
+from tstl.core.config import ConfigError
 from tstl.data.sources import resolve
 from tstl.models import create_model
 from tstl.train import dist

@@ -7,7 +7,7 @@ All three read the same SSV2-like videos (428x240 H.264, 12 fps, 4 s) with 16-fr
   and augments the CAST/VideoMAE way (RandAugment on native-size frames, normalise, then crop and resize);
 * ``decode-only``: decord on the same bytes and frame indices, nothing else, in one process.
 
-Run: ``python -m tstl.data.bench --out docs/benchmarks.md [--videos 64] [--workers 1]``.
+Run: ``python -m benchmarks.loader --out docs/benchmarks.md [--videos 64] [--workers 1]``.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.ffmpeg_bin import ffmpeg_exe
-from tstl.benchreport import update_section
+from tstl.core.ffmpeg import ffmpeg_exe
+from benchmarks.report import update_section
 from tstl.data import DataConfig, build_train_loader, sampling
 from tstl.data.transforms import TrainClipTransform, normalize, seeded
-from tstl.log import init_logging
+from tstl.core.log import init_logging
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def run(num_videos: int, workers: int) -> str:
     total = sum(parts.values())
     w = max(1, workers)
     rows = "\n".join(f"| {k} | {v:.1f} | {100 * v / total:.0f} % |" for k, v in parts.items())
-    return f"""## Loader (`python -m tstl.data.bench --videos {num_videos} --workers {workers}`)
+    return f"""## Loader (`python -m benchmarks.loader --videos {num_videos} --workers {workers}`)
 
 {num_videos} SSV2-like videos (428x240 H.264 veryfast crf 23, 12 fps, {FRAMES} frames), training clips of 16
 frames at 224 px, segment sampling, full augmentation (random resized crop, RandAugment m7 n4, random erasing

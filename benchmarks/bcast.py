@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tstl.benchreport import update_section
+from benchmarks.report import update_section
 from tstl.models import create_model
-from tstl.models.reference_bcast import reference_forward
+from benchmarks.reference.bcast import reference_forward
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def run(model_name: str, batch: int, steps: int) -> dict:
 
 
 def markdown(r: dict) -> str:
-    return f"""## B-CAST training step (`python -m tstl.models.bench_bcast`)
+    return f"""## B-CAST training step (`python -m benchmarks.bcast`)
 
 `{r['model']}`, batch {r['batch']} x {r['frames']} x {r['size']}^2, forward + backward (trainable parameters only),
 CPU ({platform.machine()}, {os.cpu_count()} cores, {r['threads']} torch threads), float32, mean of {r['steps']} steps each,
@@ -81,9 +81,9 @@ No GPU was available for this run, so bf16 clips/s, peak memory and MFU on a GPU
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tstl.log import init_logging
+    from tstl.core.log import init_logging
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m tstl.models.bench_bcast")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m benchmarks.bcast")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     p.add_argument("--model", default="bcast_vit_b16", help="registered B-CAST variant (bcast_test for a quick run)")
     p.add_argument("--batch", type=int, default=2)

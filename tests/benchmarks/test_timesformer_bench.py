@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tstl.models import bench_timesformer
+from benchmarks import timesformer as bench_timesformer
 
 
 def test_bench_writes_its_section(tmp_path) -> None:

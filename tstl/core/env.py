@@ -11,17 +11,17 @@ logger = logging.getLogger(__name__)
 
 def check() -> None:
     """Import the stack (torch, timm, decord, webdataset, DeepSpeed, ...) and report versions; raise on failure."""
-    from tstl.log import init_logging
+    from tstl.core.log import init_logging
 
     init_logging()
-    from tstl import _torchvision_shim
+    from tstl.core import torchvision_shim
 
-    _torchvision_shim.install()
+    torchvision_shim.install()
     versions = {}
     for name in ("torch", "torchvision", "timm", "decord", "webdataset", "av", "pyarrow", "einops", "deepspeed"):
         mod = importlib.import_module(name)
         versions[name] = getattr(mod, "__version__", "?")
-    from pipeline.ffmpeg_bin import ffmpeg_exe
+    from tstl.core.ffmpeg import ffmpeg_exe
 
     versions["ffmpeg"] = ffmpeg_exe()
     if shutil.which("g++") is None:

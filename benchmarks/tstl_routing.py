@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from tstl.benchreport import update_section
-from tstl.log import init_logging
+from benchmarks.report import update_section
+from tstl.core.log import init_logging
 from tstl.models import create_model
 from tstl.models.bcast import flops_per_view
 from tstl.twostage.experts import share_frozen
@@ -75,7 +75,7 @@ def run(model: str, num_classes: int, num_groups: int, batch: int, repeats: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m tstl.twostage.bench --out docs/benchmarks.md``."""
+    """CLI: ``python -m benchmarks.tstl_routing --out docs/benchmarks.md``."""
     init_logging()
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default="docs/benchmarks.md", help="report file (section 'tstl-routing')")

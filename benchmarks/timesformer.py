@@ -5,8 +5,8 @@ Writes the "timesformer" section of docs/benchmarks.md. Defaults are the issue's
 8x224, batch 2, CPU, float32); ``--frames/--img-size/--depth`` shrink it for a quick run. On CUDA the step runs
 under bf16 autocast and the section also gives peak memory and model FLOP utilisation (``--peak-tflops``).
 
-    python -m tstl.models.bench_timesformer --out docs/benchmarks.md
-    python -m tstl.models.bench_timesformer --out /tmp/b.md --frames 4 --img-size 64 --depth 2   # seconds
+    python -m benchmarks.timesformer --out docs/benchmarks.md
+    python -m benchmarks.timesformer --out /tmp/b.md --frames 4 --img-size 64 --depth 2   # seconds
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from tstl.benchreport import update_section
-from tstl.log import init_logging
+from benchmarks.report import update_section
+from tstl.core.log import init_logging
 from tstl.models import create_model
-from tstl.models.reference_timesformer import reference_forward
+from benchmarks.reference.timesformer import reference_forward
 from tstl.models.timesformer import TimeSformer
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def render(results: list[StepResult], info: dict, args: argparse.Namespace) -> s
         f"Divided space-time attention, {args.frames}x{args.img_size}, batch {args.batch}, depth {args.depth}, "
         f"{info['params'] / 1e6:.2f} M parameters, {precision}, {dev}. Forward + cross-entropy + backward, "
         f"median of {args.repeats} steps after one warm-up, the two implementations alternating step by step; both implementations share the same parameters and "
-        "clip (`python -m tstl.models.bench_timesformer`).",
+        "clip (`python -m benchmarks.timesformer`).",
         "",
         "| implementation | step (s), median | fastest step (s) | clips/s |"
         + (" peak memory (MiB) | MFU |" if "flops" in info else ""),

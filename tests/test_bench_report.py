@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from tstl.benchreport import update_section
+from benchmarks.report import update_section
 
 
 def test_sections_are_replaced_in_place_and_others_kept(tmp_path: Path) -> None:

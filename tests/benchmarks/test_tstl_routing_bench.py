@@ -1,4 +1,4 @@
-from tstl.twostage.bench import main
+from benchmarks.tstl_routing import main
 
 
 def test_bench_writes_section(tmp_path):

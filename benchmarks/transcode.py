@@ -22,7 +22,7 @@ from pipeline.prepare import PrepareOptions, prepare_ssv2
 from pipeline.ssv2 import read_annotations, video_dir
 from pipeline.synthetic import SynthConfig, generate
 from pipeline.transcode import TranscodeParams, build_command, ffmpeg_version
-from tstl.benchreport import update_section
+from benchmarks.report import update_section
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def run(videos_per_class: int, jobs: int, work: Path) -> dict:
 
 def markdown(r: dict) -> str:
     ratio = r["direct_s"] / r["stage_s"]
-    return f"""## Transcode stage (`python -m pipeline.bench`)
+    return f"""## Transcode stage (`python -m benchmarks.transcode`)
 
 {r['videos']} synthetic SSV2-style VP9 clips (1.5-3 s, 240 px high) -> H.264 240p, {r['jobs']} parallel jobs,
 {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {ffmpeg_version()[:40]}.
@@ -80,9 +80,9 @@ Throughput ratio stage / plain ffmpeg: **{ratio:.3f}** (target >= 0.95).
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tstl.log import init_logging
+    from tstl.core.log import init_logging
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m pipeline.bench")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m benchmarks.transcode")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="report to update")
     p.add_argument("--videos-per-class", type=int, default=125, help="8 classes x this many videos (default 1,000)")
     p.add_argument("--jobs", type=int, default=os.cpu_count())
