@@ -87,3 +87,24 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
     dump_yaml(cfg, tmp_path / "resolved.yaml")
     again = load_config(Top, [tmp_path / "resolved.yaml"])
     assert to_dict(again) == to_dict(cfg)
+
+
+def test_describe_keys_lists_every_nested_key_with_type_default_and_docstring():
+    from tstl.core.config import describe_keys, format_keys
+    from tstl.train.config import TrainConfig
+
+    keys = {k.key: k for k in describe_keys(TrainConfig)}
+    # every leaf of a default config is listed, nested sections as dotted keys
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and k not in ("kwargs",):
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+    from tstl.core.config import to_dict
+    assert set(leaves(to_dict(TrainConfig()))) == set(keys)
+    assert keys["data.sampling"].type == "segment|dense"
+    assert keys["data.test_views"].type == "[int, int]" and keys["data.test_views"].default == [2, 3]
+    assert keys["data.num_frames"].doc == "Frames per clip (T)."
+    text = format_keys(TrainConfig)
+    assert "optim.lr: float = 0.001" in text and "    Peak learning rate" in text

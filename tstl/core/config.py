@@ -29,7 +29,8 @@ import yaml
 T = TypeVar("T")
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
-__all__ = ["ConfigError", "load_config", "load_cli_config", "from_dict", "to_dict", "parse_overrides", "merge", "dump_yaml"]
+__all__ = ["ConfigError", "load_config", "load_cli_config", "from_dict", "to_dict", "parse_overrides", "merge", "dump_yaml",
+           "KeyInfo", "describe_keys", "format_keys"]
 
 
 class ConfigError(ValueError):
@@ -214,3 +215,86 @@ def dump_yaml(obj: Any, path: str | Path | None = None) -> str:
     if path is not None:
         Path(path).write_text(text)
     return text
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyInfo:
+    """One config key as ``describe_keys`` lists it."""
+
+    key: str
+    type: str
+    default: Any
+    doc: str
+
+
+def type_text(tp: Any) -> str:
+    """A type annotation as a user reads it: ``segment|dense``, ``list[int]``, ``[float, float]``, ``str or null``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else type_text(a) for a in args)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return "[" + ", ".join(type_text(a) for a in args) + "]"
+    if origin in (list, tuple, Sequence) and args:
+        return f"list[{type_text(args[0])}]"
+    if origin in (dict, Mapping) and len(args) == 2:
+        return f"mapping of {type_text(args[1])}"
+    return {Path: "path", typing.Any: "any"}.get(tp, _type_name(tp))
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (a string literal right after a field) of ``cls`` and its dataclass bases."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):  # no source (e.g. a frozen app): keys are still listed, without docs
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe_keys(cls: type, prefix: str = "") -> list[KeyInfo]:
+    """Every key of config dataclass ``cls`` (nested sections flattened to dotted keys) with its type, default
+    and docstring, in declaration order: what ``--help-config`` prints."""
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    out: list[KeyInfo] = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += describe_keys(tp, prefix=f"{key}.")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        out.append(KeyInfo(key, type_text(tp), to_dict(default), docs.get(f.name, "")))
+    return out
+
+
+def format_keys(cls: type) -> str:
+    """``describe_keys`` as text: one block per key (``key: type = default`` then the wrapped docstring)."""
+    import textwrap
+
+    lines = []
+    for k in describe_keys(cls):
+        default = yaml.safe_dump(k.default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+        lines.append(f"{k.key}: {k.type} = {default}")
+        if k.doc:
+            lines += textwrap.wrap(k.doc, width=100, initial_indent="    ", subsequent_indent="    ")
+    return "\n".join(lines)
