@@ -34,14 +34,14 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import torch
 
 from tstl.models.contract import Conversion, VideoClassifier
 
-__all__ = ["Conversion", "LoadReport", "SAFE_GLOBALS", "StateDictAdapter", "TRUSTED_ENV", "UntrustedCheckpointError",
+__all__ = ["SAFE_GLOBALS", "TRUSTED_ENV", "Conversion", "LoadReport", "StateDictAdapter", "UntrustedCheckpointError",
            "is_trusted", "load_checkpoint", "read_checkpoint"]
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ _WRAPPER_KEYS = ("model_state", "module", "model", "state_dict")
 # Globals a weights-only load may construct beyond torch's own (tensors, dtypes, torch.Size, OrderedDict, set):
 # the run's argparse.Namespace, which CAST's, TSTL's and VideoMAE's save_model store under "args".
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+
+_ALLOWED = tuple(f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS)
 
 TRUSTED_ENV = "TSTL_TRUSTED_CHECKPOINTS"
 
@@ -122,10 +124,9 @@ def is_trusted(path: str | os.PathLike, trusted: Trust = False) -> str | None:
 
 def _foreign_globals(path: str, error: Exception) -> list[str]:
     """The globals outside the allow-list that ``path``'s pickle names (torch's error names only the first)."""
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
     try:
-        names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
-    except Exception:  # legacy (non-zip) files: take the one torch names
+        names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in _ALLOWED]
+    except Exception:  # noqa: BLE001  (legacy non-zip files: take the one global torch's error names)
         names = []
     if not names:
         names = re.findall(r"GLOBAL (\S+) was not an allowed global", str(error))
@@ -147,7 +148,7 @@ def _torch_load(path: str, trusted: Trust) -> object:
                     else f"is refused by the weights-only unpickler ({str(e).strip().splitlines()[-1][:300]})")
             raise UntrustedCheckpointError(
                 f"{path}: refused: its pickle {what}, which is not in the allow-list of plain types "
-                f"(torch tensors and containers, {', '.join(g.__qualname__ for g in SAFE_GLOBALS)}). Unpickling it "
+                f"(torch tensors and containers, {', '.join(_ALLOWED)}). Unpickling it "
                 f"can run arbitrary code. If you trust this file, pass trusted=True to read_checkpoint/"
                 f"load_checkpoint, list it in the run's trusted_checkpoints, or add it to ${TRUSTED_ENV}; better, "
                 f"re-save its weights with torch.save(state_dict).", path, names) from None

@@ -36,8 +36,9 @@ freezes is its own rule (B-CAST: the CLIP and VideoMAE experts; TimeSformer: non
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
