@@ -7,6 +7,7 @@ forward/backward runs on a reduced build of the same family and attention type (
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import pytest
@@ -41,17 +42,22 @@ def _n_params(model: nn.Module, trainable: bool | None = None) -> int:
     return sum(p.numel() for p in model.parameters() if trainable is None or p.requires_grad == trainable)
 
 
+@functools.lru_cache(maxsize=None)
+def _full_size(name: str) -> tuple[type, str | None, int]:
+    """Class, attention type and parameter count of the variant at full size (built once, on the meta device)."""
+    full = _meta(name)
+    return type(full), getattr(full, "attention_type", None), _n_params(full)
+
+
 def _reduced(name: str) -> VideoClassifier:
     """The variant itself when small, else the variant with ``REDUCED`` overrides its class accepts."""
-    full = _meta(name)
-    if _n_params(full) <= SMALL:
-        torch.manual_seed(0)
-        return create_model(name)
-    accepted = inspect.signature(type(full)).parameters
+    cls, attention_type, n_params = _full_size(name)
     torch.manual_seed(0)
+    if n_params <= SMALL:
+        return create_model(name)
+    accepted = inspect.signature(cls).parameters
     model = create_model(name, **{k: v for k, v in REDUCED.items() if k in accepted})
-    assert type(model) is type(full)
-    assert getattr(model, "attention_type", None) == getattr(full, "attention_type", None)
+    assert type(model) is cls and getattr(model, "attention_type", None) == attention_type
     return model
 
 
