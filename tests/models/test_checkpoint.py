@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from tstl.models import create_model, load_checkpoint
-from tstl.models.checkpoint import read_checkpoint
+from tstl.models.checkpoint import Conversion, read_checkpoint
 
 
 def _model() -> nn.Module:
@@ -146,15 +146,29 @@ def test_a_cast_checkpoint_of_other_classes_starts_a_new_head_only_when_asked(tm
     assert torch.equal(selector.head.weight, head)  # kept at its initialisation
     assert torch.equal(selector.state_dict()["blocks.0.clip_attn.in_proj_weight"],
                        src.state_dict()["blocks.0.clip_attn.in_proj_weight"])
-    expert = create_model("bcast_test", num_classes=2)  # a TSTL expert of classes [3, 1]
-    load_checkpoint(expert, tmp_path / "cast.pth", reinit_mismatched=("head.",), head_rows=[3, 1])
-    assert torch.equal(expert.head.weight, src.head.weight[[3, 1]]) and torch.equal(expert.head.bias, src.head.bias[[3, 1]])
-    other = create_model("bcast_test", num_classes=2)  # the checkpoint classifies another dataset (7 classes here)
-    head = other.head.weight.detach().clone()
-    load_checkpoint(other, tmp_path / "cast.pth", reinit_mismatched=("head.",), head_rows=[3, 1], head_rows_of=7)
-    assert torch.equal(other.head.weight, head)  # not taken from unrelated classes: a new head
-    with pytest.raises(ValueError, match="cannot take rows"):
-        load_checkpoint(create_model("bcast_test", num_classes=2), tmp_path / "cast.pth", head_rows=[3, 7])
+
+
+def test_adapters_edit_the_conversion_before_loading(tmp_path: Path) -> None:
+    src = _model()
+    src.load_state_dict(_reference_weights())
+    torch.save({"model": src.state_dict()}, tmp_path / "cast.pth")
+    seen = []
+
+    def first_rows(conv: Conversion, own: dict[str, torch.Tensor]) -> None:
+        """A trivial adapter: the checkpoint head's first rows, as many as the model has classes."""
+        seen.append((conv.format, tuple(own["head.weight"].shape)))
+        for k in ("head.weight", "head.bias"):
+            conv.state_dict[k] = conv.state_dict[k][: own[k].shape[0]]
+        conv.explained_unexpected["adapter.note"] = "checked by the test"
+
+    def noop(conv: Conversion, own: dict[str, torch.Tensor]) -> None:
+        seen.append("second")
+
+    model = create_model("bcast_test", num_classes=2)
+    report = load_checkpoint(model, tmp_path / "cast.pth", adapters=[first_rows, noop])
+    assert seen == [("cast", (2, 64)), "second"]  # called in order, with the model's own state dict
+    assert torch.equal(model.head.weight, src.head.weight[:2]) and torch.equal(model.head.bias, src.head.bias[:2])
+    assert report.explained["adapter.note"] == "checked by the test" and not report.unexplained
 
 
 def test_experts_then_cast_fill_the_whole_model(tmp_path: Path) -> None:

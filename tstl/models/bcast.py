@@ -32,7 +32,8 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch.utils.checkpoint import checkpoint
 
-from tstl.models.checkpoint import Conversion
+from tstl.models.contract import Conversion, VideoClassifier
+from tstl.models.layers import LayerNorm, build_variant
 from tstl.models.registry import register_model
 
 # A parameter is trained iff its name contains one of these (the reference's rule, minus patterns that match
@@ -41,16 +42,6 @@ TRAINABLE_PATTERNS = ("cross", "clip_time_pos", "vmae_time_pos", "Adapter", "ln_
 NO_WEIGHT_DECAY = ("clip_time_pos", "clip_space_pos", "vmae_space_pos", "vmae_time_pos")
 _CLIP_KEYS = re.compile(r"^(clip_|blocks\.\d+\.clip_)")
 _VMAE_KEYS = re.compile(r"^(patch_embed\.|blocks\.\d+\.(norm1|attn|norm2|mlp)\.)")
-
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm that computes in at least float32 and returns the input dtype (safe under bf16/fp16)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        w = self.weight.to(dtype) if self.weight is not None else None
-        b = self.bias.to(dtype) if self.bias is not None else None
-        return F.layer_norm(x.to(dtype), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):
@@ -249,8 +240,11 @@ def sinusoid_table(n: int, dim: int) -> torch.Tensor:
     return table.float()[None]
 
 
-class BCAST(nn.Module):
-    """B-CAST video classifier. Input ``[B, 3, T, H, W]`` (normalised), output logits ``[B, num_classes]``."""
+class BCAST(VideoClassifier):
+    """B-CAST video classifier. Input ``[B, 3, T, H, W]`` (normalised), output logits ``[B, num_classes]``.
+
+    ``num_classes=0`` builds no head (``forward`` returns the fused pooled features ``[B, embed_dim]``).
+    """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, num_frames: int = 16, num_classes: int = 400,
@@ -260,7 +254,7 @@ class BCAST(nn.Module):
         if num_frames % tubelet_size or img_size % patch_size:
             raise ValueError("num_frames must be a multiple of tubelet_size and img_size of patch_size")
         self.num_classes, self.num_frames, self.tubelet_size = num_classes, num_frames, tubelet_size
-        self.embed_dim, self.img_size = embed_dim, img_size
+        self.embed_dim, self.img_size, self.init_scale = embed_dim, img_size, init_scale
         self.clip_frames = num_frames // tubelet_size
         patches = (img_size // patch_size) ** 2
         self.clip_conv1 = nn.Conv2d(3, embed_dim, patch_size, patch_size, bias=False)
@@ -281,7 +275,7 @@ class BCAST(nn.Module):
         self.noun_last_Adapter = Adapter(embed_dim, adapter_ratio, skip=False)
         self.verb_last_Adapter = Adapter(embed_dim, adapter_ratio, skip=False)
         self.head_dropout = nn.Dropout(head_drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
         self._init_weights(init_scale)
         for name, p in self.named_parameters():
@@ -300,9 +294,10 @@ class BCAST(nn.Module):
                 nn.init.zeros_(m.bias)
         for a in (self.noun_last_Adapter, self.verb_last_Adapter):
             nn.init.zeros_(a.D_fc2.weight)
-        with torch.no_grad():
-            self.head.weight.mul_(init_scale)
-            self.head.bias.mul_(init_scale)
+        if isinstance(self.head, nn.Linear):
+            with torch.no_grad():
+                self.head.weight.mul_(init_scale)
+                self.head.bias.mul_(init_scale)
 
     # ------------------------------------------------------------------------------------------- forward
 
@@ -334,13 +329,23 @@ class BCAST(nn.Module):
         s, t = feats
         return self.head(self.head_dropout(self.noun_last_Adapter(s) + self.verb_last_Adapter(t)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     # ------------------------------------------------------------------------------------------- training helpers
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new head with ``num_classes`` outputs (0: none), initialised as the constructor's: truncated normal
+        (std 0.02) times ``init_scale``, zero bias; trainable, on the old head's device and dtype."""
+        old = next(self.head.parameters(), None)
+        kw = {"device": old.device, "dtype": old.dtype} if old is not None else {}
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes, **kw) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            init_weights_vit_timm(self.head, needs_reset=False)
+            with torch.no_grad():
+                self.head.weight.mul_(self.init_scale)
+                self.head.bias.mul_(self.init_scale)
 
     def no_weight_decay(self) -> set[str]:
         """Cross-attention position tables (biases and norms are excluded from decay by their shape)."""
@@ -352,10 +357,6 @@ class BCAST(nn.Module):
             "stem": r"^clip_conv1|^clip_class_embedding|^clip_positional_embedding|^clip_ln_pre|^patch_embed",
             "blocks": [(r"^blocks\.(\d+)", None), (r"^clip_ln_post|^vmae_fc_norm|^\w+_last_Adapter", (99999,))],
         }
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the trained parameters (what a TSTL expert checkpoint needs to store)."""
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
@@ -398,7 +399,7 @@ class BCAST(nn.Module):
     def _from_videomae(self, sd: dict[str, torch.Tensor]) -> Conversion:
         pretrain = any(k.startswith("encoder.") for k in sd)
         out, dropped = {}, {}
-        head = self.head.weight.shape
+        head = self.head.weight.shape if isinstance(self.head, nn.Linear) else None
         for k, v in sd.items():
             name = k.removeprefix("backbone.").removeprefix("encoder.")
             if k.startswith(("decoder.", "encoder_to_decoder", "mask_token")):
@@ -407,7 +408,8 @@ class BCAST(nn.Module):
                 dropped[k] = "VideoMAE's final norm: B-CAST keeps vmae_fc_norm at its own initialisation (as CAST)"
             elif name.startswith("head."):
                 # As CAST: a VideoMAE classifier of the right shape initialises the head, any other is dropped.
-                if name == "head.weight" and v.shape != head or name == "head.bias" and v.shape[0] != head[0]:
+                if (head is None or name == "head.weight" and v.shape != head
+                        or name == "head.bias" and v.shape[0] != head[0]):
                     dropped[k] = "VideoMAE head of another number of classes"
                 else:
                     out[name] = v
@@ -418,15 +420,12 @@ class BCAST(nn.Module):
         fmt = "videomae-pretrain" if pretrain else "videomae-finetune"
         missing = self._other_keys(_VMAE_KEYS, "not part of the VideoMAE expert")
         missing.update({k: "initialised (the VideoMAE head has another shape)" for k in ("head.weight", "head.bias")
-                        if k not in out})
+                        if k not in out and head is not None})
         return Conversion(out, fmt, missing, dropped)
 
 
 def _build(defaults: dict, **kwargs) -> BCAST:
-    unknown = set(kwargs) - set(BCAST.__init__.__code__.co_varnames)
-    if unknown:
-        raise TypeError(f"unknown B-CAST arguments: {sorted(unknown)}")
-    return BCAST(**{**defaults, **kwargs})
+    return build_variant(BCAST, "B-CAST", defaults, **kwargs)
 
 
 @register_model
@@ -447,14 +446,4 @@ def bcast_small_demo(**kwargs) -> BCAST:
     """Small B-CAST the CPU demo trains in minutes: 32 px, 4 px patches, 8 frames, width 64, depth 2."""
     return _build(dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_frames=8,
                        num_classes=8), **kwargs)
-
-
-def flops_per_view(model: BCAST) -> float:
-    """Multiply-accumulates of one forward view, counted with torch's FlopCounterMode (FLOPs / 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.zeros(1, 3, model.num_frames, model.img_size, model.img_size)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() / 2
 

@@ -1,15 +1,18 @@
-"""Name -> builder registry for model variants (the timm pattern, kept separate from timm's own namespace)."""
+"""Name -> builder registry for model variants (the timm pattern, kept separate from timm's own namespace).
+
+Every registered builder returns a ``VideoClassifier`` (``tstl.models.contract``); ``create_model`` checks it.
+"""
 
 from __future__ import annotations
 
 from typing import Callable
 
-import torch.nn as nn
+from tstl.models.contract import VideoClassifier
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_REGISTRY: dict[str, Callable[..., VideoClassifier]] = {}
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+def register_model(fn: Callable[..., VideoClassifier]) -> Callable[..., VideoClassifier]:
     """Decorator: register a variant builder under its function name."""
     if fn.__name__ in _REGISTRY:
         raise ValueError(f"model '{fn.__name__}' is registered twice")
@@ -21,10 +24,14 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
+def create_model(name: str, **kwargs) -> VideoClassifier:
     """Build the registered variant ``name``; keyword arguments override its architecture defaults."""
     try:
         builder = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown model '{name}'; registered: {', '.join(list_models())}") from None
-    return builder(**kwargs)
+    model = builder(**kwargs)
+    if not isinstance(model, VideoClassifier):
+        raise TypeError(f"model '{name}' ({builder.__module__}.{builder.__qualname__}) returned a "
+                        f"{type(model).__name__}, not a tstl.models.contract.VideoClassifier")
+    return model

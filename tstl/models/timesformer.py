@@ -26,7 +26,6 @@ Deliberate deviations (identical logits at inference up to rounding):
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any, Literal
 
@@ -38,22 +37,14 @@ from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch.utils.checkpoint import checkpoint
 
-from tstl.models.checkpoint import Conversion
+from tstl.models.contract import Conversion, VideoClassifier
+from tstl.models.layers import LayerNorm, build_variant
 from tstl.models.registry import register_model
 
 logger = logging.getLogger(__name__)
 
 AttentionType = Literal["divided_space_time", "joint_space_time", "space_only"]
 ATTENTION_TYPES: tuple[str, ...] = ("divided_space_time", "joint_space_time", "space_only")
-
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm that computes in at least float32 and returns the input dtype (safe under bf16/fp16)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype),
-                            self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -143,7 +134,7 @@ def resize_pos_embed_flat(pos_embed: torch.Tensor, num_patches: int) -> torch.Te
     return torch.cat((cls_pos, patch_pos), dim=1)
 
 
-class TimeSformer(nn.Module):
+class TimeSformer(VideoClassifier):
     """TimeSformer video classifier: ``model(x [B, 3, T, H, W]) -> logits [B, num_classes]``.
 
     Args:
@@ -242,8 +233,9 @@ class TimeSformer(nn.Module):
             cls = cls.view(b, t, -1).mean(dim=1)
         return self.norm(cls)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        """Logits from the final-normed cls token (the features themselves when ``num_classes == 0``)."""
+        return self.head(feats)
 
     # ------------------------------------------------------------------------------------------- training helpers
 
@@ -251,20 +243,20 @@ class TimeSformer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a freshly initialised one with ``num_classes`` outputs (0: no head)."""
+        """Replace the head by a freshly initialised one with ``num_classes`` outputs (0: no head), initialised as
+        the constructor's (truncated normal std 0.02, zero bias), on the old head's device and dtype."""
+        old = next(self.head.parameters(), None)
+        kw = {"device": old.device, "dtype": old.dtype} if old is not None else {}
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.embed_dim, num_classes, **kw) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass instead of keeping its activations."""
-        self.grad_checkpointing = enable
-
     def no_weight_decay(self) -> set[str]:
         """The embedding tables (mmaction2's choice; the reference recipe decays everything)."""
-        return {n for n in ("cls_token", "pos_embed", "time_embed") if hasattr(self, n)}
+        names = {n for n, _ in self.named_parameters()}
+        return {n for n in ("cls_token", "pos_embed", "time_embed") if n in names}
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """timm ViT's layer groups: embeddings = 0, block i = i + 1, the final norm with the last block; the
@@ -360,10 +352,7 @@ def _strip_prefix(key: str) -> str:
 
 
 def _build(defaults: dict, **kwargs) -> TimeSformer:
-    unknown = set(kwargs) - set(inspect.signature(TimeSformer).parameters)
-    if unknown:
-        raise TypeError(f"unknown TimeSformer arguments: {sorted(unknown)}")
-    return TimeSformer(**{**defaults, **kwargs})
+    return build_variant(TimeSformer, "TimeSformer", defaults, **kwargs)
 
 
 _VIT_B16 = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_frames=8, num_classes=400)
