@@ -238,8 +238,8 @@ def build_split(rows: list[tuple[str, int]], videos: Path, out: Path, *, dataset
         shards.save(stage.dir, ss)
         changed = stage.publish(rebuilt)
     logger.info("%s/%s: %d samples in %d shards (%d rebuilt, %d kept)%s, %d left out -> %s", dataset, split,
-                ss.num_samples, len(infos), len(rebuilt), len(infos) - len(rebuilt), "" if changed else ", already current",
-                len(ss.missing), out)
+                ss.num_samples, len(infos), len(rebuilt), len(infos) - len(rebuilt),
+                "" if changed else ", already current", len(ss.missing), out)
     return ss
 
 

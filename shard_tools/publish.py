@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Self
 
 from tstl.core import shards
 from tstl.core.faults import fault_point
@@ -85,7 +86,7 @@ class Staging:
         self.out = out
         self.dir = out.parent / f".{out.name}.tmp-{os.getpid()}"
 
-    def __enter__(self) -> "Staging":
+    def __enter__(self) -> Self:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._migrate()
         for p in stray(self.out):

@@ -10,8 +10,8 @@ import numpy as np
 
 from tstl.core.groups import OUR_FORMAT, ClassGroups, GroupFileError, load_groups, save_groups
 
-__all__ = ["OUR_FORMAT", "ClassGroups", "GroupFileError", "load_groups", "save_groups", "balanced_groups",
-           "confusion_groups"]
+__all__ = ["OUR_FORMAT", "ClassGroups", "GroupFileError", "balanced_groups", "confusion_groups", "load_groups",
+           "save_groups"]
 
 
 def balanced_groups(num_classes: int, num_groups: int) -> ClassGroups:
