@@ -34,6 +34,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from tstl.core import shards as shard_format
 from tstl.core.ffmpeg import ffmpeg_exe
 from benchmarks.report import update_section
 from tstl.data import DataConfig, build_train_loader, sampling
@@ -59,18 +60,22 @@ def make_videos(root: Path, n: int) -> list[Path]:
 
 
 def write_shards(paths: list[Path], out: Path, per_shard: int = 16) -> Path:
-    """A shard set in the documented format (with ``shards.json``) holding the videos."""
+    """A shard set in the documented format (``tstl.core.shards``) holding the videos."""
     out.mkdir(parents=True, exist_ok=True)
-    shards = []
+    infos = []
     for s in range(0, len(paths), per_shard):
         name = f"shard-{s // per_shard:06d}.tar"
+        hist: dict[int, int] = {}
         with wds.TarWriter(str(out / name), mtime=0) as w:
             for p in paths[s:s + per_shard]:
-                meta = {"id": p.stem, "label": int(p.stem) % 10, "frames": FRAMES, "fps": 12.0}
-                w.write({"__key__": p.stem, "mp4": p.read_bytes(), "cls": str(int(p.stem) % 10).encode(),
-                         "json": json.dumps(meta).encode()})
-        shards.append({"name": name, "samples": len(paths[s:s + per_shard])})
-    (out / "shards.json").write_text(json.dumps({"shards": shards, "num_classes": 10}))
+                label = int(p.stem) % 10
+                hist[label] = hist.get(label, 0) + 1
+                meta = {"id": p.stem, "label": label, "frames": FRAMES, "fps": 12.0}
+                w.write({"__key__": p.stem, shard_format.MP4: p.read_bytes(), shard_format.CLS: str(label).encode(),
+                         shard_format.JSON: json.dumps(meta).encode()})
+        infos.append(shard_format.ShardInfo(name, len(paths[s:s + per_shard]), (out / name).stat().st_size, "",
+                                      dict(sorted(hist.items()))))
+    shard_format.save(out, shard_format.ShardSet("bench", "train", [str(c) for c in range(10)], infos))
     return out
 
 

@@ -10,7 +10,9 @@ shards), and never more than 256 videos per shard. SSV2 train (168,913 videos) -
 (24,777) -> 97 shards; UCF101 train split 1 (9,537) -> 128 shards of 75; UCF101 test split 1 (3,783) -> 127 shards.
 
 A rerun re-plans the shards, keeps every existing shard whose plan (keys, labels, source sizes and mtimes) is
-unchanged and whose sha256 still matches the manifest, and rebuilds the others.
+unchanged and whose sha256 still matches the manifest, and rebuilds the others. The new set is written beside the
+old one and switched in with one atomic rename (``shard_tools.publish``): readers never see old metadata over new
+tars, and a build killed at any point leaves the previous set in place.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from shard_tools import shardset
-from shard_tools.shardset import ShardInfo, ShardSet
+from shard_tools.publish import Staging, link_or_copy
 from shard_tools.tario import sha256_file, write_tar
+from tstl.core import shards
+from tstl.core.faults import fault_point
+from tstl.core.shards import CLS, JSON, MP4, ShardInfo, ShardSet
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +159,8 @@ def _sample(r: Record) -> tuple[tuple[str, dict[str, bytes]] | None, str | None]
     if meta["frames"] == 0:
         return None, f"{r.rel}: no video frames"
     record = {"id": r.rel.rsplit(".", 1)[0], "label": r.label, "class_name": r.class_name, **meta, "source": r.rel}
-    return (r.key, {"cls": str(r.label).encode(), "json": json.dumps(record, sort_keys=True).encode(),
-                    "mp4": data}), None
+    assert set(record) == set(shards.SAMPLE_KEYS)
+    return (r.key, {CLS: str(r.label).encode(), JSON: json.dumps(record, sort_keys=True).encode(), MP4: data}), None
 
 
 def write_shard(path: Path, records: list[Record]) -> tuple[ShardInfo, list[str]]:
@@ -182,47 +186,60 @@ def _still_valid(path: Path, old: ShardInfo | None, phash: str, verify: bool) ->
     return not verify or sha256_file(path) == old.sha256
 
 
-def _build_one(args: tuple[Path, list[Record], ShardInfo | None, bool]) -> tuple[ShardInfo, list[str], bool]:
-    path, records, old, verify = args
-    if _still_valid(path, old, plan_hash(records), verify):
-        return old, [], False
-    info, bad = write_shard(path, records)
+Job = tuple[Path, list[Record], list[tuple[Path, ShardInfo]], bool]
+
+
+def _build_one(job: Job) -> tuple[ShardInfo, list[str], bool]:
+    """Write shard ``dest`` into the staging folder: a hard link to a still-valid old copy, else built anew."""
+    dest, records, candidates, verify = job
+    phash = plan_hash(records)
+    for path, old in candidates:
+        if _still_valid(path, old, phash, verify):
+            link_or_copy(path, dest)
+            fault_point("shards.reuse")
+            return old, [], False
+    info, bad = write_shard(dest, records)
     return info, bad, True
 
 
 def build_split(rows: list[tuple[str, int]], videos: Path, out: Path, *, dataset: str, split: str,
                 classes: list[str], shuffle: bool, opts: BuildOptions) -> ShardSet:
-    """Build (or bring up to date) the shard set of one split under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp-*"):
-        stale.unlink()  # left by a killed build (one builder per shard set at a time)
+    """Build (or bring up to date) the shard set of one split at ``out`` (switched in atomically)."""
     records, missing = _records(rows, videos, classes)
     for rel in missing:
         logger.warning("%s/%s: listed in the annotations but not found; left out (rerun the prepare stage)", videos, rel)
     plan = plan_shards(records, shuffle, opts)
     names = [f"shard-{i:06d}.tar" for i in range(len(plan))]
-    try:
-        previous = {s.name: s for s in shardset.load(out).shards}
-    except FileNotFoundError:
-        previous = {}
-    jobs = [(out / n, recs, previous.get(n), opts.verify_existing) for n, recs in zip(names, plan)]
-    infos, bad, rebuilt = [], [], 0
-    with ProcessPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
-        for info, errs, built in tqdm(pool.map(_build_one, jobs), total=len(jobs), desc=f"shards {dataset}/{split}",
-                                      unit="shard"):
-            infos.append(info)
-            bad.extend(errs)
-            rebuilt += built
-    for stale in set(p.name for p in out.glob("shard-*.tar")) - set(names):
-        (out / stale).unlink()  # left over from a larger plan
-    for err in bad:
-        logger.warning("%s", err)
-    ss = ShardSet(dataset, split, classes, infos, missing + bad,
-                  {"seed": opts.seed, "shuffled": shuffle, "samples_per_shard": opts.samples_per_shard(len(records)),
-                   "max_bytes": opts.max_bytes, "format_version": FORMAT_VERSION})
-    shardset.save(out, ss)
-    logger.info("%s/%s: %d samples in %d shards (%d rebuilt, %d kept), %d left out -> %s", dataset, split,
-                ss.num_samples, len(infos), rebuilt, len(infos) - rebuilt, len(ss.missing), out)
+    with Staging(out) as stage:
+        previous: dict[str, list[tuple[Path, ShardInfo]]] = {}
+        for src in stage.sources():  # the visible set last: its copy is tried first
+            for s in shards.load(src).shards:
+                previous.setdefault(s.name, []).insert(0, (src / s.name, s))
+        jobs = [(stage.dir / n, recs, previous.get(n, []), opts.verify_existing) for n, recs in zip(names, plan)]
+        infos, bad, rebuilt = [], [], []
+        # jobs=1 runs in this process: cheaper for small sets, and a kill takes the whole build
+        pool = ProcessPoolExecutor(max_workers=opts.jobs) if opts.jobs > 1 else None
+        try:
+            results = pool.map(_build_one, jobs) if pool else map(_build_one, jobs)
+            for info, errs, built in tqdm(results, total=len(jobs), desc=f"shards {dataset}/{split}", unit="shard"):
+                infos.append(info)
+                bad.extend(errs)
+                if built:
+                    rebuilt.append(info.name)
+        finally:
+            if pool:
+                pool.shutdown()
+        for err in bad:
+            logger.warning("%s", err)
+        ss = ShardSet(dataset, split, classes, infos, missing + bad,
+                      {"seed": opts.seed, "shuffled": shuffle,
+                       "samples_per_shard": opts.samples_per_shard(len(records)), "max_bytes": opts.max_bytes,
+                       "format_version": FORMAT_VERSION})
+        shards.save(stage.dir, ss)
+        changed = stage.publish(rebuilt)
+    logger.info("%s/%s: %d samples in %d shards (%d rebuilt, %d kept)%s, %d left out -> %s", dataset, split,
+                ss.num_samples, len(infos), len(rebuilt), len(infos) - len(rebuilt),
+                "" if changed else ", already current", len(ss.missing), out)
     return ss
 
 

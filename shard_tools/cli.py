@@ -9,12 +9,13 @@ import os
 import sys
 from pathlib import Path
 
-from shard_tools import shardset
 from shard_tools.build import AnnotationError, BuildOptions, build_dataset
 from shard_tools.stats import report
 from shard_tools.subset import read_group_map, subset
 from shard_tools.tario import iter_samples
 from shard_tools.verify import verify
+from tstl.core import shards
+from tstl.core.shards import JSON
 
 logger = logging.getLogger("shard_tools")
 
@@ -40,7 +41,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
-    ss = shardset.load(a.shard_dir)
+    ss = shards.load(a.shard_dir)
     print(f"{ss.dataset}/{ss.split}: {ss.num_samples} samples, {len(ss.shards)} shards, {len(ss.classes)} classes")
     for s in ss.shards:
         print(f"{s.name}  {s.samples:6d} samples  {s.bytes / 2**20:9.2f} MiB  {s.sha256[:16]}  {len(s.class_hist)} classes")
@@ -54,7 +55,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         for key, parts in iter_samples(p):
             if a.key and key != a.key:
                 continue
-            meta = json.loads(parts.get("json", b"{}"))
+            meta = json.loads(parts.get(JSON, b"{}"))
             sizes = {ext: len(b) for ext, b in parts.items()}
             print(f"{p.name} {key} {json.dumps(meta, sort_keys=True)} parts={sizes}")
             shown += 1

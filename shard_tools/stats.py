@@ -7,20 +7,21 @@ from pathlib import Path
 
 import numpy as np
 
-from shard_tools import shardset
 from shard_tools.tario import iter_samples
+from tstl.core import shards
+from tstl.core.shards import JSON, MP4
 
 
 def collect(shard_dir: Path) -> dict[str, np.ndarray]:
     """Per-sample label, duration, frames, fps and mp4 size from the shards' json parts."""
-    ss = shardset.load(shard_dir)
+    ss = shards.load(shard_dir)
     cols: dict[str, list] = {"label": [], "duration": [], "frames": [], "fps": [], "bytes": []}
     for info in ss.shards:
         for _, parts in iter_samples(shard_dir / info.name):
-            meta = json.loads(parts["json"])
+            meta = json.loads(parts[JSON])
             for k in ("label", "duration", "frames", "fps"):
                 cols[k].append(meta[k])
-            cols["bytes"].append(len(parts["mp4"]))
+            cols["bytes"].append(len(parts[MP4]))
     return {k: np.asarray(v) for k, v in cols.items()}
 
 
@@ -34,7 +35,7 @@ def _describe(name: str, x: np.ndarray, unit: str = "") -> str:
 
 def report(shard_dir: Path, png: Path | None = None) -> str:
     """Text summary; also a 2x2 PNG of the distributions when ``png`` is given."""
-    ss = shardset.load(shard_dir)
+    ss = shards.load(shard_dir)
     data = collect(shard_dir)
     counts = np.bincount(data["label"], minlength=len(ss.classes) or None) if data["label"].size else np.zeros(0)
     lines = [f"{shard_dir}: {ss.dataset}/{ss.split}, {ss.num_samples} samples in {len(ss.shards)} shards, "

@@ -13,6 +13,8 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from tstl.core.faults import fault_point
+
 Sample = tuple[str, dict[str, bytes]]  # (key, {extension: bytes})
 
 
@@ -40,7 +42,9 @@ def write_tar(path: Path, samples: Iterable[Sample]) -> tuple[int, str]:
             os.fsync(raw.fileno())
         digest = sha256_file(tmp)
         size = tmp.stat().st_size
+        fault_point("shards.tar.tmp")
         os.replace(tmp, path)
+        fault_point("shards.tar")
     finally:
         tmp.unlink(missing_ok=True)
     return size, digest

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shard_tools import shardset
-from shard_tools.shardset import PARTS, ShardInfo
 from shard_tools.tario import iter_samples, sha256_file
+from tstl.core import shards
+from tstl.core.shards import CLS, JSON, MP4, PARTS, ShardInfo
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,10 @@ def verify_shard(path: Path, info: ShardInfo, decode: bool = True) -> ShardRepor
             if sorted(parts) != sorted(PARTS):
                 report.errors.append(f"{key}: parts {sorted(parts)} instead of {list(PARTS)}")
                 continue
-            meta = json.loads(parts["json"])
-            if int(parts["cls"]) != meta["label"]:
-                report.errors.append(f"{key}: .cls {int(parts['cls'])} != json label {meta['label']}")
-            if decode and (err := decode_check(parts["mp4"], meta["frames"])):
+            meta = json.loads(parts[JSON])
+            if int(parts[CLS]) != meta["label"]:
+                report.errors.append(f"{key}: .{CLS} {int(parts[CLS])} != json label {meta['label']}")
+            if decode and (err := decode_check(parts[MP4], meta["frames"])):
                 report.errors.append(f"{key}: {err}")
     except (tarfile.TarError, ValueError, KeyError, UnicodeDecodeError) as e:
         report.errors.append(f"damaged tar ({type(e).__name__}: {e})")
@@ -77,7 +77,8 @@ def _verify(args: tuple[Path, ShardInfo, bool]) -> ShardReport:
 
 def verify(shard_dir: Path, *, decode: bool = True, jobs: int = 1) -> list[ShardReport]:
     """Check every shard of a set; returns one report per shard (errors empty when fine)."""
-    ss = shardset.load(shard_dir)
+    shard_dir = shard_dir.resolve()  # one generation of the set, even if a build switches it meanwhile
+    ss = shards.load(shard_dir)
     work = [(shard_dir / s.name, s, decode) for s in ss.shards]
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
         reports = list(tqdm(pool.map(_verify, work), total=len(work), desc=f"verify {shard_dir.name}", unit="shard"))

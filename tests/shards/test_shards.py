@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from tstl.core.ffmpeg import ffmpeg_exe
-from shard_tools import shardset
 from shard_tools.build import BuildOptions, build_dataset, read_csv
 from shard_tools.cli import main as cli_main
 from shard_tools.subset import read_group_map, subset
 from shard_tools.tario import iter_samples
 from shard_tools.verify import verify
+from tstl.core import shards as shardset
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
@@ -125,8 +125,8 @@ def test_killed_build_resumes_to_the_same_set(built: Path, dataset: Path, tmp_pa
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     out = work / "ssv2/shards/train"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(list(out.glob("shard-*.tar"))) < 2:
+    deadline = time.monotonic() + 60  # the new set is written in a staging folder beside the path users pass
+    while time.monotonic() < deadline and len(list(out.parent.glob(".train.tmp-*/shard-*.tar"))) < 2:
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -136,7 +136,7 @@ def test_killed_build_resumes_to_the_same_set(built: Path, dataset: Path, tmp_pa
     shutil.copytree(dataset / "ssv2", ref / "ssv2", ignore=shutil.ignore_patterns("shards"))
     build_dataset(ref, "ssv2", 1, BuildOptions(max_samples=1, jobs=2))
     assert _digests(out) == _digests(ref / "ssv2/shards/train")
-    assert not list(out.glob(".*tmp*"))
+    assert not list(out.glob(".*tmp*")) and not list(out.parent.glob(".*tmp*"))
     assert all(not r.errors for r in verify(out, decode=False))
 
 

@@ -11,14 +11,14 @@ from torch.utils.data import DataLoader
 
 from tstl.data.config import DataConfig
 from tstl.data.pipeline import BadSampleRateError, ClipStream, RoleState, StreamSpec, derive_seed
-from tstl.data.sources import ShardSet, resolve, slot_length
+from tstl.data.sources import ShardList, resolve, slot_length
 from tstl.data.transforms import seeded
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ShardLoader", "BadSampleRateError", "build_train_loader", "build_eval_loader"]
 
-Source = str | os.PathLike | Sequence[str] | ShardSet
+Source = str | os.PathLike | Sequence[str] | ShardList
 
 
 class ShardLoader:
@@ -34,7 +34,7 @@ class ShardLoader:
         balance: ``pad`` (default) or ``drop``, the rule that makes all slots equal (see ``slot_length``).
     """
 
-    def __init__(self, cfg: DataConfig, shardset: ShardSet, *, train: bool, rank: int = 0, world_size: int = 1,
+    def __init__(self, cfg: DataConfig, shardset: ShardList, *, train: bool, rank: int = 0, world_size: int = 1,
                  epoch: int = 0, views: tuple[int, int] = (1, 1), balance: str = "pad") -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -147,8 +147,8 @@ class ShardLoader:
                                "changed during the epoch?")
 
 
-def _shards(source: Source, cfg: DataConfig) -> ShardSet:
-    return source if isinstance(source, ShardSet) else resolve(source, cfg.shard_url_template, cfg.labels)
+def _shards(source: Source, cfg: DataConfig) -> ShardList:
+    return source if isinstance(source, ShardList) else resolve(source, cfg.shard_url_template, cfg.labels)
 
 
 def build_train_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_size: int = 1, epoch: int = 0,

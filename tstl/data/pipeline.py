@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from tstl.data import sampling
 from tstl.data.config import DataConfig
 from tstl.data.decode import BadSample, decode_clip
-from tstl.data.sources import Piece, ShardSet, epoch_order, iter_tar, keep, slot_pieces
+from tstl.data.sources import Piece, ShardList, epoch_order, iter_tar, keep, slot_pieces
 from tstl.data.transforms import EvalViews, TrainClipTransform, seeded
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class StreamSpec:
     """Everything a worker needs to produce its part of an epoch."""
 
     cfg: DataConfig
-    shardset: ShardSet
+    shardset: ShardList
     train: bool
     rank: int
     world_size: int

@@ -2,12 +2,12 @@
 
 A source is a shard-set directory, the path or URL of its ``shards.json``, a brace pattern, a ``pipe:`` command,
 an http(s) URL, or a list of these. ``shards.json`` gives every shard's sample count, which the balancing needs;
-without it the shards are scanned once to count samples.
+without it the shards are scanned once to count samples. The format is ``tstl.core.shards``'; a local set's
+symlink is resolved once, so a run reads one generation even when ``make shards`` switches the set meanwhile.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -20,6 +20,9 @@ from typing import Iterator, Sequence
 import braceexpand
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
+
+from tstl.core import shards as fmt
+from tstl.core.shards import CLS, ShardSetError
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +46,9 @@ class Piece:
 
 
 @dataclass
-class ShardSet:
-    """An ordered list of shards with optional class metadata from ``shards.json``."""
+class ShardList:
+    """The loader's view of a source: an ordered list of shards with optional class metadata from ``shards.json``
+    (the format's own description is ``tstl.core.shards.ShardSet``)."""
 
     shards: list[Shard]
     classes: list[str] | None = None
@@ -84,7 +88,7 @@ def iter_tar(url: str) -> Iterator[dict]:
 def label_of(sample: dict) -> int | None:
     """The sample's integer label, or None if its ``cls`` part is missing or malformed."""
     try:
-        return int(sample["cls"])
+        return int(sample[CLS])
     except (KeyError, ValueError):
         return None
 
@@ -100,46 +104,50 @@ def _count(url: str, labels: frozenset[int] | None) -> int:
 
 def _filtered_counts(json_url: str, shards: list[Shard], labels: frozenset[int]) -> list[int]:
     """Per-shard sample counts of ``labels``: from ``manifest.parquet``'s class histograms, else by scanning."""
-    manifest = Path(_sibling(json_url, "manifest.parquet"))
-    if manifest.is_file():
-        import pyarrow.parquet as pq
-
-        hist = {r["shard"]: json.loads(r["class_hist"]) for r in pq.read_table(manifest).to_pylist()}
+    manifest = Path(fmt.sibling(json_url, fmt.MANIFEST))
+    if fmt.is_local(json_url) and manifest.is_file():
+        hist = {name: info.class_hist for name, info in fmt.read_manifest(manifest).items()}
         if all(s.name in hist for s in shards):
-            return [sum(int(hist[s.name].get(str(k), 0)) for k in labels) for s in shards]
-    logger.warning("no local manifest.parquet next to %s: scanning shards to count the selected labels", json_url)
+            return [sum(hist[s.name].get(k, 0) for k in labels) for s in shards]
+    logger.warning("no local %s next to %s: scanning shards to count the selected labels", fmt.MANIFEST, json_url)
     return [_count(s.url, labels) for s in shards]
 
 
-def _sibling(json_url: str, name: str) -> str:
-    """URL of ``name`` next to ``json_url`` (local path or http URL)."""
-    head, sep, _ = json_url.rpartition("/")
-    return f"{head}{sep}{name}" if sep else name
-
-
-def _from_json(url: str, template: str, labels: frozenset[int] | None) -> ShardSet:
+def _check_size(shard: Shard, expected: int, json_url: str) -> None:
+    """Refuse a local shard whose size is not the one ``shards.json`` gives (a half-copied or stale tar)."""
+    if expected < 0 or not fmt.is_local(shard.url):
+        return
     try:
-        with wds.gopen(url) as f:
-            meta = json.loads(f.read())
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{url}: cannot read the shard list ({e}); run `make shards` or fix the path") from e
+        size = os.stat(shard.url).st_size
+    except OSError as e:
+        raise ShardSetError(f"{shard.url}: listed in {json_url} but cannot be read ({e.strerror}); "
+                            "rebuild the set with `make shards`") from e
+    if size != expected:
+        raise ShardSetError(f"{shard.url}: {size} bytes, {json_url} says {expected}; the shard and its shard list "
+                            "disagree (half-copied or stale): rebuild the set with `make shards`")
+
+
+def _from_json(url: str, template: str, labels: frozenset[int] | None) -> ShardList:
+    meta = fmt.read_index(url)
     shards = [
-        Shard(s["name"], template.format(name=s["name"]) if template else _sibling(url, s["name"]), int(s["samples"]))
-        for s in meta["shards"]
+        Shard(s.name, template.format(name=s.name) if template else fmt.sibling(url, s.name), s.samples)
+        for s in meta.shards
     ]
     if not shards:
         raise ValueError(f"{url}: lists no shards")
+    for shard, info in zip(shards, meta.shards):
+        _check_size(shard, info.bytes, url)
     if labels is not None:
         counts = _filtered_counts(url, shards, labels)
         shards = [Shard(s.name, s.url, n) for s, n in zip(shards, counts) if n]
         if not shards:
             raise ValueError(f"{url}: no samples with labels {sorted(labels)}")
-    return ShardSet(shards, meta.get("classes"), meta.get("num_classes"), labels)
+    return ShardList(shards, meta.classes or None, meta.num_classes or None, labels)
 
 
 def resolve(source: str | os.PathLike | Sequence[str], template: str = "",
-            labels: Sequence[int] = ()) -> ShardSet:
-    """Turn a source into a ``ShardSet`` with per-shard sample counts.
+            labels: Sequence[int] = ()) -> ShardList:
+    """Turn a source into a ``ShardList`` with per-shard sample counts.
 
     Args:
         source: shard-set directory, ``shards.json`` path/URL, brace pattern / URL / ``pipe:`` command, or a list.
@@ -150,15 +158,15 @@ def resolve(source: str | os.PathLike | Sequence[str], template: str = "",
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if Path(text).is_dir():
-            return _from_json(str(Path(text) / "shards.json"), template, wanted)
-        if text.endswith("shards.json"):
-            return _from_json(text, template, wanted)
+            return _from_json(str(Path(text).resolve() / fmt.INDEX), template, wanted)
+        if text.endswith(fmt.INDEX):
+            return _from_json(str(Path(text).resolve()) if fmt.is_local(text) else text, template, wanted)
         urls = list(braceexpand.braceexpand(text))
     else:
         urls = [u for s in source for u in braceexpand.braceexpand(os.fspath(s))]
     logger.warning("no shards.json given: scanning %d shard(s) once to count samples", len(urls))
     shards = [Shard(u.rstrip("/").rsplit("/", 1)[-1], u, _count(u, wanted)) for u in urls]
-    return ShardSet([s for s in shards if s.samples], labels=wanted)
+    return ShardList([s for s in shards if s.samples], labels=wanted)
 
 
 def slot_length(num_samples: int, slots: int, multiple: int, drop: bool) -> int:

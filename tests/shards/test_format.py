@@ -1,0 +1,61 @@
+"""The shard-set and class-group formats of the base layer: round trips, URL reading, and a cheap import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tstl.core import shards
+from tstl.core.groups import ClassGroups, GroupFileError, load_groups, save_groups
+from tstl.core.shards import ShardInfo, ShardSet, ShardSetError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_importing_the_formats_pulls_in_no_heavy_package() -> None:
+    code = ("import sys, tstl.core.shards, tstl.core.groups; "
+            "print(sorted(m for m in ('pyarrow', 'webdataset', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_save_load_and_read_index_round_trip(tmp_path: Path) -> None:
+    infos = [ShardInfo("shard-000000.tar", 3, 100, "ab", {0: 2, 1: 1}, "p", "1", "3"),
+             ShardInfo("shard-000001.tar", 1, 50, "cd", {1: 1}, "q", "4", "4")]
+    ss = ShardSet("ssv2", "train", ["a", "b"], infos, ["x.mp4"], {"seed": 0})
+    shards.save(tmp_path, ss)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [shards.MANIFEST, shards.INDEX]
+    assert shards.load(tmp_path) == ss and ss.class_hist() == {0: 2, 1: 2} and ss.num_classes == 2
+    index = json.loads((tmp_path / shards.INDEX).read_text())
+    assert index["num_samples"] == 4 and index["num_shards"] == 2 and index["format"] == shards.FORMAT
+    assert (tmp_path / shards.INDEX).read_bytes() == shards.index_bytes(ss)
+    light = shards.read_index(tmp_path / shards.INDEX)  # no manifest: histograms and plan hashes stay empty
+    assert [(s.name, s.samples, s.bytes, s.sha256) for s in light.shards] == [
+        (s.name, s.samples, s.bytes, s.sha256) for s in ss.shards]
+    piped = shards.read_index(f"pipe:cat {tmp_path / shards.INDEX}")  # the URL path, through webdataset
+    assert piped.shards == light.shards and piped.classes == ["a", "b"]
+    assert set(shards.read_manifest(tmp_path / shards.MANIFEST)) == {"shard-000000.tar", "shard-000001.tar"}
+    assert shards.sibling("http://h/x/shards.json", "a.tar") == "http://h/x/a.tar"
+    assert shards.is_local("/d/a.tar") and not shards.is_local("pipe:cat a") and not shards.is_local("https://h/a")
+    (tmp_path / shards.INDEX).write_text("{}")
+    with pytest.raises(ShardSetError, match="not a valid shards.json.*make shards"):
+        shards.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="shard_tools.cli build"):
+        shards.load(tmp_path / "nothing")
+
+
+def test_group_files_live_in_the_base_layer(tmp_path: Path) -> None:
+    import tstl.twostage.groups as generation
+
+    g = ClassGroups(((2, 0), (1,)), 3)
+    for fmt in ("ours", "tstl"):
+        save_groups(g, tmp_path / f"{fmt}.json", fmt)
+        assert load_groups(tmp_path / f"{fmt}.json") == g
+    assert generation.ClassGroups is ClassGroups and generation.load_groups is load_groups  # one owner
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "tstl-groups/v1", "num_classes": 3, "groups": [[0, 1]]}))
+    with pytest.raises(GroupFileError, match=r"bad.json: classes \[2\] are in no group"):
+        load_groups(tmp_path / "bad.json")
