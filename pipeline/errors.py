@@ -51,8 +51,8 @@ def unsafe_id_reason(vid: str, max_slashes: int = 0) -> str | None:
         return "backslash in id"
     if vid.startswith("/"):
         return "absolute path"
-    if vid.count("/") > max_slashes:
-        return f"path separator in id (at most {max_slashes} allowed)"
     if any(part in ("", ".", "..") for part in vid.split("/")):
         return "'.', '..' or empty path component"
+    if vid.count("/") > max_slashes:
+        return f"path separator in id (at most {max_slashes} allowed)"
     return None
