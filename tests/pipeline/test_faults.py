@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import manifest as mf
+from pipeline.cli import main as cli_main
 from pipeline.synthetic import SynthConfig, generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,7 +103,7 @@ def _check(trials: list[tuple[str, ...]], make: callable, args_of: callable, ref
         for at in kills:
             rc = _run(args_of(data), kill_at=at)
             assert rc == -9, f"{dataset}: kill at {at} did not happen (exit {rc})"
-        _run(args_of(data))
+        assert cli_main(args_of(data)) == 0  # the rerun, in this process: saves an interpreter start per trial
         got = _snapshot(data / dataset)
         if got != reference:
             diff = sorted(k for k in set(got) | set(reference) if got.get(k) != reference.get(k))
