@@ -11,6 +11,9 @@ Outputs under ``<data_dir>/<dataset>/``:
 
 With ``--part i/n`` each machine transcodes its share and writes its own manifest; ``finalize`` (run
 automatically when n = 1) merges the manifests and writes the CSVs.
+
+Every stage holds the dataset folder's lock (``tstl.core.lock.dataset_lock``; part runs hold it shared and their
+part exclusively) and first removes the temp files a stopped run of the same stage left behind.
 """
 
 from __future__ import annotations
