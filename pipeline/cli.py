@@ -8,6 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from tstl.core.lock import LockedError
+from pipeline.errors import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_FAILURES, EXIT_LOCKED, EnvironmentFault,
+                             is_environment_error)
 from pipeline.prepare import PrepareOptions, finalize, prepare_ssv2, prepare_ucf101
 from pipeline.runner import parse_part
 from pipeline.ssv2 import MetadataError
@@ -15,7 +18,14 @@ from pipeline.transcode import TranscodeParams
 
 logger = logging.getLogger("pipeline")
 
-EXIT_FAILURES, EXIT_BAD_INPUT = 1, 2
+EPILOG = ("exit codes: 0 done; 1 more videos failed than --max-failure-fraction; 2 bad input (metadata, "
+          "arguments); 3 environment error (disk full, read-only or forbidden folder, no ffmpeg: fix it and rerun, no "
+          "video was marked failed); 4 another run holds the dataset folder (see --wait-lock)")
+
+
+def _lock_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait-lock", action="store_true", help="if another run holds the dataset folder, wait for it "
+                                                            "instead of exiting with code 4")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -31,11 +41,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crf", type=int, default=TranscodeParams.crf, help="x264 quality (default %(default)s)")
     p.add_argument("--preset", default=TranscodeParams.preset, help="x264 preset (default %(default)s)")
     p.add_argument("--height", type=int, default=TranscodeParams.height, help="output height (default 240)")
+    _lock_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.cli", description="Offline dataset preparation stages. "
-                                     "Every stage is parallel, atomic and resumable: rerun it to finish or repair.")
+                                     "Every stage is parallel, atomic and resumable: rerun it to finish or repair.",
+                                     epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare-ssv2", help="SSV2 .webm -> H.264 .mp4 + annotation CSVs + manifest")
     p.add_argument("--ssv2-root", type=Path, required=True,
@@ -46,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p = sub.add_parser("finalize", help="merge the manifests of --part runs and write the annotation CSVs")
     p.add_argument("dataset_dir", type=Path, help="e.g. data/ssv2")
+    _lock_arg(p)
     return parser
 
 
@@ -56,18 +69,28 @@ def main(argv: list[str] | None = None) -> int:
     init_logging()
     try:
         if args.command == "finalize":
-            finalize(args.dataset_dir)
+            finalize(args.dataset_dir, wait_lock=args.wait_lock)
             return 0
         opts = PrepareOptions(data_dir=args.data_dir, jobs=max(1, args.jobs), part=parse_part(args.part),
-                              timeout=args.timeout, retry_failed=args.retry_failed,
+                              timeout=args.timeout, retry_failed=args.retry_failed, wait_lock=args.wait_lock,
                               params=TranscodeParams(height=args.height, crf=args.crf, preset=args.preset))
         if args.command == "prepare-ssv2":
             summary = prepare_ssv2(args.ssv2_root, opts)
         else:
             summary = prepare_ucf101(args.ucf101_root, opts)
+    except LockedError as e:
+        logger.error("%s", e)
+        return EXIT_LOCKED
     except (MetadataError, ValueError, RuntimeError) as e:
         logger.error("%s", e)
         return EXIT_BAD_INPUT
+    except (EnvironmentFault, OSError) as e:
+        if not is_environment_error(e):
+            raise
+        logger.error("%s: stopped by an environment error: %s. Free space or fix the folder's permissions (or "
+                     "install ffmpeg), then rerun the same command: no video was recorded as failed because of it",
+                     args.command, e)
+        return EXIT_ENVIRONMENT
     if summary.failed_fraction > args.max_failure_fraction:
         logger.error("%d of %d videos failed (%.1f%% > --max-failure-fraction %.1f%%); see the manifest for reasons",
                      len(summary.failures), summary.total, 100 * summary.failed_fraction,

@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from tstl.core.faults import fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +76,60 @@ def latest_by_key(path: Path) -> dict[str, dict]:
     return {row["key"]: row for row in read_rows(path)}
 
 
+def repair_journal(path: Path) -> None:
+    """Make a journal end on a line boundary before anything is appended to it.
+
+    A power cut or a full disk can leave a partial last line; appending after it would glue the next row to it and
+    lose that row too. A partial line that still parses is completed with its newline; otherwise it is cut off
+    (its item has no record, so the stage redoes it).
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    with path.open("rb+") as f:
+        f.seek(max(0, size - 1))
+        if f.read(1) == b"\n":
+            return
+        # Find the start of the last line without reading the whole journal.
+        pos, block = size, 1 << 16
+        start = 0
+        while pos > 0:
+            pos = max(0, pos - block)
+            f.seek(pos)
+            chunk = f.read(min(block, size - pos))
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                start = pos + i + 1
+                break
+        f.seek(start)
+        tail = f.read()
+        try:
+            json.loads(tail)
+            f.seek(size)
+            f.write(b"\n")
+            logger.warning("%s: completed an unterminated last line (the previous run stopped while writing)", path)
+        except ValueError:
+            f.truncate(start)
+            logger.warning("%s: dropped a torn last line (the previous run stopped while writing); its item is "
+                           "redone", path)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class Journal:
     """Append-only, line-buffered record of finished items."""
 
     def __init__(self, manifest: Path) -> None:
         self.path = journal_path(manifest)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        repair_journal(self.path)
         self._f = self.path.open("a", buffering=1)
 
     def append(self, row: dict) -> None:
+        fault_point("journal-append")
         self._f.write(json.dumps(_normalise(row)) + "\n")  # one write per line: a kill tears at most this line
 
     def close(self) -> None:
@@ -90,7 +138,7 @@ class Journal:
 
 def write_parquet(path: Path, rows: Iterable[dict], batch_size: int = 8192) -> int:
     """Write rows atomically (temp name, then rename) in bounded-memory batches. Returns the row count."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_name(path)
     n = 0
     try:
         with pq.ParquetWriter(tmp, SCHEMA) as writer:
@@ -103,10 +151,32 @@ def write_parquet(path: Path, rows: Iterable[dict], batch_size: int = 8192) -> i
             if batch:
                 writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=SCHEMA))
                 n += len(batch)
+        fault_point(f"rename:{path.name}")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return n
+
+
+def temp_name(path: Path) -> Path:
+    """The temporary name ``path`` is written under before its rename: ``.<name>.tmp-<pid>``."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def clean_temps(folder: Path, names: str) -> list[Path]:
+    """Delete temp files (``.<name>.tmp-<pid>``) a killed run left in ``folder`` for outputs whose name fully
+    matches the regular expression ``names``. Only call this while holding the dataset lock that guards those
+    outputs, so no live writer's temp file is taken."""
+    pattern = re.compile(rf"\.(?:{names})\.tmp-[0-9]+")
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if pattern.fullmatch(p.name):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    if removed:
+        logger.info("removed %d temp file(s) a stopped run left in %s", len(removed), folder)
+    return removed
 
 
 def compact(path: Path, keep: set[str] | None = None) -> int:
@@ -117,6 +187,7 @@ def compact(path: Path, keep: set[str] | None = None) -> int:
     """
     rows = latest_by_key(path)
     n = write_parquet(path, (rows[k] for k in sorted(rows) if keep is None or k in keep))
+    fault_point("compact:drop-journal")
     journal_path(path).unlink(missing_ok=True)
     return n
 

@@ -11,6 +11,9 @@ Outputs under ``<data_dir>/<dataset>/``:
 
 With ``--part i/n`` each machine transcodes its share and writes its own manifest; ``finalize`` (run
 automatically when n = 1) merges the manifests and writes the CSVs.
+
+Every stage holds the dataset folder's lock (``tstl.core.lock.dataset_lock``; part runs hold it shared and their
+part exclusively) and first removes the temp files a stopped run of the same stage left behind.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tstl.core.faults import fault_point
+from tstl.core.lock import dataset_lock
 from pipeline import manifest as mf
 from pipeline import ssv2, ucf101
 from pipeline.runner import Item, Summary, in_part, run_stage
@@ -39,6 +44,7 @@ class PrepareOptions:
     timeout: float = 300.0
     retry_failed: bool = False
     params: TranscodeParams = field(default_factory=TranscodeParams)
+    wait_lock: bool = False  # queue behind another run holding the dataset folder instead of failing at once
 
 
 def manifest_path(dataset_dir: Path, part: tuple[int, int]) -> Path:
@@ -49,9 +55,30 @@ def manifest_path(dataset_dir: Path, part: tuple[int, int]) -> Path:
 def _write_lines(path: Path, lines: list[str]) -> None:
     """Atomic text write; several parts may write the same (identical) listing concurrently."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{ln}\n" for ln in lines))
-    os.replace(tmp, path)
+    tmp = mf.temp_name(path)
+    try:
+        tmp.write_text("".join(f"{ln}\n" for ln in lines))
+        fault_point(f"rename:{path.name}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# Names of the small outputs of each folder (regular expressions), for clearing the temp files of a stopped run.
+_ANNOTATION_OUTPUTS = r"classes\.txt|test_ids\.txt|excluded\.txt|[A-Za-z0-9_]+\.csv"
+_MANIFEST_OUTPUTS = r"manifest(?:\.part-[0-9]+-of-[0-9]+)?\.parquet"
+
+
+def _clean_temps(dataset_dir: Path, part: tuple[int, int]) -> None:
+    """Remove what a stopped run of this stage left under temporary names (its own name patterns, its folders).
+
+    A part run of n > 1 only clears its own manifest's temps: other parts may be writing the shared listings right
+    now (they hold the folder shared); ``finalize`` and 1/1 runs hold it exclusively and clear everything."""
+    if part[1] > 1:
+        mf.clean_temps(dataset_dir, manifest_path(dataset_dir, part).name.replace(".", r"\."))
+        return
+    mf.clean_temps(dataset_dir, _MANIFEST_OUTPUTS)
+    mf.clean_temps(dataset_dir / "annotations", _ANNOTATION_OUTPUTS)
 
 
 def _write_listing(ann_dir: Path, classes: list[str], splits: dict[str, list[tuple[str, int]]]) -> None:
@@ -71,12 +98,13 @@ def _items(entries: dict[str, list[tuple[str, Path, str]]], dataset_dir: Path, p
 
 
 def _run(items: list[Item], dataset_dir: Path, opts: PrepareOptions, desc: str) -> Summary:
+    """Transcode under the dataset lock (taken by the caller), then finalize when the run is not split."""
     work = functools.partial(transcode, params=opts.params, timeout=opts.timeout)
     summary = run_stage(items, work, manifest_path(dataset_dir, opts.part), opts.params.as_dict(), jobs=opts.jobs,
                         desc=desc, retry_failed=opts.retry_failed)
     summary.log(desc)
     if opts.part[1] == 1:
-        finalize(dataset_dir)
+        _finalize(dataset_dir)
     else:
         logger.info("part %d/%d done; run `python -m pipeline.cli finalize %s` once every part has finished",
                     *opts.part, dataset_dir)
@@ -85,8 +113,14 @@ def _run(items: list[Item], dataset_dir: Path, opts: PrepareOptions, desc: str) 
 
 def prepare_ssv2(root: Path, opts: PrepareOptions) -> Summary:
     """Transcode an SSV2 release and write its annotations under ``<data_dir>/ssv2``."""
-    ann = ssv2.read_annotations(root)
+    ann = ssv2.read_annotations(root)  # bad metadata stops the stage before anything is written
     out = opts.data_dir / "ssv2"
+    with dataset_lock(out, "prepare-ssv2", wait=opts.wait_lock, part=opts.part):
+        return _prepare_ssv2(root, ann, out, opts)
+
+
+def _prepare_ssv2(root: Path, ann: ssv2.SSV2Annotations, out: Path, opts: PrepareOptions) -> Summary:
+    _clean_temps(out, opts.part)
     _write_listing(out / "annotations", ann.classes, {s: [(f"{v}.mp4", y) for v, y in e] for s, e in ann.splits.items()})
     _write_lines(out / "annotations" / "test_ids.txt", ann.test_ids)
     videos = ssv2.video_dir(root)
@@ -98,8 +132,14 @@ def prepare_ssv2(root: Path, opts: PrepareOptions) -> Summary:
 
 def prepare_ucf101(root: Path, opts: PrepareOptions) -> Summary:
     """Transcode a UCF101 release and write the annotations of its three splits under ``<data_dir>/ucf101``."""
-    ann = ucf101.read_annotations(root)
+    ann = ucf101.read_annotations(root)  # bad metadata stops the stage before anything is written
     out = opts.data_dir / "ucf101"
+    with dataset_lock(out, "prepare-ucf101", wait=opts.wait_lock, part=opts.part):
+        return _prepare_ucf101(root, ann, out, opts)
+
+
+def _prepare_ucf101(root: Path, ann: ucf101.UCF101Annotations, out: Path, opts: PrepareOptions) -> Summary:
+    _clean_temps(out, opts.part)
     as_mp4 = {rel: rel.rsplit(".", 1)[0] + ".mp4" for rows in ann.splits.values() for rel, _ in rows}
     _write_listing(out / "annotations", ann.classes, {s: [(as_mp4[r], y) for r, y in e] for s, e in ann.splits.items()})
     videos = ucf101.video_dir(root)
@@ -108,8 +148,17 @@ def prepare_ucf101(root: Path, opts: PrepareOptions) -> Summary:
     return _run(_items(entries, out, opts.part), out, opts, "prepare-ucf101")
 
 
-def finalize(dataset_dir: Path) -> dict[str, int]:
+def finalize(dataset_dir: Path, wait_lock: bool = False) -> dict[str, int]:
     """Merge part manifests (if any) and write the annotation CSVs of the videos that transcoded fine."""
+    if not (dataset_dir / "annotations").is_dir():
+        raise RuntimeError(f"{dataset_dir}: no annotations/ folder; run prepare-ssv2 or prepare-ucf101 with "
+                           "--data-dir pointing at the folder above it first")
+    with dataset_lock(dataset_dir, "finalize", wait=wait_lock):
+        _clean_temps(dataset_dir, (1, 1))
+        return _finalize(dataset_dir)
+
+
+def _finalize(dataset_dir: Path) -> dict[str, int]:
     parts = sorted(dataset_dir.glob("manifest.part-*-of-*.parquet"))
     if parts:
         counts = {p.name.rsplit("-of-", 1)[1].split(".")[0] for p in parts}

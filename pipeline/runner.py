@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 from tqdm import tqdm
 
 from pipeline import manifest as mf
+from pipeline.errors import EnvironmentFault, is_environment_error
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,11 @@ def _row(item: Item, src: os.stat_result | None, params: dict, phash: str, resul
 def _safe(work: Callable[[Item], dict], item: Item) -> dict:
     try:
         return work(item)
-    except Exception as e:  # one bad item must never stop the stage
+    except EnvironmentFault:
+        raise
+    except Exception as e:  # one bad item must never stop the stage; a full disk or read-only folder must
+        if is_environment_error(e):
+            raise EnvironmentFault(f"{item.output}: {e}") from e
         logger.debug("%s failed", item.key, exc_info=True)
         return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
 
@@ -159,13 +164,18 @@ def run_stage(items: Iterable[Item], work: Callable[[Item], dict], manifest_path
 
 def _run_pool(todo: list, work: Callable[[Item], dict], journal: mf.Journal, params: dict, phash: str, jobs: int,
               desc: str, summary: Summary) -> None:
-    """Thread pool with a bounded number of items in flight (memory stays flat for 200k+ items)."""
+    """Thread pool with a bounded number of items in flight (memory stays flat for 200k+ items).
+
+    An environment error stops the stage: nothing new starts, the items in flight finish (those that succeed are
+    journalled, those hit by the same error are not recorded at all, so a rerun after the fix redoes them), and the
+    first such error is raised."""
     pending: dict[Future, tuple[Item, os.stat_result]] = {}
     queue = iter(todo)
+    fault: EnvironmentFault | None = None
     with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(todo), desc=desc, unit="video",
                                                              disable=not todo) as bar:
         while True:
-            while len(pending) < 2 * jobs:
+            while fault is None and len(pending) < 2 * jobs:
                 nxt = next(queue, None)
                 if nxt is None:
                     break
@@ -175,10 +185,17 @@ def _run_pool(todo: list, work: Callable[[Item], dict], journal: mf.Journal, par
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
                 item, src = pending.pop(fut)
-                row = _row(item, src, params, phash, fut.result())
+                try:
+                    result = fut.result()
+                except EnvironmentFault as e:
+                    fault = fault or e
+                    continue
+                row = _row(item, src, params, phash, result)
                 journal.append(row)
                 summary.done += 1
                 if row["status"] != "ok":
                     summary.failures.append((item.key, row["status"], row.get("error") or ""))
                 bar.update(1)
+    if fault is not None:
+        raise fault
 

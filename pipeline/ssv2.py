@@ -7,8 +7,11 @@ caption and is never used). The test split has no labels in the release; its ids
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.errors import unsafe_id_reason
 
 SPLIT_FILES = {"train": "train.json", "val": "validation.json", "test": "test.json"}
 # Older releases named the files something-something-v2-<name>.json next to the videos.
@@ -24,6 +27,15 @@ class SSV2Annotations:
     classes: list[str]                       # class names by label index
     splits: dict[str, list[tuple[str, int]]]  # train/val: (video id, label)
     test_ids: list[str]
+
+
+def id_problem(vid: str) -> str | None:
+    """The SSV2 id rule (the one place it is written): the safety rule of every dataset, then a decimal integer
+    (the release names its videos ``<id>.webm``). Returns why ``vid`` breaks it, or None."""
+    reason = unsafe_id_reason(vid, max_slashes=0)
+    if reason is None and not re.fullmatch(r"[0-9]{1,20}", vid):
+        reason = "not an integer id"
+    return reason
 
 
 def video_dir(root: Path) -> Path:
@@ -83,6 +95,10 @@ def _read_split(path: Path, templates: dict[str, int], labelled: bool) -> list[t
         if not isinstance(entry, dict) or "id" not in entry:
             raise MetadataError(f"{path}: entry {n} has no 'id'")
         vid = str(entry["id"])
+        reason = id_problem(vid)
+        if reason:
+            raise MetadataError(f"{path}: entry {n} has id {vid!r}: {reason}; SSV2 ids are integers such as "
+                                "\"78687\" (fix or remove the entry)")
         if not labelled:
             out.append((vid, -1))
             continue

@@ -22,12 +22,17 @@ from pathlib import Path
 import av
 import ffmpeg
 
+from tstl.core.faults import fault_point
 from tstl.core.ffmpeg import ffmpeg_exe
+from pipeline.errors import EnvironmentFault, environment_text, is_environment_error
 from pipeline.runner import Item
 
 # Bump when the command line changes in a way that changes outputs: every video is then redone.
 COMMAND_VERSION = 1
 MIN_SOURCE_BYTES = 1024  # smaller files cannot hold a decodable video (VideoMAE skips < 1 KB too)
+# Frame geometry a real clip can have: a side under 32 px or an aspect ratio over 8 is a broken or bogus header (a
+# 16x2400 source would otherwise become a 2-px-wide "ok" video, a 4000x16 one an ffmpeg error).
+MIN_SIDE, MAX_ASPECT = 32, 8.0
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,19 @@ def read_header(path: Path) -> dict:
         if not c.streams.video:
             raise ValueError("no video stream")
         s = c.streams.video[0]
-        return {"header_duration": c.duration / 1e6 if c.duration else None, "header_frames": s.frames or None}
+        return {"header_duration": c.duration / 1e6 if c.duration else None, "header_frames": s.frames or None,
+                "width": s.codec_context.width or 0, "height": s.codec_context.height or 0}
+
+
+def geometry_problem(width: int, height: int) -> str | None:
+    """Why a source of ``width`` x ``height`` cannot be a usable clip, or None (unknown sizes pass)."""
+    if not width or not height:
+        return None
+    if min(width, height) < MIN_SIDE:
+        return f"frame size {width}x{height}: a side is under {MIN_SIDE} px"
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        return f"frame size {width}x{height}: aspect ratio over {MAX_ASPECT:g}"
+    return None
 
 
 def check_source(path: Path) -> dict:
@@ -97,9 +114,15 @@ def check_source(path: Path) -> dict:
     if size < MIN_SOURCE_BYTES:
         raise ValueError(f"only {size} bytes: not a complete video")
     try:
-        return read_header(path)
+        header = read_header(path)
     except (av.error.FFmpegError, ValueError) as e:
+        if is_environment_error(e):  # unreadable for a reason of the machine (permissions), not of the file
+            raise EnvironmentFault(f"{path}: {e}") from None
         raise ValueError(f"not a readable video ({e})") from None
+    problem = geometry_problem(header["width"], header["height"])
+    if problem:
+        raise ValueError(f"not a usable video: {problem}")
+    return header
 
 
 def check_complete(src: dict, out: dict) -> None:
@@ -139,17 +162,25 @@ def transcode(item: Item, params: TranscodeParams, timeout: float) -> dict:
     item.output.parent.mkdir(parents=True, exist_ok=True)
     _clear_stale_tmp(item.output)
     tmp = _tmp_name(item.output)
+    argv = build_command(item.source, tmp, params)
     try:
-        proc = subprocess.run(build_command(item.source, tmp, params), capture_output=True, timeout=timeout,
-                              preexec_fn=_die_with_parent)
+        try:
+            proc = subprocess.run(argv, capture_output=True, timeout=timeout, preexec_fn=_die_with_parent)
+        except (FileNotFoundError, PermissionError) as e:
+            raise EnvironmentFault(f"cannot run ffmpeg '{argv[0]}' ({e.strerror}): install ffmpeg or set "
+                                   "FFMPEG=/path/to/ffmpeg, then rerun") from None
         if proc.returncode != 0:
             # Name the real output instead of the random temp name and drop ffmpeg's pointer addresses
             # ("[matroska,webm @ 0x55...]"), so the same failure reads the same on every run.
             text = proc.stderr.decode(errors="replace").replace(str(tmp), str(item.output))
+            env = environment_text(text)
+            if env:  # a full disk or a read-only folder is not the video's fault
+                raise EnvironmentFault(f"ffmpeg writing {item.output}: {env}")
             err = re.sub(r" @ 0x[0-9a-f]+", "", text).strip().splitlines()
             return {"status": "failed", "error": f"ffmpeg exit {proc.returncode}: {' | '.join(err[-3:])}"}
         out = probe_mp4(tmp)
         check_complete(src_info, out)
+        fault_point("rename:video")
         os.replace(tmp, item.output)
     except ValueError as e:
         return {"status": "failed", "error": str(e)}

@@ -7,9 +7,11 @@ so the class is always taken from the folder part of the path, never from the fi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import unsafe_id_reason
 from pipeline.ssv2 import MetadataError
 
 SPLITS = (1, 2, 3)
@@ -19,6 +21,19 @@ SPLITS = (1, 2, 3)
 class UCF101Annotations:
     classes: list[str]
     splits: dict[str, list[tuple[str, int]]]  # "train_split1" -> [("Class/v_x.avi", label), ...]
+
+
+# The UCF101 name rule (the one place it is written): ``<Class>/v_<Class>_gNN_cNN.avi``. The class part of the file
+# name is not compared with the folder (the release has ``HandstandPushups/v_HandStandPushups_*``).
+_NAME = re.compile(r"v_[A-Za-z0-9]+_g[0-9]{2,3}_c[0-9]{2,3}\.avi", re.IGNORECASE)
+
+
+def entry_problem(rel: str) -> str | None:
+    """Why the list entry ``rel`` breaks the safety rule or the UCF101 name rule, or None."""
+    reason = unsafe_id_reason(rel, max_slashes=1)
+    if reason is None and ("/" not in rel or not _NAME.fullmatch(rel.split("/", 1)[1])):
+        reason = "not '<Class>/v_<Class>_gNN_cNN.avi'"
+    return reason
 
 
 def video_dir(root: Path) -> Path:
@@ -34,16 +49,17 @@ def list_dir(root: Path) -> Path:
     return d
 
 
-def _lines(path: Path) -> list[str]:
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the non-blank lines; numbers count blank lines too, as an editor does."""
     if not path.exists():
         raise MetadataError(f"{path}: file not found; it is part of the official ucfTrainTestlist")
-    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    return [(n, ln.strip()) for n, ln in enumerate(path.read_text().split("\n"), 1) if ln.strip()]
 
 
 def read_classes(lists: Path) -> list[str]:
     path = lists / "classInd.txt"
     classes: dict[int, str] = {}
-    for n, line in enumerate(_lines(path), 1):
+    for n, line in _lines(path):
         parts = line.split()
         if len(parts) != 2 or not parts[0].isdigit():
             raise MetadataError(f"{path}: line {n} '{line}' is not '<index> <ClassName>'")
@@ -55,13 +71,21 @@ def read_classes(lists: Path) -> list[str]:
 
 def _read_list(path: Path, index: dict[str, int]) -> list[tuple[str, int]]:
     out, seen = [], set()
-    for n, line in enumerate(_lines(path), 1):
+    for n, line in _lines(path):
         parts = line.split()
         rel = parts[0]
         folder = rel.split("/")[0]
-        if "/" not in rel or folder not in index:
+        reason = entry_problem(rel)
+        if reason:
+            raise MetadataError(f"{path}: line {n}: {rel!r}: {reason}; fix or remove the line")
+        if folder not in index:
             raise MetadataError(f"{path}: line {n}: '{rel}' is not '<Class>/<file>.avi' with a class of classInd.txt")
         label = index[folder]
+        if len(parts) > 2:
+            raise MetadataError(f"{path}: line {n}: '{line}' is not '<Class>/<file>.avi [<label>]'")
+        if len(parts) > 1 and not re.fullmatch(r"[0-9]+", parts[1]):
+            raise MetadataError(f"{path}: line {n}: label {parts[1]!r} is not an integer (classInd.txt index "
+                                f"{label + 1} for '{folder}')")
         if len(parts) > 1 and int(parts[1]) - 1 != label:
             raise MetadataError(f"{path}: line {n}: label {parts[1]} does not match the folder '{folder}' "
                                 f"(classInd.txt gives {label + 1})")
