@@ -15,6 +15,7 @@ from shard_tools.subset import read_group_map, subset
 from shard_tools.tario import iter_samples
 from shard_tools.verify import verify
 from tstl.core import shards
+from tstl.core.lock import LockedError, dataset_lock
 from tstl.core.shards import JSON
 
 logger = logging.getLogger("shard_tools")
@@ -23,7 +24,9 @@ logger = logging.getLogger("shard_tools")
 def cmd_build(a: argparse.Namespace) -> int:
     opts = BuildOptions(seed=a.seed, max_samples=a.max_samples, max_bytes=int(a.max_mb * 2**20), jobs=a.jobs,
                         verify_existing=not a.quick)
-    build_dataset(a.data_dir, a.dataset, a.split, opts, annotations=a.annotations, videos=a.videos)
+    # one writer per dataset folder: prepare stages and shard builds take the same lock
+    with dataset_lock(a.data_dir / a.dataset, "shards build", wait=a.wait_lock):
+        build_dataset(a.data_dir, a.dataset, a.split, opts, annotations=a.annotations, videos=a.videos)
     return 0
 
 
@@ -100,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-mb", type=float, default=256, help="MiB per shard at most (default 256)")
     b.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel processes (default: all cores)")
     b.add_argument("--quick", action="store_true", help="trust existing shards of the right size (skip sha256)")
+    b.add_argument("--wait-lock", action="store_true",
+                   help="wait for another run on this dataset folder to finish instead of exiting with code 4")
     b.set_defaults(fn=cmd_build)
     v = sub.add_parser("verify", help="checksums, tar integrity, sample parts and video decoding")
     v.add_argument("shard_dirs", type=Path, nargs="+")
@@ -138,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     init_logging()
     try:
         return args.fn(args)
+    except LockedError as e:
+        logger.error("%s", e)
+        return 4
     except (AnnotationError, FileNotFoundError, ValueError) as e:
         logger.error("%s", e)
         return 2
