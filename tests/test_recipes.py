@@ -68,9 +68,13 @@ BCAST_COMMON = {
     "data.train_crop": "random_resized",  # CAST dataset/*.py spatial_sampling(aspect_ratio, scale) -> RRC
     "data.rrc_scale": [0.08, 1.0],        # CAST dataset/ssv2.py, kinetics.py _aug_frame scl
     "test_merge": "mean_softmax",         # CAST engine_for_onemodel.py:249 softmax per view, :278 mean
+    "seed": 0,                            # ssv2.sh:38 / k400.sh:45 / README.md:110 --seed 0
+    "val_every": 1,                       # run_bidirection.py:477-478 validation after every epoch
 }
 
 # TimeSformer's values shared by every variant and dataset (timesformer/config/defaults.py and the configs).
+# "*.yaml:N" is line N of the three configs/Kinetics/TimeSformer_divST_*.yaml files; configs/SSv2/
+# TimeSformer_divST_8_224.yaml holds the same values 2-3 lines further down (it has PATH_PREFIX and the DATA flags).
 TSF_COMMON = {
     "epochs": 15,                         # TimeSformer_divST_*.yaml:23 SOLVER.MAX_EPOCH 15
     "optim.name": "sgd",                  # *.yaml:26 OPTIMIZING_METHOD sgd (NESTEROV True: defaults.py:382)
@@ -98,6 +102,8 @@ TSF_COMMON = {
     "data.test_views": [1, 3],            # *.yaml:37-38 NUM_ENSEMBLE_VIEWS 1, NUM_SPATIAL_CROPS 3
     "data.short_side_scale": 0,           # test: short side to TEST_CROP_SIZE (= input_size), kinetics.py:175-180
     "test_merge": "sum_logits",           # defaults.py:334 DATA.ENSEMBLE_METHOD "sum" (of logits: vit.py:302-305)
+    "seed": 0,                            # *.yaml:44 RNG_SEED 0 (TimeSformer_divST_8_224.yaml:47)
+    "val_every": 5,                       # *.yaml:5 TRAIN.EVAL_PERIOD 5
 }
 
 RECIPES = {

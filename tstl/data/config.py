@@ -83,7 +83,8 @@ class DataConfig:
     sampling_convention: Literal["default", "cast", "tstl", "pyslowfast"] = "default"
     """Whose exact frame-index rule ``sampling`` follows (``tstl.data.sampling``): ``cast`` (CAST/VideoMAE: SSV2
     test views at segment starts and midpoints, dense clips by linspace over ``T * rate`` frames), ``tstl`` (TSTL's
-    UCF101 loader: one frame per segment), ``pyslowfast`` (TimeSformer), ``default`` (this project's own)."""
+    UCF101 loader: one frame per segment, with ``sampling_rate`` as its ``frame_sample_rate``), ``pyslowfast``
+    (TimeSformer), ``default`` (this project's own)."""
     train_crop: Literal["random_resized", "short_side_jitter"] = "random_resized"
     """Training crop: ``random_resized`` (CAST/VideoMAE: ``rrc_scale``/``rrc_ratio`` box resized to ``input_size``)
     or ``short_side_jitter`` (PySlowFast/TimeSformer: short side to a random size in ``jitter_scales``, then an
