@@ -333,11 +333,11 @@ def test_step_schedule_per_optimizer_step() -> None:
 
 
 def test_merge_rules_mean_softmax_and_sum_logits_differ_as_the_references_do() -> None:
-    z = lambda *v: np.array(v, dtype=np.float32)  # noqa: E731
+    z = lambda *v: np.array(v, dtype=np.float32)
     # one very confident view for class 0, two moderate views for class 1
     views = {("a", 0): (z(20, 0, 0), 0), ("a", 1): (z(0, 2, 0), 0), ("a", 2): (z(0, 2, 0), 0)}
     probs, _ = merge([views], "mean_softmax")  # CAST: softmax per view, then mean -> class 1
-    sm = lambda v: np.exp(v - v.max()) / np.exp(v - v.max()).sum()  # noqa: E731
+    sm = lambda v: np.exp(v - v.max()) / np.exp(v - v.max()).sum()
     np.testing.assert_allclose(probs["a"], (sm(z(20, 0, 0)) + 2 * sm(z(0, 2, 0))) / 3, rtol=1e-5)
     assert int(np.argmax(probs["a"])) == 1
     probs, labels = merge([views], "sum_logits")  # PySlowFast: logits summed -> class 0

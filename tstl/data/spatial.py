@@ -35,13 +35,13 @@ class JitterCrop:
 
 
 def jitter_short_side(rng: np.random.Generator, min_size: int, max_size: int, inverse_uniform: bool = False) -> int:
-    """The jittered short side: ``int(round(U(min, max)))``, or ``int(round(1 / U(1/max, 1/min)))``.
+    """The jittered short side: ``int(round(U(min, max)))`` (Python and NumPy both round half to even), or ``int(round(1 / U(1/max, 1/min)))``.
 
     facebookresearch/TimeSformer ``timesformer/datasets/transform.py:30-35`` (``random_short_side_scale_jitter``).
     """
     if inverse_uniform:
-        return int(round(1.0 / rng.uniform(1.0 / max_size, 1.0 / min_size)))
-    return int(round(rng.uniform(min_size, max_size)))
+        return round(1.0 / rng.uniform(1.0 / max_size, 1.0 / min_size))
+    return round(rng.uniform(min_size, max_size))
 
 
 def scaled_size(height: int, width: int, short: int) -> tuple[int, int]:
@@ -52,8 +52,8 @@ def scaled_size(height: int, width: int, short: int) -> tuple[int, int]:
     if (width <= height and width == short) or (height <= width and height == short):
         return height, width
     if width < height:
-        return int(math.floor(float(height) / width * short)), short
-    return short, int(math.floor(float(width) / height * short))
+        return math.floor(float(height) / width * short), short
+    return short, math.floor(float(width) / height * short)
 
 
 def random_crop_offset(rng: np.random.Generator, height: int, width: int, size: int) -> tuple[int, int]:

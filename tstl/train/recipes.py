@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tstl.core.config import ConfigError, dump_yaml, load_config
 from tstl.train.config import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
-__all__ = ["CONFIG_DIR", "recipe_files", "load_recipe", "print_config", "available"]
+__all__ = ["CONFIG_DIR", "available", "load_recipe", "print_config", "recipe_files"]
 
 
 def available(config_dir: Path = CONFIG_DIR) -> tuple[list[str], list[str]]:
