@@ -30,7 +30,9 @@ BENCH_VIDEOS ?= 64
 NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] && echo $$n || echo 1)
 MASTER_PORT ?= 29500
 RUN_DIR ?= $(RUNS_DIR)/$(DATASET)-$(or $(MODEL),bcast_vit_b16)
-TRAIN_CONFIGS = configs/data/$(DATASET).yaml configs/model/$(or $(MODEL),bcast_vit_b16).yaml
+# A recipe = data layer, model layer, and the (model, dataset) pair layer where one exists (docs/training.md, Recipes).
+TRAIN_CONFIGS = configs/data/$(DATASET).yaml configs/model/$(or $(MODEL),bcast_vit_b16).yaml \
+  $(wildcard configs/recipe/$(or $(MODEL),bcast_vit_b16)-$(DATASET).yaml)
 comma := ,
 INIT = $(strip $(CLIP) $(VIDEOMAE))
 TRAIN_OVERRIDES = data_dir=$(DATA_DIR) out_dir=$(RUN_DIR) $(if $(INIT),model.init=[$(subst $(eval) ,$(comma),$(INIT))]) $(OVERRIDES)
@@ -48,7 +50,7 @@ DEMO_TSTL = --config configs/data/ssv2.yaml configs/demo.yaml configs/tstl/demo.
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help setup test demo demo-tstl synthetic prepare-ssv2 prepare-ucf101 finalize shards train eval groups \
-  train-tstl eval-tstl bench clean-demo
+  train-tstl eval-tstl bench clean-demo print-config
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -92,6 +94,10 @@ shards: setup  ## WebDataset shards of a prepared dataset (DATASET=ssv2|ucf101, 
 train: setup  ## DeepSpeed training on the shards of `make shards` (DATASET, MODEL, CLIP, VIDEOMAE, OVERRIDES)
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(MASTER_PORT) --module tstl.train.cli train \
 	  --config $(TRAIN_CONFIGS) $(TRAIN_OVERRIDES)
+
+print-config:  ## the resolved recipe of `make train` (DATASET, MODEL, CLIP, VIDEOMAE, OVERRIDES) as its config.yaml
+	@$(MAKE) --no-print-directory setup >&2
+	@$(PY) -m tstl.train.recipes --dataset $(DATASET) --model $(or $(MODEL),bcast_vit_b16) $(TRAIN_OVERRIDES)
 
 eval: setup  ## multi-view evaluation of CHECKPOINT (a file, a DeepSpeed tag folder or a run folder)
 	$(PY) -m tstl.train.cli eval --checkpoint $(CHECKPOINT) $(if $(wildcard $(CHECKPOINT)/config.yaml $(CHECKPOINT)/../../config.yaml),,--config $(TRAIN_CONFIGS)) \

@@ -99,7 +99,10 @@ def test_evaluate_on_one_rank_uses_softmax_of_the_model() -> None:
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3))
     batch = {"video": torch.randn(2, 1, 2, 3, 1), "label": torch.tensor([0, 2]), "key": ["x", "y"],
              "view": torch.tensor([0, 0])}
-    out = predict(model, [batch], torch.device("cpu"))
-    expected = torch.softmax(model(batch["video"]), -1).detach().numpy()
-    np.testing.assert_allclose(out[("y", 0)][0], expected[1], rtol=1e-6)
+    out = predict(model, [batch], torch.device("cpu"))  # logits; the merge rule applies the softmax
+    logits = model(batch["video"]).detach().numpy()
+    np.testing.assert_allclose(out[("y", 0)][0], logits[1], rtol=1e-6)
     assert out[("x", 0)][1] == 0
+    probs, _ = merge([out], "mean_softmax")
+    expected = torch.softmax(model(batch["video"]), -1).detach().numpy()
+    np.testing.assert_allclose(probs["y"], expected[1], rtol=1e-5)

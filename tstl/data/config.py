@@ -80,6 +80,20 @@ class DataConfig:
     stage-1 selector; ``num_classes`` becomes ``max(label_map) + 1``. Empty keeps the labels."""
     shard_url_template: str = ""
     """Read shards from ``template.format(name=...)`` (e.g. ``pipe:aws s3 cp s3://b/ssv2/train/{name} -``)."""
+    sampling_convention: Literal["default", "cast", "tstl", "pyslowfast"] = "default"
+    """Whose exact frame-index rule ``sampling`` follows (``tstl.data.sampling``): ``cast`` (CAST/VideoMAE: SSV2
+    test views at segment starts and midpoints, dense clips by linspace over ``T * rate`` frames), ``tstl`` (TSTL's
+    UCF101 loader: one frame per segment, with ``sampling_rate`` as its ``frame_sample_rate``), ``pyslowfast``
+    (TimeSformer), ``default`` (this project's own)."""
+    train_crop: Literal["random_resized", "short_side_jitter"] = "random_resized"
+    """Training crop: ``random_resized`` (CAST/VideoMAE: ``rrc_scale``/``rrc_ratio`` box resized to ``input_size``)
+    or ``short_side_jitter`` (PySlowFast/TimeSformer: short side to a random size in ``jitter_scales``, then an
+    ``input_size`` random crop; ``tstl.data.spatial``)."""
+    jitter_scales: tuple[int, int] = (256, 320)
+    """``short_side_jitter``: range of the short side (PySlowFast ``DATA.TRAIN_JITTER_SCALES``)."""
+    jitter_inverse_uniform: bool = False
+    """``short_side_jitter``: draw the short side as ``1 / U(1/max, 1/min)`` (PySlowFast ``DATA.INV_UNIFORM_SAMPLE``,
+    on in TimeSformer's SSV2 recipe)."""
 
     def __post_init__(self) -> None:
         if self.num_frames < 1 or self.sampling_rate < 1 or self.input_size < 8:
@@ -98,6 +112,13 @@ class DataConfig:
             raise ValueError("label_map must use every new label 0..max(label_map) and no negative one")
         if min(self.test_views) < 1:
             raise ValueError("test_views must be >= 1 in both entries")
+        if self.sampling == "segment" and self.sampling_convention == "cast" and self.test_views[0] > 2:
+            raise ValueError(f"CAST's segment test rule has 1 or 2 temporal views, test_views is {self.test_views}; "
+                             "use sampling_convention=default for more")
+        lo, hi = self.jitter_scales
+        if self.train_crop == "short_side_jitter" and not self.input_size <= lo <= hi:
+            raise ValueError(f"jitter_scales {self.jitter_scales} must satisfy input_size ({self.input_size}) <= "
+                             "min <= max for short_side_jitter")
 
     @property
     def mixup_active(self) -> bool:

@@ -160,7 +160,7 @@ class ClipStream(IterableDataset):
         with seeded(derive_seed(cfg.seed, s.epoch, s.rank, role, aug_index, 2)):
             rng = np.random.default_rng(derive_seed(cfg.seed, s.epoch, s.rank, role, aug_index, 3))
             clip = decode_clip(data, frames, lambda n: sampling.train_indices(
-                cfg.sampling, n, cfg.num_frames, cfg.sampling_rate, rng), cfg.decode_timeout_s)
+                cfg.sampling, n, cfg.num_frames, cfg.sampling_rate, rng, cfg.sampling_convention), cfg.decode_timeout_s)
             return [(tf(clip), label, sample["__key__"], 0)]
 
     def _eval_items(self, sample: dict, views: EvalViews) -> list[tuple]:
@@ -169,7 +169,8 @@ class ClipStream(IterableDataset):
         t_len = cfg.num_frames
 
         def pick(n: int) -> np.ndarray:
-            return np.concatenate([sampling.test_indices(cfg.sampling, n, t_len, cfg.sampling_rate, t, nt)
+            return np.concatenate([sampling.test_indices(cfg.sampling, n, t_len, cfg.sampling_rate, t, nt,
+                                                         cfg.sampling_convention)
                                    for t in range(nt)])
 
         clip = decode_clip(data, frames, pick, cfg.decode_timeout_s)

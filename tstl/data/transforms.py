@@ -21,6 +21,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from tstl.data.config import DataConfig
+from tstl.data.spatial import short_side_jitter_crop  # [recipes] data.train_crop=short_side_jitter
 
 
 @contextlib.contextmanager
@@ -63,11 +64,16 @@ class TrainClipTransform:
 
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 ``[T, H, W, 3]`` -> float ``[3, T, S, S]``; call under ``seeded(...)`` for reproducibility."""
-        first = Image.fromarray(frames[0])
-        top, left, h, w = RandomResizedCropAndInterpolation.get_params(
-            first, tuple(self.cfg.rrc_scale), tuple(self.cfg.rrc_ratio))
+        if self.cfg.train_crop == "short_side_jitter":  # [recipes] PySlowFast geometry, see tstl.data.spatial
+            box = short_side_jitter_crop(frames.shape[1], frames.shape[2], self.size, self.cfg.jitter_scales,
+                                         np.random.default_rng(random.getrandbits(32)),
+                                         self.cfg.jitter_inverse_uniform).box
+        else:
+            first = Image.fromarray(frames[0])
+            top, left, h, w = RandomResizedCropAndInterpolation.get_params(
+                first, tuple(self.cfg.rrc_scale), tuple(self.cfg.rrc_ratio))
+            box = (left, top, left + w, top + h)
         flip = self.cfg.flip and random.random() < 0.5
-        box = (left, top, left + w, top + h)
         # One snapshot of the generators; every frame replays it, so RandAugment's ops and magnitudes match.
         state = random.getstate(), np.random.get_state()
         out = np.empty((len(frames), self.size, self.size, 3), dtype=np.uint8)

@@ -53,12 +53,27 @@ class OptimConfig:
     """Layer-wise learning-rate decay (1.0 = off); needs the model's ``group_matcher``."""
     clip_grad: float = 0.0
     """Gradient-norm clipping (0 = off)."""
+    schedule: Literal["cosine", "steps"] = "cosine"
+    """``cosine``: linear warm-up, then cosine to ``min_lr`` (CAST/VideoMAE). ``steps``: lr x ``lr_factors[i]``
+    from epoch ``lr_steps[i]`` on (PySlowFast ``steps_with_relative_lrs``; TimeSformer), after any warm-up."""
+    lr_steps: list[float] = field(default_factory=list)
+    """``steps``: epochs at which each factor starts, beginning with 0 (TimeSformer: ``[0, 11, 14]``)."""
+    lr_factors: list[float] = field(default_factory=list)
+    """``steps``: lr multipliers, one per entry of ``lr_steps`` (TimeSformer: ``[1, 0.1, 0.01]``)."""
+    weight_decay_all: bool = False
+    """Decay every trainable parameter (PySlowFast's ``construct_optimizer``: only names containing ``bn`` are
+    exempt, a ViT has none). False exempts biases, norms and the model's ``no_weight_decay()`` (CAST/timm)."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.warmup_epochs < 0:
             raise ValueError("lr must be > 0, min_lr and warmup_epochs >= 0")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.schedule == "steps":
+            if not self.lr_steps or len(self.lr_steps) != len(self.lr_factors):
+                raise ValueError("schedule=steps needs lr_steps and lr_factors of the same, non-zero length")
+            if self.lr_steps[0] != 0 or any(b <= a for a, b in zip(self.lr_steps, self.lr_steps[1:])):
+                raise ValueError(f"lr_steps must start at 0 and increase, got {self.lr_steps}")
 
 
 @dataclass
@@ -114,6 +129,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    test_merge: Literal["mean_softmax", "sum_logits"] = "mean_softmax"
+    """How the test views of a video are merged: ``mean_softmax`` (CAST/VideoMAE: mean of per-view softmax) or
+    ``sum_logits`` (PySlowFast ``DATA.ENSEMBLE_METHOD: sum`` on TimeSformer's logits)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch.optim.lr_scheduler import LambdaLR
 
 from tstl.train.config import EngineConfig, OptimConfig
@@ -58,18 +58,71 @@ def deepspeed_config(cfg: EngineConfig, optim: OptimConfig, plan: BatchPlan) -> 
     return ds
 
 
+def _patterns(spec) -> list[tuple[re.Pattern, tuple | None]]:
+    """A timm ``group_matcher`` entry (a regex, or a list of ``(regex, suffix)``) as compiled pairs."""
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        return [(re.compile(spec), None)]
+    return [(re.compile(r), suffix) for r, suffix in spec]
+
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """Layer id of every parameter by CAST's rule, and the number of ids.
+
+    KHU-VLL/CAST ``util_tools/optim_factory.py:24-44`` (``get_num_layer_for_vit``, as BEiT/VideoMAE): stem
+    parameters 0, block ``i`` ``i + 1``, every other parameter the top id ``num_blocks + 1``; with
+    ``run_bidirection.py:374-376`` the scale of id ``k`` is ``layer_decay ** (num_blocks + 1 - k)``. The stem and
+    the indexed block pattern come from the model's timm ``group_matcher``; timm's ``(99999,)`` suffix ("merge into
+    the last block", which put B-CAST's ``clip_ln_post``/``vmae_fc_norm``/last adapters at block 11's 0.75) is
+    deliberately not honoured: those parameters get the top id, as in CAST.
+    """
+    matcher = model.group_matcher(coarse=False)
+    stem = _patterns(matcher.get("stem"))
+    blocks = [rx for rx, suffix in _patterns(matcher.get("blocks")) if suffix is None and rx.groups >= 1]
+    block_of: dict[str, int] = {}
+    stems: set[str] = set()
+    for name, _ in model.named_parameters():
+        if any(rx.match(name) for rx, _ in stem):
+            stems.add(name)
+            continue
+        for rx in blocks:
+            m = rx.match(name)
+            if m:
+                block_of[name] = int(m.group(1))
+                break
+    num_blocks = max(block_of.values(), default=-1) + 1
+    ids = {name: 0 if name in stems else block_of[name] + 1 if name in block_of else num_blocks + 1
+           for name, _ in model.named_parameters()}
+    return ids, num_blocks + 2
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Trainable parameters only; no decay for biases, norms and the model's ``no_weight_decay()`` set;
-    layer-wise lr decay through the model's timm ``group_matcher`` when ``layer_decay < 1``."""
+    """Trainable parameters only, grouped by (weight decay, lr scale).
+
+    Weight decay: CAST's rule (``util_tools/optim_factory.py:65-73``): none for 1-D parameters, biases and names
+    containing an entry of the model's ``no_weight_decay()``; ``cfg.weight_decay_all`` decays every parameter
+    (PySlowFast ``timesformer/models/optimizer.py:29-41``). Layer-wise lr decay (``layer_decay < 1``): see
+    :func:`layer_ids`.
+    """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    if cfg.layer_decay < 1.0 and hasattr(model, "group_matcher"):
-        groups = param_groups_layer_decay(model, cfg.weight_decay, list(skip), layer_decay=cfg.layer_decay)
-    else:
-        groups = param_groups_weight_decay(model, cfg.weight_decay, list(skip))
-    groups = [g for g in groups if g["params"]]
-    n = sum(p.numel() for g in groups for p in g["params"])
+    ids, num_ids = (layer_ids(model) if cfg.layer_decay < 1.0 and hasattr(model, "group_matcher") else ({}, 1))
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = not cfg.weight_decay_all and (
+            p.ndim <= 1 or name.endswith(".bias") or name in skip or any(s in name for s in skip))
+        layer = ids.get(name, num_ids - 1)
+        key = (layer, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+                           "lr_scale": cfg.layer_decay ** (num_ids - 1 - layer)}
+        groups[key]["params"].append(p)
+    out = [groups[k] for k in sorted(groups)]
+    n = sum(p.numel() for g in out for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters() if p.requires_grad), "a trainable parameter has no group"
-    return groups
+    return out
 
 
 def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
@@ -90,11 +143,35 @@ def lr_factor(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_s
     return value / lr
 
 
+def step_factor(epoch: float, lr_steps: list[float], lr_factors: list[float]) -> float:
+    """PySlowFast ``steps_with_relative_lrs``: the factor of the last step that ``epoch`` has reached.
+
+    facebookresearch/TimeSformer ``timesformer/utils/lr_policy.py:49-74``: ``LRS[ind]`` where ``ind`` is the last
+    ``i`` with ``STEPS[i] <= epoch`` (past ``MAX_EPOCH`` the last factor stays).
+    """
+    ind = 0
+    for i, start in enumerate(lr_steps):
+        if epoch >= start:
+            ind = i
+    return lr_factors[ind]
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, lr: float, min_lr: float,
                     steps_per_epoch: int, epochs: int) -> LambdaLR:
-    """Per-optimizer-step schedule; every group keeps its layer-decay scale."""
+    """Per-optimizer-step schedule; every group keeps its layer-decay scale.
+
+    ``cosine``: :func:`lr_factor`. ``steps``: the same linear warm-up (if any), then :func:`step_factor` at the
+    fractional epoch ``step / steps_per_epoch`` (PySlowFast sets the lr every iteration from
+    ``cur_epoch + cur_iter / data_size``, ``tools/train_net.py:71``).
+    """
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     total = steps_per_epoch * epochs
+    if cfg.schedule == "steps":
+        def factor(s: int) -> float:
+            if s < warmup:
+                return (s / max(warmup - 1, 1) if warmup > 1 else 1.0) * step_factor(0.0, cfg.lr_steps, cfg.lr_factors)
+            return step_factor(s / steps_per_epoch, cfg.lr_steps, cfg.lr_factors)
+        return LambdaLR(optimizer, factor)
     return LambdaLR(optimizer, lambda s: lr_factor(s, lr=lr, min_lr=min_lr, warmup_steps=warmup, total_steps=total))
 
 

@@ -1,8 +1,9 @@
-"""Multi-view evaluation: per-view softmax gathered from all ranks, duplicates removed, averaged per video.
+"""Multi-view evaluation: per-view logits gathered from all ranks, duplicates removed, merged per video.
 
 The evaluation loader gives every (video, view) as its own sample and may repeat a few to keep ranks in step; here
-each (key, view) counts once, the views of a video are averaged in probability space, and top-1/top-5, per-class
-accuracy and the confusion matrix are computed on the merged predictions.
+each (key, view) counts once, the views of a video are merged by the run's rule (``test_merge``: ``mean_softmax``,
+CAST/VideoMAE's mean of per-view probabilities, or ``sum_logits``, PySlowFast's sum of per-view logits), and
+top-1/top-5, per-class accuracy and the confusion matrix are computed on the merged predictions.
 """
 
 from __future__ import annotations
@@ -37,25 +38,42 @@ class EvalResult:
                 "mean_class_acc": float(np.nanmean(self.per_class)) if self.per_class.size else float("nan")}
 
 
+MERGE_RULES = ("mean", "mean_softmax", "sum_logits")
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, batches: Iterable[dict], device: torch.device,
             dtype: torch.dtype = torch.float32) -> dict[tuple[str, int], tuple[np.ndarray, int]]:
-    """Softmax of every (key, view) this rank sees: {(key, view): (probs, label)}."""
+    """Logits of every (key, view) this rank sees: {(key, view): (logits, label)}; :func:`merge` applies the rule."""
     out = {}
     was_training = model.training
     model.eval()
     for batch in batches:
         video = batch["video"].to(device, dtype=dtype, non_blocking=True)
-        probs = torch.softmax(model(video).float(), dim=-1).cpu().numpy()
+        logits = model(video).float().cpu().numpy()
         views = batch.get("view", torch.zeros(len(batch["key"]), dtype=torch.long)).tolist()
-        for key, view, p, y in zip(batch["key"], views, probs, batch["label"].tolist()):
-            out[(key, int(view))] = (p, int(y))
+        for key, view, z, y in zip(batch["key"], views, logits, batch["label"].tolist()):
+            out[(key, int(view))] = (z, int(y))
     model.train(was_training)
     return out
 
 
-def merge(per_rank: list[dict[tuple[str, int], tuple[np.ndarray, int]]]) -> tuple[dict, dict]:
-    """Union over ranks (a repeated (key, view) counts once), then the mean over the views of each video."""
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def merge(per_rank: list[dict[tuple[str, int], tuple[np.ndarray, int]]], rule: str = "mean") -> tuple[dict, dict]:
+    """Union over ranks (a repeated (key, view) counts once), then the views of each video merged by ``rule``.
+
+    ``mean``: the mean of the given scores (already probabilities, e.g. TSTL's routed outputs).
+    ``mean_softmax``: scores are logits; the mean of their softmax (CAST ``engine_for_onemodel.py:249,278``,
+    VideoMAE). ``sum_logits``: scores are logits; their sum (PySlowFast ``DATA.ENSEMBLE_METHOD: sum``,
+    ``timesformer/utils/meters.py:107-108``; TimeSformer's head has no softmax), stored as its softmax so the
+    merged values stay probabilities with the same ranking.
+    """
+    if rule not in MERGE_RULES:
+        raise ValueError(f"unknown merge rule {rule!r}; one of {', '.join(MERGE_RULES)}")
     views: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
     for part in per_rank:
         for kv, value in part.items():
@@ -63,9 +81,12 @@ def merge(per_rank: list[dict[tuple[str, int], tuple[np.ndarray, int]]]) -> tupl
     sums: dict[str, list] = {}
     for (key, _), (p, y) in views.items():
         acc = sums.setdefault(key, [np.zeros_like(p, dtype=np.float64), 0, y])
-        acc[0] += p
+        acc[0] += _softmax(p.astype(np.float64)) if rule == "mean_softmax" else p
         acc[1] += 1
-    probs = {k: (s / n).astype(np.float32) for k, (s, n, _) in sums.items()}
+    if rule == "sum_logits":
+        probs = {k: _softmax(s).astype(np.float32) for k, (s, _, _) in sums.items()}
+    else:
+        probs = {k: (s / n).astype(np.float32) for k, (s, n, _) in sums.items()}
     labels = {k: y for k, (_, _, y) in sums.items()}
     return probs, labels
 
@@ -88,10 +109,11 @@ def metrics(probs: dict[str, np.ndarray], labels: dict[str, int], num_classes: i
 
 
 def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.device, num_classes: int,
-             dtype: torch.dtype = torch.float32) -> EvalResult:
-    """Predict on this rank's share, gather every rank's in memory, merge views, compute the metrics (all ranks)."""
+             dtype: torch.dtype = torch.float32, merge_rule: str = "mean_softmax") -> EvalResult:
+    """Predict on this rank's share, gather every rank's in memory, merge views by ``merge_rule`` (the run's
+    ``test_merge``), compute the metrics (all ranks)."""
     local = predict(model, batches, device, dtype)
-    return metrics(*merge(dist.all_gather_objects(local)), num_classes)
+    return metrics(*merge(dist.all_gather_objects(local), merge_rule), num_classes)
 
 
 def save_report(result: EvalResult, out: Path, classes: list[str] | None = None) -> None:
