@@ -129,7 +129,7 @@ def _select_head_rows(conv: Conversion, own: dict[str, torch.Tensor], rows: list
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool = True,
                     reinit_mismatched: tuple[str, ...] = (), head_rows: list[int] | None = None,
-                    head_rows_of: int | None = None) -> LoadReport:
+                    head_rows_of: int | None = None, adapters=()) -> LoadReport:
     """Detect the format of ``path``, map it onto ``model`` and load it.
 
     Args:
@@ -155,6 +155,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
     own = model.state_dict()
     if head_rows is not None:
         _select_head_rows(conv, own, list(head_rows), head_rows_of, path)
+    for adapt in adapters:  # state-dict adapters (conversion, own) -> None, e.g. TSTL's head-row selection
+        adapt(conv, own)
     for k in [k for k, v in conv.state_dict.items() if k.startswith(reinit_mismatched) and k in own
               and v.shape != own[k].shape]:
         logger.warning("%s: %s has shape %s, the model %s: kept at its initialisation", path, k,
