@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from timm.data import Mixup
 from torch.utils.data import DataLoader
@@ -165,7 +165,14 @@ def _check_label_map(label_map: Mapping[int, int] | None, num_classes: int | Non
 def _shards(source: Source, cfg: DataConfig, label_map: Mapping[int, int] | None) -> ShardSet:
     if isinstance(source, ShardSet):
         return source
-    return resolve(source, cfg.shard_url_template, sorted(label_map) if label_map is not None else ())
+    if label_map is None:
+        return resolve(source, cfg.shard_url_template)
+    text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else ""
+    if text and (os.path.isdir(text) or text.endswith("shards.json")):  # only the shard list is read: cheap
+        full = resolve(source, cfg.shard_url_template)
+        if full.num_classes is not None and set(label_map) >= set(range(full.num_classes)):
+            return full  # relabelling every class (class -> group) filters nothing: no per-label counting
+    return resolve(source, cfg.shard_url_template, sorted(label_map))
 
 
 def build_train_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_size: int = 1, epoch: int = 0,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from tstl.core.config import ConfigError
 from tstl.models import create_model, load_checkpoint

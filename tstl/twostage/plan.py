@@ -28,7 +28,6 @@ from tstl.train.config import TrainConfig
 from tstl.twostage.config import TSTLConfig, with_overrides
 from tstl.twostage.groups import ClassGroups
 
-
 logger = logging.getLogger(__name__)
 
 
