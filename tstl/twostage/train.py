@@ -119,10 +119,10 @@ def _release_memory() -> None:
 def train_two_stage(cfg: TSTLConfig) -> ClassGroups:
     """Stage 1 (selector on group labels), then stage 2 (one expert per group); finished stages are skipped."""
     cfg.check()
-    dist.init()  # before anything is written: only rank 0 writes the run's shared files
     if not cfg.model.init and not cfg.tstl.init:
         raise ConfigError("TSTL needs weights to start from: give tstl.init=[<trained B-CAST run or checkpoint>] "
                           "(TSTL starts from a CAST) and/or model.init=[<pre-trained backbones>]")
+    dist.init()  # before anything is written: only rank 0 writes the run's shared files
     groups = resolve_groups(cfg)
     out = Path(cfg.out_dir)
     logger.info("TSTL run %s: %d classes in %d groups (sizes %s)", out, groups.num_classes, groups.num_groups,
