@@ -157,7 +157,7 @@ def test_reads_shard_sets_built_by_shard_tools(tmp_path: Path, videos: dict[int,
     got = keys(run(ld))
     assert ld.num_classes == 3 and ld.classes == ["a", "b", "c"] and len(got) == 8
     assert set(got) == {str(i + 1) for i in range(7)}
-    sub = build_train_loader(cfg(labels=[2, 0], remap_labels=True), root / "shards/train")  # counts from the manifest
+    sub = build_train_loader(cfg(), root / "shards/train", label_map={2: 0, 0: 1})  # counts from the manifest
     batches = run(sub)
     assert sub.num_classes == 2 and sorted(set(keys(batches))) == ["1", "3", "4", "6", "7"]
     assert {k: int(v) for b in batches for k, v in zip(b["key"], b["label"])}["3"] == 0  # label 2 -> 0
@@ -167,27 +167,27 @@ def test_reads_shard_sets_built_by_shard_tools(tmp_path: Path, videos: dict[int,
 def test_label_map_relabels_classes_to_groups(shardset: Callable[..., Path]) -> None:
     root = shardset(20, [9, 11])  # labels i % 5
     group_of = [1, 0, 2, 0, 1]  # class -> group, as TSTL's stage-1 selector is trained
-    for loader in (build_train_loader(cfg(label_map=group_of), root),
-                   build_eval_loader(cfg(label_map=group_of, test_views=(1, 1)), root)):
+    label_map = dict(enumerate(group_of))
+    for loader in (build_train_loader(cfg(), root, label_map=label_map),
+                   build_eval_loader(cfg(test_views=(1, 1)), root, label_map=label_map)):
         got = {k: int(v) for b in run(loader) for k, v in zip(b["key"], b["label"])}
         assert loader.num_classes == 3 and loader.classes is None
         assert got == {f"v{i:03d}": group_of[i % 5] for i in range(20)}
-    mixed = next(iter(build_train_loader(cfg(label_map=group_of, mixup=0.8), root)))
+    mixed = next(iter(build_train_loader(cfg(mixup=0.8), root, label_map=label_map)))
     assert mixed["label"].shape == (2, 3)  # mixup targets over groups
-    # label_map after an expert-style filter: classes [4, 1] -> local 0, 1 -> mapped 1, 0
-    sub = build_train_loader(cfg(labels=[4, 1], remap_labels=True, label_map=[1, 0]), root)
+    # an expert-style subset map: classes 4, 1 kept and relabelled 1, 0
+    sub = build_train_loader(cfg(), root, label_map={4: 1, 1: 0})
     got = {k: int(v) for b in run(sub) for k, v in zip(b["key"], b["label"])}
     assert got == {f"v{i:03d}": {4: 1, 1: 0}[i % 5] for i in range(20) if i % 5 in (1, 4)}
-    with pytest.raises(ValueError, match="label_map has 4 entries"):
-        build_train_loader(cfg(label_map=[0, 1, 0, 1]), root)
+    with pytest.raises(ValueError, match=r"label_map keys \[5\] are not classes"):
+        build_train_loader(cfg(), root, label_map={0: 0, 5: 1})
     with pytest.raises(ValueError, match="every new label"):
-        cfg(label_map=[0, 2, 0, 2, 0])
+        build_train_loader(cfg(), root, label_map=dict(enumerate([0, 2, 0, 2, 0])))
 
 
 def test_label_filter_keeps_balance_and_coverage(shardset: Callable[..., Path]) -> None:
     root = shardset(30, [7, 13, 10])  # labels i % 5; no manifest here, so the shards are scanned
-    c = cfg(labels=[1, 3])
-    per_rank = [run(build_train_loader(c, root, rank=r, world_size=2)) for r in range(2)]
+    per_rank = [run(build_train_loader(cfg(), root, rank=r, world_size=2, label_map={1: 0, 3: 1})) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 4
     got = Counter(keys(per_rank[0]) + keys(per_rank[1]))
     assert set(got) == {f"v{i:03d}" for i in range(30) if i % 5 in (1, 3)} and sum(got.values()) == 16

@@ -5,7 +5,7 @@ import pytest
 from tstl.core.config import ConfigError, load_config
 from tstl.twostage.config import TSTLConfig
 from tstl.twostage.groups import ClassGroups
-from tstl.twostage.plan import expert_config, expert_file, pending_experts, selector_config
+from tstl.twostage.plan import expert_file, expert_stage, pending_experts, selector_stage
 
 GROUPS = ClassGroups(((0, 5), (1, 2, 3), (4, 6, 7)), 8)
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,25 +20,26 @@ def _cfg(tmp_path, *extra):
 
 def test_stage_configs_filter_relabel_and_layer_the_overrides(tmp_path):
     cfg = _cfg(tmp_path, "tstl.init=[cast.pth]", "tstl.expert.epochs=3", "tstl.selector.optim.lr=2e-3")
-    sel = selector_config(cfg, GROUPS)
-    assert sel.data.label_map == [0, 1, 1, 1, 2, 0, 2, 2] and sel.model.num_classes == 3
+    stage = selector_stage(cfg, GROUPS)
+    sel = stage.config
+    assert stage.label_map == dict(enumerate([0, 1, 1, 1, 2, 0, 2, 2])) and sel.model.num_classes == 3
+    assert not stage.adapters
     assert sel.model.init == ["clip.pt", "vmae.pth", "cast.pth"] and sel.optim.lr == 2e-3
     assert sel.out_dir == str(tmp_path / "selector") and sel.test_at_end is False
     assert sel.epochs == 10 and sel.data.num_frames == cfg.data.num_frames  # recipe override, else the run's
-    ex = expert_config(cfg, GROUPS, 2)
-    assert ex.data.labels == [4, 6, 7] and ex.data.remap_labels and not ex.data.label_map
+    expert = expert_stage(cfg, GROUPS, 2)
+    ex = expert.config
+    assert expert.label_map == {4: 0, 6: 1, 7: 2} and len(expert.adapters) == 1  # filter + relabel; head rows
     assert ex.model.num_classes == 3 and ex.epochs == 3 and ex.optim.lr == cfg.optim.lr
-    assert ex.out_dir == str(tmp_path / "expert_02")
-    trunk = expert_config(cfg, GROUPS, 0, trunk=tmp_path / "trunk.pt")
-    assert trunk.model.init[0] == str(tmp_path / "trunk.pt")
+    assert ex.out_dir == str(tmp_path / "expert_02") and ex.model.init == ["clip.pt", "vmae.pth", "cast.pth"]
     assert ex.train_split == cfg.train_split  # the same shards, filtered on the fly
-    sub = expert_config(_cfg(tmp_path, "tstl.expert_split=train-g{group:02d}"), GROUPS, 2)
-    assert sub.train_split == "train-g02" and sub.data.labels == [4, 6, 7]
+    sub = expert_stage(_cfg(tmp_path, "tstl.expert_split=train-g{group:02d}"), GROUPS, 2)
+    assert sub.config.train_split == "train-g02" and sub.label_map == {4: 0, 6: 1, 7: 2}
 
 
 @pytest.mark.parametrize("override, message", [
     ("tstl.expert.optim.lrr=1", "unknown key 'optim.lrr'"),
-    ("tstl.selector.model.train_experts=true", "train_experts must be false"),
+    ("tstl.selector.model.freeze_pretrained=false", "freeze_pretrained must be true"),
     ("tstl.num_groups=0", "tstl.groups=<group file> or tstl.num_groups"),
     ("tstl.soft_top_k=0", "soft_top_k"),
     ("tstl.expert_split=train-sub", "must contain {group}"),
@@ -79,9 +80,19 @@ def test_shipped_tstl_recipes_load_and_pass_the_checks():
                   ["data/ssv2.yaml", "demo.yaml", "tstl/demo.yaml"]):
         cfg = load_config(TSTLConfig, [ROOT / "configs" / f for f in files])
         cfg.check()
-        assert not selector_config(cfg, GROUPS).model.train_experts
-    with pytest.raises(ConfigError, match="train_experts must be false"):  # the plain demo trains its experts
+        assert selector_stage(cfg, GROUPS).config.model.freeze_pretrained
+    with pytest.raises(ConfigError, match="freeze_pretrained must be true"):  # the plain demo trains its experts
         load_config(TSTLConfig, [ROOT / "configs" / f for f in ("data/ssv2.yaml", "demo.yaml", "tstl/default.yaml")]).check()
+
+
+def test_training_without_weights_to_start_from_is_refused(tmp_path):
+    from tstl.twostage.train import train_two_stage
+
+    cfg = load_config(TSTLConfig, [ROOT / "configs" / f for f in ("data/ssv2.yaml", "demo.yaml", "tstl/demo.yaml")],
+                      [f"out_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"tstl.init=\[<trained B-CAST run or checkpoint>\]"):
+        train_two_stage(cfg)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_stage_init_is_pinned_and_a_changed_init_is_refused_on_resume(tmp_path, monkeypatch):

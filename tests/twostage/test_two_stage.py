@@ -17,14 +17,30 @@ import yaml
 
 from tests.conftest import ROOT, TINY, free_port, subprocess_env
 from tstl.models import create_model
-from tstl.twostage.experts import read_expert
+from tests.twostage.conftest import write_random_checkpoint
+from tstl.twostage.stagefile import read_stage_file
 
 CONFIGS = [str(ROOT / f"configs/{f}.yaml") for f in ("data/ssv2", "demo", "tstl/default")]
 
 
 def _cli(cmd: str, data_dir: Path, run: Path, *extra: str) -> list[str]:
+    """A TSTL command on the tiny B-CAST; training starts from the random weights of ``_init(run)``."""
     return [sys.executable, "-m", "tstl.twostage.cli", cmd, "--config", *CONFIGS, f"data_dir={data_dir}",
-            f"out_dir={run}", "model.train_experts=false", "tstl.num_groups=2", *TINY, *extra]
+            f"out_dir={run}", "model.freeze_pretrained=true", "tstl.num_groups=2", f"tstl.init=[{_init(run)}]",
+            *TINY, *extra]
+
+
+def _init(run: Path, model: str = "bcast_test") -> Path:
+    """Random initial weights beside the run (4 classes: experts take their rows of its head, as of a CAST)."""
+    path = run.parent / f"init-{model}.pt"
+    if not path.exists():
+        write_random_checkpoint(path, model, num_classes=4)
+    return path
+
+
+def _labels(stage: Path) -> dict[int, int]:
+    """The label map a stage's trainer was given (``<stage>/labels.json``)."""
+    return {int(k): v for k, v in json.loads((stage / "labels.json").read_text())["label_map"].items()}
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
@@ -55,14 +71,14 @@ def test_two_stage_run_killed_in_stage_2_resumes_then_evaluates(data_dir: Path, 
     # each stage was trained on the right labels of the same shards
     sel_cfg = yaml.safe_load((run / "selector/config.yaml").read_text())
     ex_cfg = yaml.safe_load((run / "expert_01/config.yaml").read_text())
-    assert sel_cfg["data"]["label_map"] == [0, 0, 1, 1] and sel_cfg["model"]["num_classes"] == 2
-    assert ex_cfg["data"]["labels"] == [2, 3] and ex_cfg["data"]["remap_labels"] and ex_cfg["epochs"] == 2
-    # expert files: trainable tensors only, frozen ones by reference to the run's shared initial weights
-    payload = read_expert(run / "expert_01/expert.pt")
+    assert _labels(run / "selector") == {0: 0, 1: 0, 2: 1, 3: 1} and sel_cfg["model"]["num_classes"] == 2
+    assert _labels(run / "expert_01") == {2: 0, 3: 1} and ex_cfg["epochs"] == 2
+    # stage files: trainable tensors only, frozen ones by reference to the run's shared initial weights
+    payload = read_stage_file(run / "expert_01/expert.pt")
     model = create_model("bcast_test", num_classes=2)
     assert set(payload["trainable"]) == set(model.trainable_state_dict())
     assert sum(v.numel() for v in payload["trainable"].values()) < sum(p.numel() for p in model.parameters()) / 4
-    assert [s["path"] for s in payload["frozen"]["checkpoints"]] == [str(run / "trunk.pt")]
+    assert [s["path"] for s in payload["frozen"]["checkpoints"]] == [str(_init(run))]
 
     base = tmp_path / "bcast"
     single = [sys.executable, "-m", "tstl.train.cli", "train", "--config", *CONFIGS[:2], f"data_dir={data_dir}",
@@ -82,7 +98,7 @@ def test_two_stage_run_killed_in_stage_2_resumes_then_evaluates(data_dir: Path, 
     other = subprocess.run(train[:-3] + ["tstl.num_groups=4"], cwd=ROOT, env=subprocess_env(), capture_output=True,
                            text=True, timeout=600)
     assert other.returncode == 2 and "started with other class groups" in other.stderr
-    assert torch.load(run / "selector/selector.pt", weights_only=True)["format"] == "tstl-expert/v1"
+    assert torch.load(run / "selector/selector.pt", weights_only=True)["format"] == "tstl-stage/v1"
 
 
 @pytest.mark.multiproc
@@ -96,7 +112,7 @@ def test_two_ranks_through_the_deepspeed_launcher(data_dir: Path, tmp_path: Path
     for stage in ("selector", "expert_00", "expert_01"):
         marker = json.loads(next((run / stage / "checkpoints").glob("*/complete.json")).read_text())
         assert marker["world_size"] == 2, stage
-    assert read_expert(run / "expert_01/expert.pt")["extra"]["classes"] == [2, 3]
+    assert read_stage_file(run / "expert_01/expert.pt")["extra"]["classes"] == [2, 3]
     ev = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port(),
           "--module", *_cli("eval", data_dir, run)[2:]]
     proc = subprocess.run(ev, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
@@ -121,7 +137,7 @@ def test_experts_can_read_per_group_subsets(data_dir: Path, tmp_path: Path) -> N
                           cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = yaml.safe_load((run / "expert_00/config.yaml").read_text())
-    assert cfg["train_split"] == "train-g00" and cfg["data"]["labels"] == [3, 0]
+    assert cfg["train_split"] == "train-g00" and _labels(run / "expert_00") == {3: 0, 0: 1}
     metrics = [json.loads(line) for line in (run / "expert_00/metrics.jsonl").read_text().splitlines()]
     assert len([m for m in metrics if "train/loss" in m]) == 3  # the 6 videos of classes 3 and 0, batch 2
 
@@ -146,3 +162,22 @@ def test_eval_of_released_tstl_checkpoints(data_dir: Path, tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "eval/metrics.json").read_text())
     assert summary["videos"] == 4 and summary["num_groups"] == 2 and "baseline" not in summary["methods"]
+
+
+def test_tstl_on_timesformer(data_dir: Path, tmp_path: Path) -> None:
+    """Any family that keeps the model contract runs TSTL; a TimeSformer has no frozen part, so its stage files
+    hold the whole model."""
+    run = tmp_path / "tstl-timesformer"
+    extra = ["model.name=timesformer_test", f"tstl.init=[{_init(run, 'timesformer_test')}]"]
+    proc = subprocess.run(_cli("train", data_dir, run, "tstl.selector.epochs=1", "tstl.expert.epochs=1", *extra),
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = read_stage_file(run / "expert_01/expert.pt")
+    model = create_model("timesformer_test", num_classes=2)
+    assert payload["model"] == "timesformer_test" and set(payload["trainable"]) == set(model.state_dict())
+    assert _labels(run / "expert_01") == {2: 0, 3: 1}
+    ev = subprocess.run(_cli("eval", data_dir, run, *extra), cwd=ROOT, env=subprocess_env(), capture_output=True,
+                        text=True, timeout=600)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    summary = json.loads((run / "eval/metrics.json").read_text())
+    assert summary["videos"] == 4 and summary["views"] == 16 and [e["videos"] for e in summary["experts"]] == [2, 2]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,13 +71,6 @@ class DataConfig:
     """Pin batches in page-locked memory (GPU training)."""
     prefetch_factor: int = 2
     """Batches prefetched per worker."""
-    labels: list[int] = field(default_factory=list)
-    """Keep only samples with these labels (e.g. one TSTL expert's class group); empty keeps all."""
-    remap_labels: bool = False
-    """With ``labels``: relabel the kept classes 0..k-1 in the order listed (``num_classes`` becomes k)."""
-    label_map: list[int] = field(default_factory=list)
-    """Relabel every sample ``y -> label_map[y]`` (after ``labels``/``remap_labels``), e.g. class -> group for TSTL's
-    stage-1 selector; ``num_classes`` becomes ``max(label_map) + 1``. Empty keeps the labels."""
     shard_url_template: str = ""
     """Read shards from ``template.format(name=...)`` (e.g. ``pipe:aws s3 cp s3://b/ssv2/train/{name} -``)."""
     sampling_convention: Literal["default", "cast", "tstl", "pyslowfast"] = "default"
@@ -104,12 +97,6 @@ class DataConfig:
             raise ValueError(f"mixup/cutmix need an even batch_size, got {self.batch_size}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError("max_bad_fraction must be in [0, 1]")
-        if self.remap_labels and not self.labels:
-            raise ValueError("remap_labels needs a labels list")
-        if len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"labels has duplicates: {self.labels}")
-        if self.label_map and (min(self.label_map) < 0 or set(self.label_map) != set(range(max(self.label_map) + 1))):
-            raise ValueError("label_map must use every new label 0..max(label_map) and no negative one")
         if min(self.test_views) < 1:
             raise ValueError("test_views must be >= 1 in both entries")
         if self.sampling == "segment" and self.sampling_convention == "cast" and self.test_views[0] > 2:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from timm.data import Mixup
 from torch.utils.data import DataLoader
@@ -32,16 +32,19 @@ class ShardLoader:
         epoch: the epoch the next iteration produces.
         views: evaluation views (temporal T, spatial C).
         balance: ``pad`` (default) or ``drop``, the rule that makes all slots equal (see ``slot_length``).
+        label_map: relabelling ``y -> label_map[y]``; samples whose label is not a key are not in ``shardset``
+            (``resolve(..., labels=label_map.keys())``). None keeps the labels.
     """
 
     def __init__(self, cfg: DataConfig, shardset: ShardList, *, train: bool, rank: int = 0, world_size: int = 1,
-                 epoch: int = 0, views: tuple[int, int] = (1, 1), balance: str = "pad") -> None:
+                 epoch: int = 0, views: tuple[int, int] = (1, 1), balance: str = "pad",
+                 label_map: Mapping[int, int] | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.cfg, self.shardset, self.train = cfg, shardset, train
         self.rank, self.world_size, self.views = rank, world_size, tuple(views)
         self.workers = max(1, cfg.num_workers)
-        self._check_label_map()
+        self.label_map = _check_label_map(label_map, shardset.num_classes)
         bsz = cfg.batch_size if train else 1
         self.length = slot_length(shardset.num_samples, world_size * self.workers, bsz, balance == "drop")
         per_role = self.length if train else self.length * self.views[0] * self.views[1]
@@ -58,25 +61,22 @@ class ShardLoader:
 
     @property
     def num_classes(self) -> int | None:
-        """Number of classes: from ``shards.json`` (None when unknown), ``len(labels)`` with ``remap_labels``, or
-        ``max(label_map) + 1``."""
-        if self.cfg.label_map:
-            return max(self.cfg.label_map) + 1
-        return len(self.cfg.labels) if self.cfg.remap_labels else self.shardset.num_classes
+        """Number of classes: ``max(label_map.values()) + 1``, else from ``shards.json`` (None when unknown)."""
+        if self.label_map is not None:
+            return max(self.label_map.values()) + 1
+        return self.shardset.num_classes
 
     @property
     def classes(self) -> list[str] | None:
-        """Class names by label from ``shards.json`` (None when unknown or ``label_map`` merges classes)."""
-        names = self.shardset.classes
-        if self.cfg.label_map or names is None:
+        """Class names by (new) label from ``shards.json``; None when unknown or when ``label_map`` is not one to
+        one onto 0..k-1 (e.g. it merges classes into groups)."""
+        names, lm = self.shardset.classes, self.label_map
+        if names is None or lm is None:
+            return names
+        if sorted(lm.values()) != list(range(len(lm))):
             return None
-        return [names[k] for k in self.cfg.labels] if self.cfg.remap_labels else names
-
-    def _check_label_map(self) -> None:
-        domain = len(self.cfg.labels) if self.cfg.remap_labels else self.shardset.num_classes
-        if self.cfg.label_map and domain is not None and len(self.cfg.label_map) != domain:
-            raise ValueError(f"data.label_map has {len(self.cfg.label_map)} entries but the shard set's labels "
-                             f"(after data.labels/remap_labels) have {domain} classes; give one entry per class")
+        by_new = {v: k for k, v in lm.items()}
+        return [names[by_new[i]] for i in range(len(lm))]
 
     def __len__(self) -> int:
         return self.batches_per_role * self.workers
@@ -128,7 +128,7 @@ class ShardLoader:
         if self.step >= total:  # the previous epoch ran to its end: go on with the next one
             self.set_epoch(self.epoch + 1)
         spec = StreamSpec(self.cfg, self.shardset, self.train, self.rank, self.world_size, self.epoch, self.workers,
-                          self.length, self.views, dict(self._roles), self.step % self.workers)
+                          self.length, self.views, dict(self._roles), self.step % self.workers, self.label_map)
         nw = self.cfg.num_workers
         dl = DataLoader(ClipStream(spec), batch_size=None, num_workers=nw, pin_memory=self.cfg.pin_memory,
                         prefetch_factor=self.cfg.prefetch_factor if nw else None, persistent_workers=False)
@@ -147,12 +147,36 @@ class ShardLoader:
                                "changed during the epoch?")
 
 
-def _shards(source: Source, cfg: DataConfig) -> ShardList:
-    return source if isinstance(source, ShardList) else resolve(source, cfg.shard_url_template, cfg.labels)
+def _check_label_map(label_map: Mapping[int, int] | None, num_classes: int | None) -> dict[int, int] | None:
+    if label_map is None:
+        return None
+    lm = {int(k): int(v) for k, v in label_map.items()}
+    if not lm:
+        raise ValueError("label_map is empty: it would drop every sample")
+    if min(lm.values()) < 0 or set(lm.values()) != set(range(max(lm.values()) + 1)):
+        raise ValueError(f"label_map must use every new label 0..{max(lm.values())} and no negative one, "
+                         f"got {sorted(set(lm.values()))}")
+    outside = sorted(k for k in lm if k < 0 or (num_classes is not None and k >= num_classes))
+    if outside:
+        raise ValueError(f"label_map keys {outside[:8]} are not classes of the shard set ({num_classes} classes)")
+    return lm
+
+
+def _shards(source: Source, cfg: DataConfig, label_map: Mapping[int, int] | None) -> ShardList:
+    if isinstance(source, ShardList):
+        return source
+    if label_map is None:
+        return resolve(source, cfg.shard_url_template)
+    text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else ""
+    if text and (os.path.isdir(text) or text.endswith("shards.json")):  # only the shard list is read: cheap
+        full = resolve(source, cfg.shard_url_template)
+        if full.num_classes is not None and set(label_map) >= set(range(full.num_classes)):
+            return full  # relabelling every class (class -> group) filters nothing: no per-label counting
+    return resolve(source, cfg.shard_url_template, sorted(label_map))
 
 
 def build_train_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                       balance: str = "pad") -> ShardLoader:
+                       balance: str = "pad", label_map: Mapping[int, int] | None = None) -> ShardLoader:
     """Training loader of one rank: shuffled, augmented, mixed; ``len()`` equal on every rank.
 
     Args:
@@ -162,13 +186,17 @@ def build_train_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_
         epoch: first epoch to produce (``set_epoch`` moves on).
         balance: ``pad`` repeats up to ``world_size * workers * batch_size - 1`` samples per epoch so nothing is
             left out; ``drop`` leaves up to that many out instead (a different few each epoch).
+        label_map: keep only samples whose label is a key and relabel them ``y -> label_map[y]`` (e.g. class ->
+            group, or a group's classes -> 0..k-1); ``num_classes`` becomes ``max(values) + 1``. None keeps all.
     """
-    return ShardLoader(cfg, _shards(source, cfg), train=True, rank=rank, world_size=world_size, epoch=epoch,
-                       balance=balance)
+    return ShardLoader(cfg, _shards(source, cfg, label_map), train=True, rank=rank, world_size=world_size,
+                       epoch=epoch, balance=balance, label_map=label_map)
 
 
 def build_eval_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_size: int = 1,
-                      views: tuple[int, int] | None = None) -> ShardLoader:
-    """Evaluation loader: every video once (plus documented repeats), T x C views each, batches with ``view``."""
-    return ShardLoader(cfg, _shards(source, cfg), train=False, rank=rank, world_size=world_size,
-                       views=tuple(views or cfg.test_views))
+                      views: tuple[int, int] | None = None,
+                      label_map: Mapping[int, int] | None = None) -> ShardLoader:
+    """Evaluation loader: every video once (plus documented repeats), T x C views each, batches with ``view``;
+    ``label_map`` as in ``build_train_loader``."""
+    return ShardLoader(cfg, _shards(source, cfg, label_map), train=False, rank=rank, world_size=world_size,
+                       views=tuple(views or cfg.test_views), label_map=label_map)

@@ -65,6 +65,8 @@ class StreamSpec:
     start: dict[int, RoleState] = field(default_factory=dict)
     role_offset: int = 0
     """Worker ``i`` plays role ``(i + role_offset) % slots_per_rank`` (resume keeps the batch order exact)."""
+    label_map: dict[int, int] | None = None
+    """Relabelling ``y -> label_map[y]`` (the shard set holds only samples whose label is a key)."""
 
 
 def derive_seed(*parts: int) -> int:
@@ -145,10 +147,8 @@ class ClipStream(IterableDataset):
             raise BadSample(f"missing part(s) {', '.join(missing)}")
         try:
             label = int(sample["cls"])
-            if self.spec.cfg.remap_labels:
-                label = self.spec.cfg.labels.index(label)
-            if self.spec.cfg.label_map:
-                label = self.spec.cfg.label_map[label]
+            if self.spec.label_map is not None:
+                label = self.spec.label_map[label]
             frames = int(json.loads(sample["json"])["frames"])
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise BadSample(f"bad cls/json: {e}") from None

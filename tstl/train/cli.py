@@ -14,66 +14,35 @@ from pathlib import Path
 
 from tstl.core.config import ConfigError, load_cli_config
 from tstl.core.log import init_logging
+from tstl.train import dist
+from tstl.train.config import TrainConfig
+from tstl.train.evaluate import evaluate_checkpoint
+from tstl.train.report import write_report
+from tstl.train.trainer import Trainer
 
 logger = logging.getLogger("tstl.train")
 
 
-def _config(files: list[Path], overrides: list[str]):
-    from tstl.train.config import TrainConfig
-
-    return load_cli_config(TrainConfig, files, overrides)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from tstl.train.report import write_report
-    from tstl.train.trainer import Trainer
-
-    cfg = _config(args.config, args.overrides)
+    cfg = load_cli_config(TrainConfig, args.config, args.overrides)
     trainer = Trainer(cfg)
     try:
         result = trainer.train()
     finally:
         trainer.close()
-    from tstl.train import dist
-
     if result is not None and dist.is_main():
         write_report(Path(cfg.out_dir))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from tstl.data import build_eval_loader
-    from tstl.train import dist
-    from tstl.train.evaluate import evaluate, save_report
-    from tstl.train.trainer import DTYPES, build_model, shard_dir
-
-    from tstl.train.checkpoint import resolve_weights
-
-    weights, run_cfg = resolve_weights(args.checkpoint)
-    files = args.config or ([run_cfg] if run_cfg else [])
-    cfg = _config(files, args.overrides)
-    device = dist.init()
-    loader = build_eval_loader(cfg.data, shard_dir(cfg, cfg.val_split), rank=dist.rank(), world_size=dist.world())
-    num_classes = cfg.model.num_classes or loader.num_classes
-    model, _ = build_model(cfg.model, num_classes)
-    from tstl.models import load_checkpoint
-
-    report = load_checkpoint(model, weights)
-    logger.info("evaluating %s (%s) on %s", weights, report.format, shard_dir(cfg, cfg.val_split))
-    dtype = DTYPES[cfg.engine.precision] if device.type == "cuda" else torch.float32
-    res = evaluate(model.to(device, dtype), loader, device, num_classes, dtype)
-    out = args.out or Path(cfg.out_dir) / f"eval-{weights.parent.name}"
+    res, out = evaluate_checkpoint(args.checkpoint, args.config or (), args.overrides, args.out)
     if dist.is_main():
-        save_report(res, out, loader.classes)
         print(json.dumps({**res.summary(), "report": str(out)}, indent=1))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tstl.train.report import write_report
-
     print(write_report(args.run_dir))
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from tstl.data.config import DataConfig
@@ -24,11 +25,9 @@ class ModelConfig:
     """Checkpoints loaded in order before training (CLIP, VideoMAE, CAST, TimeSformer, timm; see docs/models.md).
     An entry may also be a run folder (its best checkpoint) or a DeepSpeed tag folder. A checkpoint whose head has
     another number of classes initialises everything but the head."""
-    head_rows: list[int] = field(default_factory=list)
-    """When an ``init`` checkpoint's head has more classes: initialise the head from these rows (classes), in
-    order, instead of anew (a TSTL expert starts from its group's rows of a CAST classifier)."""
-    train_experts: bool = False
-    """Train every parameter, frozen experts included. Only for experts without pre-trained weights (the demo)."""
+    freeze_pretrained: bool = True
+    """Keep the model's pre-trained backbones frozen (B-CAST's CLIP/VideoMAE streams), as its family defines.
+    False: every parameter trains (only for backbones without pre-trained weights, as in the CPU demo)."""
     grad_checkpointing: bool = False
     """Activation checkpointing (less memory, ~30% more compute)."""
 
@@ -136,3 +135,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError("epochs must be >= 1")
+
+    def shard_dir(self, split: str) -> Path:
+        """The shard set of ``split``: ``<data_dir>/<dataset>/shards/<split>``."""
+        return Path(self.data_dir) / self.dataset / "shards" / split

@@ -2,7 +2,7 @@
 
 The DeepSpeed config is generated, never written by hand: micro batch, accumulation, precision (bf16, or fp16 with
 dynamic loss scaling), ZeRO stage and clipping come from ``TrainConfig``. Only trainable parameters reach the
-optimizer, so frozen experts keep no optimizer state (and, having ``requires_grad=False``, no gradients).
+optimizer, so frozen pre-trained backbones keep no optimizer state (and, having ``requires_grad=False``, no gradients).
 """
 
 from __future__ import annotations

@@ -11,14 +11,20 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
 
+from tstl.core.config import load_cli_config
+from tstl.data import build_eval_loader
+from tstl.models import load_checkpoint
 from tstl.train import dist
+from tstl.train.build import build_model, compute_dtype
+from tstl.train.checkpoint import resolve_weights
+from tstl.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -152,3 +158,33 @@ def plot_confusion(confusion: np.ndarray, names: list[str], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = (), overrides: Sequence[str] = (),
+                        out: str | Path | None = None) -> tuple[EvalResult, Path]:
+    """Multi-view evaluation of any checkpoint ``load_checkpoint`` accepts on the run's ``val_split``.
+
+    Args:
+        checkpoint: a checkpoint file, a DeepSpeed tag folder or a run folder (its best checkpoint).
+        configs: YAML files of the run; default: the run's ``config.yaml`` next to the checkpoint.
+        overrides: dotted ``key=value`` overrides.
+        out: report folder; default ``<out_dir>/eval-<name of the checkpoint's folder>``.
+
+    Returns:
+        The result (on every rank) and the report folder (written by rank 0).
+    """
+    weights, run_cfg = resolve_weights(checkpoint)
+    files = list(configs) or ([run_cfg] if run_cfg else [])
+    cfg = load_cli_config(TrainConfig, [Path(f) for f in files], list(overrides))
+    device = dist.init()
+    loader = build_eval_loader(cfg.data, cfg.shard_dir(cfg.val_split), rank=dist.rank(), world_size=dist.world())
+    num_classes = cfg.model.num_classes or loader.num_classes
+    model, _ = build_model(cfg.model, num_classes)
+    report = load_checkpoint(model, weights)
+    logger.info("evaluating %s (%s) on %s", weights, report.format, cfg.shard_dir(cfg.val_split))
+    dtype = compute_dtype(cfg.engine.precision, device)
+    res = evaluate(model.to(device, dtype), loader, device, num_classes, dtype)
+    dest = Path(out) if out else Path(cfg.out_dir) / f"eval-{weights.parent.name}"
+    if dist.is_main():
+        save_report(res, dest, loader.classes)
+    return res, dest

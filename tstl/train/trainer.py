@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,50 +18,17 @@ from tqdm import tqdm
 
 from tstl.core.config import dump_yaml, to_dict
 from tstl.data import build_eval_loader, build_train_loader
-from tstl.models import create_model, load_checkpoint
 from tstl.train import dist, engine as eng
-from tstl.train.checkpoint import Checkpointer, resolve_weights, rng_state, set_rng_state
-from tstl.train.config import ModelConfig, TrainConfig
+from tstl.train.build import Adapter, build_model, compute_dtype
+from tstl.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from tstl.train.config import TrainConfig
 from tstl.train.evaluate import EvalResult, evaluate, save_report
 from tstl.train.metrics import MetricsSink
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def shard_dir(cfg: TrainConfig, split: str) -> Path:
-    return Path(cfg.data_dir) / cfg.dataset / "shards" / split
-
-
-def build_model(cfg: ModelConfig, num_classes: int,
-                dataset_classes: int | None = None) -> tuple[nn.Module, list[str]]:
-    """The model with its initial weights; returns it and where each part of the weights came from.
-
-    ``dataset_classes``: the dataset's number of classes; ``cfg.head_rows`` are taken only from a checkpoint head of
-    that size.
-    """
-    model = create_model(cfg.name, num_classes=num_classes, drop_path_rate=cfg.drop_path_rate, **cfg.kwargs)
-    provenance = [f"{cfg.name}: random initialisation (seeded)"]
-    for entry in cfg.init:
-        path, _ = resolve_weights(entry)  # a file, a DeepSpeed tag folder or a run folder (its best checkpoint)
-        # a checkpoint with another number of classes (a CAST model as a TSTL selector or expert) starts a new head
-        report = load_checkpoint(model, path, reinit_mismatched=("head.",), head_rows=cfg.head_rows or None,
-                                 head_rows_of=dataset_classes)
-        reinit = [k for k, why in report.explained.items() if why.endswith("re-initialised") and k in report.missing]
-        provenance.append(f"{path}: {report.format}, {report.loaded} tensors"
-                          + (f" ({', '.join(reinit)} re-initialised: shape differs)" if reinit else ""))
-    if cfg.train_experts:
-        for p in model.parameters():
-            p.requires_grad = True
-        provenance.append("train_experts: every parameter is trained (no pre-trained experts)")
-    if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(True)
-    return model, provenance
 
 
 def seed_everything(seed: int) -> None:
@@ -69,25 +38,34 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Owns the engine, loaders, checkpointer and metrics of one run; ``train()`` resumes automatically."""
+    """Owns the engine, loaders, checkpointer and metrics of one run; ``train()`` resumes automatically.
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    Args:
+        cfg: the run.
+        label_map: relabelling handed to the train and validation loaders (``build_train_loader``): samples whose
+            label is not a key are dropped, the others become ``label_map[y]``. Kept in ``<out_dir>/labels.json``.
+        weight_adapters: state-dict adapters applied when ``cfg.model.init`` checkpoints load (``build_model``).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, label_map: Mapping[int, int] | None = None,
+                 weight_adapters: Sequence[Adapter] = ()) -> None:
         self.cfg = cfg
+        self.label_map = dict(label_map) if label_map is not None else None
         self.device = dist.init()
         if self.device.type == "cpu":
             # Denormal floats (values below ~1e-38, e.g. from softmax/GELU tails once training moves the
             # zero-initialised adapters) are 10-20x slower on x86 CPUs; flushing them to zero changes nothing else.
             torch.set_flush_denormal(True)
         self.run_dir = Path(cfg.out_dir)
-        self.dtype = DTYPES[cfg.engine.precision]
+        self.dtype = compute_dtype(cfg.engine.precision, self.device)
         seed_everything(cfg.seed)  # same model init on every rank
-        self.train_loader = build_train_loader(cfg.data, shard_dir(cfg, cfg.train_split), rank=dist.rank(),
-                                               world_size=dist.world())
+        self.train_loader = build_train_loader(cfg.data, cfg.shard_dir(cfg.train_split), rank=dist.rank(),
+                                               world_size=dist.world(), label_map=self.label_map)
         num_classes = cfg.model.num_classes or self.train_loader.num_classes
         if not num_classes:
             raise ValueError("model.num_classes is 0 and the shard set has no shards.json to take it from")
         self.num_classes, self.classes = num_classes, self.train_loader.classes
-        model, provenance = build_model(cfg.model, num_classes, self.train_loader.shardset.num_classes)
+        model, provenance = build_model(cfg.model, num_classes, weight_adapters)
         self._log_start(model, provenance)
         self.plan = eng.BatchPlan(cfg.data.batch_size, cfg.engine.accum_steps, dist.world())
         self.steps_per_epoch = max(1, len(self.train_loader) // cfg.engine.accum_steps)
@@ -114,6 +92,9 @@ class Trainer:
         if dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(self.cfg, self.run_dir / "config.yaml")
+            if self.label_map is not None:  # what the config no longer says: the labels this run was trained on
+                (self.run_dir / "labels.json").write_text(json.dumps(
+                    {"label_map": {str(k): v for k, v in self.label_map.items()}}, indent=1))
 
     # ------------------------------------------------------------------------------------------- state
 
@@ -188,8 +169,8 @@ class Trainer:
         bar.close()
 
     def validate(self, views: tuple[int, int]) -> EvalResult:
-        loader = build_eval_loader(self.cfg.data, shard_dir(self.cfg, self.cfg.val_split), rank=dist.rank(),
-                                   world_size=dist.world(), views=views)
+        loader = build_eval_loader(self.cfg.data, self.cfg.shard_dir(self.cfg.val_split), rank=dist.rank(),
+                                   world_size=dist.world(), views=views, label_map=self.label_map)
         return evaluate(self.engine.module, loader, self.device, self.num_classes, self.dtype)
 
     def train(self) -> EvalResult | None:

@@ -1,1 +1,1 @@
-"""TSTL two-stage learning: class groups, routed selector + group experts, expert storage."""
+"""TSTL two-stage learning: class groups, stage plans, routed selector + group experts, stage files."""

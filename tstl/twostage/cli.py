@@ -15,74 +15,33 @@ from pathlib import Path
 
 import numpy as np
 
-from tstl.core.config import ConfigError, load_cli_config, load_config
+from tstl.core.config import ConfigError, load_cli_config
 from tstl.core.log import init_logging
+from tstl.twostage.config import TSTLConfig
+from tstl.twostage.evaluate import evaluate_tstl
 from tstl.twostage.groups import GroupFileError, balanced_groups, confusion_groups, load_groups, save_groups
+from tstl.twostage.train import train_two_stage
 
 logger = logging.getLogger("tstl.twostage")
 
 
-def _config(files: list[Path], overrides: list[str]):
-    from tstl.twostage.config import TSTLConfig
-
+def _config(files: list[Path], overrides: list[str]) -> TSTLConfig:
     cfg = load_cli_config(TSTLConfig, files, overrides)
     cfg.check()
     return cfg
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tstl.twostage.train import train_two_stage
-
     train_two_stage(_config(args.config, args.overrides))
     return 0
 
 
-def _baseline(cfg, num_classes: int):
-    """The single B-CAST of ``tstl.baseline``: its run's model settings when it is a run, else the run's own."""
-    from tstl.models import create_model, load_checkpoint
-    from tstl.train.checkpoint import resolve_weights
-    from tstl.train.config import TrainConfig
-
-    weights, run_cfg = resolve_weights(cfg.tstl.baseline)
-    model_cfg = load_config(TrainConfig, [run_cfg]).model if run_cfg else cfg.model
-    model = create_model(model_cfg.name, num_classes=num_classes, **model_cfg.kwargs)
-    load_checkpoint(model, weights)
-    logger.info("baseline: %s (%s)", weights, model_cfg.name)
-    return model.eval(), f"Single B-CAST: `{weights}` ({model_cfg.name}; a run folder gives its best checkpoint)."
-
-
 def _eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from tstl.data import build_eval_loader
-    from tstl.train import dist
-    from tstl.train.trainer import DTYPES, shard_dir
-    from tstl.twostage.evaluate import evaluate_routed, load_released, load_run, write_report
-    from tstl.twostage.train import resolve_groups
-
     # key=value words typed after --experts are overrides, not checkpoint paths
     experts = [p for p in args.experts or [] if "=" not in str(p)]
     cfg = _config(args.config, args.overrides + [str(p) for p in args.experts or [] if "=" in str(p)])
-    device = dist.init()
-    out = Path(cfg.out_dir)
-    pinned = out / "groups.json"
-    if pinned.exists() and not cfg.tstl.groups:  # a trained run knows its groups; num_groups defaults don't apply
-        groups = load_groups(pinned)
-    else:  # a group file must match the run's; released checkpoints need one
-        groups = resolve_groups(cfg)
-    if args.selector:
-        models = load_released(cfg.model.name, args.selector, experts, groups, **cfg.model.kwargs)
-    else:
-        models = load_run(out, groups)
-    loader = build_eval_loader(cfg.data, shard_dir(cfg, cfg.val_split), rank=dist.rank(), world_size=dist.world())
-    dtype = DTYPES[cfg.engine.precision] if device.type == "cuda" else torch.float32
-    baseline, note = _baseline(cfg, groups.num_classes) if cfg.tstl.baseline else (None, "")
-    baseline = baseline.to(device, dtype) if baseline is not None else None
-    res = evaluate_routed(models.to(device, dtype), loader, device, cfg.tstl.soft_top_k, dtype, baseline)
-    if dist.is_main():
-        report = args.out or out / "eval"
-        write_report(res, report, loader.classes, f"TSTL routed evaluation: {cfg.dataset} {cfg.val_split} ({out})",
-                     [note] if note else [])
+    res, report = evaluate_tstl(cfg, args.selector, experts, args.out)
+    if res is not None:  # rank 0
         s = res["summary"]
         print(json.dumps({"selector_acc": s["selector_acc"],
                           **{k: {"top1": v["top1"], "top5": v["top5"]} for k, v in s["methods"].items()},

@@ -27,7 +27,8 @@ class TwoStageConfig:
     """Number of balanced groups when no ``groups`` file is given."""
     init: list[str] = field(default_factory=list)
     """Checkpoints loaded after ``model.init`` by both stages, e.g. a trained CAST (TSTL starts from one) or a run
-    folder. A head of another number of classes is re-initialised."""
+    folder. A head of another number of classes is re-initialised (an expert takes its group's rows of a head over
+    this dataset's classes). ``model.init`` or ``tstl.init`` is required for training."""
     selector: dict[str, Any] = field(default_factory=dict)
     """Overrides of the run config for the stage-1 selector (e.g. ``{epochs: 10}``)."""
     expert: dict[str, Any] = field(default_factory=dict)
@@ -67,10 +68,10 @@ class TSTLConfig(TrainConfig):
         if not self.tstl.groups and not self.tstl.num_groups:
             raise ConfigError("give tstl.groups=<group file> or tstl.num_groups=K (balanced groups)")
         for stage in ("selector", "expert"):
-            if self.stage_base(stage).model.train_experts:
-                raise ConfigError(f"tstl.{stage}: model.train_experts must be false: TSTL stages keep CLIP/VideoMAE "
-                                  "frozen so that every expert shares them (start from a trained model with "
-                                  "tstl.init=[...])")
+            if not self.stage_base(stage).model.freeze_pretrained:
+                raise ConfigError(f"tstl.{stage}: model.freeze_pretrained must be true: TSTL stages keep the "
+                                  "pre-trained backbones (CLIP/VideoMAE) frozen so that every stage shares them "
+                                  "(start from a trained model with tstl.init=[...])")
 
     def stage_base(self, stage: str, defaults: dict[str, Any] | None = None) -> TrainConfig:
         """The run config with ``defaults`` and then the ``tstl.<stage>`` overrides applied."""

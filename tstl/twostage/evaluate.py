@@ -16,21 +16,28 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from tstl.core.config import load_config
+from tstl.data import build_eval_loader
 from tstl.models import create_model, load_checkpoint
 from tstl.models.checkpoint import read_checkpoint
 from tstl.train import dist
+from tstl.train.build import build_model, compute_dtype
+from tstl.train.checkpoint import resolve_weights
+from tstl.train.config import TrainConfig
 from tstl.train.evaluate import EvalResult, merge, metrics, save_report
-from tstl.twostage.experts import load_expert, read_expert
-from tstl.twostage.groups import ClassGroups
+from tstl.twostage.config import TSTLConfig
+from tstl.twostage.groups import ClassGroups, load_groups
 from tstl.twostage.plan import expert_file, selector_file
 from tstl.twostage.routing import RoutedOutput, expert_columns, route
+from tstl.twostage.stagefile import load_stage_file, read_stage_file
+from tstl.twostage.train import resolve_groups
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +68,13 @@ def load_run(out_dir: str | Path, groups: ClassGroups, verify_hashes: bool = Tru
     if missing:
         raise FileNotFoundError(f"{out_dir}: the TSTL run is not finished, missing {missing[:4]}; run make train-tstl "
                                 "again to finish it")
-    selector = load_expert(selector_file(out_dir), verify_hashes=verify_hashes)
-    frozen = read_expert(selector_file(out_dir))["frozen"]
+    selector = load_stage_file(selector_file(out_dir), verify_hashes=verify_hashes)
+    frozen = read_stage_file(selector_file(out_dir))["frozen"]
     experts = []
     for g in range(groups.num_groups):
         path = expert_file(out_dir, g)
-        same = read_expert(path)["frozen"] == frozen
-        experts.append(load_expert(path, trunk=selector if same else None, verify_hashes=verify_hashes))
+        same = read_stage_file(path)["frozen"] == frozen
+        experts.append(load_stage_file(path, trunk=selector if same else None, verify_hashes=verify_hashes))
     return RoutedModels(selector, experts, groups)
 
 
@@ -247,3 +254,51 @@ def evaluate_routed(models: RoutedModels, batches: Iterable[dict], device: torch
     local, tally = predict_routed(models, batches, device, top_k, dtype, baseline)
     parts, tallies = dist.gather_objects(local), dist.gather_objects(tally)
     return summarize(parts, tallies, models.groups, top_k) if parts is not None else None
+
+
+def load_baseline(cfg: TSTLConfig, num_classes: int) -> tuple[nn.Module, str]:
+    """The single B-CAST of ``tstl.baseline`` with its run's model settings (the TSTL run's when it is a file), and
+    a line for the report."""
+    weights, run_cfg = resolve_weights(cfg.tstl.baseline)
+    model_cfg = load_config(TrainConfig, [run_cfg]).model if run_cfg else cfg.model
+    model, _ = build_model(replace(model_cfg, init=[]), num_classes)
+    load_checkpoint(model, weights)
+    logger.info("baseline: %s (%s)", weights, model_cfg.name)
+    return model.eval(), f"Single B-CAST: `{weights}` ({model_cfg.name}; a run folder gives its best checkpoint)."
+
+
+def evaluate_tstl(cfg: TSTLConfig, selector: str | Path | None = None, experts: Sequence[str | Path] = (),
+                  out: str | Path | None = None) -> tuple[dict | None, Path]:
+    """Routed multi-view evaluation of a TSTL run (or of released checkpoints) on ``val_split``, next to
+    ``tstl.baseline`` when given; rank 0 writes ``metrics.json``/``report.md`` under ``out``.
+
+    Args:
+        cfg: the TSTL config the run was trained with.
+        selector, experts: released checkpoints (CAST layout; one expert per group, in order) instead of the run's
+            stage files.
+        out: report folder; default ``<out_dir>/eval``.
+
+    Returns:
+        The summary (``evaluate_routed``; None on ranks other than 0) and the report folder.
+    """
+    device = dist.init()
+    run = Path(cfg.out_dir)
+    pinned = run / "groups.json"
+    if pinned.exists() and not cfg.tstl.groups:  # a trained run knows its groups; num_groups defaults don't apply
+        groups = load_groups(pinned)
+    else:  # a group file must match the run's; released checkpoints need one
+        groups = resolve_groups(cfg)
+    if selector:
+        models = load_released(cfg.model.name, selector, list(experts), groups, **cfg.model.kwargs)
+    else:
+        models = load_run(run, groups)
+    loader = build_eval_loader(cfg.data, cfg.shard_dir(cfg.val_split), rank=dist.rank(), world_size=dist.world())
+    dtype = compute_dtype(cfg.engine.precision, device)
+    baseline, note = load_baseline(cfg, groups.num_classes) if cfg.tstl.baseline else (None, "")
+    baseline = baseline.to(device, dtype) if baseline is not None else None
+    res = evaluate_routed(models.to(device, dtype), loader, device, cfg.tstl.soft_top_k, dtype, baseline)
+    report = Path(out) if out else run / "eval"
+    if dist.is_main():
+        write_report(res, report, loader.classes, f"TSTL routed evaluation: {cfg.dataset} {cfg.val_split} ({run})",
+                     [note] if note else [])
+    return res, report

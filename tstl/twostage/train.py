@@ -1,8 +1,9 @@
 """Two-stage training: the stage-1 selector, then every stage-2 expert, each an ordinary ``Trainer`` run.
 
 Every stage goes through the same loader, DeepSpeed engine and checkpointing as ``make train``; the stages differ
-only in their configs (``tstl.twostage.plan``). The run resumes at any point: a finished stage (its trainable-only
-``selector.pt`` / ``expert.pt`` exists) is skipped, an unfinished one resumes from its own checkpoints.
+only in their plans (``tstl.twostage.plan``: config, label map, head-row adapter). The run resumes at any point: a
+finished stage (its stage file ``selector.pt`` / ``expert.pt`` exists) is skipped, an unfinished one resumes from
+its own checkpoints.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ import torch
 
 from tstl.core.config import ConfigError
 from tstl.data.sources import resolve
-from tstl.models import create_model
 from tstl.train import dist
 from tstl.train.checkpoint import Checkpointer, resolve_weights
 from tstl.train.config import TrainConfig
-from tstl.train.trainer import Trainer, shard_dir
+from tstl.train.trainer import Trainer
 from tstl.twostage.config import TSTLConfig, with_overrides
-from tstl.twostage.experts import frozen_sources_from_paths, save_expert
 from tstl.twostage.groups import ClassGroups, balanced_groups, load_groups, save_groups
-from tstl.twostage.plan import expert_config, expert_file, pending_experts, selector_config, selector_file
+from tstl.twostage.plan import Stage, expert_file, expert_stage, pending_experts, selector_file, selector_stage
+from tstl.twostage.stagefile import frozen_sources_from_paths, save_stage_file
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def resolve_groups(cfg: TSTLConfig) -> ClassGroups:
 
 
 def _resolve_groups(cfg: TSTLConfig) -> ClassGroups:
-    num_classes = resolve(shard_dir(cfg, cfg.train_split), cfg.data.shard_url_template).num_classes
+    num_classes = resolve(cfg.shard_dir(cfg.train_split), cfg.data.shard_url_template).num_classes
     if cfg.tstl.groups:
         groups = load_groups(cfg.tstl.groups)
         source = cfg.tstl.groups
@@ -58,37 +58,18 @@ def _resolve_groups(cfg: TSTLConfig) -> ClassGroups:
     return groups
 
 
-def initial_trunk(cfg: TSTLConfig, groups: ClassGroups) -> Path | None:
-    """Without any checkpoint to start from, write the run's random initial weights once, so that every stage
-    starts from the same frozen experts and expert files can refer to them. Only useful for tests."""
-    if cfg.model.init or cfg.tstl.init:
-        return None
-    path = Path(cfg.out_dir) / "trunk.pt"
-
-    def write() -> None:
-        if path.exists():
-            return
-        logger.warning("no model.init or tstl.init: the frozen experts are random (fine for tests, useless "
-                       "otherwise); their initial weights are kept in %s", path)
-        torch.manual_seed(cfg.seed)
-        # a head over every class, so that experts can start from their group's rows of it, as from a CAST
-        model = create_model(cfg.model.name, num_classes=groups.num_classes, **cfg.model.kwargs)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict()}, tmp)
-        os.replace(tmp, path)
-
-    dist.on_main(write)
-    return path
-
-
 def pin_init(stage: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
     """Resolve the stage's ``model.init`` (run folders -> their best checkpoint) to absolute files once, when the
     stage first starts, and keep them (with their SHA-256) in ``<stage>/frozen.json``.
 
     A resumed stage continues from its own checkpoints, whose frozen weights came from the pinned files; so the
-    expert file must name those, and a rerun whose ``init`` now resolves to other files is refused rather than
+    stage file must name those, and a rerun whose ``init`` now resolves to other files is refused rather than
     recorded wrongly.
     """
+    if not stage.model.init:
+        raise ConfigError(f"{stage.out_dir}: a TSTL stage needs weights to start from: give tstl.init=[<trained "
+                          "B-CAST run or checkpoint>] and/or model.init=[<pre-trained backbones>]; its frozen part "
+                          "is shared by every stage")
     out, pin = Path(stage.out_dir), Path(stage.out_dir) / "frozen.json"
 
     def decide() -> dict[str, Any]:
@@ -112,17 +93,17 @@ def pin_init(stage: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
     return with_overrides(stage, {"model": {"init": files}}, f"{out} pinned init"), sources
 
 
-def run_stage(stage: TrainConfig, dest: Path, extra: dict[str, Any]) -> None:
-    """Train one stage to its end (resuming if it was interrupted), then write its trainable-only file."""
-    stage, frozen = pin_init(stage)
-    trainer = Trainer(stage)
+def train_stage(stage: Stage, dest: Path, extra: dict[str, Any]) -> None:
+    """Train one stage to its end (resuming if it was interrupted), then write its stage file (trainable-only)."""
+    config, frozen = pin_init(stage.config)
+    trainer = Trainer(config, label_map=stage.label_map, weight_adapters=stage.adapters)
     try:
         trainer.train()
         model = trainer.engine.module
-        kwargs = {"num_classes": trainer.num_classes, "drop_path_rate": stage.model.drop_path_rate,
-                  **stage.model.kwargs}
-        dist.on_main(lambda: save_expert(model, dest, stage.model.name, kwargs, frozen,
-                                         {**extra, "epochs": stage.epochs, "run": stage.out_dir}))
+        kwargs = {"num_classes": trainer.num_classes, "drop_path_rate": config.model.drop_path_rate,
+                  **config.model.kwargs}
+        dist.on_main(lambda: save_stage_file(model, dest, config.model.name, kwargs, frozen,
+                                             {**extra, "epochs": config.epochs, "run": config.out_dir}))
         logger.info("wrote %s", dest)
     finally:
         trainer.close()
@@ -138,9 +119,11 @@ def _release_memory() -> None:
 def train_two_stage(cfg: TSTLConfig) -> ClassGroups:
     """Stage 1 (selector on group labels), then stage 2 (one expert per group); finished stages are skipped."""
     cfg.check()
+    if not cfg.model.init and not cfg.tstl.init:
+        raise ConfigError("TSTL needs weights to start from: give tstl.init=[<trained B-CAST run or checkpoint>] "
+                          "(TSTL starts from a CAST) and/or model.init=[<pre-trained backbones>]")
     dist.init()  # before anything is written: only rank 0 writes the run's shared files
     groups = resolve_groups(cfg)
-    trunk = initial_trunk(cfg, groups)
     out = Path(cfg.out_dir)
     logger.info("TSTL run %s: %d classes in %d groups (sizes %s)", out, groups.num_classes, groups.num_groups,
                 [len(g) for g in groups.groups])
@@ -150,14 +133,14 @@ def train_two_stage(cfg: TSTLConfig) -> ClassGroups:
         logger.info("stage 1: %s exists, selector already trained", selector_file(out))
     else:
         logger.info("stage 1: training the selector over %d groups", groups.num_groups)
-        run_stage(selector_config(cfg, groups, trunk), selector_file(out), {"role": "selector"})
+        train_stage(selector_stage(cfg, groups), selector_file(out), {"role": "selector"})
         _release_memory()
     logger.info("stage 2: %d of %d experts to train%s", len(todo), groups.num_groups,
                 f" (finished: {sorted(set(range(groups.num_groups)) - set(todo))})" if len(todo) < groups.num_groups
                 else "")
     for g in todo:
         logger.info("stage 2: expert %d of %d, classes %s", g, groups.num_groups, list(groups.groups[g]))
-        run_stage(expert_config(cfg, groups, g, trunk), expert_file(out, g),
+        train_stage(expert_stage(cfg, groups, g), expert_file(out, g),
                   {"role": "expert", "group": g, "classes": list(groups.groups[g])})
         _release_memory()
     return groups

@@ -1,14 +1,16 @@
-"""Expert checkpoints that hold only trainable parameters, and sharing of the frozen trunk between experts.
+"""Stage files: a TSTL stage's (selector or expert) trainable parameters only, and sharing of the frozen
+pre-trained backbones between the models of a run.
 
-An expert file (``torch.save`` dict, format ``tstl-expert/v1``) holds:
+A stage file (``torch.save`` dict, format ``tstl-stage/v1``; files written as ``tstl-expert/v1`` read the same)
+holds:
 
 * ``model`` / ``model_kwargs``: how to rebuild the network with ``tstl.models.create_model``;
-* ``frozen``: where the frozen CLIP/VideoMAE weights come from: a list of ``{"path", "sha256"}`` checkpoints
-  loaded in order with ``tstl.models.load_checkpoint``, or ``{"random_init_seed": s}`` (demo/tests: the frozen
-  weights are whatever ``create_model`` draws after ``torch.manual_seed(s)``);
+* ``frozen``: where the frozen weights (B-CAST's CLIP/VideoMAE backbones) come from: ``{"checkpoints": [{"path",
+  "sha256"}, ...]}``, loaded in order with ``tstl.models.load_checkpoint``;
 * ``trainable``: ``model.trainable_state_dict()`` (about 45M of 217M parameters on B/16).
 
-TSTL's released selector/expert checkpoints are full CAST-layout state dicts; they load with
+Only model-contract methods are used (``trainable_state_dict``/``load_trainable_state_dict``), so any registered
+family works. TSTL's released selector/expert checkpoints are full CAST-layout state dicts; they load with
 ``load_cast_checkpoint`` (a thin wrapper over ``tstl.models.load_checkpoint``).
 """
 
@@ -27,7 +29,8 @@ from tstl.models import create_model, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
-EXPERT_FORMAT = "tstl-expert/v1"
+STAGE_FILE_FORMAT = "tstl-stage/v1"
+_READABLE_FORMATS = (STAGE_FILE_FORMAT, "tstl-expert/v1")  # the old name: runs trained before the rename load
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -47,49 +50,50 @@ def frozen_sources_from_paths(paths: Sequence[str | os.PathLike]) -> dict[str, A
 def build_with_frozen(model_name: str, model_kwargs: dict[str, Any], frozen: dict[str, Any],
                       verify_hashes: bool = True) -> nn.Module:
     """Create the model and fill its frozen weights from ``frozen`` (see module docstring)."""
-    if "random_init_seed" in frozen:
-        torch.manual_seed(int(frozen["random_init_seed"]))
-        return create_model(model_name, **model_kwargs)
+    if "checkpoints" not in frozen:
+        raise ValueError(f"frozen sources {sorted(frozen)}: expected {{'checkpoints': [...]}} (a stage file written "
+                         "by train_two_stage)")
     model = create_model(model_name, **model_kwargs)
-    for src in frozen.get("checkpoints", []):
+    for src in frozen["checkpoints"]:
         if verify_hashes and file_sha256(src["path"]) != src["sha256"]:
-            raise ValueError(f"{src['path']}: SHA-256 differs from the one recorded when the expert was trained; "
-                             "restore the original file or retrain the expert")
-        # the head is trainable (restored from the expert file), so a source's head of another size is skipped
+            raise ValueError(f"{src['path']}: SHA-256 differs from the one recorded when the stage was trained; "
+                             "restore the original file or retrain the stage")
+        # the head is trainable (restored from the stage file), so a source's head of another size is skipped
         load_checkpoint(model, src["path"], strict=False, reinit_mismatched=("head.",))
     return model
 
 
-def save_expert(model: nn.Module, path: str | os.PathLike, model_name: str, model_kwargs: dict[str, Any],
+def save_stage_file(model: nn.Module, path: str | os.PathLike, model_name: str, model_kwargs: dict[str, Any],
                 frozen: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
     """Write ``model``'s trainable parameters plus the recipe to rebuild the frozen rest."""
-    payload = {"format": EXPERT_FORMAT, "model": model_name, "model_kwargs": dict(model_kwargs),
+    payload = {"format": STAGE_FILE_FORMAT, "model": model_name, "model_kwargs": dict(model_kwargs),
                "frozen": frozen, "trainable": {k: v.clone() for k, v in model.trainable_state_dict().items()},
                "extra": extra or {}}
     tmp = f"{os.fspath(path)}.tmp"
     torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written expert behind
+    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written stage file behind
 
 
-def read_expert(path: str | os.PathLike) -> dict[str, Any]:
-    """Read an expert file's payload, with a clear error if it is not one."""
+def read_stage_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a stage file's payload, with a clear error if it is not one."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != EXPERT_FORMAT:
-        raise ValueError(f"{path}: not a {EXPERT_FORMAT} expert file; full CAST checkpoints load with "
+    if not isinstance(payload, dict) or payload.get("format") not in _READABLE_FORMATS:
+        raise ValueError(f"{path}: not a {STAGE_FILE_FORMAT} stage file; full CAST checkpoints load with "
                          "load_cast_checkpoint")
     return payload
 
 
-def load_expert(path: str | os.PathLike, trunk: nn.Module | None = None, verify_hashes: bool = True) -> nn.Module:
-    """Rebuild an expert.
+def load_stage_file(path: str | os.PathLike, trunk: nn.Module | None = None,
+                    verify_hashes: bool = True) -> nn.Module:
+    """Rebuild the model of a stage file (a selector or an expert).
 
     Args:
-        path: Expert file written by ``save_expert``.
-        trunk: An already built model with the same frozen sources; when given, the new expert's frozen
+        path: Stage file written by ``save_stage_file``.
+        trunk: An already built model with the same frozen sources; when given, the new model's frozen
             parameters become the trunk's tensors (no second copy in memory) and no frozen checkpoint is re-read.
         verify_hashes: Check frozen checkpoint hashes.
     """
-    p = read_expert(path)
+    p = read_stage_file(path)
     if trunk is None:
         model = build_with_frozen(p["model"], p["model_kwargs"], p["frozen"], verify_hashes)
     else:
@@ -100,7 +104,7 @@ def load_expert(path: str | os.PathLike, trunk: nn.Module | None = None, verify_
     if expected != got:
         raise ValueError(f"{path}: trainable keys differ from {p['model']}: missing {sorted(expected - got)[:5]}, "
                          f"unexpected {sorted(got - expected)[:5]}")
-    model.load_state_dict(p["trainable"], strict=False)
+    model.load_trainable_state_dict(p["trainable"], strict=True)
     return model.eval()
 
 
