@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from tstl.models import VideoClassifier
 from tstl.train.config import EngineConfig, OptimConfig
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def _patterns(spec) -> list[tuple[re.Pattern, tuple | None]]:
     return [(re.compile(r), suffix) for r, suffix in spec]
 
 
-def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+def layer_ids(model: VideoClassifier) -> tuple[dict[str, int], int]:
     """Layer id of every parameter by CAST's rule, and the number of ids.
 
     KHU-VLL/CAST ``util_tools/optim_factory.py:24-44`` (``get_num_layer_for_vit``, as BEiT/VideoMAE): stem
@@ -97,7 +98,7 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     return ids, num_blocks + 2
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+def param_groups(model: VideoClassifier, cfg: OptimConfig) -> list[dict]:
     """Trainable parameters only, grouped by (weight decay, lr scale).
 
     Weight decay: CAST's rule (``util_tools/optim_factory.py:65-73``): none for 1-D parameters, biases and names
@@ -105,8 +106,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     (PySlowFast ``timesformer/models/optimizer.py:29-41``). Layer-wise lr decay (``layer_decay < 1``): see
     :func:`layer_ids`.
     """
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    ids, num_ids = (layer_ids(model) if cfg.layer_decay < 1.0 and hasattr(model, "group_matcher") else ({}, 1))
+    skip = set(model.no_weight_decay())
+    ids, num_ids = layer_ids(model) if cfg.layer_decay < 1.0 else ({}, 1)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
