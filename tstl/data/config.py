@@ -80,6 +80,11 @@ class DataConfig:
     stage-1 selector; ``num_classes`` becomes ``max(label_map) + 1``. Empty keeps the labels."""
     shard_url_template: str = ""
     """Read shards from ``template.format(name=...)`` (e.g. ``pipe:aws s3 cp s3://b/ssv2/train/{name} -``)."""
+    augment_on: Literal["auto", "worker", "device"] = "auto"
+    """Where RandAugment runs. ``worker``: in the DataLoader workers (one fused warp per frame + colour tables);
+    ``device``: workers only crop, RandAugment runs batched on the loader's device (``ShardLoader.to(device)``);
+    ``auto``: ``device`` when that device is CUDA, else ``worker``. Normalisation, erasing and mixup always run on
+    the batch in the training process (workers hand uint8 clips)."""
 
     def __post_init__(self) -> None:
         if self.num_frames < 1 or self.sampling_rate < 1 or self.input_size < 8:
@@ -98,6 +103,8 @@ class DataConfig:
             raise ValueError("label_map must use every new label 0..max(label_map) and no negative one")
         if min(self.test_views) < 1:
             raise ValueError("test_views must be >= 1 in both entries")
+        if self.augment_on not in ("auto", "worker", "device"):
+            raise ValueError(f"data.augment_on must be auto, worker or device, got {self.augment_on!r}")
 
     @property
     def mixup_active(self) -> bool:
