@@ -101,15 +101,14 @@ class ClipOps:
     def colour(self) -> list[tuple[str, tuple]]:
         return [(base_op(n), a) for n, a in self.ops if n not in GEOMETRIC]
 
+    def maps(self, width: float, height: float) -> list[np.ndarray]:
+        """3x3 output -> input map of each geometric op on a ``width x height`` image, in the order applied."""
+        return [op_matrix(name, v, width, height) for name, (v,) in self.geometric]
+
     def affine(self, width: float, height: float) -> np.ndarray | None:
-        """3x3 map output -> input of the geometric ops applied in order on a ``width x height`` image (None: none)."""
-        geo = self.geometric
-        if not geo:
-            return None
-        m = np.eye(3)
-        for name, (v,) in geo:
-            m = m @ op_matrix(name, v, width, height)
-        return m
+        """The composed output -> input map of all geometric ops (None: no geometric op fired)."""
+        maps = self.maps(width, height)
+        return compose(maps) if maps else None
 
 
 class RandAugmentPolicy:
@@ -180,6 +179,32 @@ def op_matrix(name: str, v: float, width: float, height: float) -> np.ndarray:
     raise ValueError(name)
 
 
+def compose(maps: list[np.ndarray]) -> np.ndarray:
+    """One output -> input map for warps applied in order: image_k(p) = image_{k-1}(M_k p), so M_1 M_2 ... M_k."""
+    m = np.eye(3)
+    for a in maps:
+        m = m @ a
+    return m
+
+
+def fill_mask(maps: list[np.ndarray], width: int, height: int) -> np.ndarray:
+    """Output pixels that timm's separate warps (``maps``, in order, each on a ``width x height`` image) fill.
+
+    A pixel gets the fill colour when its source position leaves the image at any intermediate step (content an
+    earlier op moved out of the frame is lost for the later ops); the single warp reproduces exactly that region.
+    """
+    cx, cy = np.arange(width) + 0.5, np.arange(height) + 0.5
+    xs, ys = np.meshgrid(cx, cy)
+    mask = np.zeros((height, width), dtype=bool)
+    m = np.eye(3)
+    for a in reversed(maps):
+        m = a @ m
+        x = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
+        y = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
+        mask |= (x < 0) | (x >= width) | (y < 0) | (y >= height)
+    return mask
+
+
 def crop_matrix(box_w: float, box_h: float, size: int) -> np.ndarray:
     """Output ``size x size`` -> crop box of ``box_w x box_h`` (crop-local coordinates)."""
     return np.diag([box_w / size, box_h / size, 1.0])
@@ -188,16 +213,6 @@ def crop_matrix(box_w: float, box_h: float, size: int) -> np.ndarray:
 # ---- colour ops on uint8 [T, H, W, 3] ---------------------------------------------------------------------------
 def _lut_apply(x: torch.Tensor, lut: np.ndarray) -> torch.Tensor:
     """Apply a 256-entry uint8 table, or per-frame per-channel tables ``[T, 3, 256]``, to ``[T, H, W, 3]``."""
-    if x.device.type == "cpu":
-        import cv2
-
-        a = x.numpy()
-        if lut.ndim == 1:
-            return torch.from_numpy(cv2.LUT(a.reshape(-1, a.shape[2], 3), lut).reshape(a.shape))
-        out = np.empty_like(a)
-        for t in range(a.shape[0]):
-            out[t] = cv2.LUT(a[t], np.ascontiguousarray(lut[t].T.reshape(256, 1, 3)))
-        return torch.from_numpy(out)
     table = torch.as_tensor(lut, device=x.device)
     if lut.ndim == 1:
         return table[x.long()]
@@ -237,58 +252,116 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_colour(x: torch.Tensor, name: str, args: tuple) -> torch.Tensor:
-    """One timm colour op (base name, e.g. ``Color``) on a uint8 ``[T, H, W, 3]`` clip, frame by frame like PIL."""
+    """One timm colour op (base name, e.g. ``Color``) on a uint8 ``[T, H, W, 3]`` clip, frame by frame like PIL.
+
+    CPU tensors go through OpenCV/NumPy (``colour_numpy``), others through torch (``colour_torch``); both are
+    compared with timm's PIL ops in the tests.
+    """
+    if x.device.type == "cpu":
+        return torch.from_numpy(colour_numpy(np.ascontiguousarray(x.numpy()), name, args))
+    return colour_torch(x, name, args)
+
+
+def _luts(name: str, args: tuple) -> np.ndarray | None:
+    """The 256-entry table of a colour op that is one fixed table (None: it needs image statistics/pixels)."""
     i = np.arange(256)
     if name == "Invert":
-        return _lut_apply(x, (255 - i).astype(np.uint8))
+        return (255 - i).astype(np.uint8)
     if name == "Posterize":
-        bits = args[0]
-        if bits >= 8:
-            return x
-        return _lut_apply(x, (i & ~(2 ** (8 - bits) - 1)).astype(np.uint8))
+        return (i & ~(2 ** (8 - min(args[0], 8)) - 1)).astype(np.uint8)
     if name == "Solarize":
-        return _lut_apply(x, np.where(i < args[0], i, 255 - i).astype(np.uint8))
+        return np.where(i < args[0], i, 255 - i).astype(np.uint8)
     if name == "SolarizeAdd":
-        return _lut_apply(x, np.where(i < 128, np.minimum(255, i + args[0]), i).astype(np.uint8))
+        return np.where(i < 128, np.minimum(255, i + args[0]), i).astype(np.uint8)
     if name == "Brightness":
-        return _lut_apply(x, np.clip(args[0] * i, 0, 255).astype(np.uint8))
-    if name == "Contrast":
-        # PIL: the mean of the L image, rounded, per frame.
-        gray = _gray(x)
-        means = (gray.float().mean(dim=(1, 2, 3)) + 0.5).floor().cpu().numpy()
+        return np.clip(args[0] * i, 0, 255).astype(np.uint8)
+    return None
+
+
+def _autocontrast_lut(h: np.ndarray) -> np.ndarray:
+    """PIL ``ImageOps.autocontrast`` (cutoff 0) table of one channel histogram."""
+    i = np.arange(256)
+    nz = np.flatnonzero(h)
+    lo, hi = (nz[0], nz[-1]) if nz.size else (0, 0)
+    if hi <= lo:
+        return i.astype(np.uint8)
+    scale = 255.0 / (hi - lo)
+    return np.clip((i * scale - lo * scale).astype(np.int64), 0, 255).astype(np.uint8)
+
+
+def _equalize_lut(h: np.ndarray) -> np.ndarray:
+    """PIL ``ImageOps.equalize`` table of one channel histogram."""
+    nz = h[h > 0]
+    step = (int(nz.sum()) - int(nz[-1])) // 255 if nz.size > 1 else 0
+    if not step:
+        return np.arange(256, dtype=np.uint8)
+    before = np.concatenate([[0], np.cumsum(h)[:-1]])
+    return np.clip((step // 2 + before) // step, 0, 255).astype(np.uint8)
+
+
+def colour_numpy(a: np.ndarray, name: str, args: tuple) -> np.ndarray:
+    """CPU version of ``apply_colour`` on a contiguous uint8 ``[T, H, W, 3]`` array (OpenCV tables and blends).
+
+    The blends (Color, Contrast's mean, Sharpness) use ``cv2.addWeighted``, which rounds where PIL truncates, and
+    ``cv2.cvtColor``'s grey weights: within 2 grey levels of PIL (the tests check the bound).
+    """
+    import cv2
+
+    t, h, w, _ = a.shape
+    lut = _luts(name, args)
+    if lut is not None:
+        if name == "Posterize" and args[0] >= 8:
+            return a
+        return cv2.LUT(a.reshape(t * h, w, 3), lut).reshape(a.shape)
+    out = np.empty_like(a)
+    if name in ("Color", "Contrast", "Sharpness"):
+        f = float(args[0])
+        for k in range(t):
+            if name == "Sharpness":
+                deg = cv2.filter2D(a[k], -1, _SMOOTH, borderType=cv2.BORDER_REPLICATE)
+                deg[0], deg[-1], deg[:, 0], deg[:, -1] = a[k, 0], a[k, -1], a[k, :, 0], a[k, :, -1]
+            else:
+                gray = cv2.cvtColor(a[k], cv2.COLOR_RGB2GRAY)
+                if name == "Color":
+                    deg = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+                else:  # Contrast: blend with the frame's rounded mean grey level, i.e. a table
+                    mean = int(gray.mean() + 0.5)
+                    table = np.clip(mean + f * (np.arange(256) - mean), 0, 255).astype(np.uint8)
+                    out[k] = cv2.LUT(a[k], table)
+                    continue
+            cv2.addWeighted(a[k], f, deg, 1.0 - f, 0.0, dst=out[k])
+        return out
+    if name in ("AutoContrast", "Equalize"):
+        make = _autocontrast_lut if name == "AutoContrast" else _equalize_lut
+        for k in range(t):
+            luts = [make(cv2.calcHist([a[k]], [c], None, [256], [0, 256]).ravel().astype(np.int64))
+                    for c in range(3)]
+            out[k] = cv2.LUT(a[k], np.stack(luts, axis=1).reshape(256, 1, 3))
+        return out
+    raise ValueError(f"unknown colour op {name!r}")
+
+
+_SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0
+
+
+def colour_torch(x: torch.Tensor, name: str, args: tuple) -> torch.Tensor:
+    """Torch version of ``apply_colour`` (any device), PIL's integer arithmetic (truncating blends)."""
+    lut = _luts(name, args)
+    if lut is not None:
+        return x if name == "Posterize" and args[0] >= 8 else _lut_apply(x, lut)
+    if name == "Contrast":  # PIL: blend with the frame's mean grey level, rounded
+        i = np.arange(256)
+        means = (_gray(x).float().mean(dim=(1, 2, 3)) + 0.5).floor().cpu().numpy()
         luts = np.clip(means[:, None] + args[0] * (i[None] - means[:, None]), 0, 255).astype(np.uint8)
         return _lut_apply(x, np.repeat(luts[:, None], 3, axis=1))
     if name == "Color":
         return _blend(x, _gray(x), args[0])
     if name == "Sharpness":
         return _blend(x, _smooth(x), args[0])
-    if name == "AutoContrast":
+    if name in ("AutoContrast", "Equalize"):
+        make = _autocontrast_lut if name == "AutoContrast" else _equalize_lut
         hist = _histograms(x)
-        luts = np.empty(hist.shape, dtype=np.uint8)
-        for t in range(hist.shape[0]):
-            for c in range(3):
-                nz = np.flatnonzero(hist[t, c])
-                lo, hi = (nz[0], nz[-1]) if nz.size else (0, 0)
-                if hi <= lo:
-                    luts[t, c] = i
-                else:
-                    scale = 255.0 / (hi - lo)
-                    luts[t, c] = np.clip((i * scale - lo * scale).astype(np.int64), 0, 255)
-        return _lut_apply(x, luts)
-    if name == "Equalize":
-        hist = _histograms(x)
-        luts = np.empty(hist.shape, dtype=np.uint8)
-        for t in range(hist.shape[0]):
-            for c in range(3):
-                h = hist[t, c]
-                nz = h[h > 0]
-                step = (int(nz.sum()) - int(nz[-1])) // 255 if nz.size > 1 else 0
-                if not step:
-                    luts[t, c] = i
-                else:
-                    before = np.concatenate([[0], np.cumsum(h)[:-1]])
-                    luts[t, c] = np.clip((step // 2 + before) // step, 0, 255)
-        return _lut_apply(x, luts)
+        return _lut_apply(x, np.stack([[make(hist[t, c]) for c in range(3)] for t in range(hist.shape[0])]))
     raise ValueError(f"unknown colour op {name!r}")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tstl.data.augment import FILL, RandAugmentPolicy, apply_colour_ops
+from tstl.data.augment import FILL, RandAugmentPolicy, apply_colour_ops, compose, fill_mask
 
 
 class Stage(Protocol):
@@ -39,11 +39,11 @@ class ToDevice:
         return batch
 
 
-def warp_batch(x: torch.Tensor, maps: list[np.ndarray]) -> torch.Tensor:
+def warp_batch(x: torch.Tensor, maps: list[np.ndarray], fills: list[np.ndarray]) -> torch.Tensor:
     """Bicubic warp of uint8 clips ``[b, T, S, S, 3]``, one output -> input 3x3 pixel map per clip for all frames.
 
-    Positions outside the image read the fill colour (128); inside, bicubic reads clamp to the edge (like PIL's
-    ``transform``), so a clip's border is not blended with the fill.
+    Pixels in a clip's ``fills`` mask (``augment.fill_mask``) get the fill colour (128); elsewhere bicubic reads
+    clamp to the edge (like PIL's ``transform``), so a clip's border is not blended with the fill.
     """
     b, t, h, w, _ = x.shape
     n = np.array([[2.0 / w, 0.0, -1.0], [0.0, 2.0 / h, -1.0], [0.0, 0.0, 1.0]])
@@ -52,7 +52,7 @@ def warp_batch(x: torch.Tensor, maps: list[np.ndarray]) -> torch.Tensor:
     xf = x.permute(0, 1, 4, 2, 3).reshape(b, t * 3, h, w).float()
     grid = F.affine_grid(theta, [b, t * 3, h, w], align_corners=False)
     y = F.grid_sample(xf, grid, mode="bicubic", padding_mode="border", align_corners=False)
-    outside = (grid.abs() > 1).any(dim=-1, keepdim=True).permute(0, 3, 1, 2)  # [b, 1, h, w]
+    outside = torch.from_numpy(np.stack(fills)[:, None]).to(x.device, non_blocking=True)  # [b, 1, h, w]
     y = y.masked_fill_(outside, float(FILL)).round_().clamp_(0, 255).to(torch.uint8)
     return y.view(b, t, 3, h, w).permute(0, 1, 3, 4, 2)
 
@@ -71,7 +71,8 @@ class DeviceRandAugment:
         geo = [i for i, d in enumerate(draws) if d.geometric]
         out = x.clone()
         if geo:
-            out[geo] = warp_batch(x[geo], [draws[i].affine(w, h) for i in geo])
+            maps = [draws[i].maps(w, h) for i in geo]
+            out[geo] = warp_batch(x[geo], [compose(m) for m in maps], [fill_mask(m, w, h) for m in maps])
         for i, d in enumerate(draws):
             if d.colour:
                 out[i] = apply_colour_ops(out[i], d)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tstl.data.augment import FILL, RandAugmentPolicy, apply_colour_ops, crop_matrix
+from tstl.data.augment import FILL, RandAugmentPolicy, apply_colour_ops, compose, crop_matrix, fill_mask
 from tstl.data.config import DataConfig
 
 # Workers are processes already; OpenCV's own thread pool would only oversubscribe the cores.
@@ -74,33 +74,29 @@ def rrc_params(img_h: int, img_w: int, scale: tuple[float, float], ratio: tuple[
     return (img_h - h) // 2, (img_w - w) // 2, h, w
 
 
-_MARGIN = 2  # bicubic support: the warp reads this much real frame around the crop box before the fill colour
-
-
-def warp_clip(frames: np.ndarray, box: tuple[int, int, int, int], m: np.ndarray, size: int) -> np.ndarray:
+def warp_clip(frames: np.ndarray, box: tuple[int, int, int, int], m: np.ndarray, size: int,
+              fill: np.ndarray | None = None) -> np.ndarray:
     """Resample every frame once: output pixel ``p`` reads the crop box at ``m @ p`` (crop-local coordinates).
 
-    Bicubic (OpenCV, a = -0.75); positions outside the crop box read the fill colour (128, as timm's ops fill),
-    except for a ``_MARGIN``-pixel band of real frame that keeps the crop's own border pixels from being blended
-    with the fill. A pure scale (no RandAugment geometry, no flip) is a plain ``cv2.resize`` (same map, faster).
+    Bicubic (OpenCV, a = -0.75), the support clamped to the crop box edge as in PIL's ``transform``; pixels in
+    ``fill`` (``augment.fill_mask``: where timm's ops would have left the image) get the fill colour 128. A pure
+    scale (no RandAugment geometry, no flip) is a plain ``cv2.resize`` (the same map, several times faster).
     """
     top, left, h, w = box
-    t, fh, fw, _ = frames.shape
+    t = frames.shape[0]
     out = np.empty((t, size, size, 3), dtype=np.uint8)
     if m[0, 1] == 0 and m[1, 0] == 0 and m[0, 2] == 0 and m[1, 2] == 0 and m[0, 0] > 0 and m[1, 1] > 0:
         for i in range(t):
             cv2.resize(frames[i, top:top + h, left:left + w], (size, size), dst=out[i], interpolation=cv2.INTER_CUBIC)
         return out
-    y0, x0 = max(0, top - _MARGIN), max(0, left - _MARGIN)
-    y1, x1 = min(fh, top + h + _MARGIN), min(fw, left + w + _MARGIN)
-    # continuous (centres at +0.5) -> OpenCV's integer-centred coordinates, and crop-local -> padded-ROI-local
-    to_roi = np.array([[1.0, 0.0, left - x0 - 0.5], [0.0, 1.0, top - y0 - 0.5], [0.0, 0.0, 1.0]])
-    from_out = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
-    mat = (to_roi @ m @ from_out)[:2]
+    # continuous coordinates (centres at +0.5) -> OpenCV's integer-centred ones, on both sides of the map
+    shift = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    mat = (np.linalg.inv(shift) @ m @ shift)[:2]
     for i in range(t):
-        cv2.warpAffine(frames[i, y0:y1, x0:x1], mat, (size, size), dst=out[i],
-                       flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
-                       borderValue=(FILL, FILL, FILL))
+        cv2.warpAffine(frames[i, top:top + h, left:left + w], mat, (size, size), dst=out[i],
+                       flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+    if fill is not None and fill.any():
+        np.copyto(out, np.uint8(FILL), where=fill[None, :, :, None])
     return out
 
 
@@ -129,13 +125,12 @@ class TrainClipTransform:
                                      tuple(self.cfg.rrc_ratio), rng)
         flip = self.cfg.flip and rng.random() < 0.5
         ops = self.policy.draw(rng) if self.policy is not None else None
-        m = crop_matrix(w, h, s)
-        geo = ops.affine(s, s) if ops is not None else None
-        if geo is not None:
-            m = m @ geo
+        maps = ops.maps(s, s) if ops is not None else []
         if flip:  # timm/CAST flip after RandAugment: the flip is the last map applied to the output
-            m = m @ flip_matrix(s)
-        clip = torch.from_numpy(warp_clip(frames, (top, left, h, w), m, s))
+            maps.append(flip_matrix(s))
+        m = crop_matrix(w, h, s) @ compose(maps)
+        fill = fill_mask(maps, s, s) if maps else None
+        clip = torch.from_numpy(warp_clip(frames, (top, left, h, w), m, s, fill))
         if ops is not None:
             clip = apply_colour_ops(clip, ops)
         return clip
