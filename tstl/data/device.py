@@ -89,9 +89,13 @@ class Normalize:
 
     def __call__(self, batch: dict, seed: int) -> dict:
         x = batch["video"]
-        # Transpose while still uint8 (a quarter of the bytes), then one cast and one fused multiply-add.
-        xf = x.permute(0, 4, 1, 2, 3).contiguous().float()
-        batch["video"] = torch.addcmul(self.shift.to(x.device), xf, self.scale.to(x.device))
+        if x.device.type == "cpu":
+            # Transpose while still uint8 and cast with NumPy: torch's CPU uint8 -> float cast and out-of-place
+            # arithmetic measured 5-7x slower here.
+            xf = torch.from_numpy(np.ascontiguousarray(x.numpy().transpose(0, 4, 1, 2, 3)).astype(np.float32))
+        else:
+            xf = x.permute(0, 4, 1, 2, 3).contiguous().float()
+        batch["video"] = xf.mul_(self.scale.to(x.device)).add_(self.shift.to(x.device))
         return batch
 
 
