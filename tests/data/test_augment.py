@@ -219,3 +219,25 @@ def test_policy_rejects_unsupported_specs() -> None:
             RandAugmentPolicy(spec)
     assert RandAugmentPolicy("rand-m9-n2-mstd101").mstd == float("inf")
     assert op_matrix("Rotate", 0.0, 10, 10) == pytest.approx(np.eye(3))
+
+
+def test_worker_and_device_paths_same_statistics() -> None:
+    # Over many clips, the two paths change a clip equally often and by equally much (same policy, same ops).
+    from tstl.data import DataConfig as Cfg
+    from tstl.data.transforms import TrainClipTransform
+
+    frame = natural(32, 32, seed=11)
+    frames = np.repeat(frame[None], 2, axis=0)
+    n = 300
+    tf = TrainClipTransform(Cfg(input_size=32, rand_augment=SPEC, rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0)))
+    worker = [tf(frames, np.random.default_rng(k)).int() for k in range(n)]
+    ra = DeviceRandAugment(SPEC)
+    video = torch.from_numpy(np.broadcast_to(frames, (n, 2, 32, 32, 3)).copy())
+    device = ra({"video": video}, seed=1)["video"].int()
+    base = torch.from_numpy(frames).int()
+    change_w = [float((c - base).abs().float().mean()) for c in worker]
+    change_d = [float((device[k] - base).abs().float().mean()) for k in range(n)]
+    untouched_w = sum(c == 0 for c in change_w) / n
+    untouched_d = sum(c == 0 for c in change_d) / n
+    assert abs(untouched_w - untouched_d) < 0.08  # P(no op fires) = 1/16 on both paths
+    assert _ks(change_w, change_d) < 0.15
