@@ -46,9 +46,9 @@ from tstl.data.augment import RandAugmentPolicy, apply_colour_ops, compose, crop
 from tstl.data.device import DeviceRandAugment, Erase, MixupCutmix, Normalize
 from tstl.data.transforms import normalize, rrc_params, warp_clip
 
-from timm.data import Mixup, rand_augment_transform  # noqa: E402  (after tstl.data: the torchvision shim)
-from timm.data.random_erasing import RandomErasing  # noqa: E402
-from timm.data.transforms import RandomResizedCropAndInterpolation  # noqa: E402
+from timm.data import Mixup, rand_augment_transform  # after tstl.data: the torchvision shim
+from timm.data.random_erasing import RandomErasing 
+from timm.data.transforms import RandomResizedCropAndInterpolation 
 
 logger = logging.getLogger(__name__)
 

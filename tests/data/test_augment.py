@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from tstl.data import DataConfig  # noqa: F401  (installs the torchvision shim before timm is imported)
-from timm.data import rand_augment_transform  # noqa: E402
-from timm.data.auto_augment import NAME_TO_OP  # noqa: E402
+from timm.data import rand_augment_transform
+from timm.data.auto_augment import NAME_TO_OP
 
-from tstl.data.augment import (  # noqa: E402
+from tstl.data.augment import (
     ClipOps, RandAugmentPolicy, apply_colour, colour_numpy, colour_torch, compose, fill_mask, op_matrix)
-from tstl.data.device import DeviceRandAugment, Erase, warp_batch  # noqa: E402
-from tstl.data.transforms import warp_clip  # noqa: E402
+from tstl.data.device import DeviceRandAugment, Erase, warp_batch
+from tstl.data.transforms import warp_clip
 
 SPEC = "rand-m7-n4-mstd0.5-inc1"
 
@@ -113,8 +113,15 @@ def _timm_draws(n: int, seed: int) -> list[list[tuple[str, tuple]]]:
     ra = rand_augment_transform(SPEC, {"translate_const": 100, "img_mean": (128, 128, 128),
                                        "interpolation": Image.BICUBIC})
     record: list[tuple[str, tuple]] = []
+
+    def recorder(name: str):
+        def fn(img, *args, **kw):
+            record.append((name, args))
+            return img
+        return fn
+
     for op in ra.ops:
-        op.aug_fn = (lambda name: lambda img, *args, **kw: record.append((name, args)) or img)(op.name)
+        op.aug_fn = recorder(op.name)
     random.seed(seed)
     np.random.seed(seed)
     out = []

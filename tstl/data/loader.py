@@ -115,7 +115,7 @@ class ShardLoader:
         return Mixup(mixup_alpha=c.mixup, cutmix_alpha=c.cutmix, prob=c.mixup_prob, switch_prob=c.mixup_switch_prob,
                      label_smoothing=c.label_smoothing, num_classes=self.num_classes)
 
-    def to(self, device: torch.device | str) -> "ShardLoader":
+    def to(self, device: torch.device | str) -> ShardLoader:
         """Run the batch stages on ``device`` (the training device) and yield batches there; returns ``self``."""
         self.device = torch.device(device)
         return self
