@@ -1,13 +1,19 @@
-"""Loader benchmark: training-clip throughput from shards vs a per-file loader vs decoding alone.
+"""Loader benchmark: training-clip throughput from shards (worker- or device-side augmentation) vs a per-file loader
+vs decoding alone, on the same SSV2-like clips.
 
-All three read the same SSV2-like videos (428x240 H.264, 12 fps, 4 s) with 16-frame segment sampling at 224 px:
-
-* ``shards``: ``build_train_loader`` (tar stream -> shuffle buffer -> decord from memory -> our augmentation);
+* ``shards, augment_on=worker``: what one DataLoader worker delivers (tar stream -> shuffle buffer -> decord from
+  memory -> crop + fused RandAugment -> uint8 batch), and the full CPU path (the same plus the batch stages —
+  normalise, erase, mixup — in the training process);
+* ``shards, augment_on=device``: the worker side of device-side augmentation (decode, crop, uint8 batch), and the
+  device step per 8-clip batch (RandAugment, normalise, erase, mixup; on the CPU here, ``--device cuda`` elsewhere);
 * ``per-file``: a map-style dataset that opens every mp4 by path with ``decord.VideoReader(path, num_threads=1)``
-  and augments the CAST/VideoMAE way (RandAugment on native-size frames, normalise, then crop and resize);
+  and augments the CAST/VideoMAE way (timm RandAugment on native-size PIL frames, normalise, then crop and resize);
 * ``decode-only``: decord on the same bytes and frame indices, nothing else, in one process.
 
-Run: ``python -m benchmarks.loader --out docs/benchmarks.md [--videos 64] [--workers 1]``.
+The clips look like SSV2 (a hand-held camera over a textured scene, an object pushed across it): 1/f colour
+textures, a slow pan with shake, a moving textured object, sensor noise, H.264 as ``make prepare-ssv2`` writes it.
+
+Run: ``python -m benchmarks.loader --out docs/benchmarks.md [--videos 64] [--workers 1] [--device cpu]``.
 """
 
 from __future__ import annotations
@@ -23,38 +29,81 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import decord
 import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
-from timm.data import rand_augment_transform
-from timm.data.transforms import RandomResizedCropAndInterpolation
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from tstl.core import shards as shard_format
 from tstl.core.ffmpeg import ffmpeg_exe
 from benchmarks.report import update_section
-from tstl.data import DataConfig, build_train_loader, sampling
-from tstl.data.transforms import TrainClipTransform, normalize, seeded
 from tstl.core.log import init_logging
+from tstl.data import DataConfig, build_train_loader, sampling
+from tstl.data.augment import RandAugmentPolicy, apply_colour_ops, compose, crop_matrix, fill_mask
+from tstl.data.device import DeviceRandAugment, Erase, MixupCutmix, Normalize
+from tstl.data.transforms import normalize, rrc_params, warp_clip
+
+from timm.data import Mixup, rand_augment_transform  # after tstl.data: the torchvision shim
+from timm.data.random_erasing import RandomErasing 
+from timm.data.transforms import RandomResizedCropAndInterpolation 
 
 logger = logging.getLogger(__name__)
 
 FRAMES = 48
+W, H = 428, 240
+
+
+def _texture(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """A natural-image-like colour texture: noise with a 1/f amplitude spectrum, per channel, mildly correlated."""
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+    amp = 1.0 / np.maximum(np.hypot(fx, fy), 1.0 / max(h, w))
+    base = np.fft.irfft2(amp * np.exp(2j * np.pi * rng.random((h, w // 2 + 1))), s=(h, w))
+    chans = []
+    for _ in range(3):
+        own = np.fft.irfft2(amp * np.exp(2j * np.pi * rng.random((h, w // 2 + 1))), s=(h, w))
+        chans.append(0.7 * base + 0.3 * own)
+    img = np.stack(chans, -1)
+    img = (img - img.mean()) / (img.std() + 1e-9)
+    tint = rng.uniform(60, 190, size=3)
+    return np.clip(tint + 45 * img, 0, 255).astype(np.float32)
+
+
+def ssv2_like_frames(seed: int) -> np.ndarray:
+    """``FRAMES`` uint8 frames ``[T, H, W, 3]``: a panning, shaking camera over a textured scene with an object
+    (a textured ellipse with a soft edge) moved across it, plus sensor noise."""
+    rng = np.random.default_rng(seed)
+    scene = _texture(H + 80, W + 160, rng)
+    obj = _texture(90, 120, rng)
+    yy, xx = np.mgrid[:90, :120]
+    alpha = np.clip(1.5 - np.hypot((yy - 45) / 45, (xx - 60) / 60) * 1.5, 0, 1)[..., None]
+    pan = rng.uniform(-2.5, 2.5, size=2)
+    start, vel = rng.uniform([20, 20], [H - 110, W - 140]), rng.uniform(-4, 4, size=2)
+    out = np.empty((FRAMES, H, W, 3), dtype=np.uint8)
+    for t in range(FRAMES):
+        oy = int(np.clip(40 + pan[0] * t / 3 + rng.normal(0, 1), 0, 80))
+        ox = int(np.clip(80 + pan[1] * t + rng.normal(0, 1), 0, 160))
+        f = scene[oy:oy + H, ox:ox + W].copy()
+        py, px = (start + vel * t).astype(int)
+        py, px = int(np.clip(py, 0, H - 90)), int(np.clip(px, 0, W - 120))
+        f[py:py + 90, px:px + 120] = alpha * obj + (1 - alpha) * f[py:py + 90, px:px + 120]
+        f += rng.normal(0, 3, size=f.shape)
+        out[t] = np.clip(f, 0, 255).astype(np.uint8)
+    return out
 
 
 def make_videos(root: Path, n: int) -> list[Path]:
-    """``n`` distinct SSV2-like mp4s (as `make prepare-ssv2` writes them: libx264 veryfast, crf 23)."""
+    """``n`` distinct SSV2-like mp4s (428x240, 12 fps, H.264 veryfast crf 23 as `make prepare-ssv2` writes them)."""
     root.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in tqdm(range(n), desc="videos", leave=False):
         p = root / f"{i}.mp4"
-        subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=428x240:rate=12",
-                        "-vf", f"hue=h={i * 13 % 360}", "-frames:v", str(FRAMES), "-c:v", "libx264",
-                        "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p", "-y", str(p)], check=True)
+        subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{W}x{H}",
+                        "-r", "12", "-i", "-", "-c:v", "libx264", "-preset", "veryfast", "-crf", "23",
+                        "-pix_fmt", "yuv420p", "-y", str(p)], input=ssv2_like_frames(i).tobytes(), check=True)
         paths.append(p)
     return paths
 
@@ -79,12 +128,15 @@ def write_shards(paths: list[Path], out: Path, per_shard: int = 16) -> Path:
     return out
 
 
-class PerFileDataset(Dataset):
-    """The CAST/VideoMAE way: open the file by path, decode, RandAugment at native size, then crop."""
+class PerFileDataset(torch.utils.data.Dataset):
+    """The CAST/VideoMAE way: open the file by path, decode, RandAugment at native size (PIL, bicubic), normalise,
+    crop and resize, random erasing; mixup follows on the batch (``_with_mixup``), as in their training loop."""
 
     def __init__(self, paths: list[Path], cfg: DataConfig) -> None:
         self.paths, self.cfg = paths, cfg
-        self.ra = rand_augment_transform(cfg.rand_augment, {"translate_const": 100, "img_mean": (128, 128, 128)})
+        self.ra = rand_augment_transform(cfg.rand_augment, {"translate_const": 100, "img_mean": (128, 128, 128),
+                                                            "interpolation": Image.BICUBIC})
+        self.erase = RandomErasing(cfg.reprob, mode="pixel", device="cpu")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -106,7 +158,17 @@ class PerFileDataset(Dataset):
         top, left, h, w = RandomResizedCropAndInterpolation.get_params(imgs[0], cfg.rrc_scale, cfg.rrc_ratio)
         crop = clip[:, :, top:top + h, left:left + w]
         clip = F.interpolate(crop, size=(cfg.input_size, cfg.input_size), mode="bilinear", align_corners=False)
+        c, t, h, w = clip.shape
+        self.erase(clip.view(c * t, h, w))
         return clip, int(self.paths[i].stem) % 10
+
+
+def _with_mixup(loader, cfg: DataConfig):
+    """The per-file loader's batches through the same mixup stage as ours (CAST mixes on the batch too)."""
+    mix = MixupCutmix(Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                            num_classes=10))
+    for step, (video, label) in enumerate(loader):
+        yield mix({"video": video, "label": label, "key": [""] * len(video)}, step)
 
 
 def _rate(it, n_clips: int, desc: str) -> float:
@@ -123,10 +185,18 @@ def _rate(it, n_clips: int, desc: str) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def _worker_side(cfg: DataConfig, shard_dir: Path):
+    """The loader with its batch stages removed: exactly what the workers hand over (uint8 batches)."""
+    ld = build_train_loader(cfg, shard_dir)
+    ld._stages = lambda: []
+    return ld
+
+
 def breakdown(paths: list[Path], cfg: DataConfig, n: int) -> dict[str, float]:
-    """Milliseconds per clip spent in each stage, measured in one process."""
-    tf, times = TrainClipTransform(cfg), {"read": 0.0, "decode": 0.0, "augment": 0.0, "collate": 0.0}
-    rng = np.random.default_rng(0)
+    """Milliseconds per clip of each worker stage (augment_on=worker), measured in one process."""
+    policy = RandAugmentPolicy(cfg.rand_augment)
+    times = dict.fromkeys(("read", "decode", "crop + RandAugment warp", "RandAugment colour ops", "collate"), 0.0)
+    rng, s = np.random.default_rng(0), cfg.input_size
     for p in paths[:n]:
         t0 = time.perf_counter()
         data = p.read_bytes()
@@ -134,14 +204,44 @@ def breakdown(paths: list[Path], cfg: DataConfig, n: int) -> dict[str, float]:
         vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
         frames = vr.get_batch(list(map(int, sampling.segment_train(FRAMES, cfg.num_frames, rng)))).asnumpy()
         t2 = time.perf_counter()
-        with seeded(int(p.stem)):
-            clip = tf(frames)
+        top, left, h, w = rrc_params(H, W, cfg.rrc_scale, cfg.rrc_ratio, rng)
+        ops = policy.draw(rng)
+        maps = ops.maps(s, s)
+        clip = warp_clip(frames, (top, left, h, w), crop_matrix(w, h, s) @ compose(maps), s,
+                         fill_mask(maps, s, s) if maps else None)
         t3 = time.perf_counter()
-        torch.stack([clip] * cfg.batch_size)
+        clip = apply_colour_ops(torch.from_numpy(clip), ops)
         t4 = time.perf_counter()
-        for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, (t4 - t3) / cfg.batch_size)):
+        torch.stack([clip] * cfg.batch_size)
+        t5 = time.perf_counter()
+        for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, (t5 - t4) / cfg.batch_size)):
             times[k] += dt * 1000 / n
     return times
+
+
+def batch_step_ms(cfg: DataConfig, device: torch.device, clips: torch.Tensor, reps: int = 5) -> dict[str, float]:
+    """Milliseconds per 8-clip batch of each batch stage on ``device`` (uint8 ``[8, T, S, S, 3]`` in)."""
+    mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=10)
+    stages = {"RandAugment (device path)": DeviceRandAugment(cfg.rand_augment), "normalise": Normalize(cfg.mean, cfg.std),
+              "random erasing": Erase(cfg.reprob), "mixup/cutmix": MixupCutmix(mix)}
+    out = dict.fromkeys(["copy to device", *stages], 0.0)
+    for r in range(reps + 1):
+        batch = {"video": clips.clone(), "label": torch.arange(len(clips)) % 10}
+        t = time.perf_counter()
+        batch = {"video": batch["video"].to(device), "label": batch["label"].to(device)}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times = [time.perf_counter() - t]
+        for name, stage in stages.items():
+            t = time.perf_counter()
+            batch = stage(batch, r)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        if r:  # the first repetition warms up
+            for k, dt in zip(out, times):
+                out[k] += dt * 1000 / reps
+    return out
 
 
 def decode_only(paths: list[Path], cfg: DataConfig) -> float:
@@ -155,54 +255,68 @@ def decode_only(paths: list[Path], cfg: DataConfig) -> float:
     return len(blobs) / (time.perf_counter() - start)
 
 
-def run(num_videos: int, workers: int) -> str:
-    """Run the three loaders and return the markdown section."""
+def run(num_videos: int, workers: int, device: str = "cpu") -> str:
+    """Run the loaders and the batch step and return the markdown section."""
     cfg = DataConfig(num_frames=16, input_size=224, sampling="segment", flip=False, batch_size=8,
                      num_workers=workers, shuffle_buffer=16, mixup=0.8, cutmix=1.0)
+    dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_videos(Path(tmp) / "videos", num_videos)
         shard_dir = write_shards(paths, Path(tmp) / "shards")
         torch.set_num_threads(1)
+        cv2.setNumThreads(1)
         decode_only(paths[:4], cfg)  # warm the page cache and decord
-        shards = _rate(build_train_loader(cfg, shard_dir), num_videos, "shards")
-        light = dataclasses.replace(cfg, rand_augment="", reprob=0.0, mixup=0.0, cutmix=0.0)
-        shards_light = _rate(build_train_loader(light, shard_dir), num_videos, "shards, crop only")
-        per_file_dl = DataLoader(PerFileDataset(paths, cfg), batch_size=cfg.batch_size, shuffle=True,
-                                 num_workers=workers, drop_last=True)
-        per_file = _rate(per_file_dl, num_videos - cfg.batch_size, "per-file")
+        worker_cfg = dataclasses.replace(cfg, augment_on="worker")
+        device_cfg = dataclasses.replace(cfg, augment_on="device")
+        w_side = _rate(_worker_side(worker_cfg, shard_dir), num_videos, "shards, worker side (augment_on=worker)")
+        d_side = _rate(_worker_side(device_cfg, shard_dir), num_videos, "shards, worker side (augment_on=device)")
+        full = _rate(build_train_loader(worker_cfg, shard_dir), num_videos, "shards, full CPU path")
+        per_file_dl = torch.utils.data.DataLoader(PerFileDataset(paths, cfg), batch_size=cfg.batch_size,
+                                                  shuffle=True, num_workers=workers, drop_last=True)
+        per_file = _rate(_with_mixup(per_file_dl, cfg), num_videos - cfg.batch_size, "per-file")
         dec = decode_only(paths, cfg)
         parts = breakdown(paths, cfg, min(num_videos, 24))
-    total = sum(parts.values())
+        raw = next(iter(_worker_side(device_cfg, shard_dir)))["video"]
+        step = batch_step_ms(cfg, dev, raw)
     w = max(1, workers)
+    total = sum(parts.values())
     rows = "\n".join(f"| {k} | {v:.1f} | {100 * v / total:.0f} % |" for k, v in parts.items())
-    return f"""## Loader (`python -m benchmarks.loader --videos {num_videos} --workers {workers}`)
+    step_rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in step.items())
+    worker_step = sum(v for k, v in step.items() if k != "RandAugment (device path)")
+    device_step = sum(step.values())
+    return f"""## Loader (`python -m benchmarks.loader --videos {num_videos} --workers {workers} --device {device}`)
 
-{num_videos} SSV2-like videos (428x240 H.264 veryfast crf 23, 12 fps, {FRAMES} frames), training clips of 16
-frames at 224 px, segment sampling, full augmentation (random resized crop, RandAugment m7 n4, random erasing
-0.25, mixup/cutmix), batch 8, {workers} worker(s); clips per second per worker, measured on a CPU machine.
+{num_videos} SSV2-like videos ({W}x{H}, 12 fps, {FRAMES} frames: 1/f colour textures, a panning and shaking camera,
+a textured object moved across, sensor noise; H.264 veryfast crf 23), training clips of 16 frames at 224 px,
+segment sampling, RandAugment `{cfg.rand_augment}`, random erasing {cfg.reprob}, mixup/cutmix, batch 8,
+{workers} worker(s), one CPU thread per process; clips per second per worker, all rows from one run.
 
-| loader | clips/s per worker | vs per-file | vs decode-only |
+| path | clips/s per worker | vs decode-only | vs per-file |
 |---|---|---|---|
-| shards (`tstl.data`) | {shards / w:.1f} | {shards / per_file:.2f}x | {shards / w / dec:.2f} |
-| shards, crop + normalise only (no RandAugment/erasing/mixup) | {shards_light / w:.1f} | | {shards_light / w / dec:.2f} |
-| per-file decord (CAST/VideoMAE style) | {per_file / w:.1f} | 1.00x | {per_file / w / dec:.2f} |
-| decode only (same bytes and frames, 1 process) | {dec:.1f} | | 1.00 |
+| shards, `augment_on: worker`, worker side (decode, crop + fused RandAugment, uint8 out) | {w_side / w:.1f} | {w_side / w / dec:.2f} | {w_side / per_file:.2f}x |
+| shards, `augment_on: worker`, full CPU path (+ normalise, erase, mixup in the training process) | {full / w:.1f} | {full / w / dec:.2f} | **{full / per_file:.2f}x** |
+| shards, `augment_on: device`, worker side (decode, crop, uint8 out) | {d_side / w:.1f} | **{d_side / w / dec:.2f}** | {d_side / per_file:.2f}x |
+| per-file decord, CAST/VideoMAE style (PIL RandAugment at native size, erasing; mixup on the batch) | {per_file / w:.1f} | {per_file / w / dec:.2f} | 1.00x |
+| decode only (same bytes and frames, 1 process) | {dec:.1f} | 1.00 | |
 
-Where the time of one shard-loader clip goes (one process, ms per clip):
+Batch stages in the training process, ms per 8-clip batch on `{device}` (`augment_on: worker` runs all but the
+first RandAugment row: {worker_step:.1f} ms; `augment_on: device` runs all: {device_step:.1f} ms):
+
+| stage | ms / batch |
+|---|---|
+{step_rows}
+
+Where a worker's time goes with `augment_on: worker` (one process, ms per clip):
 
 | stage | ms | share |
 |---|---|---|
 {rows}
 
-Reading: the shard stream itself costs little (read {parts["read"]:.1f} ms; with only crop and normalisation the
-shard loader runs at {shards_light / w / dec:.2f} of the decode-only rate). The full CAST augmentation costs
-{parts["augment"]:.0f} ms per clip — mostly timm RandAugment's PIL affine ops (rotate/shear/translate), run on 16
-frames — which is more than decoding, so no loader doing that augmentation on the CPU can reach 0.8 of the
-decode-only rate. The crop-only row isolates the loader: what separates it from decoding alone is resizing 16
-crops to 224 px, converting to normalised float and handing 9.6 MB per clip to the training process. Against the per-file loader the
-shard loader gains by running RandAugment on the 224 px crop instead of the native frame and by avoiding a file
-open per clip; on a local page-cached disk the latter is small, on network storage it is what dominates the
-per-file loader. Figures vary with the load of the (shared) machine; compare rows of one run only.
+Reading: the ratio that matters for a GPU node is the device-side row, since with `augment_on: device` (the
+default on CUDA) the workers only decode and crop; the CPU rows show what a CPU-only run gets. The fused warp is
+one bicubic `cv2.warpAffine` per frame when a geometric op fired (about half the clips) and a `cv2.resize`
+otherwise; colour ops are lookup tables. Figures vary with the load of the (shared) machine; compare rows of one
+run only.
 """
 
 
@@ -212,9 +326,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="docs/benchmarks.md", help="report file whose 'loader' section is replaced")
     ap.add_argument("--videos", type=int, default=64, help="number of videos (size knob; 16 is a quick run)")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers for both loaders")
+    ap.add_argument("--device", default="cpu", help="device of the batch-step timing (cuda where available)")
     args = ap.parse_args(argv)
     init_logging()
-    md = run(args.videos, args.workers)
+    md = run(args.videos, args.workers, args.device)
     update_section(args.out, "loader", md)
     print(md)
 

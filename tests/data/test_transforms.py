@@ -1,12 +1,18 @@
-"""Training augmentation is one draw per clip; SSV2 never flips; evaluation crops cover the long side."""
+"""Worker-side transforms: one draw per clip, uint8 out, SSV2 never flips, eval crops cover the long side; and the
+loader's batch format and ``augment_on`` paths."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import numpy as np
+import pytest
 import torch
 
-from tstl.data import DataConfig
-from tstl.data.transforms import EvalViews, TrainClipTransform, seeded
+from tstl.data import DataConfig, build_eval_loader, build_train_loader
+from tstl.data.device import DeviceRandAugment, MixupCutmix, Normalize
+from tstl.data.transforms import EvalViews, TrainClipTransform, rrc_params
 
 
 def _textured(t: int = 6, h: int = 48, w: int = 64) -> np.ndarray:
@@ -21,45 +27,34 @@ def _half_white(t: int = 4, h: int = 48, w: int = 64) -> np.ndarray:
     return frames
 
 
-def test_same_augmentation_on_every_frame() -> None:
-    cfg = DataConfig(input_size=32, rand_augment="rand-m9-n4-mstd0.5-inc1", reprob=1.0)
-    tf = TrainClipTransform(cfg)
-    frames = _textured()
+@pytest.mark.parametrize("augment", [True, False])
+def test_same_augmentation_on_every_frame(augment: bool) -> None:
+    cfg = DataConfig(input_size=32, rand_augment="rand-m9-n4-mstd0.5-inc1")
+    tf = TrainClipTransform(cfg, augment=augment)
     outs = []
     for seed in range(8):
-        with seeded(seed):
-            clip = tf(frames)
-        assert clip.shape == (3, 6, 32, 32)
-        for t in range(1, 6):  # identical input frames must stay identical, erasing box included
-            same = clip[:, t] == clip[:, 0]
-            erased = ~same
-            assert same.float().mean() > 0.5
-            if erased.any():  # pixel-mode erasing noise differs per frame but only inside one shared box
-                rows = erased.any(dim=(0, 2)).nonzero().flatten()
-                cols = erased.any(dim=(0, 1)).nonzero().flatten()
-                box = torch.zeros(32, 32, dtype=torch.bool)
-                box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
-                assert not erased.any(0)[~box].any()
+        clip = tf(_textured(), np.random.default_rng(seed))
+        assert clip.shape == (6, 32, 32, 3) and clip.dtype == torch.uint8
+        assert all(torch.equal(clip[t], clip[0]) for t in range(6))  # identical input frames stay identical
+        assert torch.equal(clip, tf(_textured(), np.random.default_rng(seed)))  # reproducible from the generator
         outs.append(clip)
     assert not all(torch.equal(outs[0], o) for o in outs[1:])  # draws differ between clips
 
 
-def test_same_augmentation_without_erasing_is_exact() -> None:
-    cfg = DataConfig(input_size=32, rand_augment="rand-m9-n4-mstd0.5-inc1", reprob=0.0)
-    tf = TrainClipTransform(cfg)
-    for seed in range(8):
-        with seeded(seed):
-            clip = tf(_textured())
-        assert all(torch.equal(clip[:, t], clip[:, 0]) for t in range(6))
+def test_rrc_params_follow_timm_ranges() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = rrc_params(240, 428, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+        assert 0 <= top <= 240 - h and 0 <= left <= 428 - w
+        assert 0.07 <= h * w / (240 * 428) <= 1.0
 
 
 def _left_brighter(cfg: DataConfig, seeds: range) -> list[bool]:
     tf = TrainClipTransform(cfg)
     out = []
     for seed in seeds:
-        with seeded(seed):
-            clip = tf(_half_white())
-        out.append(bool(clip[:, :, :, :16].mean() > clip[:, :, :, 16:].mean()))
+        clip = tf(_half_white(), np.random.default_rng(seed)).float()
+        out.append(bool(clip[:, :, :16].mean() > clip[:, :, 16:].mean()))
     return out
 
 
@@ -78,6 +73,58 @@ def test_eval_crops_short_side_and_positions() -> None:
     x = ev.resize(frames)
     assert tuple(x.shape) == (2, 3, 32, 64)
     left, centre, right = (ev.crop(x, c) for c in range(3))
-    assert left.shape == (3, 2, 32, 32)
-    assert left.mean() > centre.mean() > right.mean()
-    assert torch.allclose(ev.crop(x, 1), EvalViews(cfg, num_crops=1).crop(x, 0))
+    assert left.shape == (2, 32, 32, 3) and left.dtype == torch.uint8
+    assert left.float().mean() > centre.float().mean() > right.float().mean()
+    assert torch.equal(ev.crop(x, 1), EvalViews(cfg, num_crops=1).crop(x, 0))
+
+
+# ---- the loader: uint8 across the worker boundary, batch stages, augment_on -----------------------------------
+LOADER = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=1, shuffle_buffer=4,
+              min_bad_check=1000)
+
+
+def test_workers_hand_uint8_and_the_stages_make_float(shardset: Callable[..., Path]) -> None:
+    root = shardset(8, [8])
+    ld = build_train_loader(DataConfig(**LOADER, mixup=0.0, cutmix=0.0), root)
+    ld._stages = lambda: []  # what the workers hand over
+    raw = next(iter(ld))
+    assert raw["video"].dtype == torch.uint8 and raw["video"].shape == (2, 4, 32, 32, 3)
+    out = next(iter(build_train_loader(DataConfig(**LOADER, mixup=0.0, cutmix=0.0), root)))
+    assert out["video"].dtype == torch.float32 and out["video"].shape == (2, 3, 4, 32, 32)
+    expect = Normalize(DataConfig().mean, DataConfig().std)({"video": raw["video"]}, 0)["video"]
+    no_erase = build_train_loader(DataConfig(**LOADER, mixup=0.0, cutmix=0.0, reprob=0.0), root)
+    assert torch.allclose(next(iter(no_erase))["video"], expect)
+    ev = next(iter(build_eval_loader(DataConfig(**LOADER), root)))
+    assert ev["video"].dtype == torch.float32 and ev["video"].shape == (4, 3, 4, 32, 32)
+
+
+def test_augment_on_resolution_and_stages(shardset: Callable[..., Path]) -> None:
+    root = shardset(8, [8])
+    ld = build_train_loader(DataConfig(**LOADER), root)
+    assert ld.augment_on == "worker"  # auto on the CPU
+    assert not any(isinstance(s, DeviceRandAugment) for s in ld._stages())
+    assert isinstance(ld._stages()[-1], MixupCutmix)
+    ld.device = torch.device("cuda")  # only resolved, never used here
+    assert ld.augment_on == "device" and any(isinstance(s, DeviceRandAugment) for s in ld._stages())
+    assert build_train_loader(DataConfig(**LOADER, augment_on="worker"), root).to("cpu").augment_on == "worker"
+    with pytest.raises(ValueError, match="augment_on"):
+        DataConfig(augment_on="gpu")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("where", ["worker", "device"])
+def test_both_paths_reproducible_same_format_and_range(shardset: Callable[..., Path], where: str) -> None:
+    root = shardset(8, [4, 4])
+    c = DataConfig(**LOADER, augment_on=where)
+    a = list(build_train_loader(c, root, epoch=1))
+    b = list(build_train_loader(c, root, epoch=1))
+    assert len(a) == len(b) == 4
+    assert all(torch.equal(x["video"], y["video"]) and torch.equal(x["label"], y["label"]) for x, y in zip(a, b))
+    other = DataConfig(**LOADER, augment_on="worker" if where == "device" else "device")
+    o = list(build_train_loader(other, root, epoch=1))
+    assert [x["key"] for x in a] == [x["key"] for x in o]  # same clips, augmented in another place
+    for x, y in zip(a, o):
+        assert x["video"].shape == y["video"].shape == (2, 3, 4, 32, 32) and x["label"].shape == y["label"].shape
+    lo, hi = (-0.485 / 0.229 - 1e-4, (1 - 0.406) / 0.225 + 1e-4)  # normalised uint8 range (outside erased boxes)
+    for x in a:
+        v = x["video"]
+        assert v.min() >= -6 and v.max() <= 6 and ((v >= lo) & (v <= hi)).float().mean() > 0.5

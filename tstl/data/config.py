@@ -87,6 +87,11 @@ class DataConfig:
     jitter_inverse_uniform: bool = False
     """``short_side_jitter``: draw the short side as ``1 / U(1/max, 1/min)`` (PySlowFast ``DATA.INV_UNIFORM_SAMPLE``,
     on in TimeSformer's SSV2 recipe)."""
+    augment_on: Literal["auto", "worker", "device"] = "auto"
+    """Where RandAugment runs. ``worker``: in the DataLoader workers (one fused warp per frame + colour tables);
+    ``device``: workers only crop, RandAugment runs batched on the loader's device (``ShardLoader.to(device)``);
+    ``auto``: ``device`` when that device is CUDA, else ``worker``. Normalisation, erasing and mixup always run on
+    the batch in the training process (workers hand uint8 clips)."""
 
     def __post_init__(self) -> None:
         if self.num_frames < 1 or self.sampling_rate < 1 or self.input_size < 8:
@@ -106,6 +111,8 @@ class DataConfig:
         if self.train_crop == "short_side_jitter" and not self.input_size <= lo <= hi:
             raise ValueError(f"jitter_scales {self.jitter_scales} must satisfy input_size ({self.input_size}) <= "
                              "min <= max for short_side_jitter")
+        if self.augment_on not in ("auto", "worker", "device"):
+            raise ValueError(f"data.augment_on must be auto, worker or device, got {self.augment_on!r}")
 
     @property
     def mixup_active(self) -> bool:

@@ -1,4 +1,4 @@
-"""``ShardLoader``: equal steps on every rank, exact epoch coverage, batch-level mixup, mid-epoch resume."""
+"""``ShardLoader``: equal steps on every rank, exact epoch coverage, batch stages on the device, mid-epoch resume."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 
+import torch
 from timm.data import Mixup
 from torch.utils.data import DataLoader
 
 from tstl.data.config import DataConfig
 from tstl.data.pipeline import BadSampleRateError, ClipStream, RoleState, StreamSpec, derive_seed
 from tstl.data.sources import ShardList, resolve, slot_length
-from tstl.data.transforms import seeded
+from tstl.data.device import DeviceRandAugment, Erase, MixupCutmix, Normalize, Stage, ToDevice
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class ShardLoader:
         per_role = self.length if train else self.length * self.views[0] * self.views[1]
         self.batches_per_role = -(-per_role // (cfg.batch_size if train else cfg.eval_batch_size))
         self.mixup = self._mixup() if train and cfg.mixup_active else None
+        self.device = torch.device("cpu")
         self.bad_samples = 0
         self.set_epoch(epoch)
 
@@ -113,24 +115,42 @@ class ShardLoader:
         return Mixup(mixup_alpha=c.mixup, cutmix_alpha=c.cutmix, prob=c.mixup_prob, switch_prob=c.mixup_switch_prob,
                      label_smoothing=c.label_smoothing, num_classes=self.num_classes)
 
-    def _apply_mixup(self, batch: dict) -> None:
-        video = batch["video"]
-        b, c, t, h, w = video.shape
-        if b % 2:
-            raise ValueError(f"mixup needs an even batch, got {b}")
-        # timm's Mixup cuts boxes out of dims (-2, -1) of a 4-D tensor: fold time into channels so the box spans
-        # every frame. Its draws use NumPy's global generator, seeded per step for reproducible resumes.
-        with seeded(derive_seed(self.cfg.seed, self.epoch, self.rank, self.step, 4)):
-            _, batch["label"] = self.mixup(video.view(b, c * t, h, w), batch["label"])
+    def to(self, device: torch.device | str) -> ShardLoader:
+        """Run the batch stages on ``device`` (the training device) and yield batches there; returns ``self``."""
+        self.device = torch.device(device)
+        return self
+
+    @property
+    def augment_on(self) -> str:
+        """``worker`` or ``device``: ``data.augment_on`` with ``auto`` resolved against ``self.device``."""
+        if self.cfg.augment_on != "auto":
+            return self.cfg.augment_on
+        return "device" if self.device.type == "cuda" else "worker"
+
+    def _stages(self) -> list[Stage]:
+        """The batch stages, in order (webdataset style): one place to add a batch-level augmentation."""
+        c = self.cfg
+        stages: list[Stage] = [ToDevice(self.device)]
+        if self.train and self.augment_on == "device" and c.rand_augment:
+            stages.append(DeviceRandAugment(c.rand_augment))
+        stages.append(Normalize(c.mean, c.std))
+        if self.train and c.reprob > 0:
+            stages.append(Erase(c.reprob))
+        if self.mixup is not None:
+            stages.append(MixupCutmix(self.mixup))
+        return stages
 
     def __iter__(self) -> Iterator[dict]:
         total = len(self)
         if self.step >= total:  # the previous epoch ran to its end: go on with the next one
             self.set_epoch(self.epoch + 1)
         spec = StreamSpec(self.cfg, self.shardset, self.train, self.rank, self.world_size, self.epoch, self.workers,
-                          self.length, self.views, dict(self._roles), self.step % self.workers, self.label_map)
+                          self.length, self.views, dict(self._roles), self.step % self.workers,
+                          label_map=self.label_map, worker_augment=self.augment_on == "worker")
+        stages = self._stages()
         nw = self.cfg.num_workers
-        dl = DataLoader(ClipStream(spec), batch_size=None, num_workers=nw, pin_memory=self.cfg.pin_memory,
+        pin = self.cfg.pin_memory or self.device.type == "cuda"  # pinned pages make the copy non-blocking
+        dl = DataLoader(ClipStream(spec), batch_size=None, num_workers=nw, pin_memory=pin,
                         prefetch_factor=self.cfg.prefetch_factor if nw else None, persistent_workers=False)
         for batch in dl:
             role = batch.pop("_role")
@@ -138,8 +158,10 @@ class ShardLoader:
             prev = self._roles.get(role, RoleState())
             self.bad_samples += state.bad - prev.bad
             self._roles[role] = state
-            if self.mixup is not None:
-                self._apply_mixup(batch)
+            for k, stage in enumerate(stages):
+                # Mixup keeps its former seed (tag 4); the other stages are tagged by their position.
+                tag = 4 if isinstance(stage, MixupCutmix) else 10 + k
+                batch = stage(batch, derive_seed(self.cfg.seed, self.epoch, self.rank, self.step, tag))
             self.step += 1
             yield batch
         if self.step != total:

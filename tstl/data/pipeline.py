@@ -12,7 +12,7 @@ import logging
 import random
 import tarfile
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from tstl.data import sampling
 from tstl.data.config import DataConfig
 from tstl.data.decode import BadSample, decode_clip
 from tstl.data.sources import Piece, ShardList, epoch_order, iter_tar, keep, slot_pieces
-from tstl.data.transforms import EvalViews, TrainClipTransform, seeded
+from tstl.data.transforms import EvalViews, TrainClipTransform
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class StreamSpec:
     """Worker ``i`` plays role ``(i + role_offset) % slots_per_rank`` (resume keeps the batch order exact)."""
     label_map: dict[int, int] | None = None
     """Relabelling ``y -> label_map[y]`` (the shard set holds only samples whose label is a key)."""
+    worker_augment: bool = True
+    """Training: RandAugment in the worker (``augment_on: worker``); False = crop only, the device does the rest."""
 
 
 def derive_seed(*parts: int) -> int:
@@ -154,32 +156,6 @@ class ClipStream(IterableDataset):
             raise BadSample(f"bad cls/json: {e}") from None
         return sample["mp4"], label, frames
 
-    def _train_items(self, sample: dict, aug_index: int, role: int, tf: TrainClipTransform) -> list[tuple]:
-        s, cfg = self.spec, self.spec.cfg
-        data, label, frames = self._parse(sample)
-        with seeded(derive_seed(cfg.seed, s.epoch, s.rank, role, aug_index, 2)):
-            rng = np.random.default_rng(derive_seed(cfg.seed, s.epoch, s.rank, role, aug_index, 3))
-            clip = decode_clip(data, frames, lambda n: sampling.train_indices(
-                cfg.sampling, n, cfg.num_frames, cfg.sampling_rate, rng, cfg.sampling_convention), cfg.decode_timeout_s)
-            return [(tf(clip), label, sample["__key__"], 0)]
-
-    def _eval_items(self, sample: dict, views: EvalViews) -> list[tuple]:
-        cfg, (nt, nc) = self.spec.cfg, self.spec.views
-        data, label, frames = self._parse(sample)
-        t_len = cfg.num_frames
-
-        def pick(n: int) -> np.ndarray:
-            return np.concatenate([sampling.test_indices(cfg.sampling, n, t_len, cfg.sampling_rate, t, nt,
-                                                         cfg.sampling_convention)
-                                   for t in range(nt)])
-
-        clip = decode_clip(data, frames, pick, cfg.decode_timeout_s)
-        out = []
-        for t in range(nt):
-            resized = views.resize(clip[t * t_len:(t + 1) * t_len])
-            out += [(views.crop(resized, c), label, sample["__key__"], t * nc + c) for c in range(nc)]
-        return out
-
     # ---- bad samples --------------------------------------------------------------------------------------
     def _bad(self, sample: dict, reason: str, st: RoleState, seen: int) -> None:
         cfg = self.spec.cfg
@@ -196,19 +172,13 @@ class ClipStream(IterableDataset):
 
     # ---- main loop ----------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
-        s, cfg = self.spec, self.spec.cfg
+        s = self.spec
         role = self._role()
         st = RoleState(**self.spec.start[role].to_dict()) if role in self.spec.start else RoleState()
-        per_raw = 1 if s.train else s.views[0] * s.views[1]
-        target = s.length * per_raw
-        bsz = cfg.batch_size if s.train else cfg.eval_batch_size
-        tf = TrainClipTransform(cfg) if s.train else None
-        ev = None if s.train else EvalViews(cfg, s.views[1])
-        make = (lambda smp, idx: self._train_items(smp, idx, role, tf)) if s.train else \
-            (lambda smp, idx: self._eval_items(smp, ev))
+        items: Items = TrainClips(self, role) if s.train else EvalClipViews(self)
         raw = self._raw(role)
         try:
-            yield from self._emit(raw, make, role, st, target, bsz)
+            yield from self._emit(raw, items.make, role, st, s.length * items.per_raw, items.batch_size)
         finally:
             raw.close()  # an early stop must not leave a tar stream (or a pipe: process) open
 
@@ -251,7 +221,7 @@ class ClipStream(IterableDataset):
 
     def _batch(self, items: list[tuple], role: int, st: RoleState) -> dict:
         batch = {
-            # default_collate stacks straight into shared memory inside a worker: one copy of the batch, not two.
+            # uint8 [B, T, S, S, 3]; default_collate stacks straight into shared memory inside a worker (one copy).
             "video": default_collate([it[0] for it in items]),
             "label": torch.tensor([it[1] for it in items], dtype=torch.long),
             "key": [it[2] for it in items],
@@ -261,3 +231,61 @@ class ClipStream(IterableDataset):
         if not self.spec.train:
             batch["view"] = torch.tensor([it[3] for it in items], dtype=torch.long)
         return batch
+
+
+class Items(Protocol):
+    """What a raw sample becomes: training clips or evaluation views (one batching loop serves both)."""
+
+    per_raw: int
+    """Items per raw sample."""
+    batch_size: int
+
+    def make(self, sample: dict, pos: int) -> list[tuple]:
+        """``(uint8 clip [T, S, S, 3], label, key, view)`` items of a sample at stream position ``pos``."""
+        ...
+
+
+class TrainClips:
+    """Training: one clip per sample, frame offsets and augmentation drawn from (seed, epoch, rank, role, pos)."""
+
+    per_raw = 1
+
+    def __init__(self, stream: ClipStream, role: int) -> None:
+        self.stream, self.role = stream, role
+        self.batch_size = stream.spec.cfg.batch_size
+        self.tf = TrainClipTransform(stream.spec.cfg, augment=stream.spec.worker_augment)
+
+    def make(self, sample: dict, pos: int) -> list[tuple]:
+        s, cfg = self.stream.spec, self.stream.spec.cfg
+        data, label, frames = self.stream._parse(sample)
+        rng = np.random.default_rng(derive_seed(cfg.seed, s.epoch, s.rank, self.role, pos, 3))
+        clip = decode_clip(data, frames, lambda n: sampling.train_indices(
+            cfg.sampling, n, cfg.num_frames, cfg.sampling_rate, rng, cfg.sampling_convention), cfg.decode_timeout_s)
+        aug = np.random.default_rng(derive_seed(cfg.seed, s.epoch, s.rank, self.role, pos, 2))
+        return [(self.tf(clip, aug), label, sample["__key__"], 0)]
+
+
+class EvalClipViews:
+    """Evaluation: T temporal x C spatial views per sample, deterministic."""
+
+    def __init__(self, stream: ClipStream) -> None:
+        self.stream = stream
+        self.per_raw = stream.spec.views[0] * stream.spec.views[1]
+        self.batch_size = stream.spec.cfg.eval_batch_size
+        self.views = EvalViews(stream.spec.cfg, stream.spec.views[1])
+
+    def make(self, sample: dict, pos: int) -> list[tuple]:
+        cfg, (nt, nc) = self.stream.spec.cfg, self.stream.spec.views
+        data, label, frames = self.stream._parse(sample)
+        t_len = cfg.num_frames
+
+        def pick(n: int) -> np.ndarray:
+            return np.concatenate([sampling.test_indices(cfg.sampling, n, t_len, cfg.sampling_rate, t, nt,
+                                                         cfg.sampling_convention) for t in range(nt)])
+
+        clip = decode_clip(data, frames, pick, cfg.decode_timeout_s)
+        out = []
+        for t in range(nt):
+            resized = self.views.resize(clip[t * t_len:(t + 1) * t_len])
+            out += [(self.views.crop(resized, c), label, sample["__key__"], t * nc + c) for c in range(nc)]
+        return out

@@ -1,27 +1,32 @@
-"""Clip augmentation (training) and multi-crop views (evaluation) on decoded uint8 frames.
+"""Clip transforms in the DataLoader workers: training crops (+ fused RandAugment) and evaluation views, uint8 out.
 
-Training follows the CAST/VideoMAE recipe: one random resized crop box, one RandAugment draw, one flip decision
-and one erasing box per clip, shared by every frame. timm's transforms draw their randomness from Python's
-``random`` and NumPy's global generators inside each call, so the clip-level draw is obtained by restoring those
-generators' state before each frame.
+Training follows the CAST/VideoMAE recipe with one draw per clip shared by every frame: a random resized crop box
+(timm's parameter draw), optionally a horizontal flip, and (``data.augment_on: worker``) one RandAugment draw. The
+crop, the flip and RandAugment's geometric ops compose into one affine map, applied to each frame in a single
+bicubic warp at the output size (``tstl.data.augment``); the colour ops follow as lookup tables. With
+``augment_on: device`` the workers only crop (and flip) and RandAugment runs batched on the training device
+(``tstl.data.device``). Either way a clip leaves the worker as uint8 ``[T, S, S, 3]`` (channels last, as decoded);
+normalisation, random erasing and mixup run on the batch in the training process (``tstl.data.device``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from typing import Iterator
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from timm.data import rand_augment_transform
-from timm.data.random_erasing import RandomErasing
-from timm.data.transforms import RandomResizedCropAndInterpolation
 
+from tstl.data.augment import FILL, RandAugmentPolicy, apply_colour_ops, compose, crop_matrix, fill_mask
 from tstl.data.config import DataConfig
 from tstl.data.spatial import short_side_jitter_crop  # [recipes] data.train_crop=short_side_jitter
+
+# Workers are processes already; OpenCV's own thread pool would only oversubscribe the cores.
+cv2.setNumThreads(1)
 
 
 @contextlib.contextmanager
@@ -40,9 +45,7 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 def normalize(frames: np.ndarray | torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 ``[T, H, W, 3]`` -> normalised float ``[3, T, H, W]``."""
-    # Transpose while still uint8 (a quarter of the bytes) and convert with NumPy: torch's uint8 -> float cast
-    # and strided float ops measured 5-10x slower here and were the largest cost of a training clip.
+    """uint8 ``[T, H, W, 3]`` -> normalised float ``[3, T, H, W]`` (one clip; batches use ``device.normalize``)."""
     arr = frames.numpy() if isinstance(frames, torch.Tensor) else frames
     x = torch.from_numpy(np.ascontiguousarray(arr.transpose(3, 0, 1, 2)).astype(np.float32))
     scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1, 1)
@@ -50,47 +53,98 @@ def normalize(frames: np.ndarray | torch.Tensor, mean: tuple[float, ...], std: t
     return x.mul_(scale).add_(shift)
 
 
-class TrainClipTransform:
-    """Random resized crop, RandAugment, flip, normalisation and random erasing, identical on every frame."""
+def rrc_params(img_h: int, img_w: int, scale: tuple[float, float], ratio: tuple[float, float],
+               rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """timm ``RandomResizedCropAndInterpolation.get_params`` with an explicit generator: ``(top, left, h, w)``."""
+    area = img_w * img_h
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = rng.uniform(*scale) * area
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if w <= img_w and h <= img_h:
+            return int(rng.integers(0, img_h - h + 1)), int(rng.integers(0, img_w - w + 1)), h, w
+    in_ratio = img_w / img_h
+    if in_ratio < min(ratio):
+        w, h = img_w, int(round(img_w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = img_h, int(round(img_h * max(ratio)))
+    else:
+        w, h = img_w, img_h
+    return (img_h - h) // 2, (img_w - w) // 2, h, w
 
-    def __init__(self, cfg: DataConfig) -> None:
+
+def warp_clip(frames: np.ndarray, box: tuple[int, int, int, int], m: np.ndarray, size: int,
+              fill: np.ndarray | None = None) -> np.ndarray:
+    """Resample every frame once: output pixel ``p`` reads the crop box at ``m @ p`` (crop-local coordinates).
+
+    Bicubic (OpenCV, a = -0.75), the support clamped to the crop box edge as in PIL's ``transform``; pixels in
+    ``fill`` (``augment.fill_mask``: where timm's ops would have left the image) get the fill colour 128. A pure
+    scale (no RandAugment geometry, no flip) is a plain ``cv2.resize`` (the same map, several times faster).
+    """
+    top, left, h, w = box
+    t = frames.shape[0]
+    out = np.empty((t, size, size, 3), dtype=np.uint8)
+    if m[0, 1] == 0 and m[1, 0] == 0 and m[0, 2] == 0 and m[1, 2] == 0 and m[0, 0] > 0 and m[1, 1] > 0:
+        for i in range(t):
+            cv2.resize(frames[i, top:top + h, left:left + w], (size, size), dst=out[i], interpolation=cv2.INTER_CUBIC)
+        return out
+    # continuous coordinates (centres at +0.5) -> OpenCV's integer-centred ones, on both sides of the map
+    shift = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    mat = (np.linalg.inv(shift) @ m @ shift)[:2]
+    for i in range(t):
+        cv2.warpAffine(frames[i, top:top + h, left:left + w], mat, (size, size), dst=out[i],
+                       flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+    if fill is not None and fill.any():
+        np.copyto(out, np.uint8(FILL), where=fill[None, :, :, None])
+    return out
+
+
+def flip_matrix(size: int) -> np.ndarray:
+    """Output -> input map of a horizontal flip of a ``size``-wide image."""
+    return np.array([[-1.0, 0.0, float(size)], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+class TrainClipTransform:
+    """Worker side of training augmentation: crop box, flip and (``augment``) RandAugment, one draw per clip.
+
+    Args:
+        cfg: loader configuration.
+        augment: run RandAugment here (``augment_on: worker``); False leaves it to the device step.
+    """
+
+    def __init__(self, cfg: DataConfig, augment: bool = True) -> None:
         self.cfg = cfg
         self.size = cfg.input_size
-        self.rand_augment = None
-        if cfg.rand_augment:
-            hparams = {"translate_const": int(cfg.input_size * 0.45), "img_mean": (128, 128, 128)}
-            self.rand_augment = rand_augment_transform(cfg.rand_augment, hparams)
-        self.erase = RandomErasing(cfg.reprob, mode="pixel", device="cpu") if cfg.reprob > 0 else None
+        self.policy = RandAugmentPolicy(cfg.rand_augment) if (augment and cfg.rand_augment) else None
 
-    def __call__(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 ``[T, H, W, 3]`` -> float ``[3, T, S, S]``; call under ``seeded(...)`` for reproducibility."""
-        if self.cfg.train_crop == "short_side_jitter":  # [recipes] PySlowFast geometry, see tstl.data.spatial
-            box = short_side_jitter_crop(frames.shape[1], frames.shape[2], self.size, self.cfg.jitter_scales,
-                                         np.random.default_rng(random.getrandbits(32)),
-                                         self.cfg.jitter_inverse_uniform).box
-        else:
-            first = Image.fromarray(frames[0])
-            top, left, h, w = RandomResizedCropAndInterpolation.get_params(
-                first, tuple(self.cfg.rrc_scale), tuple(self.cfg.rrc_ratio))
-            box = (left, top, left + w, top + h)
-        flip = self.cfg.flip and random.random() < 0.5
-        # One snapshot of the generators; every frame replays it, so RandAugment's ops and magnitudes match.
-        state = random.getstate(), np.random.get_state()
-        out = np.empty((len(frames), self.size, self.size, 3), dtype=np.uint8)
-        for i, frame in enumerate(frames):
-            img = Image.fromarray(frame).resize((self.size, self.size), Image.BILINEAR, box=box)
-            if self.rand_augment is not None:
-                random.setstate(state[0])
-                np.random.set_state(state[1])
-                img = self.rand_augment(img)
-            if flip:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-            out[i] = np.asarray(img)
-        clip = normalize(out, self.cfg.mean, self.cfg.std)
-        if self.erase is not None:
-            # Viewing [3, T, H, W] as [3T, H, W] makes timm erase the same box in every frame.
-            c, t, hh, ww = clip.shape
-            self.erase(clip.view(c * t, hh, ww))
+    def crop_box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """The clip's crop box ``(top, left, h, w)`` in source pixels: timm's random resized crop, or PySlowFast's
+        short-side jitter + random crop (``data.train_crop``, see ``tstl.data.spatial``), whose box is rounded to
+        whole source pixels here (the single warp then scales it to ``input_size``; a sub-pixel difference)."""
+        if self.cfg.train_crop == "short_side_jitter":
+            crop = short_side_jitter_crop(height, width, self.size, self.cfg.jitter_scales, rng,
+                                          self.cfg.jitter_inverse_uniform)
+            left, top, right, bottom = crop.box
+            t, lft = int(round(top)), int(round(left))
+            return t, lft, max(1, min(height - t, int(round(bottom)) - t)), max(1, min(width - lft, int(round(right)) - lft))
+        return rrc_params(height, width, tuple(self.cfg.rrc_scale), tuple(self.cfg.rrc_ratio), rng)
+
+    def __call__(self, frames: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """uint8 ``[T, H, W, 3]`` -> uint8 ``[T, S, S, 3]``; every draw comes from ``rng``."""
+        s = self.size
+        top, left, h, w = self.crop_box(frames.shape[1], frames.shape[2], rng)
+        flip = self.cfg.flip and rng.random() < 0.5
+        ops = self.policy.draw(rng) if self.policy is not None else None
+        maps = ops.maps(s, s) if ops is not None else []
+        if flip:  # timm/CAST flip after RandAugment: the flip is the last map applied to the output
+            maps.append(flip_matrix(s))
+        m = crop_matrix(w, h, s) @ compose(maps)
+        fill = fill_mask(maps, s, s) if maps else None
+        clip = torch.from_numpy(warp_clip(frames, (top, left, h, w), m, s, fill))
+        if ops is not None:
+            clip = apply_colour_ops(clip, ops)
         return clip
 
 
@@ -115,7 +169,7 @@ class EvalViews:
         return y.round_().clamp_(0, 255).to(torch.uint8)
 
     def crop(self, x: torch.Tensor, c: int) -> torch.Tensor:
-        """Spatial crop ``c`` of a resized clip, normalised to float ``[3, T, S, S]``."""
+        """Spatial crop ``c`` of a resized clip as uint8 ``[T, S, S, 3]`` (normalised later, on the batch)."""
         h, w = x.shape[-2:]
         s = self.size
         step_h = (h - s) / (self.num_crops - 1) if self.num_crops > 1 else (h - s) / 2
@@ -123,5 +177,4 @@ class EvalViews:
         pos = c if self.num_crops > 1 else 1
         top = int(pos * step_h) if h >= w else (h - s) // 2
         left = int(pos * step_w) if w > h else (w - s) // 2
-        patch = x[:, :, top:top + s, left:left + s].permute(0, 2, 3, 1)
-        return normalize(patch, self.cfg.mean, self.cfg.std)
+        return x[:, :, top:top + s, left:left + s].permute(0, 2, 3, 1).contiguous()

@@ -1,0 +1,372 @@
+"""timm RandAugment as per-clip parameters: one draw, one affine map for the geometry, then colour ops on uint8.
+
+timm's ``RandAugment`` draws inside every call from Python's and NumPy's global generators and resamples the image
+once per geometric op (PIL, at whatever size it is given). Here the same policy is split in two:
+
+* ``RandAugmentPolicy.draw(rng)`` draws one clip's ops (``ClipOps``) with the distribution of timm's
+  ``rand_augment_transform(spec)``: ``n`` ops chosen uniformly with replacement from the (``inc``) op set, each
+  applied with probability ``p``, magnitude ``N(m, mstd)`` clipped to ``[0, mmax or 10]``, then timm's level
+  functions (random sign for the signed ops). The draw uses an explicit ``numpy.random.Generator``.
+* The geometric ops (Rotate, ShearX/Y, TranslateX/YRel) compose into one 3x3 map (``ClipOps.affine``); the caller
+  folds the random-resized-crop box into it and resamples each frame once, bicubic, at the output size.
+* The colour ops (``apply_colour``) follow PIL's arithmetic (``ImageOps``/``ImageEnhance``), as lookup tables where
+  the op is per pixel value, on uint8 ``[T, H, W, 3]`` tensors on any device; the histogram ops (Equalize,
+  AutoContrast) and Contrast's mean use each frame's own statistics, as timm applying the op frame by frame does.
+
+Deliberate deviations from timm (documented in docs/loader.md): one resampling instead of one per geometric op
+(less blur), the colour ops run after the single warp (they commute with it except on the fill colour and through
+the image statistics of Equalize/AutoContrast/Contrast), bicubic always (CAST's ``--train_interpolation bicubic``;
+timm without an ``interpolation`` hparam picks bilinear or bicubic at random per op).
+
+Coordinates: continuous pixel coordinates with pixel centres at ``i + 0.5`` (PIL's convention for ``transform``);
+a map sends output coordinates to input coordinates.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LEVEL_DENOM = 10.0
+FILL = 128
+GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+_RAND_TRANSFORMS = ["AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
+                    "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]
+_RAND_INCREASING_TRANSFORMS = ["AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+                               "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+                               "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
+                               "TranslateYRel"]
+
+
+# ---- policy and draws (timm's level functions, with an explicit generator) ------------------------------------
+def _negate(v: float, rng: np.random.Generator) -> float:
+    return -v if rng.random() > 0.5 else v
+
+
+def _level_to_arg(name: str, level: float, rng: np.random.Generator, translate_pct: float) -> tuple:
+    """timm ``LEVEL_TO_ARG[name](level)``; ``rng`` replaces the ``random.random()`` of ``_randomly_negate``."""
+    lv = level / LEVEL_DENOM
+    if name in ("AutoContrast", "Equalize", "Invert"):
+        return ()
+    if name == "Rotate":
+        return (_negate(lv * 30.0, rng),)
+    if name in ("ShearX", "ShearY"):
+        return (_negate(lv * 0.3, rng),)
+    if name in ("TranslateXRel", "TranslateYRel"):
+        return (_negate(lv * translate_pct, rng),)
+    if name == "Posterize":
+        return (int(lv * 4),)
+    if name == "PosterizeIncreasing":
+        return (4 - int(lv * 4),)
+    if name == "PosterizeOriginal":
+        return (int(lv * 4) + 4,)
+    if name == "Solarize":
+        return (min(256, int(lv * 256)),)
+    if name == "SolarizeIncreasing":
+        return (256 - min(256, int(lv * 256)),)
+    if name == "SolarizeAdd":
+        return (min(128, int(lv * 110)),)
+    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return (lv * 1.8 + 0.1,)
+    if name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"):
+        return (max(0.1, 1.0 + _negate(lv * 0.9, rng)),)
+    raise ValueError(f"RandAugment op {name!r} is not supported by the fused path")
+
+
+def base_op(name: str) -> str:
+    """``ColorIncreasing`` -> ``Color`` etc.: the operation an op name applies."""
+    for suffix in ("Increasing", "Original"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+@dataclass
+class ClipOps:
+    """One clip's RandAugment draw: the ops that fire, in order, with their arguments."""
+
+    ops: list[tuple[str, tuple]] = field(default_factory=list)
+
+    @property
+    def geometric(self) -> list[tuple[str, tuple]]:
+        return [(n, a) for n, a in self.ops if n in GEOMETRIC]
+
+    @property
+    def colour(self) -> list[tuple[str, tuple]]:
+        return [(base_op(n), a) for n, a in self.ops if n not in GEOMETRIC]
+
+    def maps(self, width: float, height: float) -> list[np.ndarray]:
+        """3x3 output -> input map of each geometric op on a ``width x height`` image, in the order applied."""
+        return [op_matrix(name, v, width, height) for name, (v,) in self.geometric]
+
+    def affine(self, width: float, height: float) -> np.ndarray | None:
+        """The composed output -> input map of all geometric ops (None: no geometric op fired)."""
+        maps = self.maps(width, height)
+        return compose(maps) if maps else None
+
+
+class RandAugmentPolicy:
+    """Parse a timm RandAugment spec (``rand-m7-n4-mstd0.5-inc1``) and draw per-clip ops."""
+
+    def __init__(self, spec: str, translate_pct: float = 0.45) -> None:
+        self.spec = spec
+        self.magnitude, self.num_layers, self.prob = 10.0, 2, 0.5
+        self.mstd, self.mmax, increasing = 0.0, None, False
+        parts = spec.split("-")
+        if parts[0] != "rand":
+            raise ValueError(f"data.rand_augment {spec!r}: only timm 'rand-...' specs are supported")
+        for c in parts[1:]:
+            if c.startswith("t"):
+                raise ValueError(f"data.rand_augment {spec!r}: transform sets ('t...') are not supported")
+            key, val = (re.split(r"(\d.*)", c) + [""])[:2]
+            if key == "mstd":
+                self.mstd = float("inf") if float(val) > 100 else float(val)
+            elif key == "mmax":
+                self.mmax = int(val)
+            elif key == "inc":
+                increasing = bool(int(val))
+            elif key == "m":
+                self.magnitude = float(int(val))
+            elif key == "n":
+                self.num_layers = int(val)
+            elif key == "p":
+                self.prob = float(val)
+            else:
+                raise ValueError(f"data.rand_augment {spec!r}: unknown section {c!r}")
+        self.names = list(_RAND_INCREASING_TRANSFORMS if increasing else _RAND_TRANSFORMS)
+        self.translate_pct = translate_pct
+
+    def draw(self, rng: np.random.Generator) -> ClipOps:
+        """timm's draw order: choose ``n`` ops (with replacement), then per op: apply?, magnitude, level args."""
+        chosen = rng.integers(0, len(self.names), size=self.num_layers)
+        ops = []
+        for k in chosen:
+            name = self.names[int(k)]
+            if self.prob < 1.0 and rng.random() > self.prob:
+                continue
+            m = self.magnitude
+            if self.mstd == float("inf"):
+                m = rng.uniform(0, m)
+            elif self.mstd > 0:
+                m = rng.normal(m, self.mstd)
+            m = max(0.0, min(m, self.mmax or LEVEL_DENOM))
+            ops.append((name, _level_to_arg(name, m, rng, self.translate_pct)))
+        return ClipOps(ops)
+
+
+# ---- geometry --------------------------------------------------------------------------------------------------
+def op_matrix(name: str, v: float, width: float, height: float) -> np.ndarray:
+    """3x3 output -> input map of one timm geometric op (PIL ``transform``/``rotate`` coefficients)."""
+    if name == "ShearX":
+        return np.array([[1.0, v, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    if name == "ShearY":
+        return np.array([[1.0, 0.0, 0.0], [v, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    if name == "TranslateXRel":
+        return np.array([[1.0, 0.0, v * width], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    if name == "TranslateYRel":
+        return np.array([[1.0, 0.0, 0.0], [0.0, 1.0, v * height], [0.0, 0.0, 1.0]])
+    if name == "Rotate":  # PIL Image.rotate(v): counter-clockwise about the centre (w/2, h/2)
+        a = -math.radians(v)
+        c, s = round(math.cos(a), 15), round(math.sin(a), 15)
+        cx, cy = width / 2.0, height / 2.0
+        return np.array([[c, s, cx - c * cx - s * cy], [-s, c, cy + s * cx - c * cy], [0.0, 0.0, 1.0]])
+    raise ValueError(name)
+
+
+def compose(maps: list[np.ndarray]) -> np.ndarray:
+    """One output -> input map for warps applied in order: image_k(p) = image_{k-1}(M_k p), so M_1 M_2 ... M_k."""
+    m = np.eye(3)
+    for a in maps:
+        m = m @ a
+    return m
+
+
+def fill_mask(maps: list[np.ndarray], width: int, height: int) -> np.ndarray:
+    """Output pixels that timm's separate warps (``maps``, in order, each on a ``width x height`` image) fill.
+
+    A pixel gets the fill colour when its source position leaves the image at any intermediate step (content an
+    earlier op moved out of the frame is lost for the later ops); the single warp reproduces exactly that region.
+    """
+    cx, cy = np.arange(width) + 0.5, np.arange(height) + 0.5
+    xs, ys = np.meshgrid(cx, cy)
+    mask = np.zeros((height, width), dtype=bool)
+    m = np.eye(3)
+    for a in reversed(maps):
+        m = a @ m
+        x = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
+        y = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
+        mask |= (x < 0) | (x >= width) | (y < 0) | (y >= height)
+    return mask
+
+
+def crop_matrix(box_w: float, box_h: float, size: int) -> np.ndarray:
+    """Output ``size x size`` -> crop box of ``box_w x box_h`` (crop-local coordinates)."""
+    return np.diag([box_w / size, box_h / size, 1.0])
+
+
+# ---- colour ops on uint8 [T, H, W, 3] ---------------------------------------------------------------------------
+def _lut_apply(x: torch.Tensor, lut: np.ndarray) -> torch.Tensor:
+    """Apply a 256-entry uint8 table, or per-frame per-channel tables ``[T, 3, 256]``, to ``[T, H, W, 3]``."""
+    table = torch.as_tensor(lut, device=x.device)
+    if lut.ndim == 1:
+        return table[x.long()]
+    t = x.shape[0]
+    offs = (torch.arange(t, device=x.device).view(t, 1, 1, 1) * 3 + torch.arange(3, device=x.device)) * 256
+    return table.reshape(-1)[x.long() + offs]
+
+
+def _histograms(x: torch.Tensor) -> np.ndarray:
+    """Per-frame, per-channel histograms ``[T, 3, 256]`` (int64, on the CPU)."""
+    t = x.shape[0]
+    offs = (torch.arange(t, device=x.device).view(t, 1, 1, 1) * 3 + torch.arange(3, device=x.device)) * 256
+    return torch.bincount((x.long() + offs).reshape(-1), minlength=t * 768).view(t, 3, 256).cpu().numpy()
+
+
+def _blend(x: torch.Tensor, degenerate: torch.Tensor, factor: float) -> torch.Tensor:
+    """PIL ``Image.blend(degenerate, x, factor)``: ``degenerate + factor * (x - degenerate)``, clipped, truncated."""
+    d = degenerate.float()
+    return (d + factor * (x.float() - d)).clamp_(0, 255).to(torch.uint8)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """PIL RGB -> L: ``(19595 R + 38470 G + 7471 B + 0x8000) >> 16``, as ``[T, H, W, 1]`` int32."""
+    xi = x.to(torch.int32)
+    return ((xi[..., 0:1] * 19595 + xi[..., 1:2] * 38470 + xi[..., 2:3] * 7471 + 0x8000) >> 16)
+
+
+def _smooth(x: torch.Tensor) -> torch.Tensor:
+    """PIL ``ImageFilter.SMOOTH`` (3x3, centre 5, /13, rounded); the one-pixel border keeps the input."""
+    t, h, w, _ = x.shape
+    k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=x.device) / 13.0
+    xf = x.permute(0, 3, 1, 2).reshape(t * 3, 1, h, w).float()
+    y = F.conv2d(xf, k.view(1, 1, 3, 3)).add_(0.5).clamp_(0, 255).floor_()
+    out = xf.clone()
+    out[:, :, 1:-1, 1:-1] = y
+    return out.view(t, 3, h, w).permute(0, 2, 3, 1)
+
+
+def apply_colour(x: torch.Tensor, name: str, args: tuple) -> torch.Tensor:
+    """One timm colour op (base name, e.g. ``Color``) on a uint8 ``[T, H, W, 3]`` clip, frame by frame like PIL.
+
+    CPU tensors go through OpenCV/NumPy (``colour_numpy``), others through torch (``colour_torch``); both are
+    compared with timm's PIL ops in the tests.
+    """
+    if x.device.type == "cpu":
+        return torch.from_numpy(colour_numpy(np.ascontiguousarray(x.numpy()), name, args))
+    return colour_torch(x, name, args)
+
+
+def _luts(name: str, args: tuple) -> np.ndarray | None:
+    """The 256-entry table of a colour op that is one fixed table (None: it needs image statistics/pixels)."""
+    i = np.arange(256)
+    if name == "Invert":
+        return (255 - i).astype(np.uint8)
+    if name == "Posterize":
+        return (i & ~(2 ** (8 - min(args[0], 8)) - 1)).astype(np.uint8)
+    if name == "Solarize":
+        return np.where(i < args[0], i, 255 - i).astype(np.uint8)
+    if name == "SolarizeAdd":
+        return np.where(i < 128, np.minimum(255, i + args[0]), i).astype(np.uint8)
+    if name == "Brightness":
+        return np.clip(args[0] * i, 0, 255).astype(np.uint8)
+    return None
+
+
+def _autocontrast_lut(h: np.ndarray) -> np.ndarray:
+    """PIL ``ImageOps.autocontrast`` (cutoff 0) table of one channel histogram."""
+    i = np.arange(256)
+    nz = np.flatnonzero(h)
+    lo, hi = (nz[0], nz[-1]) if nz.size else (0, 0)
+    if hi <= lo:
+        return i.astype(np.uint8)
+    scale = 255.0 / (hi - lo)
+    return np.clip((i * scale - lo * scale).astype(np.int64), 0, 255).astype(np.uint8)
+
+
+def _equalize_lut(h: np.ndarray) -> np.ndarray:
+    """PIL ``ImageOps.equalize`` table of one channel histogram."""
+    nz = h[h > 0]
+    step = (int(nz.sum()) - int(nz[-1])) // 255 if nz.size > 1 else 0
+    if not step:
+        return np.arange(256, dtype=np.uint8)
+    before = np.concatenate([[0], np.cumsum(h)[:-1]])
+    return np.clip((step // 2 + before) // step, 0, 255).astype(np.uint8)
+
+
+def colour_numpy(a: np.ndarray, name: str, args: tuple) -> np.ndarray:
+    """CPU version of ``apply_colour`` on a contiguous uint8 ``[T, H, W, 3]`` array (OpenCV tables and blends).
+
+    The blends (Color, Contrast's mean, Sharpness) use ``cv2.addWeighted``, which rounds where PIL truncates, and
+    ``cv2.cvtColor``'s grey weights: within 2 grey levels of PIL (the tests check the bound).
+    """
+    import cv2
+
+    t, h, w, _ = a.shape
+    lut = _luts(name, args)
+    if lut is not None:
+        if name == "Posterize" and args[0] >= 8:
+            return a
+        return cv2.LUT(a.reshape(t * h, w, 3), lut).reshape(a.shape)
+    out = np.empty_like(a)
+    if name in ("Color", "Contrast", "Sharpness"):
+        f = float(args[0])
+        for k in range(t):
+            if name == "Sharpness":
+                deg = cv2.filter2D(a[k], -1, _SMOOTH, borderType=cv2.BORDER_REPLICATE)
+                deg[0], deg[-1], deg[:, 0], deg[:, -1] = a[k, 0], a[k, -1], a[k, :, 0], a[k, :, -1]
+            else:
+                gray = cv2.cvtColor(a[k], cv2.COLOR_RGB2GRAY)
+                if name == "Color":
+                    deg = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+                else:  # Contrast: blend with the frame's rounded mean grey level, i.e. a table
+                    mean = int(gray.mean() + 0.5)
+                    table = np.clip(mean + f * (np.arange(256) - mean), 0, 255).astype(np.uint8)
+                    out[k] = cv2.LUT(a[k], table)
+                    continue
+            cv2.addWeighted(a[k], f, deg, 1.0 - f, 0.0, dst=out[k])
+        return out
+    if name in ("AutoContrast", "Equalize"):
+        make = _autocontrast_lut if name == "AutoContrast" else _equalize_lut
+        for k in range(t):
+            luts = [make(cv2.calcHist([a[k]], [c], None, [256], [0, 256]).ravel().astype(np.int64))
+                    for c in range(3)]
+            out[k] = cv2.LUT(a[k], np.stack(luts, axis=1).reshape(256, 1, 3))
+        return out
+    raise ValueError(f"unknown colour op {name!r}")
+
+
+_SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0
+
+
+def colour_torch(x: torch.Tensor, name: str, args: tuple) -> torch.Tensor:
+    """Torch version of ``apply_colour`` (any device), PIL's integer arithmetic (truncating blends)."""
+    lut = _luts(name, args)
+    if lut is not None:
+        return x if name == "Posterize" and args[0] >= 8 else _lut_apply(x, lut)
+    if name == "Contrast":  # PIL: blend with the frame's mean grey level, rounded
+        i = np.arange(256)
+        means = (_gray(x).float().mean(dim=(1, 2, 3)) + 0.5).floor().cpu().numpy()
+        luts = np.clip(means[:, None] + args[0] * (i[None] - means[:, None]), 0, 255).astype(np.uint8)
+        return _lut_apply(x, np.repeat(luts[:, None], 3, axis=1))
+    if name == "Color":
+        return _blend(x, _gray(x), args[0])
+    if name == "Sharpness":
+        return _blend(x, _smooth(x), args[0])
+    if name in ("AutoContrast", "Equalize"):
+        make = _autocontrast_lut if name == "AutoContrast" else _equalize_lut
+        hist = _histograms(x)
+        return _lut_apply(x, np.stack([[make(hist[t, c]) for c in range(3)] for t in range(hist.shape[0])]))
+    raise ValueError(f"unknown colour op {name!r}")
+
+
+def apply_colour_ops(x: torch.Tensor, ops: ClipOps) -> torch.Tensor:
+    """Every colour op of a draw, in order, on a uint8 ``[T, H, W, 3]`` clip."""
+    for name, args in ops.colour:
+        x = apply_colour(x, name, args)
+    return x
