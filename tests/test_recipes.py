@@ -388,14 +388,21 @@ def test_short_side_jitter_ranges() -> None:
 
 
 def test_train_transform_uses_the_jitter_box() -> None:
-    from tstl.data.transforms import TrainClipTransform, seeded
+    from tstl.data.spatial import short_side_jitter_crop
+    from tstl.data.transforms import TrainClipTransform
 
     cfg = DataConfig(input_size=32, train_crop="short_side_jitter", jitter_scales=(40, 48), rand_augment="",
                      reprob=0.0, mixup=0.0, cutmix=0.0, flip=False)
     frames = np.random.default_rng(0).integers(0, 255, size=(4, 36, 64, 3), dtype=np.uint8)
-    with seeded(1):
-        clip = TrainClipTransform(cfg)(frames)
-    assert clip.shape == (3, 4, 32, 32)
+    tf = TrainClipTransform(cfg)
+    top, left, h, w = tf.crop_box(36, 64, np.random.default_rng(1))
+    crop = short_side_jitter_crop(36, 64, 32, (40, 48), np.random.default_rng(1))
+    l, t, r, b = crop.box
+    assert (top, left) == (round(t), round(l)) and abs(h - (b - t)) <= 1 and abs(w - (r - l)) <= 1
+    # the box is the 32 px crop of a frame whose short side was scaled to 40..48: 36 * 32 / short pixels high
+    assert 36 * 32 / 48 - 1 <= h <= 36 * 32 / 40 + 1
+    clip = tf(frames, np.random.default_rng(1))
+    assert clip.shape == (4, 32, 32, 3) and clip.dtype == torch.uint8
 
 
 # --------------------------------------------------------------------------------------------- CAST layer decay

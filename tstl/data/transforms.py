@@ -11,10 +11,7 @@ normalisation, random erasing and mixup run on the batch in the training process
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -27,21 +24,6 @@ from tstl.data.spatial import short_side_jitter_crop  # [recipes] data.train_cro
 
 # Workers are processes already; OpenCV's own thread pool would only oversubscribe the cores.
 cv2.setNumThreads(1)
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed ``random``, NumPy and torch global generators for the block and restore them afterwards."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
 
 
 def normalize(frames: np.ndarray | torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
