@@ -28,10 +28,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tstl.train.report import write_report
     from tstl.train.trainer import Trainer
 
+    from tstl.train.preemption import EXIT_PREEMPTED, Preempted
+
     cfg = _config(args.config, args.overrides)
     trainer = Trainer(cfg)
     try:
         result = trainer.train()
+    except Preempted as e:  # saved on SIGTERM/SIGUSR1: resumable, not finished (docs/training.md, issue 13)
+        logger.warning("%s", e)
+        return EXIT_PREEMPTED
     finally:
         trainer.close()
     from tstl.train import dist
