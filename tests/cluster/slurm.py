@@ -70,7 +70,8 @@ class Cluster:
             f"SlurmctldHost={self.host}",
             "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/munge", "CredType=cred/munge",
-            f"AuthInfo=socket={self.root}/munge/munge.socket",
+            # cred_expire is also how long a requeued job waits before it may start again (default 120 s)
+            f"AuthInfo=socket={self.root}/munge/munge.socket,cred_expire=15",
             f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
             f"StateSaveLocation={self.root}/state", f"SlurmdSpoolDir={self.root}/spool",
             f"SlurmctldPidFile={self.root}/slurmctld.pid", f"SlurmdPidFile={self.root}/slurmd.pid",
