@@ -68,8 +68,6 @@ def check(config_file: Path, cfg: Any, accept: bool) -> list[tuple[str, Any, Any
     new = yaml.safe_load(dump_yaml(cfg))
     changes = diff(old, new)
     unsafe = [c for c in changes if not is_safe(*c)]
-    for key, a, b in changes:
-        logger.info("config change on resume: %s: %r -> %r%s", key, a, b, "" if is_safe(key, a, b) else " (accepted)")
     if unsafe and not accept:
         lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in unsafe)
         raise ConfigError(
@@ -78,4 +76,7 @@ def check(config_file: Path, cfg: Any, accept: bool) -> list[tuple[str, Any, Any
             "Use another out_dir for a new run, restore these values to resume, or pass "
             "checkpoint.accept_config_change=true to resume with the new values (config.yaml is then overwritten). "
             "Safe changes that need no flag: " + ", ".join(SAFE) + " (see docs/training.md).")
+    for key, a, b in changes:
+        logger.warning("config change on resume: %s: %r -> %r (%s)", key, a, b,
+                       "safe" if is_safe(key, a, b) else "accepted: checkpoint.accept_config_change")
     return changes
