@@ -31,6 +31,8 @@ def _job_env(cluster: Cluster) -> dict:
     """What the test exports to the job: this checkout, the venv's python, a free rendezvous port."""
     env = cluster.env(**subprocess_env())
     env.update(TSTL_REPO=str(ROOT), TSTL_PYTHON=sys.executable, PYTHONPATH=str(ROOT), MASTER_PORT=free_port())
+    # DeepSpeed's JIT-built op: the user's usual cache, not the script's default inside the checkout
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))
     return env
 
 

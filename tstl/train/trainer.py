@@ -90,9 +90,9 @@ class Trainer:
             raise ValueError("model.num_classes is 0 and the shard set has no shards.json to take it from")
         self.num_classes, self.classes = num_classes, self.train_loader.classes
         model, provenance = build_model(cfg.model, num_classes, self.train_loader.shardset.num_classes)
-        if Checkpointer(self.run_dir).complete():  # issue 13: a resume with a changed config is refused (all ranks)
-            dist.on_main(lambda: resume_guard.check(self.run_dir / "config.yaml", cfg,
-                                                    cfg.checkpoint.accept_config_change))
+        # issue 13: resuming with a changed config is refused; rank 0 decides, every rank raises
+        dist.on_main(lambda: Checkpointer(self.run_dir).complete() and resume_guard.check(
+            self.run_dir / "config.yaml", cfg, cfg.checkpoint.accept_config_change))
         self._log_start(model, provenance)
         self.plan = eng.BatchPlan(cfg.data.batch_size, cfg.engine.accum_steps, dist.world())
         self.steps_per_epoch = max(1, len(self.train_loader) // cfg.engine.accum_steps)
