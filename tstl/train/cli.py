@@ -25,10 +25,9 @@ def _config(files: list[Path], overrides: list[str]):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from tstl.train.preemption import EXIT_PREEMPTED, Preempted
     from tstl.train.report import write_report
     from tstl.train.trainer import Trainer
-
-    from tstl.train.preemption import EXIT_PREEMPTED, Preempted
 
     cfg = _config(args.config, args.overrides)
     trainer = Trainer(cfg)
