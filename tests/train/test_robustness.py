@@ -97,3 +97,52 @@ def test_non_finite_losses_skip_the_step_then_stop() -> None:
     with pytest.raises(NonFiniteLossError, match="more than 2"):
         trainer.train_step(bad)
     assert trainer.engine.steps == 1
+
+
+# ----------------------------------------------------------------------------------- resume guard (issue 13)
+
+def test_resume_refuses_a_changed_config_with_a_diff_unless_safe_or_accepted(tmp_path: Path) -> None:
+    from tstl.core.config import ConfigError, dump_yaml
+    from tstl.train import resume_guard
+
+    old = TrainConfig(epochs=5)
+    dump_yaml(old, tmp_path / "config.yaml")
+    assert resume_guard.check(tmp_path / "config.yaml", TrainConfig(epochs=5), accept=False) == []
+    safe = TrainConfig(epochs=8, log_every=1)
+    safe.checkpoint.every_minutes = 5.0
+    safe.data.num_workers = 0
+    changes = resume_guard.check(tmp_path / "config.yaml", safe, accept=False)
+    assert {k for k, _, _ in changes} == {"epochs", "log_every", "checkpoint.every_minutes", "data.num_workers"}
+
+    new = TrainConfig(epochs=3, log_every=1)  # fewer epochs is not safe: the schedule already ran past its end
+    new.optim.lr = 5e-4
+    with pytest.raises(ConfigError) as err:
+        resume_guard.check(tmp_path / "config.yaml", new, accept=False)
+    msg = str(err.value)
+    assert "optim.lr: 0.001 -> 0.0005" in msg and "epochs: 5 -> 3" in msg and "log_every" not in msg.split("Use")[0]
+    assert "checkpoint.accept_config_change=true" in msg
+    assert len(resume_guard.check(tmp_path / "config.yaml", new, accept=True)) == 3
+
+
+# ----------------------------------------------------------------------------------- preemption (issue 13)
+
+def test_signals_and_the_wall_clock_ask_for_a_save(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    from tstl.train import preemption
+
+    watch = preemption.PreemptionWatch(every_minutes=0.5, device=torch.device("cpu")).install()
+    try:
+        assert watch.poll() == (False, False)
+        now = watch.last_save + 31
+        monkeypatch.setattr(preemption.time, "monotonic", lambda: now)
+        assert watch.poll() == (True, False)  # timed save, training goes on
+        watch.saved()
+        assert watch.poll() == (False, False)
+        os.kill(os.getpid(), signal.SIGUSR1)  # only a flag is set: the process lives on
+        assert watch.poll() == (True, True) and watch.signum == signal.SIGUSR1
+    finally:
+        watch.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    assert preemption.PreemptionWatch(0, torch.device("cpu")).poll() == (False, False)  # 0 = no timed saves

@@ -17,6 +17,7 @@ from tstl.core.log import init_logging
 from tstl.train import dist
 from tstl.train.config import TrainConfig
 from tstl.train.evaluate import evaluate_checkpoint
+from tstl.train.preemption import EXIT_PREEMPTED, Preempted
 from tstl.train.report import write_report
 from tstl.train.trainer import Trainer
 
@@ -28,6 +29,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg)
     try:
         result = trainer.train()
+    except Preempted as e:  # saved on SIGTERM/SIGUSR1: resumable, not finished (docs/training.md, issue 13)
+        logger.warning("%s", e)
+        return EXIT_PREEMPTED
     finally:
         trainer.close()
     if result is not None and dist.is_main():

@@ -101,6 +101,15 @@ class CheckpointConfig:
     """Also save every this many optimizer steps (0 = off); resumes mid-epoch."""
     keep_last: int = 2
     """Complete checkpoints kept besides the best one."""
+    every_minutes: float = 30.0
+    """Also save when this many minutes of wall-clock time passed since the last save (0 = off; rank 0's clock
+    decides for all ranks), so a preempted or crashed job loses minutes, not an epoch."""
+    accept_config_change: bool = False
+    """Resume even though the run's config.yaml differs in keys outside the safe set (tstl/train/resume_guard.py)."""
+
+    def __post_init__(self) -> None:
+        if self.every_minutes < 0:
+            raise ValueError("checkpoint.every_minutes must be >= 0 (0 = off)")
 
 
 @dataclass

@@ -76,6 +76,15 @@ def any_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def all_max(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise maximum of ``values`` over all ranks, in one collective (flags that every rank must agree on)."""
+    if not dist.is_initialized() or world() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def broadcast_object(obj: Any = None, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (pickled; for small decisions)."""
     if not dist.is_initialized() or world() == 1:

@@ -24,6 +24,8 @@ from tstl.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from tstl.train.config import TrainConfig
 from tstl.train.evaluate import EvalResult, evaluate, save_report
 from tstl.train.metrics import MetricsSink
+from tstl.train import resume_guard
+from tstl.train.preemption import Preempted, PreemptionWatch
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,9 @@ class Trainer:
             raise ValueError("model.num_classes is 0 and the shard set has no shards.json to take it from")
         self.num_classes, self.classes = num_classes, self.train_loader.classes
         model, provenance = build_model(cfg.model, num_classes, weight_adapters)
+        # issue 13: resuming with a changed config is refused; rank 0 decides, every rank raises
+        dist.on_main(lambda: Checkpointer(self.run_dir).complete() and resume_guard.check(
+            self.run_dir / "config.yaml", cfg, cfg.checkpoint.accept_config_change))
         self._log_start(model, provenance)
         self.plan = eng.BatchPlan(cfg.data.batch_size, cfg.engine.accum_steps, dist.world())
         self.steps_per_epoch = max(1, len(self.train_loader) // cfg.engine.accum_steps)
@@ -81,6 +86,9 @@ class Trainer:
         self.sink = MetricsSink(self.run_dir)
         self.step = self.epoch = self.nonfinite = 0
         self.criterion_soft = SoftTargetCrossEntropy()
+        # issue 13: SIGTERM/SIGUSR1 and checkpoint.every_minutes -> a save at the next step boundary
+        self.watch = PreemptionWatch(cfg.checkpoint.every_minutes, self.device).install()
+        self.stop_requested = False
 
     def _log_start(self, model: nn.Module, provenance: list[str]) -> None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -116,6 +124,7 @@ class Trainer:
 
     def save(self, metric: float | None = None) -> None:
         self.ckpt.save(self.engine, self.step, self.epoch, self._client_state(), self._rank_state(), metric)
+        self.watch.saved()
 
     # ------------------------------------------------------------------------------------------- training
 
@@ -163,8 +172,13 @@ class Trainer:
             if loss is not None and self.step % cfg.log_every == 0:
                 self.sink.log(self.step, {"train/loss": loss, "train/lr": lr, "train/clips_per_s": clips_s,
                                           "train/data_wait": wait / max(wait + busy, 1e-9)}, epoch=self.epoch)
-            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and loader.step < len(loader):
+            timed, self.stop_requested = self.watch.poll()  # collective: every rank decides alike (issue 13)
+            every = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
+            if (every or timed or self.stop_requested) and loader.step < len(loader):
                 self.save()
+                if self.stop_requested:
+                    bar.close()
+                    raise Preempted(self.watch.signum or 15, self.step)
             t0 = time.perf_counter()
         bar.close()
 
@@ -187,9 +201,11 @@ class Trainer:
                 logger.info("epoch %d: single-view val top-1 %.4f top-5 %.4f (%d videos)", self.epoch, res.top1,
                             res.top5, res.videos)
             last = self.epoch + 1 == self.cfg.epochs
-            if last or (self.epoch + 1) % self.cfg.checkpoint.every_epochs == 0:
+            if last or (self.epoch + 1) % self.cfg.checkpoint.every_epochs == 0 or self.stop_requested:
                 self.save(metric)
             self.epoch += 1
+            if self.stop_requested and not last:  # the signal came at the epoch's last step (issue 13)
+                raise Preempted(self.watch.signum or 15, self.step)
         return self.test() if self.cfg.test_at_end else None
 
     def test(self) -> EvalResult:
@@ -204,5 +220,7 @@ class Trainer:
 
     def close(self) -> None:
         self.sink.close()
+        if hasattr(self, "watch"):
+            self.watch.uninstall()
 
 
