@@ -177,13 +177,14 @@ def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = 
     files = list(configs) or ([run_cfg] if run_cfg else [])
     cfg = load_cli_config(TrainConfig, [Path(f) for f in files], list(overrides))
     device = dist.init()
-    loader = build_eval_loader(cfg.data, cfg.shard_dir(cfg.val_split), rank=dist.rank(), world_size=dist.world())
+    loader = build_eval_loader(cfg.data, cfg.shard_dir(cfg.val_split), rank=dist.rank(),
+                               world_size=dist.world()).to(device)
     num_classes = cfg.model.num_classes or loader.num_classes
     model, _ = build_model(cfg.model, num_classes)
     report = load_checkpoint(model, weights)
     logger.info("evaluating %s (%s) on %s", weights, report.format, cfg.shard_dir(cfg.val_split))
     dtype = compute_dtype(cfg.engine.precision, device)
-    res = evaluate(model.to(device, dtype), loader, device, num_classes, dtype)
+    res = evaluate(model.to(device, dtype), loader, device, num_classes, dtype, cfg.test_merge)
     dest = Path(out) if out else Path(cfg.out_dir) / f"eval-{weights.parent.name}"
     if dist.is_main():
         save_report(res, dest, loader.classes)

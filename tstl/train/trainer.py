@@ -63,6 +63,9 @@ class Trainer:
         seed_everything(cfg.seed)  # same model init on every rank
         self.train_loader = build_train_loader(cfg.data, cfg.shard_dir(cfg.train_split), rank=dist.rank(),
                                                world_size=dist.world(), label_map=self.label_map)
+        # batch-level augmentation (normalisation, erasing, mixup; RandAugment too with data.augment_on=device)
+        # runs where the model is; workers hand over uint8 clips
+        self.train_loader.to(self.device)
         num_classes = cfg.model.num_classes or self.train_loader.num_classes
         if not num_classes:
             raise ValueError("model.num_classes is 0 and the shard set has no shards.json to take it from")
@@ -184,8 +187,8 @@ class Trainer:
 
     def validate(self, views: tuple[int, int]) -> EvalResult:
         loader = build_eval_loader(self.cfg.data, self.cfg.shard_dir(self.cfg.val_split), rank=dist.rank(),
-                                   world_size=dist.world(), views=views, label_map=self.label_map)
-        return evaluate(self.engine.module, loader, self.device, self.num_classes, self.dtype)
+                                   world_size=dist.world(), views=views, label_map=self.label_map).to(self.device)
+        return evaluate(self.engine.module, loader, self.device, self.num_classes, self.dtype, self.cfg.test_merge)
 
     def train(self) -> EvalResult | None:
         """Resume if a checkpoint exists, train the remaining epochs, test; returns the final test result."""

@@ -20,6 +20,7 @@ from tstl.core.log import init_logging
 from tstl.twostage.config import TSTLConfig
 from tstl.twostage.evaluate import evaluate_tstl
 from tstl.twostage.groups import GroupFileError, balanced_groups, confusion_groups, load_groups, save_groups
+from tstl.train.preemption import EXIT_PREEMPTED, Preempted
 from tstl.twostage.train import train_two_stage
 
 logger = logging.getLogger("tstl.twostage")
@@ -32,7 +33,11 @@ def _config(files: list[Path], overrides: list[str]) -> TSTLConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
-    train_two_stage(_config(args.config, args.overrides))
+    try:
+        train_two_stage(_config(args.config, args.overrides))
+    except Preempted as e:  # the stage in progress saved on SIGTERM/SIGUSR1: rerun to resume it
+        logger.warning("%s", e)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -292,7 +292,8 @@ def evaluate_tstl(cfg: TSTLConfig, selector: str | Path | None = None, experts: 
         models = load_released(cfg.model.name, selector, list(experts), groups, **cfg.model.kwargs)
     else:
         models = load_run(run, groups)
-    loader = build_eval_loader(cfg.data, cfg.shard_dir(cfg.val_split), rank=dist.rank(), world_size=dist.world())
+    loader = build_eval_loader(cfg.data, cfg.shard_dir(cfg.val_split), rank=dist.rank(),
+                               world_size=dist.world()).to(device)
     dtype = compute_dtype(cfg.engine.precision, device)
     baseline, note = load_baseline(cfg, groups.num_classes) if cfg.tstl.baseline else (None, "")
     baseline = baseline.to(device, dtype) if baseline is not None else None
