@@ -19,7 +19,7 @@ from pipeline import manifest as mf
 from pipeline.cli import main as cli_main
 from pipeline.prepare import PrepareOptions, finalize, prepare_ssv2, prepare_ucf101
 from pipeline.runner import Item
-from pipeline.ssv2 import MetadataError, read_annotations
+from tstl.core.datasets.ssv2 import MetadataError, read_annotations
 from pipeline.synthetic import SynthConfig, generate
 from pipeline.transcode import TranscodeParams, transcode
 
