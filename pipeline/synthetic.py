@@ -391,7 +391,7 @@ def plan_kinetics400(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict
             row["time_start"], row["time_end"] = 1, 1 + int(np.ceil(seconds))
             name = f"{yid}_{1:06d}_{row['time_end']:06d}"
             path = root / split / f"{yid}.mp4"
-            frames = int(round((row["time_end"] + 0.5) * fps))
+            frames = round((row["time_end"] + 0.5) * fps)
             info["untrimmed"][name] = row["time_end"] - row["time_start"]
         else:
             path = root / split / (classes[c].motion if n in folders else "") / f"{name}.mp4"

@@ -18,7 +18,8 @@ from pathlib import Path
 import av
 import pytest
 
-from pipeline.cli import build_parser, main as cli_main
+from pipeline.cli import build_parser
+from pipeline.cli import main as cli_main
 from pipeline.errors import EXIT_BAD_INPUT, EXIT_FAILURES
 from pipeline.synthetic import SynthConfig, generate
 from shard_tools.build import BuildOptions, build_dataset, dataset_splits
@@ -70,7 +71,7 @@ def test_clis_and_makefile_come_from_the_registry() -> None:
     with pytest.raises(ValueError, match="kinetics400"):
         dataset_splits("nope", 1)
     make = (ROOT / "Makefile").read_text()
-    assert re.search(r"^prepare-%:", make, re.M) and not re.search(r"^prepare-(ssv2|ucf101|kinetics400):", make, re.M)
+    assert re.search(r"^prepare-%:", make, re.MULTILINE) and not re.search(r"^prepare-(ssv2|ucf101|kinetics400):", make, re.MULTILINE)
     out = subprocess.run(["make", "-n", "prepare-kinetics400", "K400_ROOT=/raw/k400", "DATA_DIR=/d", "STAMP=Makefile",
                           "shards", "DATASET=kinetics400"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "pipeline.cli prepare-kinetics400 --data-dir /d" in out
@@ -186,7 +187,7 @@ def test_raw_kinetics_to_shards_to_timesformer(prepared: Path, tmp_path: Path) -
     env.pop("MASTER_PORT", None)
     proc = subprocess.run([sys.executable, "-m", "tstl.train.cli", "train", "--config", *map(str, files),
                            f"data_dir={prepared}", f"out_dir={run}", *tiny], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in r for r in steps)

@@ -10,9 +10,9 @@ the Makefile iterate the registry; nothing else names a dataset.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 
 class MetadataError(ValueError):
