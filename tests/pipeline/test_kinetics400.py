@@ -79,8 +79,10 @@ def test_clis_and_makefile_come_from_the_registry() -> None:
 
 
 def test_root_comes_from_the_make_variable(raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("K400_ROOT", str(raw / "nowhere"))
-    assert cli_main(["prepare-kinetics400", "--data-dir", str(tmp_path), *FAST]) == EXIT_BAD_INPUT  # no CSVs there
+    args = ["prepare-kinetics400", "--data-dir", str(tmp_path), *FAST, "--max-failure-fraction", "0.1"]
+    assert cli_main(args) == EXIT_BAD_INPUT  # unset: <data-dir>/raw/kinetics400, which has no CSVs
+    monkeypatch.setenv("K400_ROOT", str(raw / "kinetics400"))
+    assert cli_main(args) == 0 and (tmp_path / "kinetics400/annotations/train.csv").is_file()
 
 
 # ------------------------------------------------------------------------------------------ metadata

@@ -27,11 +27,14 @@ CAST's loader, which joins ``data_path/train/<file>`` and ``data_path/val/<file>
 from __future__ import annotations
 
 import csv
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tstl.core.datasets.base import Dataset, Entry, Listing, MetadataError, unsafe_id_reason
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi")
@@ -119,6 +122,10 @@ def read_annotations(root: Path) -> K400Annotations:
     names = sorted({r["label"].strip() for rs in rows.values() for r in rs if (r.get("label") or "").strip()})
     if not names:
         raise MetadataError(f"{root}: no split CSV has labels")
+    if len(names) != NUM_CLASSES:  # a partial CSV would shift every label after the first absent class
+        logger.warning("%s: the labelled CSVs name %d classes, Kinetics-400 has %d; labels are 0..%d by sorted name "
+                       "of these (classes.txt), so they differ from a full release's", root, len(names), NUM_CLASSES,
+                       len(names) - 1)
     index = {n: i for i, n in enumerate(names)}
     splits: dict[str, list[Clip]] = {}
     unlabelled: dict[str, list[Clip]] = {}
