@@ -12,17 +12,24 @@ STAMP := $(VENV)/.setup-stamp
 DATA_DIR ?= data
 RUNS_DIR ?= runs
 JOBS ?= $(shell nproc)
+# A registered dataset (tstl/core/datasets/): ssv2, ucf101, kinetics400.
 DATASET ?= ucf101
 SPLIT ?= 1
 PART ?= 1/1
+PREPARE_ARGS ?=
 MODEL ?=
 CLIP ?=
 VIDEOMAE ?=
 CHECKPOINT ?=
 GROUPS ?=
 OVERRIDES ?=
+# Raw release folders, one variable per dataset (its `root_var` in tstl/core/datasets/<name>.py). Every *_ROOT
+# variable (these, or any given on the command line or in the environment) is exported; `prepare-<dataset>` reads
+# its own, and a dataset whose variable is unset reads $(DATA_DIR)/raw/<dataset>.
 SSV2_ROOT ?= $(DATA_DIR)/raw/ssv2
 UCF101_ROOT ?= $(DATA_DIR)/raw/ucf101
+K400_ROOT ?= $(DATA_DIR)/raw/kinetics400
+export $(filter %_ROOT,$(.VARIABLES))
 SYNTH_ARGS ?=
 MAX_FAIL ?= 0.05
 BENCH_VIDEOS ?= 64
@@ -49,11 +56,11 @@ DEMO_TSTL = --config configs/data/ssv2.yaml configs/demo.yaml configs/tstl/demo.
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup test demo demo-tstl synthetic prepare-ssv2 prepare-ucf101 finalize shards train eval groups \
+.PHONY: help setup test demo demo-tstl synthetic prepare finalize shards train eval groups \
   train-tstl eval-tstl bench clean-demo print-config
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## virtualenv in .venv with every dependency, ffmpeg and a C++ compiler for DeepSpeed
 
@@ -76,19 +83,19 @@ $(STAMP): pyproject.toml
 test: setup  ## run the test suite
 	$(PY) -m pytest -q tests
 
-synthetic: setup  ## write the synthetic SSV2- and UCF101-style raw datasets under DATA_DIR/raw
+synthetic: setup  ## write the synthetic SSV2-, UCF101- and Kinetics-style raw datasets under DATA_DIR/raw
 	$(PY) -m pipeline.synthetic --out $(DATA_DIR)/raw $(SYNTH_ARGS)
 
-prepare-ssv2: setup  ## SSV2 .webm -> 240p H.264 .mp4 + annotation CSVs + manifest
-	$(PY) -m pipeline.cli prepare-ssv2 --ssv2-root $(SSV2_ROOT) --data-dir $(DATA_DIR) --jobs $(JOBS) --part $(PART) --max-failure-fraction $(MAX_FAIL)
+# One rule for every registered dataset (python -m pipeline.cli --help lists them): its raw folder comes from its
+# *_ROOT variable (SSV2_ROOT, UCF101_ROOT, K400_ROOT). SSV2/UCF101 -> 240p, Kinetics-400 -> short side 320 (change
+# with e.g. PREPARE_ARGS="--short-side 256").
+prepare-%: setup  ## prepare-<dataset>: raw release -> H.264 .mp4 + annotation CSVs + manifest (ssv2, ucf101, kinetics400)
+	$(PY) -m pipeline.cli prepare-$* --data-dir $(DATA_DIR) --jobs $(JOBS) --part $(PART) --max-failure-fraction $(MAX_FAIL) $(PREPARE_ARGS)
 
-prepare-ucf101: setup  ## UCF101 .avi -> .mp4 + annotation CSVs for the three splits + manifest
-	$(PY) -m pipeline.cli prepare-ucf101 --ucf101-root $(UCF101_ROOT) --data-dir $(DATA_DIR) --jobs $(JOBS) --part $(PART) --max-failure-fraction $(MAX_FAIL)
-
-finalize:  ## after --part runs on several machines: merge manifests, write CSVs (DATASET=ssv2|ucf101)
+finalize:  ## after --part runs on several machines: merge manifests, write CSVs (DATASET=ssv2|ucf101|kinetics400)
 	$(PY) -m pipeline.cli finalize $(DATA_DIR)/$(DATASET)
 
-shards: setup  ## WebDataset shards of a prepared dataset (DATASET=ssv2|ucf101, SPLIT=1..3 for ucf101)
+shards: setup  ## WebDataset shards of a prepared dataset (DATASET=ssv2|ucf101|kinetics400, SPLIT=1..3 for ucf101)
 	$(PY) -m shard_tools.cli build --dataset $(DATASET) --data-dir $(DATA_DIR) --split $(SPLIT)
 
 train: setup  ## DeepSpeed training on the shards of `make shards` (DATASET, MODEL, CLIP, VIDEOMAE, OVERRIDES)
@@ -143,4 +150,4 @@ bench: setup  ## benchmarks; figures go to docs/benchmarks.md
 	$(PY) -m benchmarks.tstl_routing --out docs/benchmarks.md
 
 clean-demo:  ## remove the demo data and run
-	rm -rf $(DATA_DIR)/raw $(DATA_DIR)/ssv2 $(DATA_DIR)/ucf101 $(RUNS_DIR)/demo $(RUNS_DIR)/demo-tstl $(RUNS_DIR)/demo-tstl-groups.json
+	rm -rf $(DATA_DIR)/raw $(DATA_DIR)/ssv2 $(DATA_DIR)/ucf101 $(DATA_DIR)/kinetics400 $(RUNS_DIR)/demo $(RUNS_DIR)/demo-tstl $(RUNS_DIR)/demo-tstl-groups.json

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline.prepare import PrepareOptions, prepare_ssv2
-from pipeline.ssv2 import read_annotations, video_dir
+from tstl.core.datasets.ssv2 import read_annotations, video_dir
 from pipeline.synthetic import SynthConfig, generate
 from pipeline.transcode import TranscodeParams, build_command, ffmpeg_version
 from benchmarks.report import update_section

@@ -1,4 +1,5 @@
-"""Errors of the offline stages that are not a video's fault, and the id safety rule every dataset shares.
+"""Errors of the offline stages that are not a video's fault (the id safety rule and ``MetadataError`` live in the
+dataset registry, ``tstl.core.datasets.base``, and are re-exported here).
 
 Exit codes of ``python -m pipeline.cli`` (also in docs/pipeline.md):
 0 done; 1 more videos failed than ``--max-failure-fraction`` allows; 2 bad input (metadata, arguments);
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
-import unicodedata
+
+from tstl.core.datasets.base import MetadataError, unsafe_id_reason  # noqa: F401 (re-exported; owner: the registry)
 
 EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_LOCKED = 0, 1, 2, 3, 4
 
@@ -35,24 +37,3 @@ def is_environment_error(e: BaseException) -> bool:
 def environment_text(text: str) -> str | None:
     """The environment error named in a tool's message (ffmpeg stderr), if any."""
     return next((t for t in ENV_TEXTS if t in text), None)
-
-
-def unsafe_id_reason(vid: str, max_slashes: int = 0) -> str | None:
-    """Why ``vid`` cannot name a file under the dataset folder, or None if it can.
-
-    The safety rule of every dataset: not empty, no control characters, no backslash, no ``.``/``..`` component,
-    no leading ``/``, and at most ``max_slashes`` ``/`` (the dataset's own layout, e.g. ``<Class>/<file>``).
-    """
-    if not vid or not vid.strip():
-        return "empty id"
-    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in vid):
-        return "control character in id"
-    if "\\" in vid:
-        return "backslash in id"
-    if vid.startswith("/"):
-        return "absolute path"
-    if any(part in ("", ".", "..") for part in vid.split("/")):
-        return "'.', '..' or empty path component"
-    if vid.count("/") > max_slashes:
-        return f"path separator in id (at most {max_slashes} allowed)"
-    return None

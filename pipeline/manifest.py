@@ -23,7 +23,7 @@ from tstl.core.faults import fault_point
 logger = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([
-    ("key", pa.string()),            # item id: SSV2 video id, or "<Class>/<name>" for UCF101
+    ("key", pa.string()),            # item id: SSV2 video id, "<Class>/<name>" for UCF101, the clip name for K400
     ("split", pa.string()),          # comma-separated annotation splits that list the item
     ("source", pa.string()),         # absolute source path
     ("source_size", pa.int64()),

@@ -1,13 +1,18 @@
-"""The ``prepare-ssv2`` and ``prepare-ucf101`` stages: transcode every listed video and write annotation CSVs.
+"""The ``prepare-<dataset>`` stages: transcode every listed video and write annotation CSVs.
 
+One function, ``prepare(dataset, root, opts)``, runs every dataset of the registry (``tstl.core.datasets``): the
+dataset module reads the release into a ``Listing``; this module does the rest the same way for all of them.
 Outputs under ``<data_dir>/<dataset>/``:
 
 * ``videos/...mp4`` -- the transcoded videos;
 * ``manifest.parquet`` -- one row per video (``manifest.part-I-of-N.parquet`` per part when split with ``--part``);
 * ``annotations/<split>.csv`` -- ``<video path> <label>`` for every video that transcoded fine (CAST format);
 * ``annotations/listed_<split>.csv`` -- every video the release lists, whatever happened to it;
-* ``annotations/excluded.txt`` -- videos listed but left out of the CSVs, with the reason;
-* ``annotations/classes.txt`` -- class name of label i on line i; SSV2 also ``annotations/test_ids.txt``.
+* ``annotations/excluded.txt`` -- videos listed but left out of the CSVs, with the reason (missing ones included);
+* ``annotations/missing.txt`` -- the excluded videos whose source file does not exist, listed apart;
+* ``annotations/classes.txt`` -- class name of label i on line i; ``annotations/<split>_ids.txt`` for each split
+  without labels (SSV2 ``test_ids.txt``);
+* the dataset's extra files for the reference code (TSTL's ``group_all2.csv``..., CAST's ``cast/*.csv``).
 
 With ``--part i/n`` each machine transcodes its share and writes its own manifest; ``finalize`` (run
 automatically when n = 1) merges the manifests and writes the CSVs.
@@ -24,10 +29,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tstl.core.datasets import DATASETS, Dataset, Entry, get_dataset
 from tstl.core.faults import fault_point
 from tstl.core.lock import dataset_lock
 from pipeline import manifest as mf
-from pipeline import ssv2, ucf101
 from pipeline.runner import Item, Summary, in_part, run_stage
 from pipeline.transcode import TranscodeParams, transcode
 
@@ -43,7 +48,7 @@ class PrepareOptions:
     part: tuple[int, int] = (1, 1)
     timeout: float = 300.0
     retry_failed: bool = False
-    params: TranscodeParams = field(default_factory=TranscodeParams)
+    params: TranscodeParams | None = None  # None: the dataset's defaults (height 240, or Kinetics' short side 320)
     wait_lock: bool = False  # queue behind another run holding the dataset folder instead of failing at once
 
 
@@ -65,7 +70,7 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 
 
 # Names of the small outputs of each folder (regular expressions), for clearing the temp files of a stopped run.
-_ANNOTATION_OUTPUTS = r"classes\.txt|test_ids\.txt|excluded\.txt|[A-Za-z0-9_]+\.csv"
+_ANNOTATION_OUTPUTS = r"classes\.txt|[A-Za-z0-9]+_ids\.txt|excluded\.txt|missing\.txt|[A-Za-z0-9_]+\.csv"
 _MANIFEST_OUTPUTS = r"manifest(?:\.part-[0-9]+-of-[0-9]+)?\.parquet"
 
 
@@ -78,7 +83,9 @@ def _clean_temps(dataset_dir: Path, part: tuple[int, int]) -> None:
         mf.clean_temps(dataset_dir, manifest_path(dataset_dir, part).name.replace(".", r"\."))
         return
     mf.clean_temps(dataset_dir, _MANIFEST_OUTPUTS)
-    mf.clean_temps(dataset_dir / "annotations", _ANNOTATION_OUTPUTS)
+    ann = dataset_dir / "annotations"
+    for folder in (ann, *(sorted(p for p in ann.iterdir() if p.is_dir()) if ann.is_dir() else ())):
+        mf.clean_temps(folder, _ANNOTATION_OUTPUTS)  # subfolders: the reference files (cast/*.csv)
 
 
 def _write_listing(ann_dir: Path, classes: list[str], splits: dict[str, list[tuple[str, int]]]) -> None:
@@ -87,20 +94,29 @@ def _write_listing(ann_dir: Path, classes: list[str], splits: dict[str, list[tup
         _write_lines(ann_dir / f"listed_{split}.csv", [f"{path} {label}" for path, label in entries])
 
 
-def _items(entries: dict[str, list[tuple[str, Path, str]]], dataset_dir: Path, part: tuple[int, int]) -> list[Item]:
+def _items(entries: dict[str, list[Entry]], dataset_dir: Path, part: tuple[int, int]) -> list[Item]:
     """One item per distinct video (UCF101 lists a video in several splits), restricted to this part."""
-    by_key: dict[str, tuple[Path, str, list[str]]] = {}
+    by_key: dict[str, tuple[Entry, list[str]]] = {}
     for split, rows in entries.items():
-        for key, source, out_rel in rows:
-            by_key.setdefault(key, (source, out_rel, []))[2].append(split)
-    return [Item(key, src, dataset_dir / "videos" / rel, rel, ",".join(splits))
-            for key, (src, rel, splits) in sorted(by_key.items()) if in_part(key, part)]
+        for e in rows:
+            by_key.setdefault(e.key, (e, []))[1].append(split)
+    return [Item(key, e.source, dataset_dir / "videos" / e.output, e.output, ",".join(splits), e.segment)
+            for key, (e, splits) in sorted(by_key.items()) if in_part(key, part)]
 
 
-def _run(items: list[Item], dataset_dir: Path, opts: PrepareOptions, desc: str) -> Summary:
+def transcode_params(dataset: Dataset, height: int | None = None, short_side: int | None = None,
+                     **kw) -> TranscodeParams:
+    """The dataset's transcode defaults, or the size the user asked for (``height`` or ``short_side``)."""
+    if height is None and short_side is None:
+        height, short_side = dataset.height, dataset.short_side
+    return TranscodeParams(height=height, short_side=short_side, **kw)
+
+
+def _run(items: list[Item], dataset_dir: Path, opts: PrepareOptions, desc: str, dataset: Dataset) -> Summary:
     """Transcode under the dataset lock (taken by the caller), then finalize when the run is not split."""
-    work = functools.partial(transcode, params=opts.params, timeout=opts.timeout)
-    summary = run_stage(items, work, manifest_path(dataset_dir, opts.part), opts.params.as_dict(), jobs=opts.jobs,
+    params = opts.params or transcode_params(dataset)
+    work = functools.partial(transcode, params=params, timeout=opts.timeout)
+    summary = run_stage(items, work, manifest_path(dataset_dir, opts.part), params.as_dict(), jobs=opts.jobs,
                         desc=desc, retry_failed=opts.retry_failed)
     summary.log(desc)
     if opts.part[1] == 1:
@@ -111,48 +127,39 @@ def _run(items: list[Item], dataset_dir: Path, opts: PrepareOptions, desc: str) 
     return summary
 
 
+def prepare(dataset: Dataset | str, root: Path, opts: PrepareOptions) -> Summary:
+    """Transcode a release of ``dataset`` (a registered name or description) found at ``root`` and write its
+    annotations under ``<data_dir>/<dataset name>``."""
+    ds = get_dataset(dataset) if isinstance(dataset, str) else dataset
+    listing = ds.read(root)  # bad metadata stops the stage before anything is written
+    out = opts.data_dir / ds.name
+    desc = f"prepare-{ds.name}"
+    with dataset_lock(out, desc, wait=opts.wait_lock, part=opts.part):
+        _clean_temps(out, opts.part)
+        ann = out / "annotations"
+        _write_listing(ann, listing.classes, {s: [(e.output, e.label) for e in rows]
+                                              for s, rows in listing.splits.items()})
+        for split, rows in listing.unlabelled.items():
+            _write_lines(ann / f"{split}_ids.txt", [e.key for e in rows])
+        items = _items({**listing.splits, **listing.unlabelled}, out, opts.part)
+        return _run(items, out, opts, desc, ds)
+
+
 def prepare_ssv2(root: Path, opts: PrepareOptions) -> Summary:
-    """Transcode an SSV2 release and write its annotations under ``<data_dir>/ssv2``."""
-    ann = ssv2.read_annotations(root)  # bad metadata stops the stage before anything is written
-    out = opts.data_dir / "ssv2"
-    with dataset_lock(out, "prepare-ssv2", wait=opts.wait_lock, part=opts.part):
-        return _prepare_ssv2(root, ann, out, opts)
-
-
-def _prepare_ssv2(root: Path, ann: ssv2.SSV2Annotations, out: Path, opts: PrepareOptions) -> Summary:
-    _clean_temps(out, opts.part)
-    _write_listing(out / "annotations", ann.classes, {s: [(f"{v}.mp4", y) for v, y in e] for s, e in ann.splits.items()})
-    _write_lines(out / "annotations" / "test_ids.txt", ann.test_ids)
-    videos = ssv2.video_dir(root)
-    entries = {split: [(vid, videos / f"{vid}.webm", f"{vid}.mp4") for vid, _ in rows]
-               for split, rows in ann.splits.items()}
-    entries["test"] = [(vid, videos / f"{vid}.webm", f"{vid}.mp4") for vid in ann.test_ids]
-    return _run(_items(entries, out, opts.part), out, opts, "prepare-ssv2")
+    """``prepare("ssv2", ...)`` (kept for the tests, fixtures and the transcode benchmark)."""
+    return prepare("ssv2", root, opts)
 
 
 def prepare_ucf101(root: Path, opts: PrepareOptions) -> Summary:
-    """Transcode a UCF101 release and write the annotations of its three splits under ``<data_dir>/ucf101``."""
-    ann = ucf101.read_annotations(root)  # bad metadata stops the stage before anything is written
-    out = opts.data_dir / "ucf101"
-    with dataset_lock(out, "prepare-ucf101", wait=opts.wait_lock, part=opts.part):
-        return _prepare_ucf101(root, ann, out, opts)
-
-
-def _prepare_ucf101(root: Path, ann: ucf101.UCF101Annotations, out: Path, opts: PrepareOptions) -> Summary:
-    _clean_temps(out, opts.part)
-    as_mp4 = {rel: rel.rsplit(".", 1)[0] + ".mp4" for rows in ann.splits.values() for rel, _ in rows}
-    _write_listing(out / "annotations", ann.classes, {s: [(as_mp4[r], y) for r, y in e] for s, e in ann.splits.items()})
-    videos = ucf101.video_dir(root)
-    entries = {split: [(rel.rsplit(".", 1)[0], ucf101.resolve(videos, rel), as_mp4[rel]) for rel, _ in rows]
-               for split, rows in ann.splits.items()}
-    return _run(_items(entries, out, opts.part), out, opts, "prepare-ucf101")
+    """``prepare("ucf101", ...)``."""
+    return prepare("ucf101", root, opts)
 
 
 def finalize(dataset_dir: Path, wait_lock: bool = False) -> dict[str, int]:
     """Merge part manifests (if any) and write the annotation CSVs of the videos that transcoded fine."""
     if not (dataset_dir / "annotations").is_dir():
-        raise RuntimeError(f"{dataset_dir}: no annotations/ folder; run prepare-ssv2 or prepare-ucf101 with "
-                           "--data-dir pointing at the folder above it first")
+        raise RuntimeError(f"{dataset_dir}: no annotations/ folder; run prepare-<dataset> ("
+                           f"{', '.join(DATASETS)}) with --data-dir pointing at the folder above it first")
     with dataset_lock(dataset_dir, "finalize", wait=wait_lock):
         _clean_temps(dataset_dir, (1, 1))
         return _finalize(dataset_dir)
@@ -169,7 +176,7 @@ def _finalize(dataset_dir: Path) -> dict[str, int]:
     status = {row["output"]: (row["status"], row.get("error") or "")
               for row in mf.read_rows(dataset_dir / "manifest.parquet")}
     ann_dir = dataset_dir / "annotations"
-    written, excluded = {}, []
+    written, excluded, missing, csvs = {}, [], [], {}
     for listed in sorted(ann_dir.glob("listed_*.csv")):
         split = listed.stem.removeprefix("listed_")
         keep = []
@@ -180,9 +187,16 @@ def _finalize(dataset_dir: Path) -> dict[str, int]:
                 keep.append(line)
             else:
                 excluded.append(f"{split}\t{path}\t{st}\t{err}")
+                if st == "missing":
+                    missing.append(excluded[-1])
         _write_lines(ann_dir / f"{split}.csv", keep)
-        written[split] = len(keep)
+        written[split], csvs[split] = len(keep), keep
     _write_lines(ann_dir / "excluded.txt", excluded)
-    logger.info("%s annotations: %s; %d listed videos excluded (see %s)", dataset_dir.name,
-                ", ".join(f"{k} {v}" for k, v in written.items()), len(excluded), ann_dir / "excluded.txt")
+    _write_lines(ann_dir / "missing.txt", missing)
+    dataset = DATASETS.get(dataset_dir.name)
+    for rel, lines in (dataset.reference_files(csvs) if dataset else {}).items():
+        _write_lines(ann_dir / rel, lines)
+    logger.info("%s annotations: %s; %d listed videos excluded, %d of them missing their source (see %s, %s)",
+                dataset_dir.name, ", ".join(f"{k} {v}" for k, v in written.items()), len(excluded), len(missing),
+                ann_dir / "excluded.txt", ann_dir / "missing.txt")
     return written

@@ -41,6 +41,7 @@ class Item:
     output: Path
     output_rel: str
     split: str = ""
+    segment: tuple[float, float] | None = None  # cut [start, end) seconds of an untrimmed source
 
 
 @dataclass
@@ -57,10 +58,21 @@ class Summary:
     def failed_fraction(self) -> float:
         return len(self.failures) / self.total if self.total else 0.0
 
+    @property
+    def missing(self) -> int:
+        """Items whose source file does not exist (status ``missing``)."""
+        return sum(status == "missing" for _, status, _ in self.failures)
+
+    @property
+    def broken(self) -> int:
+        """Items that exist but did not transcode (failed, timeout)."""
+        return len(self.failures) - self.missing
+
     def log(self, desc: str) -> None:
         kinds = Counter(status for _, status, _ in self.failures)
-        logger.info("%s: %d items, %d processed, %d already done, %d not ok %s in %.1f s", desc, self.total,
-                    self.done, self.skipped, len(self.failures), dict(kinds) if kinds else "", self.seconds)
+        logger.info("%s: %d items, %d processed, %d already done, %d not ok %s (%d missing source, %d broken) in "
+                    "%.1f s", desc, self.total, self.done, self.skipped, len(self.failures),
+                    dict(kinds) if kinds else "", self.missing, self.broken, self.seconds)
         for key, status, error in self.failures[:20]:
             logger.warning("  %s: %s: %s", key, status, error)
         if len(self.failures) > 20:

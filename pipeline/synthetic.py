@@ -1,4 +1,4 @@
-"""Synthetic SSV2- and UCF101-style datasets in the official on-disk layouts.
+"""Synthetic SSV2-, UCF101- and Kinetics-400-style datasets in the official on-disk layouts.
 
 Every class is the same textured object on a textured background; classes differ only in the *motion*: left to
 right vs right to left, up vs down, clockwise vs counter-clockwise rotation, approaching vs receding. A single
@@ -13,6 +13,11 @@ Layouts written under ``--out``:
 * ``ucf101/UCF-101/<Class>/v_<Class>_gGG_cCC.avi`` (MPEG-4 Part 2 in AVI, like the Xvid originals) and
   ``ucf101/ucfTrainTestlist/{classInd.txt,trainlist0k.txt,testlist0k.txt}``, including the real
   ``HandstandPushups``/``v_HandStandPushups_*`` case mismatch;
+* ``kinetics400/{train,val,test}/<youtube_id>_<start:06d>_<end:06d>.mp4`` (H.264 at a few sizes and frame rates,
+  portrait ones too) and ``kinetics400/annotations/{train,val,test}.csv`` (``label,youtube_id,time_start,time_end,
+  split``, ``is_cc`` in train, no labels in test), with every distribution layout mixed in: a few clips in class
+  folders (``train/<class_name>/<name>.mp4``), a few untrimmed downloads (``<split>/<youtube_id>.mp4`` holding more
+  than the segment), listed clips with no file (YouTube removals) and a broken file;
 * ``synthetic_info.json`` describing what was generated (seed, classes, broken files).
 
 A few deliberately broken files (zero-byte, truncated, not a video) are listed in the annotations like any other
@@ -23,6 +28,8 @@ so the number of worker processes does not matter.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import logging
 import os
@@ -82,6 +89,12 @@ class SynthConfig:
     ucf_fps: int = 25
     broken_ssv2: int = 3
     broken_ucf: int = 1
+    k400_sizes: tuple[tuple[int, int], ...] = ((160, 120), (128, 96), (96, 128))  # (width, height); portrait too
+    k400_fps: tuple[int, ...] = (24, 25, 30)
+    broken_k400: int = 1
+    missing_k400: int = 2      # listed in the CSVs, no file (YouTube removals)
+    untrimmed_k400: int = 2    # whole-video downloads the stage cuts to [time_start, time_end]
+    class_folder_k400: int = 2  # clips in <split>/<class>/ instead of the flat layout
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     background: str = "texture"  # "texture" (hard: the object hides in clutter) or "plain" (noise on a flat colour)
 
@@ -212,6 +225,9 @@ def _encode(frames: np.ndarray, path: Path, fps: int, codec: str) -> None:
     if codec == "vp9":
         opts = {"vcodec": "libvpx-vp9", "crf": 32, "b:v": 0, "deadline": "realtime", "cpu-used": 8}
         fmt = "webm"
+    elif codec == "h264":  # as YouTube downloads (Kinetics) come
+        opts = {"vcodec": "libx264", "preset": "veryfast", "crf": 26}
+        fmt = "mp4"
     else:  # MPEG-4 Part 2 (Xvid-like) in AVI, as UCF101 ships
         opts = {"vcodec": "mpeg4", "q:v": 4, "vtag": "XVID"}
         fmt = "avi"
@@ -327,6 +343,81 @@ def plan_ucf101(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict[str,
     return jobs, lists
 
 
+K400_ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def k400_class_name(cls: MotionClass) -> str:
+    """Kinetics-style class name: lower case with spaces (``left to right``)."""
+    return cls.motion.replace("_", " ")
+
+
+def plan_kinetics400(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict[str, list[dict]], dict]:
+    """Jobs, CSV rows per split and a description (missing, untrimmed, class-folder clips) of the K400-style set."""
+    rng = np.random.default_rng([cfg.seed, 3])
+    classes = CLASSES[: cfg.num_classes]
+    counts = _split_counts(cfg.videos_per_class, cfg.split_fractions)
+    jobs: list[VideoJob] = []
+    rows: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    clips = []  # (split, class index, youtube id, start, end)
+    for c, cls in enumerate(classes):
+        for i in range(cfg.videos_per_class):
+            split = "train" if i < counts[0] else "val" if i < counts[0] + counts[1] else "test"
+            yid = "".join(K400_ID_CHARS[int(k)] for k in rng.integers(0, len(K400_ID_CHARS), 11))
+            start = int(rng.integers(0, 300))
+            clips.append((split, c, yid, start, start + 10))
+    labelled = [n for n, clip in enumerate(clips) if clip[0] != "test"]
+    picks = [int(n) for n in rng.permutation(labelled)]
+    missing = set(picks[: cfg.missing_k400])
+    untrimmed = set(picks[cfg.missing_k400: cfg.missing_k400 + cfg.untrimmed_k400])
+    folders = set(picks[len(missing) + len(untrimmed): len(missing) + len(untrimmed) + cfg.class_folder_k400])
+    broken = picks[len(missing) + len(untrimmed) + len(folders):][: cfg.broken_k400]
+    info: dict = {"missing": [], "untrimmed": {}, "class_folders": [], "broken": {}}
+    for n, (split, c, yid, start, end) in enumerate(clips):
+        name = f"{yid}_{start:06d}_{end:06d}"
+        w, h = cfg.k400_sizes[n % len(cfg.k400_sizes)]
+        fps = int(cfg.k400_fps[n % len(cfg.k400_fps)])
+        label = k400_class_name(classes[c]) if split != "test" else ""
+        row = {"label": label, "youtube_id": yid, "time_start": start, "time_end": end, "split": split}
+        if split == "train":
+            row["is_cc"] = 0
+        rows[split].append(row)
+        if n in missing:
+            info["missing"].append(name)
+            continue
+        if n in untrimmed:
+            # the whole "YouTube video": 1 s before the segment and 0.5 s after, so the cut is visible; the CSV's
+            # segment is rewritten to [1, 1 + clip length] of it
+            seconds = float(rng.uniform(*cfg.duration_s))
+            row["time_start"], row["time_end"] = 1, 1 + int(np.ceil(seconds))
+            name = f"{yid}_{1:06d}_{row['time_end']:06d}"
+            path = root / split / f"{yid}.mp4"
+            frames = round((row["time_end"] + 0.5) * fps)
+            info["untrimmed"][name] = row["time_end"] - row["time_start"]
+        else:
+            path = root / split / (classes[c].motion if n in folders else "") / f"{name}.mp4"
+            frames = _num_frames(rng, cfg, fps)
+            if n in folders:
+                info["class_folders"].append(name)
+        job = VideoJob(str(path), c, (cfg.seed, 3, n), w, h, fps, frames, "h264", background=cfg.background)
+        if n in broken:
+            job.broken = "truncated"
+            info["broken"][name] = "truncated"
+        jobs.append(job)
+    for split_rows in rows.values():
+        split_rows.sort(key=lambda r: r["youtube_id"])
+    return jobs, rows, info
+
+
+def _write_k400_csv(path: Path, rows: list[dict]) -> None:
+    columns = ["label", "youtube_id", "time_start", "time_end", "split"] + (["is_cc"] if rows and "is_cc" in rows[0]
+                                                                            else [])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text_atomic(path, buf.getvalue())
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -362,6 +453,14 @@ def generate(cfg: SynthConfig, out: Path, datasets: tuple[str, ...] = ("ssv2", "
             _write_text_atomic(root / "ucfTrainTestlist" / name, "".join(f"{ln}\r\n" for ln in lines))
         info["ucf101"] = {"videos": len(vids),
                           "broken": {str(Path(j.path).relative_to(root / "UCF-101")): j.broken for j in vids if j.broken}}
+    if "kinetics400" in datasets:
+        root = out / "kinetics400"
+        vids, rows, k400 = plan_kinetics400(cfg, root)
+        _render_all(vids, jobs, "synthetic kinetics400")
+        for split, split_rows in rows.items():
+            _write_k400_csv(root / "annotations" / f"{split}.csv", split_rows)
+        info["kinetics400"] = {"videos": len(vids), "splits": {k: len(v) for k, v in rows.items()},
+                               "classes": sorted(k400_class_name(c) for c in CLASSES[: cfg.num_classes]), **k400}
     _write_text_atomic(out / "synthetic_info.json", json.dumps(info, indent=1))
     logger.info("synthetic datasets written under %s: %s", out,
                 ", ".join(f"{d} {info[d]['videos']} videos" for d in datasets))
@@ -372,9 +471,10 @@ def main(argv: list[str] | None = None) -> None:
     from tstl.core.log import init_logging
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m pipeline.synthetic")
-    p.add_argument("--out", type=Path, required=True, help="folder to write ssv2/ and ucf101/ into")
+    p.add_argument("--out", type=Path, required=True, help="folder to write ssv2/, ucf101/ (and kinetics400/) into")
     p.add_argument("--preset", choices=sorted(PRESETS), default="ci", help="size preset (default: ci, tiny)")
-    p.add_argument("--datasets", default="ssv2,ucf101", help="comma-separated subset of ssv2,ucf101")
+    p.add_argument("--datasets", default="ssv2,ucf101", help="comma-separated subset of ssv2,ucf101,kinetics400 "
+                                                             "(default ssv2,ucf101)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--num-classes", type=int, help=f"number of motion classes, 2..{len(CLASSES)} (default 8)")
     p.add_argument("--videos-per-class", type=int, help="SSV2-style videos per class")

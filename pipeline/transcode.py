@@ -1,4 +1,5 @@
-"""Transcode one video to the training format: H.264, yuv420p, fixed height, even width, no audio, faststart.
+"""Transcode one video to the training format: H.264, yuv420p, fixed height (or short side), even other side, no
+audio, faststart; an item with a segment (an untrimmed Kinetics download) is cut to it.
 
 The ffmpeg command is built with ffmpeg-python and run as an argument list (never through a shell), so any file
 name works; paths are passed with the ``file:`` protocol prefix so a name starting with ``-`` is not an option.
@@ -39,20 +40,39 @@ MIN_SIDE, MAX_ASPECT = 32, 8.0
 class TranscodeParams:
     """Encoder settings; all of them go into the manifest and the skip decision."""
 
-    height: int = 240
+    height: int | None = 240
     crf: int = 23
     preset: str = "veryfast"
     gop: int | None = None  # keyframe interval; None = x264 default
     command_version: int = COMMAND_VERSION
+    short_side: int | None = None  # set (with height None): scale so the shorter side is this long (Kinetics)
+
+    def __post_init__(self) -> None:
+        if self.short_side is not None:
+            object.__setattr__(self, "height", None)  # the short side rule replaces the fixed height
+        elif self.height is None:
+            raise ValueError("TranscodeParams: give height or short_side")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["short_side"] is None:  # absent for fixed-height outputs: manifests written before it existed match
+            del d["short_side"]
+        return d
+
+    def scale(self) -> tuple[str | int, str | int]:
+        """The ``scale`` filter's width and height: -2 keeps the aspect ratio with an even side."""
+        if self.short_side is None:
+            return -2, self.height
+        s = self.short_side
+        return f"if(lte(iw,ih),{s},-2)", f"if(lte(iw,ih),-2,{s})"
 
 
-def build_command(src: Path, dst: Path, p: TranscodeParams) -> list[str]:
-    """The ffmpeg argv for one transcode."""
-    inp = ffmpeg.input(f"file:{src}")
-    video = inp.video.filter("scale", -2, p.height)  # -2: keep the aspect ratio with an even width
+def build_command(src: Path, dst: Path, p: TranscodeParams, segment: tuple[float, float] | None = None) -> list[str]:
+    """The ffmpeg argv for one transcode (of ``segment`` = (start, end) seconds of the source when given)."""
+    # input-side -ss/-t: seek, then decode exactly the segment (accurate seek: frames before it are decoded, dropped)
+    inp = ffmpeg.input(f"file:{src}", **({"ss": f"{segment[0]:g}", "t": f"{segment[1] - segment[0]:g}"}
+                                         if segment else {}))
+    video = inp.video.filter("scale", *p.scale())
     opts = {
         "vcodec": "libx264", "preset": p.preset, "crf": p.crf, "pix_fmt": "yuv420p",
         "movflags": "+faststart", "fps_mode": "passthrough", "threads": 1, "map_metadata": -1,
@@ -125,9 +145,18 @@ def check_source(path: Path) -> dict:
     return header
 
 
+def expected_for_segment(src: dict, segment: tuple[float, float]) -> dict:
+    """What the output of a cut should hold: the segment's duration (clipped to the source's announced length), no
+    frame count (the header counts the whole source)."""
+    start, end = segment
+    hd = src["header_duration"]
+    return {**src, "header_frames": None, "header_duration": max(0.0, (min(end, hd) if hd else end) - start)}
+
+
 def check_complete(src: dict, out: dict) -> None:
     """A cut-off source still announces its full length in its header (frame count in AVI, duration in WebM); the
-    frames ffmpeg could decode from it stop early. Raise if the output is clearly shorter than announced."""
+    frames ffmpeg could decode from it stop early. Raise if the output is clearly shorter than announced (for a cut,
+    ``src`` is ``expected_for_segment``: the segment's length)."""
     if out["frames"] == 0:
         raise ValueError("no video frames")
     hf, hd = src["header_frames"], src["header_duration"]
@@ -159,10 +188,15 @@ def transcode(item: Item, params: TranscodeParams, timeout: float) -> dict:
         src_info = check_source(item.source)
     except ValueError as e:
         return {"status": "failed", "error": str(e)}
+    if item.segment:
+        src_info = expected_for_segment(src_info, item.segment)
+        if src_info["header_duration"] <= 0:
+            return {"status": "failed", "error": f"segment {item.segment[0]:g}-{item.segment[1]:g} s starts after "
+                                                 "the end of the source"}
     item.output.parent.mkdir(parents=True, exist_ok=True)
     _clear_stale_tmp(item.output)
     tmp = _tmp_name(item.output)
-    argv = build_command(item.source, tmp, params)
+    argv = build_command(item.source, tmp, params, item.segment)
     try:
         try:
             proc = subprocess.run(argv, capture_output=True, timeout=timeout, preexec_fn=_die_with_parent)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from shard_tools.publish import Staging, link_or_copy
 from shard_tools.tario import sha256_file, write_tar
 from tstl.core import shards
+from tstl.core.datasets import DATASETS, get_dataset
 from tstl.core.faults import fault_point
 from tstl.core.shards import CLS, JSON, MP4, ShardInfo, ShardSet
 
@@ -244,13 +245,11 @@ def build_split(rows: list[tuple[str, int]], videos: Path, out: Path, *, dataset
 
 
 def dataset_splits(dataset: str, split: int) -> list[str]:
-    if dataset == "ssv2":
-        return ["train", "val"]
-    if dataset == "ucf101":
-        if split not in (1, 2, 3):
-            raise ValueError(f"UCF101 has splits 1, 2 and 3, not {split}")
-        return [f"train_split{split}", f"test_split{split}"]
-    raise ValueError(f"unknown dataset '{dataset}' (expected ssv2 or ucf101; use --annotations for other CSVs)")
+    """The annotation CSVs (stems) that form the shard sets of ``dataset`` for ``--split k`` (the registry's rule)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset '{dataset}' (registered: {', '.join(DATASETS)}; use --annotations to "
+                         "shard other CSVs)")
+    return get_dataset(dataset).shard_splits(split)
 
 
 def build_dataset(data_dir: Path, dataset: str, split: int, opts: BuildOptions,

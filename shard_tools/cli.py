@@ -15,6 +15,7 @@ from shard_tools.subset import read_group_map, subset
 from shard_tools.tario import iter_samples
 from shard_tools.verify import verify
 from tstl.core import shards
+from tstl.core.datasets import DATASETS
 from tstl.core.lock import LockedError, dataset_lock
 from tstl.core.shards import JSON
 
@@ -93,9 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m shard_tools.cli", description=__doc__.split(":", 1)[1].strip())
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="shard a prepared dataset (one shard set per split)")
-    b.add_argument("--dataset", required=True, help="ssv2 or ucf101 (folder name under --data-dir)")
+    b.add_argument("--dataset", required=True,
+                   help=f"folder name under --data-dir: a registered dataset ({', '.join(DATASETS)}), or any folder "
+                        "with --annotations")
     b.add_argument("--data-dir", type=Path, required=True, help="the DATA_DIR of the prepare stage")
-    b.add_argument("--split", type=int, default=1, help="UCF101 split 1-3 (default 1)")
+    b.add_argument("--split", type=int, default=1, help="which official split's CSVs to shard, for datasets with "
+                                                        "several (UCF101: 1-3; default 1); " +
+                   "; ".join(f"{n}: {', '.join(d.shard_splits(1))}" for n, d in DATASETS.items()) + " for split 1")
     b.add_argument("--annotations", type=Path, nargs="+", help="shard these CSVs instead (e.g. CAST's train.csv)")
     b.add_argument("--videos", type=Path, help="folder the CSV paths are relative to (default <dataset>/videos)")
     b.add_argument("--seed", type=int, default=0, help="shuffle seed of training splits (default 0)")

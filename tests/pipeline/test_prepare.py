@@ -19,7 +19,7 @@ from pipeline import manifest as mf
 from pipeline.cli import main as cli_main
 from pipeline.prepare import PrepareOptions, finalize, prepare_ssv2, prepare_ucf101
 from pipeline.runner import Item
-from pipeline.ssv2 import MetadataError, read_annotations
+from tstl.core.datasets.ssv2 import MetadataError, read_annotations
 from pipeline.synthetic import SynthConfig, generate
 from pipeline.transcode import TranscodeParams, transcode
 
@@ -45,6 +45,25 @@ def prepared(raw: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
 def _outputs(dataset_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(dataset_dir)): p.read_bytes() for p in sorted(dataset_dir.rglob("*")) if p.is_file()
             and p.suffix in (".mp4", ".csv", ".txt")}
+
+
+def _reference_rows(path: Path) -> list[tuple[str, int]]:
+    """A CSV as CAST's and TSTL's loaders read it (``pd.read_csv(anno_path, header=None, delimiter=' ')``, sample =
+    column 0 joined to ``--data_path``, label = column 1): exactly two space-separated fields per line."""
+    rows = [line.split(" ") for line in path.read_text().splitlines()]
+    assert rows and all(len(r) == 2 for r in rows), path
+    return [(r[0], int(r[1])) for r in rows]
+
+
+def test_reference_loaders_read_our_ssv2_output(prepared: tuple[Path, object]) -> None:
+    """CAST's SSV2 loader: --data_path DATA_DIR/ssv2/videos, --anno_path DATA_DIR/ssv2/annotations, train.csv/val.csv;
+    TSTL's: the same folders, group_all2.csv (train) and valgroup_all2.csv (val and test)."""
+    data, _ = prepared
+    ann, videos = data / "ssv2/annotations", data / "ssv2/videos"
+    assert (ann / "group_all2.csv").read_bytes() == (ann / "train.csv").read_bytes()
+    assert (ann / "valgroup_all2.csv").read_bytes() == (ann / "val.csv").read_bytes()
+    for name in ("train.csv", "val.csv", "group_all2.csv", "valgroup_all2.csv"):
+        assert all((videos / sample).is_file() for sample, _ in _reference_rows(ann / name))
 
 
 def test_ssv2_outputs_follow_the_cast_format(raw: Path, prepared: tuple[Path, object]) -> None:
@@ -204,3 +223,9 @@ def test_ucf101_labels_splits_and_case_quirk(raw: Path, tmp_path: Path) -> None:
             assert (tmp_path / "ucf101/videos" / path).exists()
     assert any("HandstandPushups/v_HandStandPushups_" in ln
                for ln in (tmp_path / "ucf101/annotations/train_split1.csv").read_text().splitlines())
+    # TSTL's UCF101 loader (dataset/datasets.py) opens group1.csv / val_group4.csv in its --anno_path: split 1
+    ann = tmp_path / "ucf101/annotations"
+    assert (ann / "group1.csv").read_bytes() == (ann / "train_split1.csv").read_bytes()
+    assert (ann / "val_group4.csv").read_bytes() == (ann / "test_split1.csv").read_bytes()
+    for name in ("group1.csv", "val_group4.csv"):
+        assert all((tmp_path / "ucf101/videos" / path).is_file() for path, _ in _reference_rows(ann / name))

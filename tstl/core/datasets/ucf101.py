@@ -3,6 +3,10 @@
 Labels are 0-based indices of ``classInd.txt`` (which is 1-based). Train lists carry a label, test lists do not:
 the label comes from the class folder. The folder ``HandstandPushups`` holds files named ``v_HandStandPushups_*``,
 so the class is always taken from the folder part of the path, never from the file name.
+
+Output: ``videos/<Class>/v_*.mp4``, ``annotations/{train,test}_split{1,2,3}.csv``, plus TSTL's names ``group1.csv``
+(= train_split1.csv) and ``val_group4.csv`` (= test_split1.csv), read with ``--data_path <DATA_DIR>/ucf101/videos
+--anno_path <DATA_DIR>/ucf101/annotations``.
 """
 
 from __future__ import annotations
@@ -11,8 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import unsafe_id_reason
-from pipeline.ssv2 import MetadataError
+from tstl.core.datasets.base import Dataset, Entry, Listing, MetadataError, unsafe_id_reason
 
 SPLITS = (1, 2, 3)
 
@@ -120,3 +123,37 @@ def resolve(videos: Path, rel: str) -> Path:
                 if f.name.lower() == name.lower():
                     return f
     return path  # missing: the runner records it as such
+
+
+def listing(root: Path) -> Listing:
+    """The release as the prepare stage needs it: ``<Class>/v_*.avi`` -> ``<Class>/v_*.mp4`` in six split lists."""
+    ann = read_annotations(root)  # bad metadata stops the stage before anything is written
+    videos = video_dir(root)
+    resolved: dict[str, Path] = {}
+
+    def entry(rel: str, label: int) -> Entry:
+        if rel not in resolved:  # a video is listed in several splits: look it up on disk once
+            resolved[rel] = resolve(videos, rel)
+        stem = rel.rsplit(".", 1)[0]
+        return Entry(stem, resolved[rel], stem + ".mp4", label)
+
+    return Listing(ann.classes, {s: [entry(r, y) for r, y in rows] for s, rows in ann.splits.items()})
+
+
+def shard_splits(k: int) -> list[str]:
+    if k not in SPLITS:
+        raise ValueError(f"UCF101 has splits 1, 2 and 3, not {k}")
+    return [f"train_split{k}", f"test_split{k}"]
+
+
+def reference_files(csvs) -> dict[str, list[str]]:
+    """TSTL's UCF101 loader (dataset/datasets.py) reads ``group1.csv`` (train) and ``val_group4.csv`` (val and
+    test) from its ``--anno_path``: split 1, same lines as ours."""
+    return {"group1.csv": list(csvs.get("train_split1", [])), "val_group4.csv": list(csvs.get("test_split1", []))}
+
+
+DATASET = Dataset(
+    name="ucf101", title="UCF101", root_var="UCF101_ROOT", root_help="folder with UCF-101/ and ucfTrainTestlist/",
+    read=listing, id_problem=entry_problem,
+    splits=tuple(f"{kind}_split{k}" for k in SPLITS for kind in ("train", "test")),
+    shard_splits=shard_splits, height=240, reference_files=reference_files)

@@ -13,22 +13,43 @@ Videos, per split, in the first of these that exists:
 * untrimmed downloads: ``<root>/<split>/[<class>/]<youtube_id>.<ext>`` holding the whole YouTube video, which the
   stage cuts to ``[time_start, time_end]``.
 
-Missing videos are normal (YouTube removals: a few percent of every copy) and are listed apart from broken ones.
+Missing videos are normal (YouTube removals: a few percent of every copy) and are listed apart from broken ones:
+status ``missing`` in the manifest, ``annotations/missing.txt``, their own count in the summary, and they do not
+count against ``--max-failure-fraction`` (they have their own limit, ``--max-missing-fraction``, default 0.25).
+
+Output (``<DATA_DIR>/kinetics400``): ``videos/<split>/<name>.mp4`` (H.264, short side 320 by default),
+``annotations/{train,val}.csv`` (``<split>/<name>.mp4 <label>``; also ``test.csv`` when the test CSV has labels,
+else ``test_ids.txt``), ``classes.txt``, and ``annotations/cast/{train,val}.csv`` with bare ``<name>.mp4`` for
+CAST's loader, which joins ``data_path/train/<file>`` and ``data_path/val/<file>`` (``--data_path
+<DATA_DIR>/kinetics400/videos --anno_path <DATA_DIR>/kinetics400/annotations/cast``).
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.ssv2 import MetadataError
+from tstl.core.datasets.base import Dataset, Entry, Listing, MetadataError, unsafe_id_reason
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi")
 NUM_CLASSES = 400
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{11}$")  # a YouTube video id
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]{11}_[0-9]{6}_[0-9]{6}")
+
+
+def id_problem(name: str) -> str | None:
+    """The Kinetics-400 id rule (the one place it is written): the safety rule of every dataset, then the
+    distribution's clip name ``<11-character YouTube id>_<start:06d>_<end:06d>``."""
+    reason = unsafe_id_reason(name, max_slashes=0)
+    if reason is None and not _NAME_RE.fullmatch(name):
+        reason = "not '<youtube_id>_<start:06d>_<end:06d>'"
+    return reason
 
 
 @dataclass(frozen=True)
@@ -101,6 +122,10 @@ def read_annotations(root: Path) -> K400Annotations:
     names = sorted({r["label"].strip() for rs in rows.values() for r in rs if (r.get("label") or "").strip()})
     if not names:
         raise MetadataError(f"{root}: no split CSV has labels")
+    if len(names) != NUM_CLASSES:  # a partial CSV would shift every label after the first absent class
+        logger.warning("%s: the labelled CSVs name %d classes, Kinetics-400 has %d; labels are 0..%d by sorted name "
+                       "of these (classes.txt), so they differ from a full release's", root, len(names), NUM_CLASSES,
+                       len(names) - 1)
     index = {n: i for i, n in enumerate(names)}
     splits: dict[str, list[Clip]] = {}
     unlabelled: dict[str, list[Clip]] = {}
@@ -145,3 +170,35 @@ class VideoIndex:
         if clip.youtube_id in self.untrimmed:
             return self.untrimmed[clip.youtube_id], (clip.start, clip.end)
         return self.dir / f"{clip.name}.mp4", None
+
+
+def listing(root: Path) -> Listing:
+    """The release as the prepare stage needs it: each clip -> ``<split>/<name>.mp4``, cut when untrimmed."""
+    ann = read_annotations(root)  # bad metadata stops the stage before anything is written
+
+    def entries(split: str, clips: list[Clip]) -> list[Entry]:
+        index = VideoIndex(root, split)
+        out = []
+        for c in clips:
+            source, segment = index.locate(c)
+            out.append(Entry(c.name, source, f"{split}/{c.name}.mp4", c.label,
+                             (float(segment[0]), float(segment[1])) if segment else None))
+        return out
+
+    return Listing(ann.classes, {s: entries(s, c) for s, c in ann.splits.items()},
+                   {s: entries(s, c) for s, c in ann.unlabelled.items()})
+
+
+def reference_files(csvs) -> dict[str, list[str]]:
+    """CAST's Kinetics loader (dataset/kinetics.py) opens ``data_path/train/<file>`` and ``data_path/val/<file>``:
+    its CSVs hold bare file names, ours hold ``<split>/<name>.mp4`` (what our shard builder and TSTL's loader,
+    which joins ``data_path/<file>``, read)."""
+    return {f"cast/{split}.csv": [line.split("/", 1)[1] for line in csvs.get(split, [])] for split in ("train", "val")}
+
+
+DATASET = Dataset(
+    name="kinetics400", title="Kinetics-400", root_var="K400_ROOT",
+    root_help="folder with annotations/{train,val,test}.csv and the video folders train/, val/, test/ (flat, "
+              "class folders or untrimmed <youtube_id>.<ext>)",
+    read=listing, id_problem=id_problem, splits=SPLITS, shard_splits=lambda k: ["train", "val"],
+    height=None, short_side=320, max_missing_fraction=0.25, reference_files=reference_files)

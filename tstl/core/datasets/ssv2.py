@@ -1,5 +1,10 @@
 """Something-Something V2 release: find the videos and read the official label JSON files.
 
+Raw root (``SSV2_ROOT``): ``labels/{labels,train,validation,test}.json`` and ``20bn-something-something-v2/<id>.webm``.
+Output: ``videos/<id>.mp4``, ``annotations/{train,val}.csv``, ``annotations/test_ids.txt``, plus TSTL's names
+``group_all2.csv`` (= train.csv) and ``valgroup_all2.csv`` (= val.csv). CAST reads ``annotations/{train,val}.csv``
+as they are (``--data_path <DATA_DIR>/ssv2/videos --anno_path <DATA_DIR>/ssv2/annotations``).
+
 Class of a video = ``labels.json[template with "[" and "]" removed]`` (the ``label`` field is the instantiated
 caption and is never used). The test split has no labels in the release; its ids are kept separately.
 """
@@ -11,15 +16,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import unsafe_id_reason
+from tstl.core.datasets.base import Dataset, Entry, Listing, MetadataError, unsafe_id_reason
 
 SPLIT_FILES = {"train": "train.json", "val": "validation.json", "test": "test.json"}
 # Older releases named the files something-something-v2-<name>.json next to the videos.
 LEGACY_PREFIX = "something-something-v2-"
-
-
-class MetadataError(ValueError):
-    """The release's annotation files are malformed; the message names the file and what to fix."""
 
 
 @dataclass
@@ -127,3 +128,28 @@ def read_annotations(root: Path) -> SSV2Annotations:
         splits[split] = entries
     test = splits.pop("test")
     return SSV2Annotations(classes=classes, splits=splits, test_ids=[vid for vid, _ in test])
+
+
+def listing(root: Path) -> Listing:
+    """The release as the prepare stage needs it: ``<id>.webm`` -> ``<id>.mp4``, test ids unlabelled."""
+    ann = read_annotations(root)  # bad metadata stops the stage before anything is written
+    videos = video_dir(root)
+
+    def entry(vid: str, label: int) -> Entry:
+        return Entry(vid, videos / f"{vid}.webm", f"{vid}.mp4", label)
+
+    return Listing(ann.classes, {s: [entry(v, y) for v, y in rows] for s, rows in ann.splits.items()},
+                   {"test": [entry(v, -1) for v in ann.test_ids]})
+
+
+def reference_files(csvs) -> dict[str, list[str]]:
+    """TSTL's SSV2 loader (dataset/datasets.py) reads ``group_all2.csv`` (train) and ``valgroup_all2.csv`` (val
+    and test) from its ``--anno_path``; same lines as ours (``<id>.mp4 <label>``, space-delimited)."""
+    return {"group_all2.csv": list(csvs.get("train", [])), "valgroup_all2.csv": list(csvs.get("val", []))}
+
+
+DATASET = Dataset(
+    name="ssv2", title="Something-Something V2", root_var="SSV2_ROOT",
+    root_help="folder with labels/ and 20bn-something-something-v2/ (or the .webm files directly)",
+    read=listing, id_problem=id_problem, splits=("train", "val", "test"),
+    shard_splits=lambda k: ["train", "val"], height=240, reference_files=reference_files)
