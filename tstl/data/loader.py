@@ -10,6 +10,7 @@ import torch
 from timm.data import Mixup
 from torch.utils.data import DataLoader
 
+from tstl.data import elastic
 from tstl.data.config import DataConfig
 from tstl.data.pipeline import BadSampleRateError, ClipStream, RoleState, StreamSpec, derive_seed
 from tstl.data.sources import ShardList, resolve, slot_length
@@ -47,7 +48,8 @@ class ShardLoader:
         self.workers = max(1, cfg.num_workers)
         self.label_map = _check_label_map(label_map, shardset.num_classes)
         bsz = cfg.batch_size if train else 1
-        self.length = slot_length(shardset.num_samples, world_size * self.workers, bsz, balance == "drop")
+        self.drop = balance == "drop"
+        self.length = slot_length(shardset.num_samples, world_size * self.workers, bsz, self.drop)
         per_role = self.length if train else self.length * self.views[0] * self.views[1]
         self.batches_per_role = -(-per_role // (cfg.batch_size if train else cfg.eval_batch_size))
         self.mixup = self._mixup() if train and cfg.mixup_active else None
@@ -88,24 +90,92 @@ class ShardLoader:
         """Start ``epoch`` from its beginning at the next iteration."""
         self.epoch, self.step = epoch, 0
         self._roles: dict[int, RoleState] = {}
+        # The sample-index ranges the slots of this epoch share and the slot length: the whole epoch, or after an
+        # elastic resume (load_state_dicts) only what the saved job had not consumed yet.
+        self._plan: list[tuple[int, int]] | None = None
+        self._plan_length = self.length
+
+    # the keys that must match for an exact (same batches) resume; "shuffle_buffer" in states since elastic resume
+    _LAYOUT = ("world_size", "workers", "seed", "length", "num_samples", "shuffle_buffer")
 
     def state_dict(self) -> dict:
         """Position after the last batch handed out: resuming continues with the very next batch."""
         return {"epoch": self.epoch, "step": self.step, "rank": self.rank, "world_size": self.world_size,
                 "workers": self.workers, "seed": self.cfg.seed, "length": self.length,
+                "num_samples": self.num_samples, "shuffle_buffer": self.cfg.shuffle_buffer if self.train else 0,
+                "plan": [list(r) for r in self._plan] if self._plan is not None else None,
+                "plan_length": self._plan_length,
                 "bad_samples": self.bad_samples, "roles": {r: s.to_dict() for r, s in self._roles.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from ``state_dict()``; the job layout (world size, workers, seed, data) must be unchanged."""
+        """Resume from this rank's ``state_dict()``; the job layout (world size, workers, seed, data, batch size,
+        shuffle buffer) must be unchanged. For another layout pass every rank's state to ``load_state_dicts``."""
         if not self.train and state.get("step", 0):
             raise ValueError("evaluation loaders cannot resume mid-pass; rerun the evaluation from the start")
-        mine = {k: v for k, v in self.state_dict().items() if k in ("rank", "world_size", "workers", "seed", "length")}
-        theirs = {k: state[k] for k in mine}
-        if mine != theirs:
-            raise ValueError(f"loader state was saved with {theirs}, this loader has {mine}; resume with the same "
-                             "world size, num_workers, seed and shard set, or restart the epoch with set_epoch()")
-        self.epoch, self.step, self.bad_samples = state["epoch"], state["step"], state["bad_samples"]
+        theirs = self._layout(state)
+        mine = {k: v for k, v in self._layout(self.state_dict()).items() if k in theirs}
+        if mine != theirs or state["rank"] != self.rank:
+            raise ValueError(f"loader state was saved with {theirs} (rank {state['rank']}), this loader has {mine} "
+                             f"(rank {self.rank}); pass the states of all saved ranks to load_state_dicts() to "
+                             "resume on another layout, or restart the epoch with set_epoch()")
+        self.set_epoch(state["epoch"])
+        self.step, self.bad_samples = state["step"], state["bad_samples"]
         self._roles = {int(r): RoleState(**s) for r, s in state["roles"].items()}
+        if state.get("plan") is not None:
+            self._plan = [(int(a), int(b)) for a, b in state["plan"]]
+            self._plan_length = int(state["plan_length"])
+
+    def _layout(self, state: dict) -> dict:
+        return {k: state[k] for k in self._LAYOUT if k in state}
+
+    def load_state_dicts(self, states: Sequence[dict]) -> None:
+        """Resume from the ``state_dict()`` of every rank of a saved job, on any layout (elastic resume).
+
+        With the saved layout (world size, ``num_workers``, batch size, shuffle buffer) this is
+        ``load_state_dict(states[rank])``: the very next batch of the uninterrupted epoch. Otherwise the samples
+        of the saved epoch that no saved rank had taken out of its shuffle buffer are spread over this job's
+        ranks and workers (``tstl.data.elastic``; padded by repeating the remainder's first samples so every rank
+        has the same number of batches), and ``step`` is set so that ``len(self) - step`` batches remain. The
+        shard set and the seed must be the same. See ``docs/loader.md`` ("Elastic resume") for the guarantee.
+        """
+        if not self.train:
+            raise ValueError("evaluation loaders cannot resume mid-pass; rerun the evaluation from the start")
+        states = sorted(states, key=lambda st: st["rank"])
+        ref = states[0]
+        if [st["rank"] for st in states] != list(range(ref["world_size"])):
+            raise ValueError(f"need the loader states of all {ref['world_size']} saved ranks, got ranks "
+                             f"{[st['rank'] for st in states]}")
+        if any((st["epoch"], st.get("plan"), st.get("plan_length")) != (ref["epoch"], ref.get("plan"),
+                                                                         ref.get("plan_length")) for st in states):
+            raise ValueError("the saved ranks' loader states are from different epochs or plans")
+        mine = self._layout(self.state_dict())
+        if self._layout(ref) == {k: v for k, v in mine.items() if k in ref}:
+            self.load_state_dict(states[self.rank])
+            return
+        same = {k: ref.get(k, mine[k]) for k in ("seed", "num_samples")}
+        if same != {k: mine[k] for k in same}:
+            raise ValueError(f"loader state was saved with seed/samples {same}, this loader has "
+                             f"{ {k: mine[k] for k in same} }: the epoch's sample order differs; resume with the same "
+                             "data.seed and shard set, or restart the epoch with set_epoch()")
+        rest = elastic.remainder(states, self.num_samples)
+        self.set_epoch(ref["epoch"])
+        # the job's bad-sample count goes on, kept by rank 0
+        self.bad_samples = sum(st["bad_samples"] for st in states) if self.rank == 0 else 0
+        left = sum(b - a for a, b in rest)
+        try:
+            plan_length = slot_length(left, self.world_size * self.workers, self.cfg.batch_size, self.drop) if left \
+                else 0
+        except ValueError:  # balance=drop and fewer samples left than one batch per slot: they are left out
+            plan_length = 0
+        if plan_length == 0:
+            self.step = len(self)  # the epoch is complete (its unconsumed positions were only padding)
+        else:
+            self._plan, self._plan_length = rest, plan_length
+            self.step = len(self) - plan_length // self.cfg.batch_size * self.workers
+        logger.info("elastic resume of epoch %d: %d ranks x %d workers saved, %d x %d now; %d of %d samples left "
+                    "(%d per slot), continuing at step %d of %d", self.epoch, ref["world_size"], ref["workers"],
+                    self.world_size, self.workers, left, len(elastic.covered(ref, self.num_samples)), plan_length,
+                    self.step, len(self))
 
     # ---- iteration ----------------------------------------------------------------------------------------
     def _mixup(self) -> Mixup:
@@ -145,8 +215,8 @@ class ShardLoader:
         if self.step >= total:  # the previous epoch ran to its end: go on with the next one
             self.set_epoch(self.epoch + 1)
         spec = StreamSpec(self.cfg, self.shardset, self.train, self.rank, self.world_size, self.epoch, self.workers,
-                          self.length, self.views, dict(self._roles), self.step % self.workers,
-                          label_map=self.label_map, worker_augment=self.augment_on == "worker")
+                          self._plan_length, self.views, dict(self._roles), self.step % self.workers,
+                          label_map=self.label_map, worker_augment=self.augment_on == "worker", plan=self._plan)
         stages = self._stages()
         nw = self.cfg.num_workers
         pin = self.cfg.pin_memory or self.device.type == "cuda"  # pinned pages make the copy non-blocking

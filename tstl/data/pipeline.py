@@ -69,6 +69,8 @@ class StreamSpec:
     """Relabelling ``y -> label_map[y]`` (the shard set holds only samples whose label is a key)."""
     worker_augment: bool = True
     """Training: RandAugment in the worker (``augment_on: worker``); False = crop only, the device does the rest."""
+    plan: list[tuple[int, int]] | None = None
+    """The sample-index ranges this epoch's slots share (None: the whole epoch); set after an elastic resume."""
 
 
 def derive_seed(*parts: int) -> int:
@@ -135,7 +137,7 @@ class ClipStream(IterableDataset):
         s = self.spec
         slot = s.rank * s.slots_per_rank + role
         order = epoch_order(s.shardset.shards, derive_seed(s.cfg.seed, s.epoch, 0x5A5A) if s.train else None)
-        raw = _read(slot_pieces(order, slot, s.length), s.shardset.labels)
+        raw = _read(slot_pieces(order, slot, s.length, s.plan), s.shardset.labels)
         if s.train and s.cfg.shuffle_buffer > 1:
             raw = _shuffle(raw, s.cfg.shuffle_buffer, random.Random(derive_seed(s.cfg.seed, s.epoch, s.rank, role, 1)))
         return raw

@@ -8,6 +8,7 @@ symlink is resolved once, so a run reads one generation even when ``make shards`
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
@@ -192,24 +193,58 @@ def epoch_order(shards: list[Shard], seed: int | None) -> list[Shard]:
     return order
 
 
-def slot_pieces(order: list[Shard], slot: int, length: int) -> list[Piece]:
+def slot_pieces(order: list[Shard], slot: int, length: int, plan: Sequence[tuple[int, int]] | None = None
+                ) -> list[Piece]:
     """The pieces covering positions ``[slot * length, (slot + 1) * length)`` of the epoch's sample sequence.
 
-    The sequence is the shards' samples in ``order``, repeated cyclically, so positions past the end wrap to the
-    start (that is the padding rule).
+    The sequence is the shards' samples in ``order`` (sample index ``i`` = the ``i``-th sample of that order), or,
+    with ``plan``, only the sample indices of its ``[start, stop)`` ranges (an elastic resume's remainder of the
+    epoch, ``tstl.data.elastic``). It repeats cyclically, so positions past its end wrap to its start (that is the
+    padding rule).
     """
     total = sum(s.samples for s in order)
+    return [piece for start, stop in slot_ranges(total, slot, length, plan)
+            for piece in _index_pieces(order, start, stop)]
+
+
+def slot_ranges(total: int, slot: int, length: int, plan: Sequence[tuple[int, int]] | None = None
+                ) -> list[tuple[int, int]]:
+    """The sample indices (of an order of ``total`` samples) behind positions ``[slot * length, (slot + 1) *
+    length)``, as ``[start, stop)`` ranges in reading order; see ``slot_pieces``."""
     if total == 0:
         raise ValueError("the shard set holds no samples")
-    pieces: list[Piece] = []
+    ranges = [(0, total)] if plan is None else [(int(a), int(b)) for a, b in plan if b > a]
+    size = sum(b - a for a, b in ranges)
+    if size == 0:
+        raise ValueError("the epoch plan holds no samples")
+    starts = [0]
+    for a, b in ranges:
+        starts.append(starts[-1] + b - a)
+    out: list[tuple[int, int]] = []
     pos, end = slot * length, (slot + 1) * length
     while pos < end:
-        offset = pos % total
-        for shard in order:
-            if offset < shard.samples:
-                take = min(shard.samples - offset, end - pos)
-                pieces.append(Piece(shard, offset, take))
-                pos += take
-                break
-            offset -= shard.samples
+        q = pos % size
+        k = bisect.bisect_right(starts, q) - 1
+        a, b = ranges[k]
+        first = a + q - starts[k]
+        take = min(b - first, end - pos)
+        if out and out[-1][1] == first:
+            out[-1] = (out[-1][0], first + take)
+        else:
+            out.append((first, first + take))
+        pos += take
+    return out
+
+
+def _index_pieces(order: list[Shard], start: int, stop: int) -> list[Piece]:
+    """The pieces holding sample indices ``[start, stop)`` of ``order`` (within one pass over it)."""
+    pieces: list[Piece] = []
+    base = 0
+    for shard in order:
+        lo, hi = max(start, base), min(stop, base + shard.samples)
+        if lo < hi:
+            pieces.append(Piece(shard, lo - base, hi - lo))
+        base += shard.samples
+        if base >= stop:
+            break
     return pieces
