@@ -128,7 +128,7 @@ class ShardLoader:
     def _layout(self, state: dict) -> dict:
         return {k: state[k] for k in self._LAYOUT if k in state}
 
-    def load_state_dicts(self, states: Sequence[dict]) -> None:
+    def load_state_dicts(self, states: Sequence[dict]) -> bool:
         """Resume from the ``state_dict()`` of every rank of a saved job, on any layout (elastic resume).
 
         With the saved layout (world size, ``num_workers``, batch size, shuffle buffer) this is
@@ -137,6 +137,7 @@ class ShardLoader:
         ranks and workers (``tstl.data.elastic``; padded by repeating the remainder's first samples so every rank
         has the same number of batches), and ``step`` is set so that ``len(self) - step`` batches remain. The
         shard set and the seed must be the same. See ``docs/loader.md`` ("Elastic resume") for the guarantee.
+        Returns True for the exact resume, False for a redistribution.
         """
         if not self.train:
             raise ValueError("evaluation loaders cannot resume mid-pass; rerun the evaluation from the start")
@@ -151,7 +152,7 @@ class ShardLoader:
         mine = self._layout(self.state_dict())
         if self._layout(ref) == {k: v for k, v in mine.items() if k in ref}:
             self.load_state_dict(states[self.rank])
-            return
+            return True
         same = {k: ref.get(k, mine[k]) for k in ("seed", "num_samples")}
         if same != {k: mine[k] for k in same}:
             raise ValueError(f"loader state was saved with seed/samples {same}, this loader has "
@@ -176,6 +177,7 @@ class ShardLoader:
                     "(%d per slot), continuing at step %d of %d", self.epoch, ref["world_size"], ref["workers"],
                     self.world_size, self.workers, left, len(elastic.covered(ref, self.num_samples)), plan_length,
                     self.step, len(self))
+        return False
 
     # ---- iteration ----------------------------------------------------------------------------------------
     def _mixup(self) -> Mixup:

@@ -4,6 +4,13 @@ Layout under ``<run>/checkpoints/``: one folder per tag (``step-000123``) holdin
 ``rank-<r>.pt`` (this rank's loader position and RNG states) and, written last, ``complete.json``. A tag without
 ``complete.json`` is a save that crashed and is ignored; the previous complete one stays usable. Resume picks the
 complete tag with the highest step. Rotation keeps the last ``keep_last`` complete tags and the best one.
+
+Elastic resume (issue 13): a checkpoint saved by N ranks loads on M ranks. Every rank reads all N ``rank-<r>.pt``
+files (the loader spreads the rest of the epoch over the new layout, ``ShardLoader.load_state_dicts``). Model and
+optimizer: without partitioned optimizer state (ZeRO 0 in fp32/fp16) DeepSpeed's files load on any world size as
+they are; with it (ZeRO 1/2, or bf16, whose optimizer partitions like ZeRO 1) rank 0 first converts the tag once to
+DeepSpeed's universal checkpoint (``deepspeed.checkpoint.ds_to_universal``, into ``universal/<tag>/``) and every
+rank loads that with ``load_universal``; buffers and frozen weights come from the tag's model file.
 """
 
 from __future__ import annotations
@@ -13,7 +20,10 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +33,18 @@ from tstl.train import dist
 logger = logging.getLogger(__name__)
 
 MARKER = "complete.json"
+UNIVERSAL = "universal"
+
+
+class Resumed(NamedTuple):
+    """What ``Checkpointer.load_latest`` restored besides the engine."""
+
+    client: dict
+    """The trainer's client state (step, epoch, ...)."""
+    ranks: list[dict]
+    """``rank-<r>.pt`` of every saved rank, by rank."""
+    world_size: int
+    """Ranks of the saved job."""
 
 
 def rng_state() -> dict:
@@ -83,26 +105,80 @@ class Checkpointer:
             if tag not in keep:
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
         for d in self.dir.iterdir():  # incomplete saves older than the newest complete one
-            if d.is_dir() and not (d / MARKER).exists() and done and d.name < done[-1][1]:
+            if d.is_dir() and d.name != UNIVERSAL and not (d / MARKER).exists() and done and d.name < done[-1][1]:
                 shutil.rmtree(d, ignore_errors=True)
+        if (self.dir / UNIVERSAL).is_dir():  # conversions of tags that are gone
+            for d in (self.dir / UNIVERSAL).iterdir():
+                if d.name not in keep:
+                    shutil.rmtree(d, ignore_errors=True)
 
     def best(self) -> str | None:
         scored = [(info["metric"], step, tag) for step, tag, info in self.complete() if info.get("metric") is not None]
         return str(self.dir / max(scored)[2]) if scored else None
 
-    def load_latest(self, engine) -> tuple[dict, dict] | None:
-        """Load the newest complete checkpoint into ``engine``: (client_state, this rank's state), or None."""
+    def load_latest(self, engine) -> Resumed | None:
+        """Load the newest complete checkpoint into ``engine`` (on any world size); None when there is none."""
         done = self.complete()
         if not done:
             return None
         step, tag, info = done[-1]
-        if info["world_size"] != dist.world():
-            raise RuntimeError(f"{self.dir / tag} was saved by {info['world_size']} ranks, this run has "
-                               f"{dist.world()}; resume with the same number of processes")
-        _, client = engine.load_checkpoint(str(self.dir), tag=tag)
-        rank_state = torch.load(self.dir / tag / f"rank-{dist.rank()}.pt", weights_only=False)
-        logger.info("resumed from %s (step %d)", self.dir / tag, step)
-        return client, rank_state
+        saved = int(info["world_size"])
+        folder = self.dir / tag
+        missing = [r for r in range(saved) if not (folder / f"rank-{r}.pt").is_file()]
+        if missing:
+            raise RuntimeError(f"{folder}: rank-<r>.pt of ranks {missing} missing (saved by {saved} ranks); "
+                               "the checkpoint folder must be complete and shared by all nodes")
+        if saved != dist.world() and partitioned(folder):
+            client = _load_universal(engine, self._universal(tag), folder)
+        else:
+            _, client = engine.load_checkpoint(str(self.dir), tag=tag)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load {folder}")
+        ranks = [torch.load(folder / f"rank-{r}.pt", weights_only=False) for r in range(saved)]
+        logger.info("resumed from %s (step %d, saved by %d ranks, %d now)", folder, step, saved, dist.world())
+        return Resumed(client, ranks, saved)
+
+    def _universal(self, tag: str) -> Path:
+        """Collective: rank 0 converts ``tag`` to a universal checkpoint once; returns its folder."""
+        out = self.dir / UNIVERSAL / tag
+        if dist.is_main() and not out.is_dir():
+            tmp = self.dir / UNIVERSAL / f".{tag}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            # a child process: the converter runs its own worker pools and must not touch our process group;
+            # --inject_missing_state adds the universal_checkpoint_info our (non-Megatron) models do not declare
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(self.dir / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                   "--num_merge_workers", "1", "--inject_missing_state"]
+            logger.info("converting %s to a universal checkpoint for another world size", self.dir / tag)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"converting {self.dir / tag} to a universal checkpoint failed:\n"
+                                   f"{proc.stderr[-3000:]}")
+            os.replace(tmp, out)
+        dist.barrier()
+        return out
+
+
+def partitioned(folder: Path) -> bool:
+    """Whether a DeepSpeed tag folder holds per-rank optimizer partitions (ZeRO 1/2, bf16)."""
+    return any(folder.glob("*zero_pp_rank_*optim_states.pt"))
+
+
+def _load_universal(engine, folder: Path, original: Path) -> dict:
+    """Load a universal checkpoint into ``engine``; returns the client state."""
+    # DeepSpeed reads this flag only while loading; the engine was built before we knew the world size differs
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    finally:
+        config.load_universal_checkpoint = before
+    # the universal format holds the optimizer's parameters only: buffers and frozen weights from the model file
+    module = torch.load(next(original.glob("*model_states.pt")), map_location="cpu", weights_only=False)["module"]
+    engine.module.load_state_dict(module, strict=True)
+    return client
 
 
 def resolve_weights(path: str | os.PathLike) -> tuple[Path, Path | None]:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from tstl.core.config import dump_yaml, to_dict
 from tstl.data import build_eval_loader, build_train_loader
+from tstl.data.pipeline import derive_seed
 from tstl.train import dist, engine as eng
 from tstl.train.build import Adapter, build_model, compute_dtype
 from tstl.train.checkpoint import Checkpointer, rng_state, set_rng_state
@@ -78,6 +79,7 @@ class Trainer:
         self.plan = eng.BatchPlan(cfg.data.batch_size, cfg.engine.accum_steps, dist.world())
         self.steps_per_epoch = max(1, len(self.train_loader) // cfg.engine.accum_steps)
         lr, min_lr = self.plan.scaled(cfg.optim.lr), self.plan.scaled(cfg.optim.min_lr)
+        self.peak_lr = lr
         optimizer = eng.build_optimizer(eng.param_groups(model, cfg.optim), cfg.optim, lr)
         sched = lambda opt: eng.build_scheduler(opt, cfg.optim, lr, min_lr, self.steps_per_epoch, cfg.epochs)  # noqa
         ds_config = eng.deepspeed_config(cfg.engine, cfg.optim, self.plan)
@@ -110,20 +112,56 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- state
 
     def _client_state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "nonfinite": self.nonfinite, "config": to_dict(self.cfg)}
+        return {"step": self.step, "epoch": self.epoch, "nonfinite": self.nonfinite, "config": to_dict(self.cfg),
+                "steps_per_epoch": len(self.train_loader), "world_size": dist.world()}
 
     def _rank_state(self) -> dict:
         return {"loader": self.train_loader.state_dict(), "rng": rng_state()}
 
     def resume(self) -> bool:
+        """Restore the newest complete checkpoint, saved by any number of ranks; False when there is none.
+
+        Same layout (ranks, workers, batch size): the very next batch and step, RNG states included (the same
+        trajectory as an uninterrupted run). Another layout (elastic resume, docs/training.md): the loader goes on
+        with the samples of the epoch the saved job had not consumed, ``step`` becomes this layout's step at that
+        point of the epoch, the lr schedule is set to that step (``_continue_schedule``) and the RNGs are seeded
+        from (seed, step, rank).
+        """
         loaded = self.ckpt.load_latest(self.engine)
         if loaded is None:
             return False
-        client, rank_state = loaded
-        self.step, self.epoch, self.nonfinite = client["step"], client["epoch"], client["nonfinite"]
-        self.train_loader.load_state_dict(rank_state["loader"])
-        set_rng_state(rank_state["rng"])
+        client, ranks, saved_world = loaded
+        self.epoch, self.nonfinite = client["epoch"], client["nonfinite"]
+        exact = self.train_loader.load_state_dicts([r["loader"] for r in ranks])
+        if exact:
+            self.step = client["step"]
+            set_rng_state(ranks[dist.rank()]["rng"])
+            return True
+        self.step = self.epoch * len(self.train_loader) + self.train_loader.step
+        seed_everything(derive_seed(self.cfg.seed, self.step, dist.rank(), 0xE1A5))
+        self._continue_schedule(self.step // self.cfg.engine.accum_steps)
+        logger.info("elastic resume: %d ranks saved step %d of %d per epoch; %d ranks go on at step %d of %d "
+                    "(epoch %d), lr %.3g", saved_world, client["step"], client.get("steps_per_epoch", 0),
+                    dist.world(), self.step, len(self.train_loader), self.epoch, self.engine.get_lr()[0])
         return True
+
+    def _continue_schedule(self, opt_step: int) -> None:
+        """Put the lr schedule at optimizer step ``opt_step`` of this layout, with this layout's peak lr.
+
+        The loaded scheduler and optimizer groups carry the saved job's step count and peak lr (scaled by its
+        total batch); both are replaced: base lr = ``optim.lr * total batch / 256`` times each group's layer-decay
+        scale, lr = base x schedule factor at ``opt_step`` (warm-up and cosine counted in this layout's steps).
+        """
+        sched = self.scheduler
+        groups = sched.optimizer.param_groups  # the optimizer DeepSpeed built the scheduler on (ZeRO steps it)
+        sched.base_lrs = [self.peak_lr * g.get("lr_scale", 1.0) for g in groups]
+        sched.last_epoch = opt_step
+        lrs = [base * fn(opt_step) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for g, base, lr in zip(groups, sched.base_lrs, lrs):
+            g["initial_lr"], g["lr"] = base, lr
+        sched._last_lr = lrs
+        self.engine.global_steps = opt_step
+        self.engine.global_samples = opt_step * self.plan.total
 
     def save(self, metric: float | None = None) -> None:
         self.ckpt.save(self.engine, self.step, self.epoch, self._client_state(), self._rank_state(), metric)
