@@ -166,10 +166,11 @@ def _probe(data_dir: str, run: str, zero: int) -> None:
         want = saved["optimizer"]["state"]
         got = opt.state_dict()["state"]
         same_optim = all(torch.equal(got[i][k], want[i][k]) for i in want for k in ("exp_avg", "exp_avg_sq"))
+        compared = len(want)
     else:  # the saved ranks' flat partitions, concatenated, are this single rank's whole flat groups
         parts = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
                  for f in sorted(tag.glob("zero_pp_rank_*_optim_states.pt"))]
-        same_optim = True
+        same_optim, compared = True, 0
         for g, flat in enumerate(opt.single_partition_of_fp32_groups):
             n = sum(p.numel() for p in opt.bit16_groups[g])
             old = torch.cat([p["single_partition_of_fp32_groups"][g] for p in parts])[:n]
@@ -177,7 +178,8 @@ def _probe(data_dir: str, run: str, zero: int) -> None:
             for key in ("exp_avg", "exp_avg_sq"):
                 old = torch.cat([p["base_optimizer_state"]["state"][g][key] for p in parts])[:n]  # padded
                 same_optim &= torch.equal(opt.optimizer.state[flat][key][:n], old)
-    print("PROBE " + json.dumps({"weights": same_weights, "optim": bool(same_optim), "step": trainer.step,
+                compared += 1
+    print("PROBE " + json.dumps({"weights": same_weights, "optim": bool(same_optim), "compared": compared, "step": trainer.step,
                                  "epoch": trainer.epoch, "loader_step": trainer.train_loader.step,
                                  "len": len(trainer.train_loader), "last_epoch": trainer.scheduler.last_epoch,
                                  "lrs": [g["lr"] for g in trainer.scheduler.optimizer.param_groups],
@@ -205,7 +207,7 @@ def test_two_ranks_resume_on_one(data_dir: Path, tmp_path: Path, zero: int) -> N
                            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert probe.returncode == 0, probe.stderr[-3000:]
     got = json.loads(probe.stdout[probe.stdout.index("PROBE ") + 6:].splitlines()[0])
-    assert got["weights"] and got["optim"]
+    assert got["weights"] and got["optim"] and got["compared"] > 0
     # 1 rank: 6 steps per epoch; 4 clips left = 2 batches, so it goes on at step 4 of 6 (2 of 3 before)
     assert (got["epoch"], got["loader_step"], got["len"], got["step"], got["last_epoch"]) == (0, 4, 6, 4, 4)
     assert got["lrs"] == pytest.approx([_expected_lr(4, 1, 6) * s for s in got["scales"]], rel=1e-9)

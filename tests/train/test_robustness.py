@@ -48,20 +48,27 @@ def test_incomplete_save_is_ignored_and_rotation_keeps_last_and_best(tmp_path: P
     # a crash while saving step 50: DeepSpeed's files are there, our marker is not
     _save(ck, engine, 50, 0.1)
     (ck.dir / "step-0000050" / MARKER).unlink()
-    client, rank_state = ck.load_latest(engine)
-    assert engine.loaded == ["step-0000040"] and client == {"step": 40} and rank_state["loader"] == 40
+    client, ranks, world = ck.load_latest(engine)
+    assert engine.loaded == ["step-0000040"] and client == {"step": 40} and ranks[0]["loader"] == 40 and world == 1
 
     # a marker torn mid-write is no marker either
     (ck.dir / "step-0000050" / MARKER).write_text('{"step": 5')
     assert [t for _, t, _ in ck.complete()][-1] == "step-0000040"
 
 
-def test_resume_refuses_a_different_world_size(tmp_path: Path) -> None:
+def test_resume_on_another_world_size_reads_every_saved_rank(tmp_path: Path) -> None:
+    """Elastic resume (issue 13): all saved ranks' states come back; a missing one is named (tests/train/
+    test_elastic.py runs the real thing)."""
     ck, engine = Checkpointer(tmp_path), FakeEngine()
     tag = _save(ck, engine, 10, None)
     marker = ck.dir / tag / MARKER
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), "world_size": 4}))
-    with pytest.raises(RuntimeError, match="4 ranks"):
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "world_size": 3}))
+    for r in (1, 2):
+        torch.save({"loader": 10 + r}, ck.dir / tag / f"rank-{r}.pt")
+    resumed = ck.load_latest(engine)
+    assert resumed.world_size == 3 and [s["loader"] for s in resumed.ranks] == [10, 11, 12]
+    (ck.dir / tag / "rank-2.pt").unlink()
+    with pytest.raises(RuntimeError, match=r"ranks \[2\] missing \(saved by 3 ranks\)"):
         ck.load_latest(engine)
 
 
