@@ -8,7 +8,8 @@ complete tag with the highest step. Rotation keeps the last ``keep_last`` comple
 Elastic resume (issue 13): a checkpoint saved by N ranks loads on M ranks. Every rank reads all N ``rank-<r>.pt``
 files (the loader spreads the rest of the epoch over the new layout, ``ShardLoader.load_state_dicts``). Model and
 optimizer: without partitioned optimizer state (ZeRO 0 in fp32/fp16) DeepSpeed's files load on any world size as
-they are; with it (ZeRO 1/2, or bf16, whose optimizer partitions like ZeRO 1) rank 0 first converts the tag once to
+they are; with it (ZeRO 1/2: ``[bf16_]zero_pp_rank_<r>_..._optim_states.pt``, which DeepSpeed 0.19 refuses on another
+world size) rank 0 first converts the tag once to
 DeepSpeed's universal checkpoint (``deepspeed.checkpoint.ds_to_universal``, into ``universal/<tag>/``) and every
 rank loads that with ``load_universal``; buffers and frozen weights come from the tag's model file.
 """

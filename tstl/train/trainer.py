@@ -113,7 +113,8 @@ class Trainer:
 
     def _client_state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "nonfinite": self.nonfinite, "config": to_dict(self.cfg),
-                "steps_per_epoch": len(self.train_loader), "world_size": dist.world()}
+                "batches_per_epoch": len(self.train_loader), "world_size": dist.world(),
+                "accum_steps": self.cfg.engine.accum_steps}
 
     def _rank_state(self) -> dict:
         return {"loader": self.train_loader.state_dict(), "rng": rng_state()}
@@ -132,16 +133,17 @@ class Trainer:
             return False
         client, ranks, saved_world = loaded
         self.epoch, self.nonfinite = client["epoch"], client["nonfinite"]
+        accum = self.cfg.engine.accum_steps
         exact = self.train_loader.load_state_dicts([r["loader"] for r in ranks])
-        if exact:
+        if exact and client.get("accum_steps", accum) == accum:
             self.step = client["step"]
             set_rng_state(ranks[dist.rank()]["rng"])
             return True
         self.step = self.epoch * len(self.train_loader) + self.train_loader.step
         seed_everything(derive_seed(self.cfg.seed, self.step, dist.rank(), 0xE1A5))
-        self._continue_schedule(self.step // self.cfg.engine.accum_steps)
-        logger.info("elastic resume: %d ranks saved step %d of %d per epoch; %d ranks go on at step %d of %d "
-                    "(epoch %d), lr %.3g", saved_world, client["step"], client.get("steps_per_epoch", 0),
+        self._continue_schedule(self.step // accum)
+        logger.info("elastic resume: %d ranks saved at step %d (%d batches per epoch); %d ranks go on at step %d of %d "
+                    "(epoch %d), lr %.3g", saved_world, client["step"], client.get("batches_per_epoch", 0),
                     dist.world(), self.step, len(self.train_loader), self.epoch, self.engine.get_lr()[0])
         return True
 
