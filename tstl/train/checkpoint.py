@@ -152,7 +152,7 @@ class Checkpointer:
                    str(self.dir / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
                    "--num_merge_workers", "1", "--inject_missing_state"]
             logger.info("converting %s to a universal checkpoint for another world size", self.dir / tag)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 raise RuntimeError(f"converting {self.dir / tag} to a universal checkpoint failed:\n"
                                    f"{proc.stderr[-3000:]}")
