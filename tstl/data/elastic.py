@@ -16,7 +16,7 @@ import random
 from collections.abc import Sequence
 
 from tstl.data.pipeline import _shuffle, derive_seed
-from tstl.data.sources import slot_ranges
+from tstl.data.plan import slot_ranges
 
 Ranges = list[tuple[int, int]]
 

@@ -8,7 +8,6 @@ symlink is resolved once, so a run reads one generation even when ``make shards`
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ from webdataset.tariterators import base_plus_ext
 
 from tstl.core import shards as fmt
 from tstl.core.shards import CLS, ShardSetError
+from tstl.data.plan import slot_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -205,35 +205,6 @@ def slot_pieces(order: list[Shard], slot: int, length: int, plan: Sequence[tuple
     total = sum(s.samples for s in order)
     return [piece for start, stop in slot_ranges(total, slot, length, plan)
             for piece in _index_pieces(order, start, stop)]
-
-
-def slot_ranges(total: int, slot: int, length: int, plan: Sequence[tuple[int, int]] | None = None
-                ) -> list[tuple[int, int]]:
-    """The sample indices (of an order of ``total`` samples) behind positions ``[slot * length, (slot + 1) *
-    length)``, as ``[start, stop)`` ranges in reading order; see ``slot_pieces``."""
-    if total == 0:
-        raise ValueError("the shard set holds no samples")
-    ranges = [(0, total)] if plan is None else [(int(a), int(b)) for a, b in plan if b > a]
-    size = sum(b - a for a, b in ranges)
-    if size == 0:
-        raise ValueError("the epoch plan holds no samples")
-    starts = [0]
-    for a, b in ranges:
-        starts.append(starts[-1] + b - a)
-    out: list[tuple[int, int]] = []
-    pos, end = slot * length, (slot + 1) * length
-    while pos < end:
-        q = pos % size
-        k = bisect.bisect_right(starts, q) - 1
-        a, b = ranges[k]
-        first = a + q - starts[k]
-        take = min(b - first, end - pos)
-        if out and out[-1][1] == first:
-            out[-1] = (out[-1][0], first + take)
-        else:
-            out.append((first, first + take))
-        pos += take
-    return out
 
 
 def _index_pieces(order: list[Shard], start: int, stop: int) -> list[Piece]:
