@@ -92,8 +92,9 @@ def _run_dir(tmp_path: Path, n: int) -> Path:
     run.mkdir()
     dump_yaml(cfg, run / "config.yaml")
     save_report(_result(_crafted(n)), run / "test", NAMES[:n])
-    rows = [{"step": 1, "time": 0, "perf/train_flops_per_clip": 3e9, "perf/peak_flops": 989e12,
-             "device": "NVIDIA H200", "precision": "bf16"}]
+    (run / "perf.json").write_text(json.dumps({"forward_flops_per_clip": 1e9, "train_flops_per_clip": 3e9,
+                                               "peak_flops": 989e12, "device": "NVIDIA H200", "precision": "bf16"}))
+    rows = []
     for s in range(10, 60, 10):
         rows.append({"step": s, "epoch": s // 20, "train/loss": 5 - s / 20, "train/lr": 1e-3 * s / 50,
                      "train/clips_per_s": 100.0 + s, "perf/achieved_flops": 3e14, "perf/mfu": 3e14 / 989e12})
@@ -206,3 +207,27 @@ def test_peak_and_mfu_lookup() -> None:
     assert perf.peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
     assert perf.peak_flops("NVIDIA H200", "fp32") is None and perf.peak_flops("CPU", "bf16") is None
     assert perf.peak_flops("Some Future GPU", "bf16") is None
+
+
+def test_tstl_routed_report_names_the_confused_pairs(tmp_path: Path) -> None:
+    from tstl.twostage.evaluate import write_report as write_routed
+
+    hard, base = _result(_crafted(174)), _result(_crafted(174, seed=1))
+    sel = np.diag([50, 40])
+    sel[0, 1] = 9
+    selector = _result(sel)
+    methods = {name: {**r.summary(), "forwards_per_view": cost} for name, r, cost in
+               (("hard", hard, 2.0), ("baseline", base, 1.0))}
+    summary = {"videos": hard.videos, "views": hard.videos, "num_groups": 2, "soft_top_k": 2, "selector_acc": 0.9,
+               "methods": methods, "forwards": {"hard_routed": [60, 39]},
+               "experts": [{"group": 0, "classes": list(range(87)), "videos": 500, "accuracy": 0.8},
+                           {"group": 1, "classes": list(range(87, 174)), "videos": 600, "accuracy": None}]}
+    text = write_routed({"summary": summary, "results": {"hard": hard, "baseline": base}, "selector": selector},
+                        tmp_path, NAMES, "TSTL routed evaluation: test")
+    hard_pairs = text.split("## Most confused pairs: TSTL, hard routing")[1].split("##")[0]
+    assert "| class_5_doing_something | class_9_doing_something | 7 |" in hard_pairs
+    assert "## Most confused pairs: single B-CAST" in text
+    assert "| group 0 | group 1 | 9 |" in text.split("## Most confused pairs: selector")[1]
+    for method in ("hard", "baseline", "selector"):
+        with Image.open(tmp_path / method / "confusion.png") as im:
+            assert max(im.size) <= plots.MAX_SIDE_PX

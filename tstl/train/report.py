@@ -43,9 +43,9 @@ def per_class_table(rows: list[dict], link: str) -> list[str]:
             f"[{link}]({link}).", "", *head, *[fmt(r) + acc(r) + " |" for r in seen[:WORST_CLASSES]]]
 
 
-def throughput_lines(rows: list[dict]) -> list[str]:
-    """Median training throughput, achieved FLOP/s and MFU over the run's logged steps (``perf/*`` rows)."""
-    info = next((r for r in reversed(rows) if "perf/train_flops_per_clip" in r), None)
+def throughput_lines(rows: list[dict], info: dict | None) -> list[str]:
+    """Median training throughput, achieved FLOP/s and MFU over the run's logged steps (``perf/*`` scalars);
+    ``info`` is the run's ``perf.json`` (model FLOPs per clip, device, peak)."""
     clips = [r["train/clips_per_s"] for r in rows if "train/clips_per_s" in r]
     flops = [r["perf/achieved_flops"] for r in rows if "perf/achieved_flops" in r]
     mfu = [r["perf/mfu"] for r in rows if "perf/mfu" in r]
@@ -55,11 +55,11 @@ def throughput_lines(rows: list[dict]) -> list[str]:
              "ranks."]
     if info and flops:
         lines.append(f"Model FLOPs per training clip (forward + backward, counted): "
-                     f"{info['perf/train_flops_per_clip'] / 1e9:.2f} GFLOP; achieved "
-                     f"{statistics.median(flops) / 1e12:.3g} TFLOP/s per {info.get('device', 'device')}.")
-        if mfu:
-            lines.append(f"MFU {statistics.median(mfu):.1%} of the {info['perf/peak_flops'] / 1e12:.1f} TFLOP/s "
-                         f"dense {info.get('precision', '')} peak of {info.get('device', 'the device')}.")
+                     f"{info['train_flops_per_clip'] / 1e9:.2f} GFLOP; achieved "
+                     f"{statistics.median(flops) / 1e12:.3g} TFLOP/s per {info['device']}.")
+        if mfu and info.get("peak_flops"):
+            lines.append(f"MFU {statistics.median(mfu):.1%} of the {info['peak_flops'] / 1e12:.1f} TFLOP/s "
+                         f"dense {info['precision']} peak of {info['device']}.")
         else:
             lines.append("MFU: not computed (no known peak for this device and precision; see docs/training.md).")
     return ["## Throughput", "", " ".join(lines), ""]
@@ -75,6 +75,7 @@ def write_report(run_dir: Path) -> str:
     per_class = read_per_class(run_dir / "test" / "per_class.csv")
     names = [r["class"] for r in per_class] if len(per_class) == n else [str(i) for i in range(n)]
     rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    info = json.loads((run_dir / "perf.json").read_text()) if (run_dir / "perf.json").exists() else None
     curves = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     lines = [
         f"# Run report: {cfg['model']['name']} on {cfg['dataset']} ({cfg['train_split']} -> {cfg['val_split']})", "",
@@ -84,7 +85,7 @@ def write_report(run_dir: Path) -> str:
         f"| top-1 | {metrics['top1']:.4f} |", f"| top-5 | {metrics['top5']:.4f} |",
         f"| mean class accuracy | {metrics['mean_class_acc']:.4f} |", f"| chance (1 / {n} classes) | {1 / n:.4f} |",
         "", f"{cfg['epochs']} epochs, batch {cfg['data']['batch_size']} per rank, precision {cfg['engine']['precision']}.",
-        "", *throughput_lines(rows),
+        "", *throughput_lines(rows, info),
         "## Most confused pairs", "", *pairs_table(most_confused_pairs(confusion, CONFUSED_PAIRS), names), "",
         "## Per class", "", *per_class_table(per_class, "test/per_class.csv"), "",
         "## Plots", "",

@@ -107,7 +107,11 @@ class Trainer:
         peak = perf.peak_flops(name, self.cfg.engine.precision)
         logger.info("model FLOPs per clip: %.3g forward, %.3g forward+backward (training); %s%s", counted[0],
                     counted[1], name, f", dense peak {peak / 1e12:.1f} TFLOP/s" if peak else " (no known peak: no MFU)")
-        return {"flops": counted[1], "peak": peak, "device": name}
+        info = {"forward_flops_per_clip": counted[0], "train_flops_per_clip": counted[1], "peak_flops": peak,
+                "device": name, "precision": self.cfg.engine.precision}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "perf.json").write_text(json.dumps(info, indent=1))  # report.md's throughput section
+        return info
 
     def _log_start(self, model: nn.Module, provenance: list[str]) -> None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -213,9 +217,9 @@ class Trainer:
         """Achieved model FLOP/s of this rank (= per device) and MFU over the last logging window."""
         if self.perf is None or seconds <= 0:
             return {}
-        achieved = self.perf["flops"] * clips / seconds
+        achieved = self.perf["train_flops_per_clip"] * clips / seconds
         return {"perf/achieved_flops": achieved,
-                **({"perf/mfu": achieved / self.perf["peak"]} if self.perf["peak"] else {})}
+                **({"perf/mfu": achieved / self.perf["peak_flops"]} if self.perf["peak_flops"] else {})}
 
     def validate(self, views: tuple[int, int], desc: str = "validate") -> EvalResult:
         loader = build_eval_loader(self.cfg.data, self.cfg.shard_dir(self.cfg.val_split), rank=dist.rank(),
@@ -227,10 +231,6 @@ class Trainer:
         """Resume if a checkpoint exists, train the remaining epochs, test; returns the final test result."""
         if self.resume() and self.train_loader.step >= len(self.train_loader):
             self.epoch += 1  # the checkpoint was taken at the end of an epoch
-        if self.perf is not None:  # what report.md's throughput section reads (tstl/train/perf.py)
-            self.sink.log(self.step, {"perf/train_flops_per_clip": self.perf["flops"],
-                                      **({"perf/peak_flops": self.perf["peak"]} if self.perf["peak"] else {})},
-                          device=self.perf["device"], precision=self.cfg.engine.precision)
         while self.epoch < self.cfg.epochs:
             self.train_epoch()
             metric = None
