@@ -118,7 +118,8 @@ def test_report_of_174_classes(tmp_path: Path) -> None:
     per_class = text.split("## Per class")[1].split("##")[0]
     assert "[test/per_class.csv](test/per_class.csv)" in per_class
     assert per_class.count("_doing_something |") == WORST_CLASSES  # the worst ones only, not 174 rows
-    assert "MFU 30.3%" in text and "300 TFLOP/s" in text and "NVIDIA H200" in text
+    assert "MFU 30.3% of the 989 TFLOP/s dense bf16 peak of NVIDIA H200" in text
+    assert "3 GFLOP; achieved 300 TFLOP/s per NVIDIA H200" in text
     assert "chance (1 / 174 classes)" in text
 
 

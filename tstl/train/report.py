@@ -43,6 +43,14 @@ def per_class_table(rows: list[dict], link: str) -> list[str]:
             f"[{link}]({link}).", "", *head, *[fmt(r) + acc(r) + " |" for r in seen[:WORST_CLASSES]]]
 
 
+def flops_text(flops: float, suffix: str = "") -> str:
+    """``3.2e14`` -> ``"320 TFLOP"`` (the largest unit that keeps the number >= 1)."""
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {unit}FLOP{suffix}"
+    return f"{flops:.3g} FLOP{suffix}"
+
+
 def throughput_lines(rows: list[dict], info: dict | None) -> list[str]:
     """Median training throughput, achieved FLOP/s and MFU over the run's logged steps (``perf/*`` scalars);
     ``info`` is the run's ``perf.json`` (model FLOPs per clip, device, peak)."""
@@ -55,10 +63,10 @@ def throughput_lines(rows: list[dict], info: dict | None) -> list[str]:
              "ranks."]
     if info and flops:
         lines.append(f"Model FLOPs per training clip (forward + backward, counted): "
-                     f"{info['train_flops_per_clip'] / 1e9:.2f} GFLOP; achieved "
-                     f"{statistics.median(flops) / 1e12:.3g} TFLOP/s per {info['device']}.")
+                     f"{flops_text(info['train_flops_per_clip'])}; achieved "
+                     f"{flops_text(statistics.median(flops), '/s')} per {info['device']}.")
         if mfu and info.get("peak_flops"):
-            lines.append(f"MFU {statistics.median(mfu):.1%} of the {info['peak_flops'] / 1e12:.1f} TFLOP/s "
+            lines.append(f"MFU {statistics.median(mfu):.1%} of the {flops_text(info['peak_flops'], '/s')} "
                          f"dense {info['precision']} peak of {info['device']}.")
         else:
             lines.append("MFU: not computed (no known peak for this device and precision; see docs/training.md).")
