@@ -122,7 +122,7 @@ eval: setup  ## multi-view evaluation of CHECKPOINT (a file, a DeepSpeed tag fol
 	$(TSTL_CLI) eval --checkpoint $(CHECKPOINT) $(if $(wildcard $(CHECKPOINT)/config.yaml $(CHECKPOINT)/../../config.yaml),,--config $(TRAIN_CONFIGS)) \
 	  data_dir=$(DATA_DIR) $(OVERRIDES)
 
-groups: setup  ## TSTL class groups: K=groups, METHOD=balanced (classes of DATASET's train shards, or CLASSES=n) or METHOD=confusion CONFUSION=confusion.npy; GROUPS=out
+groups: setup  ## TSTL class groups (K=groups; classes of DATASET's train shards or CLASSES=n; METHOD=confusion CONFUSION=x.npy; GROUPS=out)
 	$(if $(K),,$(error make groups needs K=<number of groups>, e.g. make groups DATASET=ucf101 K=4 (classes from its \
 	  training shard set), CLASSES=101 K=4, or METHOD=confusion CONFUSION=<run>/eval-x/confusion.npy K=15))
 	$(TSTL_CLI) groups --method $(or $(METHOD),balanced) --num-groups $(K) \

@@ -91,7 +91,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 def cmd_stats(a: argparse.Namespace) -> int:
     # never into the shard set: it is checksummed, may be shared read-only, and is not ours to add files to
-    png = a.png or Path.cwd() / f"{Path(os.path.abspath(a.shard_dir)).name}-stats.png"  # the name given, not the generation
+    # named after the folder given (not the generation folder its link points at)
+    png = a.png or Path.cwd() / f"{Path(os.path.abspath(a.shard_dir)).name}-stats.png"
     _shard_set(a.shard_dir)
     print(report(a.shard_dir, png))
     print(f"plot: {png}")

@@ -68,12 +68,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _, run_cfg = resolve_weights(args.checkpoint)
     except FileNotFoundError as e:
         raise UsageError(str(e), "give a checkpoint file, a DeepSpeed tag folder or a run folder") from None
-    files = list(args.config or []) or ([run_cfg] if run_cfg else [])
-    if not files:
-        raise UsageError(f"{args.checkpoint} has no run config.yaml next to it",
-                         "pass the run's YAML files with --config (e.g. configs/data/ucf101.yaml "
-                         "configs/model/bcast_vit_b16.yaml)")
-    cfg = _load(files, args.overrides)
+    # the same config evaluate_checkpoint resolves: --config, else the run's config.yaml, else defaults + overrides
+    cfg = _load(list(args.config or []) or ([run_cfg] if run_cfg else []), args.overrides)
     check_run(cfg, train=False, model=False)
     check_model(cfg.model, cfg.model.num_classes)
     from tstl.train import dist
