@@ -151,6 +151,15 @@ def test_eval_and_tstl_preflight(tmp_path: Path, shards_dir: Path) -> None:
     tstl_cfg = [*BCAST, str(ROOT / "configs/tstl/default.yaml"), f"data_dir={shards_dir}"]
     code, _, err = tstl_cli("train-tstl", "--check", *tstl_cfg, f"tstl.groups={tmp_path / 'g.json'}")
     assert code == exitcodes.USAGE and "group file not found" in err and "tstl groups" in err
+    code, _, err = tstl_cli("train-tstl", "--check", *tstl_cfg, f"tstl.init=[{tmp_path / 'cast.pth'}]")
+    assert code == exitcodes.USAGE and "tstl.init: checkpoint not found" in err and "run folder" in err
+    code, _, err = tstl_cli("train", "--check", *BCAST, f"data_dir={shards_dir}", f"model.init=[{tmp_path / 'x.pt'}]")
+    assert code == exitcodes.USAGE and "model.init: checkpoint not found" in err
+    code, _, err = tstl_cli("train-tstl", "--check", *tstl_cfg, "tstl.num_groups=2")
+    assert code == exitcodes.USAGE and "TSTL needs weights to start from" in err and "tstl.init=" in err
+    (tmp_path / "cast.pth").write_bytes(b"")
+    code, out, err = tstl_cli("train-tstl", "--check", *tstl_cfg, "tstl.num_groups=2", f"tstl.init=[{tmp_path}/cast.pth]")
+    assert code == exitcodes.OK and out.startswith("ok: TSTL ucf101"), err
 
 
 def test_groups_usage_errors(tmp_path: Path) -> None:

@@ -79,16 +79,16 @@ def check_shards(cfg: TrainConfig, splits: Sequence[str]) -> None:
             raise UsageError(f"shard set {folder} {what}", shards_hint(cfg, split))
 
 
-def check_init(cfg: ModelConfig) -> None:
-    """Every ``model.init`` entry resolves to a checkpoint file."""
+def check_init(cfg: ModelConfig, entries: Sequence[str] | None = None, key: str = "model.init") -> None:
+    """Every ``model.init`` entry (or ``entries``, named ``key`` in the error) resolves to a checkpoint file."""
     from tstl.train.checkpoint import resolve_weights
 
-    for entry in cfg.init:
+    for entry in cfg.init if entries is None else entries:
         try:
             resolve_weights(entry)
         except FileNotFoundError as e:
-            raise UsageError(f"model.init: {e}", "give a checkpoint file, a DeepSpeed tag folder or a run folder "
-                                                 "(docs/models.md lists the formats)") from None
+            raise UsageError(f"{key}: {e}", "give a checkpoint file, a DeepSpeed tag folder or a run folder "
+                                            "(docs/models.md lists the formats)") from None
 
 
 def check_run(cfg: TrainConfig, *, train: bool = True, model: bool = True) -> None:

@@ -36,16 +36,23 @@ def _config(files: list[Path], overrides: list[str]) -> TSTLConfig:
 
 
 def _preflight(cfg: TSTLConfig, train: bool) -> None:
-    """Shard sets, model and init checkpoints before any stage starts (exit 2 with the fix, not a late traceback)."""
+    """Shard sets, group file, model and init checkpoints before any stage starts (exit 2 with the fix, not a late
+    traceback on every rank)."""
     from tstl.train.preflight import check_init, check_model, check_shards
 
     check_shards(cfg, [cfg.train_split, cfg.val_split] if train else [cfg.val_split])
-    check_model(cfg.model, cfg.model.num_classes)
-    if train:
-        check_init(cfg.model)
-    if cfg.tstl.groups and not Path(cfg.tstl.groups).is_file():
+    pinned = Path(cfg.out_dir) / "groups.json"  # a started run compares against its pinned copy
+    if cfg.tstl.groups and not Path(cfg.tstl.groups).is_file() and not (train and pinned.is_file()):
         raise UsageError(f"tstl.groups: group file not found: {cfg.tstl.groups}",
                          "write one with `tstl groups` (make groups) or leave tstl.groups empty for balanced groups")
+    check_model(cfg.model, cfg.model.num_classes)
+    if train:
+        if not cfg.model.init and not cfg.tstl.init:  # what train_two_stage refuses, said before any launch
+            raise UsageError("TSTL needs weights to start from", "give tstl.init=[<trained B-CAST run or checkpoint>] "
+                             "(TSTL starts from a CAST; make train-tstl CAST=...) and/or model.init=[<pre-trained "
+                             "backbones>]")
+        check_init(cfg.model)
+        check_init(cfg.model, cfg.tstl.init, key="tstl.init")
 
 
 def _train(args: argparse.Namespace) -> int:
