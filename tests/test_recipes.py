@@ -288,7 +288,7 @@ def test_makefile_layers_the_pair_recipe() -> None:
             "configs/recipe/timesformer_vit_b16-ssv2.yaml") in out
     assert "configs/recipe" not in dry("train", "DATASET=ssv2", "MODEL=timesformer_hr_vit_b16")
     out = dry("print-config", "DATASET=ucf101", "OVERRIDES=optim.lr=0.1")
-    assert "-m tstl.train.recipes --dataset ucf101 --model bcast_vit_b16" in out and "optim.lr=0.1" in out
+    assert "-m tstl.cli print-config --dataset ucf101 --model bcast_vit_b16" in out and "optim.lr=0.1" in out
 
 
 # --------------------------------------------------------------------------------------------- new config rules
