@@ -15,13 +15,19 @@ import os
 import sys
 from pathlib import Path
 
-from tstl.core.datasets import DATASETS, Dataset, MetadataError, get_dataset
-from tstl.core.lock import LockedError
-from pipeline.errors import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_FAILURES, EXIT_LOCKED, EnvironmentFault,
-                             is_environment_error)
+from pipeline.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_ENVIRONMENT,
+    EXIT_FAILURES,
+    EXIT_LOCKED,
+    EnvironmentFault,
+    is_environment_error,
+)
 from pipeline.prepare import PrepareOptions, finalize, prepare, transcode_params
 from pipeline.runner import Summary, parse_part
 from pipeline.transcode import TranscodeParams
+from tstl.core.datasets import DATASETS, Dataset, MetadataError, get_dataset
+from tstl.core.lock import LockedError
 
 logger = logging.getLogger("pipeline")
 

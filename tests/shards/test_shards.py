@@ -15,13 +15,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tstl.core.ffmpeg import ffmpeg_exe
 from shard_tools.build import BuildOptions, build_dataset, read_csv
 from shard_tools.cli import main as cli_main
 from shard_tools.subset import read_group_map, subset
 from shard_tools.tario import iter_samples
 from shard_tools.verify import verify
 from tstl.core import shards as shardset
+from tstl.core.ffmpeg import ffmpeg_exe
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"

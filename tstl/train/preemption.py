@@ -50,7 +50,7 @@ class PreemptionWatch:
         self.last_save = time.monotonic()
         self._previous: dict[int, object] = {}
 
-    def install(self) -> "PreemptionWatch":
+    def install(self) -> PreemptionWatch:
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
