@@ -21,7 +21,7 @@ import pytest
 
 from tstl.core import shards as fmt
 from tstl.data import BadSampleRateError, DataConfig, build_eval_loader, build_train_loader
-from tstl.data.sources import Shard, ShardList
+from tstl.data.sources import Shard, ShardList, iter_tar
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=1, shuffle_buffer=4,
@@ -220,7 +220,7 @@ def _with_manifest(root: Path) -> Path:
     ss = fmt.parse_index((root / fmt.INDEX).read_bytes(), "test")
     for info in ss.shards:
         hist: dict[int, int] = {}
-        for s in __import__("tstl.data.sources", fromlist=["iter_tar"]).iter_tar(str(root / info.name)):
+        for s in iter_tar(str(root / info.name)):
             hist[int(s["cls"])] = hist.get(int(s["cls"]), 0) + 1
         info.class_hist = hist
     fmt.write_manifest(root / fmt.MANIFEST, ss.shards)

@@ -125,11 +125,9 @@ class _PipeStream(io.RawIOBase):
         return len(data)
 
     def _kill(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # children of a shell that already exited
+        # The whole group: also the children of a shell that already exited (the group outlives its leader).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
     def close(self) -> None:
