@@ -123,6 +123,48 @@ def test_stalled_pipe_source_times_out_retries_and_leaves_no_process(shardset: C
     assert not left, f"stalled source processes left behind: {left}"
 
 
+def test_stalled_http_source_times_out_and_retries(shardset: Callable[..., Path], tmp_path: Path) -> None:
+    root = shardset(16, [8, 8])
+    release = threading.Event()
+    requests: list[str] = []
+
+    class Stalling(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, directory=str(root), **kw)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            requests.append(self.path)
+            if not self.path.endswith("shard-000001.tar"):
+                return super().do_GET()
+            data = (root / "shard-000001.tar").read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:len(data) // 2])
+            self.wfile.flush()
+            release.wait(60)  # stops sending: the client must give up on its own
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    q = tmp_path / "q.txt"
+    try:
+        with _deadline(120):
+            url = f"http://127.0.0.1:{server.server_address[1]}/shards.json"
+            ld = build_train_loader(cfg(quarantine=str(q), read_timeout_s=1.0, read_retries=1), url)
+            batches = list(ld)
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert len(batches) == len(ld) and 2 <= ld.bad_samples < 8
+    assert requests.count("/shard-000001.tar") == 2  # the first attempt and one retry
+    assert {shard for shard, _ in quarantined(q).values()} == {"shard-000001.tar"}
+    assert all("after 2 attempts: TimeoutError" in r for _, r in quarantined(q).values())
+
+
 # ---- item 9: the bad-sample limit over all ranks ------------------------------------------------------------
 _RANK = textwrap.dedent("""
     import json, os, sys
