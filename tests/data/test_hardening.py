@@ -24,8 +24,8 @@ from tstl.data import BadSampleRateError, DataConfig, build_eval_loader, build_t
 from tstl.data.sources import Shard, ShardList, iter_tar
 
 ROOT = Path(__file__).resolve().parents[2]
-CFG = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=1, shuffle_buffer=4,
-           mixup=0.0, cutmix=0.0, max_bad_fraction=1.0)
+CFG = {"num_frames": 4, "input_size": 32, "batch_size": 2, "eval_batch_size": 4, "num_workers": 1,
+       "shuffle_buffer": 4, "mixup": 0.0, "cutmix": 0.0, "max_bad_fraction": 1.0}
 
 
 def cfg(**kw) -> DataConfig:
@@ -132,7 +132,7 @@ def test_stalled_http_source_times_out_and_retries(shardset: Callable[..., Path]
         def __init__(self, *a, **kw) -> None:
             super().__init__(*a, directory=str(root), **kw)
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             requests.append(self.path)
             if not self.path.endswith("shard-000001.tar"):
                 return super().do_GET()
@@ -284,7 +284,7 @@ def test_shard_set_folder_over_http_with_label_counts_from_the_remote_manifest(
 
 def test_template_reads_the_shard_list_with_dataset_and_split(shardset: Callable[..., Path], tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    root = _with_manifest(shardset(12, [5, 7], name="ds/shards/train"))
+    _with_manifest(shardset(12, [5, 7], name="ds/shards/train"))
     template = f"pipe:cat {tmp_path}/{{dataset}}/shards/{{split}}/{{name}}"
     nothing = tmp_path / "nothing/ds/shards/train"  # what the trainer asks for: no local file at all
     with caplog.at_level(logging.WARNING):

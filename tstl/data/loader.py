@@ -230,7 +230,7 @@ def _check_label_map(label_map: Mapping[int, int] | None, num_classes: int | Non
 def _shards(source: Source, cfg: DataConfig, label_map: Mapping[int, int] | None) -> ShardList:
     if isinstance(source, ShardList):
         return source
-    read = dict(read_timeout_s=cfg.read_timeout_s, read_retries=cfg.read_retries)
+    read = {"read_timeout_s": cfg.read_timeout_s, "read_retries": cfg.read_retries}
     if label_map is None:
         return resolve(source, cfg.shard_url_template, **read)
     if has_index(source, cfg.shard_url_template):  # only the shard list is read: cheap

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
@@ -22,7 +21,17 @@ from tstl.core.shards import CLS, JSON, MP4, PARTS
 from tstl.data import sampling
 from tstl.data.config import DataConfig
 from tstl.data.decode import BadSample, decode_clip
-from tstl.data.sources import READ_ERRORS, Piece, ShardList, epoch_order, is_remote, iter_tar, keep, slot_pieces
+from tstl.data.sources import (
+    READ_ERRORS,
+    Piece,
+    ShardList,
+    epoch_order,
+    is_remote,
+    iter_tar,
+    keep,
+    retry_pause,
+    slot_pieces,
+)
 from tstl.data.transforms import EvalViews, TrainClipTransform
 
 logger = logging.getLogger(__name__)
@@ -106,7 +115,7 @@ def _read(pieces: list[Piece], labels: frozenset[int] | None = None, timeout_s: 
                     attempt += 1
                     logger.warning("%s: read failed after %d samples (%s: %s); retry %d of %d", piece.shard.url,
                                    got, type(e).__name__, e, attempt, retries)
-                    time.sleep(min(0.5 * attempt, 5.0))  # a transient network fault gets a moment to clear
+                    retry_pause(attempt)
                     continue
                 logger.error("%s: unreadable after %d samples: %s", piece.shard.url, got, e)
                 tries = f" after {attempt + 1} attempts" if attempt else ""

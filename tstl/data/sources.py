@@ -24,6 +24,7 @@ import select
 import signal
 import subprocess
 import tarfile
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,11 @@ READ_ERRORS = (OSError, tarfile.TarError, ValueError, http.client.HTTPException)
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_RETRIES = 2
+
+
+def retry_pause(attempt: int) -> None:
+    """The pause before retry ``attempt`` (1, 2, ...) of a remote read: a transient fault gets a moment to clear."""
+    time.sleep(min(0.5 * attempt, 5.0))
 
 
 def is_remote(url: str) -> bool:
@@ -143,7 +149,7 @@ def open_shard(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> IO[bytes]:
     if url.startswith("pipe:"):
         return io.BufferedReader(_PipeStream(url, timeout_s), buffer_size=1 << 20)
     if url.startswith(("http://", "https://")):
-        return urllib.request.urlopen(url, timeout=timeout_s or None)  # noqa: S310 - http(s) only
+        return urllib.request.urlopen(url, timeout=timeout_s or None)  # http(s) only: checked above
     if fmt.is_local(url):
         return open(url, "rb")
     return wds.gopen(url)
@@ -159,6 +165,7 @@ def read_bytes(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = DE
             if attempt == retries or not is_remote(url):
                 raise OSError(f"{url}: cannot be read ({type(e).__name__}: {e})") from e
             logger.warning("%s: read failed (%s), retrying (%d of %d)", url, e, attempt + 1, retries)
+            retry_pause(attempt + 1)
     raise AssertionError("unreachable")
 
 
@@ -215,6 +222,7 @@ def _count(url: str, labels: frozenset[int] | None, policy: ReadPolicy = ReadPol
             if attempt == policy.retries or not is_remote(url):
                 raise OSError(f"{url}: cannot be scanned to count its samples ({type(e).__name__}: {e})") from e
             logger.warning("%s: read failed (%s), retrying (%d of %d)", url, e, attempt + 1, policy.retries)
+            retry_pause(attempt + 1)
     raise AssertionError("unreachable")
 
 
