@@ -110,7 +110,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                        description="Train a model; a rerun with the same out_dir resumes. Config files are layered "
                                    "in order, then key.sub=value overrides (tstl config keys lists them).",
                        epilog=exitcodes.EPILOG)
-    t.add_argument("--config", type=Path, nargs="+", required=True, help="YAML files, later ones override earlier "
+    # type=str: key=value words among the files are overrides, and Path would turn data_dir=http://h into http:/h
+    t.add_argument("--config", type=str, nargs="+", required=True, help="YAML files, later ones override earlier "
                    "(configs/data/<dataset>.yaml configs/model/<model>.yaml ...; tstl print-config shows a recipe)")
     t.add_argument("--check", action="store_true", help="validate config, model and shard sets, then exit (0: ready)")
     t.add_argument("--help-config", action=HelpConfig, help="list every config key with its type, default and doc")
@@ -119,7 +120,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="multi-view evaluation of any checkpoint load_checkpoint accepts",
                        epilog=exitcodes.EPILOG)
     e.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file, DeepSpeed tag folder or run folder")
-    e.add_argument("--config", type=Path, nargs="*", help="YAML files (default: the run's config.yaml)")
+    e.add_argument("--config", type=str, nargs="*", help="YAML files (default: the run's config.yaml)")
     e.add_argument("--out", type=Path, help="report folder (default <out_dir>/eval-<name>)")
     e.add_argument("--help-config", action=HelpConfig, help="list every config key with its type, default and doc")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.test_views=[1,1]")

@@ -162,6 +162,8 @@ class TrainConfig:
 
     dataset: str = "ucf101"
     data_dir: str = "data"
+    """Folder holding ``<dataset>/shards/<split>``: a local path or an http(s) URL (nothing local but the config);
+    with ``data.shard_url_template`` and no local ``shards.json`` the shard lists come from the template."""
     train_split: str = "train_split1"
     val_split: str = "test_split1"
     """Shard set for the per-epoch single-view validation and the final multi-view test."""
@@ -193,6 +195,9 @@ class TrainConfig:
 
             validate_deepspeed(self.engine, self.data.batch_size, self.optim.clip_grad)
 
-    def shard_dir(self, split: str) -> Path:
-        """The shard set of ``split``: ``<data_dir>/<dataset>/shards/<split>``."""
+    def shard_dir(self, split: str) -> Path | str:
+        """The shard set of ``split``: ``<data_dir>/<dataset>/shards/<split>``; a URL string when ``data_dir`` is an
+        http(s) URL (the loader then reads ``shards.json`` and the shards from there, docs/loader.md)."""
+        if self.data_dir.startswith(("http://", "https://")):
+            return f"{self.data_dir.rstrip('/')}/{self.dataset}/shards/{split}"
         return Path(self.data_dir) / self.dataset / "shards" / split

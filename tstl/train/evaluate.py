@@ -169,7 +169,7 @@ def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = 
     """
     weights, run_cfg = resolve_weights(checkpoint)
     files = list(configs) or ([run_cfg] if run_cfg else [])
-    cfg = load_cli_config(TrainConfig, [Path(f) for f in files], list(overrides))
+    cfg = load_cli_config(TrainConfig, [str(f) for f in files], list(overrides))
     device = dist.init()
     loader = build_eval_loader(cfg.data, cfg.shard_dir(cfg.val_split), rank=dist.rank(),
                                world_size=dist.world()).to(device)

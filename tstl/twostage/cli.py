@@ -142,7 +142,7 @@ def build_parser(prog: str = PROG, names: dict[str, str] | None = None) -> argpa
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", prog=sub_prog("train"), epilog=exitcodes.EPILOG,
                        help="stage 1 (selector) then stage 2 (experts); resumes a killed run")
-    t.add_argument("--config", type=Path, nargs="+", required=True, help="YAML files, later ones override earlier")
+    t.add_argument("--config", type=str, nargs="+", required=True, help="YAML files, later ones override earlier")
     t.add_argument("--check", action="store_true", help="validate config, model, shard sets and groups, then exit")
     t.add_argument("--help-config", action=HelpConfig, config_cls=TSTLConfig,
                    help="list every config key (a training run's plus tstl.*) with its type, default and doc")
@@ -150,7 +150,7 @@ def build_parser(prog: str = PROG, names: dict[str, str] | None = None) -> argpa
     t.set_defaults(fn=_train)
     e = sub.add_parser("eval", prog=sub_prog("eval"), epilog=exitcodes.EPILOG,
                        help="routed multi-view evaluation (hard and soft) next to a single B-CAST")
-    e.add_argument("--config", type=Path, nargs="+", required=True, help="the YAML files the run was trained with")
+    e.add_argument("--config", type=str, nargs="+", required=True, help="the YAML files the run was trained with")
     e.add_argument("--selector", type=Path, help="a released selector checkpoint (CAST layout) instead of the run's")
     e.add_argument("--experts", type=Path, nargs="+", help="released expert checkpoints, one per group, in order")
     e.add_argument("--out", type=Path, help="report folder (default <out_dir>/eval)")
