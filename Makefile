@@ -14,6 +14,15 @@ RUNS_DIR ?= runs
 JOBS ?= $(shell nproc)
 # A registered dataset (tstl/core/datasets/): ssv2, ucf101, kinetics400.
 DATASET ?= ucf101
+# The datasets with a training config (configs/data/<name>.yaml = the registry's); an unknown DATASET stops at once.
+DATASETS := $(sort $(basename $(notdir $(wildcard configs/data/*.yaml))))
+check_dataset = $(if $(filter $(DATASET),$(DATASETS)),,$(error DATASET=$(DATASET) is not a registered dataset; \
+  use one of: $(DATASETS) (tstl prepare-<dataset> --help; docs/pipeline.md "Adding a dataset")))
+# checked when make reads this file, before `setup` or anything else runs
+ifneq ($(filter finalize shards train eval print-config train-tstl eval-tstl,$(MAKECMDGOALS)),)
+$(check_dataset)
+endif
+TSTL_CLI := $(PY) -m tstl.cli
 SPLIT ?= 1
 PART ?= 1/1
 PREPARE_ARGS ?=
@@ -84,62 +93,69 @@ test: setup  ## run the test suite
 	$(PY) -m pytest -q tests
 
 synthetic: setup  ## write the synthetic SSV2-, UCF101- and Kinetics-style raw datasets under DATA_DIR/raw
-	$(PY) -m pipeline.synthetic --out $(DATA_DIR)/raw $(SYNTH_ARGS)
+	$(TSTL_CLI) synthetic --out $(DATA_DIR)/raw $(SYNTH_ARGS)
 
-# One rule for every registered dataset (python -m pipeline.cli --help lists them): its raw folder comes from its
+# One rule for every registered dataset (tstl --help lists them): its raw folder comes from its
 # *_ROOT variable (SSV2_ROOT, UCF101_ROOT, K400_ROOT). SSV2/UCF101 -> 240p, Kinetics-400 -> short side 320 (change
 # with e.g. PREPARE_ARGS="--short-side 256").
 prepare-%: setup  ## prepare-<dataset>: raw release -> H.264 .mp4 + annotation CSVs + manifest (ssv2, ucf101, kinetics400)
-	$(PY) -m pipeline.cli prepare-$* --data-dir $(DATA_DIR) --jobs $(JOBS) --part $(PART) --max-failure-fraction $(MAX_FAIL) $(PREPARE_ARGS)
+	$(TSTL_CLI) prepare-$* --data-dir $(DATA_DIR) --jobs $(JOBS) --part $(PART) --max-failure-fraction $(MAX_FAIL) $(PREPARE_ARGS)
 
 finalize:  ## after --part runs on several machines: merge manifests, write CSVs (DATASET=ssv2|ucf101|kinetics400)
-	$(PY) -m pipeline.cli finalize $(DATA_DIR)/$(DATASET)
+	$(TSTL_CLI) finalize $(DATA_DIR)/$(DATASET)
 
 shards: setup  ## WebDataset shards of a prepared dataset (DATASET=ssv2|ucf101|kinetics400, SPLIT=1..3 for ucf101)
-	$(PY) -m shard_tools.cli build --dataset $(DATASET) --data-dir $(DATA_DIR) --split $(SPLIT)
+	$(TSTL_CLI) shards build --dataset $(DATASET) --data-dir $(DATA_DIR) --split $(SPLIT)
 
 train: setup  ## DeepSpeed training on the shards of `make shards` (DATASET, MODEL, CLIP, VIDEOMAE, OVERRIDES)
+	@# preflight: config, model and shard sets are checked (exit 2 naming the fix) before the launcher starts
+	$(TSTL_CLI) train --check --config $(TRAIN_CONFIGS) $(TRAIN_OVERRIDES)
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(MASTER_PORT) --module tstl.train.cli train \
 	  --config $(TRAIN_CONFIGS) $(TRAIN_OVERRIDES)
 
 print-config:  ## the resolved recipe of `make train` (DATASET, MODEL, CLIP, VIDEOMAE, OVERRIDES) as its config.yaml
 	@$(MAKE) --no-print-directory setup >&2
-	@$(PY) -m tstl.train.recipes --dataset $(DATASET) --model $(or $(MODEL),bcast_vit_b16) $(TRAIN_OVERRIDES)
+	@$(TSTL_CLI) print-config --dataset $(DATASET) --model $(or $(MODEL),bcast_vit_b16) $(TRAIN_OVERRIDES)
 
 eval: setup  ## multi-view evaluation of CHECKPOINT (a file, a DeepSpeed tag folder or a run folder)
-	$(PY) -m tstl.train.cli eval --checkpoint $(CHECKPOINT) $(if $(wildcard $(CHECKPOINT)/config.yaml $(CHECKPOINT)/../../config.yaml),,--config $(TRAIN_CONFIGS)) \
+	$(if $(CHECKPOINT),,$(error make eval needs CHECKPOINT=<checkpoint file, DeepSpeed tag folder or run folder>))
+	$(TSTL_CLI) eval --checkpoint $(CHECKPOINT) $(if $(wildcard $(CHECKPOINT)/config.yaml $(CHECKPOINT)/../../config.yaml),,--config $(TRAIN_CONFIGS)) \
 	  data_dir=$(DATA_DIR) $(OVERRIDES)
 
-groups: setup  ## TSTL class groups (METHOD=balanced|confusion K=groups CLASSES=n [CONFUSION=confusion.npy] GROUPS=out)
-	$(PY) -m tstl.twostage.cli groups --method $(or $(METHOD),balanced) --num-groups $(or $(K),4) \
-	  --num-classes $(or $(CLASSES),8) $(if $(CONFUSION),--confusion $(CONFUSION)) --out $(or $(GROUPS),$(RUNS_DIR)/groups.json)
+groups: setup  ## TSTL class groups (K=groups; classes of DATASET's train shards or CLASSES=n; METHOD=confusion CONFUSION=x.npy; GROUPS=out)
+	$(if $(K),,$(error make groups needs K=<number of groups>, e.g. make groups DATASET=ucf101 K=4 (classes from its \
+	  training shard set), CLASSES=101 K=4, or METHOD=confusion CONFUSION=<run>/eval-x/confusion.npy K=15))
+	$(TSTL_CLI) groups --method $(or $(METHOD),balanced) --num-groups $(K) \
+	  $(if $(CLASSES),--num-classes $(CLASSES),$(if $(CONFUSION),,$(check_dataset)--dataset $(DATASET) --data-dir $(DATA_DIR) --split $(SPLIT))) \
+	  $(if $(CONFUSION),--confusion $(CONFUSION)) --out $(or $(GROUPS),$(RUNS_DIR)/groups.json)
 
 train-tstl: setup  ## TSTL: stage-1 selector + stage-2 experts, resumable (DATASET, GROUPS, CLIP, VIDEOMAE, CAST, OVERRIDES)
+	$(TSTL_CLI) train-tstl --check --config $(TSTL_CONFIGS) $(TSTL_OVERRIDES)
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(MASTER_PORT) --module tstl.twostage.cli train \
 	  --config $(TSTL_CONFIGS) $(TSTL_OVERRIDES)
 
 eval-tstl: setup  ## TSTL routed multi-view evaluation, hard + soft routing (BASELINE=a single B-CAST run to compare)
-	$(PY) -m tstl.twostage.cli eval --config $(TSTL_CONFIGS) $(TSTL_OVERRIDES)
+	$(TSTL_CLI) eval-tstl --config $(TSTL_CONFIGS) $(TSTL_OVERRIDES)
 	@cat $(TSTL_DIR)/eval/report.md
 
 demo: setup  ## the whole pipeline end to end on a small synthetic dataset
 	$(MAKE) synthetic SYNTH_ARGS="--preset demo --datasets ssv2"
 	$(MAKE) prepare-ssv2 SSV2_ROOT=$(DATA_DIR)/raw/ssv2 MAX_FAIL=0.2  # the synthetic set has broken files on purpose
 	$(MAKE) shards DATASET=ssv2
-	$(PY) -m shard_tools.cli verify $(DATA_DIR)/ssv2/shards/train $(DATA_DIR)/ssv2/shards/val
-	$(PY) -m tstl.train.cli train --config configs/data/ssv2.yaml configs/demo.yaml data_dir=$(DATA_DIR) \
+	$(TSTL_CLI) shards verify $(DATA_DIR)/ssv2/shards/train $(DATA_DIR)/ssv2/shards/val
+	$(TSTL_CLI) train --config configs/data/ssv2.yaml configs/demo.yaml data_dir=$(DATA_DIR) \
 	  out_dir=$(RUNS_DIR)/demo $(OVERRIDES)
 	@cat $(RUNS_DIR)/demo/report.md
 
 demo-tstl: setup  ## TSTL on the demo data (runs `make demo` first if needed): groups, both stages, routed eval
 	@test -f $(RUNS_DIR)/demo/report.md || $(MAKE) demo
 	# groups from the demo B-CAST's confusion on the *training* videos (the val videos stay unseen)
-	$(PY) -m tstl.train.cli eval --checkpoint $(RUNS_DIR)/demo --out $(RUNS_DIR)/demo/train-confusion \
+	$(TSTL_CLI) eval --checkpoint $(RUNS_DIR)/demo --out $(RUNS_DIR)/demo/train-confusion \
 	  data_dir=$(DATA_DIR) val_split=train data.test_views=[1,1]
-	$(PY) -m tstl.twostage.cli groups --method confusion --num-groups 4 \
+	$(TSTL_CLI) groups --method confusion --num-groups 4 \
 	  --confusion $(RUNS_DIR)/demo/train-confusion/confusion.npy --out $(RUNS_DIR)/demo-tstl-groups.json
-	$(PY) -m tstl.twostage.cli train $(DEMO_TSTL)
-	$(PY) -m tstl.twostage.cli eval $(DEMO_TSTL)
+	$(TSTL_CLI) train-tstl $(DEMO_TSTL)
+	$(TSTL_CLI) eval-tstl $(DEMO_TSTL)
 	@cat $(RUNS_DIR)/demo-tstl/eval/report.md
 
 bench: setup  ## benchmarks; figures go to docs/benchmarks.md
@@ -148,6 +164,7 @@ bench: setup  ## benchmarks; figures go to docs/benchmarks.md
 	$(PY) -m benchmarks.bcast --out docs/benchmarks.md
 	$(PY) -m benchmarks.timesformer --out docs/benchmarks.md
 	$(PY) -m benchmarks.tstl_routing --out docs/benchmarks.md
+	$(PY) -m benchmarks.data_wait --out docs/benchmarks.md
 
 clean-demo:  ## remove the demo data and run
 	rm -rf $(DATA_DIR)/raw $(DATA_DIR)/ssv2 $(DATA_DIR)/ucf101 $(DATA_DIR)/kinetics400 $(RUNS_DIR)/demo $(RUNS_DIR)/demo-tstl $(RUNS_DIR)/demo-tstl-groups.json

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.reference.bcast import reference_forward
 from benchmarks.report import update_section
 from tstl.models import create_model
-from benchmarks.reference.bcast import reference_forward
 
 logger = logging.getLogger(__name__)
 

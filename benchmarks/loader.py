@@ -36,20 +36,19 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
+from timm.data import Mixup, rand_augment_transform  # torchvision shim: installed by benchmarks/__init__.py
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from tqdm import tqdm
 
+from benchmarks.report import update_section
 from tstl.core import shards as shard_format
 from tstl.core.ffmpeg import ffmpeg_exe
-from benchmarks.report import update_section
 from tstl.core.log import init_logging
 from tstl.data import DataConfig, build_train_loader, sampling
 from tstl.data.augment import RandAugmentPolicy, apply_colour_ops, compose, crop_matrix, fill_mask
 from tstl.data.device import DeviceRandAugment, Erase, MixupCutmix, Normalize
 from tstl.data.transforms import normalize, rrc_params, warp_clip
-
-from timm.data import Mixup, rand_augment_transform  # after tstl.data: the torchvision shim
-from timm.data.random_erasing import RandomErasing 
-from timm.data.transforms import RandomResizedCropAndInterpolation 
 
 logger = logging.getLogger(__name__)
 

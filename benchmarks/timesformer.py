@@ -17,16 +17,16 @@ import logging
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.reference.timesformer import reference_forward
 from benchmarks.report import update_section
 from tstl.core.log import init_logging
 from tstl.models import create_model
-from benchmarks.reference.timesformer import reference_forward
 from tstl.models.timesformer import TimeSformer
 
 logger = logging.getLogger(__name__)

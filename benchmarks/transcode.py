@@ -18,11 +18,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.report import update_section
 from pipeline.prepare import PrepareOptions, prepare_ssv2
-from tstl.core.datasets.ssv2 import read_annotations, video_dir
 from pipeline.synthetic import SynthConfig, generate
 from pipeline.transcode import TranscodeParams, build_command, ffmpeg_version
-from benchmarks.report import update_section
+from tstl.core.datasets.ssv2 import read_annotations, video_dir
 
 logger = logging.getLogger(__name__)
 

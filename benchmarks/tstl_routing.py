@@ -16,9 +16,9 @@ from benchmarks.report import update_section
 from tstl.core.log import init_logging
 from tstl.models import create_model
 from tstl.models.flops import flops_per_view
-from tstl.twostage.stagefile import share_frozen
 from tstl.twostage.groups import balanced_groups
 from tstl.twostage.routing import route
+from tstl.twostage.stagefile import share_frozen
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Command line of the offline stages: ``python -m pipeline.cli {prepare-<dataset>,prepare,finalize} ...``.
+"""Command line of the offline stages: ``tstl {prepare-<dataset>,prepare,finalize} ...`` (also
+``python -m pipeline.cli ...``).
 
 One ``prepare-<name>`` subcommand per dataset of the registry (``tstl.core.datasets``), plus the generic
 ``prepare --dataset <name>``. The raw root is ``--root`` (alias ``--<name>-root``), else the dataset's Make variable
@@ -14,18 +15,26 @@ import os
 import sys
 from pathlib import Path
 
-from tstl.core.datasets import DATASETS, Dataset, MetadataError, get_dataset
-from tstl.core.lock import LockedError
-from pipeline.errors import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_FAILURES, EXIT_LOCKED, EnvironmentFault,
-                             is_environment_error)
+from pipeline.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_ENVIRONMENT,
+    EXIT_FAILURES,
+    EXIT_LOCKED,
+    EnvironmentFault,
+    is_environment_error,
+)
 from pipeline.prepare import PrepareOptions, finalize, prepare, transcode_params
 from pipeline.runner import Summary, parse_part
 from pipeline.transcode import TranscodeParams
+from tstl.core.datasets import DATASETS, Dataset, MetadataError, get_dataset
+from tstl.core.lock import LockedError
 
 logger = logging.getLogger("pipeline")
 
+PROG = "python -m pipeline.cli"
+# the convention of every tool (tstl.core.exitcodes) with this stage's meaning of each code
 EPILOG = ("exit codes: 0 done; 1 more videos failed than --max-failure-fraction; 2 bad input (metadata, "
-          "arguments); 3 environment error (disk full, read-only or forbidden folder, no ffmpeg: fix it and rerun, no "
+          "arguments, a wrong path); 3 environment error (disk full, read-only or forbidden folder, no ffmpeg: fix it and rerun, no "
           "video was marked failed); 4 another run holds the dataset folder (see --wait-lock)")
 
 
@@ -66,8 +75,8 @@ def _root_arg(p: argparse.ArgumentParser, ds: Dataset | None) -> None:
                         "<data-dir>/raw/<dataset>)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.cli", description="Offline dataset preparation stages. "
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Offline dataset preparation stages. "
                                      "Every stage is parallel, atomic and resumable: rerun it to finish or repair.",
                                      epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=list(DATASETS), help="registered dataset")
     _root_arg(p, None)
     _common(p)
-    p = sub.add_parser("finalize", help="merge the manifests of --part runs and write the annotation CSVs")
+    p = sub.add_parser("finalize", help="merge the manifests of --part runs and write the annotation CSVs",
+                       epilog=EPILOG)
     p.add_argument("dataset_dir", type=Path, help="<data-dir>/<dataset>, e.g. data/ssv2")
     _lock_arg(p)
     return parser
@@ -113,10 +123,10 @@ def _too_many_failures(summary: Summary, ds: Dataset, args: argparse.Namespace) 
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     from tstl.core.log import init_logging
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     init_logging()
     try:
         if args.command == "finalize":
@@ -146,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", problem)
         return EXIT_FAILURES
     return 0
+
+
+def run() -> None:
+    """Console-script entry point (``tstl-prepare``, an alias of ``tstl prepare-<dataset>``/``finalize``)."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

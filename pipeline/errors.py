@@ -12,9 +12,12 @@ from __future__ import annotations
 import errno
 import os
 
+from tstl.core import exitcodes
 from tstl.core.datasets.base import MetadataError, unsafe_id_reason  # noqa: F401 (re-exported; owner: the registry)
 
-EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_LOCKED = 0, 1, 2, 3, 4
+# the convention of every tool (tstl.core.exitcodes); 3 and 4 are the offline stages' extensions
+EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_LOCKED = (
+    exitcodes.OK, exitcodes.FAILED, exitcodes.USAGE, exitcodes.ENVIRONMENT, exitcodes.LOCKED)
 
 ENV_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 # ffmpeg and pyarrow report these as text (ffmpeg's stderr, pyarrow's OSError without errno).

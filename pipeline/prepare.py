@@ -29,12 +29,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tstl.core.datasets import DATASETS, Dataset, Entry, get_dataset
-from tstl.core.faults import fault_point
-from tstl.core.lock import dataset_lock
 from pipeline import manifest as mf
 from pipeline.runner import Item, Summary, in_part, run_stage
 from pipeline.transcode import TranscodeParams, transcode
+from tstl.core.datasets import DATASETS, Dataset, Entry, get_dataset
+from tstl.core.faults import fault_point
+from tstl.core.lock import dataset_lock
 
 logger = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -467,10 +468,11 @@ def generate(cfg: SynthConfig, out: Path, datasets: tuple[str, ...] = ("ssv2", "
     return info
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m pipeline.synthetic") -> int:
+    from tstl.core import exitcodes
     from tstl.core.log import init_logging
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m pipeline.synthetic")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog=prog, epilog=exitcodes.EPILOG)
     p.add_argument("--out", type=Path, required=True, help="folder to write ssv2/, ucf101/ (and kinetics400/) into")
     p.add_argument("--preset", choices=sorted(PRESETS), default="ci", help="size preset (default: ci, tiny)")
     p.add_argument("--datasets", default="ssv2,ucf101", help="comma-separated subset of ssv2,ucf101,kinetics400 "
@@ -485,9 +487,23 @@ def main(argv: list[str] | None = None) -> None:
     init_logging()
     overrides = {k: v for k, v in vars(args).items()
                  if k in ("seed", "num_classes", "videos_per_class", "broken_ssv2", "broken_ucf") and v is not None}
-    cfg = SynthConfig(**{**PRESETS[args.preset], **overrides})
-    generate(cfg, args.out, tuple(d.strip() for d in args.datasets.split(",") if d.strip()), args.jobs)
+    datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
+    known = ("ssv2", "ucf101", "kinetics400")
+    if not datasets or (unknown := [d for d in datasets if d not in known]):
+        p.error(f"--datasets {args.datasets}: {', '.join(unknown) if datasets else 'empty'}: "
+                f"choose from {','.join(known)}")
+    try:
+        cfg = SynthConfig(**{**PRESETS[args.preset], **overrides})
+    except (TypeError, ValueError) as e:
+        return exitcodes.usage_error(e)
+    generate(cfg, args.out, datasets, args.jobs)
+    return exitcodes.OK
+
+
+def run() -> None:
+    """Console-script entry point (``tstl-synthetic``, an alias of ``tstl synthetic``)."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,10 +23,10 @@ from pathlib import Path
 import av
 import ffmpeg
 
-from tstl.core.faults import fault_point
-from tstl.core.ffmpeg import ffmpeg_exe
 from pipeline.errors import EnvironmentFault, environment_text, is_environment_error
 from pipeline.runner import Item
+from tstl.core.faults import fault_point
+from tstl.core.ffmpeg import ffmpeg_exe
 
 # Bump when the command line changes in a way that changes outputs: every video is then redone.
 COMMAND_VERSION = 1

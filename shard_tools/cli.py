@@ -1,4 +1,5 @@
-"""``python -m shard_tools.cli {build,verify,ls,inspect,stats,subset}``: build and look after WebDataset shard sets."""
+"""``tstl shards {build,verify,ls,inspect,stats,subset}`` (also ``python -m shard_tools.cli ...``): build and look after
+WebDataset shard sets."""
 
 from __future__ import annotations
 
@@ -14,15 +15,29 @@ from shard_tools.stats import report
 from shard_tools.subset import read_group_map, subset
 from shard_tools.tario import iter_samples
 from shard_tools.verify import verify
-from tstl.core import shards
+from tstl.core import exitcodes, shards
 from tstl.core.datasets import DATASETS
+from tstl.core.exitcodes import UsageError
 from tstl.core.lock import LockedError, dataset_lock
 from tstl.core.shards import JSON
 
 logger = logging.getLogger("shard_tools")
 
+PROG = "python -m shard_tools.cli"
+
+
+def _shard_set(path: Path) -> Path:
+    """A shard-set folder argument that exists (exit 2 naming the folder and the fix otherwise)."""
+    if not path.is_dir():
+        raise UsageError(f"shard set folder not found: {path}",
+                         "give a folder that `tstl shards build` wrote, e.g. data/ucf101/shards/train_split1")
+    return path
+
 
 def cmd_build(a: argparse.Namespace) -> int:
+    if a.annotations is None and a.dataset not in DATASETS:
+        raise UsageError(f"--dataset {a.dataset}: not a registered dataset",
+                         f"registered: {', '.join(DATASETS)}; any other folder needs --annotations CSV ...")
     opts = BuildOptions(seed=a.seed, max_samples=a.max_samples, max_bytes=int(a.max_mb * 2**20), jobs=a.jobs,
                         verify_existing=not a.quick)
     # one writer per dataset folder: prepare stages and shard builds take the same lock
@@ -34,6 +49,7 @@ def cmd_build(a: argparse.Namespace) -> int:
 def cmd_verify(a: argparse.Namespace) -> int:
     bad = 0
     for d in a.shard_dirs:
+        _shard_set(d)
         reports = verify(d, decode=not a.no_decode, jobs=a.jobs)
         samples = sum(r.samples for r in reports)
         errors = [(r.name, e) for r in reports for e in r.errors]
@@ -45,7 +61,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
-    ss = shards.load(a.shard_dir)
+    ss = shards.load(_shard_set(a.shard_dir))
     print(f"{ss.dataset}/{ss.split}: {ss.num_samples} samples, {len(ss.shards)} shards, {len(ss.classes)} classes")
     for s in ss.shards:
         print(f"{s.name}  {s.samples:6d} samples  {s.bytes / 2**20:9.2f} MiB  {s.sha256[:16]}  {len(s.class_hist)} classes")
@@ -53,6 +69,8 @@ def cmd_ls(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
+    if not a.path.exists():
+        raise UsageError(f"not found: {a.path}", "give a shard .tar or a shard set folder")
     paths = sorted(a.path.glob("shard-*.tar")) if a.path.is_dir() else [a.path]
     shown = 0
     for p in paths:
@@ -72,28 +90,48 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_stats(a: argparse.Namespace) -> int:
-    png = a.png or a.shard_dir / "stats.png"
+    # never into the shard set: it is checksummed, may be shared read-only, and is not ours to add files to
+    # named after the folder given (not the generation folder its link points at)
+    png = a.png or Path.cwd() / f"{Path(os.path.abspath(a.shard_dir)).name}-stats.png"
+    _shard_set(a.shard_dir)
     print(report(a.shard_dir, png))
     print(f"plot: {png}")
     return 0
 
 
+def parse_classes(text: str) -> list[int]:
+    """``--classes 1,4,7`` -> [1, 4, 7]; a usage error names the item that is not a class id."""
+    out = []
+    for i, item in enumerate(text.split(","), 1):
+        try:
+            out.append(int(item.strip()))
+        except ValueError:
+            raise UsageError(f"--classes {text}: item {i} ('{item.strip()}') is not an integer class id",
+                             "give comma-separated integers, e.g. --classes 0,3,7") from None
+        if out[-1] < 0:
+            raise UsageError(f"--classes {text}: item {i} ({out[-1]}) is negative", "class ids start at 0")
+    return out
+
+
 def cmd_subset(a: argparse.Namespace) -> int:
     if a.classes:
-        classes = [int(c) for c in a.classes.split(",")]
+        classes = parse_classes(a.classes)
     else:
         groups = read_group_map(a.groups)
         if not 0 <= a.group < len(groups):
-            raise ValueError(f"{a.groups}: group {a.group} does not exist (there are {len(groups)})")
+            raise UsageError(f"{a.groups}: group {a.group} does not exist (there are {len(groups)})",
+                             f"--group 0..{len(groups) - 1}")
         classes = groups[a.group]
+    _shard_set(a.src)
     subset(a.src, a.out, classes, remap=a.remap, opts=BuildOptions(max_samples=a.max_samples))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m shard_tools.cli", description=__doc__.split(":", 1)[1].strip())
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=" ".join(__doc__.split(":", 1)[1].split()),
+                                epilog=exitcodes.EPILOG)
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="shard a prepared dataset (one shard set per split)")
+    b = sub.add_parser("build", help="shard a prepared dataset (one shard set per split)", epilog=exitcodes.EPILOG)
     b.add_argument("--dataset", required=True,
                    help=f"folder name under --data-dir: a registered dataset ({', '.join(DATASETS)}), or any folder "
                         "with --annotations")
@@ -126,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_inspect)
     s = sub.add_parser("stats", help="class balance, durations, frames and sizes, with a PNG plot")
     s.add_argument("shard_dir", type=Path)
-    s.add_argument("--png", type=Path, help="plot path (default <shard_dir>/stats.png)")
+    s.add_argument("--png", type=Path, help="plot path (default ./<shard set name>-stats.png in the current folder)")
     s.set_defaults(fn=cmd_stats)
     sb = sub.add_parser("subset", help="new shard set with only some classes (bytes copied, no re-encode)")
     sb.add_argument("src", type=Path)
@@ -141,19 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     from tstl.core.log import init_logging
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     init_logging()
     try:
         return args.fn(args)
     except LockedError as e:
         logger.error("%s", e)
-        return 4
-    except (AnnotationError, FileNotFoundError, ValueError) as e:
-        logger.error("%s", e)
-        return 2
+        return exitcodes.LOCKED
+    except (AnnotationError, FileNotFoundError, ValueError, UsageError) as e:
+        return exitcodes.usage_error(e)
+
+
+def run() -> None:
+    """Console-script entry point (``shard-tools``, an alias of ``tstl shards``)."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

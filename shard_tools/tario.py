@@ -10,8 +10,8 @@ import hashlib
 import io
 import os
 import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from tstl.core.faults import fault_point
 

@@ -11,6 +11,10 @@ import pytest
 from pipeline.prepare import PrepareOptions, prepare_ssv2
 from pipeline.synthetic import SynthConfig, generate
 from shard_tools.build import BuildOptions, build_dataset
+from tstl.core import torchvision_shim
+
+# Test modules import timm (hence torchvision) directly; on a CPU torch the shim must come first (see its docstring).
+torchvision_shim.install()
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny B-CAST on tiny clips: every training test runs in seconds on 2 CPU cores.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -26,7 +26,7 @@ class Optim:
 class Top:
     epochs: int = 10
     out: Path = Path("runs")
-    ckpt: Optional[str] = None
+    ckpt: str | None = None
     views: list[int] = field(default_factory=lambda: [2, 3])
     optim: Optim = field(default_factory=Optim)
 

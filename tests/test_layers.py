@@ -1,6 +1,7 @@
 """Imports only point down the layers of docs/architecture.md; siblings on one layer do not import each other.
 
 ```
+tstl.cli
 tstl.twostage
 tstl.train
 tstl.data | tstl.models
@@ -26,9 +27,10 @@ LAYERS = {  # component -> layer; one layer's components are siblings
     "tstl.data": 2, "tstl.models": 2,
     "tstl.train": 3,
     "tstl.twostage": 4,
+    "tstl.cli": 5,  # the `tstl` command: dispatches to every tool's CLI (lazily), so it sits above them all
     "benchmarks": 99, "tests": 99,
 }
-DIAGRAM = "tstl.core < pipeline | shard_tools < tstl.data | tstl.models < tstl.train < tstl.twostage"
+DIAGRAM = "tstl.core < pipeline | shard_tools < tstl.data | tstl.models < tstl.train < tstl.twostage < tstl.cli"
 
 
 def component(module: str) -> str | None:
@@ -110,6 +112,7 @@ def test_the_checker_sees_up_across_and_nested_imports(tmp_path: Path, monkeypat
     assert rule("tstl.data", "tstl.models") and "siblings" in rule("tstl.data", "tstl.models")
     assert rule("tstl.core", "pipeline") and rule("tstl.train", "tstl.data") is None
     assert rule("pipeline", "tstl.core") is None and rule("tstl.twostage", "tstl.train") is None
+    assert rule("tstl.cli", "tstl.twostage") is None and "point down" in rule("tstl.twostage", "tstl.cli")
     assert "not in the layer table" in rule("tstl.new", "tstl.core")
     # nested (function-level) and relative imports are seen
     fake = ROOT / "tstl" / "data" / "_layer_probe.py"

@@ -88,6 +88,5 @@ def test_unwritable_folder_raises_oserror(tmp_path: Path, monkeypatch: pytest.Mo
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / LOCK_NAME))
 
     monkeypatch.setattr(os, "open", deny)
-    with pytest.raises(OSError, match="Read-only file system"):
-        with dataset_lock(tmp_path, "prepare-ssv2"):
-            pass
+    with pytest.raises(OSError, match="Read-only file system"), dataset_lock(tmp_path, "prepare-ssv2"):
+        pass

@@ -288,7 +288,7 @@ def test_makefile_layers_the_pair_recipe() -> None:
             "configs/recipe/timesformer_vit_b16-ssv2.yaml") in out
     assert "configs/recipe" not in dry("train", "DATASET=ssv2", "MODEL=timesformer_hr_vit_b16")
     out = dry("print-config", "DATASET=ucf101", "OVERRIDES=optim.lr=0.1")
-    assert "-m tstl.train.recipes --dataset ucf101 --model bcast_vit_b16" in out and "optim.lr=0.1" in out
+    assert "-m tstl.cli print-config --dataset ucf101 --model bcast_vit_b16" in out and "optim.lr=0.1" in out
 
 
 # --------------------------------------------------------------------------------------------- new config rules
@@ -410,17 +410,9 @@ def test_train_transform_uses_the_jitter_box() -> None:
 
 def _cast_layer_id(var_name: str, num_max_layer: int) -> int:
     # verbatim: KHU-VLL/CAST util_tools/optim_factory.py:24-44 (get_num_layer_for_vit)
-    if var_name in ("cls_token", "mask_token", "pos_embed"):
-        return 0
-    elif var_name in ("visual.class_embedding", "visual.positional_embedding", "visual.temporal_posembed",
-                      "visual.ln_pre"):
-        return 0
-    elif var_name in ("clip_class_embedding", "clip_ln_pre.weight", "clip_ln_pre.bias", "clip_conv1.weight",
-                      "clip_conv1.bias", "clip_positional_embedding"):
-        return 0
-    elif var_name.startswith("patch_embed"):
-        return 0
-    elif var_name.startswith("visual.conv1"):
+    if var_name in ("cls_token", "mask_token", "pos_embed") or var_name in ("visual.class_embedding", "visual.positional_embedding", "visual.temporal_posembed",
+                      "visual.ln_pre") or var_name in ("clip_class_embedding", "clip_ln_pre.weight", "clip_ln_pre.bias", "clip_conv1.weight",
+                      "clip_conv1.bias", "clip_positional_embedding") or var_name.startswith("patch_embed") or var_name.startswith("visual.conv1"):
         return 0
     elif var_name.startswith("rel_pos_bias"):
         return num_max_layer - 1

@@ -3,4 +3,4 @@
 Importing ``tstl`` itself is cheap (no torch); subpackages pull in what they need.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

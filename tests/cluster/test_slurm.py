@@ -8,7 +8,6 @@ resources are overridden on the command line (one node with 2 CPUs instead of GP
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time

@@ -13,7 +13,7 @@ from tstl.data import BadSampleRateError, DataConfig, build_eval_loader, build_t
 from tstl.data.decode import BadSample, decode_clip
 
 CFG = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=2, shuffle_buffer=4,
-           mixup=0.0, cutmix=0.0, min_bad_check=1000)
+           mixup=0.0, cutmix=0.0, min_bad_check=1000, max_bad_fraction=1.0)
 
 
 def cfg(**kw) -> DataConfig:

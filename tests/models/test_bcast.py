@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from benchmarks.reference.bcast import reference_forward
 from tstl.models import create_model
 from tstl.models.bcast import BCAST
 from tstl.models.flops import flops_per_view
-from benchmarks.reference.bcast import reference_forward
 
 TINY = dict(depth=2, num_heads=4, patch_size=8)
 

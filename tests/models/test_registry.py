@@ -13,10 +13,9 @@ import inspect
 import pytest
 import torch
 import torch.nn as nn
+from timm.optim import param_groups_layer_decay
 
 from tstl.models import VideoClassifier, create_model, list_models
-
-from timm.optim import param_groups_layer_decay  # noqa: E402  (after tstl.models, which installs the torchvision shim)
 
 MODELS = list_models()
 
@@ -42,7 +41,7 @@ def _n_params(model: nn.Module, trainable: bool | None = None) -> int:
     return sum(p.numel() for p in model.parameters() if trainable is None or p.requires_grad == trainable)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _full_size(name: str) -> tuple[type, str | None, int]:
     """Class, attention type and parameter count of the variant at full size (built once, on the meta device)."""
     full = _meta(name)

@@ -4,14 +4,13 @@ the optimizer/training helpers. Everything runs on tiny variants except the para
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
+from timm.optim import param_groups_layer_decay
 
-from tstl.models import create_model, load_checkpoint
 from benchmarks.reference.timesformer import reference_forward
+from tstl.models import create_model, load_checkpoint
 from tstl.models.timesformer import ATTENTION_TYPES, TimeSformer
-
-import timm  # noqa: E402  (after tstl.models, which installs the torchvision shim)
-from timm.optim import param_groups_layer_decay  # noqa: E402
 
 
 def _tiny(attention_type: str = "divided_space_time", **kw) -> TimeSformer:

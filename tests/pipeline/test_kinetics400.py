@@ -74,8 +74,8 @@ def test_clis_and_makefile_come_from_the_registry() -> None:
     assert re.search(r"^prepare-%:", make, re.MULTILINE) and not re.search(r"^prepare-(ssv2|ucf101|kinetics400):", make, re.MULTILINE)
     out = subprocess.run(["make", "-n", "prepare-kinetics400", "K400_ROOT=/raw/k400", "DATA_DIR=/d", "STAMP=Makefile",
                           "shards", "DATASET=kinetics400"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert "pipeline.cli prepare-kinetics400 --data-dir /d" in out
-    assert "shard_tools.cli build --dataset kinetics400 --data-dir /d" in out
+    assert "tstl.cli prepare-kinetics400 --data-dir /d" in out
+    assert "tstl.cli shards build --dataset kinetics400 --data-dir /d" in out
 
 
 def test_root_comes_from_the_make_variable(raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

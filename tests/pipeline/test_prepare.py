@@ -19,9 +19,9 @@ from pipeline import manifest as mf
 from pipeline.cli import main as cli_main
 from pipeline.prepare import PrepareOptions, finalize, prepare_ssv2, prepare_ucf101
 from pipeline.runner import Item
-from tstl.core.datasets.ssv2 import MetadataError, read_annotations
 from pipeline.synthetic import SynthConfig, generate
 from pipeline.transcode import TranscodeParams, transcode
+from tstl.core.datasets.ssv2 import MetadataError, read_annotations
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = SynthConfig(seed=1, num_classes=4, videos_per_class=4, ucf_groups_per_class=3, ucf_clips_per_group=1,

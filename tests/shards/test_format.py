@@ -44,7 +44,7 @@ def test_save_load_and_read_index_round_trip(tmp_path: Path) -> None:
     (tmp_path / shards.INDEX).write_text("{}")
     with pytest.raises(ShardSetError, match="not a valid shards.json.*make shards"):
         shards.load(tmp_path)
-    with pytest.raises(FileNotFoundError, match="shard_tools.cli build"):
+    with pytest.raises(FileNotFoundError, match="tstl shards build"):
         shards.load(tmp_path / "nothing")
 
 

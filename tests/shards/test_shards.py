@@ -15,13 +15,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tstl.core.ffmpeg import ffmpeg_exe
 from shard_tools.build import BuildOptions, build_dataset, read_csv
 from shard_tools.cli import main as cli_main
 from shard_tools.subset import read_group_map, subset
 from shard_tools.tario import iter_samples
 from shard_tools.verify import verify
 from tstl.core import shards as shardset
+from tstl.core.ffmpeg import ffmpeg_exe
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
@@ -184,7 +184,8 @@ def test_cast_annotation_files_are_accepted(dataset: Path, tmp_path: Path) -> No
     assert sets[0].num_samples == 2 and sets[0].split == "mine"
 
 
-def test_cli_help_ls_inspect_stats(built: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_help_ls_inspect_stats(built: Path, capsys: pytest.CaptureFixture, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SystemExit) as e:
         cli_main(["--help"])
     assert e.value.code == 0
@@ -195,4 +196,10 @@ def test_cli_help_ls_inspect_stats(built: Path, capsys: pytest.CaptureFixture) -
     assert cli_main(["stats", str(built / "train"), "--png", str(built.parent / "s.png")]) == 0
     out = capsys.readouterr().out
     assert "12 samples" in out and (built.parent / "s.png").stat().st_size > 1000
+    # without --png the plot goes to the current folder, never into the (checksummed) shard set
+    before = sorted(p.name for p in (built / "train").iterdir())
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["stats", str(built / "train")]) == 0
+    assert (tmp_path / "train-stats.png").stat().st_size > 1000 and "train-stats.png" in capsys.readouterr().out
+    assert sorted(p.name for p in (built / "train").iterdir()) == before
     assert cli_main(["build", "--dataset", "ucf101", "--data-dir", str(built.parent.parent)]) == 2  # not prepared

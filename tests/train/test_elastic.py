@@ -179,8 +179,8 @@ def _probe(data_dir: str, run: str, zero: int) -> None:
                 old = torch.cat([p["base_optimizer_state"]["state"][g][key] for p in parts])[:n]  # padded
                 same_optim &= torch.equal(opt.optimizer.state[flat][key][:n], old)
                 compared += 1
-    print("PROBE " + json.dumps({"weights": same_weights, "optim": bool(same_optim), "compared": compared, "step": trainer.step,
-                                 "epoch": trainer.epoch, "loader_step": trainer.train_loader.step,
+    print("PROBE " + json.dumps({"weights": same_weights, "optim": bool(same_optim), "compared": compared,
+                                 "step": trainer.step, "epoch": trainer.epoch, "loader_step": trainer.train_loader.step,
                                  "len": len(trainer.train_loader), "last_epoch": trainer.scheduler.last_epoch,
                                  "lrs": [g["lr"] for g in trainer.scheduler.optimizer.param_groups],
                                  "scales": [g.get("lr_scale", 1.0) for g in trainer.scheduler.optimizer.param_groups]}))

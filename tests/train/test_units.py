@@ -106,3 +106,37 @@ def test_evaluate_on_one_rank_uses_softmax_of_the_model() -> None:
     probs, _ = merge([out], "mean_softmax")
     expected = torch.softmax(model(batch["video"]), -1).detach().numpy()
     np.testing.assert_allclose(probs["y"], expected[1], rtol=1e-5)
+
+
+def test_engine_deepspeed_is_merged_last_key_by_key() -> None:
+    extra = {"zero_optimization": {"overlap_comm": True}, "flops_profiler": {"enabled": True, "profile_step": 3},
+             "csv_monitor": {"enabled": True, "output_path": "runs/x/ds", "job_name": "ds"}, "steps_per_print": 50}
+    ds = deepspeed_config(EngineConfig(zero_stage=1, deepspeed=extra), OptimConfig(), BatchPlan(4, 1, 1))
+    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True}  # ours kept, theirs added
+    assert ds["flops_profiler"] == extra["flops_profiler"] and ds["steps_per_print"] == 50
+    assert ds["csv_monitor"]["enabled"] and ds["train_batch_size"] == 4
+
+
+@pytest.mark.parametrize("override,message", [
+    ("engine.deepspeed.train_batch_size=64", "engine.deepspeed.train_batch_size is generated from our config: set "
+     "data.batch_size and engine.accum_steps instead"),
+    ("engine.deepspeed.zero_optimization.stage=2", "set engine.zero_stage instead"),
+    ("engine.deepspeed.bf16.enabled=false", "set engine.precision instead"),
+    ("engine.deepspeed.gradient_clipping=1.0", "set optim.clip_grad instead"),
+    ("engine.deepspeed.flops_profilr.enabled=true", "engine.deepspeed.flops_profilr (did you mean 'flops_profiler'?)"),
+    ("engine.deepspeed.flops_profiler.enabeld=true", "did you mean 'flops_profiler.enabled'?"),
+    ("engine.deepspeed.zero_optimization.overlap_com=true", "engine.deepspeed: DeepSpeed rejects the merged config"),
+    ("engine.deepspeed.tensorboard.enabled=maybe", "engine.deepspeed: DeepSpeed rejects the merged config"),
+])
+def test_engine_deepspeed_errors_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, [ROOT / "configs/data/ssv2.yaml", ROOT / "configs/model/bcast_vit_b16.yaml"], [override])
+    assert message in str(e.value)
+
+
+def test_engine_deepspeed_documented_examples_load() -> None:
+    cfg = load_config(TrainConfig, [ROOT / "configs/data/ssv2.yaml", ROOT / "configs/model/bcast_vit_b16.yaml"], [
+        "engine.deepspeed.flops_profiler.enabled=true", "engine.deepspeed.flops_profiler.profile_step=20",
+        "engine.deepspeed.tensorboard.enabled=true", "engine.deepspeed.tensorboard.output_path=runs/x/ds",
+        "engine.deepspeed.comms_logger.enabled=true", "engine.deepspeed.zero_optimization.reduce_bucket_size=50000000"])
+    assert cfg.engine.deepspeed["flops_profiler"] == {"enabled": True, "profile_step": 20}

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from tstl.twostage.groups import (
-    ClassGroups, GroupFileError, balanced_groups, confusion_groups, load_groups, save_groups,
+    ClassGroups,
+    GroupFileError,
+    balanced_groups,
+    confusion_groups,
+    load_groups,
+    save_groups,
 )
 from tstl.twostage.routing import route
 

@@ -136,7 +136,7 @@ def _on_main_worker(rank: int, port: str, results) -> None:
     try:
         assert dist.on_main(lambda: f"decided by rank {dist.rank()}") == "decided by rank 0"
         dist.on_main(boom)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         results[rank] = f"{type(e).__name__}: {e}"
     tdist.destroy_process_group()
 

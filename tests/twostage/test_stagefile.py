@@ -6,7 +6,12 @@ import torch
 from tests.twostage.conftest import write_random_checkpoint
 from tstl.models import create_model
 from tstl.twostage.stagefile import (
-    frozen_sources_from_paths, load_cast_checkpoint, load_stage_file, param_counts, read_stage_file, save_stage_file,
+    frozen_sources_from_paths,
+    load_cast_checkpoint,
+    load_stage_file,
+    param_counts,
+    read_stage_file,
+    save_stage_file,
     share_frozen,
 )
 

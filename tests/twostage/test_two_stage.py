@@ -16,8 +16,8 @@ import torch
 import yaml
 
 from tests.conftest import ROOT, TINY, free_port, subprocess_env
-from tstl.models import create_model
 from tests.twostage.conftest import write_random_checkpoint
+from tstl.models import create_model
 from tstl.twostage.stagefile import read_stage_file
 
 CONFIGS = [str(ROOT / f"configs/{f}.yaml") for f in ("data/ssv2", "demo", "tstl/default")]

@@ -17,20 +17,32 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import re
 import difflib
+import re
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
 T = TypeVar("T")
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
-__all__ = ["ConfigError", "load_config", "load_cli_config", "from_dict", "to_dict", "parse_overrides", "merge", "dump_yaml",
-           "KeyInfo", "describe_keys", "format_keys"]
+__all__ = [
+    "ConfigError",
+    "KeyInfo",
+    "describe_keys",
+    "dump_yaml",
+    "format_keys",
+    "from_dict",
+    "load_cli_config",
+    "load_config",
+    "merge",
+    "parse_overrides",
+    "to_dict",
+]
 
 
 class ConfigError(ValueError):

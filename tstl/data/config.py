@@ -60,9 +60,12 @@ class DataConfig:
     test_views: tuple[int, int] = (2, 3)
     """Evaluation views: temporal clips T x spatial crops C per video."""
     max_bad_fraction: float = 0.01
-    """Fail when more than this fraction of a worker's samples are bad (checked after ``min_bad_check`` samples)."""
+    """Fail (every rank together) when more than this fraction of the samples read so far, summed over all ranks
+    and workers, are bad; checked at every batch once ``min_bad_check`` samples were read, and at the end of every
+    epoch (docs/loader.md, "Bad samples")."""
     min_bad_check: int = 50
-    """Samples a worker reads before the bad-sample rate is enforced (a few bad ones early are not a trend)."""
+    """Samples all ranks together read before the bad-sample rate is enforced mid-epoch (a few bad ones early are
+    not a trend); the end of an epoch checks regardless."""
     quarantine: str = ""
     """File that bad sample keys are appended to (``key<TAB>shard<TAB>reason``); empty = log only."""
     decode_timeout_s: float = 30.0
@@ -92,6 +95,12 @@ class DataConfig:
     ``device``: workers only crop, RandAugment runs batched on the loader's device (``ShardLoader.to(device)``);
     ``auto``: ``device`` when that device is CUDA, else ``worker``. Normalisation, erasing and mixup always run on
     the batch in the training process (workers hand uint8 clips)."""
+    read_timeout_s: float = 60.0
+    """Remote reads (``pipe:`` commands, http(s) URLs): a read that gets no data for this many seconds fails (the
+    ``pipe:`` process is killed) and is retried; 0 = wait forever."""
+    read_retries: int = 2
+    """Remote reads: a failed or stalled shard is opened again this many times (going on after the samples already
+    read), then its remaining samples are bad (quarantined with the reason)."""
 
     def __post_init__(self) -> None:
         if self.num_frames < 1 or self.sampling_rate < 1 or self.input_size < 8:
@@ -111,6 +120,8 @@ class DataConfig:
         if self.train_crop == "short_side_jitter" and not self.input_size <= lo <= hi:
             raise ValueError(f"jitter_scales {self.jitter_scales} must satisfy input_size ({self.input_size}) <= "
                              "min <= max for short_side_jitter")
+        if self.read_timeout_s < 0 or self.read_retries < 0:
+            raise ValueError("data.read_timeout_s and data.read_retries must be >= 0")
         if self.augment_on not in ("auto", "worker", "device"):
             raise ValueError(f"data.augment_on must be auto, worker or device, got {self.augment_on!r}")
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from tstl.data import elastic
 from tstl.data.config import DataConfig
 from tstl.data.pipeline import BadSampleRateError, ClipStream, RoleState, StreamSpec, derive_seed
-from tstl.data.sources import ShardList, resolve, slot_length
+from tstl.data.sources import ShardList, has_index, resolve, slot_length
 from tstl.data.device import DeviceRandAugment, Erase, MixupCutmix, Normalize, Stage, ToDevice
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class ShardLoader:
         self.mixup = self._mixup() if train and cfg.mixup_active else None
         self.device = torch.device("cpu")
         self.bad_samples = 0
+        self._bad_run = self._seen_run = 0  # this process' counts for the bad-sample limit (_check_bad)
         self.set_epoch(epoch)
 
     # ---- metadata -----------------------------------------------------------------------------------------
@@ -179,6 +180,45 @@ class ShardLoader:
                     self.step, len(self))
         return False
 
+    # ---- the bad-sample limit -----------------------------------------------------------------------------
+    def _group(self) -> bool:
+        """Whether this loader is one rank of the initialised process group (then every rank iterates it alike)."""
+        d = torch.distributed
+        return (self.world_size > 1 and d.is_available() and d.is_initialized()
+                and d.get_world_size() == self.world_size and d.get_rank() == self.rank)
+
+    def _check_bad(self, last: bool, starved: bool) -> None:
+        """The one place the bad-sample limit is decided, at every batch boundary, identically on every rank.
+
+        ``bad``/``seen`` are the raw samples found bad / read by this process' loader so far (all epochs, all
+        workers), summed over the ranks (one all-reduce per batch; none for a single process). Fails when
+        ``bad > max_bad_fraction * seen`` once ``seen >= min_bad_check`` or at the last batch of an epoch, or when
+        a worker of any rank had no decodable sample at all. The rule and message depend only on the summed
+        numbers, so all ranks raise the same error at the same step (docs/loader.md, "Bad samples").
+        """
+        c = self.cfg
+        counts = [float(self._bad_run), float(self._seen_run)] + [0.0] * self.world_size
+        counts[2 + self.rank] = 1.0 if starved else 0.0
+        if self._group():
+            d = torch.distributed
+            dev = torch.device("cuda", torch.cuda.current_device()) if d.get_backend() == "nccl" else "cpu"
+            t = torch.tensor(counts, dtype=torch.float64, device=dev)
+            d.all_reduce(t, op=d.ReduceOp.SUM)
+            counts = t.tolist()
+        bad, seen = int(counts[0]), int(counts[1])
+        starved_ranks = [r for r in range(self.world_size) if counts[2 + r] > 0]
+        over = seen > 0 and bad > c.max_bad_fraction * seen and (seen >= c.min_bad_check or last)
+        if not over and not starved_ranks:
+            return
+        where = (f"the bad samples are listed in {c.quarantine} (key, shard, reason)" if c.quarantine
+                 else "the bad samples are logged as warnings (set data.quarantine to list them in a file)")
+        why = (f"rank(s) {starved_ranks} have a worker slot without a single decodable sample; " if starved_ranks
+               else "")
+        raise BadSampleRateError(
+            f"{why}{bad} of {seen} samples read on {self.world_size} rank(s) were bad, more than "
+            f"data.max_bad_fraction={c.max_bad_fraction:g} allows; {where}. Rebuild those videos/shards "
+            "(make shards) or raise data.max_bad_fraction")
+
     # ---- iteration ----------------------------------------------------------------------------------------
     def _mixup(self) -> Mixup:
         if not self.num_classes:
@@ -230,6 +270,9 @@ class ShardLoader:
             prev = self._roles.get(role, RoleState())
             self.bad_samples += state.bad - prev.bad
             self._roles[role] = state
+            self._bad_run += state.bad - prev.bad
+            self._seen_run += state.pos - prev.pos
+            self._check_bad(last=self.step + 1 == total, starved=batch.pop("_starved", False))
             for k, stage in enumerate(stages):
                 # Mixup keeps its former seed (tag 4); the other stages are tagged by their position.
                 tag = 4 if isinstance(stage, MixupCutmix) else 10 + k
@@ -259,14 +302,14 @@ def _check_label_map(label_map: Mapping[int, int] | None, num_classes: int | Non
 def _shards(source: Source, cfg: DataConfig, label_map: Mapping[int, int] | None) -> ShardList:
     if isinstance(source, ShardList):
         return source
+    read = {"read_timeout_s": cfg.read_timeout_s, "read_retries": cfg.read_retries}
     if label_map is None:
-        return resolve(source, cfg.shard_url_template)
-    text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else ""
-    if text and (os.path.isdir(text) or text.endswith("shards.json")):  # only the shard list is read: cheap
-        full = resolve(source, cfg.shard_url_template)
+        return resolve(source, cfg.shard_url_template, **read)
+    if has_index(source, cfg.shard_url_template):  # only the shard list is read: cheap
+        full = resolve(source, cfg.shard_url_template, **read)
         if full.num_classes is not None and set(label_map) >= set(range(full.num_classes)):
             return full  # relabelling every class (class -> group) filters nothing: no per-label counting
-    return resolve(source, cfg.shard_url_template, sorted(label_map))
+    return resolve(source, cfg.shard_url_template, sorted(label_map), **read)
 
 
 def build_train_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_size: int = 1, epoch: int = 0,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import tarfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
@@ -18,10 +17,21 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
+from tstl.core.shards import CLS, JSON, MP4, PARTS
 from tstl.data import sampling
 from tstl.data.config import DataConfig
 from tstl.data.decode import BadSample, decode_clip
-from tstl.data.sources import Piece, ShardList, epoch_order, iter_tar, keep, slot_pieces
+from tstl.data.sources import (
+    READ_ERRORS,
+    Piece,
+    ShardList,
+    epoch_order,
+    is_remote,
+    iter_tar,
+    keep,
+    retry_pause,
+    slot_pieces,
+)
 from tstl.data.transforms import EvalViews, TrainClipTransform
 
 logger = logging.getLogger(__name__)
@@ -78,31 +88,43 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
-def _read(pieces: list[Piece], labels: frozenset[int] | None = None) -> Iterator[dict]:
+def _read(pieces: list[Piece], labels: frozenset[int] | None = None, timeout_s: float = 0.0,
+          retries: int = 0) -> Iterator[dict]:
     """Raw samples of the pieces; a shard that ends early or breaks yields placeholders marked ``_error``.
 
     With ``labels``, positions count only the samples of those labels (the shard counts were filtered the same way).
+    A remote shard (``pipe:``, http(s)) that fails or sends nothing for ``timeout_s`` seconds is opened again up to
+    ``retries`` times, going on after the samples already read; then its remaining samples are bad.
     """
     for piece in pieces:
-        got = 0
-        try:
-            stream = iter_tar(piece.shard.url)
+        got, attempt = 0, 0
+        while True:
             try:
-                for i, sample in enumerate(s for s in stream if keep(s, labels)):
-                    if i < piece.skip:
-                        continue
-                    if got == piece.take:
-                        break
-                    sample["_shard"] = piece.shard.name
-                    got += 1
-                    yield sample
-            finally:
-                stream.close()
-        except (OSError, tarfile.TarError, ValueError) as e:
-            logger.error("%s: unreadable after %d samples: %s", piece.shard.url, got, e)
-            reason = f"shard unreadable: {e}"
-        else:
-            reason = "shard has fewer samples than shards.json says"
+                stream = iter_tar(piece.shard.url, timeout_s)
+                try:
+                    for i, sample in enumerate(s for s in stream if keep(s, labels)):
+                        if i < piece.skip + got:
+                            continue
+                        if got == piece.take:
+                            break
+                        sample["_shard"] = piece.shard.name
+                        got += 1
+                        yield sample
+                finally:
+                    stream.close()
+            except READ_ERRORS as e:
+                if attempt < retries and is_remote(piece.shard.url):
+                    attempt += 1
+                    logger.warning("%s: read failed after %d samples (%s: %s); retry %d of %d", piece.shard.url,
+                                   got, type(e).__name__, e, attempt, retries)
+                    retry_pause(attempt)
+                    continue
+                logger.error("%s: unreadable after %d samples: %s", piece.shard.url, got, e)
+                tries = f" after {attempt + 1} attempts" if attempt else ""
+                reason = f"shard unreadable{tries}: {type(e).__name__}: {e}"
+            else:
+                reason = "shard has fewer samples than shards.json says"
+            break
         for i in range(got, piece.take):
             yield {"__key__": f"{piece.shard.name}#{piece.skip + i}", "_shard": piece.shard.name, "_error": reason}
 
@@ -137,7 +159,8 @@ class ClipStream(IterableDataset):
         s = self.spec
         slot = s.rank * s.slots_per_rank + role
         order = epoch_order(s.shardset.shards, derive_seed(s.cfg.seed, s.epoch, 0x5A5A) if s.train else None)
-        raw = _read(slot_pieces(order, slot, s.length, s.plan), s.shardset.labels)
+        raw = _read(slot_pieces(order, slot, s.length, s.plan), s.shardset.labels, s.cfg.read_timeout_s,
+                    s.cfg.read_retries)
         if s.train and s.cfg.shuffle_buffer > 1:
             raw = _shuffle(raw, s.cfg.shuffle_buffer, random.Random(derive_seed(s.cfg.seed, s.epoch, s.rank, role, 1)))
         return raw
@@ -146,31 +169,36 @@ class ClipStream(IterableDataset):
     def _parse(self, sample: dict) -> tuple[bytes, int, int]:
         if "_error" in sample:
             raise BadSample(sample["_error"])
-        missing = [p for p in ("mp4", "cls", "json") if p not in sample]
+        missing = [p for p in PARTS if p not in sample]
         if missing:
             raise BadSample(f"missing part(s) {', '.join(missing)}")
         try:
-            label = int(sample["cls"])
-            if self.spec.label_map is not None:
-                label = self.spec.label_map[label]
-            frames = int(json.loads(sample["json"])["frames"])
+            label = int(sample[CLS])
+            frames = int(json.loads(sample[JSON])["frames"])
         except (ValueError, KeyError, TypeError, IndexError) as e:
-            raise BadSample(f"bad cls/json: {e}") from None
-        return sample["mp4"], label, frames
+            raise BadSample(f"bad {CLS}/{JSON}: {e}") from None
+        # An out-of-range label would index past the head (or mixup's one-hot) far from its sample: bad here.
+        n = self.spec.shardset.num_classes
+        if label < 0 or (n is not None and label >= n):
+            raise BadSample(f"label {label} outside the shard set's classes 0..{n - 1}" if n is not None
+                            else f"negative label {label}")
+        if self.spec.label_map is not None:
+            if label not in self.spec.label_map:
+                raise BadSample(f"label {label} is not a key of the label_map")
+            label = self.spec.label_map[label]
+        return sample[MP4], label, frames
 
     # ---- bad samples --------------------------------------------------------------------------------------
-    def _bad(self, sample: dict, reason: str, st: RoleState, seen: int) -> None:
+    def _bad(self, sample: dict, reason: str, st: RoleState) -> None:
+        """Count, log and quarantine a bad sample. The limit (``max_bad_fraction``) is not checked here but in the
+        training process over all ranks (``ShardLoader._check_bad``), so every rank decides alike."""
         cfg = self.spec.cfg
         st.bad += 1
+        reason = reason.replace("\t", " ").replace("\n", " ")  # one quarantine line per sample
         logger.warning("bad sample %s in %s: %s", sample.get("__key__"), sample.get("_shard"), reason)
         if cfg.quarantine:
             with open(cfg.quarantine, "a") as f:
                 f.write(f"{sample.get('__key__')}\t{sample.get('_shard')}\t{reason}\n")
-        if seen >= cfg.min_bad_check and st.bad / seen > cfg.max_bad_fraction:
-            raise BadSampleRateError(
-                f"{st.bad} of {seen} samples bad (> max_bad_fraction={cfg.max_bad_fraction}); last: "
-                f"{sample.get('__key__')} in {sample.get('_shard')}: {reason}. Keys are in "
-                f"{cfg.quarantine or '(no quarantine file set)'}; rebuild those videos/shards or raise the limit")
 
     # ---- main loop ----------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -199,7 +227,7 @@ class ClipStream(IterableDataset):
                 items = make(sample, pos)
             except BadSample as e:
                 st.pos = pos + 1
-                self._bad(sample, str(e), st, pos + 1)
+                self._bad(sample, str(e), st)
                 continue
             st.pos, st.last_good, reservoir = pos + 1, pos, sample
             pending += items
@@ -211,7 +239,10 @@ class ClipStream(IterableDataset):
         # every role, hence every rank, emits exactly the planned number of batches.
         while st.emitted + len(pending) < target:
             if reservoir is None:
-                raise BadSampleRateError(f"rank {s.rank} role {role}: no decodable sample in its {s.length} samples")
+                # Nothing to refill from: tell the training process, which stops every rank together.
+                logger.error("rank %d role %d: no decodable sample in its %d samples", s.rank, role, s.length)
+                yield {"_role": role, "_state": st.to_dict(), "_starved": True}
+                return
             pending = (pending + make(reservoir, s.length + st.emitted + len(pending)))[:target - st.emitted]
             while len(pending) >= bsz:
                 st.emitted += bsz

@@ -9,13 +9,12 @@ from tstl.core import torchvision_shim
 
 torchvision_shim.install()
 
-from tstl.models.contract import Conversion, VideoClassifier  # noqa: E402
-from tstl.models.registry import create_model, list_models, register_model  # noqa: E402
-from tstl.models.checkpoint import LoadReport, UntrustedCheckpointError, load_checkpoint  # noqa: E402
-
-# Model families register their variants on import.
+# The families (bcast, timesformer) register their variants on import.
 from tstl.models import bcast as _bcast  # noqa: E402,F401
 from tstl.models import timesformer as _timesformer  # noqa: E402,F401
+from tstl.models.checkpoint import LoadReport, UntrustedCheckpointError, load_checkpoint  # noqa: E402
+from tstl.models.contract import Conversion, VideoClassifier  # noqa: E402
+from tstl.models.registry import create_model, list_models, register_model  # noqa: E402
 
-__all__ = ["VideoClassifier", "Conversion", "create_model", "list_models", "register_model", "load_checkpoint",
-           "LoadReport", "UntrustedCheckpointError"]
+__all__ = ["Conversion", "LoadReport", "UntrustedCheckpointError", "VideoClassifier", "create_model", "list_models",
+           "load_checkpoint", "register_model"]

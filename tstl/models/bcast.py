@@ -408,8 +408,8 @@ class BCAST(VideoClassifier):
                 dropped[k] = "VideoMAE's final norm: B-CAST keeps vmae_fc_norm at its own initialisation (as CAST)"
             elif name.startswith("head."):
                 # As CAST: a VideoMAE classifier of the right shape initialises the head, any other is dropped.
-                if (head is None or name == "head.weight" and v.shape != head
-                        or name == "head.bias" and v.shape[0] != head[0]):
+                if (head is None or (name == "head.weight" and v.shape != head)
+                        or (name == "head.bias" and v.shape[0] != head[0])):
                     dropped[k] = "VideoMAE head of another number of classes"
                 else:
                     out[name] = v

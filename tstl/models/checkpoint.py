@@ -126,7 +126,7 @@ def _foreign_globals(path: str, error: Exception) -> list[str]:
     """The globals outside the allow-list that ``path``'s pickle names (torch's error names only the first)."""
     try:
         names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in _ALLOWED]
-    except Exception:  # noqa: BLE001  (legacy non-zip files: take the one global torch's error names)
+    except Exception:
         names = []
     if not names:
         names = re.findall(r"GLOBAL (\S+) was not an allowed global", str(error))

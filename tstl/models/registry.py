@@ -5,7 +5,7 @@ Every registered builder returns a ``VideoClassifier`` (``tstl.models.contract``
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from tstl.models.contract import VideoClassifier
 

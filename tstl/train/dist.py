@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -104,7 +105,7 @@ def on_main(fn: Callable[[], Any]) -> Any:
     if is_main():
         try:
             result = fn()
-        except Exception as e:  # noqa: BLE001 - re-raised below, after the others are told
+        except Exception as e:
             error = e
     ok, payload = broadcast_object((error is None, result if error is None else f"{type(error).__name__}: {error}"))
     if error is not None:

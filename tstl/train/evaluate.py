@@ -25,6 +25,7 @@ from tstl.train import dist
 from tstl.train.build import build_model, compute_dtype
 from tstl.train.checkpoint import resolve_weights
 from tstl.train.config import TrainConfig
+from tstl.train.plots import plot_confusion
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +48,24 @@ class EvalResult:
 MERGE_RULES = ("mean", "mean_softmax", "sum_logits")
 
 
+def progress(batches: Iterable[dict], desc: str) -> Iterable[dict]:
+    """``batches`` with a tqdm bar and ETA on rank 0 (total: this rank's batches, when the loader knows them)."""
+    from tqdm import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None
+    return tqdm(batches, total=total, desc=desc, unit="batch", disable=not dist.is_main(), dynamic_ncols=True,
+                leave=False)
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, batches: Iterable[dict], device: torch.device,
-            dtype: torch.dtype = torch.float32) -> dict[tuple[str, int], tuple[np.ndarray, int]]:
-    """Logits of every (key, view) this rank sees: {(key, view): (logits, label)}; :func:`merge` applies the rule."""
+            dtype: torch.dtype = torch.float32, desc: str = "evaluate") -> dict[tuple[str, int], tuple[np.ndarray, int]]:
+    """Logits of every (key, view) this rank sees: {(key, view): (logits, label)}; :func:`merge` applies the rule.
+    Rank 0 shows a progress bar named ``desc``."""
     out = {}
     was_training = model.training
     model.eval()
-    for batch in batches:
+    for batch in progress(batches, desc):
         video = batch["video"].to(device, dtype=dtype, non_blocking=True)
         logits = model(video).float().cpu().numpy()
         views = batch.get("view", torch.zeros(len(batch["key"]), dtype=torch.long)).tolist()
@@ -115,15 +126,18 @@ def metrics(probs: dict[str, np.ndarray], labels: dict[str, int], num_classes: i
 
 
 def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.device, num_classes: int,
-             dtype: torch.dtype = torch.float32, merge_rule: str = "mean_softmax") -> EvalResult:
+             dtype: torch.dtype = torch.float32, merge_rule: str = "mean_softmax", desc: str = "evaluate") -> EvalResult:
     """Predict on this rank's share, gather every rank's in memory, merge views by ``merge_rule`` (the run's
     ``test_merge``), compute the metrics (all ranks)."""
-    local = predict(model, batches, device, dtype)
+    local = predict(model, batches, device, dtype, desc)
     return metrics(*merge(dist.all_gather_objects(local), merge_rule), num_classes)
 
 
 def save_report(result: EvalResult, out: Path, classes: list[str] | None = None) -> None:
-    """metrics.json, per_class.csv, confusion.npy/.csv, predictions.npz and confusion.png under ``out``."""
+    """metrics.json, per_class.csv, confusion.npy/.csv, predictions.npz and confusion.png under ``out``.
+
+    The PNG is ``plots.plot_confusion``'s: class names on the axes for few classes, a size-capped heatmap with
+    confused classes placed together for many (``plots.most_confused_pairs`` names them in the reports)."""
     out.mkdir(parents=True, exist_ok=True)
     names = classes or [str(i) for i in range(len(result.per_class))]
     (out / "metrics.json").write_text(json.dumps(result.summary(), indent=1))
@@ -138,26 +152,6 @@ def save_report(result: EvalResult, out: Path, classes: list[str] | None = None)
     np.savez(out / "predictions.npz", keys=np.array(keys), probs=np.stack([result.probs[k] for k in keys]),
              labels=np.array([result.labels[k] for k in keys]))
     plot_confusion(result.confusion, names, out / "confusion.png")
-
-
-def plot_confusion(confusion: np.ndarray, names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(names)
-    norm = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(max(5, n * 0.45), max(4, n * 0.4)))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    if n <= 40:
-        ax.set_xticks(range(n), [s[:28] for s in names], rotation=90, fontsize=7)
-        ax.set_yticks(range(n), [s[:28] for s in names], fontsize=7)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion (row-normalised)")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = (), overrides: Sequence[str] = (),
@@ -175,7 +169,7 @@ def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = 
     """
     weights, run_cfg = resolve_weights(checkpoint)
     files = list(configs) or ([run_cfg] if run_cfg else [])
-    cfg = load_cli_config(TrainConfig, [Path(f) for f in files], list(overrides))
+    cfg = load_cli_config(TrainConfig, [str(f) for f in files], list(overrides))
     device = dist.init()
     loader = build_eval_loader(cfg.data, cfg.shard_dir(cfg.val_split), rank=dist.rank(),
                                world_size=dist.world()).to(device)
@@ -184,7 +178,8 @@ def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = 
     report = load_checkpoint(model, weights)
     logger.info("evaluating %s (%s) on %s", weights, report.format, cfg.shard_dir(cfg.val_split))
     dtype = compute_dtype(cfg.engine.precision, device)
-    res = evaluate(model.to(device, dtype), loader, device, num_classes, dtype, cfg.test_merge)
+    res = evaluate(model.to(device, dtype), loader, device, num_classes, dtype, cfg.test_merge,
+                   f"eval {cfg.val_split}")
     dest = Path(out) if out else Path(cfg.out_dir) / f"eval-{weights.parent.name}"
     if dist.is_main():
         save_report(res, dest, loader.classes)

@@ -20,12 +20,13 @@ from types import FrameType
 
 import torch
 
+from tstl.core import exitcodes
 from tstl.train import dist
 
 logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-EXIT_PREEMPTED = 75
+EXIT_PREEMPTED = exitcodes.PREEMPTED  # 75
 """Exit code after a save on a signal: EX_TEMPFAIL ("try again"), non-zero so that a job script or scheduler never
 mistakes a preempted run for a finished one, and distinct from a crash (1) or a config error (2)."""
 
@@ -49,7 +50,7 @@ class PreemptionWatch:
         self.last_save = time.monotonic()
         self._previous: dict[int, object] = {}
 
-    def install(self) -> "PreemptionWatch":
+    def install(self) -> PreemptionWatch:
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._on_signal)
         return self

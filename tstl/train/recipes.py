@@ -4,22 +4,37 @@ A recipe is ``configs/data/<dataset>.yaml`` <- ``configs/model/<model>.yaml`` <-
 (the last only where the pair needs its own settings) <- command-line overrides. ``make print-config`` prints the
 result exactly as the run's ``config.yaml`` will hold it::
 
+    tstl print-config ssv2 bcast_vit_b16 [key.sub=value ...]
     python -m tstl.train.recipes --dataset ssv2 --model bcast_vit_b16 [key.sub=value ...]
+
+The configs ship inside the package (``tstl/configs`` is a link to the checkout's ``configs/`` that the wheel build
+copies), so an installed ``tstl`` finds its recipes outside the checkout; ``CONFIG_DIR`` is the checkout's folder
+when there is one, else the packaged copy (read through ``importlib.resources``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from tstl.core.config import ConfigError, dump_yaml, load_config
+from tstl.core.exitcodes import EPILOG, OK, usage_error
 from tstl.train.config import TrainConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CHECKOUT_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
-__all__ = ["CONFIG_DIR", "available", "load_recipe", "print_config", "recipe_files"]
+
+def packaged_configs() -> Path:
+    """The configs inside the installed package (``tstl/configs``)."""
+    return Path(str(importlib.resources.files("tstl") / "configs"))
+
+
+CONFIG_DIR = CHECKOUT_CONFIGS if CHECKOUT_CONFIGS.is_dir() else packaged_configs()
+
+__all__ = ["CONFIG_DIR", "available", "load_recipe", "packaged_configs", "print_config", "recipe_files"]
 
 
 def available(config_dir: Path = CONFIG_DIR) -> tuple[list[str], list[str]]:
@@ -55,19 +70,40 @@ def print_config(dataset: str, model: str, overrides: Sequence[str] = (), config
     return text
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tstl.train.recipes", description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", required=True, help="a configs/data/<dataset>.yaml")
-    p.add_argument("--model", default="bcast_vit_b16", help="a configs/model/<model>.yaml")
-    p.add_argument("--config-dir", type=Path, default=CONFIG_DIR)
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+def build_parser(prog: str = "python -m tstl.train.recipes") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Print the resolved training recipe of a (dataset, model) as "
+                                "YAML, exactly as the run's config.yaml will hold it.", epilog=EPILOG)
+    p.add_argument("words", nargs="*", metavar="[DATASET [MODEL]] [key.sub=value ...]",
+                   help="dataset and model (or --dataset/--model), then dotted overrides")
+    p.add_argument("--dataset", help="a configs/data/<dataset>.yaml")
+    p.add_argument("--model", help="a configs/model/<model>.yaml (default bcast_vit_b16)")
+    p.add_argument("--config-dir", type=Path, default=None, help=f"recipe folder (default {CONFIG_DIR})")
+    p.add_argument("--list", action="store_true", help="list the datasets and models that have a config, and exit")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m tstl.train.recipes") -> int:
+    p = build_parser(prog)
     args = p.parse_args(argv)
+    config_dir = args.config_dir or CONFIG_DIR
+    if args.list:
+        datasets, models = available(config_dir)
+        print(f"datasets: {', '.join(datasets)}\nmodels: {', '.join(models)}\n(configs in {config_dir})")
+        return OK
+    names = [w for w in args.words if "=" not in w]
+    overrides = [w for w in args.words if "=" in w]
+    if len(names) > 2 or (names and args.dataset) or (len(names) > 1 and args.model):
+        p.error(f"give the dataset and model once, as words or as --dataset/--model (got {' '.join(names)})")
+    dataset = args.dataset or (names[0] if names else None)
+    model = args.model or (names[1] if len(names) > 1 else "bcast_vit_b16")
+    if not dataset:
+        datasets, _ = available(config_dir)
+        p.error(f"name a dataset: one of {', '.join(datasets)} (e.g. print-config ucf101 bcast_vit_b16)")
     try:
-        print_config(args.dataset, args.model, args.overrides, args.config_dir)
+        print_config(dataset, model, overrides, config_dir)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return usage_error(e)
+    return OK
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from tstl.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from tstl.train.config import TrainConfig
 from tstl.train.evaluate import EvalResult, evaluate, save_report
 from tstl.train.metrics import MetricsSink
+from tstl.train import perf
 from tstl.train import resume_guard
 from tstl.train.preemption import Preempted, PreemptionWatch
 
@@ -94,6 +96,24 @@ class Trainer:
         # issue 13: SIGTERM/SIGUSR1 and checkpoint.every_minutes -> a save at the next step boundary
         self.watch = PreemptionWatch(cfg.checkpoint.every_minutes, self.device).install()
         self.stop_requested = False
+        self.perf = self._count_flops(model) if dist.is_main() else None
+
+    def _count_flops(self, model: nn.Module) -> dict | None:
+        """Model FLOPs per training clip (tstl/train/perf.py: counted on a meta copy) and the device's peak."""
+        counted = perf.count_on_meta(lambda: build_model(replace(self.cfg.model, init=[], grad_checkpointing=False),
+                                                         self.num_classes)[0],
+                                     (3, model.num_frames, model.img_size, model.img_size))
+        if counted is None:
+            return None
+        name = perf.device_name(self.device)
+        peak = perf.peak_flops(name, self.cfg.engine.precision)
+        logger.info("model FLOPs per clip: %.3g forward, %.3g forward+backward (training); %s%s", counted[0],
+                    counted[1], name, f", dense peak {peak / 1e12:.1f} TFLOP/s" if peak else " (no known peak: no MFU)")
+        info = {"forward_flops_per_clip": counted[0], "train_flops_per_clip": counted[1], "peak_flops": peak,
+                "device": name, "precision": self.cfg.engine.precision}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "perf.json").write_text(json.dumps(info, indent=1))  # report.md's throughput section
+        return info
 
     def _log_start(self, model: nn.Module, provenance: list[str]) -> None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -200,6 +220,8 @@ class Trainer:
         bar = tqdm(total=len(loader), initial=loader.step, desc=f"epoch {self.epoch}", disable=not dist.is_main(),
                    dynamic_ncols=True)
         wait = busy = 0.0
+        step_s = None  # recent seconds per micro-batch (moving average): the whole-run ETA
+        window = [0, 0.0]  # clips and seconds since the last logged step: achieved FLOP/s
         t0 = time.perf_counter()
         for batch in loader:
             t1 = time.perf_counter()
@@ -209,12 +231,18 @@ class Trainer:
             self.step = loader.step + self.epoch * len(loader)
             lr = self.engine.get_lr()[0] if self.engine.get_lr() else 0.0
             clips_s = len(batch["key"]) * dist.world() / max(t2 - t0, 1e-9)
+            step_s = t2 - t0 if step_s is None else 0.95 * step_s + 0.05 * (t2 - t0)
+            window = [window[0] + len(batch["key"]), window[1] + (t2 - t0)]
+            left = cfg.epochs * len(loader) - self.step  # micro-batches left in the run (validation not counted)
             bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "nan", lr=f"{lr:.2e}",
-                            clips_s=f"{clips_s:.1f}", wait=f"{wait / max(wait + busy, 1e-9):.0%}")
+                            clips_s=f"{clips_s:.1f}", wait=f"{wait / max(wait + busy, 1e-9):.0%}",
+                            run_eta=tqdm.format_interval(left * step_s))
             bar.update(1)
             if loss is not None and self.step % cfg.log_every == 0:
                 self.sink.log(self.step, {"train/loss": loss, "train/lr": lr, "train/clips_per_s": clips_s,
-                                          "train/data_wait": wait / max(wait + busy, 1e-9)}, epoch=self.epoch)
+                                          "train/data_wait": wait / max(wait + busy, 1e-9),
+                                          **self._perf_scalars(*window)}, epoch=self.epoch)
+                window = [0, 0.0]
             timed, self.stop_requested = self.watch.poll()  # collective: every rank decides alike (issue 13)
             every = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
             if (every or timed or self.stop_requested) and loader.step < len(loader):
@@ -225,10 +253,19 @@ class Trainer:
             t0 = time.perf_counter()
         bar.close()
 
-    def validate(self, views: tuple[int, int]) -> EvalResult:
+    def _perf_scalars(self, clips: int, seconds: float) -> dict[str, float]:
+        """Achieved model FLOP/s of this rank (= per device) and MFU over the last logging window."""
+        if self.perf is None or seconds <= 0:
+            return {}
+        achieved = self.perf["train_flops_per_clip"] * clips / seconds
+        return {"perf/achieved_flops": achieved,
+                **({"perf/mfu": achieved / self.perf["peak_flops"]} if self.perf["peak_flops"] else {})}
+
+    def validate(self, views: tuple[int, int], desc: str = "validate") -> EvalResult:
         loader = build_eval_loader(self.cfg.data, self.cfg.shard_dir(self.cfg.val_split), rank=dist.rank(),
                                    world_size=dist.world(), views=views, label_map=self.label_map).to(self.device)
-        return evaluate(self.engine.module, loader, self.device, self.num_classes, self.dtype, self.cfg.test_merge)
+        return evaluate(self.engine.module, loader, self.device, self.num_classes, self.dtype, self.cfg.test_merge,
+                        desc)
 
     def train(self) -> EvalResult | None:
         """Resume if a checkpoint exists, train the remaining epochs, test; returns the final test result."""
@@ -238,7 +275,7 @@ class Trainer:
             self.train_epoch()
             metric = None
             if self.cfg.val_every and (self.epoch + 1) % self.cfg.val_every == 0:
-                res = self.validate((1, 1))
+                res = self.validate((1, 1), f"validate epoch {self.epoch}")
                 metric = res.top1
                 self.sink.log(self.step, {"val/top1": res.top1, "val/top5": res.top5}, epoch=self.epoch)
                 logger.info("epoch %d: single-view val top-1 %.4f top-5 %.4f (%d videos)", self.epoch, res.top1,
@@ -253,7 +290,7 @@ class Trainer:
 
     def test(self) -> EvalResult:
         views = tuple(self.cfg.data.test_views)
-        res = self.validate(views)
+        res = self.validate(views, f"test {views[0]}x{views[1]} views")
         logger.info("multi-view test (%d x %d views): top-1 %.4f top-5 %.4f mean class acc %.4f (%d videos)",
                     *views, res.top1, res.top5, res.summary()["mean_class_acc"], res.videos)
         if dist.is_main():

@@ -31,7 +31,8 @@ from tstl.train import dist
 from tstl.train.build import build_model, compute_dtype
 from tstl.train.checkpoint import resolve_weights
 from tstl.train.config import TrainConfig
-from tstl.train.evaluate import EvalResult, merge, metrics, save_report
+from tstl.train.evaluate import EvalResult, merge, metrics, progress, save_report
+from tstl.train.plots import most_confused_pairs, pairs_table
 from tstl.twostage.config import TSTLConfig
 from tstl.twostage.groups import ClassGroups, load_groups
 from tstl.twostage.plan import expert_file, selector_file
@@ -149,7 +150,7 @@ def predict_routed(models: RoutedModels, batches: Iterable[dict], device: torch.
     class_to_group = torch.as_tensor(groups.class_to_group, device=device)
     tally = Tally(routed=[0] * groups.num_groups, hard=[0] * groups.num_groups)
     out: dict[tuple[str, int], dict] = {}
-    for batch in batches:
+    for batch in progress(batches, "routed eval"):
         x = batch["video"].to(device, dtype=dtype, non_blocking=True)
         labels = batch["label"].to(device)
         sel_logits = models.selector(x).float()
@@ -215,7 +216,9 @@ def _cost(name: str, top_k: int, num_groups: int) -> float | None:
 
 
 def write_report(res: dict, out: Path, classes: list[str] | None, title: str, notes: Sequence[str] = ()) -> str:
-    """``metrics.json``, ``report.md`` and a ``save_report`` folder per method under ``out``."""
+    """``metrics.json``, ``report.md`` and a ``save_report`` folder per method under ``out`` (each with its
+    confusion PNG: class names for few classes, capped and cluster-ordered for many); ``report.md`` names the most
+    confused pairs of hard routing, of the single B-CAST when given, and of the selector's groups."""
     out.mkdir(parents=True, exist_ok=True)
     s = res["summary"]
     (out / "metrics.json").write_text(json.dumps(s, indent=1))
@@ -241,8 +244,18 @@ def write_report(res: dict, out: Path, classes: list[str] | None, title: str, no
         names_g = ", ".join(classes[c] if classes else str(c) for c in e["classes"])
         lines.append(f"| {e['group']} | {names_g} | {e['videos']} | {acc} | {calls} |")
     lines += ["", "Routing per view, views averaged in probability space. The soft-routing row's experts include "
-              "the hard one, so one pass measures both.", *(["", *notes] if notes else []), "",
-              "![hard routing](hard/confusion.png) ![selector](selector/confusion.png)"]
+              "the hard one, so one pass measures both.", *(["", *notes] if notes else [])]
+    class_names = classes or [str(i) for i in range(len(res["results"]["hard"].per_class))]
+    group_names = [f"group {g}" for g in range(s["num_groups"])]
+    for name, result, label_names in (("hard", res["results"].get("hard"), class_names),
+                                      ("baseline", res["results"].get("baseline"), class_names),
+                                      ("selector", res["selector"], group_names)):
+        if result is not None:
+            title = names.get(name, "selector (true group -> chosen group)")
+            lines += ["", f"## Most confused pairs: {title}", "",
+                      *pairs_table(most_confused_pairs(result.confusion, 10), label_names)]
+    lines += ["", "## Confusion matrices", "", "Per method under its folder (`<method>/confusion.png`, "
+              "`per_class.csv`).", "", "![hard routing](hard/confusion.png) ![selector](selector/confusion.png)"]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text

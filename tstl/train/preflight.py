@@ -1,0 +1,107 @@
+"""Checks a run's config can start, before anything expensive (the DeepSpeed launcher, data loading, weights).
+
+``tstl train --check`` (what ``make train`` runs before it launches) and every ``train``/``eval`` command call
+``check_run``: each problem is a ``UsageError`` naming what is wrong and the fix, reported once with exit code 2
+instead of a traceback on every rank after launch. The model is built on the ``meta`` device (no memory, well under
+a second for ViT-B) so unknown names, unknown architecture arguments and bad values all surface here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from tstl.core.config import ConfigError
+from tstl.core.exitcodes import UsageError
+from tstl.core.shards import INDEX
+from tstl.train.config import ModelConfig, TrainConfig
+
+__all__ = ["check_config_files", "check_model", "check_run", "check_shards", "shards_hint"]
+
+
+def check_config_files(files: Sequence[str | Path]) -> None:
+    """Every ``--config`` file exists; a missing ``configs/<kind>/<name>.yaml`` lists the names that do exist
+    (``make train DATASET=kinetics`` -> the available datasets)."""
+    for f in (Path(str(w)) for w in files if "=" not in str(w)):
+        if f.is_file():
+            continue
+        folder = f.parent
+        have = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        kind = {"data": "dataset", "model": "model"}.get(folder.name, "config")
+        hint = (f"available {kind}s in {folder}: {', '.join(have)}" if have
+                else "check the path; `tstl print-config --list` names the shipped recipes")
+        if kind == "dataset":
+            hint += " (DATASET=<name> for make; a new dataset needs configs/data/<name>.yaml, docs/pipeline.md)"
+        raise UsageError(f"config file not found: {f}", hint)
+
+
+def check_model(cfg: ModelConfig, num_classes: int = 8) -> None:
+    """``model.name`` is registered and ``model.kwargs`` are arguments of its builder with valid values.
+
+    Builds the model on the meta device (``num_classes`` only fills the head; its value does not matter)."""
+    import torch
+
+    from tstl.models import create_model, list_models
+
+    names = list_models()
+    if cfg.name not in names:
+        import difflib
+
+        close = difflib.get_close_matches(cfg.name, names, n=1)
+        raise UsageError(f"model.name: unknown model '{cfg.name}'",
+                         (f"did you mean '{close[0]}'? " if close else "") + f"registered models: {', '.join(names)}")
+    try:
+        with torch.device("meta"):
+            create_model(cfg.name, num_classes=num_classes or 8, drop_path_rate=cfg.drop_path_rate, **cfg.kwargs)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"model.kwargs of {cfg.name}: {e}", "fix or remove that model.kwargs.<argument>")
+
+
+def shards_hint(cfg: TrainConfig, split: str) -> str:
+    """The command that builds the shard set of ``split``."""
+    m = re.search(r"split(\d+)$", split)
+    split_arg = f" SPLIT={m.group(1)}" if m and m.group(1) != "1" else ""
+    data_arg = f" DATA_DIR={cfg.data_dir}" if cfg.data_dir != "data" else ""
+    return (f"build it with `make shards DATASET={cfg.dataset}{split_arg}{data_arg}` or `tstl shards build "
+            f"--dataset {cfg.dataset} --data-dir {cfg.data_dir}{' --split ' + m.group(1) if split_arg else ''}`, "
+            "or point data_dir= at the folder that holds it")
+
+
+def check_shards(cfg: TrainConfig, splits: Sequence[str]) -> None:
+    """Each split's shard set (``<data_dir>/<dataset>/shards/<split>/shards.json``) exists."""
+    if "://" in cfg.data_dir or cfg.data_dir.startswith("pipe:"):
+        return  # remote: the loader reports what it cannot read
+    for split in dict.fromkeys(splits):
+        folder = cfg.shard_dir(split)
+        if not (folder / INDEX).is_file():
+            what = "has no shards.json (an unfinished build?)" if folder.is_dir() else "does not exist"
+            raise UsageError(f"shard set {folder} {what}", shards_hint(cfg, split))
+
+
+def check_init(cfg: ModelConfig, entries: Sequence[str] | None = None, key: str = "model.init") -> None:
+    """Every ``model.init`` entry (or ``entries``, named ``key`` in the error) resolves to a checkpoint file."""
+    from tstl.train.checkpoint import resolve_weights
+
+    for entry in cfg.init if entries is None else entries:
+        try:
+            resolve_weights(entry)
+        except FileNotFoundError as e:
+            raise UsageError(f"{key}: {e}", "give a checkpoint file, a DeepSpeed tag folder or a run folder "
+                                            "(docs/models.md lists the formats)") from None
+
+
+def check_run(cfg: TrainConfig, *, train: bool = True, model: bool = True) -> None:
+    """Everything ``train`` (``train=True``) or an evaluation (``train=False``) needs before it starts."""
+    splits = [cfg.train_split] if train else []
+    if not train or cfg.val_every > 0 or cfg.test_at_end:
+        splits.append(cfg.val_split)
+    check_shards(cfg, splits)
+    if model:
+        check_model(cfg.model, cfg.model.num_classes)
+        check_init(cfg.model)
+
+
+def config_error_hint(e: ConfigError) -> str:
+    """A ConfigError's message with the general fix appended (the message already names the file and key)."""
+    return f"{e} (`tstl config keys` lists every key with its type and default)"
