@@ -103,6 +103,40 @@ def test_twice_elastic_and_the_same_layout_stays_exact(shards: Path) -> None:
     assert middle[0] + again[0] == rest[0]
 
 
+def test_bad_samples_are_not_read_again_and_drop_stays_drop(shards: Path, tmp_path: Path) -> None:
+    vid = make_mp4(tmp_path / "v.mp4", 12, 3)
+    items = [sample(f"g{i:02d}", i % 5, vid, 12) for i in range(14)]
+    for i in (1, 6, 11):  # bad ones spread over the epoch
+        items[i] = {**items[i], "mp4": b"\0" * 2000}
+    root = write_shardset(tmp_path / "bad", items, [7, 7])
+    q = tmp_path / "quarantine.txt"
+    c = _cfg(num_workers=0, quarantine=str(q), max_bad_fraction=0.9)
+    before, states, _ = _job(root, 2, c, stop=2)
+    assert 0 < len(q.read_text().splitlines()) < 3  # some found bad before the save, some after
+    after, _, _ = _job(root, 1, c, states)
+    bad = [line.split("\t")[0] for line in q.read_text().splitlines()]
+    assert sorted(bad) == ["g01", "g06", "g11"]  # each found bad once, before or after the resume
+    good = {f"g{i:02d}" for i in range(14)} - set(bad)
+    assert set(_flat(before)) | set(_flat(after)) == good and not set(_flat(before)) & set(_flat(after))
+
+    # balance="drop": the remainder is rounded down too; nothing is repeated, nothing seen twice
+    keys_b, states = [], []
+    for r in range(2):
+        ld = build_train_loader(_cfg(), shards, rank=r, world_size=2, balance="drop")
+        got = []
+        for batch in ld:
+            got += batch["key"]
+            if ld.step == 2:
+                break
+        keys_b += got
+        states.append(ld.state_dict())
+    ld = build_train_loader(_cfg(num_workers=0), shards, rank=0, world_size=1, balance="drop")
+    ld.load_state_dicts(states)
+    keys_a = [k for batch in ld for k in batch["key"]]
+    assert not set(keys_b) & set(keys_a) and len(set(keys_a)) == len(keys_a) and len(set(keys_b)) == len(keys_b)
+    assert len(keys_a) % 2 == 0 and len(keys_b) + len(keys_a) > 27 - 2 * 2 * 2
+
+
 def test_a_different_seed_or_shard_set_is_refused(shards: Path) -> None:
     _, states, _ = _job(shards, 2, _cfg(), stop=2)
     ld = build_train_loader(_cfg(seed=5), shards, rank=0, world_size=1)
