@@ -231,7 +231,7 @@ def batch_step_ms(cfg: DataConfig, device: torch.device, clips: torch.Tensor, re
         if device.type == "cuda":
             torch.cuda.synchronize()
         times = [time.perf_counter() - t]
-        for name, stage in stages.items():
+        for _name, stage in stages.items():
             t = time.perf_counter()
             batch = stage(batch, r)
             if device.type == "cuda":

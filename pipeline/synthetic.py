@@ -221,7 +221,7 @@ def render_frames(motion: str, seed: tuple[int, ...], width: int, height: int, n
 
 def _encode(frames: np.ndarray, path: Path, fps: int, codec: str) -> None:
     """Encode raw RGB frames with ffmpeg into ``path`` atomically (temp name, then rename)."""
-    t, h, w, _ = frames.shape
+    _t, h, w, _ = frames.shape
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if codec == "vp9":
         opts = {"vcodec": "libvpx-vp9", "crf": 32, "b:v": 0, "deadline": "realtime", "cpu-used": 8}
@@ -360,7 +360,7 @@ def plan_kinetics400(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict
     jobs: list[VideoJob] = []
     rows: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     clips = []  # (split, class index, youtube id, start, end)
-    for c, cls in enumerate(classes):
+    for c, _cls in enumerate(classes):
         for i in range(cfg.videos_per_class):
             split = "train" if i < counts[0] else "val" if i < counts[0] + counts[1] else "test"
             yid = "".join(K400_ID_CHARS[int(k)] for k in rng.integers(0, len(K400_ID_CHARS), 11))

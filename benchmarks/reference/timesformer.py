@@ -28,7 +28,7 @@ def _lin(x: torch.Tensor, sd: dict, name: str) -> torch.Tensor:
 
 
 def _attn(x: torch.Tensor, sd: dict, name: str, heads: int) -> torch.Tensor:
-    b, n, c = x.shape
+    _b, _n, c = x.shape
     qkv = rearrange(_lin(x, sd, f"{name}.qkv"), "b n (three h d) -> three b h n d", three=3, h=heads)
     q, k, v = qkv[0], qkv[1], qkv[2]
     attn = ((q @ k.transpose(-2, -1)) * (c // heads) ** -0.5).softmax(dim=-1)

@@ -10,13 +10,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from tstl.data import DataConfig  # noqa: F401  (installs the torchvision shim before timm is imported)
 from timm.data import rand_augment_transform
 from timm.data.auto_augment import NAME_TO_OP
 
+from tstl.data import DataConfig  # noqa: F401  (installs the torchvision shim before timm is imported)
 from tstl.data.augment import (
-    ClipOps, RandAugmentPolicy, apply_colour, colour_numpy, colour_torch, compose, fill_mask, op_matrix)
+    ClipOps,
+    RandAugmentPolicy,
+    apply_colour,
+    colour_numpy,
+    colour_torch,
+    compose,
+    fill_mask,
+    op_matrix,
+)
 from tstl.data.device import DeviceRandAugment, Erase, warp_batch
 from tstl.data.transforms import warp_clip
 

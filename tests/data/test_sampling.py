@@ -82,7 +82,7 @@ def _cast_ssv2_test_reference(n: int, num_segment: int, chunk_nb: int) -> list[i
 
 def _cast_dense_test_reference(n: int, clip_len: int, rate: int, chunk_nb: int, test_num_segment: int) -> list[int]:
     # verbatim: KHU-VLL/CAST dataset/kinetics.py:247-249 (decoded frame indices) and :146-151 (temporal slice)
-    all_index = [x for x in range(0, n, rate)]
+    all_index = list(range(0, n, rate))
     while len(all_index) < clip_len:
         all_index.append(all_index[-1])
     temporal_step = max(1.0 * (len(all_index) - clip_len) / (test_num_segment - 1), 0)

@@ -3,8 +3,8 @@ loader's batch format and ``augment_on`` paths."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest

@@ -239,7 +239,7 @@ def test_unexplained_keys_fail(tmp_path) -> None:
 
 
 def test_in21k_pre_logits_dropped() -> None:
-    sd = {k: v for k, v in _tiny("space_only").state_dict().items()}
+    sd = dict(_tiny("space_only").state_dict().items())
     sd["pre_logits.fc.weight"] = torch.zeros(64, 64)
     conv = _tiny().convert_checkpoint(sd)
     assert "pre_logits.fc.weight" in conv.explained_unexpected and "pre_logits.fc.weight" not in conv.state_dict

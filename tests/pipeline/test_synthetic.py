@@ -27,7 +27,7 @@ def _decode(path: Path) -> list[np.ndarray]:
 
 
 def test_ssv2_layout_and_official_json(synth: tuple[Path, dict]) -> None:
-    out, info = synth
+    out, _info = synth
     labels = json.loads((out / "ssv2/labels/labels.json").read_text())
     assert len(labels) == 8 and all("[" not in k for k in labels) and sorted(labels.values(), key=int) == [
         str(i) for i in range(8)]
@@ -99,7 +99,7 @@ def test_ucf101_layout_lists_and_handstand_quirk(synth: tuple[Path, dict]) -> No
 
 
 def test_generation_is_deterministic(synth: tuple[Path, dict], tmp_path: Path) -> None:
-    out, _ = synth
+    _out, _ = synth
     cfg = SynthConfig(**{**CFG.__dict__, "num_classes": 2})
     generate(cfg, tmp_path, datasets=("ssv2",), jobs=1)
     first_train = json.loads((tmp_path / "ssv2/labels/train.json").read_text())

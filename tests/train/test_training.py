@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY, free_port as _port, subprocess_env as _env
+from tests.conftest import ROOT, TINY
+from tests.conftest import free_port as _port
+from tests.conftest import subprocess_env as _env
 
 CONFIGS = [str(ROOT / "configs/data/ssv2.yaml"), str(ROOT / "configs/demo.yaml")]
 

@@ -132,7 +132,7 @@ def test_hard_routing_exact_and_sparse():
 
 
 def test_soft_routing_exact():
-    groups, experts, x, sel, calls = _setup()
+    groups, experts, x, sel, _calls = _setup()
     out = route(x, sel, experts, groups, top_k=2)
     exp = np.zeros((3, 6))
     for i in range(3):

@@ -10,4 +10,4 @@ torchvision_shim.install()
 from tstl.data.config import DataConfig  # noqa: E402
 from tstl.data.loader import BadSampleRateError, ShardLoader, build_eval_loader, build_train_loader  # noqa: E402
 
-__all__ = ["DataConfig", "ShardLoader", "BadSampleRateError", "build_train_loader", "build_eval_loader"]
+__all__ = ["BadSampleRateError", "DataConfig", "ShardLoader", "build_eval_loader", "build_train_loader"]

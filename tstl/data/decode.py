@@ -6,7 +6,7 @@ import contextlib
 import io
 import signal
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import decord
 import numpy as np

@@ -12,13 +12,13 @@ from torch.utils.data import DataLoader
 
 from tstl.data import elastic
 from tstl.data.config import DataConfig
+from tstl.data.device import DeviceRandAugment, Erase, MixupCutmix, Normalize, Stage, ToDevice
 from tstl.data.pipeline import BadSampleRateError, ClipStream, RoleState, StreamSpec, derive_seed
 from tstl.data.sources import ShardList, has_index, resolve, slot_length
-from tstl.data.device import DeviceRandAugment, Erase, MixupCutmix, Normalize, Stage, ToDevice
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ShardLoader", "BadSampleRateError", "build_train_loader", "build_eval_loader"]
+__all__ = ["BadSampleRateError", "ShardLoader", "build_eval_loader", "build_train_loader"]
 
 Source = str | os.PathLike | Sequence[str] | ShardList
 

@@ -26,9 +26,10 @@ import subprocess
 import tarfile
 import time
 import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import IO
 
 import braceexpand
 import webdataset as wds
@@ -237,7 +238,7 @@ def _manifest_hist(url: str, policy: ReadPolicy) -> dict[str, dict[int, int]] | 
             rows = fmt.read_manifest(url)
         else:
             rows = fmt.read_manifest(io.BytesIO(read_bytes(url, policy.timeout_s, policy.retries)))
-    except Exception as e:  # noqa: BLE001 - any failure falls back to scanning, which is exact, only slower
+    except Exception as e:
         logger.warning("%s: not readable (%s: %s)", url, type(e).__name__, e)
         return None
     return {name: info.class_hist for name, info in rows.items()}

@@ -175,7 +175,7 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: Trust = False) -> dict[
     if _is_torchscript(path):
         # OpenAI's CLIP releases are TorchScript archives; they cannot be read with weights_only=True.
         logger.info("%s: TorchScript archive, reading with torch.jit.load", path)
-        return {k: v for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
+        return dict(torch.jit.load(path, map_location="cpu").state_dict().items())
     try:
         obj = _torch_load(path, trusted)
     except UntrustedCheckpointError:

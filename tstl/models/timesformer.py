@@ -332,7 +332,7 @@ class TimeSformer(VideoClassifier):
                 dropped[k] = f"divided space-time weights; this model uses {self.attention_type} attention"
                 del sd[k]
             return
-        for i, blk in enumerate(self.blocks):
+        for i, _blk in enumerate(self.blocks):
             prefix = f"blocks.{i}."
             for spatial, temp in (("attn.", "temporal_attn."), ("norm1.", "temporal_norm1.")):
                 for k in [k for k in sd if k.startswith(prefix + spatial)]:

@@ -20,14 +20,13 @@ from tqdm import tqdm
 from tstl.core.config import dump_yaml, to_dict
 from tstl.data import build_eval_loader, build_train_loader
 from tstl.data.pipeline import derive_seed
-from tstl.train import dist, engine as eng
+from tstl.train import dist, perf, resume_guard
+from tstl.train import engine as eng
 from tstl.train.build import Adapter, build_model, compute_dtype
 from tstl.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from tstl.train.config import TrainConfig
 from tstl.train.evaluate import EvalResult, evaluate, save_report
 from tstl.train.metrics import MetricsSink
-from tstl.train import perf
-from tstl.train import resume_guard
 from tstl.train.preemption import Preempted, PreemptionWatch
 
 logger = logging.getLogger(__name__)
