@@ -64,15 +64,17 @@ def run(model_name: str, batch: int, steps: int) -> dict:
 
 
 def markdown(r: dict) -> str:
+    cpu = f"CPU ({platform.machine()}, {os.cpu_count()} cores, {r['threads']} torch threads)"
+    ref_rate = r["batch"] / r["reference_s"]
     return f"""## B-CAST training step (`python -m benchmarks.bcast`)
 
 `{r['model']}`, batch {r['batch']} x {r['frames']} x {r['size']}^2, forward + backward (trainable parameters only),
-CPU ({platform.machine()}, {os.cpu_count()} cores, {r['threads']} torch threads), float32, mean of {r['steps']} steps each,
+{cpu}, float32, mean of {r['steps']} steps each,
 the two implementations alternating, after a warm-up.
 
 | implementation | s / step | clips / s |
 |---|---|---|
-| reference formulation (sequence-first CLIP, unfused attention) | {r['reference_s']:.2f} | {r['batch'] / r['reference_s']:.3f} |
+| reference formulation (sequence-first CLIP, unfused attention) | {r['reference_s']:.2f} | {ref_rate:.3f} |
 | `tstl.models.bcast` (batch-first, SDPA) | {r['ours_s']:.2f} | {r['batch'] / r['ours_s']:.3f} |
 
 Speed-up: **{r['reference_s'] / r['ours_s']:.2f}x**; max |logit difference| on the same weights {r['max_abs_diff']:.1e}.

@@ -221,7 +221,8 @@ def breakdown(paths: list[Path], cfg: DataConfig, n: int) -> dict[str, float]:
 def batch_step_ms(cfg: DataConfig, device: torch.device, clips: torch.Tensor, reps: int = 5) -> dict[str, float]:
     """Milliseconds per 8-clip batch of each batch stage on ``device`` (uint8 ``[8, T, S, S, 3]`` in)."""
     mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=10)
-    stages = {"RandAugment (device path)": DeviceRandAugment(cfg.rand_augment), "normalise": Normalize(cfg.mean, cfg.std),
+    stages = {"RandAugment (device path)": DeviceRandAugment(cfg.rand_augment),
+              "normalise": Normalize(cfg.mean, cfg.std),
               "random erasing": Erase(cfg.reprob), "mixup/cutmix": MixupCutmix(mix)}
     out = dict.fromkeys(["copy to device", *stages], 0.0)
     for r in range(reps + 1):
@@ -283,6 +284,16 @@ def run(num_videos: int, workers: int, device: str = "cpu") -> str:
     step_rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in step.items())
     worker_step = sum(v for k, v in step.items() if k != "RandAugment (device path)")
     device_step = sum(step.values())
+    table = "\n".join([
+        "| shards, `augment_on: worker`, worker side (decode, crop + fused RandAugment, uint8 out) "
+        f"| {w_side / w:.1f} | {w_side / w / dec:.2f} | {w_side / per_file:.2f}x |",
+        "| shards, `augment_on: worker`, full CPU path (+ normalise, erase, mixup in the training process) "
+        f"| {full / w:.1f} | {full / w / dec:.2f} | **{full / per_file:.2f}x** |",
+        "| shards, `augment_on: device`, worker side (decode, crop, uint8 out) "
+        f"| {d_side / w:.1f} | **{d_side / w / dec:.2f}** | {d_side / per_file:.2f}x |",
+        "| per-file decord, CAST/VideoMAE style (PIL RandAugment at native size, erasing; mixup on the batch) "
+        f"| {per_file / w:.1f} | {per_file / w / dec:.2f} | 1.00x |",
+    ])
     return f"""## Loader (`python -m benchmarks.loader --videos {num_videos} --workers {workers} --device {device}`)
 
 {num_videos} SSV2-like videos ({W}x{H}, 12 fps, {FRAMES} frames: 1/f colour textures, a panning and shaking camera,
@@ -292,10 +303,7 @@ segment sampling, RandAugment `{cfg.rand_augment}`, random erasing {cfg.reprob},
 
 | path | clips/s per worker | vs decode-only | vs per-file |
 |---|---|---|---|
-| shards, `augment_on: worker`, worker side (decode, crop + fused RandAugment, uint8 out) | {w_side / w:.1f} | {w_side / w / dec:.2f} | {w_side / per_file:.2f}x |
-| shards, `augment_on: worker`, full CPU path (+ normalise, erase, mixup in the training process) | {full / w:.1f} | {full / w / dec:.2f} | **{full / per_file:.2f}x** |
-| shards, `augment_on: device`, worker side (decode, crop, uint8 out) | {d_side / w:.1f} | **{d_side / w / dec:.2f}** | {d_side / per_file:.2f}x |
-| per-file decord, CAST/VideoMAE style (PIL RandAugment at native size, erasing; mixup on the batch) | {per_file / w:.1f} | {per_file / w / dec:.2f} | 1.00x |
+{table}
 | decode only (same bytes and frames, 1 process) | {dec:.1f} | 1.00 | |
 
 Batch stages in the training process, ms per 8-clip batch on `{device}` (`augment_on: worker` runs all but the

@@ -126,7 +126,8 @@ def render(results: list[StepResult], info: dict, args: argparse.Namespace) -> s
         "",
         f"Divided space-time attention, {args.frames}x{args.img_size}, batch {args.batch}, depth {args.depth}, "
         f"{info['params'] / 1e6:.2f} M parameters, {precision}, {dev}. Forward + cross-entropy + backward, "
-        f"median of {args.repeats} steps after one warm-up, the two implementations alternating step by step; both implementations share the same parameters and "
+        f"median of {args.repeats} steps after one warm-up, the two implementations alternating step by step; "
+        "both implementations share the same parameters and "
         "clip (`python -m benchmarks.timesformer`).",
         "",
         "| implementation | step (s), median | fastest step (s) | clips/s |"

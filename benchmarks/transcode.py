@@ -64,6 +64,7 @@ def run(videos_per_class: int, jobs: int, work: Path) -> dict:
 
 def markdown(r: dict) -> str:
     ratio = r["direct_s"] / r["stage_s"]
+    stage_rate = r["videos"] / r["stage_s"]
     return f"""## Transcode stage (`python -m benchmarks.transcode`)
 
 {r['videos']} synthetic SSV2-style VP9 clips (1.5-3 s, 240 px high) -> H.264 240p, {r['jobs']} parallel jobs,
@@ -72,7 +73,7 @@ def markdown(r: dict) -> str:
 | run | seconds | videos/s |
 |---|---|---|
 | plain ffmpeg, same argv and parallelism | {r['direct_s']:.2f} | {r['videos'] / r['direct_s']:.1f} |
-| `prepare-ssv2` stage (checks, probe, atomic rename, manifest) | {r['stage_s']:.2f} | {r['videos'] / r['stage_s']:.1f} |
+| `prepare-ssv2` stage (checks, probe, atomic rename, manifest) | {r['stage_s']:.2f} | {stage_rate:.1f} |
 | rerun with nothing to do | {r['noop_s']:.2f} | |
 
 Throughput ratio stage / plain ffmpeg: **{ratio:.3f}** (target >= 0.95).

@@ -34,7 +34,8 @@ logger = logging.getLogger("pipeline")
 PROG = "python -m pipeline.cli"
 # the convention of every tool (tstl.core.exitcodes) with this stage's meaning of each code
 EPILOG = ("exit codes: 0 done; 1 more videos failed than --max-failure-fraction; 2 bad input (metadata, "
-          "arguments, a wrong path); 3 environment error (disk full, read-only or forbidden folder, no ffmpeg: fix it and rerun, no "
+          "arguments, a wrong path); 3 environment error (disk full, read-only or forbidden folder, no ffmpeg: "
+          "fix it and rerun, no "
           "video was marked failed); 4 another run holds the dataset folder (see --wait-lock)")
 
 

@@ -299,7 +299,8 @@ def plan_ssv2(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict]:
             split = "train" if i < counts[0] else "validation" if i < counts[0] + counts[1] else "test"
             fps = int(rng.choice(cfg.ssv2_fps))
             noun = str(rng.choice(NOUNS))
-            jobs.append(VideoJob(str(vid_dir / f"{vid}.webm"), c, (cfg.seed, 1, int(vid)), int(rng.choice(cfg.ssv2_widths)),
+            jobs.append(VideoJob(str(vid_dir / f"{vid}.webm"), c, (cfg.seed, 1, int(vid)),
+                                 int(rng.choice(cfg.ssv2_widths)),
                                  240, fps, _num_frames(rng, cfg, fps), "vp9", background=cfg.background))
             template = cls.ssv2_template
             entry = {"id": vid, "label": template.replace("[something]", noun).lower(), "template": template,
@@ -453,7 +454,8 @@ def generate(cfg: SynthConfig, out: Path, datasets: tuple[str, ...] = ("ssv2", "
         for name, lines in lists.items():
             _write_text_atomic(root / "ucfTrainTestlist" / name, "".join(f"{ln}\r\n" for ln in lines))
         info["ucf101"] = {"videos": len(vids),
-                          "broken": {str(Path(j.path).relative_to(root / "UCF-101")): j.broken for j in vids if j.broken}}
+                          "broken": {str(Path(j.path).relative_to(root / "UCF-101")): j.broken
+                                     for j in vids if j.broken}}
     if "kinetics400" in datasets:
         root = out / "kinetics400"
         vids, rows, k400 = plan_kinetics400(cfg, root)

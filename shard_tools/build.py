@@ -7,7 +7,8 @@ seeded RNG before sharding, so shard order and content depend only on the inputs
 Shard size: at most ``max_samples`` samples and ``max_bytes`` bytes. By default ``max_samples`` is
 ``clamp(ceil(N / 128), 8, 256)``: at least 128 shards when the split is large enough (so 16 GPUs x 8 workers all get
 shards), and never more than 256 videos per shard. SSV2 train (168,913 videos) -> 660 shards of 256; SSV2 val
-(24,777) -> 128 shards of 194; UCF101 train split 1 (9,537) -> 128 shards of 75; UCF101 test split 1 (3,783) -> 127 shards.
+(24,777) -> 128 shards of 194; UCF101 train split 1 (9,537) -> 128 shards of 75; UCF101 test split 1 (3,783) -> 127
+shards.
 
 A rerun re-plans the shards, keeps every existing shard whose plan (keys, labels, source sizes and mtimes) is
 unchanged and whose sha256 still matches the manifest, and rebuilds the others. The new set is written beside the
@@ -208,7 +209,8 @@ def build_split(rows: list[tuple[str, int]], videos: Path, out: Path, *, dataset
     """Build (or bring up to date) the shard set of one split at ``out`` (switched in atomically)."""
     records, missing = _records(rows, videos, classes)
     for rel in missing:
-        logger.warning("%s/%s: listed in the annotations but not found; left out (rerun the prepare stage)", videos, rel)
+        logger.warning("%s/%s: listed in the annotations but not found; left out (rerun the prepare stage)",
+                       videos, rel)
     plan = plan_shards(records, shuffle, opts)
     names = [f"shard-{i:06d}.tar" for i in range(len(plan))]
     with Staging(out) as stage:

@@ -55,7 +55,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
         errors = [(r.name, e) for r in reports for e in r.errors]
         for name, err in errors:
             print(f"FAIL {d}/{name}: {err}")
-        print(f"{'OK  ' if not errors else 'FAIL'} {d}: {len(reports)} shards, {samples} samples, {len(errors)} problems")
+        print(f"{'OK  ' if not errors else 'FAIL'} {d}: {len(reports)} shards, {samples} samples, "
+              f"{len(errors)} problems")
         bad += bool(errors)
     return 1 if bad else 0
 
@@ -64,7 +65,8 @@ def cmd_ls(a: argparse.Namespace) -> int:
     ss = shards.load(_shard_set(a.shard_dir))
     print(f"{ss.dataset}/{ss.split}: {ss.num_samples} samples, {len(ss.shards)} shards, {len(ss.classes)} classes")
     for s in ss.shards:
-        print(f"{s.name}  {s.samples:6d} samples  {s.bytes / 2**20:9.2f} MiB  {s.sha256[:16]}  {len(s.class_hist)} classes")
+        print(f"{s.name}  {s.samples:6d} samples  {s.bytes / 2**20:9.2f} MiB  {s.sha256[:16]}  "
+              f"{len(s.class_hist)} classes")
     return 0
 
 

@@ -158,7 +158,8 @@ def test_eval_and_tstl_preflight(tmp_path: Path, shards_dir: Path) -> None:
     code, _, err = tstl_cli("train-tstl", "--check", *tstl_cfg, "tstl.num_groups=2")
     assert code == exitcodes.USAGE and "TSTL needs weights to start from" in err and "tstl.init=" in err
     (tmp_path / "cast.pth").write_bytes(b"")
-    code, out, err = tstl_cli("train-tstl", "--check", *tstl_cfg, "tstl.num_groups=2", f"tstl.init=[{tmp_path}/cast.pth]")
+    code, out, err = tstl_cli("train-tstl", "--check", *tstl_cfg, "tstl.num_groups=2",
+                              f"tstl.init=[{tmp_path}/cast.pth]")
     assert code == exitcodes.OK and out.startswith("ok: TSTL ucf101"), err
 
 

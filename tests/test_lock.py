@@ -37,9 +37,9 @@ def test_exclusive_lock_names_the_holder_and_is_released_by_sigkill(tmp_path: Pa
     try:
         record = json.loads((tmp_path / LOCK_NAME).read_text())
         assert record["pid"] == p.pid and record["stage"] == "prepare-ssv2" and record["host"] and record["started"]
-        with pytest.raises(LockedError, match=rf"in use by pid {p.pid} on .*prepare-ssv2.*--wait-lock"):
-            with dataset_lock(tmp_path, "finalize"):
-                pass
+        with (pytest.raises(LockedError, match=rf"in use by pid {p.pid} on .*prepare-ssv2.*--wait-lock"),
+              dataset_lock(tmp_path, "finalize")):
+            pass
         assert f"pid {p.pid}" in holder(tmp_path / LOCK_NAME)
     finally:
         _kill(p)  # no cleanup runs: the kernel drops the flock
@@ -69,12 +69,11 @@ def test_parts_share_the_folder_but_not_a_part(tmp_path: Path) -> None:
     try:
         with dataset_lock(tmp_path, "prepare-ssv2", part=(2, 2)):  # another part: fine
             pass
-        with pytest.raises(LockedError, match=rf"pid {p1.pid}"):
-            with dataset_lock(tmp_path, "prepare-ssv2", part=(1, 2)):
-                pass
-        with pytest.raises(LockedError, match=rf"in use by part runs: pid {p1.pid}"):
-            with dataset_lock(tmp_path, "finalize"):
-                pass
+        with pytest.raises(LockedError, match=rf"pid {p1.pid}"), dataset_lock(tmp_path, "prepare-ssv2", part=(1, 2)):
+            pass
+        with (pytest.raises(LockedError, match=rf"in use by part runs: pid {p1.pid}"),
+              dataset_lock(tmp_path, "finalize")):
+            pass
     finally:
         _kill(p1)
     with dataset_lock(tmp_path, "finalize"):

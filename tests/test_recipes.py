@@ -251,7 +251,8 @@ def test_cast_and_tstl_total_batches() -> None:
 def test_recipe_files_layer_data_model_pair() -> None:
     files = recipe_files("ssv2", "timesformer_vit_b16")
     assert [p.relative_to(ROOT).as_posix() for p in files] == [
-        "configs/data/ssv2.yaml", "configs/model/timesformer_vit_b16.yaml", "configs/recipe/timesformer_vit_b16-ssv2.yaml"]
+        "configs/data/ssv2.yaml", "configs/model/timesformer_vit_b16.yaml",
+        "configs/recipe/timesformer_vit_b16-ssv2.yaml"]
     assert len(recipe_files("ssv2", "timesformer_hr_vit_b16")) == 2  # no pair layer: data + model only
     with pytest.raises(ConfigError, match=r"no data config for dataset 'k400'; available datasets: .*kinetics400"):
         recipe_files("k400", "bcast_vit_b16")
@@ -333,11 +334,16 @@ def test_step_schedule_per_optimizer_step() -> None:
 
 
 def test_merge_rules_mean_softmax_and_sum_logits_differ_as_the_references_do() -> None:
-    z = lambda *v: np.array(v, dtype=np.float32)
+    def z(*v):
+        return np.array(v, dtype=np.float32)
+
     # one very confident view for class 0, two moderate views for class 1
     views = {("a", 0): (z(20, 0, 0), 0), ("a", 1): (z(0, 2, 0), 0), ("a", 2): (z(0, 2, 0), 0)}
     probs, _ = merge([views], "mean_softmax")  # CAST: softmax per view, then mean -> class 1
-    sm = lambda v: np.exp(v - v.max()) / np.exp(v - v.max()).sum()
+
+    def sm(v):
+        return np.exp(v - v.max()) / np.exp(v - v.max()).sum()
+
     np.testing.assert_allclose(probs["a"], (sm(z(20, 0, 0)) + 2 * sm(z(0, 2, 0))) / 3, rtol=1e-5)
     assert int(np.argmax(probs["a"])) == 1
     probs, labels = merge([views], "sum_logits")  # PySlowFast: logits summed -> class 0
@@ -371,7 +377,8 @@ def test_short_side_jitter_geometry_by_hand() -> None:
     assert jitter_short_side(_Stub(), 256, 320, inverse_uniform=True) == 284
     # portrait frames scale the width; a short side already at the size is not resized
     assert scaled_size(320, 240, 288) == (384, 288) and scaled_size(256, 340, 256) == (256, 340)
-    assert random_crop_offset(_Stub(), 224, 224, 224) == (0, 0) and random_crop_offset(_Stub(), 224, 300, 224) == (0, 75)
+    assert (random_crop_offset(_Stub(), 224, 224, 224) == (0, 0)
+            and random_crop_offset(_Stub(), 224, 300, 224) == (0, 75))
 
 
 def test_short_side_jitter_ranges() -> None:
@@ -397,8 +404,8 @@ def test_train_transform_uses_the_jitter_box() -> None:
     tf = TrainClipTransform(cfg)
     top, left, h, w = tf.crop_box(36, 64, np.random.default_rng(1))
     crop = short_side_jitter_crop(36, 64, 32, (40, 48), np.random.default_rng(1))
-    l, t, r, b = crop.box
-    assert (top, left) == (round(t), round(l)) and abs(h - (b - t)) <= 1 and abs(w - (r - l)) <= 1
+    lft, t, r, b = crop.box
+    assert (top, left) == (round(t), round(lft)) and abs(h - (b - t)) <= 1 and abs(w - (r - lft)) <= 1
     # the box is the 32 px crop of a frame whose short side was scaled to 40..48: 36 * 32 / short pixels high
     assert 36 * 32 / 48 - 1 <= h <= 36 * 32 / 40 + 1
     clip = tf(frames, np.random.default_rng(1))
@@ -410,9 +417,12 @@ def test_train_transform_uses_the_jitter_box() -> None:
 
 def _cast_layer_id(var_name: str, num_max_layer: int) -> int:
     # verbatim: KHU-VLL/CAST util_tools/optim_factory.py:24-44 (get_num_layer_for_vit)
-    if var_name in ("cls_token", "mask_token", "pos_embed") or var_name in ("visual.class_embedding", "visual.positional_embedding", "visual.temporal_posembed",
-                      "visual.ln_pre") or var_name in ("clip_class_embedding", "clip_ln_pre.weight", "clip_ln_pre.bias", "clip_conv1.weight",
-                      "clip_conv1.bias", "clip_positional_embedding") or var_name.startswith("patch_embed") or var_name.startswith("visual.conv1"):
+    if (var_name in ("cls_token", "mask_token", "pos_embed")
+            or var_name in ("visual.class_embedding", "visual.positional_embedding", "visual.temporal_posembed",
+                            "visual.ln_pre")
+            or var_name in ("clip_class_embedding", "clip_ln_pre.weight", "clip_ln_pre.bias", "clip_conv1.weight",
+                            "clip_conv1.bias", "clip_positional_embedding")
+            or var_name.startswith("patch_embed") or var_name.startswith("visual.conv1")):
         return 0
     elif var_name.startswith("rel_pos_bias"):
         return num_max_layer - 1

@@ -55,7 +55,8 @@ def _pure_clip(sd: dict, x: torch.Tensor, heads: int, patch: int) -> torch.Tenso
     i = 0
     while f"blocks.{i}.clip_ln_1.weight" in sd:
         p = f"blocks.{i}."
-        mha.load_state_dict({k.removeprefix(p + "clip_attn."): v for k, v in sd.items() if k.startswith(p + "clip_attn.")})
+        mha.load_state_dict({k.removeprefix(p + "clip_attn."): v for k, v in sd.items()
+                             if k.startswith(p + "clip_attn.")})
         h = F.layer_norm(s, s.shape[-1:], sd[p + "clip_ln_1.weight"], sd[p + "clip_ln_1.bias"], 1e-5)
         s = s + mha(h, h, h, need_weights=False)[0]
         h = F.layer_norm(s, s.shape[-1:], sd[p + "clip_ln_2.weight"], sd[p + "clip_ln_2.bias"], 1e-5)

@@ -40,7 +40,8 @@ def _videomae_layout(sd: dict, pretrain: bool, classes: int) -> dict[str, torch.
     if pretrain:
         out = {f"encoder.{k}": sd[k] for k in keys}
         out.update({"encoder.norm.weight": torch.ones(64), "encoder.norm.bias": torch.zeros(64),
-                    "decoder.blocks.0.mlp.fc1.weight": torch.randn(8, 8), "encoder_to_decoder.weight": torch.randn(8, 64),
+                    "decoder.blocks.0.mlp.fc1.weight": torch.randn(8, 8),
+                    "encoder_to_decoder.weight": torch.randn(8, 64),
                     "mask_token": torch.zeros(1, 1, 8)})
         return {"model": out}
     out = {k: sd[k] for k in keys}

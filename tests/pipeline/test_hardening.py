@@ -183,7 +183,8 @@ def test_journal_repair_keeps_complete_rows(tmp_path: Path) -> None:
 
 def _fake_ffmpeg(tmp_path: Path, message: str) -> Path:
     exe = tmp_path / "fake-ffmpeg"
-    exe.write_text(f'#!/bin/sh\nfor a; do last="$a"; done\necho "[out#0/mp4 @ 0x5] Error opening output ${{last#file:}}: '
+    exe.write_text('#!/bin/sh\nfor a; do last="$a"; done\n'
+                   'echo "[out#0/mp4 @ 0x5] Error opening output ${last#file:}: '
                    f'{message}" >&2\nexit 1\n')
     exe.chmod(0o755)
     return exe

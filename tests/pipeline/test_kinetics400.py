@@ -71,7 +71,8 @@ def test_clis_and_makefile_come_from_the_registry() -> None:
     with pytest.raises(ValueError, match="kinetics400"):
         dataset_splits("nope", 1)
     make = (ROOT / "Makefile").read_text()
-    assert re.search(r"^prepare-%:", make, re.MULTILINE) and not re.search(r"^prepare-(ssv2|ucf101|kinetics400):", make, re.MULTILINE)
+    assert re.search(r"^prepare-%:", make, re.MULTILINE) and not re.search(r"^prepare-(ssv2|ucf101|kinetics400):",
+                                                                          make, re.MULTILINE)
     out = subprocess.run(["make", "-n", "prepare-kinetics400", "K400_ROOT=/raw/k400", "DATA_DIR=/d", "STAMP=Makefile",
                           "shards", "DATASET=kinetics400"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "tstl.cli prepare-kinetics400 --data-dir /d" in out
@@ -150,7 +151,8 @@ def test_prepare_outputs(raw: Path, prepared: Path) -> None:
     assert len((ann / "test_ids.txt").read_text().split()) == info["splits"]["test"]
     # missing videos: their own list and status, apart from the broken one
     missing = [ln.split("\t") for ln in (ann / "missing.txt").read_text().splitlines()]
-    assert sorted(Path(m[1]).stem for m in missing) == sorted(info["missing"]) and {m[2] for m in missing} == {"missing"}
+    assert (sorted(Path(m[1]).stem for m in missing) == sorted(info["missing"])
+            and {m[2] for m in missing} == {"missing"})
     excluded = [ln.split("\t") for ln in (ann / "excluded.txt").read_text().splitlines()]
     assert {Path(e[1]).stem for e in excluded if e[2] != "missing"} == set(info["broken"])
     # CAST's Kinetics loader: data_path/<train|val>/<file> with its CSVs in annotations/cast
@@ -179,7 +181,8 @@ def test_raw_kinetics_to_shards_to_timesformer(prepared: Path, tmp_path: Path) -
     from tstl.train.recipes import recipe_files
 
     files = recipe_files("kinetics400", "timesformer_vit_b16")
-    assert [f.name for f in files] == ["kinetics400.yaml", "timesformer_vit_b16.yaml", "timesformer_vit_b16-kinetics400.yaml"]
+    assert [f.name for f in files] == ["kinetics400.yaml", "timesformer_vit_b16.yaml",
+                                       "timesformer_vit_b16-kinetics400.yaml"]
     run = tmp_path / "run"
     tiny = ["model.name=timesformer_test", "model.kwargs={}", "data.num_frames=4", "data.sampling_rate=2",
             "data.input_size=32", "data.jitter_scales=[32,40]", "data.batch_size=2", "data.eval_batch_size=2",

@@ -64,7 +64,8 @@ def test_broken_files_are_listed_and_broken(synth: tuple[Path, dict]) -> None:
     out, info = synth
     broken = info["ssv2"]["broken"]
     assert sorted(broken.values()) == ["not-a-video", "truncated", "zero-byte"]
-    listed = {e["id"] for name in ("train", "validation") for e in json.loads((out / f"ssv2/labels/{name}.json").read_text())}
+    listed = {e["id"] for name in ("train", "validation")
+              for e in json.loads((out / f"ssv2/labels/{name}.json").read_text())}
     assert set(broken) <= listed
     for vid, kind in broken.items():
         path = out / "ssv2/20bn-something-something-v2" / f"{vid}.webm"

@@ -77,7 +77,8 @@ def test_samples_parts_and_metadata(built: Path, dataset: Path) -> None:
             meta = json.loads(parts["json"])
             assert parts["mp4"] == (dataset / "ssv2/videos" / meta["source"]).read_bytes()
             assert int(parts["cls"]) == meta["label"] == (int(key) - 1) % N_CLASSES
-            assert meta["frames"] == 12 + int(key) - 1 and meta["width"] == 64 and meta["class_name"] == "abc"[meta["label"]]
+            assert (meta["frames"] == 12 + int(key) - 1 and meta["width"] == 64
+                    and meta["class_name"] == "abc"[meta["label"]])
             seen[key] = info.name
     assert sorted(seen, key=int) == [str(i) for i in range(1, 13)]
     order = [k for info in ss.shards for k, _ in iter_samples(built / "train" / info.name)]
@@ -166,7 +167,8 @@ def test_subset_by_classes_and_by_tstl_group_map(built: Path, tmp_path: Path) ->
     gm = tmp_path / "groups.json"
     gm.write_text(json.dumps({"format": "tstl-groups/v1", "num_classes": 3, "groups": [[1], [2, 0]]}))
     assert cli_main(["subset", str(built / "train"), str(tmp_path / "g"), "--groups", str(gm), "--group", "1"]) == 0
-    labels = {int(p["cls"]) for i in shardset.load(tmp_path / "g").shards for _, p in iter_samples(tmp_path / "g" / i.name)}
+    labels = {int(p["cls"]) for i in shardset.load(tmp_path / "g").shards
+              for _, p in iter_samples(tmp_path / "g" / i.name)}
     assert labels == {0, 2}
     assert cli_main(["subset", str(built / "train"), str(tmp_path / "r"), "--groups", str(gm), "--group", "1",
                      "--remap"]) == 0

@@ -63,12 +63,14 @@ def test_deepspeed_config_follows_ours() -> None:
 ])
 def test_config_errors_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:
-        load_config(TrainConfig, [ROOT / "configs/data/ssv2.yaml", ROOT / "configs/model/bcast_vit_b16.yaml"], [override])
+        load_config(TrainConfig, [ROOT / "configs/data/ssv2.yaml", ROOT / "configs/model/bcast_vit_b16.yaml"],
+                    [override])
     assert message in str(e.value)
 
 
 def test_shipped_recipes_load() -> None:
-    for files in (["data/ssv2.yaml", "model/bcast_vit_b16.yaml"], ["data/ucf101.yaml", "model/timesformer_vit_b16.yaml"],
+    for files in (["data/ssv2.yaml", "model/bcast_vit_b16.yaml"],
+                  ["data/ucf101.yaml", "model/timesformer_vit_b16.yaml"],
                   ["data/ssv2.yaml", "demo.yaml"]):
         cfg = load_config(TrainConfig, [ROOT / "configs" / f for f in files])
         assert cfg.epochs >= 1
@@ -130,7 +132,8 @@ def test_engine_deepspeed_is_merged_last_key_by_key() -> None:
 ])
 def test_engine_deepspeed_errors_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:
-        load_config(TrainConfig, [ROOT / "configs/data/ssv2.yaml", ROOT / "configs/model/bcast_vit_b16.yaml"], [override])
+        load_config(TrainConfig, [ROOT / "configs/data/ssv2.yaml", ROOT / "configs/model/bcast_vit_b16.yaml"],
+                    [override])
     assert message in str(e.value)
 
 

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(tmp_path, *extra):
-    files = [ROOT / "configs/data/ssv2.yaml", ROOT / "configs/model/bcast_vit_b16.yaml", ROOT / "configs/tstl/default.yaml"]
+    files = [ROOT / "configs/data/ssv2.yaml", ROOT / "configs/model/bcast_vit_b16.yaml",
+             ROOT / "configs/tstl/default.yaml"]
     cfg = load_config(TSTLConfig, files, [f"out_dir={tmp_path}", "model.init=[clip.pt,vmae.pth]", *extra])
     cfg.check()
     return cfg
@@ -82,7 +83,8 @@ def test_shipped_tstl_recipes_load_and_pass_the_checks():
         cfg.check()
         assert selector_stage(cfg, GROUPS).config.model.freeze_pretrained
     with pytest.raises(ConfigError, match="freeze_pretrained must be true"):  # the plain demo trains its experts
-        load_config(TSTLConfig, [ROOT / "configs" / f for f in ("data/ssv2.yaml", "demo.yaml", "tstl/default.yaml")]).check()
+        load_config(TSTLConfig,
+                    [ROOT / "configs" / f for f in ("data/ssv2.yaml", "demo.yaml", "tstl/default.yaml")]).check()
 
 
 def test_training_without_weights_to_start_from_is_refused(tmp_path):

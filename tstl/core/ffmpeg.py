@@ -20,5 +20,6 @@ def ffmpeg_exe() -> str:
     try:
         import imageio_ffmpeg
     except ImportError as e:  # pragma: no cover - imageio-ffmpeg is a declared dependency
-        raise RuntimeError("no ffmpeg found: install ffmpeg (apt-get install ffmpeg) or set FFMPEG=/path/to/ffmpeg") from e
+        raise RuntimeError("no ffmpeg found: install ffmpeg (apt-get install ffmpeg) "
+                           "or set FFMPEG=/path/to/ffmpeg") from e
     return imageio_ffmpeg.get_ffmpeg_exe()

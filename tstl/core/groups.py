@@ -76,7 +76,7 @@ class ClassGroups:
         """Map ``(group, local)`` pairs back to global labels."""
         group = np.asarray(group, dtype=np.int64)
         local = np.asarray(local, dtype=np.int64)
-        return np.array([self.groups[g][l] for g, l in zip(group.ravel(), local.ravel())], dtype=np.int64).reshape(
+        return np.array([self.groups[g][loc] for g, loc in zip(group.ravel(), local.ravel())], dtype=np.int64).reshape(
             group.shape
         )
 

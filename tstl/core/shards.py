@@ -184,7 +184,8 @@ def load(shard_dir: str | os.PathLike) -> ShardSet:
     shard_dir = Path(shard_dir)
     index_path = shard_dir / INDEX
     if not index_path.exists():
-        raise FileNotFoundError(f"{index_path} not found: build the shard set with `tstl shards build` (make shards DATASET=...)")
+        raise FileNotFoundError(f"{index_path} not found: build the shard set with `tstl shards build` "
+                                "(make shards DATASET=...)")
     ss = parse_index(index_path.read_bytes(), str(index_path))
     extra = read_manifest(shard_dir / MANIFEST) if (shard_dir / MANIFEST).exists() else {}
     for s in ss.shards:

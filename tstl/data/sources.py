@@ -123,9 +123,9 @@ class _PipeStream(io.RawIOBase):
             self.eof = True
             try:
                 rc = self.proc.wait(timeout=self.timeout_s or None)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as e:
                 self._kill()
-                raise TimeoutError(f"{self.url}: closed its output but did not exit within {self.timeout_s:g} s")
+                raise TimeoutError(f"{self.url}: closed its output but did not exit within {self.timeout_s:g} s") from e
             if rc:
                 raise OSError(f"{self.url}: exited with status {rc}")
             return 0

@@ -35,7 +35,8 @@ class JitterCrop:
 
 
 def jitter_short_side(rng: np.random.Generator, min_size: int, max_size: int, inverse_uniform: bool = False) -> int:
-    """The jittered short side: ``int(round(U(min, max)))`` (Python and NumPy both round half to even), or ``int(round(1 / U(1/max, 1/min)))``.
+    """The jittered short side: ``int(round(U(min, max)))`` (Python and NumPy both round half to even), or
+    ``int(round(1 / U(1/max, 1/min)))``.
 
     facebookresearch/TimeSformer ``timesformer/datasets/transform.py:30-35`` (``random_short_side_scale_jitter``).
     """

@@ -110,7 +110,8 @@ class TrainClipTransform:
                                           self.cfg.jitter_inverse_uniform)
             left, top, right, bottom = crop.box
             t, lft = int(round(top)), int(round(left))
-            return t, lft, max(1, min(height - t, int(round(bottom)) - t)), max(1, min(width - lft, int(round(right)) - lft))
+            return (t, lft, max(1, min(height - t, int(round(bottom)) - t)),
+                    max(1, min(width - lft, int(round(right)) - lft)))
         return rrc_params(height, width, tuple(self.cfg.rrc_scale), tuple(self.cfg.rrc_ratio), rng)
 
     def __call__(self, frames: np.ndarray, rng: np.random.Generator) -> torch.Tensor:

@@ -59,7 +59,8 @@ def progress(batches: Iterable[dict], desc: str) -> Iterable[dict]:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, batches: Iterable[dict], device: torch.device,
-            dtype: torch.dtype = torch.float32, desc: str = "evaluate") -> dict[tuple[str, int], tuple[np.ndarray, int]]:
+            dtype: torch.dtype = torch.float32,
+            desc: str = "evaluate") -> dict[tuple[str, int], tuple[np.ndarray, int]]:
     """Logits of every (key, view) this rank sees: {(key, view): (logits, label)}; :func:`merge` applies the rule.
     Rank 0 shows a progress bar named ``desc``."""
     out = {}
@@ -126,7 +127,8 @@ def metrics(probs: dict[str, np.ndarray], labels: dict[str, int], num_classes: i
 
 
 def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.device, num_classes: int,
-             dtype: torch.dtype = torch.float32, merge_rule: str = "mean_softmax", desc: str = "evaluate") -> EvalResult:
+             dtype: torch.dtype = torch.float32, merge_rule: str = "mean_softmax",
+             desc: str = "evaluate") -> EvalResult:
     """Predict on this rank's share, gather every rank's in memory, merge views by ``merge_rule`` (the run's
     ``test_merge``), compute the metrics (all ranks)."""
     local = predict(model, batches, device, dtype, desc)

@@ -19,7 +19,8 @@ class MetricsSink:
 
             run_dir.mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(str(run_dir / "tensorboard"))
-            self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+            # the handle lives as long as the sink (closed in close()), so no with block
+            self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
 
     def log(self, step: int, scalars: dict[str, float], **context) -> None:
         if not self.enabled:

@@ -1,9 +1,10 @@
 """Preemption-safe training: a signal or the wall clock asks for a checkpoint at the next step boundary.
 
 * ``SIGTERM`` (what Slurm, Kubernetes and ``kill`` send before the hard kill) and ``SIGUSR1`` (Slurm's warning signal,
-  ``#SBATCH --signal=B:USR1@120`` or ``scancel --signal=USR1 --batch``, forwarded by ``configs/launch/slurm_train.sbatch``)
-  only set a flag; the trainer polls it after every optimizer step. The flag is all-reduced (``dist.all_max``), so a
-  signal that reached one rank stops every rank at the same step, each having saved its part of the checkpoint.
+  ``#SBATCH --signal=B:USR1@120`` or ``scancel --signal=USR1 --batch``, forwarded by
+  ``configs/launch/slurm_train.sbatch``) only set a flag; the trainer polls it after every optimizer step. The flag
+  is all-reduced (``dist.all_max``), so a signal that reached one rank stops every rank at the same step, each having
+  saved its part of the checkpoint.
 * ``checkpoint.every_minutes``: rank 0's wall clock decides and the decision is broadcast, so all ranks save together
   even when their clocks or speeds differ.
 

@@ -55,7 +55,7 @@ def check_model(cfg: ModelConfig, num_classes: int = 8) -> None:
         with torch.device("meta"):
             create_model(cfg.name, num_classes=num_classes or 8, drop_path_rate=cfg.drop_path_rate, **cfg.kwargs)
     except (TypeError, ValueError) as e:
-        raise UsageError(f"model.kwargs of {cfg.name}: {e}", "fix or remove that model.kwargs.<argument>")
+        raise UsageError(f"model.kwargs of {cfg.name}: {e}", "fix or remove that model.kwargs.<argument>") from e
 
 
 def shards_hint(cfg: TrainConfig, split: str) -> str:

@@ -1,8 +1,8 @@
 """Training recipes: one resolved ``TrainConfig`` per (dataset, model), layered from YAML files.
 
-A recipe is ``configs/data/<dataset>.yaml`` <- ``configs/model/<model>.yaml`` <- ``configs/recipe/<model>-<dataset>.yaml``
-(the last only where the pair needs its own settings) <- command-line overrides. ``make print-config`` prints the
-result exactly as the run's ``config.yaml`` will hold it::
+A recipe is ``configs/data/<dataset>.yaml`` <- ``configs/model/<model>.yaml`` <-
+``configs/recipe/<model>-<dataset>.yaml`` (the last only where the pair needs its own settings) <- command-line
+overrides. ``make print-config`` prints the result exactly as the run's ``config.yaml`` will hold it::
 
     tstl print-config ssv2 bcast_vit_b16 [key.sub=value ...]
     python -m tstl.train.recipes --dataset ssv2 --model bcast_vit_b16 [key.sub=value ...]

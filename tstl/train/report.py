@@ -38,7 +38,8 @@ def per_class_table(rows: list[dict], link: str) -> list[str]:
     acc = lambda r: "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"  # noqa: E731
     if len(rows) <= FULL_TABLE_CLASSES:
         return head + [fmt(r) + acc(r) + " |" for r in rows]
-    seen = sorted((r for r in rows if r["accuracy"] is not None), key=lambda r: (r["accuracy"], -r["videos"], r["label"]))
+    seen = sorted((r for r in rows if r["accuracy"] is not None),
+                  key=lambda r: (r["accuracy"], -r["videos"], r["label"]))
     return [f"The {min(WORST_CLASSES, len(seen))} classes with the lowest accuracy of {len(rows)}; every class is in "
             f"[{link}]({link}).", "", *head, *[fmt(r) + acc(r) + " |" for r in seen[:WORST_CLASSES]]]
 
@@ -92,7 +93,8 @@ def write_report(run_dir: Path) -> str:
         "| metric | value |", "|---|---|",
         f"| top-1 | {metrics['top1']:.4f} |", f"| top-5 | {metrics['top5']:.4f} |",
         f"| mean class accuracy | {metrics['mean_class_acc']:.4f} |", f"| chance (1 / {n} classes) | {1 / n:.4f} |",
-        "", f"{cfg['epochs']} epochs, batch {cfg['data']['batch_size']} per rank, precision {cfg['engine']['precision']}.",
+        "", f"{cfg['epochs']} epochs, batch {cfg['data']['batch_size']} per rank, "
+            f"precision {cfg['engine']['precision']}.",
         "", *throughput_lines(rows, info),
         "## Most confused pairs", "", *pairs_table(most_confused_pairs(confusion, CONFUSED_PAIRS), names), "",
         "## Per class", "", *per_class_table(per_class, "test/per_class.csv"), "",

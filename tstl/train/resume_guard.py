@@ -54,7 +54,8 @@ def diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """(key, old, new) of every key whose value differs; a missing key is ``<absent>``."""
     a, b = flatten(old), flatten(new)
     missing = "<absent>"
-    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing)]
 
 
 def check(config_file: Path, cfg: Any, accept: bool) -> list[tuple[str, Any, Any]]:

@@ -46,7 +46,8 @@ class TwoStageConfig:
         if self.num_groups < 0 or self.soft_top_k < 1:
             raise ValueError("num_groups must be >= 0 and soft_top_k >= 1")
         if self.expert_split and "{group" not in self.expert_split:
-            raise ValueError(f"expert_split must contain {{group}} (one shard set per group), got {self.expert_split!r}")
+            raise ValueError("expert_split must contain {group} (one shard set per group), "
+                             f"got {self.expert_split!r}")
 
 
 @dataclass

@@ -128,7 +128,8 @@ class Tally:
     baseline: int = 0
 
 
-def _oracle(x: torch.Tensor, out: RoutedOutput, true_group: torch.Tensor, models: RoutedModels, tally: Tally) -> torch.Tensor:
+def _oracle(x: torch.Tensor, out: RoutedOutput, true_group: torch.Tensor, models: RoutedModels,
+            tally: Tally) -> torch.Tensor:
     """Each view's true-group expert in global class space, reusing the routed outputs where possible."""
     hit = out.groups == true_group.unsqueeze(1)  # [B, k]
     oracle = (out.slot_probs * hit.unsqueeze(-1)).sum(1)
@@ -202,7 +203,8 @@ def summarize(per_rank: list[dict], tallies: list[Tally], groups: ClassGroups, t
         "methods": {name: {**r.summary(), "forwards_per_view": _cost(name, top_k, groups.num_groups)}
                     for name, r in results.items()},
         "experts": expert_acc,
-        "forwards": {"views_run": sum(t.views for t in tallies), "selector": sum(t.views for t in tallies), "routed_experts": routed.tolist(),
+        "forwards": {"views_run": sum(t.views for t in tallies), "selector": sum(t.views for t in tallies),
+                     "routed_experts": routed.tolist(),
                      "hard_routed": hard.tolist(),
                      "oracle_extra": sum(t.oracle_extra for t in tallies),
                      "baseline": sum(t.baseline for t in tallies)},
