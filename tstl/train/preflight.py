@@ -70,8 +70,8 @@ def shards_hint(cfg: TrainConfig, split: str) -> str:
 
 def check_shards(cfg: TrainConfig, splits: Sequence[str]) -> None:
     """Each split's shard set (``<data_dir>/<dataset>/shards/<split>/shards.json``) exists."""
-    if "://" in cfg.data_dir or cfg.data_dir.startswith("pipe:"):
-        return  # remote: the loader reports what it cannot read
+    if "://" in cfg.data_dir or cfg.data_dir.startswith("pipe:") or cfg.data.shard_url_template:
+        return  # remote (a URL, or shards and their list read through data.shard_url_template): the loader reports
     for split in dict.fromkeys(splits):
         folder = cfg.shard_dir(split)
         if not (folder / INDEX).is_file():
