@@ -65,7 +65,7 @@ DEMO_TSTL = --config configs/data/ssv2.yaml configs/demo.yaml configs/tstl/demo.
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup test demo demo-tstl synthetic prepare finalize shards train eval groups \
+.PHONY: help setup lint test demo demo-tstl synthetic prepare finalize shards train eval groups \
   train-tstl eval-tstl bench clean-demo print-config
 
 help:  ## list the targets
@@ -88,6 +88,9 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[train]'
 	$(PY) -c "import tstl.core.env; tstl.core.env.check()"
 	touch $(STAMP)
+
+lint: setup  ## ruff over the whole tree (rules in pyproject.toml [tool.ruff.lint]); CI runs it before the tests
+	$(VENV)/bin/ruff check .
 
 test: setup  ## run the test suite
 	$(PY) -m pytest -q tests

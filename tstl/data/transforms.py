@@ -70,7 +70,7 @@ def warp_clip(frames: np.ndarray, box: tuple[int, int, int, int], m: np.ndarray,
     t = frames.shape[0]
     out = np.empty((t, size, size, 3), dtype=np.uint8)
     flipped = m[0, 0] < 0 and np.isclose(m[0, 2], -m[0, 0] * size)
-    if m[0, 1] == 0 and m[1, 0] == 0 and m[1, 2] == 0 and m[1, 1] > 0 and (flipped or m[0, 0] > 0 and m[0, 2] == 0):
+    if m[0, 1] == 0 and m[1, 0] == 0 and m[1, 2] == 0 and m[1, 1] > 0 and (flipped or (m[0, 0] > 0 and m[0, 2] == 0)):
         # A pure scale (plus at most a horizontal flip): one resize. Shrinking uses area averaging, which is
         # antialiased like PIL's resize that the reference pipeline uses; bicubic alone aliases badly at the large
         # reductions of small inputs (240 p -> 32 px in the CPU demo). Upscaling stays bicubic.
