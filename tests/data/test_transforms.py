@@ -128,3 +128,20 @@ def test_both_paths_reproducible_same_format_and_range(shardset: Callable[..., P
     for x in a:
         v = x["video"]
         assert v.min() >= -6 and v.max() <= 6 and ((v >= lo) & (v <= hi)).float().mean() > 0.5
+
+
+def test_pure_scale_shrinks_antialiased_and_flips_exactly():
+    """A crop that is only scaled (and maybe flipped) is one area-averaged resize: a 1-px checkerboard shrunk 7.5x
+    comes out flat grey (bicubic alone aliases it into stripes), and the flipped clip is the mirror image."""
+    from tstl.data.augment import crop_matrix
+    from tstl.data.transforms import flip_matrix, warp_clip
+
+    yy, xx = np.mgrid[:240, :240]
+    frames = np.repeat((((yy + xx) % 2) * 255).astype(np.uint8)[None, :, :, None], 3, axis=3).repeat(2, axis=0)
+    m = crop_matrix(240, 240, 32)
+    out = warp_clip(frames, (0, 0, 240, 240), m, 32)
+    assert out.shape == (2, 32, 32, 3) and abs(float(out.mean()) - 127.5) < 2 and float(out.std()) < 3
+    ramp = np.repeat(np.tile(np.arange(240, dtype=np.uint8), (240, 1))[None, :, :, None], 3, axis=3)
+    plain = warp_clip(ramp, (0, 0, 240, 240), m, 32)
+    flipped = warp_clip(ramp, (0, 0, 240, 240), m @ flip_matrix(32), 32)
+    assert np.array_equal(flipped, plain[:, :, ::-1])
