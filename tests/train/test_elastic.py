@@ -225,7 +225,7 @@ def _expected_lr(step: int, world: int, steps_per_epoch: int) -> float:
     """The documented rule: this layout's peak lr (optim.lr x total batch / 256), schedule at this layout's step."""
     from tstl.train import engine as eng
 
-    lr, min_lr = 1.6e-2 * 2 * world / 256, 1.6e-4 * 2 * world / 256  # configs/demo.yaml, batch 2 per rank
+    lr, min_lr = 3.2e-2 * 2 * world / 256, 3.2e-4 * 2 * world / 256  # configs/demo.yaml, batch 2 per rank
     return lr * eng.lr_factor(step, lr=lr, min_lr=min_lr, warmup_steps=2 * steps_per_epoch,
                               total_steps=steps_per_epoch)
 
