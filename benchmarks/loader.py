@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import cv2
 import decord
@@ -46,6 +47,7 @@ from tstl.core import shards as shard_format
 from tstl.core.ffmpeg import ffmpeg_exe
 from tstl.core.log import init_logging
 from tstl.data import DataConfig, build_train_loader, sampling
+from tstl.data import loader as loader_mod
 from tstl.data.augment import RandAugmentPolicy, apply_colour_ops, compose, crop_matrix, fill_mask
 from tstl.data.device import DeviceRandAugment, Erase, MixupCutmix, Normalize
 from tstl.data.transforms import normalize, rrc_params, warp_clip
@@ -107,21 +109,23 @@ def make_videos(root: Path, n: int) -> list[Path]:
     return paths
 
 
-def write_shards(paths: list[Path], out: Path, per_shard: int = 16) -> Path:
-    """A shard set in the documented format (``tstl.core.shards``) holding the videos."""
+def write_shards(paths: list[Path], out: Path, per_shard: int = 16, repeat: int = 1) -> Path:
+    """A shard set in the documented format (``tstl.core.shards``) holding the videos, each ``repeat`` times (under
+    its own key), so one epoch is long enough for the loader to reach its steady state."""
     out.mkdir(parents=True, exist_ok=True)
+    items = [(f"{p.stem}_{r}", p) for r in range(repeat) for p in paths]
     infos = []
-    for s in range(0, len(paths), per_shard):
+    for s in range(0, len(items), per_shard):
         name = f"shard-{s // per_shard:06d}.tar"
         hist: dict[int, int] = {}
         with wds.TarWriter(str(out / name), mtime=0) as w:
-            for p in paths[s:s + per_shard]:
+            for key, p in items[s:s + per_shard]:
                 label = int(p.stem) % 10
                 hist[label] = hist.get(label, 0) + 1
-                meta = {"id": p.stem, "label": label, "frames": FRAMES, "fps": 12.0}
-                w.write({"__key__": p.stem, shard_format.MP4: p.read_bytes(), shard_format.CLS: str(label).encode(),
+                meta = {"id": key, "label": label, "frames": FRAMES, "fps": 12.0}
+                w.write({"__key__": key, shard_format.MP4: p.read_bytes(), shard_format.CLS: str(label).encode(),
                          shard_format.JSON: json.dumps(meta).encode()})
-        infos.append(shard_format.ShardInfo(name, len(paths[s:s + per_shard]), (out / name).stat().st_size, "",
+        infos.append(shard_format.ShardInfo(name, len(items[s:s + per_shard]), (out / name).stat().st_size, "",
                                       dict(sorted(hist.items()))))
     shard_format.save(out, shard_format.ShardSet("bench", "train", [str(c) for c in range(10)], infos))
     return out
@@ -191,6 +195,12 @@ def _worker_side(cfg: DataConfig, shard_dir: Path):
     return ld
 
 
+def _fresh_buffers(cfg: DataConfig, shard_dir: Path):
+    """The worker side with PyTorch's default: a new shared-memory buffer for every batch (no reuse)."""
+    with mock.patch.object(loader_mod, "Returns", lambda roles: None):
+        yield from _worker_side(cfg, shard_dir)
+
+
 def breakdown(paths: list[Path], cfg: DataConfig, n: int) -> dict[str, float]:
     """Milliseconds per clip of each worker stage (augment_on=worker), measured in one process."""
     policy = RandAugmentPolicy(cfg.rand_augment)
@@ -244,9 +254,9 @@ def batch_step_ms(cfg: DataConfig, device: torch.device, clips: torch.Tensor, re
     return out
 
 
-def decode_only(paths: list[Path], cfg: DataConfig) -> float:
-    """Clips per second of decord on the same bytes and indices, nothing else."""
-    blobs = [p.read_bytes() for p in paths]
+def decode_only(paths: list[Path], cfg: DataConfig, repeat: int = 1) -> float:
+    """Clips per second of decord on the same bytes and indices, nothing else (each video ``repeat`` times)."""
+    blobs = [p.read_bytes() for p in paths] * repeat
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     for data in tqdm(blobs, desc="decode-only", leave=False):
@@ -255,56 +265,106 @@ def decode_only(paths: list[Path], cfg: DataConfig) -> float:
     return len(blobs) / (time.perf_counter() - start)
 
 
-def run(num_videos: int, workers: int, device: str = "cpu") -> str:
+PATHS = {
+    "worker": "shards, `augment_on: worker`, worker side (decode, crop + fused RandAugment, uint8 out)",
+    "full": "shards, `augment_on: worker`, full CPU path (+ normalise, erase, mixup in the training process)",
+    "device": "shards, `augment_on: device`, worker side (decode, crop, uint8 out)",
+    "fresh": "the same without buffer reuse (a new shared-memory batch each time, PyTorch's default)",
+    "per-file": "per-file decord, CAST/VideoMAE style (PIL RandAugment at native size, erasing; mixup on the batch)",
+    "decode": "decode only (same bytes and frames, 1 process)",
+}
+
+
+def measure_rounds(paths: list[Path], shard_dir: Path, cfg: DataConfig, repeat: int,
+                   rounds: int) -> list[dict[str, float]]:
+    """Clips per second of every path, ``rounds`` times; the order rotates each round so that a slow spell of the
+    (shared) machine does not always fall on the same path. Ratios are taken within a round."""
+    n = len(paths) * repeat
+    worker_cfg = dataclasses.replace(cfg, augment_on="worker")
+    device_cfg = dataclasses.replace(cfg, augment_on="device")
+
+    def per_file() -> float:
+        dl = torch.utils.data.DataLoader(PerFileDataset(paths, cfg), batch_size=cfg.batch_size, shuffle=True,
+                                         num_workers=cfg.num_workers, drop_last=True)
+        return _rate(_with_mixup(dl, cfg), len(paths) - cfg.batch_size, "per-file")
+
+    runs = {
+        "decode": lambda: decode_only(paths, cfg, repeat),
+        "device": lambda: _rate(_worker_side(device_cfg, shard_dir), n, "shards, worker side (augment_on=device)"),
+        "fresh": lambda: _rate(_fresh_buffers(device_cfg, shard_dir), n, "shards, worker side, fresh buffers"),
+        "worker": lambda: _rate(_worker_side(worker_cfg, shard_dir), n, "shards, worker side (augment_on=worker)"),
+        "full": lambda: _rate(build_train_loader(worker_cfg, shard_dir), n, "shards, full CPU path"),
+        "per-file": per_file,
+    }
+    names = list(runs)
+    out = []
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        out.append({k: runs[k]() for k in order})
+        logger.info("round %d: %s", r + 1, ", ".join(f"{k} {v:.1f}" for k, v in out[-1].items()))
+    return out
+
+
+def _median(xs: list[float]) -> float:
+    return float(np.median(xs))
+
+
+def run(num_videos: int, workers: int, device: str = "cpu", rounds: int = 3, repeat: int = 4) -> str:
     """Run the loaders and the batch step and return the markdown section."""
     cfg = DataConfig(num_frames=16, input_size=224, sampling="segment", flip=False, batch_size=8,
                      num_workers=workers, shuffle_buffer=16, mixup=0.8, cutmix=1.0)
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_videos(Path(tmp) / "videos", num_videos)
-        shard_dir = write_shards(paths, Path(tmp) / "shards")
+        shard_dir = write_shards(paths, Path(tmp) / "shards", repeat=repeat)
         torch.set_num_threads(1)
         cv2.setNumThreads(1)
         decode_only(paths[:4], cfg)  # warm the page cache and decord
-        worker_cfg = dataclasses.replace(cfg, augment_on="worker")
-        device_cfg = dataclasses.replace(cfg, augment_on="device")
-        w_side = _rate(_worker_side(worker_cfg, shard_dir), num_videos, "shards, worker side (augment_on=worker)")
-        d_side = _rate(_worker_side(device_cfg, shard_dir), num_videos, "shards, worker side (augment_on=device)")
-        full = _rate(build_train_loader(worker_cfg, shard_dir), num_videos, "shards, full CPU path")
-        per_file_dl = torch.utils.data.DataLoader(PerFileDataset(paths, cfg), batch_size=cfg.batch_size,
-                                                  shuffle=True, num_workers=workers, drop_last=True)
-        per_file = _rate(_with_mixup(per_file_dl, cfg), num_videos - cfg.batch_size, "per-file")
-        dec = decode_only(paths, cfg)
+        res = measure_rounds(paths, shard_dir, cfg, repeat, rounds)
         parts = breakdown(paths, cfg, min(num_videos, 24))
-        raw = next(iter(_worker_side(device_cfg, shard_dir)))["video"]
+        raw = next(iter(_worker_side(dataclasses.replace(cfg, augment_on="device"), shard_dir)))["video"]
         step = batch_step_ms(cfg, dev, raw)
     w = max(1, workers)
+    rate = {k: _median([r[k] for r in res]) / (1 if k == "decode" else w) for k in PATHS}
+    vs_dec = {k: [r[k] / (1 if k == "decode" else w) / r["decode"] for r in res] for k in PATHS}
+    vs_pf = {k: [r[k] / r["per-file"] for r in res] for k in PATHS}
+
+    def cell(xs: list[float], bold: bool = False, suffix: str = "") -> str:
+        text = f"{_median(xs):.2f}{suffix}"
+        text = f"**{text}**" if bold else text
+        return f"{text} ({min(xs):.2f}-{max(xs):.2f})" if len(xs) > 1 else text
+
+    lines = []
+    for k, label in PATHS.items():
+        dec_cell = "1.00" if k == "decode" else cell(vs_dec[k], bold=k == "device")
+        pf_cell = "" if k == "decode" else "1.00x" if k == "per-file" else cell(vs_pf[k], k == "full", "x")
+        lines.append(f"| {label} | {rate[k]:.1f} | {dec_cell} | {pf_cell} |")
+    table = "\n".join(lines)
     total = sum(parts.values())
     rows = "\n".join(f"| {k} | {v:.1f} | {100 * v / total:.0f} % |" for k, v in parts.items())
     step_rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in step.items())
     worker_step = sum(v for k, v in step.items() if k != "RandAugment (device path)")
     device_step = sum(step.values())
-    table = "\n".join([
-        "| shards, `augment_on: worker`, worker side (decode, crop + fused RandAugment, uint8 out) "
-        f"| {w_side / w:.1f} | {w_side / w / dec:.2f} | {w_side / per_file:.2f}x |",
-        "| shards, `augment_on: worker`, full CPU path (+ normalise, erase, mixup in the training process) "
-        f"| {full / w:.1f} | {full / w / dec:.2f} | **{full / per_file:.2f}x** |",
-        "| shards, `augment_on: device`, worker side (decode, crop, uint8 out) "
-        f"| {d_side / w:.1f} | **{d_side / w / dec:.2f}** | {d_side / per_file:.2f}x |",
-        "| per-file decord, CAST/VideoMAE style (PIL RandAugment at native size, erasing; mixup on the batch) "
-        f"| {per_file / w:.1f} | {per_file / w / dec:.2f} | 1.00x |",
-    ])
-    return f"""## Loader (`python -m benchmarks.loader --videos {num_videos} --workers {workers} --device {device}`)
+    reuse_gain = _median([r["device"] / r["fresh"] for r in res])
+    cmd = (f"python -m benchmarks.loader --videos {num_videos} --repeat {repeat} --rounds {rounds} "
+           f"--workers {workers} --device {device}")
+    return f"""## Loader (`{cmd}`)
 
 {num_videos} SSV2-like videos ({W}x{H}, 12 fps, {FRAMES} frames: 1/f colour textures, a panning and shaking camera,
-a textured object moved across, sensor noise; H.264 veryfast crf 23), training clips of 16 frames at 224 px,
-segment sampling, RandAugment `{cfg.rand_augment}`, random erasing {cfg.reprob}, mixup/cutmix, batch 8,
-{workers} worker(s), one CPU thread per process; clips per second per worker, all rows from one run.
+a textured object moved across, sensor noise; H.264 veryfast crf 23), each {repeat} times in the shard set (an
+epoch of {num_videos * repeat} clips, long enough for the workers' steady state), training clips of 16 frames at
+224 px, segment sampling, RandAugment `{cfg.rand_augment}`, random erasing {cfg.reprob}, mixup/cutmix, batch 8,
+{workers} worker(s), one CPU thread per process. {rounds} rounds, the order of the paths rotating each round;
+clips per second per worker are the median over the rounds, ratios the median of the ratios within each round
+(range in brackets).
 
 | path | clips/s per worker | vs decode-only | vs per-file |
 |---|---|---|---|
 {table}
-| decode only (same bytes and frames, 1 process) | {dec:.1f} | 1.00 | |
+
+Reusing the workers' shared-memory batch buffers (`tstl/data/buffers.py`) makes the device-side worker
+{reuse_gain:.2f}x as fast (median of the rounds) as stacking every batch into fresh shared memory, where the first
+write to each new 4 KiB page is a kernel page fault.
 
 Batch stages in the training process, ms per 8-clip batch on `{device}` (`augment_on: worker` runs all but the
 first RandAugment row: {worker_step:.1f} ms; `augment_on: device` runs all: {device_step:.1f} ms):
@@ -321,9 +381,9 @@ Where a worker's time goes with `augment_on: worker` (one process, ms per clip):
 
 Reading: the ratio that matters for a GPU node is the device-side row, since with `augment_on: device` (the
 default on CUDA) the workers only decode and crop; the CPU rows show what a CPU-only run gets. The fused warp is
-one bicubic `cv2.warpAffine` per frame when a geometric op fired (about half the clips) and a `cv2.resize`
-otherwise; colour ops are lookup tables. Figures vary with the load of the (shared) machine; compare rows of one
-run only.
+one bicubic `cv2.warpAffine` per frame when a geometric op fired (about half the clips) and a bilinear `cv2.resize`
+otherwise; colour ops are lookup tables. This is a shared virtual machine: single measurements swing by 10-20 %,
+hence the rounds; compare rows of one run only.
 """
 
 
@@ -332,11 +392,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/benchmarks.md", help="report file whose 'loader' section is replaced")
     ap.add_argument("--videos", type=int, default=64, help="number of videos (size knob; 16 is a quick run)")
+    ap.add_argument("--repeat", type=int, default=4, help="times each video is in the shard set (epoch length)")
+    ap.add_argument("--rounds", type=int, default=3, help="measurements of every path (medians are reported)")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers for both loaders")
     ap.add_argument("--device", default="cpu", help="device of the batch-step timing (cuda where available)")
     args = ap.parse_args(argv)
     init_logging()
-    md = run(args.videos, args.workers, args.device)
+    md = run(args.videos, args.workers, args.device, args.rounds, args.repeat)
     update_section(args.out, "loader", md)
     print(md)
 

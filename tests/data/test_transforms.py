@@ -145,3 +145,23 @@ def test_pure_scale_shrinks_antialiased_and_flips_exactly():
     plain = warp_clip(ramp, (0, 0, 240, 240), m, 32)
     flipped = warp_clip(ramp, (0, 0, 240, 240), m @ flip_matrix(32), 32)
     assert np.array_equal(flipped, plain[:, :, ::-1])
+
+
+@pytest.mark.parametrize("box", [(0, 0, 240, 320), (17, 40, 150, 201), (5, 3, 230, 420)])
+def test_crop_resize_is_the_reference_bilinear(box):
+    """With no geometric op the crop box is resized as the reference does it: CAST ``util_tools/video_transforms.py``
+    lines 540-572 (``random_resized_crop``) crop then ``F.interpolate(mode="bilinear", align_corners=False)`` to 224.
+    OpenCV's fixed-point bilinear rounds where torch keeps floats: within 1 grey level everywhere."""
+    import torch.nn.functional as F
+
+    from tstl.data.augment import crop_matrix
+    from tstl.data.transforms import warp_clip
+
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, size=(2, 240, 428, 3), dtype=np.uint8)
+    top, left, h, w = box
+    ours = warp_clip(frames, box, crop_matrix(w, h, 224), 224).astype(np.int16)
+    crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2).float()
+    ref = F.interpolate(crop, size=(224, 224), mode="bilinear", align_corners=False)
+    ref = ref.round().clamp(0, 255).permute(0, 2, 3, 1).numpy().astype(np.int16)
+    assert np.abs(ours - ref).max() <= 1

@@ -11,6 +11,7 @@ from timm.data import Mixup
 from torch.utils.data import DataLoader
 
 from tstl.data import elastic
+from tstl.data.buffers import Returns
 from tstl.data.config import DataConfig
 from tstl.data.device import DeviceRandAugment, Erase, MixupCutmix, Normalize, Stage, ToDevice
 from tstl.data.pipeline import BadSampleRateError, ClipStream, RoleState, StreamSpec, derive_seed
@@ -261,10 +262,24 @@ class ShardLoader:
                           label_map=self.label_map, worker_augment=self.augment_on == "worker", plan=self._plan)
         stages = self._stages()
         nw = self.cfg.num_workers
+        returns = Returns(self.workers) if nw else None  # workers reuse the batch buffers we are done with
+        spec.buffers = returns.link if returns else None
         pin = self.cfg.pin_memory or self.device.type == "cuda"  # pinned pages make the copy non-blocking
         dl = DataLoader(ClipStream(spec), batch_size=None, num_workers=nw, pin_memory=pin,
                         prefetch_factor=self.cfg.prefetch_factor if nw else None, persistent_workers=False)
+        try:
+            yield from self._batches(dl, stages, total, returns)
+        finally:
+            if returns is not None:
+                returns.close()
+        if self.step != total:
+            raise RuntimeError(f"rank {self.rank} produced {self.step} batches instead of {total}; the shard set "
+                               "changed during the epoch?")
+
+    def _batches(self, dl: DataLoader, stages: list[Stage], total: int, returns: Returns | None) -> Iterator[dict]:
         for batch in dl:
+            if returns is not None:
+                returns.poll()
             role = batch.pop("_role")
             state = RoleState(**batch.pop("_state"))
             prev = self._roles.get(role, RoleState())
@@ -279,9 +294,6 @@ class ShardLoader:
                 batch = stage(batch, derive_seed(self.cfg.seed, self.epoch, self.rank, self.step, tag))
             self.step += 1
             yield batch
-        if self.step != total:
-            raise RuntimeError(f"rank {self.rank} produced {self.step} batches instead of {total}; the shard set "
-                               "changed during the epoch?")
 
 
 def _check_label_map(label_map: Mapping[int, int] | None, num_classes: int | None) -> dict[int, int] | None:

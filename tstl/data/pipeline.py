@@ -16,10 +16,11 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from tstl.core.shards import CLS, JSON, MP4, PARTS
 from tstl.data import sampling
+from tstl.data.buffers import Link, Pool
 from tstl.data.config import DataConfig
 from tstl.data.decode import BadSample, decode_clip
 from tstl.data.sources import (
@@ -82,6 +83,8 @@ class StreamSpec:
     """Training: RandAugment in the worker (``augment_on: worker``); False = crop only, the device does the rest."""
     plan: list[tuple[int, int]] | None = None
     """The sample-index ranges this epoch's slots share (None: the whole epoch); set after an elastic resume."""
+    buffers: Link | None = None
+    """Where workers get their batch buffers back for reuse (``tstl.data.buffers``); None: a new one per batch."""
 
 
 def derive_seed(*parts: int) -> int:
@@ -207,6 +210,8 @@ class ClipStream(IterableDataset):
         role = self._role()
         st = RoleState(**self.spec.start[role].to_dict()) if role in self.spec.start else RoleState()
         items: Items = TrainClips(self, role) if s.train else EvalClipViews(self)
+        in_worker = get_worker_info() is not None
+        self._pool = Pool(s.buffers if in_worker else None, role, s.cfg.prefetch_factor + 3)
         raw = self._raw(role)
         try:
             yield from self._emit(raw, items.make, role, st, s.length * items.per_raw, items.batch_size)
@@ -255,8 +260,8 @@ class ClipStream(IterableDataset):
 
     def _batch(self, items: list[tuple], role: int, st: RoleState) -> dict:
         batch = {
-            # uint8 [B, T, S, S, 3]; default_collate stacks straight into shared memory inside a worker (one copy).
-            "video": default_collate([it[0] for it in items]),
+            # uint8 [B, T, S, S, 3], stacked in a worker straight into a (reused) shared-memory buffer: one copy
+            "video": self._pool.collate([it[0] for it in items]),
             "label": torch.tensor([it[1] for it in items], dtype=torch.long),
             "key": [it[2] for it in items],
             "_role": role,

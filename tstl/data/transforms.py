@@ -61,21 +61,22 @@ def warp_clip(frames: np.ndarray, box: tuple[int, int, int, int], m: np.ndarray,
               fill: np.ndarray | None = None) -> np.ndarray:
     """Resample every frame once: output pixel ``p`` reads the crop box at ``m @ p`` (crop-local coordinates).
 
-    Bicubic (OpenCV, a = -0.75), the support clamped to the crop box edge as in PIL's ``transform``; pixels in
-    ``fill`` (``augment.fill_mask``: where timm's ops would have left the image) get the fill colour 128. A pure
-    scale (no RandAugment geometry; a flip at most) is a plain ``cv2.resize`` (the same map, several times faster), with
-    area averaging when it shrinks 2x or more (antialiased, as PIL's resize); a warp with geometry does not antialias.
+    With RandAugment geometry: bicubic (OpenCV, a = -0.75; RandAugment's interpolation), the support clamped to the
+    crop box edge as in PIL's ``transform``; pixels in ``fill`` (``augment.fill_mask``: where timm's ops would have
+    left the image) get the fill colour 128; no antialiasing. A pure scale (no RandAugment geometry; a flip at most)
+    is a plain ``cv2.resize``, bilinear as the reference crop (VideoMAE/CAST ``random_resized_crop``: bilinear
+    ``F.interpolate``, the same half-pixel centres), with area averaging when it shrinks 2x or more.
     """
     top, left, h, w = box
     t = frames.shape[0]
     out = np.empty((t, size, size, 3), dtype=np.uint8)
     flipped = m[0, 0] < 0 and np.isclose(m[0, 2], -m[0, 0] * size)
     if m[0, 1] == 0 and m[1, 0] == 0 and m[1, 2] == 0 and m[1, 1] > 0 and (flipped or (m[0, 0] > 0 and m[0, 2] == 0)):
-        # A pure scale (plus at most a horizontal flip): one resize. Shrinking by 2x or more uses area averaging,
-        # antialiased like PIL's resize that the reference pipeline uses: bicubic alone aliases badly at large
-        # reductions (240 p -> 32 px in the CPU demo). Milder scales (240 p SSV2 -> 224 crops: <= 1.9x) stay bicubic,
-        # where aliasing is slight and area averaging at a fractional ratio costs a third of a decode.
-        interp = cv2.INTER_AREA if max(w, h) >= 2 * size else cv2.INTER_CUBIC
+        # A pure scale (plus at most a horizontal flip): one resize, bilinear like the reference's crop resize.
+        # Shrinking by 2x or more uses area averaging instead (a deliberate deviation: bilinear alone aliases badly
+        # at large reductions, 240 p -> 32 px in the CPU demo). Milder scales (240 p SSV2 -> 224 crops: <= 1.9x)
+        # stay bilinear, where aliasing is slight and area averaging at a fractional ratio costs a third of a decode.
+        interp = cv2.INTER_AREA if max(w, h) >= 2 * size else cv2.INTER_LINEAR
         for i in range(t):
             cv2.resize(frames[i, top:top + h, left:left + w], (size, size), dst=out[i], interpolation=interp)
         return out[:, :, ::-1].copy() if flipped else out

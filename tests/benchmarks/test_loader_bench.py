@@ -1,0 +1,19 @@
+"""The loader benchmark runs every path at a tiny size and writes one row per path, with medians and ranges."""
+
+from __future__ import annotations
+
+import re
+
+from benchmarks import loader
+
+
+def test_bench_writes_every_path(tmp_path) -> None:
+    out = tmp_path / "benchmarks.md"
+    loader.main(["--out", str(out), "--videos", "16", "--repeat", "1", "--rounds", "2"])
+    section = out.read_text().split("<!-- bench:loader -->")[1].split("<!-- /bench:loader -->")[0]
+    rows = dict(re.findall(r"^\| ([^|]+?) \| ([\d.]+) \|", section, re.M))
+    for label in loader.PATHS.values():
+        assert float(rows[label]) > 0, label
+    ratio = re.search(r"worker side \(decode, crop, uint8 out\) \| [\d.]+ \| \*\*([\d.]+)\*\* \(([\d.]+)-([\d.]+)\)",
+                      section)
+    assert ratio and float(ratio[2]) <= float(ratio[1]) <= float(ratio[3])  # median within the rounds' range
