@@ -98,3 +98,15 @@ def test_batches_held_by_the_consumer_are_never_overwritten(shardset: Callable[.
     held = _run(root, cfg, True, monkeypatch, keep_raw=True)
     assert sum(r.returned for r in _Recording.made) == 0
     assert all(torch.equal(p["video"], h["video"]) for p, h in zip(plain, held)) and len(held) == 12
+
+
+def test_small_shared_memory_is_named_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from tstl.data import buffers
+
+    monkeypatch.setattr(buffers.shutil, "disk_usage", lambda p: type("U", (), {"total": 64 * 2**20})())
+    assert not buffers.check_room(workers=4, buffers=5, batch_bytes=19 * 2**20)
+    assert "--shm-size=1g" in caplog.text and "data.num_workers" in caplog.text
+    assert buffers.check_room(workers=1, buffers=2, batch_bytes=2**20)
+    monkeypatch.setattr(buffers.shutil, "disk_usage", lambda p: (_ for _ in ()).throw(FileNotFoundError(p)))
+    assert buffers.check_room(workers=4, buffers=5, batch_bytes=19 * 2**20)  # no /dev/shm: nothing to say

@@ -18,7 +18,9 @@ batches) it stacks into a fresh, untracked buffer, which is PyTorch's behaviour.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass, field
 
@@ -26,9 +28,13 @@ import torch
 import torch.multiprocessing as mp
 from torch.multiprocessing.reductions import StorageWeakRef
 
+logger = logging.getLogger(__name__)
+
 _OPEN: dict[str, Returns] = {}
 """Return channels of this (training) process by token: where a received buffer finds its way back."""
 _COUNTER = itertools.count()
+BUFFERS_EXTRA = 3
+"""Buffers a worker tracks beyond ``prefetch_factor``: the one being filled and two the training process may hold."""
 
 
 @dataclass
@@ -143,3 +149,23 @@ def _shared(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor in shared memory (allocated as ``default_collate`` does in a worker)."""
     nbytes = shape.numel() * torch.empty(0, dtype=dtype).element_size()
     return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
+
+
+def check_room(workers: int, buffers: int, batch_bytes: int, shm: str = "/dev/shm") -> bool:
+    """Warn (once per call) when ``shm`` is too small for the workers' batch buffers; False then.
+
+    Containers often mount a 64 MB ``/dev/shm``; the DataLoader then dies with a bus error or "No space left on
+    device" deep in a worker. Saying so up front names the fix.
+    """
+    try:
+        total = shutil.disk_usage(shm).total
+    except OSError:
+        return True  # no such mount (not Linux): nothing to check
+    need = workers * buffers * batch_bytes
+    if total >= need:
+        return True
+    logger.warning("%s holds %.0f MB but %d loader worker(s) may keep up to %d batch buffers of %.0f MB each there "
+                   "(%.0f MB); workers may crash with a bus error. Give the container more shared memory (docker run "
+                   "--shm-size=%dg) or lower data.num_workers / data.prefetch_factor / data.batch_size", shm,
+                   total / 2**20, workers, buffers, batch_bytes / 2**20, need / 2**20, -(-need // 2**30))
+    return False

@@ -11,7 +11,7 @@ from timm.data import Mixup
 from torch.utils.data import DataLoader
 
 from tstl.data import elastic
-from tstl.data.buffers import Returns
+from tstl.data.buffers import BUFFERS_EXTRA, Returns, check_room
 from tstl.data.config import DataConfig
 from tstl.data.device import DeviceRandAugment, Erase, MixupCutmix, Normalize, Stage, ToDevice
 from tstl.data.pipeline import BadSampleRateError, ClipStream, RoleState, StreamSpec, derive_seed
@@ -57,6 +57,7 @@ class ShardLoader:
         self.device = torch.device("cpu")
         self.bad_samples = 0
         self._bad_run = self._seen_run = 0  # this process' counts for the bad-sample limit (_check_bad)
+        self._room_checked = False  # /dev/shm size warned about at most once
         self.set_epoch(epoch)
 
     # ---- metadata -----------------------------------------------------------------------------------------
@@ -263,6 +264,11 @@ class ShardLoader:
         stages = self._stages()
         nw = self.cfg.num_workers
         returns = Returns(self.workers) if nw else None  # workers reuse the batch buffers we are done with
+        if nw and not self._room_checked:
+            c = self.cfg
+            bsz = c.batch_size if self.train else c.eval_batch_size
+            check_room(nw, c.prefetch_factor + BUFFERS_EXTRA, bsz * c.num_frames * c.input_size ** 2 * 3)
+            self._room_checked = True
         spec.buffers = returns.link if returns else None
         pin = self.cfg.pin_memory or self.device.type == "cuda"  # pinned pages make the copy non-blocking
         dl = DataLoader(ClipStream(spec), batch_size=None, num_workers=nw, pin_memory=pin,

@@ -20,7 +20,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from tstl.core.shards import CLS, JSON, MP4, PARTS
 from tstl.data import sampling
-from tstl.data.buffers import Link, Pool
+from tstl.data.buffers import BUFFERS_EXTRA, Link, Pool
 from tstl.data.config import DataConfig
 from tstl.data.decode import BadSample, decode_clip
 from tstl.data.sources import (
@@ -211,7 +211,7 @@ class ClipStream(IterableDataset):
         st = RoleState(**self.spec.start[role].to_dict()) if role in self.spec.start else RoleState()
         items: Items = TrainClips(self, role) if s.train else EvalClipViews(self)
         in_worker = get_worker_info() is not None
-        self._pool = Pool(s.buffers if in_worker else None, role, s.cfg.prefetch_factor + 3)
+        self._pool = Pool(s.buffers if in_worker else None, role, s.cfg.prefetch_factor + BUFFERS_EXTRA)
         raw = self._raw(role)
         try:
             yield from self._emit(raw, items.make, role, st, s.length * items.per_raw, items.batch_size)
