@@ -49,6 +49,7 @@ from tstl.core.log import init_logging
 from tstl.data import DataConfig, build_train_loader, sampling
 from tstl.data import loader as loader_mod
 from tstl.data.augment import RandAugmentPolicy, apply_colour_ops, compose, crop_matrix, fill_mask
+from tstl.data.decode import check_decoder, decode_clip
 from tstl.data.device import DeviceRandAugment, Erase, MixupCutmix, Normalize
 from tstl.data.transforms import normalize, rrc_params, warp_clip
 
@@ -254,15 +255,28 @@ def batch_step_ms(cfg: DataConfig, device: torch.device, clips: torch.Tensor, re
     return out
 
 
-def decode_only(paths: list[Path], cfg: DataConfig, repeat: int = 1) -> float:
-    """Clips per second of decord on the same bytes and indices, nothing else (each video ``repeat`` times)."""
+def decode_only(paths: list[Path], cfg: DataConfig, repeat: int = 1, decoder: str = "decord") -> float:
+    """Clips per second of the decoder alone on the same bytes and indices (each video ``repeat`` times): decord as
+    a per-file loader calls it, or torchcodec as ``tstl.data.decode`` does."""
     blobs = [p.read_bytes() for p in paths] * repeat
     rng = np.random.default_rng(0)
     start = time.perf_counter()
-    for data in tqdm(blobs, desc="decode-only", leave=False):
-        vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
-        vr.get_batch(list(map(int, sampling.segment_train(FRAMES, cfg.num_frames, rng)))).asnumpy()
+    for data in tqdm(blobs, desc=f"decode-only ({decoder})", leave=False):
+        idx = list(map(int, sampling.segment_train(FRAMES, cfg.num_frames, rng)))
+        if decoder == "decord":
+            decord.VideoReader(io.BytesIO(data), num_threads=1).get_batch(idx).asnumpy()
+        else:
+            decode_clip(data, FRAMES, lambda n, idx=idx: idx, timeout_s=0, decoder=decoder)
     return len(blobs) / (time.perf_counter() - start)
+
+
+def torchcodec_works() -> bool:
+    """Whether the optional torchcodec decoder loads here (it needs a CUDA build of torch)."""
+    try:
+        check_decoder("torchcodec")
+    except RuntimeError:
+        return False
+    return True
 
 
 PATHS = {
@@ -272,6 +286,8 @@ PATHS = {
     "fresh": "the same without buffer reuse (a new shared-memory batch each time, PyTorch's default)",
     "per-file": "per-file decord, CAST/VideoMAE style (PIL RandAugment at native size, erasing; mixup on the batch)",
     "decode": "decode only (same bytes and frames, 1 process)",
+    "tc-device": "`data.decoder: torchcodec`, `augment_on: device`, worker side",
+    "tc-decode": "decode only with torchcodec (same bytes and frames, 1 process)",
 }
 
 
@@ -296,6 +312,10 @@ def measure_rounds(paths: list[Path], shard_dir: Path, cfg: DataConfig, repeat: 
         "full": lambda: _rate(build_train_loader(worker_cfg, shard_dir), n, "shards, full CPU path"),
         "per-file": per_file,
     }
+    if torchcodec_works():
+        tc_cfg = dataclasses.replace(device_cfg, decoder="torchcodec")
+        runs["tc-decode"] = lambda: decode_only(paths, cfg, repeat, "torchcodec")
+        runs["tc-device"] = lambda: _rate(_worker_side(tc_cfg, shard_dir), n, "shards, worker side (torchcodec)")
     names = list(runs)
     out = []
     for r in range(rounds):
@@ -325,9 +345,11 @@ def run(num_videos: int, workers: int, device: str = "cpu", rounds: int = 3, rep
         raw = next(iter(_worker_side(dataclasses.replace(cfg, augment_on="device"), shard_dir)))["video"]
         step = batch_step_ms(cfg, dev, raw)
     w = max(1, workers)
-    rate = {k: _median([r[k] for r in res]) / (1 if k == "decode" else w) for k in PATHS}
-    vs_dec = {k: [r[k] / (1 if k == "decode" else w) / r["decode"] for r in res] for k in PATHS}
-    vs_pf = {k: [r[k] / r["per-file"] for r in res] for k in PATHS}
+    measured = [k for k in PATHS if k in res[0]]
+    per_worker = {k: 1 if k.endswith("decode") else w for k in measured}
+    rate = {k: _median([r[k] for r in res]) / per_worker[k] for k in measured}
+    vs_dec = {k: [r[k] / per_worker[k] / r["decode"] for r in res] for k in measured}
+    vs_pf = {k: [r[k] / r["per-file"] for r in res] for k in measured}
 
     def cell(xs: list[float], bold: bool = False, suffix: str = "") -> str:
         text = f"{_median(xs):.2f}{suffix}"
@@ -335,10 +357,18 @@ def run(num_videos: int, workers: int, device: str = "cpu", rounds: int = 3, rep
         return f"{text} ({min(xs):.2f}-{max(xs):.2f})" if len(xs) > 1 else text
 
     lines = []
-    for k, label in PATHS.items():
+    for k in measured:
         dec_cell = "1.00" if k == "decode" else cell(vs_dec[k], bold=k == "device")
-        pf_cell = "" if k == "decode" else "1.00x" if k == "per-file" else cell(vs_pf[k], k == "full", "x")
-        lines.append(f"| {label} | {rate[k]:.1f} | {dec_cell} | {pf_cell} |")
+        pf_cell = "" if k.endswith("decode") else "1.00x" if k == "per-file" else cell(vs_pf[k], k == "full", "x")
+        lines.append(f"| {PATHS[k]} | {rate[k]:.1f} | {dec_cell} | {pf_cell} |")
+    if "tc-decode" in res[0]:
+        tc_own = _median([r["tc-device"] / r["tc-decode"] for r in res])
+        decoders = (f"torchcodec rows: `data.decoder: torchcodec` (CPU decoding, torch {torch.__version__}); "
+                    f"its worker side delivers {tc_own:.2f} of torchcodec's own decode-only rate, and the "
+                    "\"vs decode-only\" column compares with decord's.")
+    else:
+        decoders = ("torchcodec (`data.decoder: torchcodec`) cannot load with this torch build "
+                    f"({torch.__version__}; its wheels need a CUDA build), so its rows are absent.")
     table = "\n".join(lines)
     total = sum(parts.values())
     rows = "\n".join(f"| {k} | {v:.1f} | {100 * v / total:.0f} % |" for k, v in parts.items())
@@ -361,6 +391,8 @@ clips per second per worker are the median over the rounds, ratios the median of
 | path | clips/s per worker | vs decode-only | vs per-file |
 |---|---|---|---|
 {table}
+
+{decoders}
 
 Reusing the workers' shared-memory batch buffers (`tstl/data/buffers.py`) makes the device-side worker
 {reuse_gain:.2f}x as fast (median of the rounds) as stacking every batch into fresh shared memory, where the first

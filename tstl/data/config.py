@@ -68,6 +68,9 @@ class DataConfig:
     not a trend); the end of an epoch checks regardless."""
     quarantine: str = ""
     """File that bad sample keys are appended to (``key<TAB>shard<TAB>reason``); empty = log only."""
+    decoder: Literal["decord", "torchcodec"] = "decord"
+    """Video decoder in the workers: ``decord`` (default) or ``torchcodec`` (optional; needs a CUDA build of torch
+    and FFmpeg shared libraries, checked when the loader is built; ``tstl/data/decode.py``)."""
     decode_timeout_s: float = 30.0
     """A decode taking longer is abandoned and the sample counted bad (0 disables the guard)."""
     pin_memory: bool = False
@@ -122,6 +125,8 @@ class DataConfig:
                              "min <= max for short_side_jitter")
         if self.read_timeout_s < 0 or self.read_retries < 0:
             raise ValueError("data.read_timeout_s and data.read_retries must be >= 0")
+        if self.decoder not in ("decord", "torchcodec"):
+            raise ValueError(f"data.decoder must be decord or torchcodec, got {self.decoder!r}")
         if self.augment_on not in ("auto", "worker", "device"):
             raise ValueError(f"data.augment_on must be auto, worker or device, got {self.augment_on!r}")
 

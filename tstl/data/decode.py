@@ -1,4 +1,10 @@
-"""Decode the sampled frames of one mp4 held in memory with decord, guarded against bad data and hangs."""
+"""Decode the sampled frames of one mp4 held in memory, guarded against bad data and hangs.
+
+Two decoders (``data.decoder``): decord (the default; what CAST/VideoMAE use) and torchcodec (optional: the PyPI
+wheels load only with a CUDA build of torch, and need FFmpeg 4-7 shared libraries on the system). Both decode on
+the CPU inside the DataLoader workers, one FFmpeg thread each; NVDEC is not used there, because CUDA does not
+survive the fork that starts the workers.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,23 @@ from collections.abc import Callable, Iterator
 
 import decord
 import numpy as np
+
+DECODERS = ("decord", "torchcodec")
+
+TORCHCODEC_FIX = ("data.decoder=torchcodec needs the torchcodec package (pip install torchcodec), a CUDA build of "
+                  "torch (its PyPI wheels link CUDA libraries even for CPU decoding) and FFmpeg 4-7 shared "
+                  "libraries (apt install ffmpeg); or use data.decoder=decord")
+
+
+def check_decoder(name: str) -> None:
+    """Raise ``RuntimeError`` naming the fix when decoder ``name`` cannot be used in this environment."""
+    if name not in DECODERS:
+        raise ValueError(f"data.decoder must be one of {', '.join(DECODERS)}, got {name!r}")
+    if name == "torchcodec":
+        try:
+            from torchcodec.decoders import VideoDecoder  # noqa: F401
+        except (ImportError, OSError, RuntimeError) as e:
+            raise RuntimeError(f"{TORCHCODEC_FIX} ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 class BadSample(Exception):
@@ -39,11 +62,36 @@ def _time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+def _decord(data: bytes, json_frames: int, pick: Callable[[int], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+    n = min(int(json_frames), len(reader)) if json_frames > 0 else len(reader)
+    if n < 1:
+        raise BadSample("video has no frames")
+    idx = pick(n)
+    return reader.get_batch(list(map(int, idx))).asnumpy(), idx
+
+
+def _torchcodec(data: bytes, json_frames: int, pick: Callable[[int], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    from torchcodec.decoders import VideoDecoder
+
+    # exact mode scans the packets once: the frame count and the index -> frame mapping do not rely on the header
+    reader = VideoDecoder(data, seek_mode="exact", num_ffmpeg_threads=1, dimension_order="NHWC", device="cpu")
+    n = min(int(json_frames), len(reader)) if json_frames > 0 else len(reader)
+    if n < 1:
+        raise BadSample("video has no frames")
+    idx = pick(n)
+    return reader.get_frames_at(list(map(int, idx))).data.numpy(), idx
+
+
+_READERS = {"decord": _decord, "torchcodec": _torchcodec}
+
+
 def decode_clip(
     data: bytes,
     json_frames: int,
     pick: Callable[[int], np.ndarray],
     timeout_s: float = 30.0,
+    decoder: str = "decord",
 ) -> np.ndarray:
     """Decode the frames chosen by ``pick(n)`` from mp4 bytes.
 
@@ -53,6 +101,7 @@ def decode_clip(
             the decoder reports, whichever is smaller), so a container lying about its length cannot stall us.
         pick: maps the trusted frame count to the frame indices to read.
         timeout_s: per-clip decode time limit (0 = none).
+        decoder: ``decord`` or ``torchcodec`` (``check_decoder`` says whether it can run here).
 
     Returns:
         uint8 array ``[len(indices), H, W, 3]``.
@@ -64,15 +113,10 @@ def decode_clip(
         raise BadSample(f"mp4 has only {len(data)} bytes")
     with _time_limit(timeout_s):
         try:
-            reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
-            n = min(int(json_frames), len(reader)) if json_frames > 0 else len(reader)
-            if n < 1:
-                raise BadSample("video has no frames")
-            idx = pick(n)
-            frames = reader.get_batch(list(map(int, idx))).asnumpy()
+            frames, idx = _READERS[decoder](data, json_frames, pick)
         except BadSample:
             raise
-        except Exception as e:  # decord raises DECORDError and plain RuntimeErrors for broken streams
+        except Exception as e:  # DECORDError, plain RuntimeErrors and (torchcodec) ValueErrors for broken streams
             raise BadSample(f"decode failed: {type(e).__name__}: {str(e)[:200]}") from None
     if frames.ndim != 4 or frames.shape[0] != len(idx):
         raise BadSample(f"decoder returned shape {frames.shape} for {len(idx)} frames")

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from tstl.data import elastic
 from tstl.data.buffers import BUFFERS_EXTRA, Returns, check_room
 from tstl.data.config import DataConfig
+from tstl.data.decode import check_decoder
 from tstl.data.device import DeviceRandAugment, Erase, MixupCutmix, Normalize, Stage, ToDevice
 from tstl.data.pipeline import BadSampleRateError, ClipStream, RoleState, StreamSpec, derive_seed
 from tstl.data.sources import ShardList, has_index, resolve, slot_length
@@ -44,6 +45,7 @@ class ShardLoader:
                  label_map: Mapping[int, int] | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        check_decoder(cfg.decoder)  # here, not as a bad sample in every worker
         self.cfg, self.shardset, self.train = cfg, shardset, train
         self.rank, self.world_size, self.views = rank, world_size, tuple(views)
         self.workers = max(1, cfg.num_workers)

@@ -299,7 +299,8 @@ class TrainClips:
         data, label, frames = self.stream._parse(sample)
         rng = np.random.default_rng(derive_seed(cfg.seed, s.epoch, s.rank, self.role, pos, 3))
         clip = decode_clip(data, frames, lambda n: sampling.train_indices(
-            cfg.sampling, n, cfg.num_frames, cfg.sampling_rate, rng, cfg.sampling_convention), cfg.decode_timeout_s)
+            cfg.sampling, n, cfg.num_frames, cfg.sampling_rate, rng, cfg.sampling_convention), cfg.decode_timeout_s,
+            cfg.decoder)
         aug = np.random.default_rng(derive_seed(cfg.seed, s.epoch, s.rank, self.role, pos, 2))
         return [(self.tf(clip, aug), label, sample["__key__"], 0)]
 
@@ -322,7 +323,7 @@ class EvalClipViews:
             return np.concatenate([sampling.test_indices(cfg.sampling, n, t_len, cfg.sampling_rate, t, nt,
                                                          cfg.sampling_convention) for t in range(nt)])
 
-        clip = decode_clip(data, frames, pick, cfg.decode_timeout_s)
+        clip = decode_clip(data, frames, pick, cfg.decode_timeout_s, cfg.decoder)
         out = []
         for t in range(nt):
             resized = self.views.resize(clip[t * t_len:(t + 1) * t_len])

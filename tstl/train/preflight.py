@@ -17,7 +17,7 @@ from tstl.core.exitcodes import UsageError
 from tstl.core.shards import INDEX
 from tstl.train.config import ModelConfig, TrainConfig
 
-__all__ = ["check_config_files", "check_model", "check_run", "check_shards", "shards_hint"]
+__all__ = ["check_config_files", "check_decoder", "check_model", "check_run", "check_shards", "shards_hint"]
 
 
 def check_config_files(files: Sequence[str | Path]) -> None:
@@ -91,12 +91,23 @@ def check_init(cfg: ModelConfig, entries: Sequence[str] | None = None, key: str 
                                             "(docs/models.md lists the formats)") from None
 
 
+def check_decoder(name: str) -> None:
+    """``data.decoder`` can run in this environment (torchcodec needs a CUDA torch build and FFmpeg libraries)."""
+    from tstl.data.decode import check_decoder as probe
+
+    try:
+        probe(name)
+    except RuntimeError as e:
+        raise UsageError(f"data.decoder: {e}") from None
+
+
 def check_run(cfg: TrainConfig, *, train: bool = True, model: bool = True) -> None:
     """Everything ``train`` (``train=True``) or an evaluation (``train=False``) needs before it starts."""
     splits = [cfg.train_split] if train else []
     if not train or cfg.val_every > 0 or cfg.test_at_end:
         splits.append(cfg.val_split)
     check_shards(cfg, splits)
+    check_decoder(cfg.data.decoder)
     if model:
         check_model(cfg.model, cfg.model.num_classes)
         check_init(cfg.model)
