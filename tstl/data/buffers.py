@@ -1,10 +1,11 @@
 """Shared-memory batch buffers that a DataLoader worker reuses once the training process has let go of them.
 
 Why our own: in a worker, ``default_collate`` stacks every batch into a *fresh* shared-memory tensor, and the first
-write to each 4 KiB page of it is a kernel page fault (a shmem page allocated and zeroed): about 15 ms for one 19 MB
-batch (8 clips of 16 x 224 x 224 x 3 uint8) on the 2-core reference machine, ~2 ms per clip, 7 % of decoding the
-clip. PyTorch cannot reuse that memory because a worker never learns when the training process is done with a
-batch. Here it does: the training process watches each received buffer with a storage-level weak reference
+write to each 4 KiB page of it is a kernel page fault (a shmem page allocated and zeroed): measured in isolation on
+the 2-core reference machine, writing a 19 MB batch (8 clips of 16 x 224 x 224 x 3 uint8) into fresh shared memory
+took 26 ms against 10 ms into memory already touched; in the loader benchmark reuse makes the device-side worker
+1.03-1.08x as fast. PyTorch cannot reuse that memory because a worker never learns when the training process is
+done with a batch. Here it does: the training process watches each received buffer with a storage-level weak reference
 (``StorageWeakRef``, what ``torch.multiprocessing`` uses for its own cache) and, once no tensor of the process
 references that memory any more (the batch was pinned or copied to the GPU, normalised into a new tensor, or
 dropped), sends the buffer's slot number back to its worker over a small queue; the worker stacks a later batch
