@@ -49,7 +49,7 @@ from tstl.core.log import init_logging
 from tstl.data import DataConfig, build_train_loader, sampling
 from tstl.data import loader as loader_mod
 from tstl.data.augment import RandAugmentPolicy, apply_colour_ops, compose, crop_matrix, fill_mask
-from tstl.data.decode import check_decoder, decode_clip
+from tstl.data.decode import decode_clip, decoder_available
 from tstl.data.device import DeviceRandAugment, Erase, MixupCutmix, Normalize
 from tstl.data.transforms import normalize, rrc_params, warp_clip
 
@@ -270,15 +270,6 @@ def decode_only(paths: list[Path], cfg: DataConfig, repeat: int = 1, decoder: st
     return len(blobs) / (time.perf_counter() - start)
 
 
-def torchcodec_works() -> bool:
-    """Whether the optional torchcodec decoder loads here (it needs a CUDA build of torch)."""
-    try:
-        check_decoder("torchcodec")
-    except RuntimeError:
-        return False
-    return True
-
-
 PATHS = {
     "worker": "shards, `augment_on: worker`, worker side (decode, crop + fused RandAugment, uint8 out)",
     "full": "shards, `augment_on: worker`, full CPU path (+ normalise, erase, mixup in the training process)",
@@ -312,7 +303,7 @@ def measure_rounds(paths: list[Path], shard_dir: Path, cfg: DataConfig, repeat: 
         "full": lambda: _rate(build_train_loader(worker_cfg, shard_dir), n, "shards, full CPU path"),
         "per-file": per_file,
     }
-    if torchcodec_works():
+    if decoder_available("torchcodec"):
         tc_cfg = dataclasses.replace(device_cfg, decoder="torchcodec")
         runs["tc-decode"] = lambda: decode_only(paths, cfg, repeat, "torchcodec")
         runs["tc-device"] = lambda: _rate(_worker_side(tc_cfg, shard_dir), n, "shards, worker side (torchcodec)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from benchmarks import loader
+from tstl.data.decode import decoder_available
 
 
 def test_bench_writes_every_path(tmp_path) -> None:
@@ -12,7 +13,7 @@ def test_bench_writes_every_path(tmp_path) -> None:
     loader.main(["--out", str(out), "--videos", "16", "--repeat", "1", "--rounds", "2"])
     section = out.read_text().split("<!-- bench:loader -->")[1].split("<!-- /bench:loader -->")[0]
     rows = dict(re.findall(r"^\| ([^|]+?) \| ([\d.]+) \|", section, re.M))
-    tc = loader.torchcodec_works()  # its rows only where the optional decoder loads
+    tc = decoder_available("torchcodec")  # its rows only where the optional decoder loads
     for key, label in loader.PATHS.items():
         assert (label in rows) == (tc or not key.startswith("tc-")), label
         assert float(rows.get(label, 1)) > 0, label

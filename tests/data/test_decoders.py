@@ -16,18 +16,9 @@ import pytest
 
 from tstl.core.exitcodes import UsageError
 from tstl.data import DataConfig, build_eval_loader, build_train_loader
-from tstl.data.decode import BadSample, check_decoder, decode_clip
+from tstl.data.decode import BadSample, check_decoder, decode_clip, decoder_available
 
-
-def _torchcodec_works() -> bool:
-    try:
-        check_decoder("torchcodec")
-    except RuntimeError:
-        return False
-    return True
-
-
-TORCHCODEC = _torchcodec_works()
+TORCHCODEC = decoder_available("torchcodec")
 needs_torchcodec = pytest.mark.skipif(not TORCHCODEC, reason="torchcodec cannot load here (needs a CUDA torch build)")
 CFG = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=1, shuffle_buffer=4,
            mixup=0.0, cutmix=0.0, reprob=0.0, rand_augment="", min_bad_check=1000)
@@ -59,9 +50,8 @@ def _six(k: int) -> np.ndarray:
 @needs_torchcodec
 def test_torchcodec_decodes_the_frames_decord_decodes(videos: dict[int, bytes]) -> None:
     for n, data in videos.items():
-        pick = _six
-        a = decode_clip(data, n, pick).astype(int)
-        b = decode_clip(data, n, pick, decoder="torchcodec").astype(int)
+        a = decode_clip(data, n, _six).astype(int)
+        b = decode_clip(data, n, _six, decoder="torchcodec").astype(int)
         # same frames; only the YUV -> RGB rounding of the two FFmpeg builds may differ
         assert a.shape == b.shape and np.abs(a - b).mean() < 1.0 and np.abs(a - b).max() <= 8, n
     with pytest.raises(BadSample):

@@ -69,8 +69,9 @@ class Returns:
     def poll(self) -> None:
         """Send every buffer whose storage has died in this process back to its worker."""
         with self._lock:
-            dead = [w for w in self._watched if w[0].expired()]
-            self._watched = [w for w in self._watched if not w[0].expired()]
+            alive = [not w[0].expired() for w in self._watched]
+            dead = [w for w, a in zip(self._watched, alive) if not a]
+            self._watched = [w for w, a in zip(self._watched, alive) if a]
         for _, role, slot in dead:
             self.link.queues[role].put(slot)
         self.returned += len(dead)

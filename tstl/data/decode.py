@@ -35,6 +35,15 @@ def check_decoder(name: str) -> None:
             raise RuntimeError(f"{TORCHCODEC_FIX} ({type(e).__name__}: {str(e)[:200]})") from None
 
 
+def decoder_available(name: str) -> bool:
+    """Whether decoder ``name`` loads here (``check_decoder`` without the error)."""
+    try:
+        check_decoder(name)
+    except RuntimeError:
+        return False
+    return True
+
+
 class BadSample(Exception):
     """A sample that cannot be used (missing part, undecodable, no frames, decode too slow)."""
 
@@ -62,28 +71,24 @@ def _time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _decord(data: bytes, json_frames: int, pick: Callable[[int], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+Frames = Callable[[list[int]], np.ndarray]
+
+
+def _decord(data: bytes) -> tuple[int, Frames]:
     reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
-    n = min(int(json_frames), len(reader)) if json_frames > 0 else len(reader)
-    if n < 1:
-        raise BadSample("video has no frames")
-    idx = pick(n)
-    return reader.get_batch(list(map(int, idx))).asnumpy(), idx
+    return len(reader), lambda idx: reader.get_batch(idx).asnumpy()
 
 
-def _torchcodec(data: bytes, json_frames: int, pick: Callable[[int], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _torchcodec(data: bytes) -> tuple[int, Frames]:
     from torchcodec.decoders import VideoDecoder
 
     # exact mode scans the packets once: the frame count and the index -> frame mapping do not rely on the header
     reader = VideoDecoder(data, seek_mode="exact", num_ffmpeg_threads=1, dimension_order="NHWC", device="cpu")
-    n = min(int(json_frames), len(reader)) if json_frames > 0 else len(reader)
-    if n < 1:
-        raise BadSample("video has no frames")
-    idx = pick(n)
-    return reader.get_frames_at(list(map(int, idx))).data.numpy(), idx
+    return len(reader), lambda idx: reader.get_frames_at(idx).data.numpy()
 
 
-_READERS = {"decord": _decord, "torchcodec": _torchcodec}
+_OPENERS = {"decord": _decord, "torchcodec": _torchcodec}
+"""Decoder name -> open mp4 bytes: (frames the decoder reports, read frames at indices as uint8 NHWC)."""
 
 
 def decode_clip(
@@ -113,7 +118,12 @@ def decode_clip(
         raise BadSample(f"mp4 has only {len(data)} bytes")
     with _time_limit(timeout_s):
         try:
-            frames, idx = _READERS[decoder](data, json_frames, pick)
+            reported, read = _OPENERS[decoder](data)
+            n = min(int(json_frames), reported) if json_frames > 0 else reported
+            if n < 1:
+                raise BadSample("video has no frames")
+            idx = pick(n)
+            frames = read(list(map(int, idx)))
         except BadSample:
             raise
         except Exception as e:  # DECORDError, plain RuntimeErrors and (torchcodec) ValueErrors for broken streams
