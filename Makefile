@@ -65,7 +65,7 @@ DEMO_TSTL = --config configs/data/ssv2.yaml configs/demo.yaml configs/tstl/demo.
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup lint test demo demo-tstl synthetic prepare finalize shards train eval groups \
+.PHONY: help setup lint test demo demo-tstl synthetic finalize shards train eval groups \
   train-tstl eval-tstl bench clean-demo print-config
 
 help:  ## list the targets

@@ -63,7 +63,7 @@ def run(num_videos: int) -> str:
         write_shards(paths, Path(tmp) / "bench" / "shards" / "train")
         steps = num_videos // 4
         for workers in (1, 2):
-            results[workers] = train_once(Path(tmp), Path(tmp) / f"run-{workers}", workers, max(1, steps - 1))
+            results[workers] = train_once(Path(tmp), Path(tmp) / f"run-{workers}", workers, max(1, steps))
     rows = "\n".join(f"| {w} | {r['data_wait']:.0%} | {r['clips_per_s']:.1f} | {r['seconds']:.0f} |"
                      for w, r in results.items())
     return f"""## Data wait in training (`python -m benchmarks.data_wait --videos {num_videos}`)

@@ -51,7 +51,7 @@ from tstl.data import loader as loader_mod
 from tstl.data.augment import RandAugmentPolicy, apply_colour_ops, compose, crop_matrix, fill_mask
 from tstl.data.decode import decode_clip, decoder_available
 from tstl.data.device import DeviceRandAugment, Erase, MixupCutmix, Normalize
-from tstl.data.transforms import normalize, rrc_params, warp_clip
+from tstl.data.transforms import rrc_params, warp_clip
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ class PerFileDataset(torch.utils.data.Dataset):
         self.ra = rand_augment_transform(cfg.rand_augment, {"translate_const": 100, "img_mean": (128, 128, 128),
                                                             "interpolation": Image.BICUBIC})
         self.erase = RandomErasing(cfg.reprob, mode="pixel", device="cpu")
+        self.norm = Normalize(cfg.mean, cfg.std)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -158,7 +159,7 @@ class PerFileDataset(torch.utils.data.Dataset):
             random.setstate(state[0])
             np.random.set_state(state[1])
             out.append(np.asarray(self.ra(img)))
-        clip = normalize(torch.from_numpy(np.stack(out)), cfg.mean, cfg.std)  # [3, T, H, W] at native size
+        clip = self.norm({"video": torch.from_numpy(np.stack(out))[None]}, 0)["video"][0]  # [3, T, H, W], native size
         top, left, h, w = RandomResizedCropAndInterpolation.get_params(imgs[0], cfg.rrc_scale, cfg.rrc_ratio)
         crop = clip[:, :, top:top + h, left:left + w]
         clip = F.interpolate(crop, size=(cfg.input_size, cfg.input_size), mode="bilinear", align_corners=False)
@@ -256,17 +257,14 @@ def batch_step_ms(cfg: DataConfig, device: torch.device, clips: torch.Tensor, re
 
 
 def decode_only(paths: list[Path], cfg: DataConfig, repeat: int = 1, decoder: str = "decord") -> float:
-    """Clips per second of the decoder alone on the same bytes and indices (each video ``repeat`` times): decord as
-    a per-file loader calls it, or torchcodec as ``tstl.data.decode`` does."""
+    """Clips per second of the decoder alone (``tstl.data.decode``, no time limit) on the same bytes and indices,
+    each video ``repeat`` times."""
     blobs = [p.read_bytes() for p in paths] * repeat
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     for data in tqdm(blobs, desc=f"decode-only ({decoder})", leave=False):
-        idx = list(map(int, sampling.segment_train(FRAMES, cfg.num_frames, rng)))
-        if decoder == "decord":
-            decord.VideoReader(io.BytesIO(data), num_threads=1).get_batch(idx).asnumpy()
-        else:
-            decode_clip(data, FRAMES, lambda n, idx=idx: idx, timeout_s=0, decoder=decoder)
+        idx = sampling.segment_train(FRAMES, cfg.num_frames, rng)
+        decode_clip(data, FRAMES, lambda n, idx=idx: idx, timeout_s=0, decoder=decoder)
     return len(blobs) / (time.perf_counter() - start)
 
 
@@ -290,10 +288,10 @@ def measure_rounds(paths: list[Path], shard_dir: Path, cfg: DataConfig, repeat: 
     worker_cfg = dataclasses.replace(cfg, augment_on="worker")
     device_cfg = dataclasses.replace(cfg, augment_on="device")
 
-    def per_file() -> float:
-        dl = torch.utils.data.DataLoader(PerFileDataset(paths, cfg), batch_size=cfg.batch_size, shuffle=True,
-                                         num_workers=cfg.num_workers, drop_last=True)
-        return _rate(_with_mixup(dl, cfg), len(paths) - cfg.batch_size, "per-file")
+    def per_file() -> float:  # over the same repeated list as the shards: the same epoch length
+        dl = torch.utils.data.DataLoader(PerFileDataset(paths * repeat, cfg), batch_size=cfg.batch_size,
+                                         shuffle=True, num_workers=cfg.num_workers, drop_last=True)
+        return _rate(_with_mixup(dl, cfg), n - cfg.batch_size, "per-file")
 
     runs = {
         "decode": lambda: decode_only(paths, cfg, repeat),

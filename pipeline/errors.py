@@ -1,5 +1,5 @@
 """Errors of the offline stages that are not a video's fault (the id safety rule and ``MetadataError`` live in the
-dataset registry, ``tstl.core.datasets.base``, and are re-exported here).
+dataset registry, ``tstl.core.datasets.base``).
 
 Exit codes of ``python -m pipeline.cli`` (also in docs/pipeline.md):
 0 done; 1 more videos failed than ``--max-failure-fraction`` allows; 2 bad input (metadata, arguments);
@@ -13,7 +13,6 @@ import errno
 import os
 
 from tstl.core import exitcodes
-from tstl.core.datasets.base import MetadataError, unsafe_id_reason  # noqa: F401 (re-exported; owner: the registry)
 
 # the convention of every tool (tstl.core.exitcodes); 3 and 4 are the offline stages' extensions
 EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_LOCKED = (

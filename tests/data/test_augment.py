@@ -172,7 +172,6 @@ def test_worker_and_device_paths_agree_on_the_same_draw() -> None:
     # Same draw, same input crop: OpenCV (workers) and torch (device) give the same clip within a few levels.
     clip = np.stack([natural(64, 64, seed=k) for k in range(3)])
     policy, rng = RandAugmentPolicy(SPEC), np.random.default_rng(5)
-    checked = 0
     for _ in range(40):
         ops = policy.draw(rng)
         maps = ops.maps(64, 64)
@@ -188,8 +187,6 @@ def test_worker_and_device_paths_agree_on_the_same_draw() -> None:
         d = (worker.int() - device.int()).abs().float()
         # Equalize/AutoContrast/Posterize can turn a 1-level difference into a step: bound the mean, not the max
         assert d.mean() <= 2.0, (ops.ops, d.mean())
-        checked += 1
-    assert checked == 40
 
 
 def test_device_randaugment_reproducible_and_per_clip() -> None:

@@ -196,11 +196,8 @@ def test_label_filter_keeps_balance_and_coverage(shardset: Callable[..., Path]) 
 def test_http_source_through_shards_json(shardset: Callable[..., Path]) -> None:
     import functools
     import http.server
-    import shutil
     import threading
 
-    if shutil.which("curl") is None:  # webdataset opens http(s) URLs with curl
-        pytest.skip("curl is not installed")
     root = shardset(12, [5, 7])
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

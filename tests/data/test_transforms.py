@@ -132,7 +132,7 @@ def test_both_paths_reproducible_same_format_and_range(shardset: Callable[..., P
 
 def test_pure_scale_shrinks_antialiased_and_flips_exactly():
     """A crop that is only scaled (and maybe flipped) is one area-averaged resize: a 1-px checkerboard shrunk 7.5x
-    comes out flat grey (bicubic alone aliases it into stripes), and the flipped clip is the mirror image."""
+    comes out flat grey (bilinear alone aliases it into stripes), and the flipped clip is the mirror image."""
     from tstl.data.augment import crop_matrix
     from tstl.data.transforms import flip_matrix, warp_clip
 

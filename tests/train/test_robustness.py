@@ -131,6 +131,23 @@ def test_resume_refuses_a_changed_config_with_a_diff_unless_safe_or_accepted(tmp
     assert len(resume_guard.check(tmp_path / "config.yaml", new, accept=True)) == 3
 
 
+def test_resume_of_a_run_saved_before_a_key_existed(tmp_path: Path) -> None:
+    """A config.yaml without a key added later (e.g. data.decoder) matches the key's default, not another value."""
+    import yaml
+
+    from tstl.core.config import ConfigError, dump_yaml
+    from tstl.train import resume_guard
+
+    saved = yaml.safe_load(dump_yaml(TrainConfig(epochs=5)))
+    del saved["data"]["decoder"], saved["model"]["trusted_checkpoints"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert resume_guard.check(tmp_path / "config.yaml", TrainConfig(epochs=5), accept=False) == []
+    other = TrainConfig(epochs=5)
+    other.data.decoder = "torchcodec"
+    with pytest.raises(ConfigError, match="data.decoder: '<absent>' -> 'torchcodec'"):
+        resume_guard.check(tmp_path / "config.yaml", other, accept=False)
+
+
 # ----------------------------------------------------------------------------------- preemption (issue 13)
 
 def test_signals_and_the_wall_clock_ask_for_a_save(monkeypatch: pytest.MonkeyPatch) -> None:

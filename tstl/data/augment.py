@@ -7,8 +7,8 @@ once per geometric op (PIL, at whatever size it is given). Here the same policy 
   ``rand_augment_transform(spec)``: ``n`` ops chosen uniformly with replacement from the (``inc``) op set, each
   applied with probability ``p``, magnitude ``N(m, mstd)`` clipped to ``[0, mmax or 10]``, then timm's level
   functions (random sign for the signed ops). The draw uses an explicit ``numpy.random.Generator``.
-* The geometric ops (Rotate, ShearX/Y, TranslateX/YRel) compose into one 3x3 map (``ClipOps.affine``); the caller
-  folds the random-resized-crop box into it and resamples each frame once, bicubic, at the output size.
+* The geometric ops (Rotate, ShearX/Y, TranslateX/YRel) compose into one 3x3 map (``ClipOps.maps`` + ``compose``);
+  the caller folds the random-resized-crop box into it and resamples each frame once, bicubic, at the output size.
 * The colour ops (``apply_colour``) follow PIL's arithmetic (``ImageOps``/``ImageEnhance``), as lookup tables where
   the op is per pixel value, on uint8 ``[T, H, W, 3]`` tensors on any device; the histogram ops (Equalize,
   AutoContrast) and Contrast's mean use each frame's own statistics, as timm applying the op frame by frame does.
@@ -104,11 +104,6 @@ class ClipOps:
     def maps(self, width: float, height: float) -> list[np.ndarray]:
         """3x3 output -> input map of each geometric op on a ``width x height`` image, in the order applied."""
         return [op_matrix(name, v, width, height) for name, (v,) in self.geometric]
-
-    def affine(self, width: float, height: float) -> np.ndarray | None:
-        """The composed output -> input map of all geometric ops (None: no geometric op fired)."""
-        maps = self.maps(width, height)
-        return compose(maps) if maps else None
 
 
 class RandAugmentPolicy:

@@ -17,8 +17,6 @@ from collections.abc import Callable, Iterator
 import decord
 import numpy as np
 
-DECODERS = ("decord", "torchcodec")
-
 TORCHCODEC_FIX = ("data.decoder=torchcodec needs the torchcodec package (pip install torchcodec), a CUDA build of "
                   "torch (its PyPI wheels link CUDA libraries even for CPU decoding) and FFmpeg 4-7 shared "
                   "libraries (apt install ffmpeg); or use data.decoder=decord")
@@ -89,6 +87,7 @@ def _torchcodec(data: bytes) -> tuple[int, Frames]:
 
 _OPENERS = {"decord": _decord, "torchcodec": _torchcodec}
 """Decoder name -> open mp4 bytes: (frames the decoder reports, read frames at indices as uint8 NHWC)."""
+DECODERS = tuple(_OPENERS)
 
 
 def decode_clip(

@@ -26,15 +26,6 @@ from tstl.data.spatial import short_side_jitter_crop  # [recipes] data.train_cro
 cv2.setNumThreads(1)
 
 
-def normalize(frames: np.ndarray | torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 ``[T, H, W, 3]`` -> normalised float ``[3, T, H, W]`` (one clip; batches use ``device.normalize``)."""
-    arr = frames.numpy() if isinstance(frames, torch.Tensor) else frames
-    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(3, 0, 1, 2)).astype(np.float32))
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1, 1)
-    return x.mul_(scale).add_(shift)
-
-
 def rrc_params(img_h: int, img_w: int, scale: tuple[float, float], ratio: tuple[float, float],
                rng: np.random.Generator) -> tuple[int, int, int, int]:
     """timm ``RandomResizedCropAndInterpolation.get_params`` with an explicit generator: ``(top, left, h, w)``."""

@@ -19,7 +19,7 @@ writes (checked in the reference repositories; tests/models/test_checkpoint.py b
 
 So ``argparse.Namespace`` is the only global added. A file whose pickle names any other global is refused
 (``UntrustedCheckpointError``, naming the file and the globals) unless the user trusts it: ``trusted=True``, the
-file listed in a ``trusted_checkpoints`` config list passed as ``trusted=[...]``, or listed in the environment
+file listed in a ``model.trusted_checkpoints`` config list passed as ``trusted=[...]``, or listed in the environment
 variable ``TSTL_TRUSTED_CHECKPOINTS`` (paths separated by ``os.pathsep``). A trusted file that still fails the safe
 load is read with ``weights_only=False`` and a WARNING naming the file and its globals; never silently.
 
@@ -107,9 +107,9 @@ def _is_torchscript(path: str) -> bool:
 def is_trusted(path: str | os.PathLike, trusted: Trust = False) -> str | None:
     """Why ``path`` is trusted (a phrase for the log), or None.
 
-    Trusted: ``trusted is True``; ``path`` in the iterable ``trusted`` (a ``trusted_checkpoints`` config list); or
-    ``path`` in the environment variable ``TSTL_TRUSTED_CHECKPOINTS`` (``os.pathsep``-separated). Paths compare
-    after ``os.path.realpath``; only files are listed, never folders.
+    Trusted: ``trusted is True``; ``path`` in the iterable ``trusted`` (the ``model.trusted_checkpoints`` config
+    list); or ``path`` in the environment variable ``TSTL_TRUSTED_CHECKPOINTS`` (``os.pathsep``-separated). Paths
+    compare after ``os.path.realpath``; only files are listed, never folders.
     """
     if trusted is True:
         return "trusted=True"
@@ -150,8 +150,8 @@ def _torch_load(path: str, trusted: Trust) -> object:
                 f"{path}: refused: its pickle {what}, which is not in the allow-list of plain types "
                 f"(torch tensors and containers, {', '.join(_ALLOWED)}). Unpickling it "
                 f"can run arbitrary code. If you trust this file, pass trusted=True to read_checkpoint/"
-                f"load_checkpoint, list it in the run's trusted_checkpoints, or add it to ${TRUSTED_ENV}; better, "
-                f"re-save its weights with torch.save(state_dict).", path, names) from None
+                f"load_checkpoint, list it in the run's model.trusted_checkpoints, or add it to ${TRUSTED_ENV}; "
+                f"better, re-save its weights with torch.save(state_dict).", path, names) from None
         logger.warning("%s: LOADING WITH weights_only=False (%s): its pickle names %s, outside the allow-list; "
                        "this runs whatever code the file carries", path, why, ", ".join(names) or "unsupported content")
         return torch.load(path, map_location="cpu", weights_only=False)

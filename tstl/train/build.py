@@ -6,20 +6,20 @@ model is built, loaded and run the same way everywhere.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from tstl.core.config import ConfigError
 from tstl.models import create_model, load_checkpoint
-from tstl.models.checkpoint import Conversion
+from tstl.models.checkpoint import StateDictAdapter
 from tstl.train.checkpoint import resolve_weights
 from tstl.train.config import ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-Adapter = Callable[[Conversion, dict[str, torch.Tensor]], None]
+Adapter = StateDictAdapter
 """A state-dict adapter for ``load_checkpoint(adapters=...)``: edits the conversion in place before loading."""
 
 
@@ -46,7 +46,8 @@ def build_model(cfg: ModelConfig, num_classes: int, adapters: Sequence[Adapter] 
     for entry in cfg.init:
         path, _ = resolve_weights(entry)
         # a checkpoint with another number of classes (a CAST model as a TSTL selector or expert) starts a new head
-        report = load_checkpoint(model, path, reinit_mismatched=("head.",), adapters=tuple(adapters))
+        report = load_checkpoint(model, path, reinit_mismatched=("head.",), adapters=tuple(adapters),
+                                 trusted=list(cfg.trusted_checkpoints))
         reinit = [k for k, why in report.explained.items() if why.endswith("re-initialised") and k in report.missing]
         provenance.append(f"{path}: {report.format}, {report.loaded} tensors"
                           + (f" ({', '.join(reinit)} re-initialised: shape differs)" if reinit else ""))

@@ -26,6 +26,9 @@ class ModelConfig:
     """Checkpoints loaded in order before training (CLIP, VideoMAE, CAST, TimeSformer, timm; see docs/models.md).
     An entry may also be a run folder (its best checkpoint) or a DeepSpeed tag folder. A checkpoint whose head has
     another number of classes initialises everything but the head."""
+    trusted_checkpoints: list[str] = field(default_factory=list)
+    """Checkpoint files loaded with full pickle (not weights-only) because they hold objects outside the allow-list
+    (``tstl.models.checkpoint``); only for files you trust. ``$TSTL_TRUSTED_CHECKPOINTS`` lists more."""
     freeze_pretrained: bool = True
     """Keep the model's pre-trained backbones frozen (B-CAST's CLIP/VideoMAE streams), as its family defines.
     False: every parameter trains (only for backbones without pre-trained weights, as in the CPU demo)."""

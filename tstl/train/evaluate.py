@@ -12,7 +12,7 @@ import csv
 import json
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -176,8 +176,9 @@ def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = 
     loader = build_eval_loader(cfg.data, cfg.shard_dir(cfg.val_split), rank=dist.rank(),
                                world_size=dist.world()).to(device)
     num_classes = cfg.model.num_classes or loader.num_classes
-    model, _ = build_model(cfg.model, num_classes)
-    report = load_checkpoint(model, weights)
+    # the checkpoint holds every weight: the run's model.init files (pre-trained backbones) need not be read first
+    model, _ = build_model(replace(cfg.model, init=[]), num_classes)
+    report = load_checkpoint(model, weights, trusted=list(cfg.model.trusted_checkpoints))
     logger.info("evaluating %s (%s) on %s", weights, report.format, cfg.shard_dir(cfg.val_split))
     dtype = compute_dtype(cfg.engine.precision, device)
     res = evaluate(model.to(device, dtype), loader, device, num_classes, dtype, cfg.test_merge,

@@ -12,7 +12,6 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from tstl.core.config import ConfigError
 from tstl.core.exitcodes import UsageError
 from tstl.core.shards import INDEX
 from tstl.train.config import ModelConfig, TrainConfig
@@ -113,6 +112,3 @@ def check_run(cfg: TrainConfig, *, train: bool = True, model: bool = True) -> No
         check_init(cfg.model)
 
 
-def config_error_hint(e: ConfigError) -> str:
-    """A ConfigError's message with the general fix appended (the message already names the file and key)."""
-    return f"{e} (`tstl config keys` lists every key with its type and default)"

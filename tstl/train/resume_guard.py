@@ -50,12 +50,16 @@ def is_safe(key: str, old: Any, new: Any) -> bool:
     return key in SAFE or any(p.endswith(".*") and key.startswith(p[:-1]) for p in SAFE)
 
 
-def diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
-    """(key, old, new) of every key whose value differs; a missing key is ``<absent>``."""
-    a, b = flatten(old), flatten(new)
-    missing = "<absent>"
-    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
-            if a.get(k, missing) != b.get(k, missing)]
+ABSENT = "<absent>"
+
+
+def diff(old: dict, new: dict, defaults: dict | None = None) -> list[tuple[str, Any, Any]]:
+    """(key, old, new) of every key whose value differs; a missing key is ``<absent>``. With ``defaults``, a key
+    that ``old`` lacks (a config.yaml written before the key existed) and that ``new`` keeps at its default is no
+    change."""
+    a, b, d = flatten(old), flatten(new), flatten(defaults or {})
+    return [(k, a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b))
+            if a.get(k, ABSENT) != b.get(k, ABSENT) and not (k not in a and k in d and d[k] == b.get(k, ABSENT))]
 
 
 def check(config_file: Path, cfg: Any, accept: bool) -> list[tuple[str, Any, Any]]:
@@ -67,7 +71,7 @@ def check(config_file: Path, cfg: Any, accept: bool) -> list[tuple[str, Any, Any
         return []
     old = yaml.safe_load(config_file.read_text()) or {}
     new = yaml.safe_load(dump_yaml(cfg))
-    changes = diff(old, new)
+    changes = diff(old, new, yaml.safe_load(dump_yaml(type(cfg)())))
     unsafe = [c for c in changes if not is_safe(*c)]
     if unsafe and not accept:
         lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in unsafe)

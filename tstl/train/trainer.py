@@ -242,13 +242,16 @@ class Trainer:
                                           "train/data_wait": wait / max(wait + busy, 1e-9),
                                           **self._perf_scalars(*window)}, epoch=self.epoch)
                 window = [0, 0.0]
-            timed, self.stop_requested = self.watch.poll()  # collective: every rank decides alike (issue 13)
-            every = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
-            if (every or timed or self.stop_requested) and loader.step < len(loader):
-                self.save()
-                if self.stop_requested:
-                    bar.close()
-                    raise Preempted(self.watch.signum or 15, self.step)
+            # Saves only between optimizer steps: DeepSpeed's checkpoint holds no partially accumulated gradients.
+            # micro_steps counts the micro-batches DeepSpeed stepped, identically on every rank.
+            if self.engine.micro_steps % self.plan.accum_steps == 0:
+                timed, self.stop_requested = self.watch.poll()  # collective: every rank decides alike (issue 13)
+                every = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
+                if (every or timed or self.stop_requested) and loader.step < len(loader):
+                    self.save()
+                    if self.stop_requested:
+                        bar.close()
+                        raise Preempted(self.watch.signum or 15, self.step)
             t0 = time.perf_counter()
         bar.close()
 
