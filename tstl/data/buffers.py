@@ -4,7 +4,7 @@ Why our own: in a worker, ``default_collate`` stacks every batch into a *fresh* 
 write to each 4 KiB page of it is a kernel page fault (a shmem page allocated and zeroed): measured in isolation on
 the 2-core reference machine, writing a 19 MB batch (8 clips of 16 x 224 x 224 x 3 uint8) into fresh shared memory
 took 26 ms against 10 ms into memory already touched; in the loader benchmark reuse makes the device-side worker
-1.03-1.08x as fast. PyTorch cannot reuse that memory because a worker never learns when the training process is
+1.03-1.09x as fast. PyTorch cannot reuse that memory because a worker never learns when the training process is
 done with a batch. Here it does: the training process watches each received buffer with a storage-level weak reference
 (``StorageWeakRef``, what ``torch.multiprocessing`` uses for its own cache) and, once no tensor of the process
 references that memory any more (the batch was pinned or copied to the GPU, normalised into a new tensor, or
