@@ -12,7 +12,7 @@ STAMP := $(VENV)/.setup-stamp
 DATA_DIR ?= data
 RUNS_DIR ?= runs
 JOBS ?= $(shell nproc)
-# A registered dataset (tstl/core/datasets/): ssv2, ucf101, kinetics400.
+# A registered dataset (tstl/core/datasets/): ssv2, ucf101, kinetics400, ek100.
 DATASET ?= ucf101
 # The datasets with a training config (configs/data/<name>.yaml = the registry's); an unknown DATASET stops at once.
 DATASETS := $(sort $(basename $(notdir $(wildcard configs/data/*.yaml))))
@@ -38,7 +38,13 @@ OVERRIDES ?=
 SSV2_ROOT ?= $(DATA_DIR)/raw/ssv2
 UCF101_ROOT ?= $(DATA_DIR)/raw/ucf101
 K400_ROOT ?= $(DATA_DIR)/raw/kinetics400
+EK100_ROOT ?= $(DATA_DIR)/raw/ek100
+# EPIC-KITCHENS-100's annotation repository, when it is not cloned inside EK100_ROOT
+EK100_ANNOTATIONS ?=
 export $(filter %_ROOT,$(.VARIABLES))
+ifneq ($(EK100_ANNOTATIONS),)
+export EK100_ANNOTATIONS
+endif
 SYNTH_ARGS ?=
 MAX_FAIL ?= 0.05
 BENCH_VIDEOS ?= 64
@@ -95,19 +101,20 @@ lint: setup  ## ruff over the whole tree (rules in pyproject.toml [tool.ruff.lin
 test: setup  ## run the test suite
 	$(PY) -m pytest -q tests
 
-synthetic: setup  ## write the synthetic SSV2-, UCF101- and Kinetics-style raw datasets under DATA_DIR/raw
+synthetic: setup  ## synthetic raw datasets under DATA_DIR/raw (SYNTH_ARGS="--datasets ssv2,ek100")
 	$(TSTL_CLI) synthetic --out $(DATA_DIR)/raw $(SYNTH_ARGS)
 
 # One rule for every registered dataset (tstl --help lists them): its raw folder comes from its
-# *_ROOT variable (SSV2_ROOT, UCF101_ROOT, K400_ROOT). SSV2/UCF101 -> 240p, Kinetics-400 -> short side 320 (change
-# with e.g. PREPARE_ARGS="--short-side 256").
-prepare-%: setup  ## prepare-<dataset>: raw release -> H.264 .mp4 + annotation CSVs + manifest (ssv2, ucf101, kinetics400)
+# *_ROOT variable (SSV2_ROOT, UCF101_ROOT, K400_ROOT, EK100_ROOT). SSV2/UCF101 -> 240p, Kinetics-400
+# -> short side 320, EK100 -> one clip per narration, short side 256 (change with e.g.
+# PREPARE_ARGS="--short-side 256").
+prepare-%: setup  ## prepare-<dataset>: raw release -> H.264 .mp4 + annotation CSVs + manifest
 	$(TSTL_CLI) prepare-$* --data-dir $(DATA_DIR) --jobs $(JOBS) --part $(PART) --max-failure-fraction $(MAX_FAIL) $(PREPARE_ARGS)
 
-finalize:  ## after --part runs on several machines: merge manifests, write CSVs (DATASET=ssv2|ucf101|kinetics400)
+finalize:  ## after --part runs on several machines: merge manifests, write CSVs (DATASET=...)
 	$(TSTL_CLI) finalize $(DATA_DIR)/$(DATASET)
 
-shards: setup  ## WebDataset shards of a prepared dataset (DATASET=ssv2|ucf101|kinetics400, SPLIT=1..3 for ucf101)
+shards: setup  ## WebDataset shards of a prepared dataset (DATASET=..., SPLIT=1..3 for ucf101)
 	$(TSTL_CLI) shards build --dataset $(DATASET) --data-dir $(DATA_DIR) --split $(SPLIT)
 
 train: setup  ## DeepSpeed training on the shards of `make shards` (DATASET, MODEL, CLIP, VIDEOMAE, OVERRIDES)

@@ -6,16 +6,21 @@ Outputs under ``<data_dir>/<dataset>/``:
 
 * ``videos/...mp4`` -- the transcoded videos;
 * ``manifest.parquet`` -- one row per video (``manifest.part-I-of-N.parquet`` per part when split with ``--part``);
-* ``annotations/<split>.csv`` -- ``<video path> <label>`` for every video that transcoded fine (CAST format);
+* ``annotations/<split>.csv`` -- ``<video path> <label>`` for every video that transcoded fine
+  (CAST format; the dataset's ``csv_format``: EPIC-KITCHENS writes ``<narration_id>,<verb>,<noun>``
+  lines);
 * ``annotations/listed_<split>.csv`` -- every video the release lists, whatever happened to it;
 * ``annotations/excluded.txt`` -- videos listed but left out of the CSVs, with the reason (missing ones included);
 * ``annotations/missing.txt`` -- the excluded videos whose source file does not exist, listed apart;
-* ``annotations/classes.txt`` -- class name of label i on line i; ``annotations/<split>_ids.txt`` for each split
-  without labels (SSV2 ``test_ids.txt``);
+* ``annotations/classes.txt`` -- class name of label i on line i (multi-head datasets: of the
+  first head, and ``annotations/<head>_classes.txt`` per head); ``annotations/<split>_ids.txt`` for
+  each split without labels (SSV2 ``test_ids.txt``);
 * the dataset's extra files for the reference code (TSTL's ``group_all2.csv``..., CAST's ``cast/*.csv``).
 
 With ``--part i/n`` each machine transcodes its share and writes its own manifest; ``finalize`` (run
-automatically when n = 1) merges the manifests and writes the CSVs.
+automatically when n = 1) merges the manifests and writes the CSVs. A dataset whose clips are cut
+from long source videos (``Dataset.clips_per_source``: EPIC-KITCHENS) decodes each source once for
+all its clips (``pipeline.cuts``) and shares the sources, not the clips, among the parts.
 
 Every stage holds the dataset folder's lock (``tstl.core.lock.dataset_lock``; part runs hold it shared and their
 part exclusively) and first removes the temp files a stopped run of the same stage left behind.
@@ -29,10 +34,19 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import cuts
 from pipeline import manifest as mf
-from pipeline.runner import Item, Summary, in_part, run_stage
+from pipeline.runner import Batched, Item, Summary, in_part, run_stage
 from pipeline.transcode import TranscodeParams, transcode
-from tstl.core.datasets import DATASETS, Dataset, Entry, get_dataset
+from tstl.core.datasets import (
+    DATASETS,
+    CsvFormat,
+    Dataset,
+    Entry,
+    Listing,
+    csv_format,
+    get_dataset,
+)
 from tstl.core.faults import fault_point
 from tstl.core.lock import dataset_lock
 
@@ -70,7 +84,8 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 
 
 # Names of the small outputs of each folder (regular expressions), for clearing the temp files of a stopped run.
-_ANNOTATION_OUTPUTS = r"classes\.txt|[A-Za-z0-9]+_ids\.txt|excluded\.txt|missing\.txt|[A-Za-z0-9_]+\.csv"
+_ANNOTATION_OUTPUTS = (r"(?:[a-z]+_)?classes\.txt|[A-Za-z0-9]+_ids\.txt|excluded\.txt|missing\.txt|"
+                       r"[A-Za-z0-9_]+\.csv")
 _MANIFEST_OUTPUTS = r"manifest(?:\.part-[0-9]+-of-[0-9]+)?\.parquet"
 
 
@@ -88,20 +103,27 @@ def _clean_temps(dataset_dir: Path, part: tuple[int, int]) -> None:
         mf.clean_temps(folder, _ANNOTATION_OUTPUTS)  # subfolders: the reference files (cast/*.csv)
 
 
-def _write_listing(ann_dir: Path, classes: list[str], splits: dict[str, list[tuple[str, int]]]) -> None:
-    _write_lines(ann_dir / "classes.txt", classes)
-    for split, entries in splits.items():
-        _write_lines(ann_dir / f"listed_{split}.csv", [f"{path} {label}" for path, label in entries])
+def _write_listing(ann_dir: Path, listing: Listing, fmt: CsvFormat) -> None:
+    _write_lines(ann_dir / "classes.txt", listing.classes)
+    for head, names in listing.heads.items():
+        _write_lines(ann_dir / f"{head}_classes.txt", names)
+    for split, entries in listing.splits.items():
+        lines = [fmt.line(e.output, e.label) for e in entries]
+        _write_lines(ann_dir / f"listed_{split}.csv", lines)
 
 
-def _items(entries: dict[str, list[Entry]], dataset_dir: Path, part: tuple[int, int]) -> list[Item]:
-    """One item per distinct video (UCF101 lists a video in several splits), restricted to this part."""
+def _items(entries: dict[str, list[Entry]], dataset_dir: Path, part: tuple[int, int],
+           by_source: bool = False) -> list[Item]:
+    """One item per distinct video (UCF101 lists a video in several splits), restricted to this
+    part; with ``by_source`` the parts share the source videos (by file name, the same on every
+    machine), so each part decodes its sources once."""
     by_key: dict[str, tuple[Entry, list[str]]] = {}
     for split, rows in entries.items():
         for e in rows:
             by_key.setdefault(e.key, (e, []))[1].append(split)
     return [Item(key, e.source, dataset_dir / "videos" / e.output, e.output, ",".join(splits), e.segment)
-            for key, (e, splits) in sorted(by_key.items()) if in_part(key, part)]
+            for key, (e, splits) in sorted(by_key.items())
+            if in_part(e.source.name if by_source else key, part)]
 
 
 def transcode_params(dataset: Dataset, height: int | None = None, short_side: int | None = None,
@@ -115,7 +137,11 @@ def transcode_params(dataset: Dataset, height: int | None = None, short_side: in
 def _run(items: list[Item], dataset_dir: Path, opts: PrepareOptions, desc: str, dataset: Dataset) -> Summary:
     """Transcode under the dataset lock (taken by the caller), then finalize when the run is not split."""
     params = opts.params or transcode_params(dataset)
-    work = functools.partial(transcode, params=params, timeout=opts.timeout)
+    if dataset.clips_per_source:
+        cut = functools.partial(cuts.cut_clips, params=params, timeout=opts.timeout)
+        work = Batched(cuts.plan, cut)
+    else:
+        work = functools.partial(transcode, params=params, timeout=opts.timeout)
     summary = run_stage(items, work, manifest_path(dataset_dir, opts.part), params.as_dict(), jobs=opts.jobs,
                         desc=desc, retry_failed=opts.retry_failed)
     summary.log(desc)
@@ -132,16 +158,17 @@ def prepare(dataset: Dataset | str, root: Path, opts: PrepareOptions) -> Summary
     annotations under ``<data_dir>/<dataset name>``."""
     ds = get_dataset(dataset) if isinstance(dataset, str) else dataset
     listing = ds.read(root)  # bad metadata stops the stage before anything is written
+    ds.check_listing(listing)
     out = opts.data_dir / ds.name
     desc = f"prepare-{ds.name}"
     with dataset_lock(out, desc, wait=opts.wait_lock, part=opts.part):
         _clean_temps(out, opts.part)
         ann = out / "annotations"
-        _write_listing(ann, listing.classes, {s: [(e.output, e.label) for e in rows]
-                                              for s, rows in listing.splits.items()})
+        _write_listing(ann, listing, ds.csv_format)
         for split, rows in listing.unlabelled.items():
             _write_lines(ann / f"{split}_ids.txt", [e.key for e in rows])
-        items = _items({**listing.splits, **listing.unlabelled}, out, opts.part)
+        entries = {**listing.splits, **listing.unlabelled}
+        items = _items(entries, out, opts.part, ds.clips_per_source)
         return _run(items, out, opts, desc, ds)
 
 
@@ -176,12 +203,13 @@ def _finalize(dataset_dir: Path) -> dict[str, int]:
     status = {row["output"]: (row["status"], row.get("error") or "")
               for row in mf.read_rows(dataset_dir / "manifest.parquet")}
     ann_dir = dataset_dir / "annotations"
+    fmt = csv_format(dataset_dir.name)
     written, excluded, missing, csvs = {}, [], [], {}
     for listed in sorted(ann_dir.glob("listed_*.csv")):
         split = listed.stem.removeprefix("listed_")
         keep = []
         for line in listed.read_text().splitlines():
-            path = line.rsplit(" ", 1)[0]
+            path = fmt.parse(line)[0]
             st, err = status.get(path, ("not processed", "no manifest row: rerun the prepare stage"))
             if st == "ok":
                 keep.append(line)

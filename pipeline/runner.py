@@ -1,9 +1,12 @@
 """Parallel, resumable execution of one stage over many items.
 
-A stage is a function ``work(item) -> dict`` that turns one source file into one output file (written under a
-temporary name and renamed by the work function itself). The runner decides what needs doing from the manifest,
-runs the work on a thread pool (the heavy lifting happens in ffmpeg subprocesses, so threads suffice and avoid
-pickling), journals every result as soon as it is known, and compacts the manifest at the end.
+A stage is a function ``work(item) -> dict`` that turns one source file into one output file
+(written under a temporary name and renamed by the work function itself), or a ``Batched`` pair that
+plans the items into batches and turns each batch into its outputs in one go (EPIC-KITCHENS: the
+clips of one long video, decoded once). The runner decides what needs doing from the manifest, runs
+the work on a thread pool (the heavy lifting happens in ffmpeg subprocesses, so threads suffice and
+avoid pickling), journals every result as soon as it is known, and compacts the manifest at the
+end.
 
 An item is skipped when its manifest row says it was produced from a source of the same size and mtime, with
 the same parameters, and the output still has the recorded size and mtime. Nothing is probed or decoded for a
@@ -42,6 +45,18 @@ class Item:
     output_rel: str
     split: str = ""
     segment: tuple[float, float] | None = None  # cut [start, end) seconds of an untrimmed source
+
+
+@dataclass(frozen=True)
+class Batched:
+    """Work done on several items at once: ``plan`` splits the items to do into batches, ``work``
+    turns a batch into one result dict per item (in order). An exception fails the whole batch."""
+
+    plan: Callable[[list[Item]], list[list[Item]]]
+    work: Callable[[list[Item]], list[dict]]
+
+
+Work = Callable[[Item], dict] | Batched
 
 
 @dataclass
@@ -128,19 +143,22 @@ def _row(item: Item, src: os.stat_result | None, params: dict, phash: str, resul
     return row
 
 
-def _safe(work: Callable[[Item], dict], item: Item) -> dict:
+def _safe(work: Work, batch: list[Item]) -> list[dict]:
     try:
-        return work(item)
+        results = work.work(batch) if isinstance(work, Batched) else [work(batch[0])]
+        if len(results) != len(batch):
+            raise RuntimeError(f"{len(results)} results for {len(batch)} items")
+        return results
     except EnvironmentFault:
         raise
     except Exception as e:  # one bad item must never stop the stage; a full disk or read-only folder must
         if is_environment_error(e):
-            raise EnvironmentFault(f"{item.output}: {e}") from e
-        logger.debug("%s failed", item.key, exc_info=True)
-        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            raise EnvironmentFault(f"{batch[0].output}: {e}") from e
+        logger.debug("%s failed", ", ".join(i.key for i in batch), exc_info=True)
+        return [{"status": "failed", "error": f"{type(e).__name__}: {e}"}] * len(batch)
 
 
-def run_stage(items: Iterable[Item], work: Callable[[Item], dict], manifest_path: Path, params: dict, *,
+def run_stage(items: Iterable[Item], work: Work, manifest_path: Path, params: dict, *,
               jobs: int, desc: str, retry_failed: bool = False) -> Summary:
     """Run ``work`` on every item whose output is missing, stale or broken; record everything in the manifest."""
     start = time.monotonic()
@@ -156,7 +174,8 @@ def run_stage(items: Iterable[Item], work: Callable[[Item], dict], manifest_path
             try:
                 src = item.source.stat()
             except FileNotFoundError:
-                row = _row(item, None, params, phash, {"status": "missing", "error": "source file not found"})
+                gone = {"status": "missing", "error": f"source file not found: {item.source}"}
+                row = _row(item, None, params, phash, gone)
                 journal.append(row)
                 summary.failures.append((item.key, "missing", f"{item.source} not found"))
                 continue
@@ -166,7 +185,11 @@ def run_stage(items: Iterable[Item], work: Callable[[Item], dict], manifest_path
                     summary.failures.append((item.key, prev["status"], prev.get("error") or ""))
                 continue
             todo.append((item, src))
-        _run_pool(todo, work, journal, params, phash, jobs, desc, summary)
+        stat = {item.key: src for item, src in todo}
+        items_todo = [i for i, _ in todo]
+        plan = work.plan(items_todo) if isinstance(work, Batched) else [[i] for i in items_todo]
+        batches = [[(i, stat[i.key]) for i in batch] for batch in plan]
+        _run_pool(batches, work, journal, params, phash, jobs, desc, summary)
     finally:
         journal.close()
     mf.compact(manifest_path, keep=keys)
@@ -174,40 +197,43 @@ def run_stage(items: Iterable[Item], work: Callable[[Item], dict], manifest_path
     return summary
 
 
-def _run_pool(todo: list, work: Callable[[Item], dict], journal: mf.Journal, params: dict, phash: str, jobs: int,
-              desc: str, summary: Summary) -> None:
-    """Thread pool with a bounded number of items in flight (memory stays flat for 200k+ items).
+def _run_pool(batches: list[list[tuple[Item, os.stat_result]]], work: Work, journal: mf.Journal,
+              params: dict, phash: str, jobs: int, desc: str, summary: Summary) -> None:
+    """Thread pool with a bounded number of batches in flight (memory stays flat for 200k+ items).
 
-    An environment error stops the stage: nothing new starts, the items in flight finish (those that succeed are
-    journalled, those hit by the same error are not recorded at all, so a rerun after the fix redoes them), and the
-    first such error is raised."""
-    pending: dict[Future, tuple[Item, os.stat_result]] = {}
-    queue = iter(todo)
+    An environment error stops the stage: nothing new starts, the batches in flight finish (items
+    that succeed are journalled, those hit by the same error are not recorded at all, so a rerun
+    after the fix redoes them), and the first such error is raised."""
+    pending: dict[Future, list[tuple[Item, os.stat_result]]] = {}
+    queue = iter(batches)
     fault: EnvironmentFault | None = None
-    with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(todo), desc=desc, unit="video",
-                                                             disable=not todo) as bar:
+    total = sum(len(b) for b in batches)
+    unit = "clip" if isinstance(work, Batched) else "video"
+    with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=total, desc=desc, unit=unit,
+                                                             disable=not total) as bar:
         while True:
             while fault is None and len(pending) < 2 * jobs:
                 nxt = next(queue, None)
                 if nxt is None:
                     break
-                pending[pool.submit(_safe, work, nxt[0])] = nxt
+                pending[pool.submit(_safe, work, [item for item, _ in nxt])] = nxt
             if not pending:
                 break
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
-                item, src = pending.pop(fut)
+                batch = pending.pop(fut)
                 try:
-                    result = fut.result()
+                    results = fut.result()
                 except EnvironmentFault as e:
                     fault = fault or e
                     continue
-                row = _row(item, src, params, phash, result)
-                journal.append(row)
-                summary.done += 1
-                if row["status"] != "ok":
-                    summary.failures.append((item.key, row["status"], row.get("error") or ""))
-                bar.update(1)
+                for (item, src), result in zip(batch, results):
+                    row = _row(item, src, params, phash, result)
+                    journal.append(row)
+                    summary.done += 1
+                    if row["status"] != "ok":
+                        summary.failures.append((item.key, row["status"], row.get("error") or ""))
+                bar.update(len(batch))
     if fault is not None:
         raise fault
 

@@ -1,4 +1,5 @@
-"""Synthetic SSV2-, UCF101- and Kinetics-400-style datasets in the official on-disk layouts.
+"""Synthetic SSV2-, UCF101-, Kinetics-400- and EPIC-KITCHENS-100-style datasets in the official
+on-disk layouts.
 
 Every class is the same textured object on a textured background; classes differ only in the *motion*: left to
 right vs right to left, up vs down, clockwise vs counter-clockwise rotation, approaching vs receding. A single
@@ -18,6 +19,9 @@ Layouts written under ``--out``:
   split``, ``is_cc`` in train, no labels in test), with every distribution layout mixed in: a few clips in class
   folders (``train/<class_name>/<name>.mp4``), a few untrimmed downloads (``<split>/<youtube_id>.mp4`` holding more
   than the segment), listed clips with no file (YouTube removals) and a broken file;
+* ``ek100/<participant>/videos/<video_id>.MP4`` (long videos, several narrations each) and
+  ``ek100/epic-kitchens-100-annotations/EPIC_100_*.csv`` in the official columns
+  (``pipeline.synthetic_ek100``);
 * ``synthetic_info.json`` describing what was generated (seed, classes, broken files).
 
 A few deliberately broken files (zero-byte, truncated, not a video) are listed in the annotations like any other
@@ -97,6 +101,12 @@ class SynthConfig:
     untrimmed_k400: int = 2    # whole-video downloads the stage cuts to [time_start, time_end]
     class_folder_k400: int = 2  # clips in <split>/<class>/ instead of the flat layout
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    # EK100-style source videos per split (one train video is listed but missing, one val video is
+    # short), each with ek100_narrations narrations (+ one repeat); (width, height) 16:9 and one 4:3
+    ek100_train_videos: int = 4
+    ek100_val_videos: int = 2
+    ek100_narrations: int = 8
+    ek100_sizes: tuple[tuple[int, int], ...] = ((192, 108), (160, 120))
     background: str = "texture"  # "texture" (hard: the object hides in clutter) or "plain" (noise on a flat colour)
 
     def __post_init__(self) -> None:
@@ -106,13 +116,18 @@ class SynthConfig:
             raise ValueError("videos_per_class must be >= 3 (one per split)")
         if self.ucf_groups_per_class < 3:
             raise ValueError("ucf_groups_per_class must be >= 3 so each of the three splits has test groups")
+        if self.ek100_train_videos < 2 or self.ek100_val_videos < 2 or self.ek100_narrations < 3:
+            raise ValueError("ek100_train_videos and ek100_val_videos must be >= 2 (one of each is "
+                             "missing or short on purpose) and ek100_narrations >= 3")
 
 
 PRESETS: dict[str, dict] = {
     "ci": {},
     # Enough clips for a small model to learn the motions in a few CPU minutes; clips stay short and narrow.
     # A plain background keeps the object visible at the 32 px a CPU demo can afford; the classes stay motion-only.
-    "demo": {"videos_per_class": 40, "ucf_groups_per_class": 6, "ucf_clips_per_group": 4, "background": "plain"},
+    "demo": {"videos_per_class": 40, "ucf_groups_per_class": 6, "ucf_clips_per_group": 4,
+             "background": "plain", "ek100_train_videos": 12, "ek100_val_videos": 4,
+             "ek100_narrations": 24},
 }
 
 
@@ -219,14 +234,15 @@ def render_frames(motion: str, seed: tuple[int, ...], width: int, height: int, n
 # ---------------------------------------------------------------------------------------------- encoding
 
 
-def _encode(frames: np.ndarray, path: Path, fps: int, codec: str) -> None:
-    """Encode raw RGB frames with ffmpeg into ``path`` atomically (temp name, then rename)."""
+def encode(frames: np.ndarray, path: Path, fps: int | str, codec: str) -> None:
+    """Encode raw RGB frames with ffmpeg into ``path`` atomically (temp name, then rename); ``fps``
+    may be a rate such as ``"60000/1001"``."""
     _t, h, w, _ = frames.shape
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if codec == "vp9":
         opts = {"vcodec": "libvpx-vp9", "crf": 32, "b:v": 0, "deadline": "realtime", "cpu-used": 8}
         fmt = "webm"
-    elif codec == "h264":  # as YouTube downloads (Kinetics) come
+    elif codec == "h264":  # as YouTube downloads (Kinetics) and EPIC-KITCHENS' cameras write it
         opts = {"vcodec": "libx264", "preset": "veryfast", "crf": 26}
         fmt = "mp4"
     else:  # MPEG-4 Part 2 (Xvid-like) in AVI, as UCF101 ships
@@ -263,7 +279,7 @@ def make_video(job: VideoJob) -> str:
     path = Path(job.path)
     frames = render_frames(CLASSES[job.class_index].motion, job.seed, job.width, job.height, job.num_frames,
                            job.background)
-    _encode(frames, path, job.fps, job.codec)
+    encode(frames, path, job.fps, job.codec)
     if job.broken:
         _break(path, job.broken)
     return job.path
@@ -417,10 +433,10 @@ def _write_k400_csv(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_text_atomic(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -444,7 +460,7 @@ def generate(cfg: SynthConfig, out: Path, datasets: tuple[str, ...] = ("ssv2", "
         vids, ann = plan_ssv2(cfg, root)
         _render_all(vids, jobs, "synthetic ssv2")
         for name, content in ann.items():
-            _write_text_atomic(root / "labels" / f"{name}.json", json.dumps(content, indent=1))
+            write_text_atomic(root / "labels" / f"{name}.json", json.dumps(content, indent=1))
         info["ssv2"] = {"videos": len(vids), "splits": {k: len(v) for k, v in ann.items() if k != "labels"},
                         "broken": {Path(j.path).stem: j.broken for j in vids if j.broken}}
     if "ucf101" in datasets:
@@ -452,10 +468,16 @@ def generate(cfg: SynthConfig, out: Path, datasets: tuple[str, ...] = ("ssv2", "
         vids, lists = plan_ucf101(cfg, root)
         _render_all(vids, jobs, "synthetic ucf101")
         for name, lines in lists.items():
-            _write_text_atomic(root / "ucfTrainTestlist" / name, "".join(f"{ln}\r\n" for ln in lines))
+            text = "".join(f"{ln}\r\n" for ln in lines)
+            write_text_atomic(root / "ucfTrainTestlist" / name, text)
         info["ucf101"] = {"videos": len(vids),
                           "broken": {str(Path(j.path).relative_to(root / "UCF-101")): j.broken
                                      for j in vids if j.broken}}
+    if "ek100" in datasets:
+        # imported here: the EK100 release builds on this module (its encoder and config)
+        from pipeline import synthetic_ek100
+
+        info["ek100"] = synthetic_ek100.write(cfg, out / "ek100", jobs)
     if "kinetics400" in datasets:
         root = out / "kinetics400"
         vids, rows, k400 = plan_kinetics400(cfg, root)
@@ -464,7 +486,7 @@ def generate(cfg: SynthConfig, out: Path, datasets: tuple[str, ...] = ("ssv2", "
             _write_k400_csv(root / "annotations" / f"{split}.csv", split_rows)
         info["kinetics400"] = {"videos": len(vids), "splits": {k: len(v) for k, v in rows.items()},
                                "classes": sorted(k400_class_name(c) for c in CLASSES[: cfg.num_classes]), **k400}
-    _write_text_atomic(out / "synthetic_info.json", json.dumps(info, indent=1))
+    write_text_atomic(out / "synthetic_info.json", json.dumps(info, indent=1))
     logger.info("synthetic datasets written under %s: %s", out,
                 ", ".join(f"{d} {info[d]['videos']} videos" for d in datasets))
     return info
@@ -475,10 +497,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipeline.syntheti
     from tstl.core.log import init_logging
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog=prog, epilog=exitcodes.EPILOG)
-    p.add_argument("--out", type=Path, required=True, help="folder to write ssv2/, ucf101/ (and kinetics400/) into")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder to write ssv2/, ucf101/ (kinetics400/, ek100/) into")
     p.add_argument("--preset", choices=sorted(PRESETS), default="ci", help="size preset (default: ci, tiny)")
-    p.add_argument("--datasets", default="ssv2,ucf101", help="comma-separated subset of ssv2,ucf101,kinetics400 "
-                                                             "(default ssv2,ucf101)")
+    p.add_argument("--datasets", default="ssv2,ucf101",
+                   help="comma-separated subset of ssv2,ucf101,kinetics400,ek100 (default "
+                        "ssv2,ucf101)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--num-classes", type=int, help=f"number of motion classes, 2..{len(CLASSES)} (default 8)")
     p.add_argument("--videos-per-class", type=int, help="SSV2-style videos per class")
@@ -490,7 +514,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipeline.syntheti
     overrides = {k: v for k, v in vars(args).items()
                  if k in ("seed", "num_classes", "videos_per_class", "broken_ssv2", "broken_ucf") and v is not None}
     datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
-    known = ("ssv2", "ucf101", "kinetics400")
+    known = ("ssv2", "ucf101", "kinetics400", "ek100")
     if not datasets or (unknown := [d for d in datasets if d not in known]):
         p.error(f"--datasets {args.datasets}: {', '.join(unknown) if datasets else 'empty'}: "
                 f"choose from {','.join(known)}")

@@ -67,12 +67,9 @@ class TranscodeParams:
         return f"if(lte(iw,ih),{s},-2)", f"if(lte(iw,ih),-2,{s})"
 
 
-def build_command(src: Path, dst: Path, p: TranscodeParams, segment: tuple[float, float] | None = None) -> list[str]:
-    """The ffmpeg argv for one transcode (of ``segment`` = (start, end) seconds of the source when given)."""
-    # input-side -ss/-t: seek, then decode exactly the segment (accurate seek: frames before it are decoded, dropped)
-    inp = ffmpeg.input(f"file:{src}", **({"ss": f"{segment[0]:g}", "t": f"{segment[1] - segment[0]:g}"}
-                                         if segment else {}))
-    video = inp.video.filter("scale", *p.scale())
+def output_options(p: TranscodeParams) -> dict:
+    """ffmpeg output options of every prepared video: H.264 at ``p``'s quality, bit-exact, no audio,
+    faststart."""
     opts = {
         "vcodec": "libx264", "preset": p.preset, "crf": p.crf, "pix_fmt": "yuv420p",
         "movflags": "+faststart", "fps_mode": "passthrough", "threads": 1, "map_metadata": -1,
@@ -80,7 +77,22 @@ def build_command(src: Path, dst: Path, p: TranscodeParams, segment: tuple[float
     }
     if p.gop:
         opts["g"] = p.gop
-    out = ffmpeg.output(video, f"file:{dst}", **opts).global_args("-nostdin", "-hide_banner", "-loglevel", "error")
+    return opts
+
+
+GLOBAL_ARGS = ("-nostdin", "-hide_banner", "-loglevel", "error")
+
+
+def build_command(src: Path, dst: Path, p: TranscodeParams,
+                  segment: tuple[float, float] | None = None) -> list[str]:
+    """The ffmpeg argv for one transcode (of ``segment`` = (start, end) seconds of the source when
+    given)."""
+    # input-side -ss/-t: seek, then decode exactly the segment (accurate seek: frames before it are
+    # decoded, dropped)
+    cut = {"ss": f"{segment[0]:g}", "t": f"{segment[1] - segment[0]:g}"} if segment else {}
+    inp = ffmpeg.input(f"file:{src}", **cut)
+    video = inp.video.filter("scale", *p.scale())
+    out = ffmpeg.output(video, f"file:{dst}", **output_options(p)).global_args(*GLOBAL_ARGS)
     return ffmpeg.compile(out, cmd=ffmpeg_exe(), overwrite_output=True)
 
 
@@ -172,11 +184,35 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _tmp_name(dst: Path) -> Path:
+def run_ffmpeg(argv: list[str], timeout: float, outputs: dict[Path, Path]) -> str | None:
+    """Run ffmpeg; None when it succeeded, else the reason (its last lines, the temp names
+    ``outputs`` maps shown as the final ones). A full disk or read-only folder raises
+    ``EnvironmentFault``; a timeout ``TimeoutExpired``."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=timeout,
+                              preexec_fn=_die_with_parent)
+    except (FileNotFoundError, PermissionError) as e:
+        raise EnvironmentFault(f"cannot run ffmpeg '{argv[0]}' ({e.strerror}): install ffmpeg or "
+                               "set FFMPEG=/path/to/ffmpeg, then rerun") from None
+    if proc.returncode == 0:
+        return None
+    # Name the real outputs instead of the random temp names and drop ffmpeg's pointer addresses
+    # ("[matroska,webm @ 0x55...]"), so the same failure reads the same on every run.
+    text = proc.stderr.decode(errors="replace")
+    for tmp, final in outputs.items():
+        text = text.replace(str(tmp), str(final))
+    env = environment_text(text)
+    if env:  # a full disk or a read-only folder is not the video's fault
+        raise EnvironmentFault(f"ffmpeg writing {', '.join(map(str, outputs.values()))}: {env}")
+    err = re.sub(r" @ 0x[0-9a-f]+", "", text).strip().splitlines()
+    return f"ffmpeg exit {proc.returncode}: {' | '.join(err[-3:])}"
+
+
+def tmp_name(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{os.urandom(3).hex()}")
 
 
-def _clear_stale_tmp(dst: Path) -> None:
+def clear_stale_tmp(dst: Path) -> None:
     """Remove temp files a killed run left for this output (only this item's, so parallel parts never clash)."""
     for stale in dst.parent.glob(f".{dst.name}.tmp-*"):
         stale.unlink(missing_ok=True)
@@ -194,24 +230,13 @@ def transcode(item: Item, params: TranscodeParams, timeout: float) -> dict:
             return {"status": "failed", "error": f"segment {item.segment[0]:g}-{item.segment[1]:g} s starts after "
                                                  "the end of the source"}
     item.output.parent.mkdir(parents=True, exist_ok=True)
-    _clear_stale_tmp(item.output)
-    tmp = _tmp_name(item.output)
+    clear_stale_tmp(item.output)
+    tmp = tmp_name(item.output)
     argv = build_command(item.source, tmp, params, item.segment)
     try:
-        try:
-            proc = subprocess.run(argv, capture_output=True, timeout=timeout, preexec_fn=_die_with_parent)
-        except (FileNotFoundError, PermissionError) as e:
-            raise EnvironmentFault(f"cannot run ffmpeg '{argv[0]}' ({e.strerror}): install ffmpeg or set "
-                                   "FFMPEG=/path/to/ffmpeg, then rerun") from None
-        if proc.returncode != 0:
-            # Name the real output instead of the random temp name and drop ffmpeg's pointer addresses
-            # ("[matroska,webm @ 0x55...]"), so the same failure reads the same on every run.
-            text = proc.stderr.decode(errors="replace").replace(str(tmp), str(item.output))
-            env = environment_text(text)
-            if env:  # a full disk or a read-only folder is not the video's fault
-                raise EnvironmentFault(f"ffmpeg writing {item.output}: {env}")
-            err = re.sub(r" @ 0x[0-9a-f]+", "", text).strip().splitlines()
-            return {"status": "failed", "error": f"ffmpeg exit {proc.returncode}: {' | '.join(err[-3:])}"}
+        error = run_ffmpeg(argv, timeout, {tmp: item.output})
+        if error:
+            return {"status": "failed", "error": error}
         out = probe_mp4(tmp)
         check_complete(src_info, out)
         fault_point("rename:video")

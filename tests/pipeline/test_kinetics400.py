@@ -54,8 +54,9 @@ def prepared(raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_registry_lists_every_dataset_and_names_them_in_errors() -> None:
-    assert names() == ["ssv2", "ucf101", "kinetics400"]
-    assert {d.root_var for d in DATASETS.values()} == {"SSV2_ROOT", "UCF101_ROOT", "K400_ROOT"}
+    assert names() == ["ssv2", "ucf101", "kinetics400", "ek100"]
+    roots = {d.root_var for d in DATASETS.values()}
+    assert roots == {"SSV2_ROOT", "UCF101_ROOT", "K400_ROOT", "EK100_ROOT"}
     with pytest.raises(ValueError, match="ssv2, ucf101, kinetics400"):
         get_dataset("hmdb51")
     for ds in DATASETS.values():

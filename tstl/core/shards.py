@@ -9,12 +9,18 @@ reads them; neither spells a file name, a column or a sample part itself.
      "shards": [{"name": "shard-000000.tar", "samples": 256, "bytes": 23011840, "sha256": "..."}, ...],
      "missing": ["123.mp4", ...], "params": {...}}
 
+A multi-head set (EPIC-KITCHENS: verb and noun per sample) adds ``"heads": {"verb": [names...],
+"noun": [...]}``; ``classes`` are then the first head's, the class every sample's ``cls`` holds
+(absent for single-label sets).
+
 ``manifest.parquet`` has one row per shard (``MANIFEST_COLUMNS``): ``shard, samples, bytes, sha256, class_hist``
 (JSON object label -> count), ``plan_hash`` (what the shard was built from, so a rerun knows whether it is still
-current) and ``first_key``/``last_key``.
+current), ``first_key``/``last_key`` and ``head_hist`` (multi-head sets: JSON object head ->
+label -> count; ``{}`` otherwise).
 
 A sample is the tar members ``<key>.cls`` (ASCII integer label), ``<key>.json`` (``SAMPLE_KEYS``) and ``<key>.mp4``
-(the video bytes), in that order (``PARTS``).
+(the video bytes), in that order (``PARTS``). A multi-head sample's json also holds ``LABELS``:
+``{"verb": 3, "noun": 12}``, and its ``cls`` is the first head's label.
 
 pyarrow and webdataset are imported inside the functions that need them, so importing ``tstl.core`` stays cheap.
 """
@@ -38,9 +44,12 @@ SAMPLE_KEYS = ("id", "label", "class_name", "duration", "frames", "fps", "width"
 """Keys of the ``json`` part; ``frames`` is the exact number of video packets counted at pack time."""
 GLOBAL_LABEL = "global_label"
 """Extra ``json`` key of a relabelled subset: the label the sample had in the full set."""
+LABELS = "labels"
+"""Extra ``json`` key of a multi-head sample: head name -> label (``ShardSet.heads`` names the
+heads)."""
 MANIFEST_COLUMNS = (("shard", "string"), ("samples", "int64"), ("bytes", "int64"), ("sha256", "string"),
                     ("class_hist", "string"), ("plan_hash", "string"), ("first_key", "string"),
-                    ("last_key", "string"))
+                    ("last_key", "string"), ("head_hist", "string"))
 
 
 class ShardSetError(ValueError):
@@ -59,6 +68,8 @@ class ShardInfo:
     plan_hash: str = ""
     first_key: str = ""
     last_key: str = ""
+    head_hist: dict[str, dict[int, int]] = field(default_factory=dict)
+    """Multi-head sets: label counts per head."""
 
 
 @dataclass
@@ -71,6 +82,9 @@ class ShardSet:
     shards: list[ShardInfo]
     missing: list[str] = field(default_factory=list)
     params: dict = field(default_factory=dict)
+    heads: dict[str, list[str]] = field(default_factory=dict)
+    """Multi-head sets: class names per head (the first head's are ``classes``); empty for one
+    label."""
 
     @property
     def num_samples(self) -> int:
@@ -86,6 +100,15 @@ class ShardSet:
             for k, v in s.class_hist.items():
                 total[k] = total.get(k, 0) + v
         return dict(sorted(total.items()))
+
+    def head_hist(self) -> dict[str, dict[int, int]]:
+        """Label counts per head over all shards (multi-head sets; empty otherwise)."""
+        total: dict[str, dict[int, int]] = {h: {} for h in self.heads}
+        for s in self.shards:
+            for h, hist in s.head_hist.items():
+                for k, v in hist.items():
+                    total.setdefault(h, {})[k] = total.get(h, {}).get(k, 0) + v
+        return {h: dict(sorted(c.items())) for h, c in total.items()}
 
 
 def manifest_schema() -> Any:
@@ -103,6 +126,8 @@ def index_bytes(ss: ShardSet) -> bytes:
         "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256} for s in ss.shards],
         "missing": ss.missing, "params": ss.params,
     }
+    if ss.heads:
+        index["heads"] = ss.heads
     return json.dumps(index, indent=1).encode()
 
 
@@ -119,7 +144,10 @@ def write_manifest(path: Path, shards: list[ShardInfo]) -> None:
 
     rows = [{"shard": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256,
              "class_hist": json.dumps({str(k): v for k, v in s.class_hist.items()}), "plan_hash": s.plan_hash,
-             "first_key": s.first_key, "last_key": s.last_key} for s in shards]
+             "first_key": s.first_key, "last_key": s.last_key,
+             "head_hist": json.dumps({h: {str(k): v for k, v in c.items()}
+                                      for h, c in s.head_hist.items()})}
+            for s in shards]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema()), tmp)
     fault_point("shards.manifest.tmp")
@@ -144,8 +172,11 @@ def read_manifest(path: str | os.PathLike) -> dict[str, ShardInfo]:
     out = {}
     for row in pq.read_table(path).to_pylist():
         hist = {int(k): int(v) for k, v in json.loads(row.get("class_hist") or "{}").items()}
+        heads = {h: {int(k): int(v) for k, v in c.items()}
+                 for h, c in json.loads(row.get("head_hist") or "{}").items()}
         out[row["shard"]] = ShardInfo(row["shard"], int(row["samples"]), int(row["bytes"]), row["sha256"] or "", hist,
                                       row.get("plan_hash") or "", row.get("first_key") or "", row.get("last_key") or "")
+        out[row["shard"]].head_hist = heads
     return out
 
 
@@ -159,7 +190,8 @@ def parse_index(data: bytes | str, source: str) -> ShardSet:
         raise ShardSetError(f"{source}: not a valid {INDEX} ({type(e).__name__}: {e}); rebuild it with "
                             "`make shards`") from e
     return ShardSet(index.get("dataset", ""), index.get("split", ""), list(index.get("classes") or []), shards,
-                    index.get("missing", []), index.get("params", {}))
+                    index.get("missing", []), index.get("params", {}),
+                    {str(h): list(names) for h, names in (index.get("heads") or {}).items()})
 
 
 def read_index(url: str | os.PathLike) -> ShardSet:
@@ -192,6 +224,7 @@ def load(shard_dir: str | os.PathLike) -> ShardSet:
         if (row := extra.get(s.name)) is not None:
             s.class_hist, s.plan_hash, s.first_key, s.last_key = row.class_hist, row.plan_hash, row.first_key, \
                 row.last_key
+            s.head_hist = row.head_hist
     return ss
 
 

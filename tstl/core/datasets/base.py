@@ -4,7 +4,9 @@ A dataset is one module of ``tstl.core.datasets`` holding one ``Dataset``: how t
 metadata into a ``Listing`` (classes, labelled splits, unlabelled ids, where each video is), its id rule, which
 annotation CSVs form the shard sets, its raw-root variable, its transcode defaults, and the extra annotation files
 the reference code bases read. The offline stages (``pipeline``), the shard builder (``shard_tools``), both CLIs and
-the Makefile iterate the registry; nothing else names a dataset.
+the Makefile iterate the registry; nothing else names a dataset. The prepare stage holds every
+listing to its dataset's description (``Dataset.check_listing``: split names, the id rule, the label
+heads) before it writes anything.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 
 class MetadataError(ValueError):
@@ -40,6 +43,11 @@ def unsafe_id_reason(vid: str, max_slashes: int = 0) -> str | None:
     return None
 
 
+Label = int | tuple[int, ...]
+"""A video's label: one class, or one class per head (``Dataset.heads`` order) for a multi-head
+dataset."""
+
+
 @dataclass(frozen=True)
 class Entry:
     """One listed video: its manifest key, raw file, output path under ``<dataset>/videos``, label, and the
@@ -48,7 +56,7 @@ class Entry:
     key: str
     source: Path
     output: str
-    label: int = -1
+    label: Label = -1
     segment: tuple[float, float] | None = None
 
 
@@ -56,9 +64,42 @@ class Entry:
 class Listing:
     """A release's metadata as the prepare stage needs it."""
 
-    classes: list[str]                                                    # class name of label i
+    classes: list[str]                                                    # name of label i (head 1)
     splits: dict[str, list[Entry]]                                        # labelled: annotations/<split>.csv
     unlabelled: dict[str, list[Entry]] = field(default_factory=dict)      # ids in annotations/<split>_ids.txt
+    heads: dict[str, list[str]] = field(default_factory=dict)
+    """Multi-head datasets: class names of each head (``annotations/<head>_classes.txt``); empty for
+    one label."""
+
+
+class CsvFormat(Protocol):
+    """How a dataset's annotation CSV lines look (``annotations/<split>.csv``,
+    ``listed_<split>.csv``)."""
+
+    def line(self, output: str, label: Label) -> str:
+        """The line of a video at ``output`` (relative to ``videos/``) with ``label``."""
+        ...
+
+    def parse(self, line: str) -> tuple[str, Label]:
+        """``(output, label)`` of a line; ``ValueError`` saying what the line should look like."""
+        ...
+
+
+class SpaceCsv:
+    """``<video path> <label>``: CAST's and VideoMAE's SSV2/Kinetics format (one space, no
+    header)."""
+
+    def line(self, output: str, label: Label) -> str:
+        return f"{output} {label}"
+
+    def parse(self, line: str) -> tuple[str, Label]:
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise ValueError("not '<video path> <integer label>'")
+        return parts[0], int(parts[1])
+
+
+SPACE_CSV = SpaceCsv()
 
 
 def _no_reference_files(csvs: Mapping[str, list[str]]) -> dict[str, list[str]]:
@@ -84,6 +125,12 @@ class Dataset:
             allowed up to this fraction of the listed videos.
         reference_files: annotation CSV lines by split -> extra files (path under ``annotations/`` -> lines) for
             the reference code bases (CAST, TSTL), written by ``finalize``.
+        heads: names of the label heads of a multi-head dataset (EPIC-KITCHENS: verb, noun), the
+            first one being the class the shard samples' ``cls`` holds; empty: one label per video.
+        csv_format: the line format of the annotation CSVs (default ``<path> <label>``).
+        clips_per_source: the release cuts many listed clips from each long source video: the
+            prepare stage decodes a source once for all its clips and assigns ``--part`` shares by
+            source.
     """
 
     name: str
@@ -98,8 +145,39 @@ class Dataset:
     short_side: int | None = None
     max_missing_fraction: float | None = None
     reference_files: Callable[[Mapping[str, list[str]]], dict[str, list[str]]] = _no_reference_files
+    heads: tuple[str, ...] = ()
+    csv_format: CsvFormat = SPACE_CSV
+    clips_per_source: bool = False
 
     @property
     def data_config(self) -> str:
         """The data layer of every recipe on this dataset (relative to the repository root)."""
         return f"configs/data/{self.name}.yaml"
+
+    def check_listing(self, listing: Listing) -> None:
+        """Hold ``read``'s listing to this description (split names, id rule, heads);
+        ``MetadataError`` names the first entry that breaks it, before the stage writes anything."""
+        for kind, groups in (("labelled", listing.splits), ("unlabelled", listing.unlabelled)):
+            for split in groups:
+                if split not in self.splits:
+                    raise MetadataError(f"{self.name}: the release gave a {kind} split '{split}', "
+                                        f"not one of this dataset's ({', '.join(self.splits)})")
+        if tuple(listing.heads) != self.heads:
+            raise MetadataError(f"{self.name}: the release gave the label heads "
+                                f"{list(listing.heads)}, this dataset has {list(self.heads)}")
+        sizes = [len(names) for names in listing.heads.values()] or [len(listing.classes)]
+        heads = dict(zip(self.heads or ("label",), sizes))
+        for split, rows in {**listing.splits, **listing.unlabelled}.items():
+            for e in rows:
+                reason = self.id_problem(e.key)
+                if reason:
+                    raise MetadataError(f"{self.name} {split}: id {e.key!r} breaks the id rule "
+                                        f"({reason}); fix or remove it in the release's files")
+                if split in listing.splits and not _label_fits(e.label, sizes):
+                    raise MetadataError(f"{self.name} {split}: {e.key}: label {e.label} is not one "
+                                        f"class of each head ({heads} classes)")
+
+
+def _label_fits(label: Label, sizes: list[int]) -> bool:
+    labels = label if isinstance(label, tuple) else (label,)
+    return len(labels) == len(sizes) and all(0 <= y < n for y, n in zip(labels, sizes))

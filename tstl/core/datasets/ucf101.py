@@ -39,6 +39,12 @@ def entry_problem(rel: str) -> str | None:
     return reason
 
 
+def key_problem(key: str) -> str | None:
+    """The id rule on a listed key (``<Class>/v_<Class>_gNN_cNN``: the entry without its
+    ``.avi``)."""
+    return entry_problem(f"{key}.avi")
+
+
 def video_dir(root: Path) -> Path:
     sub = root / "UCF-101"
     return sub if sub.is_dir() else root
@@ -154,6 +160,6 @@ def reference_files(csvs) -> dict[str, list[str]]:
 
 DATASET = Dataset(
     name="ucf101", title="UCF101", root_var="UCF101_ROOT", root_help="folder with UCF-101/ and ucfTrainTestlist/",
-    read=listing, id_problem=entry_problem,
+    read=listing, id_problem=key_problem,
     splits=tuple(f"{kind}_split{k}" for k in SPLITS for kind in ("train", "test")),
     shard_splits=shard_splits, height=240, reference_files=reference_files)
