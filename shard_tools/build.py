@@ -2,7 +2,10 @@
 
 One sample per video: ``<key>.cls`` (label), ``<key>.json`` (id, label, class name, duration, exact frame count,
 fps, width, height, source) and ``<key>.mp4`` (the file's bytes, unchanged). Training splits are shuffled with a
-seeded RNG before sharding, so shard order and content depend only on the inputs and the seed.
+seeded RNG before sharding, so shard order and content depend only on the inputs and the seed. A
+multi-head dataset (EPIC-KITCHENS: verb and noun) keeps its first head's label in ``cls`` and every
+head's in the json's ``labels``; its ``shards.json`` names the heads' classes and the manifest
+counts each head's labels.
 
 Shard size: at most ``max_samples`` samples and ``max_bytes`` bytes. By default ``max_samples`` is
 ``clamp(ceil(N / 128), 8, 256)``: at least 128 shards when the split is large enough (so 16 GPUs x 8 workers all get
@@ -35,9 +38,9 @@ from tqdm import tqdm
 from shard_tools.publish import Staging, link_or_copy
 from shard_tools.tario import sha256_file, write_tar
 from tstl.core import shards
-from tstl.core.datasets import DATASETS, get_dataset
+from tstl.core.datasets import DATASETS, SPACE_CSV, CsvFormat, Label, csv_format, get_dataset
 from tstl.core.faults import fault_point
-from tstl.core.shards import CLS, JSON, MP4, ShardInfo, ShardSet
+from tstl.core.shards import CLS, JSON, LABELS, MP4, ShardInfo, ShardSet
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +73,15 @@ class Record:
     key: str
     rel: str
     path: str
-    label: int
+    label: Label
     class_name: str
     size: int
     mtime_ns: int
+
+    @property
+    def cls(self) -> int:
+        """The label the ``cls`` part holds: the only one, or the first head's."""
+        return self.label[0] if isinstance(self.label, tuple) else self.label
 
 
 def sample_key(rel: str) -> str:
@@ -81,16 +89,17 @@ def sample_key(rel: str) -> str:
     return rel.rsplit(".", 1)[0].replace("/", "_").replace(".", "_")
 
 
-def read_csv(path: Path) -> list[tuple[str, int]]:
-    """``<relative video path> <label>`` lines (CAST/VideoMAE format)."""
+def read_csv(path: Path, fmt: CsvFormat = SPACE_CSV) -> list[tuple[str, Label]]:
+    """The (video path, label) lines of an annotation CSV in ``fmt`` (default ``<relative video
+    path> <label>``, CAST/VideoMAE's format; EPIC-KITCHENS: ``<narration_id>,<verb>,<noun>``)."""
     out = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        parts = line.rsplit(None, 1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise AnnotationError(f"{path}: line {n} '{line}' is not '<video path> <integer label>'")
-        out.append((parts[0], int(parts[1])))
+        try:
+            out.append(fmt.parse(line))
+        except ValueError as e:
+            raise AnnotationError(f"{path}: line {n} '{line}' is {e}") from None
     return out
 
 
@@ -98,7 +107,8 @@ def read_classes(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def _records(rows: list[tuple[str, int]], videos: Path, classes: list[str]) -> tuple[list[Record], list[str]]:
+def _records(rows: list[tuple[str, Label]], videos: Path,
+             classes: list[str]) -> tuple[list[Record], list[str]]:
     records, missing, seen = [], [], set()
     for rel, label in rows:
         p = videos / rel
@@ -111,7 +121,8 @@ def _records(rows: list[tuple[str, int]], videos: Path, classes: list[str]) -> t
         if key in seen:
             raise AnnotationError(f"two annotation lines map to the sample key '{key}' ({rel})")
         seen.add(key)
-        name = classes[label] if 0 <= label < len(classes) else str(label)
+        cls = label[0] if isinstance(label, tuple) else label
+        name = classes[cls] if 0 <= cls < len(classes) else str(cls)
         records.append(Record(key, rel, str(p), label, name, st.st_size, st.st_mtime_ns))
     return records, missing
 
@@ -152,7 +163,10 @@ def probe_bytes(data: bytes) -> dict:
                 "height": s.codec_context.height, "duration": round(duration, 6)}
 
 
-def _sample(r: Record) -> tuple[tuple[str, dict[str, bytes]] | None, str | None]:
+Sample = tuple[str, dict[str, bytes]]
+
+
+def _sample(r: Record, heads: tuple[str, ...] = ()) -> tuple[Sample | None, str | None]:
     data = Path(r.path).read_bytes()
     try:
         meta = probe_bytes(data)
@@ -160,25 +174,35 @@ def _sample(r: Record) -> tuple[tuple[str, dict[str, bytes]] | None, str | None]
         return None, f"{r.rel}: not a readable video ({type(e).__name__}: {e})"
     if meta["frames"] == 0:
         return None, f"{r.rel}: no video frames"
-    record = {"id": r.rel.rsplit(".", 1)[0], "label": r.label, "class_name": r.class_name, **meta, "source": r.rel}
+    record = {"id": r.rel.rsplit(".", 1)[0], "label": r.cls, "class_name": r.class_name, **meta,
+              "source": r.rel}
     assert set(record) == set(shards.SAMPLE_KEYS)
-    return (r.key, {CLS: str(r.label).encode(), JSON: json.dumps(record, sort_keys=True).encode(), MP4: data}), None
+    if heads:
+        record[LABELS] = dict(zip(heads, r.label))  # type: ignore[arg-type]
+    parts = {CLS: str(r.cls).encode(), JSON: json.dumps(record, sort_keys=True).encode(), MP4: data}
+    return (r.key, parts), None
 
 
-def write_shard(path: Path, records: list[Record]) -> tuple[ShardInfo, list[str]]:
-    """Write one shard; unreadable videos are left out and reported."""
+def write_shard(path: Path, records: list[Record],
+                heads: tuple[str, ...] = ()) -> tuple[ShardInfo, list[str]]:
+    """Write one shard; unreadable videos are left out and reported. ``heads``: the label heads of
+    a multi-head set, in the order of each record's label tuple."""
     samples, bad, hist = [], [], {}
+    head_hist: dict[str, dict[int, int]] = {h: {} for h in heads}
     for r in records:
-        sample, err = _sample(r)
+        sample, err = _sample(r, heads)
         if err:
             bad.append(err)
             continue
         samples.append(sample)
-        hist[r.label] = hist.get(r.label, 0) + 1
+        hist[r.cls] = hist.get(r.cls, 0) + 1
+        for h, y in zip(heads, r.label if heads else ()):  # type: ignore[arg-type]
+            head_hist[h][y] = head_hist[h].get(y, 0) + 1
     size, digest = write_tar(path, samples)
     keys = [k for k, _ in samples]
     info = ShardInfo(path.name, len(samples), size, digest, dict(sorted(hist.items())), plan_hash(records),
-                     keys[0] if keys else "", keys[-1] if keys else "")
+                     keys[0] if keys else "", keys[-1] if keys else "",
+                     {h: dict(sorted(c.items())) for h, c in head_hist.items()})
     return info, bad
 
 
@@ -188,25 +212,28 @@ def _still_valid(path: Path, old: ShardInfo | None, phash: str, verify: bool) ->
     return not verify or sha256_file(path) == old.sha256
 
 
-Job = tuple[Path, list[Record], list[tuple[Path, ShardInfo]], bool]
+Job = tuple[Path, list[Record], list[tuple[Path, ShardInfo]], bool, tuple[str, ...]]
 
 
 def _build_one(job: Job) -> tuple[ShardInfo, list[str], bool]:
     """Write shard ``dest`` into the staging folder: a hard link to a still-valid old copy, else built anew."""
-    dest, records, candidates, verify = job
+    dest, records, candidates, verify, heads = job
     phash = plan_hash(records)
     for path, old in candidates:
         if _still_valid(path, old, phash, verify):
             link_or_copy(path, dest)
             fault_point("shards.reuse")
             return old, [], False
-    info, bad = write_shard(dest, records)
+    info, bad = write_shard(dest, records, heads)
     return info, bad, True
 
 
-def build_split(rows: list[tuple[str, int]], videos: Path, out: Path, *, dataset: str, split: str,
-                classes: list[str], shuffle: bool, opts: BuildOptions) -> ShardSet:
-    """Build (or bring up to date) the shard set of one split at ``out`` (switched in atomically)."""
+def build_split(rows: list[tuple[str, Label]], videos: Path, out: Path, *, dataset: str, split: str,
+                classes: list[str], shuffle: bool, opts: BuildOptions,
+                heads: dict[str, list[str]] | None = None) -> ShardSet:
+    """Build (or bring up to date) the shard set of one split at ``out`` (switched in atomically);
+    ``heads``: class names per head of a multi-head dataset (labels are tuples in that order)."""
+    heads = heads or {}
     records, missing = _records(rows, videos, classes)
     for rel in missing:
         logger.warning("%s/%s: listed in the annotations but not found; left out (rerun the prepare stage)",
@@ -218,7 +245,8 @@ def build_split(rows: list[tuple[str, int]], videos: Path, out: Path, *, dataset
         for src in stage.sources():  # the visible set last: its copy is tried first
             for s in shards.load(src).shards:
                 previous.setdefault(s.name, []).insert(0, (src / s.name, s))
-        jobs = [(stage.dir / n, recs, previous.get(n, []), opts.verify_existing) for n, recs in zip(names, plan)]
+        jobs = [(stage.dir / n, recs, previous.get(n, []), opts.verify_existing, tuple(heads))
+                for n, recs in zip(names, plan)]
         infos, bad, rebuilt = [], [], []
         # jobs=1 runs in this process: cheaper for small sets, and a kill takes the whole build
         pool = ProcessPoolExecutor(max_workers=opts.jobs) if opts.jobs > 1 else None
@@ -237,7 +265,7 @@ def build_split(rows: list[tuple[str, int]], videos: Path, out: Path, *, dataset
         ss = ShardSet(dataset, split, classes, infos, missing + bad,
                       {"seed": opts.seed, "shuffled": shuffle,
                        "samples_per_shard": opts.samples_per_shard(len(records)), "max_bytes": opts.max_bytes,
-                       "format_version": FORMAT_VERSION})
+                       "format_version": FORMAT_VERSION}, heads)
         shards.save(stage.dir, ss)
         changed = stage.publish(rebuilt)
     logger.info("%s/%s: %d samples in %d shards (%d rebuilt, %d kept)%s, %d left out -> %s", dataset, split,
@@ -260,12 +288,19 @@ def build_dataset(data_dir: Path, dataset: str, split: int, opts: BuildOptions,
     root = data_dir / dataset
     videos = videos or root / "videos"
     classes = read_classes(root / "annotations" / "classes.txt")
+    heads = {h: read_classes(root / "annotations" / f"{h}_classes.txt") for h in _heads(dataset)}
     csvs = annotations or [root / "annotations" / f"{s}.csv" for s in dataset_splits(dataset, split)]
     sets = []
     for csv in csvs:
         if not csv.exists():
             raise FileNotFoundError(f"{csv} not found: run `make prepare-{dataset}` first (or pass --annotations)")
         name = csv.stem
-        sets.append(build_split(read_csv(csv), videos, root / "shards" / name, dataset=dataset, split=name,
-                                classes=classes, shuffle=name.startswith("train"), opts=opts))
+        sets.append(build_split(read_csv(csv, csv_format(dataset)), videos, root / "shards" / name,
+                                dataset=dataset, split=name, classes=classes,
+                                shuffle=name.startswith("train"), opts=opts, heads=heads))
     return sets
+
+
+def _heads(dataset: str) -> tuple[str, ...]:
+    """The label heads of a registered multi-head dataset (none for any other folder)."""
+    return DATASETS[dataset].heads if dataset in DATASETS else ()

@@ -125,7 +125,8 @@ def cmd_subset(a: argparse.Namespace) -> int:
                              f"--group 0..{len(groups) - 1}")
         classes = groups[a.group]
     _shard_set(a.src)
-    subset(a.src, a.out, classes, remap=a.remap, opts=BuildOptions(max_samples=a.max_samples))
+    subset(a.src, a.out, classes, remap=a.remap, head=a.head,
+           opts=BuildOptions(max_samples=a.max_samples))
     return 0
 
 
@@ -164,7 +165,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     i.add_argument("--key", help="only this sample key")
     i.add_argument("-n", type=int, default=20, help="at most this many samples (0: all; default 20)")
     i.set_defaults(fn=cmd_inspect)
-    s = sub.add_parser("stats", help="class balance, durations, frames and sizes, with a PNG plot")
+    s = sub.add_parser("stats", help="class balance (per head), durations, frames and sizes, "
+                                     "with a PNG plot")
     s.add_argument("shard_dir", type=Path)
     s.add_argument("--png", type=Path, help="plot path (default ./<shard set name>-stats.png in the current folder)")
     s.set_defaults(fn=cmd_stats)
@@ -176,6 +178,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--groups", type=Path, help="class-group file (TSTL class_grouping.json or ours, see docs/tstl.md)")
     sb.add_argument("--group", type=int, default=0, help="which group of --groups (default 0)")
     sb.add_argument("--remap", action="store_true", help="relabel to group-local ids 0..k-1")
+    sb.add_argument("--head", help="multi-head sets (EK100): the head whose classes --classes "
+                                   "names (default: the first, verb)")
     sb.add_argument("--max-samples", type=int, help="videos per shard")
     sb.set_defaults(fn=cmd_subset)
     return p

@@ -1,4 +1,5 @@
-"""Summaries of a shard set: class balance, durations, frames and sizes, as text and as a PNG."""
+"""Summaries of a shard set: class balance (per head of a multi-head set), durations, frames and
+sizes, as text and as a PNG."""
 
 from __future__ import annotations
 
@@ -9,18 +10,22 @@ import numpy as np
 
 from shard_tools.tario import iter_samples
 from tstl.core import shards
-from tstl.core.shards import JSON, MP4
+from tstl.core.shards import JSON, LABELS, MP4
 
 
 def collect(shard_dir: Path) -> dict[str, np.ndarray]:
-    """Per-sample label, duration, frames, fps and mp4 size from the shards' json parts."""
+    """Per-sample label, duration, frames, fps and mp4 size from the shards' json parts; a
+    multi-head set adds ``label/<head>`` for each head."""
     ss = shards.load(shard_dir)
-    cols: dict[str, list] = {"label": [], "duration": [], "frames": [], "fps": [], "bytes": []}
+    cols: dict[str, list] = {"label": [], "duration": [], "frames": [], "fps": [], "bytes": [],
+                             **{f"label/{h}": [] for h in ss.heads}}
     for info in ss.shards:
         for _, parts in iter_samples(shard_dir / info.name):
             meta = json.loads(parts[JSON])
             for k in ("label", "duration", "frames", "fps"):
                 cols[k].append(meta[k])
+            for h in ss.heads:
+                cols[f"label/{h}"].append(meta[LABELS][h])
             cols["bytes"].append(len(parts[MP4]))
     return {k: np.asarray(v) for k, v in cols.items()}
 
@@ -33,21 +38,33 @@ def _describe(name: str, x: np.ndarray, unit: str = "") -> str:
            f"p95 {q[3]:.2f}  max {q[4]:.2f}"
 
 
+def _balance(title: str, labels: np.ndarray, names: list[str]) -> tuple[list[str], np.ndarray]:
+    """The class-balance lines of one label column (``title``: "classes" or "<head> classes")."""
+    counts = np.bincount(labels, minlength=len(names) or None) if labels.size else np.zeros(0, int)
+    if not counts.size:
+        return [f"{title:<10} (none)"], counts
+    lines = [f"{title:<10} {int((counts > 0).sum())} present; per class min {counts.min()}, max "
+             f"{counts.max()}, imbalance {counts.max() / max(counts.min(), 1):.2f}x"]
+    for c, n in enumerate(counts):
+        lines.append(f"  {c:4d} {n:7d}  {names[c] if c < len(names) else str(c)}")
+    return lines, counts
+
+
 def report(shard_dir: Path, png: Path | None = None) -> str:
-    """Text summary; also a 2x2 PNG of the distributions when ``png`` is given."""
+    """Text summary (the class balance of each head of a multi-head set); also a 2x2 PNG of the
+    distributions when ``png`` is given."""
     ss = shards.load(shard_dir)
     data = collect(shard_dir)
-    counts = np.bincount(data["label"], minlength=len(ss.classes) or None) if data["label"].size else np.zeros(0)
     lines = [f"{shard_dir}: {ss.dataset}/{ss.split}, {ss.num_samples} samples in {len(ss.shards)} shards, "
              f"{sum(s.bytes for s in ss.shards) / 2**20:.1f} MiB, {len(ss.missing)} left out",
              _describe("duration", data["duration"], " s"), _describe("frames", data["frames"]),
-             _describe("fps", data["fps"]), _describe("size", data["bytes"] / 1024, " KiB"),
-             f"classes    {int((counts > 0).sum())} present; per class min {counts.min() if counts.size else 0}, "
-             f"max {counts.max() if counts.size else 0}, imbalance {counts.max() / max(counts.min(), 1):.2f}x"
-             if counts.size else "classes    (none)"]
-    for c, n in enumerate(counts):
-        name = ss.classes[c] if c < len(ss.classes) else str(c)
-        lines.append(f"  {c:4d} {n:7d}  {name}")
+             _describe("fps", data["fps"]), _describe("size", data["bytes"] / 1024, " KiB")]
+    tables = [(f"{h} classes", data[f"label/{h}"], names) for h, names in ss.heads.items()]
+    counts = np.zeros(0, int)
+    for title, labels, names in tables or [("classes", data["label"], ss.classes)]:
+        text, hist = _balance(title, labels, names)
+        lines += text
+        counts = hist if not counts.size else counts  # the plot shows the first head's
     if png is not None:
         _plot(png, data, counts, f"{ss.dataset}/{ss.split}")
     return "\n".join(lines)

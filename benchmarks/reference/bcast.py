@@ -1,4 +1,5 @@
-"""A literal, functional restatement of the reference B-CAST forward (KHU-VLL/CAST), for parity tests and benchmarks.
+"""A literal, functional restatement of the reference B-CAST forward (KHU-VLL/CAST) and of its
+compositional variant, for parity tests and benchmarks.
 
 It follows the reference's formulation step by step: the CLIP stream is sequence-first (``[N, B*T', D]``) and runs
 through ``F.multi_head_attention_forward`` like ``nn.MultiheadAttention``; VideoMAE and cross-attention compute
@@ -90,9 +91,10 @@ def _block(s: torch.Tensor, t: torch.Tensor, sd: dict, p: str, heads: int) -> tu
     return s, t
 
 
-def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, *, depth: int, num_heads: int,
-                      patch_size: int, tubelet_size: int = 2) -> torch.Tensor:
-    """Logits of B-CAST for clips ``x [B, 3, T, H, W]`` with weights ``sd`` (CAST key layout)."""
+def reference_features(sd: dict[str, torch.Tensor], x: torch.Tensor, *, depth: int, num_heads: int,
+                       patch_size: int, tubelet_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pooled, normalised (spatial, temporal) features of clips ``x [B, 3, T, H, W]``
+    (``STCrossTransformer.forward_features``)."""
     b = x.shape[0]
     frames = x[:, :, 1::2] if tubelet_size == 2 else x[:, :, tubelet_size - 1 :: tubelet_size]
     f = rearrange(frames, "b c t h w -> (b t) c h w")
@@ -106,7 +108,25 @@ def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, *, depth: in
     for i in range(depth):
         s, t = _block(s, t, sd, f"blocks.{i}", num_heads)
     s = rearrange(s.permute(1, 0, 2), "(b t) n d -> b t n d", b=b)[:, :, 0].mean(1)
-    s = _ln(s, sd, "clip_ln_post", 1e-5)
-    t = _ln(t.mean(1), sd, "vmae_fc_norm", 1e-6)
+    return _ln(s, sd, "clip_ln_post", 1e-5), _ln(t.mean(1), sd, "vmae_fc_norm", 1e-6)
+
+
+def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, *, depth: int, num_heads: int,
+                      patch_size: int, tubelet_size: int = 2) -> torch.Tensor:
+    """Logits of B-CAST for clips ``x [B, 3, T, H, W]`` with weights ``sd`` (CAST key layout)."""
+    s, t = reference_features(sd, x, depth=depth, num_heads=num_heads, patch_size=patch_size,
+                              tubelet_size=tubelet_size)
     z = _adapter(s, sd, "noun_last_Adapter", False) + _adapter(t, sd, "verb_last_Adapter", False)
     return _lin(z, sd, "head")
+
+
+def reference_compo_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, *, depth: int,
+                            num_heads: int, patch_size: int,
+                            tubelet_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(noun logits, verb logits)`` of CAST's ``compo_bidir_vit_base_patch16_224`` (its
+    ``forward`` with ``composition=True``, ``bidir_modeling_crossattn.py:549-556``, in eval: the
+    head dropouts are identities): the noun head reads the spatial feature, the verb head the
+    temporal one, no last adapters."""
+    s, t = reference_features(sd, x, depth=depth, num_heads=num_heads, patch_size=patch_size,
+                              tubelet_size=tubelet_size)
+    return _lin(s, sd, "head_noun"), _lin(t, sd, "head_verb")

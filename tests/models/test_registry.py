@@ -1,5 +1,6 @@
 """Every registered model keeps the model contract (tstl/models/contract.py), in the spirit of timm's
-tests/test_models.py. New registrations are picked up automatically through ``list_models()``.
+tests/test_models.py. New registrations are picked up automatically through ``list_models()``;
+multi-head models (``multi_head``: a dict of logits per head) are held to the same checks per head.
 
 Full-size variants are built on the meta device (no memory, no compute) for the contract and parameter counts; the
 forward/backward runs on a reduced build of the same family and attention type (``_reduced``).
@@ -22,6 +23,7 @@ MODELS = list_models()
 # Published/known parameter counts (total, trainable) at the variant's default classes; see docs/models.md.
 PARAMS = {
     "bcast_vit_b16": (172_023_552 + 45_071_232 + 769 * 400, 45_071_232 + 769 * 400),
+    "bcast_compo_vit_b16": (216_808_333, 44_784_781),  # models-cast-tstl.md 2.2, compo EPIC
     "timesformer_vit_b16": (121_566_352, 121_566_352),
     "timesformer_hr_vit_b16": (122_024_080, 122_024_080),
     "timesformer_l_vit_b16": (121_633_936, 121_633_936),
@@ -60,20 +62,46 @@ def _reduced(name: str) -> VideoClassifier:
     return model
 
 
+def _heads(model: VideoClassifier) -> dict[str, int]:
+    """Classes per output: ``{"": n}`` for a one-head model."""
+    return dict(model.num_classes) if model.multi_head else {"": model.num_classes}
+
+
+def _outputs(out) -> dict[str, torch.Tensor]:
+    return out if isinstance(out, dict) else {"": out}
+
+
+def _classes(model: VideoClassifier, n: int):
+    """``n`` classes for every head, in the form the model's ``reset_classifier`` takes."""
+    return {h: n + i for i, h in enumerate(model.num_classes)} if model.multi_head else n
+
+
+def _linears(head: nn.Module) -> dict[str, nn.Linear]:
+    return dict(head.items()) if isinstance(head, nn.ModuleDict) else {"": head}
+
+
+def _check_logits(model: VideoClassifier, out, batch: int) -> None:
+    got = _outputs(out)
+    assert set(got) == set(_heads(model))
+    for h, n in _heads(model).items():
+        assert got[h].shape == (batch, n), (h, got[h].shape)
+
+
 def _clip(model: VideoClassifier, batch: int = 2) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randn(batch, 3, model.num_frames, model.img_size, model.img_size, generator=g)
 
 
 def test_registry_is_not_empty() -> None:
-    assert {"bcast_vit_b16", "bcast_test", "timesformer_vit_b16", "timesformer_test"} <= set(MODELS)
+    assert {"bcast_vit_b16", "bcast_test", "timesformer_vit_b16", "timesformer_test",
+            "bcast_compo_vit_b16", "bcast_compo_test"} <= set(MODELS)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_contract_at_full_size(name: str) -> None:
     model = _meta(name)
     assert isinstance(model, VideoClassifier)
-    assert model.num_classes > 0 and model.num_frames > 0 and model.img_size > 0
+    assert min(_heads(model).values()) > 0 and model.num_frames > 0 and model.img_size > 0
     names = {n for n, _ in model.named_parameters()}
     trainable = model.trainable_state_dict()
     assert trainable and set(trainable) == {n for n, p in model.named_parameters() if p.requires_grad}
@@ -82,27 +110,31 @@ def test_contract_at_full_size(name: str) -> None:
         assert (total, _n_params(model, True)) == PARAMS[name]
     assert model.no_weight_decay() <= names, "no_weight_decay() names parameters the model does not have"
     x = torch.empty(1, 3, model.num_frames, model.img_size, model.img_size, device="meta")
-    head = model.get_classifier()
-    assert isinstance(head, nn.Linear) and head.out_features == model.num_classes
-    assert all(p.requires_grad for p in head.parameters())
+    head = _linears(model.get_classifier())
+    assert {h: lin.out_features for h, lin in head.items()} == _heads(model)
+    assert all(isinstance(lin, nn.Linear) for lin in head.values())
+    assert all(p.requires_grad for lin in head.values() for p in lin.parameters())
     with torch.no_grad():
-        assert model(x).shape == (1, model.num_classes)
-    model.reset_classifier(7)
-    new = model.get_classifier()
-    assert new is not head and new.out_features == 7 and model.num_classes == 7
-    assert new.weight.device.type == "meta" and all(p.requires_grad for p in new.parameters())
+        _check_logits(model, model(x), 1)
+    model.reset_classifier(_classes(model, 7))
+    assert model.num_classes == _classes(model, 7)
+    new = _linears(model.get_classifier())
+    for h, lin in new.items():
+        assert lin is not head[h] and lin.out_features == _heads(model)[h]
+        assert lin.weight.device.type == "meta" and all(p.requires_grad for p in lin.parameters())
     with torch.no_grad():
-        assert model(x).shape == (1, 7)
+        _check_logits(model, model(x), 1)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_forward_backward(name: str) -> None:
     model = _reduced(name).train()
     x = _clip(model)
-    out = model(x)
-    assert out.shape == (2, model.num_classes) and torch.isfinite(out).all()
+    out = _outputs(model(x))
+    _check_logits(model, out, 2)
+    assert all(torch.isfinite(o).all() for o in out.values())
     # Non-zero loss through every path: the zero-initialised layers of B-CAST still get gradients.
-    (out.float() ** 2).sum().add(out.sum()).backward()
+    sum((o.float() ** 2).sum() + o.sum() for o in out.values()).backward()
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, f"{n}: trainable but got no gradient"
@@ -117,9 +149,11 @@ def test_features_head_split_and_classifier_reset(name: str) -> None:
     x = _clip(model)
     with torch.no_grad():
         torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)), rtol=0, atol=0)
-        model.reset_classifier(3)
-        assert model(x).shape == (2, 3) and model.num_classes == 3
-        assert model.get_classifier().out_features == 3
+        model.reset_classifier(_classes(model, 3))
+        _check_logits(model, model(x), 2)
+        assert model.num_classes == _classes(model, 3)
+        heads = _linears(model.get_classifier())
+        assert {h: lin.out_features for h, lin in heads.items()} == _heads(model)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -165,11 +199,11 @@ def test_optimizer_groups(name: str) -> None:
 def test_grad_checkpointing_same_gradients(name: str) -> None:
     model = _reduced(name).eval()  # eval: no dropout or drop path, so both passes are the same function
     x = _clip(model)
-    model(x).sum().backward()
+    sum(o.sum() for o in _outputs(model(x)).values()).backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     model.set_grad_checkpointing(True)
     assert model.grad_checkpointing
-    model(x).sum().backward()
+    sum(o.sum() for o in _outputs(model(x)).values()).backward()
     for n, g in ref.items():
         torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-5, atol=1e-6)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
 
 from tstl.data.augment import FILL, RandAugmentPolicy, apply_colour_ops, compose, fill_mask
 
@@ -35,8 +37,10 @@ class ToDevice:
         self.device = device
 
     def __call__(self, batch: dict, seed: int) -> dict:
-        for k in ("video", "label"):
-            batch[k] = batch[k].to(self.device, non_blocking=True)
+        batch["video"] = batch["video"].to(self.device, non_blocking=True)
+        label = batch["label"]  # a tensor, or head -> tensor for a multi-head set
+        batch["label"] = ({h: y.to(self.device, non_blocking=True) for h, y in label.items()}
+                          if isinstance(label, dict) else label.to(self.device, non_blocking=True))
         return batch
 
 
@@ -166,3 +170,25 @@ class MixupCutmix:
         with numpy_seeded(seed):
             _, batch["label"] = self.mixup(video.view(b, c * t, h, w), batch["label"])
         return batch
+
+
+class MultiHeadMixup(Mixup):
+    """timm's ``Mixup`` for a multi-head set: one draw of lambda (and box) per batch mixes the
+    clips, and every head's labels are mixed with that same lambda, each with label smoothing over
+    its own classes (CAST ``util_tools/mixup.py:218-221``: ``mixup_target`` of the noun and the
+    verb with one ``lam``). Called as timm's (``(x, targets) -> (x, soft targets)``), so
+    ``MixupCutmix`` runs it unchanged; ``targets`` and the result are dicts head -> tensor.
+    """
+
+    def __init__(self, heads: Mapping[str, int], **kwargs) -> None:
+        super().__init__(num_classes=max(heads.values()), **kwargs)
+        self.heads = dict(heads)
+
+    def __call__(self, x: torch.Tensor, target: Mapping[str, torch.Tensor]  # type: ignore[override]
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if len(x) % 2:
+            raise ValueError(f"mixup needs an even batch, got {len(x)}")
+        mix = {"elem": self._mix_elem, "pair": self._mix_pair}.get(self.mode, self._mix_batch)
+        lam = mix(x)
+        return x, {h: mixup_target(target[h], n, lam, self.label_smoothing)
+                   for h, n in self.heads.items()}

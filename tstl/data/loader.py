@@ -14,7 +14,15 @@ from tstl.data import elastic
 from tstl.data.buffers import BUFFERS_EXTRA, Returns, check_room
 from tstl.data.config import DataConfig
 from tstl.data.decode import check_decoder
-from tstl.data.device import DeviceRandAugment, Erase, MixupCutmix, Normalize, Stage, ToDevice
+from tstl.data.device import (
+    DeviceRandAugment,
+    Erase,
+    MixupCutmix,
+    MultiHeadMixup,
+    Normalize,
+    Stage,
+    ToDevice,
+)
 from tstl.data.pipeline import BadSampleRateError, ClipStream, RoleState, StreamSpec, derive_seed
 from tstl.data.sources import ShardList, has_index, resolve, slot_length
 
@@ -46,6 +54,9 @@ class ShardLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         check_decoder(cfg.decoder)  # here, not as a bad sample in every worker
+        if label_map is not None and shardset.heads:
+            raise ValueError(f"label_map relabels one-label shard sets; this one has the heads "
+                             f"{', '.join(shardset.heads)}")
         self.cfg, self.shardset, self.train = cfg, shardset, train
         self.rank, self.world_size, self.views = rank, world_size, tuple(views)
         self.workers = max(1, cfg.num_workers)
@@ -69,16 +80,21 @@ class ShardLoader:
         return self.shardset.num_samples
 
     @property
-    def num_classes(self) -> int | None:
-        """Number of classes: ``max(label_map.values()) + 1``, else from ``shards.json`` (None when unknown)."""
+    def num_classes(self) -> int | dict[str, int] | None:
+        """Number of classes: ``max(label_map.values()) + 1``, else from ``shards.json`` (None
+        when unknown); a multi-head set: head -> classes."""
+        if self.shardset.heads:
+            return self.shardset.head_sizes
         if self.label_map is not None:
             return max(self.label_map.values()) + 1
         return self.shardset.num_classes
 
     @property
-    def classes(self) -> list[str] | None:
+    def classes(self) -> list[str] | dict[str, list[str]] | None:
         """Class names by (new) label from ``shards.json``; None when unknown or when ``label_map`` is not one to
-        one onto 0..k-1 (e.g. it merges classes into groups)."""
+        one onto 0..k-1 (e.g. it merges classes into groups); a multi-head set: head -> names."""
+        if self.shardset.heads:
+            return dict(self.shardset.heads)
         names, lm = self.shardset.classes, self.label_map
         if names is None or lm is None:
             return names
@@ -228,8 +244,11 @@ class ShardLoader:
         if not self.num_classes:
             raise ValueError("mixup/cutmix need num_classes; read the shards through shards.json")
         c = self.cfg
-        return Mixup(mixup_alpha=c.mixup, cutmix_alpha=c.cutmix, prob=c.mixup_prob, switch_prob=c.mixup_switch_prob,
-                     label_smoothing=c.label_smoothing, num_classes=self.num_classes)
+        kw = dict(mixup_alpha=c.mixup, cutmix_alpha=c.cutmix, prob=c.mixup_prob,
+                  switch_prob=c.mixup_switch_prob, label_smoothing=c.label_smoothing)
+        if self.shardset.heads:  # one lambda for every head (CAST util_tools/mixup.py:218-221)
+            return MultiHeadMixup(self.shardset.head_sizes, **kw)
+        return Mixup(num_classes=self.num_classes, **kw)
 
     def to(self, device: torch.device | str) -> ShardLoader:
         """Run the batch stages on ``device`` (the training device) and yield batches there; returns ``self``."""

@@ -23,6 +23,7 @@ from tstl.data import sampling
 from tstl.data.buffers import BUFFERS_EXTRA, Link, Pool
 from tstl.data.config import DataConfig
 from tstl.data.decode import BadSample, decode_clip
+from tstl.data.labels import Labels, collate_labels, sample_labels
 from tstl.data.sources import (
     READ_ERRORS,
     Piece,
@@ -170,17 +171,20 @@ class ClipStream(IterableDataset):
         return raw
 
     # ---- per sample ---------------------------------------------------------------------------------------
-    def _parse(self, sample: dict) -> tuple[bytes, int, int]:
+    def _parse(self, sample: dict) -> tuple[bytes, Labels, int]:
         if "_error" in sample:
             raise BadSample(sample["_error"])
         missing = [p for p in PARTS if p not in sample]
         if missing:
             raise BadSample(f"missing part(s) {', '.join(missing)}")
         try:
-            label = int(sample[CLS])
-            frames = int(json.loads(sample[JSON])["frames"])
+            meta = json.loads(sample[JSON])
+            frames = int(meta["frames"])
+            label = sample_labels(sample[CLS], meta, self.spec.shardset.head_sizes)
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise BadSample(f"bad {CLS}/{JSON}: {e}") from None
+        if isinstance(label, dict):  # multi-head: checked by sample_labels, never relabelled
+            return sample[MP4], label, frames
         # An out-of-range label would index past the head (or mixup's one-hot) far from its sample: bad here.
         n = self.spec.shardset.num_classes
         if label < 0 or (n is not None and label >= n):
@@ -262,7 +266,7 @@ class ClipStream(IterableDataset):
         batch = {
             # uint8 [B, T, S, S, 3], stacked in a worker straight into a (reused) shared-memory buffer: one copy
             "video": self._pool.collate([it[0] for it in items]),
-            "label": torch.tensor([it[1] for it in items], dtype=torch.long),
+            "label": collate_labels([it[1] for it in items]),
             "key": [it[2] for it in items],
             "_role": role,
             "_state": st.to_dict(),

@@ -70,6 +70,13 @@ class ShardList:
     num_classes: int | None = None
     labels: frozenset[int] | None = None
     """When set, only samples with these labels exist for the loader (shard counts are already filtered)."""
+    heads: dict[str, list[str]] | None = None
+    """Multi-head sets: class names per head (``shards.json`` ``heads``); None for one label."""
+
+    @property
+    def head_sizes(self) -> dict[str, int] | None:
+        """Classes per head of a multi-head set; None for one label."""
+        return {h: len(names) for h, names in self.heads.items()} if self.heads else None
 
     @property
     def num_samples(self) -> int:
@@ -312,7 +319,8 @@ def _from_json(url: str, template: str, labels: frozenset[int] | None, policy: R
         shards = [Shard(s.name, s.url, n) for s, n in zip(shards, counts) if n]
         if not shards:
             raise ValueError(f"{url}: no samples with labels {sorted(labels)}")
-    return ShardList(shards, meta.classes or None, meta.num_classes or None, labels)
+    return ShardList(shards, meta.classes or None, meta.num_classes or None, labels,
+                     meta.heads or None)
 
 
 _TAR = (".tar", ".tgz", ".tar.gz")

@@ -1,4 +1,5 @@
-"""Model families (B-CAST, TimeSformer), the model contract, the registry and checkpoint loading.
+"""Model families (B-CAST, its compositional variant, TimeSformer), the model contract, the registry
+and checkpoint loading.
 
 ``create_model(name, **kwargs)`` builds any registered variant, a ``VideoClassifier`` (the contract every family
 keeps, ``tstl.models.contract``); ``load_checkpoint(model, path)`` loads every supported checkpoint format into it.
@@ -9,8 +10,9 @@ from tstl.core import torchvision_shim
 
 torchvision_shim.install()
 
-# The families (bcast, timesformer) register their variants on import.
+# The families (bcast, bcast_compo, timesformer) register their variants on import.
 from tstl.models import bcast as _bcast  # noqa: E402,F401
+from tstl.models import bcast_compo as _bcast_compo  # noqa: E402,F401
 from tstl.models import timesformer as _timesformer  # noqa: E402,F401
 from tstl.models.checkpoint import LoadReport, UntrustedCheckpointError, load_checkpoint  # noqa: E402
 from tstl.models.contract import Conversion, VideoClassifier  # noqa: E402

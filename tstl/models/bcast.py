@@ -272,14 +272,19 @@ class BCAST(VideoClassifier):
             for r in rates)
         self.clip_ln_post = LayerNorm(embed_dim, eps=1e-5)
         self.vmae_fc_norm = LayerNorm(embed_dim, eps=1e-6)
-        self.noun_last_Adapter = Adapter(embed_dim, adapter_ratio, skip=False)
-        self.verb_last_Adapter = Adapter(embed_dim, adapter_ratio, skip=False)
-        self.head_dropout = nn.Dropout(head_drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._build_head(num_classes, adapter_ratio, head_drop_rate)
         self.grad_checkpointing = False
         self._init_weights(init_scale)
         for name, p in self.named_parameters():
             p.requires_grad = any(pat in name for pat in TRAINABLE_PATTERNS)
+
+    def _build_head(self, num_classes: int, adapter_ratio: float, head_drop_rate: float) -> None:
+        """What follows the pooled features: a last adapter per stream, their sum, one linear head
+        (the compositional variant, ``bcast_compo.py``, builds its two heads here instead)."""
+        self.noun_last_Adapter = Adapter(self.embed_dim, adapter_ratio, skip=False)
+        self.verb_last_Adapter = Adapter(self.embed_dim, adapter_ratio, skip=False)
+        self.head_dropout = nn.Dropout(head_drop_rate)
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def _init_weights(self, init_scale: float) -> None:
         for m in self.modules():  # Linear: truncated normal (std 0.02), zero bias; LayerNorms keep (1, 0)
@@ -292,6 +297,10 @@ class BCAST(VideoClassifier):
             elif isinstance(m, nn.Linear) and "up" in name.rsplit(".", 1)[-1]:
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
+        self._init_head(init_scale)
+
+    def _init_head(self, init_scale: float) -> None:
+        """Last adapters' output layer at zero, the head times ``init_scale`` (CAST's rule)."""
         for a in (self.noun_last_Adapter, self.verb_last_Adapter):
             nn.init.zeros_(a.D_fc2.weight)
         if isinstance(self.head, nn.Linear):

@@ -5,7 +5,12 @@ it). Callers (trainer, optimizer set-up, checkpoint loading, TSTL) use only the 
 model with ``hasattr``. ``tests/models/test_registry.py`` holds every registered model to this contract.
 
 Attributes:
-    num_classes: outputs of the classifier (0: no head, ``forward`` returns the features).
+    num_classes: outputs of the classifier (0: no head, ``forward`` returns the features); for a
+        multi-head model (``multi_head``) a dict head name -> classes.
+    multi_head: the model has several heads (CAST's compositional model: verb and noun): ``forward``
+        and ``forward_head`` return a dict head name -> logits ``[B, classes]``, ``get_classifier``
+        an ``nn.ModuleDict`` of the heads and ``reset_classifier`` takes a dict; the trainer sums
+        the heads' losses and the evaluation reports each head and their combination.
     num_frames: clip length the model is built for (``[B, 3, num_frames, img_size, img_size]`` input).
     img_size: frame side in pixels the model is built for.
     grad_checkpointing: whether ``forward_features`` recomputes its blocks in the backward pass.
@@ -38,7 +43,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -73,10 +78,11 @@ class TrainableKeys(NamedTuple):
 class VideoClassifier(nn.Module, metaclass=abc.ABCMeta):
     """Base class of every registered video model; see the module docstring for the contract."""
 
-    num_classes: int
+    num_classes: int | dict[str, int]
     num_frames: int
     img_size: int
     grad_checkpointing: bool = False
+    multi_head: ClassVar[bool] = False
 
     # ------------------------------------------------------------------------------- family-specific (abstract)
 
@@ -110,7 +116,7 @@ class VideoClassifier(nn.Module, metaclass=abc.ABCMeta):
 
     # ------------------------------------------------------------------------------- shared implementation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         return self.forward_head(self.forward_features(x))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

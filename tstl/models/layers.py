@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -32,4 +33,11 @@ def build_variant(cls: type[M], family: str, defaults: dict[str, Any], **kwargs:
     unknown = set(kwargs) - set(accepted)
     if unknown:
         raise TypeError(f"unknown {family} arguments: {sorted(unknown)}; accepted: {', '.join(accepted)}")
-    return cls(**{**defaults, **kwargs})
+    args = {**defaults, **kwargs}
+    classes, multi = args.get("num_classes"), getattr(cls, "multi_head", False)
+    if classes is not None and isinstance(classes, Mapping) != multi:
+        kind = "several heads: num_classes maps head -> classes" if multi else "one head"
+        raise ValueError(f"{family} has {kind}, got num_classes={classes!r}; a multi-head "
+                         "shard set (EPIC-KITCHENS) needs a multi-head model "
+                         "(bcast_compo_vit_b16), a one-label set a one-head model")
+    return cls(**args)
