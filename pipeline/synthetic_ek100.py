@@ -10,11 +10,11 @@ Layout under ``<out>/ek100`` (what the official downloader and annotation reposi
   (``HH:MM:SS.ff`` timestamps, narrations and noun lists with quoted commas) and
   ``EPIC_100_{verb,noun}_classes.csv`` (``id, key, instances, category``).
 
-A verb is a motion of the object (up, down, left to right, right to left: visible only across
-frames), a noun is the object's colour (visible in any one frame), so a compositional model can
-learn the verb from time and the noun from appearance. One listed training video has no file (a
-download that never happened) and one validation video ends before its last two narrations do (a
-short download): the prepare stage must list those clips with reasons.
+A verb is a motion of the object (up, down, growing, shrinking: visible only across frames, and the
+same after the recipe's horizontal flip), a noun is the object's colour (visible in any one frame),
+so a compositional model can learn the verb from time and the noun from appearance. One listed
+training video has no file (a download that never happened) and one validation video ends before its
+last two narrations do (a short download): the prepare stage must list those clips with reasons.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ from tqdm import tqdm
 
 from pipeline.synthetic import SynthConfig, encode, write_text_atomic
 
-# (key, instances, category, motion): motions as pipeline.synthetic.CLASSES names them
+# (key, instances, category, motion). The motions survive the EK100 recipe's horizontal flip: up,
+# down, approach (the disc grows), recede (it shrinks)
 VERBS = (("take", ("take", "grab", "pick-up"), "retrieve", "up"),
          ("put", ("put", "place", "put-down"), "leave", "down"),
-         ("push", ("push", "slide", "move-right"), "move", "left_to_right"),
-         ("pull", ("pull", "drag", "move-left"), "move", "right_to_left"))
+         ("open", ("open", "unscrew", "open-up"), "access", "approach"),
+         ("close", ("close", "shut", "screw"), "block", "recede"))
 # (key, instances, category, RGB colour of the object)
 NOUNS = (("plate", ("plate", "dish", "plate:pasta"), "crockery", (225, 45, 40)),
          ("cup", ("cup", "mug", "cup:coffee"), "crockery", (40, 205, 60)),
@@ -83,15 +84,15 @@ def timestamp(cs: int, digits: int = 2) -> str:
     return f"{h:02d}:{rem // 60:02d}:{rem % 60:02d}.{frac_text}"
 
 
-def _position(motion: str, u: float, w: int, h: int) -> tuple[float, float]:
-    a, b = 0.25, 0.75
+def _disc(motion: str, u: float, w: int, h: int) -> tuple[float, float, float]:
+    """Centre (x, y) and radius of the object ``u`` of the way through a narration of ``motion``."""
+    a, b, r = 0.25, 0.75, 0.18 * min(w, h)
     if motion == "up":
-        return 0.5 * w, (b + (a - b) * u) * h
+        return 0.5 * w, (b + (a - b) * u) * h, r
     if motion == "down":
-        return 0.5 * w, (a + (b - a) * u) * h
-    if motion == "left_to_right":
-        return (a + (b - a) * u) * w, 0.5 * h
-    return (b + (a - b) * u) * w, 0.5 * h
+        return 0.5 * w, (a + (b - a) * u) * h, r
+    grow = u if motion == "approach" else 1.0 - u
+    return 0.5 * w, 0.5 * h, r * (0.5 + grow)
 
 
 def render(job: LongVideoJob) -> np.ndarray:
@@ -104,7 +105,6 @@ def render(job: LongVideoJob) -> np.ndarray:
     plate = (base + grain).clip(0, 255)
     frames = np.repeat(plate.astype(np.uint8)[None], n, axis=0)
     yy, xx = np.mgrid[:job.height, :job.width]
-    radius = 0.18 * min(job.width, job.height)
     shown = [s for s in job.segments if not s.repeat]
     for i in range(n):
         t_cs = i / job.fps * 100
@@ -112,7 +112,7 @@ def render(job: LongVideoJob) -> np.ndarray:
         if seg is None:
             continue
         u = (t_cs - seg.start_cs) / (seg.stop_cs - seg.start_cs)
-        cx, cy = _position(VERBS[seg.verb][3], u, job.width, job.height)
+        cx, cy, radius = _disc(VERBS[seg.verb][3], u, job.width, job.height)
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
         frames[i][disc] = NOUNS[seg.noun][3]
     return frames

@@ -4,6 +4,11 @@ The evaluation loader gives every (video, view) as its own sample and may repeat
 each (key, view) counts once, the views of a video are merged by the run's rule (``test_merge``: ``mean_softmax``,
 CAST/VideoMAE's mean of per-view probabilities, or ``sum_logits``, PySlowFast's sum of per-view logits), and
 top-1/top-5, per-class accuracy and the confusion matrix are computed on the merged predictions.
+
+A multi-head model (CAST's compositional B-CAST on EPIC-KITCHENS: verb and noun) is evaluated per
+head the same way (each head's views merged by the rule, its own top-1/top-5, per-class accuracy and
+confusion) plus the action, both heads right (``MultiHeadResult``, the last section of this
+module).
 """
 
 from __future__ import annotations
@@ -11,8 +16,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,10 +73,10 @@ def predict(model: torch.nn.Module, batches: Iterable[dict], device: torch.devic
     model.eval()
     for batch in progress(batches, desc):
         video = batch["video"].to(device, dtype=dtype, non_blocking=True)
-        logits = model(video).float().cpu().numpy()
+        logits = per_sample(model(video))  # a multi-head model: one dict of head logits per sample
         views = batch.get("view", torch.zeros(len(batch["key"]), dtype=torch.long)).tolist()
-        for key, view, z, y in zip(batch["key"], views, logits, batch["label"].tolist()):
-            out[(key, int(view))] = (z, int(y))
+        for key, view, z, y in zip(batch["key"], views, logits, per_sample(batch["label"])):
+            out[(key, int(view))] = (z, y)
     model.train(was_training)
     return out
 
@@ -126,12 +131,16 @@ def metrics(probs: dict[str, np.ndarray], labels: dict[str, int], num_classes: i
                       per_class=per_class, confusion=confusion, probs=probs, labels=labels)
 
 
-def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.device, num_classes: int,
-             dtype: torch.dtype = torch.float32, merge_rule: str = "mean_softmax",
-             desc: str = "evaluate") -> EvalResult:
+def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.device,
+             num_classes: int | Mapping[str, int], dtype: torch.dtype = torch.float32,
+             merge_rule: str = "mean_softmax",
+             desc: str = "evaluate") -> EvalResult | MultiHeadResult:
     """Predict on this rank's share, gather every rank's in memory, merge views by ``merge_rule`` (the run's
-    ``test_merge``), compute the metrics (all ranks)."""
+    ``test_merge``), compute the metrics (all ranks). ``num_classes`` of a multi-head model is
+    head -> classes: the result is then a ``MultiHeadResult``."""
     local = predict(model, batches, device, dtype, desc)
+    if isinstance(num_classes, Mapping):
+        return head_metrics(merge_heads(dist.all_gather_objects(local), merge_rule), num_classes)
     return metrics(*merge(dist.all_gather_objects(local), merge_rule), num_classes)
 
 
@@ -139,7 +148,11 @@ def save_report(result: EvalResult, out: Path, classes: list[str] | None = None)
     """metrics.json, per_class.csv, confusion.npy/.csv, predictions.npz and confusion.png under ``out``.
 
     The PNG is ``plots.plot_confusion``'s: class names on the axes for few classes, a size-capped heatmap with
-    confused classes placed together for many (``plots.most_confused_pairs`` names them in the reports)."""
+    confused classes placed together for many (``plots.most_confused_pairs`` names them in the
+    reports). A ``MultiHeadResult`` is written by ``save_head_report``."""
+    if isinstance(result, MultiHeadResult):
+        save_head_report(result, out, classes)  # type: ignore[arg-type]
+        return
     out.mkdir(parents=True, exist_ok=True)
     names = classes or [str(i) for i in range(len(result.per_class))]
     (out / "metrics.json").write_text(json.dumps(result.summary(), indent=1))
@@ -187,3 +200,112 @@ def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = 
     if dist.is_main():
         save_report(res, dest, loader.classes)
     return res, dest
+
+
+# ------------------------------------------------------------------------------ multi-head models
+
+ACTION_BASE = 1000
+"""CAST's action id is ``verb * 1000 + noun`` (KHU-VLL/CAST ``engine_for_compomodel.py:166,332``):
+labels in head order, base 1000."""
+
+
+def per_sample(x: torch.Tensor | Mapping[str, torch.Tensor]) -> list:
+    """A batch's logits (float32 numpy rows) or labels (ints), one per sample; for a multi-head
+    model one dict head -> row (or label) per sample."""
+    if isinstance(x, Mapping):
+        cols = {h: per_sample(v) for h, v in x.items()}
+        return [dict(zip(cols, row)) for row in zip(*cols.values())]
+    if x.dtype.is_floating_point:
+        return list(x.float().cpu().numpy())
+    return [int(y) for y in x.tolist()]
+
+
+def action_id(labels: Mapping[str, int]) -> int:
+    """One integer per combination of head labels (``verb * 1000 + noun`` for EPIC-KITCHENS)."""
+    out = 0
+    for y in labels.values():
+        out = out * ACTION_BASE + int(y)
+    return out
+
+
+@dataclass
+class MultiHeadResult:
+    """A multi-head evaluation: each head's ``EvalResult`` and the action, every head right.
+
+    ``top1``/``top5``/``videos`` are the action's, so callers that track one number (validation
+    logs, the best checkpoint) track CAST's: action top-1 (``run_bidirection_compo.py:481``). Action
+    top-5: every head's label is among its 5 most probable (``engine_for_compomodel.py:335``).
+    """
+
+    top1: float
+    top5: float
+    videos: int
+    heads: dict[str, EvalResult]
+    actions: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """Action id -> (videos, videos right)."""
+
+    def action_per_class(self) -> dict[int, float]:
+        return {a: right / n for a, (n, right) in sorted(self.actions.items())}
+
+    def summary(self) -> dict:
+        accs = list(self.action_per_class().values())
+        return {"top1": self.top1, "top5": self.top5, "videos": self.videos,
+                "mean_class_acc": float(np.mean(accs)) if accs else float("nan"),
+                "heads": {h: r.summary() for h, r in self.heads.items()}}
+
+
+def merge_heads(per_rank: list[dict], rule: str = "mean") -> dict[str, tuple[dict, dict]]:
+    """``merge`` of each head's views: head -> (probabilities, labels) per video."""
+    heads = next((list(z) for part in per_rank for z, _ in part.values()), [])
+    return {h: merge([{kv: (z[h], y[h]) for kv, (z, y) in part.items()} for part in per_rank], rule)
+            for h in heads}
+
+
+def head_metrics(merged: Mapping[str, tuple[dict, dict]],
+                 num_classes: Mapping[str, int]) -> MultiHeadResult:
+    """Each head's metrics and the action's from ``merge_heads``' merged predictions."""
+    if not merged or set(merged) != set(num_classes):
+        raise ValueError(f"predictions for heads {sorted(merged)}, the model has "
+                         f"{sorted(num_classes)}")
+    heads = {h: metrics(probs, labels, num_classes[h]) for h, (probs, labels) in merged.items()}
+    keys = sorted(next(iter(merged.values()))[0])
+    top1 = top5 = 0
+    actions: dict[int, tuple[int, int]] = {}
+    for key in keys:
+        labels = {h: merged[h][1][key] for h in merged}
+        ranked = {h: np.argsort(-merged[h][0][key])[:5] for h in merged}
+        right = all(ranked[h][0] == y for h, y in labels.items())
+        top1 += right
+        top5 += all(y in ranked[h] for h, y in labels.items())
+        n, ok = actions.get(action_id(labels), (0, 0))
+        actions[action_id(labels)] = (n + 1, ok + right)
+    return MultiHeadResult(top1 / len(keys), top5 / len(keys), len(keys), heads, actions)
+
+
+def save_head_report(result: MultiHeadResult, out: Path,
+                     classes: Mapping[str, list[str]] | None = None) -> None:
+    """``metrics.json`` (action and heads), ``actions.csv`` (per action: id, head labels and names,
+    videos, accuracy) and one ``save_report`` folder per head under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result.summary(), indent=1))
+    names = {h: (classes or {}).get(h) or [str(i) for i in range(len(r.per_class))]
+             for h, r in result.heads.items()}
+    for h, r in result.heads.items():
+        save_report(r, out / h, names[h])
+    with open(out / "actions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        # EPIC-KITCHENS' column names: <head>_class the id, <head> the name
+        w.writerow(["action", *(f"{h}_class" for h in result.heads), *result.heads, "videos",
+                    "accuracy"])
+        for a, (n, right) in sorted(result.actions.items()):
+            labels = _action_labels(a, len(result.heads))
+            w.writerow([a, *labels, *(names[h][y] for h, y in zip(result.heads, labels)), n,
+                        f"{right / n:.4f}"])
+
+
+def _action_labels(a: int, heads: int) -> list[int]:
+    out = []
+    for _ in range(heads):
+        a, y = divmod(a, ACTION_BASE)
+        out.append(y)
+    return out[::-1]

@@ -63,8 +63,9 @@ def train_flops_per_clip(model: nn.Module, input_shape: tuple[int, ...]) -> tupl
         with FlopCounterMode(display=False) as counter:
             out = model(x)
             forward = counter.get_total_flops()
-            if out.requires_grad:
-                out.float().sum().backward()
+            outs = list(out.values()) if isinstance(out, dict) else [out]  # multi-head: per head
+            if any(o.requires_grad for o in outs):
+                torch.stack([o.float().sum() for o in outs]).sum().backward()
         total = counter.get_total_flops()
     finally:
         model.train(was_training)

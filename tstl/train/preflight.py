@@ -38,7 +38,9 @@ def check_config_files(files: Sequence[str | Path]) -> None:
 def check_model(cfg: ModelConfig, num_classes: int = 8) -> None:
     """``model.name`` is registered and ``model.kwargs`` are arguments of its builder with valid values.
 
-    Builds the model on the meta device (``num_classes`` only fills the head; its value does not matter)."""
+    Builds the model on the meta device (``num_classes`` only fills the head; its value does not
+    matter; 0 keeps the variant's own, as a multi-head model needs: its heads come from the shard
+    set)."""
     import torch
 
     from tstl.models import create_model, list_models
@@ -52,7 +54,8 @@ def check_model(cfg: ModelConfig, num_classes: int = 8) -> None:
                          (f"did you mean '{close[0]}'? " if close else "") + f"registered models: {', '.join(names)}")
     try:
         with torch.device("meta"):
-            create_model(cfg.name, num_classes=num_classes or 8, drop_path_rate=cfg.drop_path_rate, **cfg.kwargs)
+            head = {"num_classes": num_classes} if num_classes else {}
+            create_model(cfg.name, drop_path_rate=cfg.drop_path_rate, **head, **cfg.kwargs)
     except (TypeError, ValueError) as e:
         raise UsageError(f"model.kwargs of {cfg.name}: {e}", "fix or remove that model.kwargs.<argument>") from e
 

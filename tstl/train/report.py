@@ -3,7 +3,7 @@ the worst classes, one PNG of loss/lr/validation top-1 and the confusion matrix.
 
 Everything is read back from the run folder (``config.yaml``, ``metrics.jsonl``, ``test/``), so ``python -m
 tstl.train.cli report <run>`` rewrites it at any time; a torn last line of ``metrics.jsonl`` (a killed run) is
-skipped.
+skipped. A multi-head run (EPIC-KITCHENS: verb, noun) reports each head and the action (both right).
 """
 
 from __future__ import annotations
@@ -75,34 +75,77 @@ def throughput_lines(rows: list[dict], info: dict | None) -> list[str]:
 
 
 def write_report(run_dir: Path) -> str:
-    """Write ``<run>/report.md`` (and ``curves.png``) and return the text."""
+    """Write ``<run>/report.md`` (and ``curves.png``) and return the text; a multi-head run's shows
+    each head and the action (``head_sections``)."""
     run_dir = Path(run_dir)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     metrics = json.loads((run_dir / "test" / "metrics.json").read_text())
-    confusion = np.load(run_dir / "test" / "confusion.npy")
-    n = confusion.shape[0]
-    per_class = read_per_class(run_dir / "test" / "per_class.csv")
-    names = [r["class"] for r in per_class] if len(per_class) == n else [str(i) for i in range(n)]
     rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
     info = json.loads((run_dir / "perf.json").read_text()) if (run_dir / "perf.json").exists() else None
     curves = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
-    lines = [
-        f"# Run report: {cfg['model']['name']} on {cfg['dataset']} ({cfg['train_split']} -> {cfg['val_split']})", "",
-        f"Multi-view test ({cfg['data']['test_views'][0]} x {cfg['data']['test_views'][1]} views) on "
-        f"{metrics['videos']} videos:", "",
-        "| metric | value |", "|---|---|",
-        f"| top-1 | {metrics['top1']:.4f} |", f"| top-5 | {metrics['top5']:.4f} |",
-        f"| mean class accuracy | {metrics['mean_class_acc']:.4f} |", f"| chance (1 / {n} classes) | {1 / n:.4f} |",
-        "", f"{cfg['epochs']} epochs, batch {cfg['data']['batch_size']} per rank, "
-            f"precision {cfg['engine']['precision']}.",
-        "", *throughput_lines(rows, info),
-        "## Most confused pairs", "", *pairs_table(most_confused_pairs(confusion, CONFUSED_PAIRS), names), "",
-        "## Per class", "", *per_class_table(per_class, "test/per_class.csv"), "",
-        "## Plots", "",
-    ]
+    views = cfg["data"]["test_views"]
+    title = [f"# Run report: {cfg['model']['name']} on {cfg['dataset']} ({cfg['train_split']} -> "
+             f"{cfg['val_split']})", "",
+             f"Multi-view test ({views[0]} x {views[1]} views) on {metrics['videos']} videos:", ""]
+    run = ["", f"{cfg['epochs']} epochs, batch {cfg['data']['batch_size']} per rank, "
+               f"precision {cfg['engine']['precision']}.", "", *throughput_lines(rows, info)]
+    plots = ["## Plots", ""]
     if curves:
-        lines += ["Training loss, learning rate and single-view validation top-1:", "", "![curves](curves.png)", ""]
-    lines.append("![confusion](test/confusion.png)")
-    text = "\n".join(lines) + "\n"
+        plots += ["Training loss, learning rate and single-view validation top-1:", "",
+                  "![curves](curves.png)", ""]
+    if "heads" in metrics:
+        table, sections, images = head_sections(run_dir / "test", metrics)
+    else:
+        table, sections, images = _one_head(run_dir / "test", metrics)
+    text = "\n".join(title + table + run + sections + plots + images) + "\n"
     (run_dir / "report.md").write_text(text)
     return text
+
+
+def _class_sections(test: Path, level: str) -> tuple[list[str], list[str]]:
+    """The most confused pairs and per-class table of one head's ``save_report`` folder ``test``
+    (headings at ``level``), and its class names."""
+    confusion = np.load(test / "confusion.npy")
+    n = confusion.shape[0]
+    per_class = read_per_class(test / "per_class.csv")
+    names = [r["class"] for r in per_class] if len(per_class) == n else [str(i) for i in range(n)]
+    link = "test/per_class.csv" if test.name == "test" else f"test/{test.name}/per_class.csv"
+    pairs = pairs_table(most_confused_pairs(confusion, CONFUSED_PAIRS), names)
+    return [f"{level} Most confused pairs", "", *pairs, "", f"{level} Per class", "",
+            *per_class_table(per_class, link), ""], names
+
+
+def _one_head(test: Path, metrics: dict) -> tuple[list[str], list[str], list[str]]:
+    sections, names = _class_sections(test, "##")
+    n = len(names)
+    table = ["| metric | value |", "|---|---|",
+             f"| top-1 | {metrics['top1']:.4f} |", f"| top-5 | {metrics['top5']:.4f} |",
+             f"| mean class accuracy | {metrics['mean_class_acc']:.4f} |",
+             f"| chance (1 / {n} classes) | {1 / n:.4f} |"]
+    return table, sections, ["![confusion](test/confusion.png)"]
+
+
+def head_sections(test: Path, metrics: dict) -> tuple[list[str], list[str], list[str]]:
+    """A multi-head run (``evaluate.MultiHeadResult``): one table of each head's and the action's
+    accuracy (action = every head right, CAST's EPIC-KITCHENS rule), each head's confused pairs and
+    classes, its confusion image."""
+    heads = metrics["heads"]
+    sizes = {h: len(read_per_class(test / h / "per_class.csv")) for h in heads}
+    actions = int(np.prod(list(sizes.values())))
+    cols = [*heads, "action"]
+    value = {**heads, "action": metrics}
+    table = [f"| metric | {' | '.join(cols)} |", "|---|" + "---|" * len(cols)]
+    rows = (("top1", "top-1"), ("top5", "top-5"), ("mean_class_acc", "mean class accuracy"))
+    for key, label in rows:
+        table.append(f"| {label} | " + " | ".join(f"{value[c][key]:.4f}" for c in cols) + " |")
+    chance = [f"{1 / n:.4f} (1 / {n})" for n in [*sizes.values(), actions]]
+    table += [f"| chance | {' | '.join(chance)} |", "",
+              "Action: every head right (top-5: each head's label among its 5 most probable), as "
+              "CAST reports EPIC-KITCHENS (its action id verb x 1000 + noun); its mean class "
+              "accuracy is over the actions in the test set (test/actions.csv)."]
+    sections, images = [], []
+    for h in heads:
+        lines, _ = _class_sections(test / h, "###")
+        sections += [f"## {h.capitalize()}", "", *lines]
+        images.append(f"![{h} confusion](test/{h}/confusion.png)")
+    return table, sections, images

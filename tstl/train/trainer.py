@@ -117,7 +117,7 @@ class Trainer:
     def _log_start(self, model: nn.Module, provenance: list[str]) -> None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-        logger.info("model %s: %s trainable, %s frozen parameters, %d classes", self.cfg.model.name,
+        logger.info("model %s: %s trainable, %s frozen parameters, %s classes", self.cfg.model.name,
                     f"{trainable:,}", f"{frozen:,}", self.num_classes)
         for line in provenance:
             logger.info("weights: %s", line)
@@ -190,7 +190,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- training
 
-    def loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor | dict[str, torch.Tensor],
+             label: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy with label smoothing, or against mixup's soft targets (smoothing folded
+        in); a multi-head model's is the sum over its heads, each smoothed over its own classes
+        (CAST ``engine_for_compomodel.py:14-19``: noun loss + verb loss)."""
+        if isinstance(logits, dict):
+            if not isinstance(label, dict) or set(label) != set(logits):
+                raise ValueError(f"the model's heads {sorted(logits)} need one label each, got "
+                                 f"{sorted(label) if isinstance(label, dict) else 'one label'}")
+            losses = [self.loss(logits[h], label[h]) for h in logits]
+            return torch.stack(losses).sum()
         logits = logits.float()
         if label.dtype.is_floating_point:  # mixup/cutmix soft targets (label smoothing folded in)
             return self.criterion_soft(logits, label)
@@ -199,7 +209,11 @@ class Trainer:
     def train_step(self, batch: dict) -> float | None:
         """One micro-batch; returns the loss, or None when it was not finite (the step is skipped)."""
         video = batch["video"].to(self.device, dtype=self.dtype, non_blocking=True)
-        label = batch["label"].to(self.device, non_blocking=True)
+        label = batch["label"]  # a tensor, or head -> tensor for a multi-head shard set
+        if isinstance(label, dict):
+            label = {h: y.to(self.device, non_blocking=True) for h, y in label.items()}
+        else:
+            label = label.to(self.device, non_blocking=True)
         loss = self.loss(self.engine(video), label)
         if dist.any_true(not torch.isfinite(loss).item(), self.device):
             self.nonfinite += 1

@@ -39,8 +39,10 @@ def _preflight(cfg: TSTLConfig, train: bool) -> None:
     """Shard sets, group file, model and init checkpoints before any stage starts (exit 2 with the fix, not a late
     traceback on every rank)."""
     from tstl.train.preflight import check_init, check_model, check_shards
+    from tstl.twostage.train import refuse_multi_head
 
     check_shards(cfg, [cfg.train_split, cfg.val_split] if train else [cfg.val_split])
+    refuse_multi_head(cfg, cfg.train_split if train else cfg.val_split)
     pinned = Path(cfg.out_dir) / "groups.json"  # a started run compares against its pinned copy
     if cfg.tstl.groups and not Path(cfg.tstl.groups).is_file() and not (train and pinned.is_file()):
         raise UsageError(f"tstl.groups: group file not found: {cfg.tstl.groups}",

@@ -37,7 +37,19 @@ def resolve_groups(cfg: TSTLConfig) -> ClassGroups:
     return dist.on_main(lambda: _resolve_groups(cfg))
 
 
+def refuse_multi_head(cfg: TSTLConfig, split: str) -> None:
+    """TSTL routes a clip to the expert of its class's group, over the classes of one label: a
+    multi-head shard set (EPIC-KITCHENS: verb and noun) is refused (``ConfigError``)."""
+    heads = resolve(cfg.shard_dir(split), cfg.data.shard_url_template).heads
+    if heads:
+        raise ConfigError(f"{cfg.shard_dir(split)}: TSTL groups the classes of one label, this "
+                          f"shard set has the heads {', '.join(heads)} ({cfg.dataset}); train it "
+                          "with `make train DATASET=ek100 MODEL=bcast_compo_vit_b16` (TSTL on "
+                          "multi-head sets is not supported)")
+
+
 def _resolve_groups(cfg: TSTLConfig) -> ClassGroups:
+    refuse_multi_head(cfg, cfg.train_split)
     num_classes = resolve(cfg.shard_dir(cfg.train_split), cfg.data.shard_url_template).num_classes
     if cfg.tstl.groups:
         groups = load_groups(cfg.tstl.groups)
