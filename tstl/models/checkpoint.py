@@ -192,6 +192,10 @@ def _torch_load(path: str, trusted: Trust, mmap: bool = False) -> object:
             raise
         names = _foreign_globals(path, e)
         why = is_trusted(path, trusted)
+        if why is None and not names and "Unsupported operand" in str(e):
+            # not a pickle at all (an HTML error page, a truncated download), or one with opcodes the reader lacks
+            detail = " ".join(str(e).split("error:")[-1].split())[:120]
+            raise ValueError(f"not a torch pickle ({detail})") from None
         if why is None:
             what = (f"names the global{'s' if len(names) > 1 else ''} {', '.join(names)}" if names
                     else f"is refused by the weights-only unpickler ({str(e).strip().splitlines()[-1][:300]})")
@@ -353,8 +357,10 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: Trust = False, meta: bo
 
 
 def _plan(model: VideoClassifier, state_dict: dict[str, torch.Tensor], path: str, *, strict: bool,
-          reinit_mismatched: tuple[str, ...], adapters: Sequence[StateDictAdapter]) -> tuple[Conversion, LoadReport]:
-    """Convert ``state_dict`` for ``model`` and decide what loads; raise what a load would raise."""
+          reinit_mismatched: tuple[str, ...], adapters: Sequence[StateDictAdapter],
+          loading: bool = True) -> tuple[Conversion, LoadReport]:
+    """Convert ``state_dict`` for ``model`` and decide what loads; raise what a load would raise. ``loading``:
+    the re-initialised head is worth a WARNING (a check logs it at INFO)."""
     try:
         conv = model.convert_checkpoint(state_dict)
     except UnsupportedLayoutError as e:
@@ -366,8 +372,8 @@ def _plan(model: VideoClassifier, state_dict: dict[str, torch.Tensor], path: str
         adapter(conv, own)
     for k in [k for k, v in conv.state_dict.items() if k.startswith(reinit_mismatched) and k in own
               and v.shape != own[k].shape]:
-        logger.warning("%s: %s has shape %s, the model %s: kept at its initialisation", path, k,
-                       tuple(conv.state_dict[k].shape), tuple(own[k].shape))
+        logger.log(logging.WARNING if loading else logging.INFO, "%s: %s has shape %s, the model %s: kept at its "
+                   "initialisation", path, k, tuple(conv.state_dict[k].shape), tuple(own[k].shape))
         del conv.state_dict[k]
         conv.explained_missing[k] = "shape differs (another number of classes): re-initialised"
     shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -402,7 +408,7 @@ def check_checkpoint(model: VideoClassifier, path: str | os.PathLike, *, strict:
         raise TypeError(f"{type(model).__name__} is not a VideoClassifier (tstl.models.contract)")
     state_dict = read_checkpoint(path, trusted=trusted, meta=True)
     return _plan(model, state_dict, os.fspath(path), strict=strict, reinit_mismatched=reinit_mismatched,
-                 adapters=adapters)[1]
+                 adapters=adapters, loading=False)[1]
 
 
 def load_checkpoint(model: VideoClassifier, path: str | os.PathLike, *, strict: bool = True,
