@@ -69,8 +69,8 @@ BCAST_COMMON = {
     "data.rrc_scale": [0.08, 1.0],        # CAST dataset/ssv2.py, kinetics.py _aug_frame scl
     "test_merge": "mean_softmax",         # CAST engine_for_onemodel.py:249 softmax per view, :278 mean
     "seed": 0,                            # ssv2.sh:38 / k400.sh:45 / README.md:110 --seed 0
-    # DeepSpeed fp16 loss scaling when engine.precision=fp16 (our default is bf16): CAST util_tools/utils.py:756-761
-    # create_ds_config, the same in TSTL's util_tools/utils.py:767-769
+    # DeepSpeed fp16 loss scaling when engine.precision=fp16 (our default is bf16): CAST
+    # util_tools/utils.py:756-761 create_ds_config, the same in TSTL's util_tools/utils.py:767-769
     "engine.fp16_initial_scale_power": 7,  # "initial_scale_power": 7
     "engine.fp16_loss_scale_window": 128,  # "loss_scale_window": 128
     "val_every": 1,                       # run_bidirection.py:477-478 validation after every epoch
@@ -241,8 +241,9 @@ def test_timesformer_batch_and_lr_equal_pyslowfast_on_its_8_gpus() -> None:
 
 @pytest.mark.parametrize("dataset", ["ssv2", "kinetics400", "ucf101"])
 def test_bcast_fp16_is_casts_deepspeed_fp16(dataset: str) -> None:
-    """With engine.precision=fp16 the generated DeepSpeed section is CAST's create_ds_config "fp16" block
-    (util_tools/utils.py:756-761: enabled, loss_scale 0 = dynamic, initial_scale_power 7, loss_scale_window 128)
+    """With engine.precision=fp16 the generated DeepSpeed section is CAST's create_ds_config "fp16"
+    block (util_tools/utils.py:756-761: enabled, loss_scale 0 = dynamic, initial_scale_power 7,
+    loss_scale_window 128)
     plus DeepSpeed's own defaults for what CAST leaves out (hysteresis 2, min_loss_scale 1)."""
     cfg = load_recipe(dataset, "bcast_vit_b16", ["engine.precision=fp16"])
     ds = deepspeed_config(cfg.engine, cfg.optim, BatchPlan(cfg.data.batch_size, cfg.engine.accum_steps, 16))

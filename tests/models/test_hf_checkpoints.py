@@ -1,10 +1,11 @@
 """Hugging Face checkpoints load and match ``transformers``' own forward on the same clip.
 
-Each test builds a tiny model with ``transformers`` (random weights, every tensor randomised so no bias hides at
-zero), writes it with ``save_pretrained`` (safetensors; ``pytorch_model.bin`` as transformers 4 wrote it; a hub-cache
-``models--org--name/snapshots/<hash>`` tree with blobs and ``refs/main``), loads it into our tiny variant with the
-same shapes and compares with transformers in float32 (<= 1e-4). The key maps are in ``tstl/models/timesformer.py``
-(``_HF_TOP``/``_HF_BLOCK``, from transformers' ``convert_timesformer_to_pytorch.py``) and ``tstl/models/bcast.py``
+Each test builds a tiny model with ``transformers`` (random weights, every tensor randomised so no
+bias hides at zero), writes it with ``save_pretrained`` (safetensors; ``pytorch_model.bin`` as
+transformers 4 wrote it; a hub-cache ``models--org--name/snapshots/<hash>`` tree with blobs and
+``refs/main``), loads it into our tiny variant with the same shapes and compares with transformers
+in float32 (<= 1e-4). The key maps are in ``tstl/models/timesformer.py`` (``_HF_TOP``/``_HF_BLOCK``,
+from transformers' ``convert_timesformer_to_pytorch.py``) and ``tstl/models/bcast.py``
 (``_HF_VMAE_*``, from ``convert_videomae_to_pytorch.py``).
 """
 
@@ -65,8 +66,8 @@ def _hf_videomae(tmp_path: Path, cls: str = "VideoMAEForVideoClassification", **
 
 
 def _as_bin(folder: Path) -> Path:
-    """The folder as transformers 4 wrote it with safe_serialization=False: pytorch_model.bin, a torch.save of the
-    state dict under the same names."""
+    """The folder as transformers 4 wrote it with safe_serialization=False: pytorch_model.bin, a
+    torch.save of the state dict under the same names."""
     sd = safetensors_torch.load_file(str(folder / "model.safetensors"))
     torch.save(sd, folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
@@ -74,8 +75,8 @@ def _as_bin(folder: Path) -> Path:
 
 
 def _as_hub_cache(folder: Path, root: Path, repo: str) -> tuple[Path, Path]:
-    """huggingface_hub's cache layout: blobs by hash, snapshots/<commit> of symlinks, refs/main naming the commit.
-    Returns (the repository folder, its snapshot folder)."""
+    """huggingface_hub's cache layout: blobs by hash, snapshots/<commit> of symlinks, refs/main
+    naming the commit. Returns (the repository folder, its snapshot folder)."""
     cache = root / f"models--{repo.replace('/', '--')}"
     commit = "0123456789abcdef0123456789abcdef01234567"
     snap = cache / "snapshots" / commit
@@ -90,7 +91,8 @@ def _as_hub_cache(folder: Path, root: Path, repo: str) -> tuple[Path, Path]:
     return cache, snap
 
 
-# ----------------------------------------------------------------------------------------------------- TimeSformer
+# -----------------------------------------------------------------------------------------------------
+# TimeSformer
 
 
 @pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time"])
@@ -141,8 +143,9 @@ def test_timesformer_export_to_hugging_face(tmp_path: Path) -> None:
 
 
 def test_hr_and_l_tables_are_recognised(caplog: pytest.LogCaptureFixture) -> None:
-    """An HR checkpoint (785 positions, 16 frames) fits timesformer_hr_vit_b16 as it is; given to the 8 x 224 model
-    its tables are resized (the documented 1-D nearest rules) and the log names the variant that takes them.
+    """An HR checkpoint (785 positions, 16 frames) fits timesformer_hr_vit_b16 as it is; given to
+    the 8 x 224 model its tables are resized (the documented 1-D nearest rules) and the log names
+    the variant that takes them.
     Checked on the meta device: full-size shapes, no weights."""
     with torch.device("meta"):
         hr, base = create_model("timesformer_hr_vit_b16"), create_model("timesformer_vit_b16")
@@ -156,12 +159,13 @@ def test_hr_and_l_tables_are_recognised(caplog: pytest.LogCaptureFixture) -> Non
     assert "model.name=timesformer_hr_vit_b16" in caplog.text
 
 
-# ----------------------------------------------------------------------------------------------------- VideoMAE
+# -----------------------------------------------------------------------------------------------------
+# VideoMAE
 
 
 def _vmae_features(hf, x: torch.Tensor) -> torch.Tensor:
-    """transformers' backbone output pooled as B-CAST pools it: the token mean through a LayerNorm at (1, 0)
-    (B-CAST's vmae_fc_norm at initialisation; VideoMAE's own fc_norm is not loaded, as in CAST)."""
+    """transformers' backbone output pooled as B-CAST pools it: the token mean through a LayerNorm
+    at (1, 0) (B-CAST's vmae_fc_norm at initialisation; VideoMAE's own fc_norm is not loaded, as in CAST)."""
     backbone = getattr(hf, "videomae", hf)
     tokens = backbone(pixel_values=x.permute(0, 2, 1, 3, 4)).last_hidden_state
     return F.layer_norm(tokens.mean(1), (tokens.shape[-1],), eps=1e-6)
@@ -169,8 +173,8 @@ def _vmae_features(hf, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("cls", ["VideoMAEForVideoClassification", "VideoMAEModel", "VideoMAEForPreTraining"])
 def test_videomae_expert_matches_transformers(tmp_path: Path, cls: str) -> None:
-    """At initialisation B-CAST's temporal stream is the pure VideoMAE, so its pooled feature is transformers'
-    backbone output, pooled the same way."""
+    """At initialisation B-CAST's temporal stream is the pure VideoMAE, so its pooled feature is
+    transformers' backbone output, pooled the same way."""
     hf, folder = _hf_videomae(tmp_path, cls)
     torch.manual_seed(0)
     model = create_model("bcast_test", num_classes=5).eval()
@@ -204,8 +208,8 @@ def _rewrite(folder: Path, edit) -> Path:
 
 
 def test_transformers_5_bias_names_load_the_same(tmp_path: Path) -> None:
-    """A transformers 5 model's own state_dict() names the biases query.bias/value.bias (save_pretrained writes
-    q_bias/v_bias); a key bias, which transformers never has, is dropped: softmax ignores it."""
+    """A transformers 5 model's own state_dict() names the biases query.bias/value.bias
+    (save_pretrained writes q_bias/v_bias); a key bias, which transformers never has, is dropped: softmax ignores it."""
     hf, folder = _hf_videomae(tmp_path)
 
     def v5_names(sd: dict) -> dict:

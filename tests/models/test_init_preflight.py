@@ -1,6 +1,7 @@
-"""``tstl train --check`` / ``tstl train-tstl --check`` open every ``model.init`` / ``tstl.init`` file against the
-model built on the meta device: each failure kind exits 2 naming the file and the fix, before any launcher starts;
-a good file passes. Files are the reference layouts of test_official_checkpoints.py (numpy-pickled optimizer state,
+"""``tstl train --check`` / ``tstl train-tstl --check`` open every ``model.init`` / ``tstl.init``
+file against the model built on the meta device: each failure kind exits 2 naming the file and the
+fix, before any launcher starts; a good file passes. Files are the reference layouts of
+test_official_checkpoints.py (numpy-pickled optimizer state,
 fp16 DeepSpeed module) and a Hugging Face folder."""
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 
 from tstl import cli
 from tstl.core import exitcodes
-from tstl.models import create_model
 from tstl.models import checkpoint as ck
+from tstl.models import create_model
 from tstl.models.checkpoint import read_checkpoint
 
 from .test_official_checkpoints import _amp_checkpoint, _args, _deepspeed_model_states, _save, _seeded
@@ -64,8 +65,9 @@ def _cast_file(path: Path, seed: int = 3, deepspeed: bool = False, **kwargs) -> 
 
 
 def test_reference_files_pass(tmp_path: Path, shards_dir: Path) -> None:
-    """CAST's checkpoint-best.pth (numpy 1.x names) and a DeepSpeed tag folder (fp16 module): ready; a head of
-    another number of classes is re-initialised as training does, so 5 vs the dataset's 101 classes is fine."""
+    """CAST's checkpoint-best.pth (numpy 1.x names) and a DeepSpeed tag folder (fp16 module): ready;
+    a head of another number of classes is re-initialised as training does, so 5 vs the dataset's
+    101 classes is fine."""
     amp = _cast_file(tmp_path / "checkpoint-best.pth")
     (tmp_path / "checkpoint-49").mkdir()
     _cast_file(tmp_path / "checkpoint-49" / "mp_rank_00_model_states.pt", deepspeed=True)
@@ -90,7 +92,7 @@ def test_trusted_listed_file_passes(tmp_path: Path, shards_dir: Path) -> None:
     src = _seeded("bcast_test", 1, num_classes=5)
     path = _save({**_amp_checkpoint(src.state_dict(), src, 1, _args()), "when": datetime.timedelta(1)},
                  tmp_path / "checkpoint-1.pth")
-    code, out, err = _cli("train", "--check", *BCAST, f"data_dir={shards_dir}", f"model.init=[{path}]",
+    code, _, err = _cli("train", "--check", *BCAST, f"data_dir={shards_dir}", f"model.init=[{path}]",
                           f"model.trusted_checkpoints=[{path}]")
     assert code == exitcodes.OK, err
 

@@ -4,29 +4,35 @@ any other global is refused with the global named, unless the user opts in (then
 
 Layouts transcribed from (commits as in /work/shared/reference/models-cast-tstl.md and models-timesformer.md):
 
-* MCG-NJU/VideoMAE@14ef8d8 ``utils.py`` L405-422 (``save_model``, torch-amp path: model, optimizer, epoch, scaler,
-  args) and L423-427 (DeepSpeed path: ``model.save_checkpoint`` with client state ``{"epoch": epoch}``); called by
-  ``run_mae_pretraining.py`` L242-244 and ``run_class_finetuning.py`` L508-519 (``epoch="best"``).
-* KHU-VLL/CAST@51eb871 ``util_tools/utils.py`` L658-680 (the same ``save_model``); ``run_bidirection.py`` L483-485
-  saves ``epoch="best"`` -> ``checkpoint-best.pth`` (torch-amp) or ``checkpoint-best/mp_rank_00_model_states.pt``
-  (``--enable_deepspeed``, which ``scripts/ssv2/ssv2.sh`` L43 passes).
+* MCG-NJU/VideoMAE@14ef8d8 ``utils.py`` L405-422 (``save_model``, torch-amp path: model, optimizer,
+  epoch, scaler, args) and L423-427 (DeepSpeed path: ``model.save_checkpoint`` with client state
+  ``{"epoch": epoch}``); called by ``run_mae_pretraining.py`` L242-244 and
+  ``run_class_finetuning.py`` L508-519 (``epoch="best"``).
+* KHU-VLL/CAST@51eb871 ``util_tools/utils.py`` L658-680 (the same ``save_model``);
+  ``run_bidirection.py`` L483-485 saves ``epoch="best"`` -> ``checkpoint-best.pth`` (torch-amp) or
+  ``checkpoint-best/mp_rank_00_model_states.pt`` (``--enable_deepspeed``, which
+  ``scripts/ssv2/ssv2.sh`` L43 passes).
 * saddy-paddy/TSTL@685226b ``util_tools/utils.py`` L667-689 (the same ``save_model``); selector from
-  ``train_selector.py`` L621-632 (head over the groups, ``args.nb_classes`` set at L359), experts from
-  ``train_experts.py`` L570-582 (``expert-{i}.pth``, a head over every class).
-* microsoft/DeepSpeed ``deepspeed/runtime/engine.py`` ``_save_checkpoint`` (L3270-3309 at 3a3dfe66b, the commit
-  CAST's README pins; L3453-3494 at 38327e0 adds frozen_param_shapes, shared_params, frozen_param_fragments),
-  ``deepspeed/runtime/fp16/fused_optimizer.py`` L435-444 (FP16_Optimizer.state_dict, CAST's fp16 optimizer).
-* facebookresearch/TimeSformer@a5ef29a ``timesformer/utils/checkpoint.py`` L107-135 (``save_checkpoint``: epoch,
-  model_state with the ``model.`` prefix, optimizer_state, cfg as a YAML string; no args).
-* The optimizer state every CAST/TSTL/VideoMAE file holds: ``utils.cosine_scheduler`` returns a numpy array (CAST
-  ``util_tools/utils.py`` L638-655, TSTL L647-664, VideoMAE ``utils.py`` L385-402) and the engines set
-  ``param_group["lr"] = lr_schedule_values[it] * param_group["lr_scale"]`` and ``param_group["weight_decay"] =
-  wd_schedule_values[it]`` (CAST ``engine_for_onemodel.py`` L49-54, TSTL L72-77, VideoMAE
-  ``engine_for_finetuning.py`` L49-54, ``engine_for_pretraining.py`` L26-31): ``numpy.float64`` in every param group,
-  pickled as numpy's scalar constructor + ``numpy.dtype``. Files from numpy 1.x (TSTL pins torch 1.11) name the
-  constructor ``numpy.core.multiarray.scalar``, numpy 2 ``numpy._core.multiarray.scalar``; ``_save`` writes both.
-* DeepSpeed fp16 (CAST's ``create_ds_config``, ``util_tools/utils.py`` L740-761) halves the whole module, so
-  ``mp_rank_00_model_states.pt`` holds fp16 weights, frozen experts included; fp32 masters sit in the optimizer.
+  ``train_selector.py`` L621-632 (head over the groups, ``args.nb_classes`` set at L359), experts
+  from ``train_experts.py`` L570-582 (``expert-{i}.pth``, a head over every class).
+* microsoft/DeepSpeed ``deepspeed/runtime/engine.py`` ``_save_checkpoint`` (L3270-3309 at 3a3dfe66b,
+  the commit CAST's README pins; L3453-3494 at 38327e0 adds frozen_param_shapes, shared_params,
+  frozen_param_fragments), ``deepspeed/runtime/fp16/fused_optimizer.py`` L435-444
+  (FP16_Optimizer.state_dict, CAST's fp16 optimizer).
+* facebookresearch/TimeSformer@a5ef29a ``timesformer/utils/checkpoint.py`` L107-135
+  (``save_checkpoint``: epoch, model_state with the ``model.`` prefix, optimizer_state, cfg as a
+  YAML string; no args).
+* The optimizer state every CAST/TSTL/VideoMAE file holds: ``utils.cosine_scheduler`` returns a
+  numpy array (CAST ``util_tools/utils.py`` L638-655, TSTL L647-664, VideoMAE ``utils.py`` L385-402)
+  and the engines set ``param_group["lr"] = lr_schedule_values[it] * param_group["lr_scale"]`` and
+  ``param_group["weight_decay"] = wd_schedule_values[it]`` (CAST ``engine_for_onemodel.py`` L49-54,
+  TSTL L72-77, VideoMAE ``engine_for_finetuning.py`` L49-54, ``engine_for_pretraining.py`` L26-31):
+  ``numpy.float64`` in every param group, pickled as numpy's scalar constructor + ``numpy.dtype``.
+  Files from numpy 1.x (TSTL pins torch 1.11) name the constructor ``numpy.core.multiarray.scalar``,
+  numpy 2 ``numpy._core.multiarray.scalar``; ``_save`` writes both.
+* DeepSpeed fp16 (CAST's ``create_ds_config``, ``util_tools/utils.py`` L740-761) halves the whole
+  module, so ``mp_rank_00_model_states.pt`` holds fp16 weights, frozen experts included; fp32
+  masters sit in the optimizer.
 """
 
 from __future__ import annotations
@@ -111,8 +117,8 @@ def _optimizer_state(model: nn.Module, it: int = 7) -> dict:
 
 
 def _save(obj: dict, path: Path, numpy_names: str = "numpy2", **kwargs) -> Path:
-    """``torch.save``; ``numpy_names="numpy1"`` rewrites the pickle's GLOBAL opcodes to the names numpy 1.x writes
-    (``numpy.core.multiarray.scalar``), copying every other record of the zip archive as it is."""
+    """``torch.save``; ``numpy_names="numpy1"`` rewrites the pickle's GLOBAL opcodes to the names
+    numpy 1.x writes (``numpy.core.multiarray.scalar``), copying every other record of the zip archive as it is."""
     torch.save(obj, path, **kwargs)
     if numpy_names == "numpy1":
         reader = torch._C.PyTorchFileReader(str(path))
@@ -144,8 +150,9 @@ def _amp_checkpoint(model_sd: dict, model: nn.Module, epoch, args: argparse.Name
 
 
 def _deepspeed_model_states(module_sd: dict, model: nn.Module, client_state: dict) -> dict:
-    """DeepSpeedEngine._save_checkpoint, non-ZeRO fp16 (engine.py L3284-3305 at 3a3dfe66b, L3469-3490 now); the
-    module is fp16 (the fp16 engine halves it), the fp32 masters are in the optimizer's fp32_groups_flat."""
+    """DeepSpeedEngine._save_checkpoint, non-ZeRO fp16 (engine.py L3284-3305 at 3a3dfe66b,
+    L3469-3490 now); the module is fp16 (the fp16 engine halves it), the fp32 masters are in the
+    optimizer's fp32_groups_flat."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     inner = _optimizer_state(model)
     for group in inner["param_groups"]:  # DeepSpeed's FusedAdam groups (adam_w_mode from CAST's ds config)
@@ -233,8 +240,9 @@ def test_videomae_finetune_checkpoint(tmp_path: Path, deepspeed: bool, numpy_nam
 @NUMPY
 @pytest.mark.parametrize("layout", ["amp", "deepspeed", "deepspeed-with-args"])
 def test_cast_checkpoint_best(tmp_path: Path, layout: str, numpy_names: str) -> None:
-    """CAST run_bidirection.py, epoch "best": checkpoint-best.pth or checkpoint-best/mp_rank_00_model_states.pt
-    (fp16 module). The DeepSpeed client state is {"epoch": ...} in the reference (utils.py L677-680);
+    """CAST run_bidirection.py, epoch "best": checkpoint-best.pth or
+    checkpoint-best/mp_rank_00_model_states.pt (fp16 module). The DeepSpeed client state is
+    {"epoch": ...} in the reference (utils.py L677-680);
     "deepspeed-with-args" adds the run's args as other scripts' client state does."""
     src = _seeded("bcast_test", 3, num_classes=5)
     if layout == "amp":
@@ -298,8 +306,8 @@ class _Shell:
 
 @NUMPY
 def test_other_globals_are_still_refused(tmp_path: Path, numpy_names: str) -> None:
-    """The numpy entries open nothing else: os.system next to the numpy scalars, and a numpy array (its
-    _reconstruct global), are refused and named; the command never runs."""
+    """The numpy entries open nothing else: os.system next to the numpy scalars, and a numpy array
+    (its _reconstruct global), are refused and named; the command never runs."""
     marker = tmp_path / "ran"
     src = _seeded("bcast_test", 9, num_classes=5)
     ckpt = _amp_checkpoint(src.state_dict(), src, 1, _args())
