@@ -163,8 +163,8 @@ def test_eval_and_tstl_preflight(tmp_path: Path, shards_dir: Path) -> None:
     from tstl.models import create_model
 
     torch.save({"model": create_model("bcast_test").state_dict()}, tmp_path / "cast.pth")
-    code, out, err = tstl_cli("train-tstl", "--check", *tstl_cfg, "tstl.num_groups=2", "model.name=bcast_test",
-                              f"tstl.init=[{tmp_path}/cast.pth]")
+    code, out, err = tstl_cli("train-tstl", "--check", *tstl_cfg, "tstl.num_groups=2",
+                              "model.name=bcast_test", f"tstl.init=[{tmp_path}/cast.pth]")
     assert code == exitcodes.OK and out.startswith("ok: TSTL ucf101"), err
 
 

@@ -246,10 +246,12 @@ def test_bcast_fp16_is_casts_deepspeed_fp16(dataset: str) -> None:
     loss_scale_window 128)
     plus DeepSpeed's own defaults for what CAST leaves out (hysteresis 2, min_loss_scale 1)."""
     cfg = load_recipe(dataset, "bcast_vit_b16", ["engine.precision=fp16"])
-    ds = deepspeed_config(cfg.engine, cfg.optim, BatchPlan(cfg.data.batch_size, cfg.engine.accum_steps, 16))
-    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 7, "loss_scale_window": 128,
-                          "hysteresis": 2, "min_loss_scale": 1}
-    assert load_recipe(dataset, "bcast_vit_b16").engine.precision == "bf16"  # our default (docs/training.md)
+    plan = BatchPlan(cfg.data.batch_size, cfg.engine.accum_steps, 16)
+    ds = deepspeed_config(cfg.engine, cfg.optim, plan)
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 7,
+                          "loss_scale_window": 128, "hysteresis": 2, "min_loss_scale": 1}
+    # our default (docs/training.md)
+    assert load_recipe(dataset, "bcast_vit_b16").engine.precision == "bf16"
 
 
 def test_cast_and_tstl_total_batches() -> None:

@@ -84,17 +84,21 @@ def _args(**extra) -> argparse.Namespace:
 
 def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
                      warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
-    """CAST ``util_tools/utils.py`` L638-655 (VideoMAE and TSTL the same), restated: a numpy array."""
-    warmup = (np.linspace(start_warmup_value, base_value, warmup_epochs * niter_per_ep) if warmup_epochs > 0
+    """CAST ``util_tools/utils.py`` L638-655 (VideoMAE and TSTL the same), restated: a numpy
+    array."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup = (np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_epochs > 0
               else np.array([]))
-    iters = np.arange(epochs * niter_per_ep - warmup_epochs * niter_per_ep)
-    schedule = np.array([final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * i / len(iters)))
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    half = 0.5 * (base_value - final_value)
+    schedule = np.array([final_value + half * (1 + math.cos(math.pi * i / len(iters)))
                          for i in iters])
     return np.concatenate((warmup, schedule))
 
 
 def _optimizer_state(model: nn.Module, it: int = 7) -> dict:
-    """AdamW after one step at iteration ``it``, its groups set as the reference engines set them (numpy floats)."""
+    """AdamW after one step at iteration ``it``, its groups set as the reference engines set them
+    (numpy floats)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
     # optim_factory.get_parameter_groups: "lr_scale" from LayerDecayValueAssigner (a Python float)
@@ -118,7 +122,8 @@ def _optimizer_state(model: nn.Module, it: int = 7) -> dict:
 
 def _save(obj: dict, path: Path, numpy_names: str = "numpy2", **kwargs) -> Path:
     """``torch.save``; ``numpy_names="numpy1"`` rewrites the pickle's GLOBAL opcodes to the names
-    numpy 1.x writes (``numpy.core.multiarray.scalar``), copying every other record of the zip archive as it is."""
+    numpy 1.x writes (``numpy.core.multiarray.scalar``), copying every other record of the zip
+    archive as it is."""
     torch.save(obj, path, **kwargs)
     if numpy_names == "numpy1":
         reader = torch._C.PyTorchFileReader(str(path))
@@ -126,7 +131,8 @@ def _save(obj: dict, path: Path, numpy_names: str = "numpy2", **kwargs) -> Path:
         del reader
         pkl = records["data.pkl"]
         assert b"cnumpy._core.multiarray\nscalar\n" in pkl
-        records["data.pkl"] = pkl.replace(b"cnumpy._core.multiarray\nscalar\n", b"cnumpy.core.multiarray\nscalar\n")
+        records["data.pkl"] = pkl.replace(b"cnumpy._core.multiarray\nscalar\n",
+                                          b"cnumpy.core.multiarray\nscalar\n")
         writer = torch._C.PyTorchFileWriter(str(path))
         for name, data in records.items():
             writer.write_record(name, data, len(data))
@@ -136,7 +142,8 @@ def _save(obj: dict, path: Path, numpy_names: str = "numpy2", **kwargs) -> Path:
 
 
 def _numpy_globals(path: Path) -> set[str]:
-    return {g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g.startswith("numpy")}
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    return {g for g in unsafe if g.startswith("numpy")}
 
 
 # GradScaler.state_dict() (VideoMAE's NativeScalerWithGradNormCount.state_dict returns it).
@@ -145,8 +152,8 @@ _SCALER = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growt
 
 def _amp_checkpoint(model_sd: dict, model: nn.Module, epoch, args: argparse.Namespace) -> dict:
     """utils.save_model, torch-amp path (VideoMAE utils.py L411-417; CAST L664-670; TSTL L673-679)."""
-    return {"model": model_sd, "optimizer": _optimizer_state(model), "epoch": epoch, "scaler": dict(_SCALER),
-            "args": args}
+    return {"model": model_sd, "optimizer": _optimizer_state(model), "epoch": epoch,
+            "scaler": dict(_SCALER), "args": args}
 
 
 def _deepspeed_model_states(module_sd: dict, model: nn.Module, client_state: dict) -> dict:
@@ -155,7 +162,7 @@ def _deepspeed_model_states(module_sd: dict, model: nn.Module, client_state: dic
     optimizer's fp32_groups_flat."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     inner = _optimizer_state(model)
-    for group in inner["param_groups"]:  # DeepSpeed's FusedAdam groups (adam_w_mode from CAST's ds config)
+    for group in inner["param_groups"]:  # DeepSpeed FusedAdam groups (adam_w_mode: CAST's config)
         group.update(bias_correction=True, adam_w_mode=True)
     fp16_optimizer = {  # FP16_Optimizer.state_dict (fused_optimizer.py L435-444)
         "dynamic_loss_scale": True, "cur_scale": 128.0, "cur_iter": 1000, "last_overflow_iter": 870,
@@ -184,9 +191,10 @@ NUMPY = pytest.mark.parametrize("numpy_names", ["numpy2", "numpy1"])
 
 
 def _saved(ckpt: dict, path: Path, numpy_names: str) -> Path:
-    """Save as the reference does and check the file pickles the numpy globals of that numpy generation."""
+    """Save as the reference does; check the file pickles the numpy globals of that numpy."""
     _save(ckpt, path, numpy_names)
-    scalar = "numpy._core.multiarray.scalar" if numpy_names == "numpy2" else "numpy.core.multiarray.scalar"
+    scalar = {"numpy2": "numpy._core.multiarray.scalar", "numpy1": "numpy.core.multiarray.scalar"}
+    scalar = scalar[numpy_names]
     assert _numpy_globals(path) == {scalar, "numpy.dtype"}
     return path
 
@@ -234,7 +242,8 @@ def test_videomae_finetune_checkpoint(tmp_path: Path, deepspeed: bool, numpy_nam
     assert report.format == "videomae-finetune" and not report.unexplained
     cast = (lambda t: t.half().float()) if deepspeed else (lambda t: t)
     assert torch.equal(model.head.weight, cast(sd["head.weight"]))
-    assert torch.equal(model.state_dict()["patch_embed.proj.weight"], cast(sd["patch_embed.proj.weight"]))
+    patch = "patch_embed.proj.weight"
+    assert torch.equal(model.state_dict()[patch], cast(sd[patch]))
 
 
 @NUMPY
@@ -264,8 +273,9 @@ def test_tstl_selector_and_experts(tmp_path: Path, numpy_names: str) -> None:
     """TSTL train_selector.py / train_experts.py: CAST-layout files, selector head over groups, experts over all
     classes (8 here, 174 in TSTL), each with the run's args."""
     selector = _seeded("bcast_test", 4, num_classes=3)
-    _saved(_amp_checkpoint(selector.state_dict(), selector, "best", _args(nb_classes=3, data_set="SSV2")),
-           tmp_path / "checkpoint-best.pth", numpy_names)
+    args = _args(nb_classes=3, data_set="SSV2")
+    ckpt = _amp_checkpoint(selector.state_dict(), selector, "best", args)
+    _saved(ckpt, tmp_path / "checkpoint-best.pth", numpy_names)
     experts = [_seeded("bcast_test", 10 + i, num_classes=8) for i in range(3)]
     for i, e in enumerate(experts):
         _saved(_amp_checkpoint(e.state_dict(), e, 4, _args(nb_classes=8, data_set="SSV2")),
@@ -282,7 +292,8 @@ def test_tstl_selector_and_experts(tmp_path: Path, numpy_names: str) -> None:
 
 @NUMPY
 def test_the_numpy_values_come_back_as_numpy(tmp_path: Path, numpy_names: str) -> None:
-    """The allow-list rebuilds the optimizer's numpy scalars exactly (numpy 1.x names resolve under numpy 2)."""
+    """The allow-list rebuilds the optimizer's numpy scalars exactly (numpy 1.x names resolve under
+    numpy 2)."""
     src = _seeded("bcast_test", 8, num_classes=5)
     ckpt = _amp_checkpoint(src.state_dict(), src, 3, _args())
     path = _saved(ckpt, tmp_path / "checkpoint-3.pth", numpy_names)
