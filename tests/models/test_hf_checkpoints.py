@@ -27,13 +27,13 @@ from tstl.models.checkpoint import check_checkpoint, hf_folder
 from tstl.models.layouts import UnsupportedLayoutError
 from tstl.models.timesformer import hf_state_dict, save_hf
 
-transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e .[dev])")
+transformers = pytest.importorskip("transformers", reason="test dependency: pip install -e .[dev]")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 TOL = dict(rtol=0, atol=1e-4)
 # timesformer_test / bcast_test: 32 px, patch 8, 4 frames, width 64, depth 2, 4 heads, MLP 256
-TINY = dict(image_size=32, patch_size=8, num_frames=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=256)
+TINY = dict(image_size=32, patch_size=8, num_frames=4, hidden_size=64, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=256)
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> None:
@@ -58,7 +58,8 @@ def _hf_timesformer(tmp_path: Path, attention_type: str = "divided_space_time", 
 
 
 def _hf_videomae(tmp_path: Path, cls: str = "VideoMAEForVideoClassification", **cfg):
-    config = transformers.VideoMAEConfig(**{**TINY, **cfg}, tubelet_size=2, num_labels=5, layer_norm_eps=1e-6)
+    config = transformers.VideoMAEConfig(**{**TINY, **cfg}, tubelet_size=2, num_labels=5,
+                                         layer_norm_eps=1e-6)
     hf = getattr(transformers, cls)(config).eval()
     _randomise(hf, 2)
     hf.save_pretrained(tmp_path / "hf")
@@ -91,8 +92,7 @@ def _as_hub_cache(folder: Path, root: Path, repo: str) -> tuple[Path, Path]:
     return cache, snap
 
 
-# -----------------------------------------------------------------------------------------------------
-# TimeSformer
+# ------------------------------------------------------------------------------------- TimeSformer
 
 
 @pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time"])
@@ -103,7 +103,8 @@ def test_timesformer_logits_match_transformers(tmp_path: Path, attention_type: s
     assert report.format == "hf-timesformer" and not report.missing and not report.unexpected
     x = _clip()
     with torch.no_grad():
-        ours, theirs = model(x), hf(pixel_values=x.permute(0, 2, 1, 3, 4)).logits  # HF input is [B, T, C, H, W]
+        # transformers' input is [B, T, C, H, W]
+        ours, theirs = model(x), hf(pixel_values=x.permute(0, 2, 1, 3, 4)).logits
     torch.testing.assert_close(ours, theirs, **TOL)
 
 
@@ -121,11 +122,12 @@ def test_timesformer_from_bin_and_hub_cache(tmp_path: Path, container: str) -> N
     load_checkpoint(model, path)
     x = _clip(seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), hf(pixel_values=x.permute(0, 2, 1, 3, 4)).logits, **TOL)
+        theirs = hf(pixel_values=x.permute(0, 2, 1, 3, 4)).logits
+        torch.testing.assert_close(model(x), theirs, **TOL)
 
 
 def test_timesformer_export_to_hugging_face(tmp_path: Path) -> None:
-    """save_hf writes a folder transformers loads with from_pretrained; same logits, and it loads back."""
+    """save_hf writes a folder transformers loads (from_pretrained); same logits; it loads back."""
     torch.manual_seed(0)
     model = create_model("timesformer_test").eval()
     _randomise(model, 4)
@@ -133,7 +135,8 @@ def test_timesformer_export_to_hugging_face(tmp_path: Path) -> None:
     hf = transformers.TimesformerForVideoClassification.from_pretrained(folder).eval()
     x = _clip(seed=5)
     with torch.no_grad():
-        torch.testing.assert_close(hf(pixel_values=x.permute(0, 2, 1, 3, 4)).logits, model(x), **TOL)
+        theirs = hf(pixel_values=x.permute(0, 2, 1, 3, 4)).logits
+        torch.testing.assert_close(theirs, model(x), **TOL)
     back = create_model("timesformer_test")
     load_checkpoint(back, folder)
     for k, v in model.state_dict().items():
@@ -152,26 +155,29 @@ def test_hr_and_l_tables_are_recognised(caplog: pytest.LogCaptureFixture) -> Non
     hf = hf_state_dict(hr)
     conv = hr.convert_checkpoint(hf)
     assert conv.format == "hf-timesformer"
-    assert {k: v.shape for k, v in conv.state_dict.items()} == {k: v.shape for k, v in hr.state_dict().items()}
+    shapes = {k: v.shape for k, v in hr.state_dict().items()}
+    assert {k: v.shape for k, v in conv.state_dict.items()} == shapes
     with caplog.at_level(logging.INFO, logger="tstl.models.timesformer"):
         conv = base.convert_checkpoint(hf)
-    assert conv.state_dict["pos_embed"].shape == (1, 197, 768) and conv.state_dict["time_embed"].shape == (1, 8, 768)
+    assert conv.state_dict["pos_embed"].shape == (1, 197, 768)
+    assert conv.state_dict["time_embed"].shape == (1, 8, 768)
     assert "model.name=timesformer_hr_vit_b16" in caplog.text
 
 
-# -----------------------------------------------------------------------------------------------------
-# VideoMAE
+# ---------------------------------------------------------------------------------------- VideoMAE
 
 
 def _vmae_features(hf, x: torch.Tensor) -> torch.Tensor:
     """transformers' backbone output pooled as B-CAST pools it: the token mean through a LayerNorm
-    at (1, 0) (B-CAST's vmae_fc_norm at initialisation; VideoMAE's own fc_norm is not loaded, as in CAST)."""
+    at (1, 0) (B-CAST's vmae_fc_norm at initialisation; VideoMAE's own fc_norm is not loaded, as in
+    CAST)."""
     backbone = getattr(hf, "videomae", hf)
     tokens = backbone(pixel_values=x.permute(0, 2, 1, 3, 4)).last_hidden_state
     return F.layer_norm(tokens.mean(1), (tokens.shape[-1],), eps=1e-6)
 
 
-@pytest.mark.parametrize("cls", ["VideoMAEForVideoClassification", "VideoMAEModel", "VideoMAEForPreTraining"])
+@pytest.mark.parametrize("cls", ["VideoMAEForVideoClassification", "VideoMAEModel",
+                                 "VideoMAEForPreTraining"])
 def test_videomae_expert_matches_transformers(tmp_path: Path, cls: str) -> None:
     """At initialisation B-CAST's temporal stream is the pure VideoMAE, so its pooled feature is
     transformers' backbone output, pooled the same way."""
@@ -183,7 +189,8 @@ def test_videomae_expert_matches_transformers(tmp_path: Path, cls: str) -> None:
     backbone = getattr(hf, "videomae", hf)
     assert torch.equal(model.state_dict()["blocks.1.attn.q_bias"],
                        backbone.encoder.layer[1].attention.attention.query.bias)
-    if cls == "VideoMAEForVideoClassification":  # a classifier of the model's shape initialises the head (as CAST)
+    # a classifier of the model's shape initialises the head (as CAST)
+    if cls == "VideoMAEForVideoClassification":
         assert torch.equal(model.head.weight, hf.classifier.weight)
     x = _clip(seed=6)
     with torch.no_grad():
@@ -203,18 +210,22 @@ def test_videomae_from_bin_in_a_hub_cache(tmp_path: Path) -> None:
 
 def _rewrite(folder: Path, edit) -> Path:
     sd = safetensors_torch.load_file(str(folder / "model.safetensors"))
-    safetensors_torch.save_file(edit(sd), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    safetensors_torch.save_file(edit(sd), str(folder / "model.safetensors"),
+                                metadata={"format": "pt"})
     return folder
 
 
 def test_transformers_5_bias_names_load_the_same(tmp_path: Path) -> None:
     """A transformers 5 model's own state_dict() names the biases query.bias/value.bias
-    (save_pretrained writes q_bias/v_bias); a key bias, which transformers never has, is dropped: softmax ignores it."""
+    (save_pretrained writes q_bias/v_bias); a key bias, which transformers never has, is dropped:
+    softmax ignores it."""
     hf, folder = _hf_videomae(tmp_path)
 
     def v5_names(sd: dict) -> dict:
-        out = {k.replace(".q_bias", ".query.bias").replace(".v_bias", ".value.bias"): v for k, v in sd.items()}
-        out.update({f"videomae.encoder.layer.{i}.attention.attention.key.bias": torch.randn(64) for i in range(2)})
+        out = {k.replace(".q_bias", ".query.bias").replace(".v_bias", ".value.bias"): v
+               for k, v in sd.items()}
+        out.update({f"videomae.encoder.layer.{i}.attention.attention.key.bias": torch.randn(64)
+                    for i in range(2)})
         return out
 
     model = create_model("bcast_test", num_classes=5).eval()
@@ -224,15 +235,19 @@ def test_transformers_5_bias_names_load_the_same(tmp_path: Path) -> None:
         torch.testing.assert_close(model.forward_features(x)[1], _vmae_features(hf, x), **TOL)
 
 
-def test_a_conversion_without_q_and_v_biases_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_conversion_without_q_and_v_biases_is_refused(tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
     _, folder = _hf_videomae(tmp_path)
-    dropped = _rewrite(folder, lambda sd: {k: v for k, v in sd.items() if not k.endswith(("q_bias", "v_bias"))})
+    dropped = _rewrite(folder, lambda sd: {k: v for k, v in sd.items()
+                                           if not k.endswith(("q_bias", "v_bias"))})
     model = create_model("bcast_test", num_classes=5)
     for check in (check_checkpoint, load_checkpoint):
-        with pytest.raises(ValueError, match=r"without query/value biases \(q_bias/v_bias\) in layers \['0', '1'\]"):
+        with pytest.raises(ValueError, match=r"without query/value biases \(q_bias/v_bias\) in "
+                                             r"layers \['0', '1'\]"):
             check(model, dropped)
-    zeros = _rewrite(folder, lambda sd: {**sd, **{k: torch.zeros(64) for k in (
-        f"videomae.encoder.layer.{i}.attention.attention.{b}" for i in range(2) for b in ("q_bias", "v_bias"))}})
+    names = [f"videomae.encoder.layer.{i}.attention.attention.{b}"
+             for i in range(2) for b in ("q_bias", "v_bias")]
+    zeros = _rewrite(folder, lambda sd: {**sd, **{k: torch.zeros(64) for k in names}})
     with caplog.at_level(logging.WARNING, logger="tstl.models.bcast"):
         load_checkpoint(model, zeros)
     assert "all exactly zero" in caplog.text

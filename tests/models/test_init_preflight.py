@@ -25,8 +25,8 @@ from .test_official_checkpoints import _amp_checkpoint, _args, _deepspeed_model_
 
 ROOT = Path(__file__).resolve().parents[2]
 # the shipped UCF101 x B-CAST layers, with the tiny B-CAST so the test files stay small
-BCAST = ["--config", str(ROOT / "configs/data/ucf101.yaml"), str(ROOT / "configs/model/bcast_vit_b16.yaml"),
-         "model.name=bcast_test"]
+BCAST = ["--config", str(ROOT / "configs/data/ucf101.yaml"),
+         str(ROOT / "configs/model/bcast_vit_b16.yaml"), "model.name=bcast_test"]
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
@@ -49,11 +49,13 @@ def shards_dir(tmp_path: Path) -> Path:
 
 def _check(shards_dir: Path, *init: Path, key: str = "model.init") -> tuple[int, str]:
     command = "train-tstl" if key == "tstl.init" else "train"
-    tstl = [str(ROOT / "configs/tstl/default.yaml"), "tstl.num_groups=2"] if command == "train-tstl" else []
+    tstl = ([str(ROOT / "configs/tstl/default.yaml"), "tstl.num_groups=2"]
+            if command == "train-tstl" else [])
     code, out, err = _cli(command, "--check", *BCAST, *tstl, f"data_dir={shards_dir}",
                           f"{key}=[{','.join(str(p) for p in init)}]")
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == exitcodes.OK or (len(errors) == 1 and err.splitlines()[-1] == errors[0]), err  # one error line
+    # one error line, the last
+    assert code == exitcodes.OK or (len(errors) == 1 and err.splitlines()[-1] == errors[0]), err
     return code, out + "".join(errors)
 
 
@@ -79,10 +81,11 @@ def test_reference_files_pass(tmp_path: Path, shards_dir: Path) -> None:
 
 def test_refused_format(tmp_path: Path, shards_dir: Path) -> None:
     src = _seeded("bcast_test", 1, num_classes=5)
-    path = _save({**_amp_checkpoint(src.state_dict(), src, 1, _args()), "when": datetime.timedelta(1)},
-                 tmp_path / "checkpoint-1.pth")
+    ckpt = _amp_checkpoint(src.state_dict(), src, 1, _args())
+    path = _save({**ckpt, "when": datetime.timedelta(1)}, tmp_path / "checkpoint-1.pth")
     code, text = _check(shards_dir, path)
-    assert code == exitcodes.USAGE and f"model.init: {path}: refused" in text and "datetime.timedelta" in text
+    assert code == exitcodes.USAGE and f"model.init: {path}: refused" in text
+    assert "datetime.timedelta" in text
     assert "model.trusted_checkpoints" in text
     code, text = _check(shards_dir, path, key="tstl.init")
     assert code == exitcodes.USAGE and f"tstl.init: {path}: refused" in text
@@ -90,16 +93,17 @@ def test_refused_format(tmp_path: Path, shards_dir: Path) -> None:
 
 def test_trusted_listed_file_passes(tmp_path: Path, shards_dir: Path) -> None:
     src = _seeded("bcast_test", 1, num_classes=5)
-    path = _save({**_amp_checkpoint(src.state_dict(), src, 1, _args()), "when": datetime.timedelta(1)},
-                 tmp_path / "checkpoint-1.pth")
-    code, _, err = _cli("train", "--check", *BCAST, f"data_dir={shards_dir}", f"model.init=[{path}]",
-                          f"model.trusted_checkpoints=[{path}]")
+    ckpt = _amp_checkpoint(src.state_dict(), src, 1, _args())
+    path = _save({**ckpt, "when": datetime.timedelta(1)}, tmp_path / "checkpoint-1.pth")
+    code, _, err = _cli("train", "--check", *BCAST, f"data_dir={shards_dir}",
+                        f"model.init=[{path}]", f"model.trusted_checkpoints=[{path}]")
     assert code == exitcodes.OK, err
 
 
 def test_wrong_family(tmp_path: Path, shards_dir: Path) -> None:
     tsf = _seeded("timesformer_test", 2)
-    path = _save({"model_state": {f"model.{k}": v for k, v in tsf.state_dict().items()}, "epoch": 15},
+    state = {f"model.{k}": v for k, v in tsf.state_dict().items()}
+    path = _save({"model_state": state, "epoch": 15},
                  tmp_path / "TimeSformer_divST_8x32_224_K400.pyth")
     code, text = _check(shards_dir, path)
     assert code == exitcodes.USAGE and str(path) in text and "TimeSformer model" in text
@@ -109,7 +113,8 @@ def test_wrong_family(tmp_path: Path, shards_dir: Path) -> None:
 def test_missing_keys(tmp_path: Path, shards_dir: Path) -> None:
     """A VideoMAE file that lacks one of the expert's own tensors (a truncated conversion)."""
     sd = _seeded("bcast_test", 4, num_classes=5).state_dict()
-    vmae = {k: v for k, v in sd.items() if re.match(r"^(patch_embed\.|blocks\.\d+\.(norm1|attn|norm2|mlp)\.)", k)}
+    expert = r"^(patch_embed\.|blocks\.\d+\.(norm1|attn|norm2|mlp)\.)"
+    vmae = {k: v for k, v in sd.items() if re.match(expert, k)}
     del vmae["blocks.1.mlp.fc2.weight"]
     path = _save({"model": vmae}, tmp_path / "videomae.pth")
     code, text = _check(shards_dir, path)
@@ -118,7 +123,8 @@ def test_missing_keys(tmp_path: Path, shards_dir: Path) -> None:
 
 
 def test_shape_mismatch(tmp_path: Path, shards_dir: Path) -> None:
-    """A CAST file of another clip length: its time tables do not fit, and no documented resize covers them."""
+    """A CAST file of another clip length: its time tables do not fit, and no documented resize
+    covers them."""
     path = _cast_file(tmp_path / "checkpoint-best.pth", num_frames=8)
     code, text = _check(shards_dir, path)
     assert code == exitcodes.USAGE and str(path) in text and "shape mismatch" in text
@@ -134,9 +140,10 @@ def test_unreadable_file(tmp_path: Path, shards_dir: Path) -> None:
 
 
 def test_hugging_face_folder_and_clip_pass(tmp_path: Path, shards_dir: Path) -> None:
-    transformers = pytest.importorskip("transformers", reason="test dependency (pip install -e .[dev])")
-    config = transformers.VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+    transformers = pytest.importorskip("transformers", reason="pip install -e .[dev]")
+    config = transformers.VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2,
+                                         hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=256)
     transformers.VideoMAEForPreTraining(config).save_pretrained(tmp_path / "videomae")
     code, text = _check(shards_dir, tmp_path / "videomae")
     assert code == exitcodes.OK, text
@@ -147,7 +154,8 @@ def test_hugging_face_folder_and_clip_pass(tmp_path: Path, shards_dir: Path) -> 
 
 
 def test_the_check_reads_no_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Zip pickles are memory-mapped and everything comes back on the meta device; the meta model stays meta."""
+    """Zip pickles are memory-mapped and everything comes back on the meta device; the meta model
+    stays meta."""
     path = _cast_file(tmp_path / "checkpoint-best.pth")
     calls = []
     real = torch.load
@@ -162,4 +170,5 @@ def test_the_check_reads_no_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with torch.device("meta"):
         model = create_model("bcast_test", num_classes=5)
     report = ck.check_checkpoint(model, path)
-    assert report.format == "cast" and not report.missing and all(p.is_meta for p in model.parameters())
+    assert report.format == "cast" and not report.missing
+    assert all(p.is_meta for p in model.parameters())

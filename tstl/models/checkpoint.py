@@ -227,8 +227,7 @@ def _torch_load(path: str, trusted: Trust, mmap: bool = False) -> object:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
-# ---------------------------------------------------------------------------------------- Hugging
-# Face and safetensors
+# ------------------------------------------------------------------- Hugging Face and safetensors
 
 
 def hf_folder(path: str | os.PathLike) -> Path | None:
@@ -318,8 +317,7 @@ def _read_hf_folder(folder: Path, trusted: Trust, meta: bool) -> dict[str, torch
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# reading any file
+# ------------------------------------------------------------------------------ reading any file
 
 
 def _unwrap(path: str, obj: object) -> dict[str, torch.Tensor]:
@@ -383,8 +381,7 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: Trust = False, meta: bo
     return sd
 
 
-# ----------------------------------------------------------------------------------------------
-# checking, loading
+# ----------------------------------------------------------------------------- checking, loading
 
 
 def _plan(model: VideoClassifier, state_dict: dict[str, torch.Tensor], path: str, *, strict: bool,
