@@ -23,7 +23,8 @@ from tstl.core.config import ConfigError, dump_yaml, to_dict
 from tstl.data.config import DataConfig
 from tstl.data.spatial import JitterCrop, jitter_short_side, random_crop_offset, scaled_size, short_side_jitter_crop
 from tstl.train.config import OptimConfig
-from tstl.train.engine import BatchPlan, build_scheduler, param_groups, step_factor
+from tstl.train.ds_config import BatchPlan
+from tstl.train.engine import build_scheduler, param_groups, step_factor
 from tstl.train.evaluate import merge, metrics
 from tstl.train.recipes import load_recipe, main, print_config, recipe_files
 
