@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 
 import torch
 import torch.nn as nn
+from timm.models import group_parameters
 from torch.optim.lr_scheduler import LambdaLR
 
 from tstl.models import VideoClassifier
@@ -21,43 +21,19 @@ from tstl.train.config import OptimConfig
 logger = logging.getLogger(__name__)
 
 
-def _patterns(spec) -> list[tuple[re.Pattern, tuple | None]]:
-    """A timm ``group_matcher`` entry (a regex, or a list of ``(regex, suffix)``) as compiled pairs."""
-    if spec is None:
-        return []
-    if isinstance(spec, str):
-        return [(re.compile(spec), None)]
-    return [(re.compile(r), suffix) for r, suffix in spec]
-
-
 def layer_ids(model: VideoClassifier) -> tuple[dict[str, int], int]:
-    """Layer id of every parameter by CAST's rule, and the number of ids.
+    """Layer id of every parameter and the number of ids: timm's ``group_parameters`` on the model's
+    ``group_matcher`` (the ids ``timm.optim.param_groups_layer_decay`` uses).
 
-    KHU-VLL/CAST ``util_tools/optim_factory.py:24-44`` (``get_num_layer_for_vit``, as BEiT/VideoMAE): stem
-    parameters 0, block ``i`` ``i + 1``, every other parameter the top id ``num_blocks + 1``; with
-    ``run_bidirection.py:374-376`` the scale of id ``k`` is ``layer_decay ** (num_blocks + 1 - k)``. The stem and
-    the indexed block pattern come from the model's timm ``group_matcher``; timm's ``(99999,)`` suffix ("merge into
-    the last block", which put B-CAST's ``clip_ln_post``/``vmae_fc_norm``/last adapters at block 11's 0.75) is
-    deliberately not honoured: those parameters get the top id, as in CAST.
+    The matchers give CAST's rule (KHU-VLL/CAST ``util_tools/optim_factory.py:24-44``,
+    ``get_num_layer_for_vit``, as BEiT/VideoMAE): stem parameters 0, block ``i`` ``i + 1``, every other
+    parameter (final norms, B-CAST's last adapters, the head) the top id ``num_blocks + 1``; with
+    ``run_bidirection.py:374-376`` the scale of id ``k`` is ``layer_decay ** (num_blocks + 1 - k)``. They
+    declare no ``(99999,)`` "merge into the last block" entries (timm ViT's convention for its final norm),
+    which would put those parameters at the last block's scale.
     """
-    matcher = model.group_matcher(coarse=False)
-    stem = _patterns(matcher.get("stem"))
-    blocks = [rx for rx, suffix in _patterns(matcher.get("blocks")) if suffix is None and rx.groups >= 1]
-    block_of: dict[str, int] = {}
-    stems: set[str] = set()
-    for name, _ in model.named_parameters():
-        if any(rx.match(name) for rx, _ in stem):
-            stems.add(name)
-            continue
-        for rx in blocks:
-            m = rx.match(name)
-            if m:
-                block_of[name] = int(m.group(1))
-                break
-    num_blocks = max(block_of.values(), default=-1) + 1
-    ids = {name: 0 if name in stems else block_of[name] + 1 if name in block_of else num_blocks + 1
-           for name, _ in model.named_parameters()}
-    return ids, num_blocks + 2
+    ids = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    return ids, max(ids.values()) + 1
 
 
 def param_groups(model: VideoClassifier, cfg: OptimConfig) -> list[dict]:
@@ -65,8 +41,11 @@ def param_groups(model: VideoClassifier, cfg: OptimConfig) -> list[dict]:
 
     Weight decay: CAST's rule (``util_tools/optim_factory.py:65-73``): none for 1-D parameters, biases and names
     containing an entry of the model's ``no_weight_decay()``; ``cfg.weight_decay_all`` decays every parameter
-    (PySlowFast ``timesformer/models/optimizer.py:29-41``). Layer-wise lr decay (``layer_decay < 1``): see
-    :func:`layer_ids`.
+    (PySlowFast ``timesformer/models/optimizer.py:29-41``). Layer-wise lr decay (``layer_decay < 1``): the
+    layer ids of :func:`layer_ids`; each parameter gets the lr scale and weight decay timm's
+    ``param_groups_layer_decay`` gives it (tested). That function is not called itself: its groups come in
+    first-seen order (one pair per layer even at ``layer_decay`` 1) and it cannot decay every parameter, while
+    saved optimizer states are laid out by the sorted ``(layer, no_decay)`` groups made here.
     """
     skip = set(model.no_weight_decay())
     ids, num_ids = layer_ids(model) if cfg.layer_decay < 1.0 else ({}, 1)
