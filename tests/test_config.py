@@ -129,7 +129,8 @@ def test_the_whole_config_check_runs_once_after_the_last_layer(tmp_path: Path) -
     b.write_text("optim:\n  lr: 0.01\n")  # ...which the next layer repairs
     cfg = load_config(Checked, [a, b], ["views=[1, 1]"])
     assert cfg.calls == 1 and cfg.optim.lr == 0.01
-    with pytest.raises(ConfigError, match=r"a\.yaml \+ command line: epochs > 100 needs optim.lr <= 0.1"):
+    message = r"a\.yaml \+ command line: epochs > 100 needs optim.lr <= 0.1"
+    with pytest.raises(ConfigError, match=message):
         load_config(Checked, [a], ["views=[1, 1]"])
 
 

@@ -1,6 +1,6 @@
-"""Augmentations as tables: RandAugment ops, batch stages and worker-side clip transforms are each a function
-plus a table entry (the worked examples of docs/loader.md, "Adding an augmentation"), and a new entry leaves
-every other draw as it was."""
+"""Augmentations as tables: RandAugment ops, batch stages and worker-side clip transforms are each a
+function plus a table entry (the worked examples of docs/loader.md, "Adding an augmentation"), and a
+new entry leaves every other draw as it was."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from tstl.data import device as dev
 from tstl.data import transforms as tfm
 from tstl.data.pipeline import derive_seed
 
-LOADER = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=0, shuffle_buffer=4,
-              min_bad_check=1000, rand_augment="rand-m7-n4-mstd0.5-inc1", reprob=0.5, mixup=0.8, cutmix=1.0)
+LOADER = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=0,
+              shuffle_buffer=4, min_bad_check=1000, rand_augment="rand-m7-n4-mstd0.5-inc1",
+              reprob=0.5, mixup=0.8, cutmix=1.0)
 
 
-# ---- docs/loader.md worked examples ------------------------------------------------------------------------
+# ---- docs/loader.md worked examples ----------------------------------------------------------
 def _gamma_lut(args: tuple) -> np.ndarray:
     return np.clip(255.0 * (np.arange(256) / 255.0) ** args[0] + 0.5, 0, 255).astype(np.uint8)
 
@@ -52,7 +53,7 @@ def random_grayscale(p: float) -> tfm.ClipFn:
     return fn
 
 
-# ---- RandAugment op tables ---------------------------------------------------------------------------------
+# ---- RandAugment op tables -------------------------------------------------------------------
 def test_every_op_of_both_sets_has_its_table_entries() -> None:
     for name in aug.RAND_TRANSFORMS + aug.RAND_INCREASING_TRANSFORMS:
         assert name in aug.LEVEL_TO_ARG, name
@@ -65,7 +66,8 @@ def test_an_op_without_table_entries_is_refused(monkeypatch: pytest.MonkeyPatch)
         aug.RandAugmentPolicy("rand-m9-n2")
 
 
-def test_a_registered_colour_op_runs_on_the_worker_and_the_device_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_registered_colour_op_runs_on_the_worker_and_the_device_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(aug.LEVEL_TO_ARG, "Gamma", aug.LEVEL_TO_ARG["ColorIncreasing"])
     monkeypatch.setitem(aug.COLOUR_OPS, "Gamma", aug.lut_op(_gamma_lut))
     monkeypatch.setattr(aug, "RAND_TRANSFORMS", ["Gamma"])  # the only op, applied to every clip
@@ -87,7 +89,7 @@ def test_a_registered_colour_op_runs_on_the_worker_and_the_device_path(monkeypat
         assert torch.equal(out[i], torch.from_numpy(_gamma_lut((g,))[frames]))
 
 
-# ---- batch stages ------------------------------------------------------------------------------------------
+# ---- batch stages ----------------------------------------------------------------------------
 def test_stage_names_are_their_keys_and_their_seeds_differ() -> None:
     from timm.data import Mixup
 
@@ -97,11 +99,12 @@ def test_stage_names_are_their_keys_and_their_seeds_differ() -> None:
     assert [s.name for s in stages] == list(dev.BATCH_STAGES)
     seeds = {dev.stage_seed(0, 1, (0, 7), s.name) for s in stages}
     assert len(seeds) == len(stages)
-    # the stages older than the name keying draw as before (mixup: tag 4; RandAugment/erasing: 10 + their
-    # position on the worker-augment path)
+    # the stages older than the name keying draw as before (mixup: tag 4; RandAugment/erasing:
+    # 10 + their position on the worker-augment path)
     for name, tag in (("mixup", 4), ("rand_augment", 11), ("erase", 12)):
         assert dev.stage_seed(3, 2, (1, 9), name) == derive_seed(3, 2, 1, 9, tag)
-    evaluation = dev.build_stages(cfg, train=False, device=torch.device("cpu"), mixup=None, augment_on="worker")
+    evaluation = dev.build_stages(cfg, train=False, device=torch.device("cpu"), mixup=None,
+                                  augment_on="worker")
     assert [s.name for s in evaluation] == ["to_device", "normalize"]
 
 
@@ -122,8 +125,8 @@ def test_inserting_a_batch_stage_leaves_the_other_stages_draws_unchanged(
         shardset: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, augment_on: str) -> None:
     root = shardset(8, [8])
     before = _epoch(root, augment_on)
-    # the worked example's stage, inserted between normalisation and erasing; it only records its seed, so
-    # any difference in the batches would come from the other stages' draws
+    # the worked example's stage, inserted between normalisation and erasing; it only records its
+    # seed, so any difference in the batches would come from the other stages' draws
     table = {}
     for name, build in dev.BATCH_STAGES.items():
         table[name] = build
@@ -138,7 +141,7 @@ def test_inserting_a_batch_stage_leaves_the_other_stages_draws_unchanged(
     for a, b in zip(before, after):
         assert torch.equal(a["video"], b["video"]) and torch.equal(a["label"], b["label"])
         assert a["key"] == b["key"]
-    assert before[0]["label"].dtype == torch.float32  # mixup ran: its draws are among those compared
+    assert before[0]["label"].dtype == torch.float32  # mixup ran: its draws were compared too
 
 
 def test_the_example_batch_stage_draws_one_factor_per_clip() -> None:
@@ -149,8 +152,9 @@ def test_the_example_batch_stage_draws_one_factor_per_clip() -> None:
     assert ((factors >= 0.8) & (factors <= 1.2)).all() and len(set(factors.tolist())) == 6
 
 
-# ---- the worker-side hook ----------------------------------------------------------------------------------
-def test_a_worker_transform_runs_after_the_fused_warp_with_its_own_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+# ---- the worker-side hook --------------------------------------------------------------------
+def test_a_worker_transform_runs_after_the_fused_warp_with_its_own_draws(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     frames = np.random.default_rng(0).integers(0, 256, (2, 40, 48, 3), dtype=np.uint8)
     cfg = DataConfig(input_size=32, rand_augment="rand-m7-n4-mstd0.5-inc1", flip=True)
     base = [tfm.TrainClipTransform(cfg)(frames, np.random.default_rng(k)) for k in range(24)]
@@ -162,7 +166,8 @@ def test_a_worker_transform_runs_after_the_fused_warp_with_its_own_draws(monkeyp
     for k, b in enumerate(base):
         out = tf(frames, np.random.default_rng(k))
         expect = random_grayscale(1.0)(b, np.random.default_rng(0))
-        assert torch.equal(out, b) or torch.equal(out, expect)  # the crop/RandAugment draws are unchanged
+        # the crop/RandAugment draws are unchanged: the clip is the old one, or it in grey
+        assert torch.equal(out, b) or torch.equal(out, expect)
         grey += torch.equal(out, expect)
         again = tf(frames, np.random.default_rng(k))
         assert torch.equal(out, again)

@@ -1,4 +1,5 @@
-"""Validation in one place (issue 24): field rules on every layer, whole-config rules once after the last one."""
+"""Validation in one place (issue 24): field rules on every layer, whole-config rules once after
+the last one."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BASE = [ROOT / "configs/data/ssv2.yaml", ROOT / "configs/model/bcast_vit_b16.yaml"]
 
 
-def test_deepspeed_checks_the_merged_config_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deepspeed_checks_the_merged_config_once(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = train_config.validate_deepspeed
     monkeypatch.setattr(train_config, "validate_deepspeed", lambda *a: calls.append(a) or real(*a))
@@ -27,20 +29,23 @@ def test_deepspeed_checks_the_merged_config_once(tmp_path: Path, monkeypatch: py
     assert calls[0][0].deepspeed == {"flops_profiler": {"enabled": True}, "steps_per_print": 50,
                                      "tensorboard": {"enabled": True, "output_path": "runs/x"}}
     assert cfg.engine.deepspeed["steps_per_print"] == 50
-    assert not load_config(TrainConfig, BASE).engine.deepspeed and len(calls) == 1  # no key: no DeepSpeed
+    assert not load_config(TrainConfig, BASE).engine.deepspeed
+    assert len(calls) == 1  # no engine.deepspeed: no DeepSpeed
 
 
 def test_owned_deepspeed_keys_are_refused_on_the_layer_that_sets_them(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("engine:\n  deepspeed:\n    optimizer: {type: Adam, params: {lr: 0.1}}\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml: .*engine.deepspeed.optimizer is generated from our "
-                                          r"config: set optim.name and optim.\* instead"):
+    message = (r"bad\.yaml: .*engine.deepspeed.optimizer is generated from our config: set "
+               r"optim.name and optim.\* instead")
+    with pytest.raises(ConfigError, match=message):
         load_config(TrainConfig, [*BASE, bad])
 
 
 def test_a_misspelt_deepspeed_key_names_the_files(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"bcast_vit_b16\.yaml \+ command line: DeepSpeed does not know "
-                                          r"engine\.deepspeed\.flops_profilr"):
+    message = (r"bcast_vit_b16\.yaml \+ command line: DeepSpeed does not know "
+               r"engine\.deepspeed\.flops_profilr")
+    with pytest.raises(ConfigError, match=message):
         load_config(TrainConfig, BASE, ["engine.deepspeed.flops_profilr.enabled=true"])
 
 
@@ -60,7 +65,8 @@ def test_tstl_checks_run_once_per_load(tmp_path: Path, monkeypatch: pytest.Monke
 def test_a_stage_deepspeed_override_is_checked_and_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"tstl\.expert: DeepSpeed does not know "
                                           r"engine\.deepspeed\.flops_profilr"):
-        _tstl(tmp_path, "tstl.num_groups=2", "tstl.expert.engine.deepspeed.flops_profilr.enabled=true")
+        _tstl(tmp_path, "tstl.num_groups=2",
+              "tstl.expert.engine.deepspeed.flops_profilr.enabled=true")
 
 
 def test_training_needs_weights_in_every_stage(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""Layer-wise lr decay is timm's (``group_parameters`` on the models' matchers) with CAST's layer ids; the
-CAST table itself is checked in tests/test_recipes.py."""
+"""Layer-wise lr decay is timm's (``group_parameters`` on the models' matchers) with CAST's layer
+ids; the CAST table itself is checked in tests/test_recipes.py."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ def test_each_parameter_gets_the_lr_scale_and_decay_timm_gives_it(name: str) -> 
     with torch.device("meta"):  # names and shapes only
         model = create_model(name, num_classes=7)
     ours = param_groups(model, OptimConfig(layer_decay=0.75, weight_decay=0.05))
-    theirs = param_groups_layer_decay(model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay(),
-                                      layer_decay=0.75)
+    theirs = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.75,
+                                      no_weight_decay_list=model.no_weight_decay())
     mine = {id(p): (g["lr_scale"], g["weight_decay"]) for g in ours for p in g["params"]}
     timm = {id(p): (g["lr_scale"], g["weight_decay"]) for g in theirs for p in g["params"]}
     assert mine == timm and len(mine) == sum(p.requires_grad for p in model.parameters())
@@ -32,4 +32,4 @@ def test_final_norm_and_head_share_the_top_id_as_in_cast() -> None:
     ids, n = layer_ids(model)
     depth = len(model.blocks)
     assert n == depth + 2 and ids["pos_embed"] == 0 and ids["blocks.0.attn.qkv.weight"] == 1
-    assert ids["norm.weight"] == ids["head.weight"] == depth + 1  # timm's ViT would merge norm into block
+    assert ids["norm.weight"] == ids["head.weight"] == depth + 1  # timm's ViT: norm with the block

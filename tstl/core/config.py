@@ -6,11 +6,12 @@ This module turns plain data (YAML, ``key.sub=value`` strings) into those datacl
 * unknown keys are errors (with a "did you mean" hint), so a typo never silently falls back to a default;
 * values are checked against the field's type annotation (``int``, ``float``, ``bool``, ``str``, ``Path``,
   ``Optional``, ``Literal``, ``list``/``tuple``/``dict`` of those, nested dataclasses);
-* ``__post_init__`` of each dataclass does value validation (ranges, cross-field rules of its section), on
-  every layer, so an error names the file it came from;
-* the top-level config's ``check()``, where it has one, holds the rules over the whole merged config (those
-  needing several sections or another library, e.g. DeepSpeed's own parser): ``load_config`` runs it once,
-  after the last layer (torchtitan's ``ConfigManager.parse_args`` -> ``_validate_config``);
+* ``__post_init__`` of each dataclass does value validation (ranges, cross-field rules of its
+  section), on every layer, so an error names the file it came from;
+* the top-level config's ``check()``, where it has one, holds the rules over the whole merged config
+  (those needing several sections or another library, e.g. DeepSpeed's own parser): ``load_config``
+  runs it once, after the last layer (torchtitan's ``ConfigManager.parse_args`` ->
+  ``_validate_config``);
 * every error names the source (file or ``command line``) and the dotted key.
 
 Example::
@@ -139,8 +140,9 @@ def _literal_fields(cls: type) -> tuple[tuple[str, tuple], ...]:
 
 
 def check_choices(obj: Any, section: str) -> None:
-    """Raise ``ValueError`` where a ``Literal`` field of config dataclass ``obj`` holds another value: for
-    configs built in Python (``from_dict`` has checked every loaded value against its annotation already)."""
+    """Raise ``ValueError`` where a ``Literal`` field of config dataclass ``obj`` holds another
+    value: for configs built in Python (``from_dict`` has checked every loaded value against its
+    annotation already)."""
     for name, choices in _literal_fields(type(obj)):
         value = getattr(obj, name)
         if value not in choices:
@@ -193,12 +195,13 @@ def merge(base: dict, update: Mapping) -> dict:
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> ``{"a.b": value}``: one entry per leaf (lists and empty dicts stay values)."""
+    """Nested dicts -> ``{"a.b": value}``, one entry per leaf (lists, empty dicts stay values)."""
     if not isinstance(d, dict):
         return {prefix: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        nested = isinstance(v, dict) and v
+        out.update(flatten(v, f"{prefix}{k}.") if nested else {f"{prefix}{k}": v})
     return out
 
 
@@ -236,8 +239,8 @@ def _read_yaml(path: Path) -> dict:
 
 
 def load_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
-    """Defaults of ``cls`` <- each YAML file in order <- dotted overrides; validated at every layer, then the
-    result's ``check()`` (if any) once.
+    """Defaults of ``cls`` <- each YAML file in order <- dotted overrides; validated at every layer,
+    then the result's ``check()`` (if any) once.
 
     Each layer is validated on its own first, so an error names the file (or the command line) it came from.
     """

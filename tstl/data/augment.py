@@ -1,31 +1,32 @@
-"""timm RandAugment as per-clip parameters: one draw, one affine map for the geometry, then colour ops.
+"""timm RandAugment as per-clip parameters: one draw, one affine map for the geometry, colour ops.
 
-timm's ``RandAugment`` draws inside every call from Python's and NumPy's global generators and resamples
-the image once per geometric op (PIL, at whatever size it is given). Here the same policy is split in two:
+timm's ``RandAugment`` draws inside every call from Python's and NumPy's global generators and
+resamples the image once per geometric op (PIL, at whatever size it is given). Here the same policy
+is split in two:
 
 * ``RandAugmentPolicy.draw(rng)`` draws one clip's ops (``ClipOps``) with the distribution of timm's
-  ``rand_augment_transform(spec)``: ``n`` ops chosen uniformly with replacement from the (``inc``) op set,
-  each applied with probability ``p``, magnitude ``N(m, mstd)`` clipped to ``[0, mmax or 10]``, then the
-  op's level function (``LEVEL_TO_ARG``; random sign for the signed ops). The draw uses an explicit
-  ``numpy.random.Generator``.
+  ``rand_augment_transform(spec)``: ``n`` ops chosen uniformly with replacement from the (``inc``)
+  op set, each applied with probability ``p``, magnitude ``N(m, mstd)`` clipped to
+  ``[0, mmax or 10]``, then the op's level function (``LEVEL_TO_ARG``; random sign for the signed
+  ops). The draw uses an explicit ``numpy.random.Generator``.
 * The geometric ops (``GEOMETRIC_OPS``: Rotate, ShearX/Y, TranslateX/YRel) compose into one 3x3 map
-  (``ClipOps.maps`` + ``compose``); the caller folds the random-resized-crop box into it and resamples each
-  frame once, bicubic, at the output size.
-* The colour ops (``COLOUR_OPS``, ``apply_colour``) follow PIL's arithmetic (``ImageOps``/``ImageEnhance``),
-  as lookup tables where the op is per pixel value, on uint8 ``[T, H, W, 3]`` tensors on any device; the
-  histogram ops (Equalize, AutoContrast) and Contrast's mean use each frame's own statistics, as timm
-  applying the op frame by frame does.
+  (``ClipOps.maps`` + ``compose``); the caller folds the random-resized-crop box into it and
+  resamples each frame once, bicubic, at the output size.
+* The colour ops (``COLOUR_OPS``, ``apply_colour``) follow PIL's arithmetic
+  (``ImageOps``/``ImageEnhance``), as lookup tables where the op is per pixel value, on uint8
+  ``[T, H, W, 3]`` tensors on any device; the histogram ops (Equalize, AutoContrast) and Contrast's
+  mean use each frame's own statistics, as timm applying the op frame by frame does.
 
-The ops are tables, as in timm's ``auto_augment.py`` (``LEVEL_TO_ARG``, ``NAME_TO_OP``): an op name maps to
-its level function and to its image function (a 3x3 map for a geometric op; an OpenCV/NumPy and a torch
-implementation for a colour op, the worker and the device path). Adding an op is its functions plus one
-entry per table (docs/loader.md, "Adding an augmentation").
+The ops are tables, as in timm's ``auto_augment.py`` (``LEVEL_TO_ARG``, ``NAME_TO_OP``): an op name
+maps to its level function and to its image function (a 3x3 map for a geometric op; an OpenCV/NumPy
+and a torch implementation for a colour op, the worker and the device path). Adding an op is its
+functions plus one entry per table (docs/loader.md, "Adding an augmentation").
 
-Deliberate deviations from timm (documented in docs/loader.md): one resampling instead of one per geometric
-op (less blur), the colour ops run after the single warp (they commute with it except on the fill colour and
-through the image statistics of Equalize/AutoContrast/Contrast), bicubic always (CAST's
-``--train_interpolation bicubic``; timm without an ``interpolation`` hparam picks bilinear or bicubic at
-random per op).
+Deliberate deviations from timm (documented in docs/loader.md): one resampling instead of one per
+geometric op (less blur), the colour ops run after the single warp (they commute with it except on
+the fill colour and through the image statistics of Equalize/AutoContrast/Contrast), bicubic always
+(CAST's ``--train_interpolation bicubic``; timm without an ``interpolation`` hparam picks bilinear
+or bicubic at random per op).
 
 Coordinates: continuous pixel coordinates with pixel centres at ``i + 0.5`` (PIL's convention for
 ``transform``); a map sends output coordinates to input coordinates.
@@ -46,10 +47,10 @@ LEVEL_DENOM = 10.0
 FILL = 128
 
 
-# ---- level functions: magnitude -> op arguments (timm auto_augment.py LEVEL_TO_ARG) ---------------------
+# ---- level functions: magnitude -> op arguments (timm auto_augment.py LEVEL_TO_ARG) ------------
 LevelFn = Callable[[float, np.random.Generator, dict], tuple]
-"""``(magnitude, rng, hparams) -> op arguments``: timm's ``LEVEL_TO_ARG[name](level, hparams)``, with
-``rng`` in place of the ``random.random()`` of timm's ``_randomly_negate``."""
+"""``(magnitude, rng, hparams) -> op arguments``: timm's ``LEVEL_TO_ARG[name](level, hparams)``,
+with ``rng`` in place of the ``random.random()`` of timm's ``_randomly_negate``."""
 
 
 def _negate(v: float, rng: np.random.Generator) -> float:
@@ -130,29 +131,30 @@ LEVEL_TO_ARG: dict[str, LevelFn] = {
 }
 """Op name -> level function (timm ``auto_augment.py`` ``LEVEL_TO_ARG``)."""
 
-RAND_TRANSFORMS = ["AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
-                   "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
-                   "TranslateYRel"]
-"""The op set of a ``rand-...`` spec (timm ``_RAND_TRANSFORMS``); the order matters for the draws."""
+RAND_TRANSFORMS = ["AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
+                   "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness", "ShearX",
+                   "ShearY", "TranslateXRel", "TranslateYRel"]
+"""The op set of a ``rand-...`` spec (timm ``_RAND_TRANSFORMS``); the draws depend on its order."""
 RAND_INCREASING_TRANSFORMS = ["AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
-                              "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
-                              "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
-                              "TranslateXRel", "TranslateYRel"]
+                              "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing",
+                              "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
+                              "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]
 """The op set of a ``rand-...-inc1`` spec (timm ``_RAND_INCREASING_TRANSFORMS``)."""
 
 
 def base_op(name: str) -> str:
-    """``ColorIncreasing`` -> ``Color`` etc.: the image operation an op name applies (timm ``NAME_TO_OP``
-    maps these names to the same function)."""
+    """``ColorIncreasing`` -> ``Color`` etc.: the image operation an op name applies (timm's
+    ``NAME_TO_OP`` maps these names to the same function)."""
     for suffix in ("Increasing", "Original"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
 
 
-# ---- geometric ops: name -> 3x3 output -> input map (PIL ``transform``/``rotate`` coefficients) -----------
+# ---- geometric ops: name -> 3x3 output -> input map (PIL ``transform``/``rotate`` coefficients) -
 MapFn = Callable[[float, float, float], np.ndarray]
-"""``(v, width, height) -> 3x3`` output -> input map of a geometric op on a ``width x height`` image."""
+"""``(v, width, height) -> 3x3`` output -> input map of a geometric op on a ``width x height``
+image."""
 
 
 def _shear_x(v: float, width: float, height: float) -> np.ndarray:
@@ -186,7 +188,7 @@ GEOMETRIC_OPS: dict[str, MapFn] = {
     "TranslateXRel": _translate_x_rel,
     "TranslateYRel": _translate_y_rel,
 }
-"""Geometric op name -> its map; the worker (OpenCV) and device (torch) paths warp with the same maps."""
+"""Geometric op name -> its map; the worker (OpenCV) and the device (torch) path warp with it."""
 
 
 @dataclass
@@ -240,13 +242,13 @@ class RandAugmentPolicy:
         unknown = [n for n in self.names if n not in LEVEL_TO_ARG
                    or (n not in GEOMETRIC_OPS and base_op(n) not in COLOUR_OPS)]
         if unknown:
-            raise ValueError(f"RandAugment ops {unknown} lack a LEVEL_TO_ARG, GEOMETRIC_OPS or COLOUR_OPS "
-                             "entry (tstl/data/augment.py)")
+            raise ValueError(f"RandAugment ops {unknown} lack a LEVEL_TO_ARG, GEOMETRIC_OPS or "
+                             "COLOUR_OPS entry (tstl/data/augment.py)")
         self.translate_pct = translate_pct
         self.hparams = {"translate_pct": translate_pct}
 
     def draw(self, rng: np.random.Generator) -> ClipOps:
-        """timm's draw order: choose ``n`` ops (with replacement), then per op: apply?, magnitude, args."""
+        """timm's draw order: ``n`` ops (with replacement), then per op: apply?, magnitude, args."""
         chosen = rng.integers(0, len(self.names), size=self.num_layers)
         ops = []
         for k in chosen:
@@ -263,7 +265,7 @@ class RandAugmentPolicy:
         return ClipOps(ops)
 
 
-# ---- geometry --------------------------------------------------------------------------------------------
+# ---- geometry ----------------------------------------------------------------------------------
 def op_matrix(name: str, v: float, width: float, height: float) -> np.ndarray:
     """3x3 output -> input map of one geometric op (``GEOMETRIC_OPS``)."""
     if name not in GEOMETRIC_OPS:
@@ -272,7 +274,8 @@ def op_matrix(name: str, v: float, width: float, height: float) -> np.ndarray:
 
 
 def compose(maps: list[np.ndarray]) -> np.ndarray:
-    """One output -> input map for warps applied in order: image_k(p) = image_{k-1}(M_k p), so M_1 ... M_k."""
+    """One output -> input map for warps applied in order: image_k(p) = image_{k-1}(M_k p), so
+    M_1 M_2 ... M_k."""
     m = np.eye(3)
     for a in maps:
         m = m @ a
@@ -282,8 +285,9 @@ def compose(maps: list[np.ndarray]) -> np.ndarray:
 def fill_mask(maps: list[np.ndarray], width: int, height: int) -> np.ndarray:
     """Output pixels that timm's separate warps (``maps``, in order, each on a ``width x height`` image) fill.
 
-    A pixel gets the fill colour when its source position leaves the image at any intermediate step (content
-    an earlier op moved out of the frame is lost for the later ops); the single warp reproduces that region.
+    A pixel gets the fill colour when its source position leaves the image at any intermediate step
+    (content an earlier op moved out of the frame is lost for the later ops); the single warp
+    reproduces exactly that region.
     """
     cx, cy = np.arange(width) + 0.5, np.arange(height) + 0.5
     xs, ys = np.meshgrid(cx, cy)
@@ -302,12 +306,12 @@ def crop_matrix(box_w: float, box_h: float, size: int) -> np.ndarray:
     return np.diag([box_w / size, box_h / size, 1.0])
 
 
-# ---- colour ops on uint8 [T, H, W, 3]: name -> (OpenCV/NumPy, torch) --------------------------------------
+# ---- colour ops on uint8 [T, H, W, 3]: name -> (OpenCV/NumPy, torch) ----------------------------
 @dataclass(frozen=True)
 class ColourOp:
-    """A colour op's two implementations on uint8 ``[T, H, W, 3]``, frame by frame like PIL: ``numpy``
-    (OpenCV/NumPy, for the workers' CPU clips) and ``torch`` (any device: the device path); both are compared
-    with timm's PIL op in the tests."""
+    """A colour op's two implementations on uint8 ``[T, H, W, 3]``, frame by frame like PIL:
+    ``numpy`` (OpenCV/NumPy, for the workers' CPU clips) and ``torch`` (any device: the device
+    path); both are compared with timm's PIL op in the tests."""
 
     numpy: Callable[[np.ndarray, tuple], np.ndarray]
     torch: Callable[[torch.Tensor, tuple], torch.Tensor]
@@ -332,7 +336,8 @@ def _histograms(x: torch.Tensor) -> np.ndarray:
 
 
 def _blend(x: torch.Tensor, degenerate: torch.Tensor, factor: float) -> torch.Tensor:
-    """PIL ``Image.blend(degenerate, x, factor)``: ``degenerate + factor * (x - degenerate)``, truncated."""
+    """PIL ``Image.blend(degenerate, x, factor)``: ``degenerate + factor * (x - degenerate)``,
+    clipped, truncated."""
     d = degenerate.float()
     return (d + factor * (x.float() - d)).clamp_(0, 255).to(torch.uint8)
 
@@ -358,7 +363,8 @@ _SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0
 
 
 def lut_op(table: Callable[[tuple], np.ndarray | None]) -> ColourOp:
-    """A colour op that is one 256-entry uint8 table of its arguments (None: the identity), on both paths."""
+    """A colour op that is one 256-entry uint8 table of its arguments (None: the identity), on both
+    paths."""
 
     def on_numpy(a: np.ndarray, args: tuple) -> np.ndarray:
         import cv2
@@ -422,7 +428,7 @@ def _equalize_lut(h: np.ndarray) -> np.ndarray:
 
 
 def histogram_op(make: Callable[[np.ndarray], np.ndarray]) -> ColourOp:
-    """A colour op that maps each frame's channels through a table made from that channel's histogram."""
+    """A colour op mapping each frame's channels through a table made from their histograms."""
 
     def on_numpy(a: np.ndarray, args: tuple) -> np.ndarray:
         import cv2
@@ -436,14 +442,16 @@ def histogram_op(make: Callable[[np.ndarray], np.ndarray]) -> ColourOp:
 
     def on_torch(x: torch.Tensor, args: tuple) -> torch.Tensor:
         hist = _histograms(x)
-        return _lut_apply(x, np.stack([[make(hist[t, c]) for c in range(3)] for t in range(hist.shape[0])]))
+        luts = [[make(hist[t, c]) for c in range(3)] for t in range(hist.shape[0])]
+        return _lut_apply(x, np.stack(luts))
 
     return ColourOp(on_numpy, on_torch)
 
 
-def _blend_numpy(degenerate: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray, tuple], np.ndarray]:
-    """PIL's ``ImageEnhance`` blend with ``cv2.addWeighted``, which rounds where PIL truncates: within 2 grey
-    levels of PIL with ``cv2.cvtColor``'s grey weights (the tests check the bound)."""
+def _blend_numpy(degenerate: Callable[[np.ndarray], np.ndarray]
+                 ) -> Callable[[np.ndarray, tuple], np.ndarray]:
+    """PIL's ``ImageEnhance`` blend with ``cv2.addWeighted``, which rounds where PIL truncates:
+    within 2 grey levels of PIL with ``cv2.cvtColor``'s grey weights (the tests check the bound)."""
 
     def op(a: np.ndarray, args: tuple) -> np.ndarray:
         import cv2
@@ -499,7 +507,8 @@ COLOUR_OPS: dict[str, ColourOp] = {
     "Brightness": lut_op(_brightness_lut),
     "Color": ColourOp(_blend_numpy(_grey_frame), lambda x, args: _blend(x, _gray(x), args[0])),
     "Contrast": ColourOp(_contrast_numpy, _contrast_torch),
-    "Sharpness": ColourOp(_blend_numpy(_smooth_frame), lambda x, args: _blend(x, _smooth(x), args[0])),
+    "Sharpness": ColourOp(_blend_numpy(_smooth_frame),
+                          lambda x, args: _blend(x, _smooth(x), args[0])),
 }
 """Colour op (base name, ``base_op``) -> its implementations (timm ``NAME_TO_OP``)."""
 
@@ -511,7 +520,7 @@ def _colour_op(name: str) -> ColourOp:
 
 
 def colour_numpy(a: np.ndarray, name: str, args: tuple) -> np.ndarray:
-    """CPU version of ``apply_colour`` on a contiguous uint8 ``[T, H, W, 3]`` array (OpenCV tables, blends)."""
+    """CPU version of ``apply_colour`` on a contiguous uint8 ``[T, H, W, 3]`` array (OpenCV)."""
     return _colour_op(name).numpy(a, args)
 
 
@@ -521,8 +530,9 @@ def colour_torch(x: torch.Tensor, name: str, args: tuple) -> torch.Tensor:
 
 
 def apply_colour(x: torch.Tensor, name: str, args: tuple) -> torch.Tensor:
-    """One colour op (base name, e.g. ``Color``) on a uint8 ``[T, H, W, 3]`` clip, frame by frame like PIL:
-    CPU tensors through OpenCV/NumPy (``ColourOp.numpy``), others through torch (``ColourOp.torch``)."""
+    """One colour op (base name, e.g. ``Color``) on a uint8 ``[T, H, W, 3]`` clip, frame by frame
+    like PIL: CPU tensors through OpenCV/NumPy (``ColourOp.numpy``), others through torch
+    (``ColourOp.torch``)."""
     if x.device.type == "cpu":
         return torch.from_numpy(colour_numpy(np.ascontiguousarray(x.numpy()), name, args))
     return colour_torch(x, name, args)

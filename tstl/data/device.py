@@ -1,16 +1,18 @@
 """Batch stages run by ``ShardLoader`` in the training process, on the training device: the rest of augmentation.
 
-Workers hand uint8 clips ``[B, T, S, S, 3]`` (channels last, a quarter of the float32 bytes). The loader applies
-the stages ``build_stages`` makes to every batch, in order, webdataset-style. A stage is a callable
-``(batch, seed) -> batch`` with a stable ``name``; its seed is ``stage_seed(seed, epoch, (rank, step), name)``,
-keyed by the name, not by the stage's position, so inserting a stage leaves the other stages' draws unchanged,
-resumed runs repeat every draw exactly and the draws do not depend on the device.
+Workers hand uint8 clips ``[B, T, S, S, 3]`` (channels last, a quarter of the float32 bytes). The
+loader applies the stages ``build_stages`` makes to every batch, in order, webdataset-style. A stage
+is a callable ``(batch, seed) -> batch`` with a stable ``name``; its seed is
+``stage_seed(seed, epoch, (rank, step), name)``, keyed by the name, not by the stage's position, so
+inserting a stage leaves the other stages' draws unchanged, resumed runs repeat every draw exactly
+and the draws do not depend on the device.
 
-``BATCH_STAGES`` is the table, in order. Training: ``to_device`` (pinned, non-blocking copy) -> ``rand_augment``
-(``DeviceRandAugment``, ``augment_on: device`` only) -> ``normalize`` (uint8 channels-last -> float
-``[B, 3, T, S, S]``) -> ``erase`` (timm RandomErasing, pixel mode, one box per clip on every frame) -> ``mixup``
-(timm ``Mixup``, the box on every frame). Evaluation: ``to_device`` -> ``normalize``. Adding a batch stage is a
-class (``name`` + ``__call__``) and one table entry (docs/loader.md, "Adding an augmentation").
+``BATCH_STAGES`` is the table, in order. Training: ``to_device`` (pinned, non-blocking copy) ->
+``rand_augment`` (``DeviceRandAugment``, ``augment_on: device`` only) -> ``normalize`` (uint8
+channels-last -> float ``[B, 3, T, S, S]``) -> ``erase`` (timm RandomErasing, pixel mode, one box
+per clip on every frame) -> ``mixup`` (timm ``Mixup``, the box on every frame). Evaluation:
+``to_device`` -> ``normalize``. Adding a batch stage is a class (``name`` + ``__call__``) and one
+table entry (docs/loader.md, "Adding an augmentation").
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
 
 
 class BatchStage(Protocol):
-    """A batch stage: ``(batch, seed) -> batch``; ``name`` keys its random draws (``stage_seed``)."""
+    """A batch stage ``(batch, seed) -> batch``; ``name`` keys its random draws (``stage_seed``)."""
 
     name: str
 
@@ -192,7 +194,7 @@ class MixupCutmix:
         return batch
 
 
-# ---- the stage table ---------------------------------------------------------------------------------------
+# ---- the stage table -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StageContext:
     """What a stage builder may read: the loader's config and the batches it makes."""
@@ -247,14 +249,15 @@ def build_stages(cfg: DataConfig, *, train: bool, device: torch.device, mixup: M
 
 
 SEED_TAGS: dict[str, int] = {"mixup": 4, "rand_augment": 11, "erase": 12}
-"""Stages older than the name keying keep the seed tag they drew with: mixup its 4, RandAugment and erasing
-10 + their former position on the worker-augment path (the CPU default), so those runs repeat their draws
-(with ``augment_on: device`` erasing was at position 3: its draws changed once). Every other stage's tag
-is the CRC-32 of its name."""
+"""Stages older than the name keying keep the seed tag they drew with: mixup its 4, RandAugment and
+erasing 10 + their former position on the worker-augment path (the CPU default), so those runs
+repeat their draws (with ``augment_on: device`` erasing was at position 3: its draws changed once).
+Every other stage's tag is the CRC-32 of its name."""
 
 
 def stage_seed(seed: int, epoch: int, step_key: tuple[int, ...], name: str) -> int:
-    """The seed of stage ``name`` for one batch: ``step_key`` is ``(rank, step)``. Keyed by the name (a stable
-    hash, not Python's salted ``hash``), so adding or moving a stage changes no other stage's draws."""
+    """The seed of stage ``name`` for one batch: ``step_key`` is ``(rank, step)``. Keyed by the name
+    (a stable hash, not Python's salted ``hash``), so adding or moving a stage changes no other
+    stage's draws."""
     tag = SEED_TAGS.get(name, zlib.crc32(name.encode()))
     return derive_seed(seed, epoch, *step_key, tag)

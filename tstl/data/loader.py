@@ -289,8 +289,9 @@ class ShardLoader:
             self._bad_run += state.bad - prev.bad
             self._seen_run += state.pos - prev.pos
             self._check_bad(last=self.step + 1 == total, starved=batch.pop("_starved", False))
+            key = (self.rank, self.step)
             for stage in stages:  # each stage's draws are keyed by its name (device.stage_seed)
-                batch = stage(batch, stage_seed(self.cfg.seed, self.epoch, (self.rank, self.step), stage.name))
+                batch = stage(batch, stage_seed(self.cfg.seed, self.epoch, key, stage.name))
             self.step += 1
             yield batch
 

@@ -1,17 +1,18 @@
-"""Model FLOPs, counted (not estimated) with torch's ``FlopCounterMode``: the one counter of the project.
+"""Model FLOPs, counted (not estimated) with torch's ``FlopCounterMode``: the project's one counter.
 
-One FLOP is one multiply or one add (a multiply-accumulate is 2; papers' "GFLOPs" of video models are often
-MACs: :func:`flops_per_view`). Only matmuls, convolutions and attention count (FlopCounterMode's set; norms,
-activations and the optimizer are left out, as usual for MFU). On the meta device nothing is computed, so a
-full-size model is counted in seconds on a CPU.
+One FLOP is one multiply or one add (a multiply-accumulate is 2; papers' "GFLOPs" of video models
+are often MACs: :func:`flops_per_view`). Only matmuls, convolutions and attention count
+(FlopCounterMode's set; norms, activations and the optimizer are left out, as usual for MFU). On the
+meta device nothing is computed, so a full-size model is counted in seconds on a CPU.
 
-For training (``train=True``) the forward runs in training mode and the backward of the summed output follows.
-Autograd runs only what training needs, so:
+For training (``train=True``) the forward runs in training mode and the backward of the summed
+output follows. Autograd runs only what training needs, so:
 
-* frozen weights (``requires_grad=False``, B-CAST's CLIP/VideoMAE streams) cost no weight-gradient FLOPs;
+* frozen weights (``requires_grad=False``, B-CAST's CLIP/VideoMAE streams) cost no weight-gradient
+  FLOPs;
 * layers below the lowest trainable parameter cost no input-gradient FLOPs either;
-* a fully trainable model comes out at about 3x its forward FLOPs, B-CAST with frozen backbones and adapters in
-  every block at about 2x plus the adapters' and the head's weight gradients.
+* a fully trainable model comes out at about 3x its forward FLOPs, B-CAST with frozen backbones and
+  adapters in every block at about 2x plus the adapters' and the head's weight gradients.
 
 ``tstl.train.perf`` turns the training count into achieved FLOP/s and MFU.
 """
@@ -24,12 +25,14 @@ from torch import nn
 from tstl.models.contract import VideoClassifier
 
 
-def count_flops(model: nn.Module, input_shape: tuple[int, ...], *, train: bool = False) -> tuple[float, float]:
-    """(forward FLOPs, forward + backward FLOPs) of one input ``[1, *input_shape]`` on the model's device.
+def count_flops(model: nn.Module, input_shape: tuple[int, ...], *,
+                train: bool = False) -> tuple[float, float]:
+    """(forward FLOPs, forward + backward FLOPs) of one input ``[1, *input_shape]`` on the model's
+    device.
 
-    ``train=False``: the model as it is, without autograd (the two numbers are equal). ``train=True``: in
-    training mode (restored afterwards), its ``requires_grad`` flags deciding the backward; the gradients are
-    cleared again.
+    ``train=False``: the model as it is, without autograd (the two numbers are equal).
+    ``train=True``: in training mode (restored afterwards), its ``requires_grad`` flags deciding the
+    backward; the gradients are cleared again.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -54,8 +57,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...], *, train: bool =
 
 
 def flops_per_view(model: VideoClassifier) -> float:
-    """Multiply-accumulates of one forward view ``[1, 3, num_frames, img_size, img_size]`` (FLOPs / 2).
-
-    Under ``with torch.device("meta")`` a full-size model is counted without computing anything.
-    """
+    """Multiply-accumulates of one forward view ``[1, 3, num_frames, img_size, img_size]``
+    (FLOPs / 2). Under ``with torch.device("meta")`` a full-size model is counted without computing
+    anything."""
     return count_flops(model, (3, model.num_frames, model.img_size, model.img_size))[0] / 2

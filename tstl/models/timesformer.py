@@ -259,8 +259,9 @@ class TimeSformer(VideoClassifier):
         return {n for n in ("cls_token", "pos_embed", "time_embed") if n in names}
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Layer groups as CAST's ``get_num_layer_for_vit``: embeddings = 0, block i = i + 1, the final norm
-        and the head unmatched, hence the top id (timm's ViT merges its norm into the last block instead)."""
+        """Layer groups as CAST's ``get_num_layer_for_vit``: embeddings = 0, block i = i + 1, the
+        final norm and the head unmatched, hence the top id (timm's ViT merges its norm into the
+        last block instead)."""
         return {
             "stem": r"^cls_token|^pos_embed|^time_embed|^patch_embed",
             "blocks": [(r"^blocks\.(\d+)", None)],

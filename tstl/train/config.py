@@ -135,7 +135,8 @@ class TrainConfig:
 
     def check(self) -> None:
         """The rules over the whole merged config, run once by ``load_config`` after the last layer:
-        ``engine.deepspeed`` through DeepSpeed's own parser (DeepSpeed is imported only for runs that set it)."""
+        ``engine.deepspeed`` through DeepSpeed's own parser (DeepSpeed is imported only for runs
+        that set it)."""
         if self.engine.deepspeed:
             validate_deepspeed(self.engine, self.data.batch_size, self.optim.clip_grad)
 

@@ -1,8 +1,8 @@
 """Optimizer, layer-wise learning-rate decay, learning-rate schedule and the DeepSpeed engine.
 
-The DeepSpeed config the engine starts with is generated from ours (``tstl.train.ds_config``). Only trainable
-parameters reach the optimizer, so frozen pre-trained backbones keep no optimizer state (and, having
-``requires_grad=False``, no gradients).
+The DeepSpeed config the engine starts with is generated from ours (``tstl.train.ds_config``). Only
+trainable parameters reach the optimizer, so frozen pre-trained backbones keep no optimizer state
+(and, having ``requires_grad=False``, no gradients).
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ def layer_ids(model: VideoClassifier) -> tuple[dict[str, int], int]:
     ``group_matcher`` (the ids ``timm.optim.param_groups_layer_decay`` uses).
 
     The matchers give CAST's rule (KHU-VLL/CAST ``util_tools/optim_factory.py:24-44``,
-    ``get_num_layer_for_vit``, as BEiT/VideoMAE): stem parameters 0, block ``i`` ``i + 1``, every other
-    parameter (final norms, B-CAST's last adapters, the head) the top id ``num_blocks + 1``; with
-    ``run_bidirection.py:374-376`` the scale of id ``k`` is ``layer_decay ** (num_blocks + 1 - k)``. They
-    declare no ``(99999,)`` "merge into the last block" entries (timm ViT's convention for its final norm),
-    which would put those parameters at the last block's scale.
+    ``get_num_layer_for_vit``, as BEiT/VideoMAE): stem parameters 0, block ``i`` ``i + 1``, every
+    other parameter (final norms, B-CAST's last adapters, the head) the top id ``num_blocks + 1``;
+    with ``run_bidirection.py:374-376`` the scale of id ``k`` is
+    ``layer_decay ** (num_blocks + 1 - k)``. They declare no ``(99999,)`` "merge into the last
+    block" entries (timm ViT's convention for its final norm), which would put those parameters at
+    the last block's scale.
     """
     ids = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
     return ids, max(ids.values()) + 1
@@ -39,13 +40,15 @@ def layer_ids(model: VideoClassifier) -> tuple[dict[str, int], int]:
 def param_groups(model: VideoClassifier, cfg: OptimConfig) -> list[dict]:
     """Trainable parameters only, grouped by (weight decay, lr scale).
 
-    Weight decay: CAST's rule (``util_tools/optim_factory.py:65-73``): none for 1-D parameters, biases and names
-    containing an entry of the model's ``no_weight_decay()``; ``cfg.weight_decay_all`` decays every parameter
-    (PySlowFast ``timesformer/models/optimizer.py:29-41``). Layer-wise lr decay (``layer_decay < 1``): the
-    layer ids of :func:`layer_ids`; each parameter gets the lr scale and weight decay timm's
-    ``param_groups_layer_decay`` gives it (tested). That function is not called itself: its groups come in
-    first-seen order (one pair per layer even at ``layer_decay`` 1) and it cannot decay every parameter, while
-    saved optimizer states are laid out by the sorted ``(layer, no_decay)`` groups made here.
+    Weight decay: CAST's rule (``util_tools/optim_factory.py:65-73``): none for 1-D parameters,
+    biases and names containing an entry of the model's ``no_weight_decay()``;
+    ``cfg.weight_decay_all`` decays every parameter (PySlowFast
+    ``timesformer/models/optimizer.py:29-41``). Layer-wise lr decay (``layer_decay < 1``): the layer
+    ids of :func:`layer_ids`; each parameter gets the lr scale and weight decay timm's
+    ``param_groups_layer_decay`` gives it (tested). That function is not called itself: its groups
+    come in first-seen order (one pair per layer even at ``layer_decay`` 1) and it cannot decay
+    every parameter, while saved optimizer states are laid out by the sorted ``(layer, no_decay)``
+    groups made here.
     """
     skip = set(model.no_weight_decay())
     ids, num_ids = layer_ids(model) if cfg.layer_decay < 1.0 else ({}, 1)

@@ -1,11 +1,12 @@
 """Achieved model FLOP/s and MFU (model FLOPs utilisation) of a training run.
 
 The rule (docs/training.md, "Throughput and MFU"): the FLOPs of one training clip are counted by
-``tstl.models.flops.count_flops`` (``train=True``) on a meta-device copy of the model (nothing is computed),
-forward plus backward of a batch of one, without activation checkpointing (recomputation is not useful work, as
-in PaLM's MFU); frozen weights cost no weight-gradient FLOPs (see that module). MFU = achieved model FLOP/s per
-device / the device's dense bf16/fp16 peak; it is reported only for ``engine.precision`` bf16 or fp16 on a GPU
-named in ``PEAK_TFLOPS``, otherwise only the achieved FLOP/s are.
+``tstl.models.flops.count_flops`` (``train=True``) on a meta-device copy of the model (nothing is
+computed), forward plus backward of a batch of one, without activation checkpointing (recomputation
+is not useful work, as in PaLM's MFU); frozen weights cost no weight-gradient FLOPs (see that
+module). MFU = achieved model FLOP/s per device / the device's dense bf16/fp16 peak; it is reported
+only for ``engine.precision`` bf16 or fp16 on a GPU named in ``PEAK_TFLOPS``, otherwise only the
+achieved FLOP/s are.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ def device_name(device: torch.device) -> str:
 
 
 def count_on_meta(build: Callable[[], nn.Module], input_shape: tuple[int, ...]) -> tuple[float, float] | None:
-    """(forward, forward + backward) training FLOPs of one clip of ``input_shape`` (``[C, T, H, W]``) through
-    the model ``build()`` makes on the meta device (``count_flops(..., train=True)``); None (with a warning) when
-    the model cannot be built or run there. The CPU random state is left as it was."""
+    """(forward, forward + backward) training FLOPs of one clip of ``input_shape``
+    (``[C, T, H, W]``) through the model ``build()`` makes on the meta device
+    (``count_flops(..., train=True)``); None (with a warning) when the model cannot be built or run
+    there. The CPU random state is left as it was."""
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             return count_flops(build(), input_shape, train=True)

@@ -65,9 +65,10 @@ class TSTLConfig(TrainConfig):
                 raise ValueError(str(e)) from None
 
     def check(self) -> None:
-        """The rules over the whole layered config (not each file alone), run once by ``load_config``:
-        the run's (``TrainConfig.check``), a group source, and every stage's config (frozen backbones, and
-        DeepSpeed's check where a stage changes its input). Raises ``ConfigError``."""
+        """The rules over the whole layered config (not each file alone), run once by
+        ``load_config``: the run's (``TrainConfig.check``), a group source, and every stage's config
+        (frozen backbones, and DeepSpeed's check where a stage changes its input). Raises
+        ``ConfigError``."""
         super().check()
         if not self.tstl.groups and not self.tstl.num_groups:
             raise ConfigError("give tstl.groups=<group file> or tstl.num_groups=K (balanced groups)")
@@ -85,14 +86,17 @@ class TSTLConfig(TrainConfig):
                     raise ConfigError(f"tstl.{stage}: {e}") from None
 
     def check_weights(self) -> None:
-        """What training needs besides ``check()``: weights to start from in every stage (its ``model.init``,
-        then ``tstl.init``); the stages' frozen part comes from them. Raises ``ConfigError``."""
-        bare = [s for s in ("selector", "expert") if not self.tstl.init and not self.stage_base(s).model.init]
+        """What training needs besides ``check()``: weights to start from in every stage (its
+        ``model.init``, then ``tstl.init``); the stages' frozen part comes from them. Raises
+        ``ConfigError``."""
+        bare = [s for s in ("selector", "expert")
+                if not self.tstl.init and not self.stage_base(s).model.init]
         if bare:
             where = f"tstl.{bare[0]}: " if len(bare) == 1 else ""
-            raise ConfigError(f"{where}TSTL needs weights to start from: give tstl.init=[<trained B-CAST run or "
-                              "checkpoint>] (TSTL starts from a CAST; make train-tstl CAST=...) and/or "
-                              "model.init=[<pre-trained backbones>]; their frozen part is shared by every stage")
+            raise ConfigError(
+                f"{where}TSTL needs weights to start from: give tstl.init=[<trained B-CAST run or "
+                "checkpoint>] (TSTL starts from a CAST; make train-tstl CAST=...) and/or "
+                "model.init=[<pre-trained backbones>]; their frozen part is shared by every stage")
 
     def stage_base(self, stage: str, defaults: dict[str, Any] | None = None) -> TrainConfig:
         """The run config with ``defaults`` and then the ``tstl.<stage>`` overrides applied."""

@@ -1,5 +1,5 @@
-"""The run folder of a TSTL run and the setup of each stage (``Stage``): its training config, the loader's
-label map and the state-dict adapters its initial weights load with.
+"""The run folder of a TSTL run and the setup of each stage (``Stage``): its training config, the
+loader's label map and the state-dict adapters its initial weights load with.
 
 Layout under ``out_dir``::
 

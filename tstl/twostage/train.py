@@ -1,9 +1,9 @@
 """Two-stage training: the stage-1 selector, then every stage-2 expert, each an ordinary ``Trainer`` run.
 
-Every stage goes through the same loader, DeepSpeed engine and checkpointing as ``make train``; the stages
-differ only in their setup (``tstl.twostage.stages``: config, label map, head-row adapter). The run resumes at
-any point: a finished stage (its stage file ``selector.pt`` / ``expert.pt`` exists) is skipped, an unfinished
-one resumes from its own checkpoints.
+Every stage goes through the same loader, DeepSpeed engine and checkpointing as ``make train``; the
+stages differ only in their setup (``tstl.twostage.stages``: config, label map, head-row adapter).
+The run resumes at any point: a finished stage (its stage file ``selector.pt`` / ``expert.pt``
+exists) is skipped, an unfinished one resumes from its own checkpoints.
 """
 
 from __future__ import annotations
@@ -69,9 +69,10 @@ def pin_init(stage: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
     """Resolve the stage's ``model.init`` (run folders -> their best checkpoint) to absolute files once, when the
     stage first starts, and keep them (with their SHA-256) in ``<stage>/frozen.json``.
 
-    A resumed stage continues from its own checkpoints, whose frozen weights came from the pinned files; so the
-    stage file must name those, and a rerun whose ``init`` now resolves to other files is refused rather than
-    recorded wrongly. ``init`` is not empty: ``train_two_stage`` checked ``TSTLConfig.check_weights``.
+    A resumed stage continues from its own checkpoints, whose frozen weights came from the pinned
+    files; so the stage file must name those, and a rerun whose ``init`` now resolves to other files
+    is refused rather than recorded wrongly. ``init`` is not empty: ``train_two_stage`` checked
+    ``TSTLConfig.check_weights``.
     """
     out, pin = Path(stage.out_dir), Path(stage.out_dir) / "frozen.json"
 
