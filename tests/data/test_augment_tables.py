@@ -100,7 +100,7 @@ def test_stage_names_are_their_keys_and_their_seeds_differ() -> None:
     seeds = {dev.stage_seed(0, 1, (0, 7), s.name) for s in stages}
     assert len(seeds) == len(stages)
     # the stages older than the name keying draw as before (mixup: tag 4; RandAugment/erasing:
-    # 10 + their position on the worker-augment path)
+    # 10 + their former position, erasing's on the worker-augment path)
     for name, tag in (("mixup", 4), ("rand_augment", 11), ("erase", 12)):
         assert dev.stage_seed(3, 2, (1, 9), name) == derive_seed(3, 2, 1, 9, tag)
     evaluation = dev.build_stages(cfg, train=False, device=torch.device("cpu"), mixup=None,

@@ -249,10 +249,10 @@ def build_stages(cfg: DataConfig, *, train: bool, device: torch.device, mixup: M
 
 
 SEED_TAGS: dict[str, int] = {"mixup": 4, "rand_augment": 11, "erase": 12}
-"""Stages older than the name keying keep the seed tag they drew with: mixup its 4, RandAugment and
-erasing 10 + their former position on the worker-augment path (the CPU default), so those runs
-repeat their draws (with ``augment_on: device`` erasing was at position 3: its draws changed once).
-Every other stage's tag is the CRC-32 of its name."""
+"""Stages older than the name keying keep the seed tag they drew with, 10 + their former position
+for all but mixup (its 4): RandAugment 11, erasing 12 (its position on the worker-augment path, the
+CPU default; with ``augment_on: device`` it was 13, so its draws there changed once). Every other
+stage's tag is the CRC-32 of its name."""
 
 
 def stage_seed(seed: int, epoch: int, step_key: tuple[int, ...], name: str) -> int:
