@@ -23,7 +23,8 @@ from tstl.core.config import ConfigError, dump_yaml, to_dict
 from tstl.data.config import DataConfig
 from tstl.data.spatial import JitterCrop, jitter_short_side, random_crop_offset, scaled_size, short_side_jitter_crop
 from tstl.train.config import OptimConfig
-from tstl.train.engine import BatchPlan, build_scheduler, deepspeed_config, param_groups, step_factor
+from tstl.train.ds_config import BatchPlan, deepspeed_config
+from tstl.train.engine import build_scheduler, param_groups, step_factor
 from tstl.train.evaluate import merge, metrics
 from tstl.train.recipes import load_recipe, main, print_config, recipe_files
 
@@ -247,7 +248,7 @@ def test_bcast_fp16_is_casts_deepspeed_fp16(dataset: str) -> None:
     plus DeepSpeed's own defaults for what CAST leaves out (hysteresis 2, min_loss_scale 1)."""
     cfg = load_recipe(dataset, "bcast_vit_b16", ["engine.precision=fp16"])
     plan = BatchPlan(cfg.data.batch_size, cfg.engine.accum_steps, 16)
-    ds = deepspeed_config(cfg.engine, cfg.optim, plan)
+    ds = deepspeed_config(cfg.engine, cfg.optim.clip_grad, plan)
     assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 7,
                           "loss_scale_window": 128, "hysteresis": 2, "min_loss_scale": 1}
     # our default (docs/training.md)

@@ -356,10 +356,12 @@ class BCAST(VideoClassifier):
         return {n for n, _ in self.named_parameters() if any(p in n for p in NO_WEIGHT_DECAY)}
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """timm-style layer groups: stems = 0, block i = i + 1, everything after the blocks last."""
+        """timm-style layer groups as CAST's ``get_num_layer_for_vit``: stems = 0, block i = i + 1,
+        the rest (``clip_ln_post``, ``vmae_fc_norm``, the last adapters, the head) unmatched, hence
+        the top id."""
         return {
             "stem": r"^clip_conv1|^clip_class_embedding|^clip_positional_embedding|^clip_ln_pre|^patch_embed",
-            "blocks": [(r"^blocks\.(\d+)", None), (r"^clip_ln_post|^vmae_fc_norm|^\w+_last_Adapter", (99999,))],
+            "blocks": [(r"^blocks\.(\d+)", None)],
         }
 
     # ------------------------------------------------------------------------------------------- checkpoints

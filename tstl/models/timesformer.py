@@ -264,11 +264,12 @@ class TimeSformer(VideoClassifier):
         return {n for n in ("cls_token", "pos_embed", "time_embed") if n in names}
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """timm ViT's layer groups: embeddings = 0, block i = i + 1, the final norm with the last block; the
-        unmatched head gets the top layer id in ``param_groups_layer_decay``."""
+        """Layer groups as CAST's ``get_num_layer_for_vit``: embeddings = 0, block i = i + 1, the
+        final norm and the head unmatched, hence the top id (timm's ViT merges its norm into the
+        last block instead)."""
         return {
             "stem": r"^cls_token|^pos_embed|^time_embed|^patch_embed",
-            "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+            "blocks": [(r"^blocks\.(\d+)", None)],
         }
 
     # ------------------------------------------------------------------------------------------- checkpoints
