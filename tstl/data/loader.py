@@ -14,16 +14,8 @@ from tstl.data import elastic
 from tstl.data.buffers import BUFFERS_EXTRA, Returns, check_room
 from tstl.data.config import DataConfig
 from tstl.data.decode import check_decoder
-from tstl.data.device import (
-    DeviceRandAugment,
-    Erase,
-    MixupCutmix,
-    MultiHeadMixup,
-    Normalize,
-    Stage,
-    ToDevice,
-)
-from tstl.data.pipeline import BadSampleRateError, ClipStream, RoleState, StreamSpec, derive_seed
+from tstl.data.device import BatchStage, MultiHeadMixup, build_stages, stage_seed
+from tstl.data.pipeline import BadSampleRateError, ClipStream, RoleState, StreamSpec
 from tstl.data.sources import ShardList, has_index, resolve, slot_length
 
 logger = logging.getLogger(__name__)
@@ -262,18 +254,10 @@ class ShardLoader:
             return self.cfg.augment_on
         return "device" if self.device.type == "cuda" else "worker"
 
-    def _stages(self) -> list[Stage]:
-        """The batch stages, in order (webdataset style): one place to add a batch-level augmentation."""
-        c = self.cfg
-        stages: list[Stage] = [ToDevice(self.device)]
-        if self.train and self.augment_on == "device" and c.rand_augment:
-            stages.append(DeviceRandAugment(c.rand_augment))
-        stages.append(Normalize(c.mean, c.std))
-        if self.train and c.reprob > 0:
-            stages.append(Erase(c.reprob))
-        if self.mixup is not None:
-            stages.append(MixupCutmix(self.mixup))
-        return stages
+    def _stages(self) -> list[BatchStage]:
+        """The batch stages, in order (``tstl.data.device.BATCH_STAGES``: add one there)."""
+        return build_stages(self.cfg, train=self.train, device=self.device, mixup=self.mixup,
+                            augment_on=self.augment_on)
 
     def __iter__(self) -> Iterator[dict]:
         total = len(self)
@@ -303,7 +287,8 @@ class ShardLoader:
             raise RuntimeError(f"rank {self.rank} produced {self.step} batches instead of {total}; the shard set "
                                "changed during the epoch?")
 
-    def _batches(self, dl: DataLoader, stages: list[Stage], total: int, returns: Returns | None) -> Iterator[dict]:
+    def _batches(self, dl: DataLoader, stages: list[BatchStage], total: int,
+                 returns: Returns | None) -> Iterator[dict]:
         for batch in dl:
             if returns is not None:
                 returns.poll()
@@ -315,10 +300,9 @@ class ShardLoader:
             self._bad_run += state.bad - prev.bad
             self._seen_run += state.pos - prev.pos
             self._check_bad(last=self.step + 1 == total, starved=batch.pop("_starved", False))
-            for k, stage in enumerate(stages):
-                # Mixup keeps its former seed (tag 4); the other stages are tagged by their position.
-                tag = 4 if isinstance(stage, MixupCutmix) else 10 + k
-                batch = stage(batch, derive_seed(self.cfg.seed, self.epoch, self.rank, self.step, tag))
+            key = (self.rank, self.step)
+            for stage in stages:  # each stage's draws are keyed by its name (device.stage_seed)
+                batch = stage(batch, stage_seed(self.cfg.seed, self.epoch, key, stage.name))
             self.step += 1
             yield batch
 
