@@ -10,9 +10,10 @@ Layout under ``<out>/ek100`` (what the official downloader and annotation reposi
   (``HH:MM:SS.ff`` timestamps, narrations and noun lists with quoted commas) and
   ``EPIC_100_{verb,noun}_classes.csv`` (``id, key, instances, category``).
 
-A verb is a motion of the object (up, down, growing, shrinking: visible only across frames, and the
-same after the recipe's horizontal flip), a noun is the object's colour (visible in any one frame),
-so a compositional model can learn the verb from time and the noun from appearance. One listed
+A verb is a change of the object over its narration (it grows, shrinks, brightens or darkens:
+visible only across frames, and the same after the recipe's horizontal flip), a noun is the
+object's colour (its hue, visible in any one frame), so a compositional model can learn the verb
+from time and the noun from appearance. One listed
 training video has no file (a download that never happened) and one validation video ends before its
 last two narrations do (a short download): the prepare stage must list those clips with reasons.
 """
@@ -31,12 +32,12 @@ from tqdm import tqdm
 
 from pipeline.synthetic import SynthConfig, encode, write_text_atomic
 
-# (key, instances, category, motion). The motions survive the EK100 recipe's horizontal flip: up,
-# down, approach (the disc grows), recede (it shrinks)
-VERBS = (("take", ("take", "grab", "pick-up"), "retrieve", "up"),
-         ("put", ("put", "place", "put-down"), "leave", "down"),
-         ("open", ("open", "unscrew", "open-up"), "access", "approach"),
-         ("close", ("close", "shut", "screw"), "block", "recede"))
+# (key, instances, category, change): how the object changes over the narration, the same after the
+# EK100 recipe's horizontal flip and seen in every part of it (a small model learns it in seconds)
+VERBS = (("take", ("take", "grab", "pick-up"), "retrieve", "grow"),
+         ("put", ("put", "place", "put-down"), "leave", "shrink"),
+         ("open", ("open", "unscrew", "open-up"), "access", "brighten"),
+         ("close", ("close", "shut", "screw"), "block", "darken"))
 # (key, instances, category, RGB colour of the object)
 NOUNS = (("plate", ("plate", "dish", "plate:pasta"), "crockery", (225, 45, 40)),
          ("cup", ("cup", "mug", "cup:coffee"), "crockery", (40, 205, 60)),
@@ -84,19 +85,17 @@ def timestamp(cs: int, digits: int = 2) -> str:
     return f"{h:02d}:{rem // 60:02d}:{rem % 60:02d}.{frac_text}"
 
 
-def _disc(motion: str, u: float, w: int, h: int) -> tuple[float, float, float]:
-    """Centre (x, y) and radius of the object ``u`` of the way through a narration of ``motion``."""
-    a, b, r = 0.25, 0.75, 0.18 * min(w, h)
-    if motion == "up":
-        return 0.5 * w, (b + (a - b) * u) * h, r
-    if motion == "down":
-        return 0.5 * w, (a + (b - a) * u) * h, r
-    grow = u if motion == "approach" else 1.0 - u
-    return 0.5 * w, 0.5 * h, r * (0.5 + grow)
+def _disc(change: str, u: float, size: int) -> tuple[float, float]:
+    """Radius and brightness (a factor of the noun's colour) of the object ``u`` of the way through
+    a narration whose verb is ``change``."""
+    r = 0.4 * size
+    if change in ("grow", "shrink"):
+        return r * (0.2 + 0.8 * (u if change == "grow" else 1.0 - u)), 1.0
+    return r, 0.15 + 0.85 * (u if change == "brighten" else 1.0 - u)
 
 
 def render(job: LongVideoJob) -> np.ndarray:
-    """uint8 ``[T, H, W, 3]``: an empty, grainy scene; during a narration its noun's disc moves by
+    """uint8 ``[T, H, W, 3]``: an empty, grainy scene; during a narration its noun's disc changes by
     its verb."""
     rng = np.random.default_rng(list(job.seed))
     n = math.ceil(job.end_cs / 100 * job.fps)
@@ -112,9 +111,9 @@ def render(job: LongVideoJob) -> np.ndarray:
         if seg is None:
             continue
         u = (t_cs - seg.start_cs) / (seg.stop_cs - seg.start_cs)
-        cx, cy, radius = _disc(VERBS[seg.verb][3], u, job.width, job.height)
-        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
-        frames[i][disc] = NOUNS[seg.noun][3]
+        radius, light = _disc(VERBS[seg.verb][3], u, min(job.width, job.height))
+        disc = (yy - job.height / 2) ** 2 + (xx - job.width / 2) ** 2 <= radius**2
+        frames[i][disc] = np.round(np.array(NOUNS[seg.noun][3]) * light).astype(np.uint8)
     return frames
 
 

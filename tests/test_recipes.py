@@ -137,6 +137,30 @@ RECIPES = {
         "data.sampling_convention": "cast",  # dataset/kinetics.py:246-270
         "data.flip": True,                # CAST dataset/kinetics.py:203 flip unless SSV2
     },
+    # CAST's compositional EK100 recipe: the common values above are ek100.sh's too (--opt adamw
+    # :29, --lr 1e-3 :30, --opt_betas :31, --weight_decay :32, --warmup_epochs 5 :46, --input_size
+    # 224 :24, --short_side_size 224 :25, --reprob 0. :41, --mixup_switch_prob 0 :39, --num_frames
+    # 16 :28, --num_workers 8 :37, --seed 0 :44; layer_decay, mixup, cutmix and smoothing are
+    # run_bidirection_compo.py's defaults, at the lines of run_bidirection.py's)
+    ("ek100", "bcast_compo_vit_b16"): {
+        **BCAST_COMMON,
+        # ek100.sh:16 --vmae_model compo_bidir_vit_base_patch16_224
+        "model.name": "bcast_compo_vit_b16",
+        "epochs": 50,                     # ek100.sh:33 --epochs 50
+        "data.batch_size": 6,             # ek100.sh:23 --batch_size 6
+        "engine.accum_steps": 4,          # ek100.sh:43 --update_freq 4
+        "model.drop_path_rate": 0.2,      # ek100.sh:38 --drop_path 0.2
+        "data.mixup_prob": 0.9,           # ek100.sh:40 --mixup_prob 0.9
+        "data.test_views": [2, 3],        # ek100.sh:35-36 --test_num_segment 2 --test_num_crop 3
+        # CAST dataset/datasets.py:133-147 EpicVideoClsDataset(clip_len=1, num_segment=num_frames);
+        # dataset/epic.py:256-269 (TSN segments), :244-254 (test views)
+        "data.sampling": "segment",
+        "data.sampling_convention": "cast",
+        "data.flip": True,                # CAST dataset/epic.py:201 flip unless SSV2
+        "dataset": "ek100",               # ek100.sh:14 --data_set EPIC
+        "train_split": "train",           # CAST dataset/datasets.py:123-125 train.csv
+        "val_split": "val",               # CAST dataset/datasets.py:126-131 val.csv (val and test)
+    },
     ("ucf101", "bcast_vit_b16"): {
         **BCAST_COMMON,
         "epochs": 30,                     # README.md:98 --epochs 30
@@ -253,6 +277,14 @@ def test_bcast_fp16_is_casts_deepspeed_fp16(dataset: str) -> None:
                           "loss_scale_window": 128, "hysteresis": 2, "min_loss_scale": 1}
     # our default (docs/training.md)
     assert load_recipe(dataset, "bcast_vit_b16").engine.precision == "bf16"
+
+
+def test_cast_ek100_total_batch_and_lr() -> None:
+    # models-cast-tstl.md 4.2: 6 x update_freq 4 x 16 GPUs = 384 clips, lr 1e-3 x 384 / 256 = 1.5e-3
+    ek = load_recipe("ek100", "bcast_compo_vit_b16")
+    plan = BatchPlan(ek.data.batch_size, ek.engine.accum_steps, 16)
+    assert plan.total == 384 and plan.scaled(ek.optim.lr) == pytest.approx(1.5e-3)
+    assert plan.scaled(ek.optim.min_lr) == pytest.approx(1.5e-6)
 
 
 def test_cast_and_tstl_total_batches() -> None:
@@ -454,11 +486,17 @@ def _cast_layer_id(var_name: str, num_max_layer: int) -> int:
         return num_max_layer - 1
 
 
-def test_every_trainable_bcast_parameter_gets_casts_lr_scale_and_weight_decay() -> None:
+@pytest.mark.parametrize("name,kwargs,post", [
+    ("bcast_vit_b16", {"num_classes": 174}, ("noun_last_Adapter.D_fc1.weight", "head.weight")),
+    # run_bidirection_compo.py:373-378 builds the same groups (the same optim_factory)
+    ("bcast_compo_vit_b16", {}, ("head_noun.weight", "head_verb.weight", "head_verb.bias")),
+])
+def test_every_trainable_bcast_parameter_gets_casts_lr_scale_and_weight_decay(
+        name: str, kwargs: dict, post: tuple) -> None:
     from tstl.models import create_model
 
     with torch.device("meta"):  # names and shapes only: no memory, no init time
-        model = create_model("bcast_vit_b16", num_classes=174)
+        model = create_model(name, **kwargs)
     groups = param_groups(model, OptimConfig(layer_decay=0.75, weight_decay=0.05))
     by_id = {id(p): g for g in groups for p in g["params"]}
     # run_bidirection.py:374-376: values = [0.75 ** (12 + 1 - i) for i in range(14)]
@@ -476,8 +514,9 @@ def test_every_trainable_bcast_parameter_gets_casts_lr_scale_and_weight_decay() 
         assert g["weight_decay"] == (0.0 if no_decay else 0.05), name
         checked += 1
     named = dict(model.named_parameters())
-    for post in ("clip_ln_post.weight", "vmae_fc_norm.weight", "noun_last_Adapter.D_fc1.weight", "head.weight"):
-        assert by_id[id(named[post])]["lr_scale"] == 1.0  # was block 11's 0.75 through timm's (99999,) merge
+    for top in ("clip_ln_post.weight", "vmae_fc_norm.weight", *post):
+        # was block 11's 0.75 through timm's (99999,) merge
+        assert by_id[id(named[top])]["lr_scale"] == 1.0
     assert by_id[id(named["blocks.11.cross_s_down.weight"])]["lr_scale"] == pytest.approx(0.75)
     assert by_id[id(named["blocks.0.cross_s_down.weight"])]["lr_scale"] == pytest.approx(0.75 ** 12)
     assert checked > 500

@@ -16,7 +16,13 @@ import torch
 
 from benchmarks.reference.bcast import reference_compo_forward, reference_features
 from tests.models.test_bcast import _pure_clip, _pure_videomae
-from tests.models.test_official_checkpoints import _amp_checkpoint, _args, _deepspeed_model_states
+from tests.models.test_official_checkpoints import (
+    NUMPY,
+    _amp_checkpoint,
+    _args,
+    _deepspeed_model_states,
+    _saved,
+)
 from tstl.models import create_model, load_checkpoint
 from tstl.models.bcast_compo import BCASTCompo
 
@@ -119,12 +125,14 @@ def _compo_weights(seed: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]
     return src, src.state_dict()
 
 
+@NUMPY
 @pytest.mark.parametrize("layout", ["amp", "deepspeed", "deepspeed-with-args"])
-def test_casts_ek100_checkpoint_loads(tmp_path: Path, layout: str) -> None:
+def test_casts_ek100_checkpoint_loads(tmp_path: Path, layout: str, numpy_names: str) -> None:
     """run_bidirection_compo.py saves epoch "best" as CAST's run_bidirection.py does
     (util_tools/utils.py:658-680 save_model): checkpoint-best.pth with the run's args (torch-amp),
     or checkpoint-best/mp_rank_00_model_states.pt (--enable_deepspeed, scripts/ek100/ek100.sh:45);
-    the args are those of ek100.sh (--data_set EPIC --nb_classes 300 --composition)."""
+    the args are those of ek100.sh (--data_set EPIC --nb_classes 300 --composition); DeepSpeed's
+    module is fp16, the pickle names numpy's scalar type (1.x or 2.x names)."""
     src, sd = _compo_weights(3)
     args = _args(data_set="EPIC", nb_classes=300, composition=True,
                  vmae_model="compo_bidir_vit_base_patch16_224", drop_path=0.2)
@@ -134,12 +142,12 @@ def test_casts_ek100_checkpoint_loads(tmp_path: Path, layout: str) -> None:
         client = {"epoch": "best", **({"args": args} if layout == "deepspeed-with-args" else {})}
         ckpt, name = _deepspeed_model_states(sd, src, client), "mp_rank_00_model_states.pt"
     (tmp_path / "checkpoint-best").mkdir()
-    torch.save(ckpt, tmp_path / "checkpoint-best" / name)
+    path = _saved(ckpt, tmp_path / "checkpoint-best" / name, numpy_names)
     model = create_model("bcast_compo_test", num_classes={"verb": 97, "noun": 300})
-    report = load_checkpoint(model, tmp_path / "checkpoint-best" / name)
+    report = load_checkpoint(model, path)
     assert report.format == "cast" and not report.missing and not report.unexpected
     for k, v in sd.items():
-        assert torch.equal(model.state_dict()[k], v), k
+        assert torch.equal(model.state_dict()[k], v if layout == "amp" else v.half().float()), k
 
 
 def test_a_videomae_classifier_is_dropped_with_its_reason(tmp_path: Path) -> None:

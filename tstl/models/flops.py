@@ -6,7 +6,8 @@ are often MACs: :func:`flops_per_view`). Only matmuls, convolutions and attentio
 meta device nothing is computed, so a full-size model is counted in seconds on a CPU.
 
 For training (``train=True``) the forward runs in training mode and the backward of the summed
-output (of every head's, for a multi-head model) follows. Autograd runs only what training needs, so:
+output (of every head's, for a multi-head model) follows. Autograd runs only what training needs,
+so:
 
 * frozen weights (``requires_grad=False``, B-CAST's CLIP/VideoMAE streams) cost no weight-gradient
   FLOPs;
