@@ -37,17 +37,16 @@ import io
 import json
 import logging
 import os
-import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import ffmpeg
 import numpy as np
 from tqdm import tqdm
 
-from tstl.core.ffmpeg import ffmpeg_exe
+from pipeline import synthetic_ek100
+from pipeline.synthetic_io import encode, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -234,33 +233,6 @@ def render_frames(motion: str, seed: tuple[int, ...], width: int, height: int, n
 # ---------------------------------------------------------------------------------------------- encoding
 
 
-def encode(frames: np.ndarray, path: Path, fps: int | str, codec: str) -> None:
-    """Encode raw RGB frames with ffmpeg into ``path`` atomically (temp name, then rename); ``fps``
-    may be a rate such as ``"60000/1001"``."""
-    _t, h, w, _ = frames.shape
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if codec == "vp9":
-        opts = {"vcodec": "libvpx-vp9", "crf": 32, "b:v": 0, "deadline": "realtime", "cpu-used": 8}
-        fmt = "webm"
-    elif codec == "h264":  # as YouTube downloads (Kinetics) and EPIC-KITCHENS' cameras write it
-        opts = {"vcodec": "libx264", "preset": "veryfast", "crf": 26}
-        fmt = "mp4"
-    else:  # MPEG-4 Part 2 (Xvid-like) in AVI, as UCF101 ships
-        opts = {"vcodec": "mpeg4", "q:v": 4, "vtag": "XVID"}
-        fmt = "avi"
-    stream = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{w}x{h}", framerate=fps)
-    stream = ffmpeg.output(stream, str(tmp), format=fmt, pix_fmt="yuv420p", threads=1, an=None,
-                           fflags="+bitexact", flags="+bitexact", map_metadata=-1, **opts)
-    argv = ffmpeg.compile(stream, cmd=ffmpeg_exe(), overwrite_output=True)
-    try:
-        proc = subprocess.run(argv, input=frames.tobytes(), capture_output=True, timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"ffmpeg failed for {path}: {proc.stderr.decode(errors='replace')[-500:]}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _break(path: Path, kind: str) -> None:
     """Damage an encoded file the way real datasets are damaged."""
     if kind == "zero-byte":
@@ -436,13 +408,6 @@ def _write_k400_csv(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _render_all(jobs: list[VideoJob], jobs_n: int, desc: str) -> None:
     for j in jobs:
         Path(j.path).parent.mkdir(parents=True, exist_ok=True)
@@ -474,10 +439,9 @@ def generate(cfg: SynthConfig, out: Path, datasets: tuple[str, ...] = ("ssv2", "
                           "broken": {str(Path(j.path).relative_to(root / "UCF-101")): j.broken
                                      for j in vids if j.broken}}
     if "ek100" in datasets:
-        # imported here: the EK100 release builds on this module (its encoder and config)
-        from pipeline import synthetic_ek100
-
-        info["ek100"] = synthetic_ek100.write(cfg, out / "ek100", jobs)
+        spec = synthetic_ek100.EK100Spec(cfg.seed, cfg.ek100_train_videos, cfg.ek100_val_videos,
+                                         cfg.ek100_narrations, cfg.ek100_sizes)
+        info["ek100"] = synthetic_ek100.write(spec, out / "ek100", jobs)
     if "kinetics400" in datasets:
         root = out / "kinetics400"
         vids, rows, k400 = plan_kinetics400(cfg, root)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.synthetic import SynthConfig, encode, write_text_atomic
+from pipeline.synthetic_io import encode, write_text_atomic
 
 # (key, instances, category, change): how the object changes over the narration, the same after the
 # EK100 recipe's horizontal flip and seen in every part of it (a small model learns it in seconds)
@@ -47,6 +47,21 @@ COLUMNS = ("narration_id", "participant_id", "video_id", "narration_timestamp", 
            "noun_class", "all_nouns", "all_noun_classes")
 # frame rate (ffmpeg's text, value): EPIC-KITCHENS-55 videos at 59.94, the extension's at 50
 RATES = {"P01": ("60000/1001", 60000 / 1001), "P02": ("50", 50.0)}
+
+
+@dataclass(frozen=True)
+class EK100Spec:
+    """What to generate (``synthetic.SynthConfig``'s ``ek100_*`` fields and its seed)."""
+
+    seed: int = 0
+    train_videos: int = 4
+    """Listed training videos (the first has no file)."""
+    val_videos: int = 2
+    """Listed validation videos (the last is short)."""
+    narrations: int = 8
+    """Narrations per video, plus one that repeats part of another."""
+    sizes: tuple[tuple[int, int], ...] = ((192, 108), (160, 120))
+    """(width, height) of the videos, in turn."""
 
 
 @dataclass
@@ -161,20 +176,20 @@ def _narration_row(seg: Segment, participant: str, vid: str, fps: float, comma: 
             "all_nouns": str(nouns), "all_noun_classes": str(classes)}
 
 
-def plan(cfg: SynthConfig, root: Path) -> tuple[list[LongVideoJob], dict[str, list[dict]], dict]:
+def plan(cfg: EK100Spec, root: Path) -> tuple[list[LongVideoJob], dict[str, list[dict]], dict]:
     """Jobs, CSV rows per split file and a description of the release."""
     rng = np.random.default_rng([cfg.seed, 4])
     combos = [(v, n) for v in range(len(VERBS)) for n in range(len(NOUNS))]
     videos = [("P01", f"P01_{k + 1:02d}") if k % 2 == 0 else ("P02", f"P02_{101 + k}")
-              for k in range(cfg.ek100_train_videos + cfg.ek100_val_videos)]
+              for k in range(cfg.train_videos + cfg.val_videos)]
     jobs, rows = [], {"EPIC_100_train.csv": [], "EPIC_100_validation.csv": []}
     missing, short = videos[0][1], videos[-1][1]
     info: dict = {"missing_video": missing, "short_video": short, "failed": {}}
     for k, (participant, vid) in enumerate(videos):
-        split = "EPIC_100_train.csv" if k < cfg.ek100_train_videos else "EPIC_100_validation.csv"
+        split = "EPIC_100_train.csv" if k < cfg.train_videos else "EPIC_100_validation.csv"
         order = rng.permutation(len(combos))
-        labels = [combos[int(order[i % len(combos)])] for i in range(cfg.ek100_narrations)]
-        segs = _segments(rng, vid, cfg.ek100_narrations, labels)
+        labels = [combos[int(order[i % len(combos)])] for i in range(cfg.narrations)]
+        segs = _segments(rng, vid, cfg.narrations, labels)
         rate, fps = RATES[participant]
         rows[split] += [_narration_row(s, participant, vid, fps, comma=i == 1)
                         for i, s in enumerate(segs)]
@@ -186,7 +201,7 @@ def plan(cfg: SynthConfig, root: Path) -> tuple[list[LongVideoJob], dict[str, li
             second = sorted((s for s in segs if not s.repeat), key=lambda s: s.start_cs)[-2]
             end = second.start_cs + 30
             info["failed"].update({s.nid: "short" for s in segs if s.stop_cs > end})
-        w, h = cfg.ek100_sizes[k % len(cfg.ek100_sizes)]
+        w, h = cfg.sizes[k % len(cfg.sizes)]
         path = root / participant / "videos" / f"{vid}.MP4"
         jobs.append(LongVideoJob(str(path), rate, fps, w, h, segs, (cfg.seed, 4, k), end))
     info["videos"] = len(videos)
@@ -208,7 +223,7 @@ def class_rows(table: tuple) -> list[dict]:
             for i, (key, instances, category, _) in enumerate(table)]
 
 
-def write(cfg: SynthConfig, out: Path, jobs_n: int) -> dict:
+def write(cfg: EK100Spec, out: Path, jobs_n: int) -> dict:
     """Render the videos and write the annotation files under ``out``; returns the description."""
     jobs, rows, info = plan(cfg, out)
     for j in jobs:

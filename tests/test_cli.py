@@ -102,7 +102,7 @@ def test_config_keys_and_print_config() -> None:
     code, out, _ = tstl_cli("print-config", "ucf101", "timesformer_vit_b16", "optim.lr=0.5")
     assert code == 0 and "name: timesformer_vit_b16" in out and "lr: 0.5" in out
     code, out, _ = tstl_cli("print-config", "--list")
-    assert code == 0 and "datasets: kinetics400, ssv2, ucf101" in out
+    assert code == 0 and "datasets: ek100, kinetics400, ssv2, ucf101" in out
 
 
 # --- wrong invocations: exit code and the fix on stderr --------------------------------------------------------------
@@ -132,7 +132,8 @@ def test_train_without_shards_names_make_shards(tmp_path: Path) -> None:
 def test_train_unknown_dataset_config_lists_the_datasets(tmp_path: Path) -> None:
     code, _, err = tstl_cli("train", "--check", "--config", str(ROOT / "configs/data/kinetics.yaml"),
                             str(ROOT / "configs/model/bcast_vit_b16.yaml"))
-    assert code == exitcodes.USAGE and "kinetics.yaml" in err and "kinetics400, ssv2, ucf101" in err
+    assert code == exitcodes.USAGE and "kinetics.yaml" in err
+    assert "ek100, kinetics400, ssv2, ucf101" in err
 
 
 def test_model_name_and_kwargs_checked_before_launch(shards_dir: Path) -> None:
@@ -204,12 +205,13 @@ def test_prepare_and_synthetic_usage_errors(tmp_path: Path) -> None:
     code, _, err = tstl_cli("synthetic", "--out", str(tmp_path), "--datasets", "ssv3")
     assert code == exitcodes.USAGE and "ssv3" in err and "ssv2,ucf101,kinetics400" in err
     code, _, err = tstl_cli("print-config", "kinetics")
-    assert code == exitcodes.USAGE and "available datasets: kinetics400, ssv2, ucf101" in err
+    assert code == exitcodes.USAGE and "available datasets: ek100, kinetics400, ssv2, ucf101" in err
 
 
 def test_make_fails_fast_on_an_unknown_dataset_and_groups_needs_k() -> None:
-    for args, hint in ((["train", "DATASET=kinetics"], "use one of: kinetics400 ssv2 ucf101"),
-                       (["shards", "DATASET=kinetics"], "use one of: kinetics400 ssv2 ucf101"),
+    known = "use one of: ek100 kinetics400 ssv2 ucf101"
+    for args, hint in ((["train", "DATASET=kinetics"], known),
+                       (["shards", "DATASET=kinetics"], known),
                        (["groups"], "make groups needs K=")):
         proc = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, check=False, text=True, timeout=60)
         assert proc.returncode == 2 and hint in proc.stderr, (args, proc.stderr)

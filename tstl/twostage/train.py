@@ -47,7 +47,10 @@ def resolve_groups(cfg: TSTLConfig) -> ClassGroups:
 def refuse_multi_head(cfg: TSTLConfig, split: str) -> None:
     """TSTL routes a clip to the expert of its class's group, over the classes of one label: a
     multi-head shard set (EPIC-KITCHENS: verb and noun) is refused (``ConfigError``)."""
-    heads = resolve(cfg.shard_dir(split), cfg.data.shard_url_template).heads
+    try:
+        heads = resolve(cfg.shard_dir(split), cfg.data.shard_url_template).heads
+    except (OSError, ValueError):  # an unreadable shard list: the loader reports it, with the fix
+        return
     if heads:
         raise ConfigError(f"{cfg.shard_dir(split)}: TSTL groups the classes of one label, this "
                           f"shard set has the heads {', '.join(heads)} ({cfg.dataset}); train it "
