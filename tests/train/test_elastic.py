@@ -22,7 +22,7 @@ from tstl.data import DataConfig, build_train_loader
 
 # ------------------------------------------------------------------------------------------------- loader
 
-CFG = {"num_frames": 4, "input_size": 32, "batch_size": 2, "num_workers": 2, "shuffle_buffer": 4, "mixup": 0.0,
+CFG = {"num_frames": 4, "input_size": 32, "batch_size": 2, "num_workers": 2, "mixup": 0.0,
        "cutmix": 0.0, "min_bad_check": 1000}
 
 

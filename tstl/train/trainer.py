@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from tstl.core.config import dump_yaml, to_dict
 from tstl.data import build_eval_loader, build_train_loader
-from tstl.data.pipeline import derive_seed
+from tstl.data.seeds import derive_seed
 from tstl.train import dist, perf, resume_guard
 from tstl.train import engine as eng
 from tstl.train.build import Adapter, build_model, compute_dtype
