@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
 import itertools
+import logging
 import re
 import types
 import typing

@@ -11,6 +11,7 @@ import torch
 from timm.data import Mixup
 from torch.utils.data import DataLoader
 
+from tstl.core.transport import ReadPolicy, orphan_guard
 from tstl.data import partition
 from tstl.data.buffers import BUFFERS_EXTRA, Returns, check_room
 from tstl.data.config import DataConfig
@@ -20,7 +21,6 @@ from tstl.data.reader import ShardSetChanged
 from tstl.data.seeds import derive_seed, name_tag
 from tstl.data.sources import ShardList, changed, resolve
 from tstl.data.stream import LOOKAHEAD, BadSampleRateError, ClipStream, StreamSpec
-from tstl.data.transport import ReadPolicy, orphan_guard
 
 logger = logging.getLogger(__name__)
 

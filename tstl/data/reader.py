@@ -20,10 +20,8 @@ from dataclasses import dataclass
 
 from webdataset.tariterators import base_plus_ext
 
-from tstl.core.shards import ShardSetError
-from tstl.data.cache import NodeCache
-from tstl.data.sources import ShardList
-from tstl.data.transport import (
+from tstl.core.shards import SampleIndex, ShardSetError
+from tstl.core.transport import (
     DEFAULT_POLICY,
     READ_ERRORS,
     RangeReader,
@@ -33,11 +31,14 @@ from tstl.data.transport import (
     open_stream,
     retrying,
 )
+from tstl.data.cache import NodeCache
+from tstl.data.sources import ShardList
 
 logger = logging.getLogger(__name__)
 
-MAX_GAP = 64 * 1024
-"""Two samples of a shard closer than this are read in one request (the gap is read and dropped)."""
+MAX_GAP = 0
+"""Samples of a shard at most this many bytes apart are read in one request (the gap is read and dropped). 0:
+only neighbours in the tar are coalesced, so no byte is read that no sample needs."""
 MAX_REQUEST = 32 * 2**20
 """A coalesced request stops growing at this many bytes."""
 
@@ -100,24 +101,22 @@ class SampleReader:
             return self._fetch(rows)
 
     def _fetch(self, rows: Sequence[int]) -> list[dict]:
-        ix = self.ss.index
         found: dict[int, dict] = {}
-        by_shard: dict[int, list[_Want]] = {}
+        missing = []
         for row in dict.fromkeys(int(r) for r in rows):
-            shard = int(ix.shard[row])
             data = self._cached(row)
             if data is not None:
                 found[row] = self._sample(row, data)
-                continue
-            by_shard.setdefault(shard, []).append(_Want(row, int(ix.offset[row]), int(ix.length[row])))
-        for shard, wants in by_shard.items():
-            wants.sort(key=lambda w: w.offset)
+            else:
+                missing.append(row)
+        for shard, runs in group_runs(self.ss.index, missing).items():
             url = self.ss.shards[shard].url
-            if self.io.ranges(url):
-                for run in _runs(wants):
-                    found.update(self._read_run(url, run))
+            for run in runs:
+                if not self.io.ranges(url):
+                    break
+                found.update(self._read_run(url, run))
             if not self.io.ranges(url):  # also when the first ranged answer showed the server cannot
-                found.update(self._stream(shard, [w for w in wants if w.row not in found]))
+                found.update(self._stream(shard, [w for run in runs for w in run if w.row not in found]))
         return [found[int(r)] for r in rows]
 
     # ---- pieces -----------------------------------------------------------------------------------------------
@@ -169,6 +168,8 @@ class SampleReader:
 
         try:
             retrying(url, self.policy, "ranged read", once)
+        except ShardSetError:
+            raise
         except FileNotFoundError as e:
             raise ShardSetChanged(f"{url}: no longer there ({e.strerror}); the shard set was rebuilt or removed "
                                   "under this run: rerun it (it resumes from its last checkpoint)") from e
@@ -237,6 +238,8 @@ class SampleReader:
 
         try:
             retrying(url, self.policy, "streamed read", once)
+        except ShardSetError:
+            raise
         except READ_ERRORS as e:
             reason = self._unreadable(url, e)
             for w in wants:
@@ -256,6 +259,21 @@ def _shard_rows(ix, shard: int):
     import numpy as np
 
     return np.flatnonzero(ix.shard == shard)
+
+
+def group_runs(ix: SampleIndex, rows: Sequence[int]) -> dict[int, list[list[_Want]]]:
+    """The requests that read ``rows``: per shard (in order of first use), runs of samples sorted by offset that
+    one ranged request each reads (adjacent samples, or gaps under ``MAX_GAP``, up to ``MAX_REQUEST`` bytes)."""
+    by_shard: dict[int, list[_Want]] = {}
+    for row in dict.fromkeys(int(r) for r in rows):
+        by_shard.setdefault(int(ix.shard[row]), []).append(_Want(row, int(ix.offset[row]), int(ix.length[row])))
+    return {shard: _runs(sorted(wants, key=lambda w: w.offset)) for shard, wants in by_shard.items()}
+
+
+def request_bytes(ix: SampleIndex, rows: Sequence[int]) -> tuple[int, int]:
+    """(requests, bytes) that reading ``rows`` by range costs (the I/O planner's unit)."""
+    runs = [run for shard_runs in group_runs(ix, rows).values() for run in shard_runs]
+    return len(runs), sum(run[-1].offset + run[-1].length - run[0].offset for run in runs)
 
 
 def _runs(wants: list[_Want]) -> list[list[_Want]]:

@@ -23,7 +23,7 @@ import numpy as np
 
 from tstl.core import shards as fmt
 from tstl.core.shards import SampleIndex, ShardSetError
-from tstl.data.transport import (
+from tstl.core.transport import (
     DEFAULT_POLICY,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT_S,
@@ -83,7 +83,7 @@ class ShardList:
 class _KeepRange(dict):
     def __missing__(self, key: str) -> str:
         if f"{{{key}}}" in RANGE_FIELDS:
-            return f"{{{key}}}"  # filled per read (tstl.data.transport.range_command)
+            return f"{{{key}}}"  # filled per read (tstl.core.transport.range_command)
         raise KeyError(key)
 
 

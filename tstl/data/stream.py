@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from tstl.core.shards import CLS, JSON, MP4, PARTS
+from tstl.core.transport import ReadPolicy
 from tstl.data import partition, sampling
 from tstl.data.buffers import BUFFERS_EXTRA, Link, Pool
 from tstl.data.cache import NodeCache
@@ -33,7 +34,6 @@ from tstl.data.reader import SampleReader
 from tstl.data.seeds import derive_seed
 from tstl.data.sources import ShardList
 from tstl.data.transforms import EvalViews, TrainClipTransform
-from tstl.data.transport import ReadPolicy
 
 logger = logging.getLogger(__name__)
 

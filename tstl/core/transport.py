@@ -82,6 +82,8 @@ def retrying(url: str, policy: ReadPolicy, what: str, fn: Callable[[int], T]) ->
     for attempt in range(policy.retries + 1):
         try:
             return fn(attempt)
+        except fmt.ShardSetError:
+            raise  # the data is not what its list says: retrying cannot help
         except READ_ERRORS as e:
             if attempt == policy.retries or not is_remote(url):
                 raise
@@ -384,7 +386,7 @@ class RangeReader:
             raise ValueError(f"{url}: a pipe: command without {{offset}} cannot read a range")
         self.opens += 1
         with PipeStream(range_command(url, offset, length), self.timeout_s, expect=length) as stream:
-            data = _exact(io.BufferedReader(stream), length, url)
+            data = _exact(stream, length, url)
             if stream.read(1):
                 raise OSError(f"{url}: sent more than the {length} bytes asked for; check the command's range "
                               "(curl -r {offset}-{last})")
