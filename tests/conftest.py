@@ -44,3 +44,12 @@ def subprocess_env() -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("MASTER_PORT", None)
     return env
+
+
+@pytest.fixture
+def serve():
+    """Factory of loopback http servers that count the bytes they send (``benchmarks.http_counting``):
+    ``with serve(folder, ranges=True) as srv: ... srv.url``."""
+    from benchmarks.http_counting import CountingServer
+
+    return CountingServer

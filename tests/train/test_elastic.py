@@ -1,8 +1,9 @@
 """Elastic resume (issue 13): a run checkpointed on N ranks resumes on M ranks.
 
 Loader: the keys emitted before the save (N ranks) and after the resume (M ranks) of one epoch together are the
-epoch's samples, none in both but the padding (which wraps to the start of the epoch's order). Trainer: 2 -> 1 and 1 -> 2 ranks with ZeRO 0 and 1 (gloo, CPU, bcast_test): model
-and optimizer state restored exactly, step counter and lr schedule continued by the documented rule.
+epoch's samples, none in both but the padding (which wraps to the start of the epoch's order). Trainer: 2 -> 1 and
+1 -> 2 ranks with ZeRO 0 and 1 (gloo, CPU, bcast_test): model and optimizer state restored exactly, step counter
+and lr schedule continued by the documented rule.
 """
 
 from __future__ import annotations
