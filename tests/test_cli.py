@@ -14,6 +14,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
 
 import tstl
 from tstl import cli
@@ -157,9 +158,13 @@ def test_eval_and_tstl_preflight(tmp_path: Path, shards_dir: Path) -> None:
     assert code == exitcodes.USAGE and "model.init: checkpoint not found" in err
     code, _, err = tstl_cli("train-tstl", "--check", *tstl_cfg, "tstl.num_groups=2")
     assert code == exitcodes.USAGE and "TSTL needs weights to start from" in err and "tstl.init=" in err
-    (tmp_path / "cast.pth").write_bytes(b"")
+    # the preflight opens tstl.init against the model (tests/models/test_init_preflight.py): a real,
+    # tiny CAST
+    from tstl.models import create_model
+
+    torch.save({"model": create_model("bcast_test").state_dict()}, tmp_path / "cast.pth")
     code, out, err = tstl_cli("train-tstl", "--check", *tstl_cfg, "tstl.num_groups=2",
-                              f"tstl.init=[{tmp_path}/cast.pth]")
+                              "model.name=bcast_test", f"tstl.init=[{tmp_path}/cast.pth]")
     assert code == exitcodes.OK and out.startswith("ok: TSTL ucf101"), err
 
 

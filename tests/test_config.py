@@ -108,3 +108,35 @@ def test_describe_keys_lists_every_nested_key_with_type_default_and_docstring():
     assert keys["data.num_frames"].doc == "Frames per clip (T)."
     text = format_keys(TrainConfig)
     assert "optim.lr: float = 0.001" in text and "    Peak learning rate" in text
+
+
+@dataclass
+class Checked(Top):
+    """A top-level config with whole-config rules: ``check`` counts its calls."""
+
+    calls: int = 0
+
+    def check(self) -> None:
+        object.__setattr__(self, "calls", self.calls + 1)
+        if self.epochs > 100 and self.optim.lr > 0.1:
+            raise ValueError("epochs > 100 needs optim.lr <= 0.1")
+
+
+def test_the_whole_config_check_runs_once_after_the_last_layer(tmp_path: Path) -> None:
+    # torchtitan's ConfigManager: parse and merge every layer, then validate once
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("epochs: 200\noptim:\n  lr: 0.5\n")  # breaks the whole-config rule on its own...
+    b.write_text("optim:\n  lr: 0.01\n")  # ...which the next layer repairs
+    cfg = load_config(Checked, [a, b], ["views=[1, 1]"])
+    assert cfg.calls == 1 and cfg.optim.lr == 0.01
+    message = r"a\.yaml \+ command line: epochs > 100 needs optim.lr <= 0.1"
+    with pytest.raises(ConfigError, match=message):
+        load_config(Checked, [a], ["views=[1, 1]"])
+
+
+def test_choices_of_a_config_built_in_python_are_checked() -> None:
+    from tstl.core.config import check_choices
+
+    check_choices(Optim(name="sgd"), "optim")
+    with pytest.raises(ValueError, match="optim.name must be adamw or sgd, got 'adam'"):
+        check_choices(Optim(name="adam"), "optim")  # type: ignore[arg-type]

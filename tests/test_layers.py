@@ -122,3 +122,61 @@ def test_the_checker_sees_up_across_and_nested_imports(tmp_path: Path, monkeypat
 
 
 _read = Path.read_text
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports (any depth). ``from pkg import name`` counts as an
+    import of ``pkg.name`` where that is a module; a package's own ``__init__`` is not an edge of
+    its submodules (Python has run it before them)."""
+    files = {module_of(p): p for top in CHECKED for p in sorted((ROOT / top).rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for mod, path in files.items():
+        graph[mod] = set()
+        for _, dst in imports(path):
+            while dst and dst not in files:
+                dst = dst.rpartition(".")[0]
+            if dst and dst != mod and not mod.startswith(dst + "."):
+                graph[mod].add(dst)
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = {f"{node.module}.{a.name}" for a in node.names}
+                graph[mod] |= {name for name in names if name in files and name != mod}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of ``graph``: strongly connected components of more than one module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    # issue 24: tstl.train.config <-> tstl.train.engine was the one circle; torchtitan validates in
+    # its config manager instead. A circle makes import order matter and hides who owns a concept.
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert not cycles({"a": {"b"}, "b": set()})
+    found = cycles(module_graph())
+    assert not found, f"import circles: {found}"

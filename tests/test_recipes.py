@@ -23,7 +23,8 @@ from tstl.core.config import ConfigError, dump_yaml, to_dict
 from tstl.data.config import DataConfig
 from tstl.data.spatial import JitterCrop, jitter_short_side, random_crop_offset, scaled_size, short_side_jitter_crop
 from tstl.train.config import OptimConfig
-from tstl.train.engine import BatchPlan, build_scheduler, param_groups, step_factor
+from tstl.train.ds_config import BatchPlan, deepspeed_config
+from tstl.train.engine import build_scheduler, param_groups, step_factor
 from tstl.train.evaluate import merge, metrics
 from tstl.train.recipes import load_recipe, main, print_config, recipe_files
 
@@ -69,6 +70,10 @@ BCAST_COMMON = {
     "data.rrc_scale": [0.08, 1.0],        # CAST dataset/ssv2.py, kinetics.py _aug_frame scl
     "test_merge": "mean_softmax",         # CAST engine_for_onemodel.py:249 softmax per view, :278 mean
     "seed": 0,                            # ssv2.sh:38 / k400.sh:45 / README.md:110 --seed 0
+    # DeepSpeed fp16 loss scaling when engine.precision=fp16 (our default is bf16): CAST
+    # util_tools/utils.py:756-761 create_ds_config, the same in TSTL's util_tools/utils.py:767-769
+    "engine.fp16_initial_scale_power": 7,  # "initial_scale_power": 7
+    "engine.fp16_loss_scale_window": 128,  # "loss_scale_window": 128
     "val_every": 1,                       # run_bidirection.py:477-478 validation after every epoch
 }
 
@@ -233,6 +238,21 @@ def test_timesformer_batch_and_lr_equal_pyslowfast_on_its_8_gpus() -> None:
         assert plan.total == 64  # defaults.py:432 GLOBAL_BATCH_SIZE 64
         assert plan.scaled(cfg.optim.lr) == pytest.approx(0.005)  # *.yaml:19 BASE_LR 0.005 (absolute)
         assert cfg.model.drop_path_rate == 0.1 and not cfg.data.mixup_active
+
+
+@pytest.mark.parametrize("dataset", ["ssv2", "kinetics400", "ucf101"])
+def test_bcast_fp16_is_casts_deepspeed_fp16(dataset: str) -> None:
+    """With engine.precision=fp16 the generated DeepSpeed section is CAST's create_ds_config "fp16"
+    block (util_tools/utils.py:756-761: enabled, loss_scale 0 = dynamic, initial_scale_power 7,
+    loss_scale_window 128)
+    plus DeepSpeed's own defaults for what CAST leaves out (hysteresis 2, min_loss_scale 1)."""
+    cfg = load_recipe(dataset, "bcast_vit_b16", ["engine.precision=fp16"])
+    plan = BatchPlan(cfg.data.batch_size, cfg.engine.accum_steps, 16)
+    ds = deepspeed_config(cfg.engine, cfg.optim.clip_grad, plan)
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 7,
+                          "loss_scale_window": 128, "hysteresis": 2, "min_loss_scale": 1}
+    # our default (docs/training.md)
+    assert load_recipe(dataset, "bcast_vit_b16").engine.precision == "bf16"
 
 
 def test_cast_and_tstl_total_batches() -> None:

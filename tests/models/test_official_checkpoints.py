@@ -4,36 +4,53 @@ any other global is refused with the global named, unless the user opts in (then
 
 Layouts transcribed from (commits as in /work/shared/reference/models-cast-tstl.md and models-timesformer.md):
 
-* MCG-NJU/VideoMAE@14ef8d8 ``utils.py`` L405-422 (``save_model``, torch-amp path: model, optimizer, epoch, scaler,
-  args) and L423-427 (DeepSpeed path: ``model.save_checkpoint`` with client state ``{"epoch": epoch}``); called by
-  ``run_mae_pretraining.py`` L242-244 and ``run_class_finetuning.py`` L508-519 (``epoch="best"``).
-* KHU-VLL/CAST@51eb871 ``util_tools/utils.py`` L658-680 (the same ``save_model``); ``run_bidirection.py`` L483-485
-  saves ``epoch="best"`` -> ``checkpoint-best.pth`` (torch-amp) or ``checkpoint-best/mp_rank_00_model_states.pt``
-  (``--enable_deepspeed``, which ``scripts/ssv2/ssv2.sh`` L43 passes).
+* MCG-NJU/VideoMAE@14ef8d8 ``utils.py`` L405-422 (``save_model``, torch-amp path: model, optimizer,
+  epoch, scaler, args) and L423-427 (DeepSpeed path: ``model.save_checkpoint`` with client state
+  ``{"epoch": epoch}``); called by ``run_mae_pretraining.py`` L242-244 and
+  ``run_class_finetuning.py`` L508-519 (``epoch="best"``).
+* KHU-VLL/CAST@51eb871 ``util_tools/utils.py`` L658-680 (the same ``save_model``);
+  ``run_bidirection.py`` L483-485 saves ``epoch="best"`` -> ``checkpoint-best.pth`` (torch-amp) or
+  ``checkpoint-best/mp_rank_00_model_states.pt`` (``--enable_deepspeed``, which
+  ``scripts/ssv2/ssv2.sh`` L43 passes).
 * saddy-paddy/TSTL@685226b ``util_tools/utils.py`` L667-689 (the same ``save_model``); selector from
-  ``train_selector.py`` L621-632 (head over the groups, ``args.nb_classes`` set at L359), experts from
-  ``train_experts.py`` L570-582 (``expert-{i}.pth``, a head over every class).
-* microsoft/DeepSpeed ``deepspeed/runtime/engine.py`` ``_save_checkpoint`` (L3270-3309 at 3a3dfe66b, the commit
-  CAST's README pins; L3453-3494 at 38327e0 adds frozen_param_shapes, shared_params, frozen_param_fragments),
-  ``deepspeed/runtime/fp16/fused_optimizer.py`` L435-444 (FP16_Optimizer.state_dict, CAST's fp16 optimizer).
-* facebookresearch/TimeSformer@a5ef29a ``timesformer/utils/checkpoint.py`` L107-135 (``save_checkpoint``: epoch,
-  model_state with the ``model.`` prefix, optimizer_state, cfg as a YAML string; no args).
+  ``train_selector.py`` L621-632 (head over the groups, ``args.nb_classes`` set at L359), experts
+  from ``train_experts.py`` L570-582 (``expert-{i}.pth``, a head over every class).
+* microsoft/DeepSpeed ``deepspeed/runtime/engine.py`` ``_save_checkpoint`` (L3270-3309 at 3a3dfe66b,
+  the commit CAST's README pins; L3453-3494 at 38327e0 adds frozen_param_shapes, shared_params,
+  frozen_param_fragments), ``deepspeed/runtime/fp16/fused_optimizer.py`` L435-444
+  (FP16_Optimizer.state_dict, CAST's fp16 optimizer).
+* facebookresearch/TimeSformer@a5ef29a ``timesformer/utils/checkpoint.py`` L107-135
+  (``save_checkpoint``: epoch, model_state with the ``model.`` prefix, optimizer_state, cfg as a
+  YAML string; no args).
+* The optimizer state every CAST/TSTL/VideoMAE file holds: ``utils.cosine_scheduler`` returns a
+  numpy array (CAST ``util_tools/utils.py`` L638-655, TSTL L647-664, VideoMAE ``utils.py`` L385-402)
+  and the engines set ``param_group["lr"] = lr_schedule_values[it] * param_group["lr_scale"]`` and
+  ``param_group["weight_decay"] = wd_schedule_values[it]`` (CAST ``engine_for_onemodel.py`` L49-54,
+  TSTL L72-77, VideoMAE ``engine_for_finetuning.py`` L49-54, ``engine_for_pretraining.py`` L26-31):
+  ``numpy.float64`` in every param group, pickled as numpy's scalar constructor + ``numpy.dtype``.
+  Files from numpy 1.x (TSTL pins torch 1.11) name the constructor ``numpy.core.multiarray.scalar``,
+  numpy 2 ``numpy._core.multiarray.scalar``; ``_save`` writes both.
+* DeepSpeed fp16 (CAST's ``create_ds_config``, ``util_tools/utils.py`` L740-761) halves the whole
+  module, so ``mp_rank_00_model_states.pt`` holds fp16 weights, frozen experts included; fp32
+  masters sit in the optimizer.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from tstl.models import UntrustedCheckpointError, VideoClassifier, create_model, load_checkpoint
-from tstl.models.checkpoint import TRUSTED_ENV, read_checkpoint
+from tstl.models.checkpoint import SAFE_GLOBALS, TRUSTED_ENV, read_checkpoint
 
 
 class RunState:
@@ -65,16 +82,68 @@ def _args(**extra) -> argparse.Namespace:
                               deepscale_config=None, **extra)
 
 
-def _adamw_state(model: nn.Module) -> dict:
-    """A real AdamW state after one step (tensors, ints, floats, tuples, None)."""
+def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
+                     warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
+    """CAST ``util_tools/utils.py`` L638-655 (VideoMAE and TSTL the same), restated: a numpy
+    array."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup = (np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_epochs > 0
+              else np.array([]))
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    half = 0.5 * (base_value - final_value)
+    schedule = np.array([final_value + half * (1 + math.cos(math.pi * i / len(iters)))
+                         for i in iters])
+    return np.concatenate((warmup, schedule))
+
+
+def _optimizer_state(model: nn.Module, it: int = 7) -> dict:
+    """AdamW after one step at iteration ``it``, its groups set as the reference engines set them
+    (numpy floats)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": params, "lr_scale": 1.0, "weight_decay": 0.05}], lr=1e-3)
+    decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+    # optim_factory.get_parameter_groups: "lr_scale" from LayerDecayValueAssigner (a Python float)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05, "lr_scale": 0.75 ** 2},
+                             {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}], lr=1e-3)
+    lr_schedule_values = cosine_scheduler(1.5e-3, 1.5e-6, 2, 10, warmup_epochs=1)
+    wd_schedule_values = cosine_scheduler(0.05, 0.05, 2, 10)
+    for param_group in opt.param_groups:  # engine_for_onemodel.py L50-54
+        param_group["lr"] = lr_schedule_values[it] * param_group["lr_scale"]
+        if param_group["weight_decay"] > 0:
+            param_group["weight_decay"] = wd_schedule_values[it]
     for p in params:
         p.grad = torch.zeros_like(p)
     opt.step()
     for p in params:
         p.grad = None
-    return opt.state_dict()
+    state = opt.state_dict()
+    assert type(state["param_groups"][0]["lr"]) is np.float64  # what the reference files pickle
+    return state
+
+
+def _save(obj: dict, path: Path, numpy_names: str = "numpy2", **kwargs) -> Path:
+    """``torch.save``; ``numpy_names="numpy1"`` rewrites the pickle's GLOBAL opcodes to the names
+    numpy 1.x writes (``numpy.core.multiarray.scalar``), copying every other record of the zip
+    archive as it is."""
+    torch.save(obj, path, **kwargs)
+    if numpy_names == "numpy1":
+        reader = torch._C.PyTorchFileReader(str(path))
+        records = {name: reader.get_record(name) for name in reader.get_all_records()}
+        del reader
+        pkl = records["data.pkl"]
+        assert b"cnumpy._core.multiarray\nscalar\n" in pkl
+        records["data.pkl"] = pkl.replace(b"cnumpy._core.multiarray\nscalar\n",
+                                          b"cnumpy.core.multiarray\nscalar\n")
+        writer = torch._C.PyTorchFileWriter(str(path))
+        for name, data in records.items():
+            writer.write_record(name, data, len(data))
+        writer.write_end_of_file()
+        del writer
+    return path
+
+
+def _numpy_globals(path: Path) -> set[str]:
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    return {g for g in unsafe if g.startswith("numpy")}
 
 
 # GradScaler.state_dict() (VideoMAE's NativeScalerWithGradNormCount.state_dict returns it).
@@ -83,19 +152,24 @@ _SCALER = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growt
 
 def _amp_checkpoint(model_sd: dict, model: nn.Module, epoch, args: argparse.Namespace) -> dict:
     """utils.save_model, torch-amp path (VideoMAE utils.py L411-417; CAST L664-670; TSTL L673-679)."""
-    return {"model": model_sd, "optimizer": _adamw_state(model), "epoch": epoch, "scaler": dict(_SCALER),
-            "args": args}
+    return {"model": model_sd, "optimizer": _optimizer_state(model), "epoch": epoch,
+            "scaler": dict(_SCALER), "args": args}
 
 
 def _deepspeed_model_states(module_sd: dict, model: nn.Module, client_state: dict) -> dict:
-    """DeepSpeedEngine._save_checkpoint, non-ZeRO fp16 (engine.py L3284-3305 at 3a3dfe66b, L3469-3490 now)."""
+    """DeepSpeedEngine._save_checkpoint, non-ZeRO fp16 (engine.py L3284-3305 at 3a3dfe66b,
+    L3469-3490 now); the module is fp16 (the fp16 engine halves it), the fp32 masters are in the
+    optimizer's fp32_groups_flat."""
     trainable = [p for p in model.parameters() if p.requires_grad]
+    inner = _optimizer_state(model)
+    for group in inner["param_groups"]:  # DeepSpeed FusedAdam groups (adam_w_mode: CAST's config)
+        group.update(bias_correction=True, adam_w_mode=True)
     fp16_optimizer = {  # FP16_Optimizer.state_dict (fused_optimizer.py L435-444)
         "dynamic_loss_scale": True, "cur_scale": 128.0, "cur_iter": 1000, "last_overflow_iter": 870,
-        "scale_factor": 2.0, "scale_window": 128, "optimizer_state_dict": _adamw_state(model),
+        "scale_factor": 2.0, "scale_window": 128, "optimizer_state_dict": inner,
         "fp32_groups_flat": [torch.cat([p.detach().float().flatten() for p in trainable])], "clip_grad": 0.0,
     }
-    state = dict(module=module_sd,
+    state = dict(module={k: v.half() if v.is_floating_point() else v for k, v in module_sd.items()},
                  buffer_names=[n for n, _ in model.named_buffers() if n in module_sd],
                  optimizer=fp16_optimizer,
                  param_shapes=None,  # ZeRO/bf16 only: list of OrderedDict name -> torch.Size
@@ -108,12 +182,25 @@ def _deepspeed_model_states(module_sd: dict, model: nn.Module, client_state: dic
     return state
 
 
-def _same_weights(model: nn.Module, src: nn.Module) -> None:
+def _same_weights(model: nn.Module, src: nn.Module, fp16: bool = False) -> None:
     for k, v in src.state_dict().items():
-        assert torch.equal(model.state_dict()[k], v), k
+        assert torch.equal(model.state_dict()[k], v.half().float() if fp16 else v), k
 
 
-def test_videomae_pretrain_checkpoint_with_args(tmp_path: Path) -> None:
+NUMPY = pytest.mark.parametrize("numpy_names", ["numpy2", "numpy1"])
+
+
+def _saved(ckpt: dict, path: Path, numpy_names: str) -> Path:
+    """Save as the reference does; check the file pickles the numpy globals of that numpy."""
+    _save(ckpt, path, numpy_names)
+    scalar = {"numpy2": "numpy._core.multiarray.scalar", "numpy1": "numpy.core.multiarray.scalar"}
+    scalar = scalar[numpy_names]
+    assert _numpy_globals(path) == {scalar, "numpy.dtype"}
+    return path
+
+
+@NUMPY
+def test_videomae_pretrain_checkpoint_with_args(tmp_path: Path, numpy_names: str) -> None:
     """run_mae_pretraining.py -> checkpoint-799.pth: the encoder under "encoder.", the decoder beside it."""
     src = _seeded("bcast_test", 1, num_classes=5)
     sd = src.state_dict()
@@ -125,15 +212,16 @@ def test_videomae_pretrain_checkpoint_with_args(tmp_path: Path) -> None:
                 "decoder.blocks.0.norm1.weight": torch.ones(32), "decoder.head.weight": torch.randn(1536, 32)})
     ckpt = _amp_checkpoint(enc, src, 799, _args(mask_type="tube", mask_ratio=0.9, window_size=(8, 14, 14),
                                                 normlize_target=True, model="pretrain_videomae_base_patch16_224"))
-    torch.save(ckpt, tmp_path / "checkpoint-799.pth")
+    path = _saved(ckpt, tmp_path / "checkpoint-799.pth", numpy_names)
     model = create_model("bcast_test", num_classes=5)
-    report = load_checkpoint(model, tmp_path / "checkpoint-799.pth")
+    report = load_checkpoint(model, path)
     assert report.format == "videomae-pretrain" and not report.unexplained
     assert torch.equal(model.state_dict()["blocks.1.attn.qkv.weight"], sd["blocks.1.attn.qkv.weight"])
 
 
+@NUMPY
 @pytest.mark.parametrize("deepspeed", [False, True])
-def test_videomae_finetune_checkpoint(tmp_path: Path, deepspeed: bool) -> None:
+def test_videomae_finetune_checkpoint(tmp_path: Path, deepspeed: bool, numpy_names: str) -> None:
     """run_class_finetuning.py -> checkpoint-best.pth (torch-amp, with args) or mp_rank_00_model_states.pt."""
     src = _seeded("bcast_test", 2, num_classes=5)
     sd = src.state_dict()
@@ -148,19 +236,23 @@ def test_videomae_finetune_checkpoint(tmp_path: Path, deepspeed: bool) -> None:
     else:
         ckpt = _amp_checkpoint(vmae, src, "best", _args(model="vit_base_patch16_224", nb_classes=5))
         name = "checkpoint-best.pth"
-    torch.save(ckpt, tmp_path / name)
+    path = _saved(ckpt, tmp_path / name, numpy_names)
     model = create_model("bcast_test", num_classes=5)
-    report = load_checkpoint(model, tmp_path / name)
+    report = load_checkpoint(model, path)
     assert report.format == "videomae-finetune" and not report.unexplained
-    assert torch.equal(model.head.weight, sd["head.weight"])
-    assert torch.equal(model.state_dict()["patch_embed.proj.weight"], sd["patch_embed.proj.weight"])
+    cast = (lambda t: t.half().float()) if deepspeed else (lambda t: t)
+    assert torch.equal(model.head.weight, cast(sd["head.weight"]))
+    patch = "patch_embed.proj.weight"
+    assert torch.equal(model.state_dict()[patch], cast(sd[patch]))
 
 
+@NUMPY
 @pytest.mark.parametrize("layout", ["amp", "deepspeed", "deepspeed-with-args"])
-def test_cast_checkpoint_best(tmp_path: Path, layout: str) -> None:
-    """CAST run_bidirection.py, epoch "best": checkpoint-best.pth or checkpoint-best/mp_rank_00_model_states.pt.
-    The DeepSpeed client state is {"epoch": ...} in the reference; "deepspeed-with-args" adds the run's args as
-    other scripts' client state does."""
+def test_cast_checkpoint_best(tmp_path: Path, layout: str, numpy_names: str) -> None:
+    """CAST run_bidirection.py, epoch "best": checkpoint-best.pth or
+    checkpoint-best/mp_rank_00_model_states.pt (fp16 module). The DeepSpeed client state is
+    {"epoch": ...} in the reference (utils.py L677-680);
+    "deepspeed-with-args" adds the run's args as other scripts' client state does."""
     src = _seeded("bcast_test", 3, num_classes=5)
     if layout == "amp":
         ckpt, name = _amp_checkpoint(src.state_dict(), src, "best", _args(data_set="SSV2", nb_classes=5,
@@ -169,24 +261,25 @@ def test_cast_checkpoint_best(tmp_path: Path, layout: str) -> None:
         client = {"epoch": "best", **({"args": _args()} if layout == "deepspeed-with-args" else {})}
         ckpt, name = _deepspeed_model_states(src.state_dict(), src, client), "mp_rank_00_model_states.pt"
     (tmp_path / "checkpoint-best").mkdir()
-    path = tmp_path / "checkpoint-best" / name
-    torch.save(ckpt, path)
+    path = _saved(ckpt, tmp_path / "checkpoint-best" / name, numpy_names)
     model = create_model("bcast_test", num_classes=5)
     report = load_checkpoint(model, path)
     assert report.format == "cast" and not report.missing and not report.unexpected
-    _same_weights(model, src)
+    _same_weights(model, src, fp16=layout != "amp")
 
 
-def test_tstl_selector_and_experts(tmp_path: Path) -> None:
+@NUMPY
+def test_tstl_selector_and_experts(tmp_path: Path, numpy_names: str) -> None:
     """TSTL train_selector.py / train_experts.py: CAST-layout files, selector head over groups, experts over all
     classes (8 here, 174 in TSTL), each with the run's args."""
     selector = _seeded("bcast_test", 4, num_classes=3)
-    torch.save(_amp_checkpoint(selector.state_dict(), selector, "best", _args(nb_classes=3, data_set="SSV2")),
-               tmp_path / "checkpoint-best.pth")
+    args = _args(nb_classes=3, data_set="SSV2")
+    ckpt = _amp_checkpoint(selector.state_dict(), selector, "best", args)
+    _saved(ckpt, tmp_path / "checkpoint-best.pth", numpy_names)
     experts = [_seeded("bcast_test", 10 + i, num_classes=8) for i in range(3)]
     for i, e in enumerate(experts):
-        torch.save(_amp_checkpoint(e.state_dict(), e, 4, _args(nb_classes=8, data_set="SSV2")),
-                   tmp_path / f"expert-{i}.pth")
+        _saved(_amp_checkpoint(e.state_dict(), e, 4, _args(nb_classes=8, data_set="SSV2")),
+               tmp_path / f"expert-{i}.pth", numpy_names)
     model = create_model("bcast_test", num_classes=3)
     assert load_checkpoint(model, tmp_path / "checkpoint-best.pth").format == "cast"
     _same_weights(model, selector)
@@ -195,6 +288,49 @@ def test_tstl_selector_and_experts(tmp_path: Path) -> None:
         report = load_checkpoint(model, tmp_path / f"expert-{i}.pth")
         assert report.format == "cast" and not report.missing and not report.unexpected
         _same_weights(model, e)
+
+
+@NUMPY
+def test_the_numpy_values_come_back_as_numpy(tmp_path: Path, numpy_names: str) -> None:
+    """The allow-list rebuilds the optimizer's numpy scalars exactly (numpy 1.x names resolve under
+    numpy 2)."""
+    src = _seeded("bcast_test", 8, num_classes=5)
+    ckpt = _amp_checkpoint(src.state_dict(), src, 3, _args())
+    path = _saved(ckpt, tmp_path / "checkpoint-3.pth", numpy_names)
+    with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        back = torch.load(path, weights_only=True, mmap=True)
+    for saved, loaded in zip(ckpt["optimizer"]["param_groups"], back["optimizer"]["param_groups"]):
+        assert type(loaded["lr"]) is np.float64 and loaded["lr"] == saved["lr"]
+        assert loaded["weight_decay"] == saved["weight_decay"]
+    assert isinstance(back["args"], argparse.Namespace) and back["args"].patch_size == (16, 16)
+
+
+class _Shell:
+    """Pickles as a call of os.system, the classic pickle exploit."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@NUMPY
+def test_other_globals_are_still_refused(tmp_path: Path, numpy_names: str) -> None:
+    """The numpy entries open nothing else: os.system next to the numpy scalars, and a numpy array
+    (its _reconstruct global), are refused and named; the command never runs."""
+    marker = tmp_path / "ran"
+    src = _seeded("bcast_test", 9, num_classes=5)
+    ckpt = _amp_checkpoint(src.state_dict(), src, 1, _args())
+    path = _save({**ckpt, "hook": _Shell(f"touch {marker}")}, tmp_path / "evil.pth", numpy_names)
+    with pytest.raises(UntrustedCheckpointError) as err:
+        load_checkpoint(create_model("bcast_test", num_classes=5), path)
+    assert err.value.globals == [f"{os.system.__module__}.system"] and "system" in str(err.value)
+    assert not marker.exists()
+    path = _save({**ckpt, "stats": np.zeros(3)}, tmp_path / "array.pth", numpy_names)
+    with pytest.raises(UntrustedCheckpointError) as err:
+        read_checkpoint(path)
+    assert any(g.endswith("_reconstruct") for g in err.value.globals)
 
 
 def test_timesformer_pyth(tmp_path: Path) -> None:

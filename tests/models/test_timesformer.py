@@ -296,11 +296,12 @@ def test_optimizer_helpers() -> None:
     assert by_name["time_embed"]["weight_decay"] == 0 and by_name["blocks.0.attn.qkv.bias"]["weight_decay"] == 0
     assert by_name["blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
     scale = {n: g["lr_scale"] for n, g in by_name.items()}
-    # As timm's ViT: embeddings (0), blocks 1-3 (the final norm joins the last block), the head alone last.
+    # CAST's rule (get_num_layer_for_vit): embeddings (0), blocks 1-3, the final norm and the head
+    # last (timm's ViT would merge the norm into the last block; issue 24: no such merge declared).
     assert scale["pos_embed"] == pytest.approx(0.5 ** 4) and scale["patch_embed.proj.weight"] == scale["pos_embed"]
     assert scale["blocks.0.temporal_fc.weight"] == pytest.approx(0.5 ** 3)
     assert scale["blocks.2.mlp.fc1.weight"] == pytest.approx(0.5)
-    assert scale["norm.weight"] == pytest.approx(0.5) and scale["head.weight"] == 1.0
+    assert scale["norm.weight"] == 1.0 and scale["head.weight"] == 1.0
 
 
 def test_reset_classifier() -> None:

@@ -187,7 +187,9 @@ class TwoLayers(nn.Module):
     (False, False, 0),  # nothing trains
 ])
 def test_training_flops_follow_what_autograd_runs(train_a: bool, train_b: bool, backward: int) -> None:
-    fwd, total = perf.train_flops_per_clip(TwoLayers(train_a, train_b), (8,))
+    from tstl.models.flops import count_flops
+
+    fwd, total = count_flops(TwoLayers(train_a, train_b), (8,), train=True)
     assert fwd == 384 and total == 384 + backward
     meta = perf.count_on_meta(lambda: TwoLayers(train_a, train_b), (8,))
     assert meta == (fwd, total)

@@ -12,7 +12,8 @@ import torch
 from tstl.core.config import ConfigError, load_config
 from tstl.models import create_model
 from tstl.train.config import EngineConfig, OptimConfig, TrainConfig
-from tstl.train.engine import BatchPlan, deepspeed_config, lr_factor, param_groups
+from tstl.train.ds_config import BatchPlan, deepspeed_config
+from tstl.train.engine import lr_factor, param_groups
 from tstl.train.evaluate import merge, metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,11 +47,11 @@ def test_param_groups_hold_only_trainable_parameters_with_layer_decay() -> None:
 
 def test_deepspeed_config_follows_ours() -> None:
     plan = BatchPlan(4, 2, 2)
-    ds = deepspeed_config(EngineConfig(precision="fp16", zero_stage=1, accum_steps=2), OptimConfig(clip_grad=1.0), plan)
+    ds = deepspeed_config(EngineConfig(precision="fp16", zero_stage=1, accum_steps=2), 1.0, plan)
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["zero_optimization"] == {"stage": 1}
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and ds["gradient_clipping"] == 1.0
-    ds = deepspeed_config(EngineConfig(precision="bf16"), OptimConfig(), plan)
+    ds = deepspeed_config(EngineConfig(precision="bf16"), 0.0, plan)
     assert ds["bf16"] == {"enabled": True} and "fp16" not in ds and "gradient_clipping" not in ds
 
 
@@ -113,7 +114,7 @@ def test_evaluate_on_one_rank_uses_softmax_of_the_model() -> None:
 def test_engine_deepspeed_is_merged_last_key_by_key() -> None:
     extra = {"zero_optimization": {"overlap_comm": True}, "flops_profiler": {"enabled": True, "profile_step": 3},
              "csv_monitor": {"enabled": True, "output_path": "runs/x/ds", "job_name": "ds"}, "steps_per_print": 50}
-    ds = deepspeed_config(EngineConfig(zero_stage=1, deepspeed=extra), OptimConfig(), BatchPlan(4, 1, 1))
+    ds = deepspeed_config(EngineConfig(zero_stage=1, deepspeed=extra), 0.0, BatchPlan(4, 1, 1))
     assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True}  # ours kept, theirs added
     assert ds["flops_profiler"] == extra["flops_profiler"] and ds["steps_per_print"] == 50
     assert ds["csv_monitor"]["enabled"] and ds["train_batch_size"] == 4

@@ -5,7 +5,7 @@ import pytest
 from tstl.core.config import ConfigError, load_config
 from tstl.twostage.config import TSTLConfig
 from tstl.twostage.groups import ClassGroups
-from tstl.twostage.plan import expert_file, expert_stage, pending_experts, selector_stage
+from tstl.twostage.stages import expert_file, expert_stage, pending_experts, selector_stage
 
 GROUPS = ClassGroups(((0, 5), (1, 2, 3), (4, 6, 7)), 8)
 ROOT = Path(__file__).resolve().parents[2]

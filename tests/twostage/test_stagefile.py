@@ -116,7 +116,7 @@ def test_files_of_the_old_format_name_still_load(tmp_path, frozen):
 
 def test_head_rows_adapter_takes_a_groups_rows_of_a_full_head(tmp_path, caplog):
     from tstl.models import load_checkpoint
-    from tstl.twostage.plan import head_rows
+    from tstl.twostage.stages import head_rows
 
     torch.manual_seed(0)
     cast = create_model("bcast_test", num_classes=5)

@@ -7,7 +7,12 @@ This module turns plain data (YAML, ``key.sub=value`` strings) into those datacl
   a release retired (a class's ``RETIRED`` table: key -> why) is ignored with a warning, so older run configs load;
 * values are checked against the field's type annotation (``int``, ``float``, ``bool``, ``str``, ``Path``,
   ``Optional``, ``Literal``, ``list``/``tuple``/``dict`` of those, nested dataclasses);
-* ``__post_init__`` of each dataclass does value validation (ranges, cross-field rules);
+* ``__post_init__`` of each dataclass does value validation (ranges, cross-field rules of its
+  section), on every layer, so an error names the file it came from;
+* the top-level config's ``check()``, where it has one, holds the rules over the whole merged config
+  (those needing several sections or another library, e.g. DeepSpeed's own parser): ``load_config``
+  runs it once, after the last layer (torchtitan's ``ConfigManager.parse_args`` ->
+  ``_validate_config``);
 * every error names the source (file or ``command line``) and the dotted key.
 
 Example::
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import itertools
 import logging
 import re
@@ -37,8 +43,10 @@ _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 __all__ = [
     "ConfigError",
     "KeyInfo",
+    "check_choices",
     "describe_keys",
     "dump_yaml",
+    "flatten",
     "format_keys",
     "from_dict",
     "load_cli_config",
@@ -127,6 +135,25 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: {key}: unsupported annotation {tp!r}")
 
 
+@functools.cache
+def _literal_fields(cls: type) -> tuple[tuple[str, tuple], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, typing.get_args(hints[f.name])) for f in dataclasses.fields(cls)
+                 if typing.get_origin(hints[f.name]) is typing.Literal)
+
+
+def check_choices(obj: Any, section: str) -> None:
+    """Raise ``ValueError`` where a ``Literal`` field of config dataclass ``obj`` holds another
+    value: for configs built in Python (``from_dict`` has checked every loaded value against its
+    annotation already)."""
+    for name, choices in _literal_fields(type(obj)):
+        value = getattr(obj, name)
+        if value not in choices:
+            names = [str(c) for c in choices]
+            allowed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+            raise ValueError(f"{section}.{name} must be {allowed}, got {value!r}")
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config", prefix: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrongly typed values."""
     if not isinstance(data, Mapping):
@@ -174,6 +201,17 @@ def merge(base: dict, update: Mapping) -> dict:
     return out
 
 
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"a.b": value}``, one entry per leaf (lists, empty dicts stay values)."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        nested = isinstance(v, dict) and v
+        out.update(flatten(v, f"{prefix}{k}.") if nested else {f"{prefix}{k}": v})
+    return out
+
+
 def parse_overrides(overrides: Sequence[str]) -> dict:
     """``["optim.lr=3e-4", "data.views=[2,3]"]`` -> nested dict; values are parsed as YAML scalars/lists."""
     out: dict = {}
@@ -208,7 +246,8 @@ def _read_yaml(path: Path) -> dict:
 
 
 def load_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
-    """Defaults of ``cls`` <- each YAML file in order <- dotted overrides; validated at every layer.
+    """Defaults of ``cls`` <- each YAML file in order <- dotted overrides; validated at every layer,
+    then the result's ``check()`` (if any) once.
 
     Each layer is validated on its own first, so an error names the file (or the command line) it came from.
     """
@@ -219,6 +258,15 @@ def load_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Seque
         data = merge(data, layer)
     layer = parse_overrides(overrides)
     result = from_dict(cls, merge(data, layer), source="command line" if overrides else "config")
+    check = getattr(result, "check", None)
+    if callable(check):  # the whole-config rules, once
+        try:
+            check()
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:
+            sources = ", ".join(str(f) for f in files) or "defaults"
+            raise ConfigError(f"{sources}{' + command line' if overrides else ''}: {e}") from e
     return result
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from tstl.core.config import check_choices
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -138,10 +140,7 @@ class DataConfig:
             raise ValueError("data.shuffle_block and data.cache_limit_gb must be >= 0")
         if self.read_timeout_s < 0 or self.read_retries < 0:
             raise ValueError("data.read_timeout_s and data.read_retries must be >= 0")
-        if self.decoder not in ("decord", "torchcodec"):
-            raise ValueError(f"data.decoder must be decord or torchcodec, got {self.decoder!r}")
-        if self.augment_on not in ("auto", "worker", "device"):
-            raise ValueError(f"data.augment_on must be auto, worker or device, got {self.augment_on!r}")
+        check_choices(self, "data")  # decoder, augment_on, ... of a DataConfig built in Python
 
     @property
     def mixup_active(self) -> bool:

@@ -1,35 +1,53 @@
 """Batch stages run by ``ShardLoader`` in the training process, on the training device: the rest of augmentation.
 
-Workers hand uint8 clips ``[B, T, S, S, 3]`` (channels last, a quarter of the float32 bytes). The loader applies
-its ``stages`` in order to every batch, webdataset-style; each stage is a callable ``(batch, seed) -> batch`` and
-``seed`` is derived from (seed, epoch, rank, step, stage), so resumed runs repeat every draw exactly and the draws
-do not depend on the device. Training: ``ToDevice`` (pinned, non-blocking copy) -> ``DeviceRandAugment``
-(``augment_on: device`` only) -> ``Normalize`` (uint8 channels-last -> float ``[B, 3, T, S, S]``) -> ``Erase``
-(timm RandomErasing, pixel mode, one box per clip on every frame) -> ``MixupCutmix`` (timm ``Mixup``, the box on every
-frame). Evaluation: ``ToDevice`` -> ``Normalize``. Adding a batch-level augmentation means adding one stage to
-``ShardLoader._stages``.
+Workers hand uint8 clips ``[B, T, S, S, 3]`` (channels last, a quarter of the float32 bytes). The
+loader applies the stages ``build_stages`` makes to every batch, in order, webdataset-style. A stage
+is a callable ``(batch, seed) -> batch`` with a stable ``name``; its seed is
+``stage_seed(seed, epoch, (rank, step), name)``, keyed by the name, not by the stage's position, so
+inserting a stage leaves the other stages' draws unchanged, resumed runs repeat every draw exactly
+and the draws do not depend on the device.
+
+``BATCH_STAGES`` is the table, in order. Training: ``to_device`` (pinned, non-blocking copy) ->
+``rand_augment`` (``DeviceRandAugment``, ``augment_on: device`` only) -> ``normalize`` (uint8
+channels-last -> float ``[B, 3, T, S, S]``) -> ``erase`` (timm RandomErasing, pixel mode, one box
+per clip on every frame) -> ``mixup`` (timm ``Mixup``, the box on every frame). Evaluation:
+``to_device`` -> ``normalize``. Adding a batch stage is a class (``name`` + ``__call__``) and one
+table entry (docs/loader.md, "Adding an augmentation").
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
-from typing import Protocol
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tstl.data.augment import FILL, RandAugmentPolicy, apply_colour_ops, compose, fill_mask
+from tstl.data.config import DataConfig
+from tstl.data.seeds import derive_seed
+
+if TYPE_CHECKING:
+    from timm.data import Mixup
 
 
-class Stage(Protocol):
+class BatchStage(Protocol):
+    """A batch stage ``(batch, seed) -> batch``; ``name`` keys its random draws (``stage_seed``)."""
+
+    name: str
+
     def __call__(self, batch: dict, seed: int) -> dict: ...
 
 
 class ToDevice:
     """Move ``video`` and ``label`` to the device (non-blocking: the DataLoader pins batches for CUDA)."""
+
+    name = "to_device"
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -61,6 +79,8 @@ def warp_batch(x: torch.Tensor, maps: list[np.ndarray], fills: list[np.ndarray])
 class DeviceRandAugment:
     """RandAugment on the device: per-clip draws (same distribution as the worker path), one batched warp."""
 
+    name = "rand_augment"
+
     def __init__(self, spec: str) -> None:
         self.policy = RandAugmentPolicy(spec)
 
@@ -84,6 +104,8 @@ class DeviceRandAugment:
 class Normalize:
     """uint8 ``[B, T, H, W, 3]`` -> float32 ``[B, 3, T, H, W]``, ``(x / 255 - mean) / std``."""
 
+    name = "normalize"
+
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1, 1)
         self.shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1, 1)
@@ -106,6 +128,8 @@ class Erase:
     Box draw as timm's ``_erase`` (probability, area in [0.02, 1/3], log-uniform aspect in [0.3, 1/0.3], 10
     attempts); per-pixel normal noise, different on every frame and channel (timm on the ``[3T, H, W]`` view).
     """
+
+    name = "erase"
 
     def __init__(self, probability: float, min_area: float = 0.02, max_area: float = 1 / 3,
                  min_aspect: float = 0.3) -> None:
@@ -155,6 +179,8 @@ def numpy_seeded(seed: int) -> Iterator[None]:
 class MixupCutmix:
     """timm ``Mixup`` on the batch; the clip is viewed as ``[B, 3T, H, W]`` so a CutMix box spans every frame."""
 
+    name = "mixup"
+
     def __init__(self, mixup) -> None:
         self.mixup = mixup
 
@@ -166,3 +192,73 @@ class MixupCutmix:
         with numpy_seeded(seed):
             _, batch["label"] = self.mixup(video.view(b, c * t, h, w), batch["label"])
         return batch
+
+
+# ---- the stage table -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage builder may read: the loader's config and the batches it makes."""
+
+    cfg: DataConfig
+    train: bool
+    """Training batches (augmentation, mixup) or evaluation batches."""
+    device: torch.device
+    """The training device the stages run on (``ShardLoader.to``)."""
+    mixup: Mixup | None
+    """The loader's timm ``Mixup`` (it needs the shard set's number of classes), None when off."""
+    augment_on: str
+    """``worker`` or ``device``: ``data.augment_on`` resolved against ``device``."""
+
+
+StageBuilder = Callable[[StageContext], "BatchStage | None"]
+"""Makes a stage for a loader, or None where the stage is off for it."""
+
+
+def _rand_augment(ctx: StageContext) -> DeviceRandAugment | None:
+    on = ctx.train and ctx.augment_on == "device" and ctx.cfg.rand_augment
+    return DeviceRandAugment(ctx.cfg.rand_augment) if on else None
+
+
+def _erase(ctx: StageContext) -> Erase | None:
+    return Erase(ctx.cfg.reprob) if ctx.train and ctx.cfg.reprob > 0 else None
+
+
+BATCH_STAGES: dict[str, StageBuilder] = {
+    "to_device": lambda ctx: ToDevice(ctx.device),
+    "rand_augment": _rand_augment,
+    "normalize": lambda ctx: Normalize(ctx.cfg.mean, ctx.cfg.std),
+    "erase": _erase,
+    "mixup": lambda ctx: MixupCutmix(ctx.mixup) if ctx.mixup is not None else None,
+}
+"""Stage name -> builder, in the order the stages run; a stage's ``name`` is its key here."""
+
+
+def build_stages(cfg: DataConfig, *, train: bool, device: torch.device, mixup: Mixup | None,
+                 augment_on: str) -> list[BatchStage]:
+    """The batch stages of a loader, in ``BATCH_STAGES`` order, leaving out those that are off."""
+    ctx = StageContext(cfg, train, device, mixup, augment_on)
+    stages = []
+    for name, build in BATCH_STAGES.items():
+        stage = build(ctx)
+        if stage is None:
+            continue
+        if stage.name != name:  # the name keys the stage's draws: two stages must never share one
+            raise ValueError(f"BATCH_STAGES[{name!r}] built a stage named {stage.name!r}")
+        stages.append(stage)
+    return stages
+
+
+SEED_TAGS: dict[str, int] = {"mixup": 4, "rand_augment": 11, "erase": 12}
+"""Stages older than the name keying keep the seed tag they drew with, 10 + their former position
+for all but mixup (its 4): RandAugment 11, erasing 12 (its position on the worker-augment path, the
+CPU default; with ``augment_on: device`` it was 13, so its draws there changed once). Every other
+stage's tag is the CRC-32 of its name."""
+
+
+def stage_seed(seed: int, epoch: int, step_key: tuple[int, ...], name: str) -> int:
+    """The seed of stage ``name`` for one batch: ``step_key`` says which batch (the loader gives the position
+    of its first sample in the epoch's order, so the draw is the same on any layout). Keyed by the name
+    (a stable hash, not Python's salted ``hash``), so adding or moving a stage changes no other
+    stage's draws."""
+    tag = SEED_TAGS.get(name, zlib.crc32(name.encode()))
+    return derive_seed(seed, epoch, *step_key, tag)

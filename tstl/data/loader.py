@@ -16,9 +16,8 @@ from tstl.data import partition
 from tstl.data.buffers import BUFFERS_EXTRA, Returns, check_room
 from tstl.data.config import DataConfig
 from tstl.data.decode import check_decoder
-from tstl.data.device import DeviceRandAugment, Erase, MixupCutmix, Normalize, Stage, ToDevice
+from tstl.data.device import BatchStage, build_stages, stage_seed
 from tstl.data.reader import ShardSetChanged
-from tstl.data.seeds import derive_seed, name_tag
 from tstl.data.sources import ShardList, changed, resolve
 from tstl.data.stream import LOOKAHEAD, BadSampleRateError, ClipStream, StreamSpec
 
@@ -234,18 +233,10 @@ class ShardLoader:
             return self.cfg.augment_on
         return "device" if self.device.type == "cuda" else "worker"
 
-    def _stages(self) -> list[Stage]:
-        """The batch stages, in order (webdataset style): one place to add a batch-level augmentation."""
-        c = self.cfg
-        stages: list[Stage] = [ToDevice(self.device)]
-        if self.train and self.augment_on == "device" and c.rand_augment:
-            stages.append(DeviceRandAugment(c.rand_augment))
-        stages.append(Normalize(c.mean, c.std))
-        if self.train and c.reprob > 0:
-            stages.append(Erase(c.reprob))
-        if self.mixup is not None:
-            stages.append(MixupCutmix(self.mixup))
-        return stages
+    def _stages(self) -> list[BatchStage]:
+        """The batch stages, in order (``tstl.data.device.BATCH_STAGES``: add one there)."""
+        return build_stages(self.cfg, train=self.train, device=self.device, mixup=self.mixup,
+                            augment_on=self.augment_on)
 
     def __iter__(self) -> Iterator[dict]:
         total = len(self)
@@ -284,7 +275,8 @@ class ShardLoader:
                                   "rebuild or republish a set that a job is reading (build a new folder instead); "
                                   "rerun this job to continue from its last checkpoint on the new set")
 
-    def _batches(self, dl: DataLoader, stages: list[Stage], total: int, returns: Returns | None) -> Iterator[dict]:
+    def _batches(self, dl: DataLoader, stages: list[BatchStage], total: int,
+                 returns: Returns | None) -> Iterator[dict]:
         for batch in dl:
             if returns is not None:
                 returns.poll()
@@ -293,18 +285,14 @@ class ShardLoader:
             self._bad_run += bad
             self._seen_run += read
             self._check_bad(last=self.step + 1 == total, starved=batch.pop("_starved", False))
-            # batch-stage draws keyed by the batch's place in the epoch's order: the same on any layout
+            # each stage's draws are keyed by its name and the batch's place in the epoch's order (the
+            # position of its first sample): the same on any number of ranks and workers
             first = self._segment.positions(self.step, self.rank, self.world_size, self.cfg.batch_size)[0] \
                 if self.train else self.step
             for stage in stages:
-                batch = stage(batch, derive_seed(self.cfg.seed, self.epoch, int(first), _stage_tag(stage)))
+                batch = stage(batch, stage_seed(self.cfg.seed, self.epoch, (int(first),), stage.name))
             self.step += 1
             yield batch
-
-
-def _stage_tag(stage: Stage) -> int:
-    """A stage's seed tag from its name, so adding a stage leaves the other stages' draws as they were."""
-    return name_tag(getattr(stage, "name", type(stage).__name__))
 
 
 def _check_label_map(label_map: Mapping[int, int] | None, num_classes: int | None) -> dict[int, int] | None:

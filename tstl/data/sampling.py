@@ -177,9 +177,12 @@ def tstl_segment_train(n: int, num_frames: int, rng: np.random.Generator, rate: 
 def tstl_segment_test(n: int, num_frames: int, view: int, num_views: int, rate: int = 4) -> np.ndarray:
     """Deterministic counterpart of :func:`tstl_segment_train` for the test views (TSTL has none that works).
 
-    TSTL's test branch (``dataset/kinetics.py:248-254`` with ``:146-157``) slices ``clip_len = 1`` frame per view,
-    which a 16-frame model cannot take. We keep the training segments and offsets and put view ``t`` of ``V`` at
-    the middle of the ``t``-th of ``V`` equal parts of the training offset range ``[0, seg - rate - 1]``.
+    TSTL never runs a test view on UCF101: its UCF101 branch computes ``mode`` but does not pass it
+    (``dataset/datasets.py:157-183``), so the val and test sets are built in train mode (random
+    frames, one view). Its test branch (``dataset/kinetics.py:248-254`` with ``:146-157``) would
+    slice ``clip_len = 1`` frame per view. We keep the training segments and offsets and put view
+    ``t`` of ``V`` at the middle of the ``t``-th of ``V`` equal parts of the training offset range
+    ``[0, seg - rate - 1]``.
     """
     _check(n)
     seg = n // num_frames

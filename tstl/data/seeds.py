@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 
 
@@ -11,7 +9,3 @@ def derive_seed(*parts: int) -> int:
     """A 32-bit seed from a tuple of integers (epoch, position, ...), well mixed by NumPy's SeedSequence."""
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
-
-def name_tag(name: str) -> int:
-    """A stable integer for a name (CRC-32; Python's ``hash`` of a str changes between processes)."""
-    return zlib.crc32(name.encode())

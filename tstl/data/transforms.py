@@ -5,13 +5,17 @@ Training follows the CAST/VideoMAE recipe with one draw per clip shared by every
 crop, the flip and RandAugment's geometric ops compose into one affine map, applied to each frame in a single
 bicubic warp at the output size (``tstl.data.augment``); the colour ops follow as lookup tables. With
 ``augment_on: device`` the workers only crop (and flip) and RandAugment runs batched on the training device
-(``tstl.data.device``). Either way a clip leaves the worker as uint8 ``[T, S, S, 3]`` (channels last, as decoded);
-normalisation, random erasing and mixup run on the batch in the training process (``tstl.data.device``).
+(``tstl.data.device``). The transforms of ``CLIP_TRANSFORMS`` (the worker-side hook) then run in
+order on the uint8 clip. Either way a clip leaves the worker as uint8 ``[T, S, S, 3]`` (channels
+last, as decoded); normalisation, random erasing and mixup run on the batch in the training process
+(``tstl.data.device``).
 """
 
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -87,8 +91,29 @@ def flip_matrix(size: int) -> np.ndarray:
     return np.array([[-1.0, 0.0, float(size)], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
 
 
+ClipFn = Callable[[torch.Tensor, np.random.Generator], torch.Tensor]
+"""A worker-side clip transform: uint8 ``[T, S, S, 3]`` in and out, every draw from the generator
+it is given."""
+
+CLIP_TRANSFORMS: dict[str, Callable[[DataConfig], ClipFn | None]] = {}
+"""The worker-side hook: name -> builder of a training clip transform (None: off for this config),
+run in order after the fused crop/flip/RandAugment warp (which stays one step: it resamples each
+frame once). Each draws from its own generator keyed by its name (``transform_rng``), so adding one
+changes no other draw. Empty as shipped; docs/loader.md ("Adding an augmentation") adds one."""
+
+
+def transform_rng(rng: np.random.Generator, name: str) -> np.random.Generator:
+    """The generator of clip transform ``name``: a child of ``rng``'s seed keyed by the name's
+    CRC-32, made without drawing from ``rng`` (the crop and RandAugment draws stay as they are)."""
+    seq = rng.bit_generator.seed_seq
+    key = (*seq.spawn_key, zlib.crc32(name.encode()))
+    child = np.random.SeedSequence(seq.entropy, spawn_key=key)
+    return np.random.default_rng(child)
+
+
 class TrainClipTransform:
-    """Worker side of training augmentation: crop box, flip and (``augment``) RandAugment, one draw per clip.
+    """Worker side of training augmentation: crop box, flip and (``augment``) RandAugment, one draw
+    per clip, then the ``CLIP_TRANSFORMS`` hook.
 
     Args:
         cfg: loader configuration.
@@ -99,6 +124,8 @@ class TrainClipTransform:
         self.cfg = cfg
         self.size = cfg.input_size
         self.policy = RandAugmentPolicy(cfg.rand_augment) if (augment and cfg.rand_augment) else None
+        built = ((name, make(cfg)) for name, make in CLIP_TRANSFORMS.items())
+        self.extra: list[tuple[str, ClipFn]] = [(name, fn) for name, fn in built if fn is not None]
 
     def crop_box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """The clip's crop box ``(top, left, h, w)`` in source pixels: timm's random resized crop, or PySlowFast's
@@ -127,6 +154,8 @@ class TrainClipTransform:
         clip = torch.from_numpy(warp_clip(frames, (top, left, h, w), m, s, fill))
         if ops is not None:
             clip = apply_colour_ops(clip, ops)
+        for name, fn in self.extra:
+            clip = fn(clip, transform_rng(rng, name))
         return clip
 
 

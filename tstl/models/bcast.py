@@ -21,6 +21,7 @@ Deliberate deviations from the reference (numerics at inference are identical; s
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -34,12 +35,15 @@ from torch.utils.checkpoint import checkpoint
 
 from tstl.models.contract import Conversion, VideoClassifier
 from tstl.models.layers import LayerNorm, build_variant
+from tstl.models.layouts import hf_prefixed, identify, unsupported
 from tstl.models.registry import register_model
 
 # A parameter is trained iff its name contains one of these (the reference's rule, minus patterns that match
 # nothing). ``clip_space_pos``/``vmae_space_pos`` are caught by "cross" through ``s2t_cross``.
 TRAINABLE_PATTERNS = ("cross", "clip_time_pos", "vmae_time_pos", "Adapter", "ln_post", "vmae_fc_norm", "head")
 NO_WEIGHT_DECAY = ("clip_time_pos", "clip_space_pos", "vmae_space_pos", "vmae_time_pos")
+logger = logging.getLogger(__name__)
+
 _CLIP_KEYS = re.compile(r"^(clip_|blocks\.\d+\.clip_)")
 _VMAE_KEYS = re.compile(r"^(patch_embed\.|blocks\.\d+\.(norm1|attn|norm2|mlp)\.)")
 
@@ -352,27 +356,41 @@ class BCAST(VideoClassifier):
         return {n for n, _ in self.named_parameters() if any(p in n for p in NO_WEIGHT_DECAY)}
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """timm-style layer groups: stems = 0, block i = i + 1, everything after the blocks last."""
+        """timm-style layer groups as CAST's ``get_num_layer_for_vit``: stems = 0, block i = i + 1,
+        the rest (``clip_ln_post``, ``vmae_fc_norm``, the last adapters, the head) unmatched, hence
+        the top id."""
         return {
             "stem": r"^clip_conv1|^clip_class_embedding|^clip_positional_embedding|^clip_ln_pre|^patch_embed",
-            "blocks": [(r"^blocks\.(\d+)", None), (r"^clip_ln_post|^vmae_fc_norm|^\w+_last_Adapter", (99999,))],
+            "blocks": [(r"^blocks\.(\d+)", None)],
         }
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
     def convert_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> Conversion:
-        """Map an OpenAI CLIP, VideoMAE (pre-trained or fine-tuned) or CAST/TSTL state dict onto this model."""
-        keys = set(state_dict)
-        if any(k.startswith("module.") for k in keys):
+        """Map an OpenAI CLIP, VideoMAE (pre-trained or fine-tuned; original or Hugging Face) or
+        CAST/TSTL state dict onto this model.
+
+        Raises:
+            UnsupportedLayoutError: a layout B-CAST cannot take (TimeSformer, an image ViT,
+            unknown). ValueError: Hugging Face VideoMAE weights whose query/value biases were
+            dropped by a conversion.
+        """
+        if any(k.startswith("module.") for k in state_dict):
             state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-            keys = set(state_dict)
-        if any(".clip_attn." in k for k in keys):
+        layout = identify(state_dict)
+        if layout == "cast":
             return Conversion(state_dict, "cast")
-        if any(k.startswith("visual.") for k in keys) or "conv1.weight" in keys:
+        if layout == "openai-clip":
             return self._from_clip(state_dict)
-        if any(re.match(r"^(encoder\.|backbone\.)?patch_embed\.proj\.", k) for k in keys):
+        if layout in ("videomae-pretrain", "videomae-finetune"):
             return self._from_videomae(state_dict)
-        raise ValueError("unrecognised checkpoint layout: expected OpenAI CLIP, VideoMAE or CAST keys")
+        if layout == "hf-videomae":
+            original = _hf_videomae_to_original(hf_prefixed(state_dict, "videomae"))
+            conv = self._from_videomae(original)
+            conv.format = "hf-videomae"
+            return conv
+        raise unsupported(layout, "B-CAST", "OpenAI CLIP, VideoMAE (original or Hugging Face) and "
+                                            "CAST/TSTL weights")
 
     def _other_keys(self, belongs: re.Pattern, why: str) -> dict[str, str]:
         """Model keys outside one expert: a checkpoint of that expert is known not to provide them. Keys of the
@@ -422,6 +440,86 @@ class BCAST(VideoClassifier):
         missing.update({k: "initialised (the VideoMAE head has another shape)" for k in ("head.weight", "head.bias")
                         if k not in out and head is not None})
         return Conversion(out, fmt, missing, dropped)
+
+
+# Hugging Face VideoMAE -> the original VideoMAE names, per layer (after
+# ``videomae.encoder.layer.<i>.``). The query/key/value Linears are packed into VideoMAE's one
+# bias-free qkv (q, k, v rows in that order, as transformers' convert_videomae_to_pytorch.py splits
+# it); the biases are q_bias/v_bias in hub files (transformers 4 layout, which save_pretrained still
+# writes) and query.bias/value.bias in a transformers 5 model's own state_dict().
+_HF_VMAE_LAYER = {
+    "layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
+    "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
+    "attention.attention.q_bias": "attn.q_bias", "attention.attention.v_bias": "attn.v_bias",
+    "attention.attention.query.bias": "attn.q_bias",
+    "attention.attention.value.bias": "attn.v_bias",
+}
+_HF_VMAE_TOP = {
+    "videomae.embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "videomae.embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "videomae.layernorm.weight": "norm.weight", "videomae.layernorm.bias": "norm.bias",
+    "classifier.weight": "head.weight", "classifier.bias": "head.bias",
+}
+_HF_VMAE_KEY = re.compile(r"videomae\.encoder\.layer\.(\d+)\.(.+?)(\.weight|\.bias)?")
+
+
+def _hf_videomae_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face ``VideoMAEModel`` / ``...ForVideoClassification`` / ``...ForPreTraining`` names
+    -> VideoMAE's.
+
+    A key bias (``key.bias``, which transformers never creates) is dropped: it adds ``q . b`` to
+    every score of a query, and softmax ignores a constant shift. Pre-training keys move under
+    ``decoder.``-style names that ``_from_videomae`` drops; any other key keeps its name and fails a
+    strict load.
+
+    Raises:
+        ValueError: a layer has no query/value biases: the conversion that wrote the file dropped
+        them.
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        m = _HF_VMAE_KEY.fullmatch(k)
+        if m is None:
+            out[_HF_VMAE_TOP.get(k, k)] = v
+            continue
+        i, name, leaf = m[1], m[2], m[3] or ""
+        if name in (f"attention.attention.{p}" for p in ("query", "key", "value")):
+            if leaf == ".weight":
+                qkv.setdefault(i, {})[name.rsplit(".", 1)[1]] = v
+                continue
+            if name.endswith(".key"):
+                continue  # softmax-invariant (see the docstring)
+        target = _HF_VMAE_LAYER.get(name + leaf) or _HF_VMAE_LAYER.get(name)
+        out[f"blocks.{i}.{target}{'' if target.endswith('_bias') else leaf}" if target else k] = v
+    for i, parts in qkv.items():
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([parts["query"], parts["key"],
+                                                         parts["value"]])
+    _check_qv_biases(out, sorted(qkv, key=int))
+    return out
+
+
+def _check_qv_biases(sd: dict[str, torch.Tensor], layers: list[str]) -> None:
+    """Refuse a VideoMAE without query/value biases; warn when every one is exactly zero (a trained
+    VideoMAE's never are: a loader that did not know the names left them at their zero
+    initialisation)."""
+    lacking = [i for i in layers
+               if f"blocks.{i}.attn.q_bias" not in sd or f"blocks.{i}.attn.v_bias" not in sd]
+    if lacking:
+        raise ValueError(
+            "Hugging Face VideoMAE weights without query/value biases (q_bias/v_bias) in layers "
+            f"{lacking}: the conversion that wrote this file dropped them (VideoMAE has q and v "
+            "biases in every layer; some transformers 5 releases did not map the hub files' "
+            "q_bias/v_bias). Without them the temporal expert "
+            "computes other features; use the original hub snapshot (its weights file has "
+            "...attention.attention.q_bias) or the original VideoMAE checkpoint")
+    biases = [sd[f"blocks.{i}.attn.{b}"] for i in layers for b in ("q_bias", "v_bias")]
+    if biases and not any(t.is_meta for t in biases) and not any(bool(t.any()) for t in biases):
+        logger.warning("Hugging Face VideoMAE weights whose query/value biases are all exactly "
+                       "zero: "
+                       "probably a conversion that dropped VideoMAE's q_bias/v_bias (a trained "
+                       "VideoMAE's are never all "
+                       "zero); prefer the original hub snapshot or VideoMAE checkpoint")
 
 
 def _build(defaults: dict, **kwargs) -> BCAST:

@@ -18,8 +18,10 @@ Methods every family implements (abstract here):
         family's constructor initialises it, on the old head's device and dtype; it trains (``requires_grad``).
     no_weight_decay(): names of parameters excluded from weight decay (besides biases and norms, which the
         optimizer excludes by shape); every name is a real parameter.
-    group_matcher(coarse=False): timm's layer-group spec (``{"stem": regex, "blocks": [(regex, ordinal), ...]}``),
-        so ``timm.optim.param_groups_layer_decay`` gives layer-wise lr decay.
+    group_matcher(coarse=False): timm's layer-group spec
+        (``{"stem": regex, "blocks": [(regex, None), ...]}``), read by timm's ``group_parameters``
+        for layer-wise lr decay (``tstl.train.engine.layer_ids``, the ids of
+        ``timm.optim.param_groups_layer_decay``): CAST's rule, so no ``(99999,)`` merge entries.
     convert_checkpoint(state_dict): map a foreign checkpoint layout onto this model's key names (``Conversion``).
 
 Methods implemented here, once for every family:

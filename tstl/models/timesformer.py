@@ -26,7 +26,11 @@ Deliberate deviations (identical logits at inference up to rounding):
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -39,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tstl.models.contract import Conversion, VideoClassifier
 from tstl.models.layers import LayerNorm, build_variant
+from tstl.models.layouts import hf_prefixed, identify, strip_wrapper_prefix, unsupported
 from tstl.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -259,26 +264,39 @@ class TimeSformer(VideoClassifier):
         return {n for n in ("cls_token", "pos_embed", "time_embed") if n in names}
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """timm ViT's layer groups: embeddings = 0, block i = i + 1, the final norm with the last block; the
-        unmatched head gets the top layer id in ``param_groups_layer_decay``."""
+        """Layer groups as CAST's ``get_num_layer_for_vit``: embeddings = 0, block i = i + 1, the
+        final norm and the head unmatched, hence the top id (timm's ViT merges its norm into the
+        last block instead)."""
         return {
             "stem": r"^cls_token|^pos_embed|^time_embed|^patch_embed",
-            "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+            "blocks": [(r"^blocks\.(\d+)", None)],
         }
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
     def convert_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> Conversion:
-        """Map an official TimeSformer state dict or a timm/ImageNet ViT onto this model.
+        """Map an official TimeSformer, a Hugging Face ``TimesformerForVideoClassification`` or a
+        timm/ImageNet ViT state dict onto this model.
 
-        The reference loader's rules: ``model.``/``module.`` prefixes are stripped, a flattened patch projection is
-        reshaped to a conv kernel, a head of another size is dropped, the position table is resized
-        (``checkpoint_pos_resize``) and the time table 1-D nearest; for divided attention, temporal attention and
-        its norm are copied from the spatial ones when the checkpoint has none (``temporal_fc`` stays zero).
+        The reference loader's rules: ``model.``/``module.`` prefixes are stripped, a flattened
+        patch projection is reshaped to a conv kernel, a head of another size is dropped, the
+        position table is resized (``checkpoint_pos_resize``) and the time table 1-D nearest; for
+        divided attention, temporal attention and its norm are copied from the spatial ones when the
+        checkpoint has none (``temporal_fc`` stays zero). Hugging Face names are mapped one to one
+        first (``_HF_RENAMES``; bit-exact, the qkv stays packed).
+
+        Raises:
+            UnsupportedLayoutError: a layout TimeSformer cannot take (B-CAST, CLIP, VideoMAE,
+            unknown).
         """
-        sd = {_strip_prefix(k): v for k, v in state_dict.items()}
-        timesformer = "time_embed" in sd or any(".temporal_" in k for k in sd)
-        fmt = "timesformer" if timesformer else "timm-vit"
+        layout = identify(state_dict)
+        if layout not in _LAYOUTS:
+            raise unsupported(layout, "TimeSformer",
+                              "official TimeSformer .pyth, Hugging Face Timesformer and timm ViT "
+                              "weights")
+        sd = (_from_hf(hf_prefixed(state_dict, "timesformer")) if layout == "hf-timesformer"
+              else {strip_wrapper_prefix(k): v for k, v in state_dict.items()})
+        fmt = layout if layout in ("hf-timesformer", "timesformer") else "timm-vit"
         own = self.state_dict()
         missing: dict[str, str] = {}
         dropped: dict[str, str] = {}
@@ -308,9 +326,11 @@ class TimeSformer(VideoClassifier):
 
     def _convert_embeddings(self, sd: dict, missing: dict, dropped: dict) -> None:
         pos = sd.get("pos_embed")
+        hint = _variant_hint(pos, sd.get("time_embed"))
         if pos is not None and pos.shape[1] != self.pos_embed.shape[1]:
             n = self.pos_embed.shape[1] - 1
-            logger.info("resizing pos_embed %d -> %d (%s)", pos.shape[1], n + 1, self.checkpoint_pos_resize)
+            logger.info("resizing pos_embed %d -> %d (%s)%s", pos.shape[1], n + 1,
+                        self.checkpoint_pos_resize, hint)
             side = int(n ** 0.5)
             sd["pos_embed"] = (resize_pos_embed_flat(pos, n) if self.checkpoint_pos_resize == "flat"
                                else resize_pos_embed_grid(pos, (side, side)))
@@ -320,7 +340,8 @@ class TimeSformer(VideoClassifier):
                 del sd["time_embed"]
         elif "time_embed" in sd:
             if sd["time_embed"].shape[1] != self.num_frames:
-                logger.info("resizing time_embed %d -> %d (1-D nearest)", sd["time_embed"].shape[1], self.num_frames)
+                logger.info("resizing time_embed %d -> %d (1-D nearest)%s",
+                            sd["time_embed"].shape[1], self.num_frames, hint)
             sd["time_embed"] = resize_time_embed(sd["time_embed"], self.num_frames)
         else:
             missing["time_embed"] = "the checkpoint has no time embedding: it stays zero (as the reference)"
@@ -341,11 +362,110 @@ class TimeSformer(VideoClassifier):
                 missing[prefix + "temporal_fc."] = "not in the checkpoint: zero-initialised (temporal branch off)"
 
 
-def _strip_prefix(key: str) -> str:
-    """Drop the DDP ``module.`` and the official wrapper's ``model.`` prefixes."""
-    for prefix in ("module.", "model."):
-        key = key.removeprefix(prefix)
-    return key
+_LAYOUTS = ("timesformer", "hf-timesformer", "timm-vit")
+
+# Hugging Face ``TimesformerForVideoClassification`` -> ours, per block (after
+# ``timesformer.encoder.layer.<i>.``); transformers ``convert_timesformer_to_pytorch.py`` is the
+# inverse. Bit-exact: the qkv stays one packed Linear.
+_HF_BLOCK = {
+    "layernorm_before": "norm1", "layernorm_after": "norm2",
+    "attention.attention.qkv": "attn.qkv", "attention.output.dense": "attn.proj",
+    "temporal_layernorm": "temporal_norm1", "temporal_attention.attention.qkv": "temporal_attn.qkv",
+    "temporal_attention.output.dense": "temporal_attn.proj", "temporal_dense": "temporal_fc",
+    "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
+}
+_HF_TOP = {
+    "timesformer.embeddings.cls_token": "cls_token",
+    "timesformer.embeddings.position_embeddings": "pos_embed",
+    "timesformer.embeddings.time_embeddings": "time_embed",
+    "timesformer.embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "timesformer.embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "timesformer.layernorm.weight": "norm.weight", "timesformer.layernorm.bias": "norm.bias",
+    "classifier.weight": "head.weight", "classifier.bias": "head.bias",
+}
+_HF_LAYER = re.compile(r"timesformer\.encoder\.layer\.(\d+)\.(.+)\.(weight|bias)")
+
+# (pos_embed length, frames) of the released variants: which model a checkpoint's tables were built
+# for
+_VARIANTS = {(197, 8): "timesformer_vit_b16", (785, 16): "timesformer_hr_vit_b16",
+             (197, 96): "timesformer_l_vit_b16"}
+
+
+def _from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face Timesformer names -> ours; a key outside the table keeps its name (and fails a
+    strict load)."""
+    out = {}
+    for k, v in state_dict.items():
+        m = _HF_LAYER.fullmatch(k)
+        if m and m[2] in _HF_BLOCK:
+            out[f"blocks.{m[1]}.{_HF_BLOCK[m[2]]}.{m[3]}"] = v
+        else:
+            out[_HF_TOP.get(k, k)] = v
+    return out
+
+
+def hf_state_dict(model: TimeSformer) -> dict[str, torch.Tensor]:
+    """``model``'s weights under Hugging Face ``TimesformerForVideoClassification`` names (the
+    inverse map)."""
+    top = {v: k for k, v in _HF_TOP.items()}
+    block = {v: k for k, v in _HF_BLOCK.items()}
+    out = {}
+    for k, v in model.state_dict().items():
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", k)
+        if m:
+            out[f"timesformer.encoder.layer.{m[1]}.{block[m[2]]}.{m[3]}"] = v
+        else:
+            out[top[k]] = v
+    return out
+
+
+def save_hf(model: TimeSformer, folder: str | os.PathLike) -> Path:
+    """Write ``model`` as a Hugging Face ``TimesformerForVideoClassification`` folder
+    (``config.json`` + ``model.safetensors``) that ``transformers`` loads with ``from_pretrained``
+    (same logits; its input is ``[B, T, C, H, W]``). Only what inference needs goes into the config:
+    dropout and drop path are 0.
+
+    Raises:
+        ValueError: ``space_only`` attention, which transformers runs differently (one logit row per
+        frame).
+    """
+    from safetensors.torch import save_file  # timm's dependency
+
+    if model.attention_type == "space_only":
+        raise ValueError("transformers' space_only Timesformer returns one logit row per frame, "
+                         "not the frame average: a space_only model has no Hugging Face equivalent")
+    blk = model.blocks[0]
+    labels = {str(i): f"LABEL_{i}" for i in range(model.num_classes)}
+    config = {
+        "architectures": ["TimesformerForVideoClassification"], "model_type": "timesformer",
+        "image_size": model.img_size, "patch_size": model.patch_size,
+        "num_channels": model.patch_embed.proj.in_channels, "num_frames": model.num_frames,
+        "hidden_size": model.embed_dim, "num_hidden_layers": len(model.blocks),
+        "num_attention_heads": blk.attn.num_heads, "intermediate_size": blk.mlp.fc1.out_features,
+        "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02, "layer_norm_eps": blk.norm1.eps,
+        "qkv_bias": blk.attn.qkv.bias is not None,
+        "attention_type": model.attention_type,
+        "drop_path_rate": 0,  # an int: transformers 5.25's TimesformerConfig refuses 0.0
+        "id2label": labels, "label2id": {v: int(k) for k, v in labels.items()},
+    }
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in hf_state_dict(model).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def _variant_hint(pos_embed: torch.Tensor | None, time_embed: torch.Tensor | None) -> str:
+    """Which released variant a checkpoint's position and time tables were built for (a log
+    suffix)."""
+    if pos_embed is None or time_embed is None:
+        return ""
+    name = _VARIANTS.get((pos_embed.shape[1], time_embed.shape[1]))
+    if not name:
+        return ""
+    return f"; the checkpoint's tables are {name}'s: model.name={name} takes them unresized"
 
 
 # ----------------------------------------------------------------------------------------------- registry

@@ -19,9 +19,6 @@ from tstl.train.config import ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-Adapter = StateDictAdapter
-"""A state-dict adapter for ``load_checkpoint(adapters=...)``: edits the conversion in place before loading."""
-
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The dtype inputs and weights are cast to, in training and in every evaluation: ``engine.precision`` on every
@@ -34,12 +31,13 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return DTYPES[precision]
 
 
-def build_model(cfg: ModelConfig, num_classes: int, adapters: Sequence[Adapter] = ()) -> tuple[nn.Module, list[str]]:
+def build_model(cfg: ModelConfig, num_classes: int,
+                adapters: Sequence[StateDictAdapter] = ()) -> tuple[nn.Module, list[str]]:
     """The model with its initial weights; returns it and where each part of the weights came from.
 
     Every ``cfg.init`` entry (a checkpoint file, a DeepSpeed tag folder or a run folder: its best checkpoint) is
     loaded in order; a head of another number of classes is re-initialised. ``adapters`` are passed to every
-    ``load_checkpoint`` (e.g. TSTL's head-row selection, ``tstl.twostage.plan.head_rows``).
+    ``load_checkpoint`` (e.g. TSTL's head-row selection, ``tstl.twostage.stages.head_rows``).
     """
     model = create_model(cfg.name, num_classes=num_classes, drop_path_rate=cfg.drop_path_rate, **cfg.kwargs)
     provenance = [f"{cfg.name}: random initialisation (seeded)"]

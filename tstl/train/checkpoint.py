@@ -183,7 +183,8 @@ def _load_universal(engine, folder: Path, original: Path) -> dict:
 
 
 def resolve_weights(path: str | os.PathLike) -> tuple[Path, Path | None]:
-    """A checkpoint file, a DeepSpeed tag folder or a run folder -> (weights file, the run's config.yaml if any).
+    """A checkpoint file, a DeepSpeed tag folder, a Hugging Face model folder or a run folder ->
+    (weights file or Hugging Face folder, the run's config.yaml if any).
 
     A run folder resolves to its best complete checkpoint (by validation metric), else its newest one.
     """
@@ -195,6 +196,10 @@ def resolve_weights(path: str | os.PathLike) -> tuple[Path, Path | None]:
         if best is None:
             raise FileNotFoundError(f"{path} has no complete checkpoint")
         return resolve_weights(best)
+    from tstl.models.checkpoint import hf_folder
+
+    if hf := hf_folder(path):  # a Hugging Face folder (save_pretrained or hub cache): the weights
+        return hf, None
     if path.is_dir():
         files = sorted(path.glob("*model_states.pt"))
         if not files:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from tstl.data.config import DataConfig
+from tstl.train.ds_config import EngineConfig, validate_deepspeed
 
 
 @dataclass
@@ -79,67 +79,6 @@ class OptimConfig:
                 raise ValueError(f"lr_steps must start at 0 and increase, got {self.lr_steps}")
 
 
-OWNED_DEEPSPEED_KEYS: dict[str, str] = {
-    "train_batch_size": "data.batch_size and engine.accum_steps",
-    "train_micro_batch_size_per_gpu": "data.batch_size",
-    "gradient_accumulation_steps": "engine.accum_steps",
-    "gradient_clipping": "optim.clip_grad",
-    "zero_optimization.stage": "engine.zero_stage",
-    "bf16.enabled": "engine.precision",
-    "bfloat16": "engine.precision",
-    "fp16.enabled": "engine.precision",
-    "fp16.loss_scale": "engine.precision (fp16 scales the loss dynamically)",
-    "fp16.initial_scale_power": "engine.fp16_initial_scale_power",
-    "fp16.loss_scale_window": "engine.fp16_loss_scale_window",
-    "amp": "engine.precision",
-    "torch_autocast": "engine.precision",
-    "optimizer": "optim.name and optim.*",
-    "scheduler": "optim.schedule and optim.*",
-}
-"""DeepSpeed keys our config generates, and the key of ours that sets each: ``engine.deepspeed`` may not set them."""
-
-
-def _flatten(d: Mapping, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in d.items():
-        out.append(prefix + str(k))
-        if isinstance(v, Mapping):
-            out += _flatten(v, f"{prefix}{k}.")
-    return out
-
-
-def owned_deepspeed_keys(extra: Mapping[str, Any]) -> list[str]:
-    """Messages for the keys of ``engine.deepspeed`` that our config owns (empty: none)."""
-    return [f"engine.deepspeed.{key} is generated from our config: set {OWNED_DEEPSPEED_KEYS[key]} instead"
-            for key in _flatten(extra) if key in OWNED_DEEPSPEED_KEYS]
-
-
-@dataclass
-class EngineConfig:
-    """What DeepSpeed does: precision, ZeRO stage, accumulation."""
-
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    zero_stage: int = 0
-    accum_steps: int = 1
-    """Micro-batches per optimizer step (gradient accumulation)."""
-    fp16_initial_scale_power: int = 16
-    fp16_loss_scale_window: int = 1000
-    deepspeed: dict[str, Any] = field(default_factory=dict)
-    """Extra DeepSpeed config merged into the generated one last, key by key (monitors, ``flops_profiler``,
-    ``comms_logger``, ZeRO tuning; docs/training.md). Keys set by our config (batch sizes, accumulation, precision,
-    ZeRO stage, clipping, optimizer, scheduler) are refused with our key named; DeepSpeed validates the rest when the
-    config loads."""
-
-    def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2):
-            raise ValueError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
-        if self.accum_steps < 1:
-            raise ValueError("accum_steps must be >= 1")
-        owned = owned_deepspeed_keys(self.deepspeed)
-        if owned:
-            raise ValueError("; ".join(owned))
-
-
 @dataclass
 class CheckpointConfig:
     every_epochs: int = 1
@@ -193,9 +132,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError("epochs must be >= 1")
-        if self.engine.deepspeed:  # DeepSpeed is imported only for runs that use the key
-            from tstl.train.engine import validate_deepspeed
 
+    def check(self) -> None:
+        """The rules over the whole merged config, run once by ``load_config`` after the last layer:
+        ``engine.deepspeed`` through DeepSpeed's own parser (DeepSpeed is imported only for runs
+        that set it)."""
+        if self.engine.deepspeed:
             validate_deepspeed(self.engine, self.data.batch_size, self.optim.clip_grad)
 
     def shard_dir(self, split: str) -> Path | str:

@@ -16,7 +16,8 @@ from tstl.core.exitcodes import UsageError
 from tstl.core.shards import INDEX
 from tstl.train.config import ModelConfig, TrainConfig
 
-__all__ = ["check_config_files", "check_decoder", "check_model", "check_run", "check_shards", "shards_hint"]
+__all__ = ["check_config_files", "check_decoder", "check_init", "check_model", "check_run",
+           "check_shards", "check_weights", "shards_hint"]
 
 
 def check_config_files(files: Sequence[str | Path]) -> None:
@@ -79,15 +80,71 @@ def check_shards(cfg: TrainConfig, splits: Sequence[str]) -> None:
 
 
 def check_init(cfg: ModelConfig, entries: Sequence[str] | None = None, key: str = "model.init") -> None:
-    """Every ``model.init`` entry (or ``entries``, named ``key`` in the error) resolves to a checkpoint file."""
+    """Every ``model.init`` entry (or ``entries``, named ``key`` in the error) resolves to a
+    checkpoint that loads into ``cfg``'s model: the file is readable and allowed, its layout is the
+    model's family, no key it must provide is missing and every shape fits after the documented
+    resizes (a head of another number of classes is re-initialised, as training does). The model is
+    built on the meta device and only the checkpoint's key/shape table is read
+    (``tstl.models.checkpoint.check_checkpoint``), so this costs seconds, not a load.
+    """
     from tstl.train.checkpoint import resolve_weights
 
+    paths = []
     for entry in cfg.init if entries is None else entries:
         try:
-            resolve_weights(entry)
+            paths.append(resolve_weights(entry)[0])
         except FileNotFoundError as e:
-            raise UsageError(f"{key}: {e}", "give a checkpoint file, a DeepSpeed tag folder or a run folder "
-                                            "(docs/models.md lists the formats)") from None
+            raise UsageError(f"{key}: {e}", "give a checkpoint file, a DeepSpeed tag folder, a "
+                             "Hugging Face model folder or a run folder (docs/models.md lists the "
+                             "formats)") from None
+    if paths:
+        model = _meta_model(cfg)
+        for path in paths:
+            check_weights(model, path, key, trusted=list(cfg.trusted_checkpoints))
+
+
+def _meta_model(cfg: ModelConfig):
+    import torch
+
+    from tstl.models import create_model
+
+    with torch.device("meta"):
+        return create_model(cfg.name, num_classes=cfg.num_classes or 8,
+                            drop_path_rate=cfg.drop_path_rate, **cfg.kwargs)
+
+
+def check_weights(model, path: Path, key: str, trusted: Sequence[str] = ()) -> None:
+    """``path`` would load into ``model`` (any device, meta included) as ``build_model`` loads it;
+    each failure is a ``UsageError`` naming the file and the fix."""
+    from tstl.models import checkpoint as ck
+
+    name = type(model).__name__
+    try:
+        ck.check_checkpoint(model, path, reinit_mismatched=("head.",), trusted=list(trusted))
+    except ck.UntrustedCheckpointError as e:
+        names = ", ".join(e.globals) or "unsupported content"
+        raise UsageError(f"{key}: {path}: refused: its pickle names {names}",
+                         "if you trust the file, list it in model.trusted_checkpoints (or "
+                         "$TSTL_TRUSTED_CHECKPOINTS); better, re-save its weights with "
+                         "torch.save(state_dict)") from None
+    except ck.UnsupportedLayoutError as e:
+        raise UsageError(f"{key}: {e}", "give this model a checkpoint of its family, or set "
+                         "model.name to the model named above (docs/models.md lists the layouts)"
+                         ) from None
+    except ck.CheckpointMismatchError as e:
+        what = _one_line(str(e).replace(" Pass strict=False to load anyway.", ""))
+        raise UsageError(f"{key}: {what}",
+                         f"this checkpoint does not fit {name} as configured: compare model.name "
+                         "and model.kwargs (num_frames, img_size, embed_dim, depth, ...) with the "
+                         "checkpoint's, or use the checkpoint the model expects") from None
+    except ValueError as e:
+        raise UsageError(f"{key}: {_one_line(str(e))}", "check that the file is a complete "
+                         "checkpoint (re-download or re-save it); docs/models.md lists the formats"
+                         ) from None
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()).replace(":;", ":")
 
 
 def check_decoder(name: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from tstl.core.config import ConfigError, dump_yaml
+from tstl.core.config import ConfigError, dump_yaml, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -32,16 +32,6 @@ SAFE: dict[str, str] = {
     "checkpoint.*": "checkpoint cadence, rotation and this switch",
 }
 """Keys whose change cannot alter the trajectory of the training steps already taken (a prefix ends in ``.*``)."""
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> ``{"a.b": value}`` (lists stay values)."""
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-    return out
 
 
 def is_safe(key: str, old: Any, new: Any) -> bool:

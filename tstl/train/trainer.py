@@ -20,11 +20,13 @@ from tqdm import tqdm
 from tstl.core.config import dump_yaml, to_dict
 from tstl.data import build_eval_loader, build_train_loader
 from tstl.data.seeds import derive_seed
+from tstl.models.checkpoint import StateDictAdapter
 from tstl.train import dist, perf, resume_guard
 from tstl.train import engine as eng
-from tstl.train.build import Adapter, build_model, compute_dtype
+from tstl.train.build import build_model, compute_dtype
 from tstl.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from tstl.train.config import TrainConfig
+from tstl.train.ds_config import BatchPlan, deepspeed_config
 from tstl.train.evaluate import EvalResult, evaluate, save_report
 from tstl.train.metrics import MetricsSink
 from tstl.train.preemption import Preempted, PreemptionWatch
@@ -52,7 +54,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, *, label_map: Mapping[int, int] | None = None,
-                 weight_adapters: Sequence[Adapter] = ()) -> None:
+                 weight_adapters: Sequence[StateDictAdapter] = ()) -> None:
         self.cfg = cfg
         self.label_map = dict(label_map) if label_map is not None else None
         self.device = dist.init()
@@ -77,13 +79,13 @@ class Trainer:
         dist.on_main(lambda: Checkpointer(self.run_dir).complete() and resume_guard.check(
             self.run_dir / "config.yaml", cfg, cfg.checkpoint.accept_config_change))
         self._log_start(model, provenance)
-        self.plan = eng.BatchPlan(cfg.data.batch_size, cfg.engine.accum_steps, dist.world())
+        self.plan = BatchPlan(cfg.data.batch_size, cfg.engine.accum_steps, dist.world())
         self.steps_per_epoch = max(1, len(self.train_loader) // cfg.engine.accum_steps)
         lr, min_lr = self.plan.scaled(cfg.optim.lr), self.plan.scaled(cfg.optim.min_lr)
         self.peak_lr = lr
         optimizer = eng.build_optimizer(eng.param_groups(model, cfg.optim), cfg.optim, lr)
         sched = lambda opt: eng.build_scheduler(opt, cfg.optim, lr, min_lr, self.steps_per_epoch, cfg.epochs)  # noqa
-        ds_config = eng.deepspeed_config(cfg.engine, cfg.optim, self.plan)
+        ds_config = deepspeed_config(cfg.engine, cfg.optim.clip_grad, self.plan)
         logger.info("batch: %d per rank x %d accumulation x %d ranks = %d; lr %.3g (= %.3g x %d / 256); "
                     "%d optimizer steps per epoch", self.plan.micro_batch, self.plan.accum_steps, self.plan.world_size,
                     self.plan.total, lr, cfg.optim.lr, self.plan.total, self.steps_per_epoch)

@@ -30,9 +30,7 @@ def _config(files: list[Path], overrides: list[str]) -> TSTLConfig:
     from tstl.train.preflight import check_config_files
 
     check_config_files(files)
-    cfg = load_cli_config(TSTLConfig, files, overrides)
-    cfg.check()
-    return cfg
+    return load_cli_config(TSTLConfig, files, overrides)  # runs TSTLConfig.check once
 
 
 def _preflight(cfg: TSTLConfig, train: bool) -> None:
@@ -47,10 +45,7 @@ def _preflight(cfg: TSTLConfig, train: bool) -> None:
                          "write one with `tstl groups` (make groups) or leave tstl.groups empty for balanced groups")
     check_model(cfg.model, cfg.model.num_classes)
     if train:
-        if not cfg.model.init and not cfg.tstl.init:  # what train_two_stage refuses, said before any launch
-            raise UsageError("TSTL needs weights to start from", "give tstl.init=[<trained B-CAST run or checkpoint>] "
-                             "(TSTL starts from a CAST; make train-tstl CAST=...) and/or model.init=[<pre-trained "
-                             "backbones>]")
+        cfg.check_weights()  # what train_two_stage refuses, said before any launch
         check_init(cfg.model)
         check_init(cfg.model, cfg.tstl.init, key="tstl.init")
 

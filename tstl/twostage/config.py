@@ -65,14 +65,38 @@ class TSTLConfig(TrainConfig):
                 raise ValueError(str(e)) from None
 
     def check(self) -> None:
-        """Rules that hold for the whole layered config (not for each file alone); raises ``ConfigError``."""
+        """The rules over the whole layered config (not each file alone), run once by
+        ``load_config``: the run's (``TrainConfig.check``), a group source, and every stage's config
+        (frozen backbones, and DeepSpeed's check where a stage changes its input). Raises
+        ``ConfigError``."""
+        super().check()
         if not self.tstl.groups and not self.tstl.num_groups:
             raise ConfigError("give tstl.groups=<group file> or tstl.num_groups=K (balanced groups)")
         for stage in ("selector", "expert"):
-            if not self.stage_base(stage).model.freeze_pretrained:
+            config = self.stage_base(stage)
+            if not config.model.freeze_pretrained:
                 raise ConfigError(f"tstl.{stage}: model.freeze_pretrained must be true: TSTL stages keep the "
                                   "pre-trained backbones (CLIP/VideoMAE) frozen so that every stage shares them "
                                   "(start from a trained model with tstl.init=[...])")
+            if (config.engine, config.data.batch_size, config.optim.clip_grad) != (
+                    self.engine, self.data.batch_size, self.optim.clip_grad):
+                try:  # the stage changes what DeepSpeed gets (super().check() saw the run's)
+                    config.check()
+                except ValueError as e:
+                    raise ConfigError(f"tstl.{stage}: {e}") from None
+
+    def check_weights(self) -> None:
+        """What training needs besides ``check()``: weights to start from in every stage (its
+        ``model.init``, then ``tstl.init``); the stages' frozen part comes from them. Raises
+        ``ConfigError``."""
+        bare = [s for s in ("selector", "expert")
+                if not self.tstl.init and not self.stage_base(s).model.init]
+        if bare:
+            where = f"tstl.{bare[0]}: " if len(bare) == 1 else ""
+            raise ConfigError(
+                f"{where}TSTL needs weights to start from: give tstl.init=[<trained B-CAST run or "
+                "checkpoint>] (TSTL starts from a CAST; make train-tstl CAST=...) and/or "
+                "model.init=[<pre-trained backbones>]; their frozen part is shared by every stage")
 
     def stage_base(self, stage: str, defaults: dict[str, Any] | None = None) -> TrainConfig:
         """The run config with ``defaults`` and then the ``tstl.<stage>`` overrides applied."""

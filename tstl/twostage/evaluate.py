@@ -35,9 +35,9 @@ from tstl.train.evaluate import EvalResult, merge, metrics, progress, save_repor
 from tstl.train.plots import most_confused_pairs, pairs_table
 from tstl.twostage.config import TSTLConfig
 from tstl.twostage.groups import ClassGroups, load_groups
-from tstl.twostage.plan import expert_file, selector_file
 from tstl.twostage.routing import RoutedOutput, expert_columns, route
 from tstl.twostage.stagefile import load_stage_file, read_stage_file
+from tstl.twostage.stages import expert_file, selector_file
 from tstl.twostage.train import resolve_groups
 
 logger = logging.getLogger(__name__)

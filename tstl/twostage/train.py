@@ -1,9 +1,9 @@
 """Two-stage training: the stage-1 selector, then every stage-2 expert, each an ordinary ``Trainer`` run.
 
-Every stage goes through the same loader, DeepSpeed engine and checkpointing as ``make train``; the stages differ
-only in their plans (``tstl.twostage.plan``: config, label map, head-row adapter). The run resumes at any point: a
-finished stage (its stage file ``selector.pt`` / ``expert.pt`` exists) is skipped, an unfinished one resumes from
-its own checkpoints.
+Every stage goes through the same loader, DeepSpeed engine and checkpointing as ``make train``; the
+stages differ only in their setup (``tstl.twostage.stages``: config, label map, head-row adapter).
+The run resumes at any point: a finished stage (its stage file ``selector.pt`` / ``expert.pt``
+exists) is skipped, an unfinished one resumes from its own checkpoints.
 """
 
 from __future__ import annotations
@@ -25,8 +25,15 @@ from tstl.train.config import TrainConfig
 from tstl.train.trainer import Trainer
 from tstl.twostage.config import TSTLConfig, with_overrides
 from tstl.twostage.groups import ClassGroups, balanced_groups, load_groups, save_groups
-from tstl.twostage.plan import Stage, expert_file, expert_stage, pending_experts, selector_file, selector_stage
 from tstl.twostage.stagefile import frozen_sources_from_paths, save_stage_file
+from tstl.twostage.stages import (
+    Stage,
+    expert_file,
+    expert_stage,
+    pending_experts,
+    selector_file,
+    selector_stage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +69,11 @@ def pin_init(stage: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
     """Resolve the stage's ``model.init`` (run folders -> their best checkpoint) to absolute files once, when the
     stage first starts, and keep them (with their SHA-256) in ``<stage>/frozen.json``.
 
-    A resumed stage continues from its own checkpoints, whose frozen weights came from the pinned files; so the
-    stage file must name those, and a rerun whose ``init`` now resolves to other files is refused rather than
-    recorded wrongly.
+    A resumed stage continues from its own checkpoints, whose frozen weights came from the pinned
+    files; so the stage file must name those, and a rerun whose ``init`` now resolves to other files
+    is refused rather than recorded wrongly. ``init`` is not empty: ``train_two_stage`` checked
+    ``TSTLConfig.check_weights``.
     """
-    if not stage.model.init:
-        raise ConfigError(f"{stage.out_dir}: a TSTL stage needs weights to start from: give tstl.init=[<trained "
-                          "B-CAST run or checkpoint>] and/or model.init=[<pre-trained backbones>]; its frozen part "
-                          "is shared by every stage")
     out, pin = Path(stage.out_dir), Path(stage.out_dir) / "frozen.json"
 
     def decide() -> dict[str, Any]:
@@ -118,10 +122,7 @@ def _release_memory() -> None:
 
 def train_two_stage(cfg: TSTLConfig) -> ClassGroups:
     """Stage 1 (selector on group labels), then stage 2 (one expert per group); finished stages are skipped."""
-    cfg.check()
-    if not cfg.model.init and not cfg.tstl.init:
-        raise ConfigError("TSTL needs weights to start from: give tstl.init=[<trained B-CAST run or checkpoint>] "
-                          "(TSTL starts from a CAST) and/or model.init=[<pre-trained backbones>]")
+    cfg.check_weights()  # the rest of the config was checked when it loaded (TSTLConfig.check)
     dist.init()  # before anything is written: only rank 0 writes the run's shared files
     groups = resolve_groups(cfg)
     out = Path(cfg.out_dir)

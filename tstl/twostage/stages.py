@@ -1,5 +1,5 @@
-"""The run folder of a TSTL run and the plan of each stage: its training config, the loader's label map and the
-state-dict adapters its initial weights load with.
+"""The run folder of a TSTL run and the setup of each stage (``Stage``): its training config, the
+loader's label map and the state-dict adapters its initial weights load with.
 
 Layout under ``out_dir``::
 
@@ -22,8 +22,7 @@ from typing import Any
 
 import torch
 
-from tstl.models.checkpoint import Conversion
-from tstl.train.build import Adapter
+from tstl.models.checkpoint import Conversion, StateDictAdapter
 from tstl.train.config import TrainConfig
 from tstl.twostage.config import TSTLConfig, with_overrides
 from tstl.twostage.groups import ClassGroups
@@ -38,11 +37,11 @@ class Stage:
     config: TrainConfig
     label_map: dict[int, int]
     """The loader's relabelling (class -> group for the selector, a group's classes -> 0..k-1 for an expert)."""
-    adapters: tuple[Adapter, ...] = field(default_factory=tuple)
+    adapters: tuple[StateDictAdapter, ...] = field(default_factory=tuple)
     """State-dict adapters for the ``model.init`` checkpoints (an expert's head rows)."""
 
 
-def head_rows(rows: Sequence[int], dataset_classes: int) -> Adapter:
+def head_rows(rows: Sequence[int], dataset_classes: int) -> StateDictAdapter:
     """State-dict adapter: a model head of ``len(rows)`` classes starts from those rows (classes, in order) of a
     checkpoint head over the ``dataset_classes`` classes of this dataset (e.g. a CAST classifier), so a TSTL expert
     starts as that model restricted to its group. A checkpoint head of another size (another dataset's) is not
