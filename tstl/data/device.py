@@ -3,9 +3,10 @@
 Workers hand uint8 clips ``[B, T, S, S, 3]`` (channels last, a quarter of the float32 bytes). The
 loader applies the stages ``build_stages`` makes to every batch, in order, webdataset-style. A stage
 is a callable ``(batch, seed) -> batch`` with a stable ``name``; its seed is
-``stage_seed(seed, epoch, (rank, step), name)``, keyed by the name, not by the stage's position, so
-inserting a stage leaves the other stages' draws unchanged, resumed runs repeat every draw exactly
-and the draws do not depend on the device.
+``stage_seed(seed, epoch, (position,), name)`` (the position of the batch's first sample in the
+epoch's order), keyed by the name, not by the stage's position, so inserting a stage leaves the
+other stages' draws unchanged, resumed runs repeat every draw exactly and the draws depend neither
+on the device nor on the number of ranks and workers.
 
 ``BATCH_STAGES`` is the table, in order. Training: ``to_device`` (pinned, non-blocking copy) ->
 ``rand_augment`` (``DeviceRandAugment``, ``augment_on: device`` only) -> ``normalize`` (uint8
