@@ -186,10 +186,9 @@ def read_index(url: str | os.PathLike) -> ShardSet:
         if is_local(text):
             data = Path(text).read_bytes()
         else:
-            import webdataset as wds  # only for remote sets: keeps tstl.core free of it
+            from tstl.core.transport import read_bytes  # the one transport (imported late: it imports us)
 
-            with wds.gopen(text) as f:
-                data = f.read()
+            data = read_bytes(text)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{text}: cannot read the shard list ({e}); run `make shards` or fix the path") from e
     return parse_index(data, text)

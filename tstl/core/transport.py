@@ -315,10 +315,10 @@ class RangeReader:
     ``ranges(url)`` says whether ``url`` can be read by range at all; for http it is learnt from the first answer.
     """
 
-    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, max_open: int = 64) -> None:
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, max_open: int = 0) -> None:
         self.timeout_s = timeout_s
         self.files: OrderedDict[str, int] = OrderedDict()
-        self.max_open = max_open
+        self.max_open = max_open or _open_file_budget()
         self.http = HttpClient(timeout_s)
         self.no_ranges: set[str] = set()  # http hosts that answered a ranged request with the whole file
         self.opens = self.requests = 0  # counters for tests and benchmarks
@@ -397,6 +397,15 @@ class RangeReader:
             os.close(fd)
         self.files.clear()
         self.http.close()
+
+
+def _open_file_budget() -> int:
+    """Local shards a reader keeps open: every shard of an SSV2-sized set (660) where the process' file limit
+    allows, so a worker opens each shard once per epoch; half the soft limit otherwise."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(16, min(1024, soft // 2 if soft > 0 else 512))
 
 
 def _exact(stream: IO[bytes], n: int, url: str) -> bytes:

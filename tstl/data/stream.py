@@ -214,7 +214,7 @@ class ClipStream(IterableDataset):
         pending: list[tuple] = []
         last_good: list[tuple] | None = None
         holes = bad = read = 0
-        window = max(1, bsz // views.per_raw)
+        window = max(8, bsz // views.per_raw)  # videos fetched together (neighbours: one request)
         for start in range(0, len(share), window):
             pos = share[start:start + window]
             for sample, p in zip(reader.fetch(order[pos % len(order)]), pos):
