@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, Leaks
 from tests.conftest import free_port as _port
 from tests.conftest import subprocess_env as _env
 
@@ -31,13 +31,15 @@ def _losses(run: Path) -> dict[int, float]:
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_two_ranks_zero1(data_dir: Path, tmp_path: Path, precision: str) -> None:
+def test_two_ranks_zero1(data_dir: Path, tmp_path: Path, precision: str, leaks: Leaks) -> None:
+    """...and nothing left behind (issue 21): no process, no /dev/shm file (DeepSpeed's shared-memory all-reduce
+    buffers, 65 MB per rank, used to stay), no temp file (``leaks``)."""
     run = tmp_path / "run"
     # the launcher `make train` uses: it passes --local_rank=N to every process
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", _port(),
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", leaks.port(),
            "--module", "tstl.train.cli", "train", "--config", *CONFIGS, f"data_dir={data_dir}", f"out_dir={run}",
            "epochs=2", "engine.zero_stage=1", f"engine.precision={precision}", *TINY]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=leaks.env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run / "test/metrics.json").read_text())
     assert metrics["videos"] == 4  # every val video once, merged across both ranks (1 per class)

@@ -23,6 +23,7 @@ def init() -> torch.device:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     import deepspeed
 
+    _skip_shm_op(deepspeed)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         backend, device = "nccl", torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -31,6 +32,23 @@ def init() -> torch.device:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
     return device
+
+
+def _skip_shm_op(deepspeed: Any) -> None:
+    """Keep DeepSpeed from JIT-building and starting its shared-memory all-reduce op (``deepspeed_shm_comm``).
+
+    DeepSpeed's torch backend builds that op whenever its accelerator has one, i.e. on every CPU run
+    (``deepspeed/comm/torch.py``, ``build_shm_op``), although only ``inference_all_reduce`` (DeepSpeed-Inference
+    tensor parallelism) uses it; training reduces through torch.distributed (gloo). The build (minutes of g++)
+    holds a file lock in ``TORCH_EXTENSIONS_DIR`` that a killed build leaves behind, so every later run waited on it
+    without a word (issue 21); and with all ranks on one host each rank creates
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (~65 MB; ``csrc/cpu/comm/shm.cpp``,
+    ``shm_initialize``) that nothing ever unlinks. DeepSpeed 0.19 has no run-time switch (``DS_BUILD_SHM_COMM``
+    only pre-builds at install); ``build_shm_op`` asks ``deepspeed.ops.__compatible_ops__``, a dict probed once and
+    cached so that edits persist (``deepspeed/ops/__init__.py``): marking the op incompatible there skips the build,
+    the lock and the buffers. No accelerator's training path needs it.
+    """
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def rank() -> int:
