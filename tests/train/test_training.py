@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, TINY, Leaks
-from tests.conftest import free_port as _port
 from tests.conftest import subprocess_env as _env
 
 CONFIGS = [str(ROOT / "configs/data/ssv2.yaml"), str(ROOT / "configs/demo.yaml")]
@@ -55,19 +54,20 @@ def test_two_ranks_zero1(data_dir: Path, tmp_path: Path, precision: str, leaks: 
     assert "bf16" in (run / "config.yaml").read_text() if precision == "bf16" else True
 
 
-def test_killed_training_resumes_on_the_same_trajectory(data_dir: Path, tmp_path: Path) -> None:
+def test_killed_training_resumes_on_the_same_trajectory(data_dir: Path, tmp_path: Path, leaks: Leaks) -> None:
     base = [sys.executable, "-m", "tstl.train.cli", "train", "--config", *CONFIGS, f"data_dir={data_dir}",
             "epochs=3", "checkpoint.every_steps=2", "data.rrc_scale=[0.5,1.0]", *TINY]
     ref, run = tmp_path / "ref", tmp_path / "run"
     proc = subprocess.run(base + [f"out_dir={ref}"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    killed = subprocess.Popen(base + [f"out_dir={run}"], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    killed = subprocess.Popen(base + [f"out_dir={run}"], cwd=ROOT, env=leaks.env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list((run / "checkpoints").glob("step-0000004/complete.json")):
         time.sleep(0.05)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
+    leaks.check()  # a SIGKILL leaves no process, /dev/shm or temp file behind either
     assert not (run / "test").exists(), "the run finished before it could be killed"
     proc = subprocess.run(base + [f"out_dir={run}"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
