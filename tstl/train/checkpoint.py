@@ -1,9 +1,14 @@
-"""Checkpoints through DeepSpeed, plus per-rank loader/RNG state, completion markers, rotation and best.
+"""Checkpoints through DeepSpeed, plus per-rank loader/RNG state, completion markers, rotation and best; and the
+policy of when to save (``Checkpointer.decide``, as torchtitan's ``CheckpointManager._should_save``).
 
 Layout under ``<run>/checkpoints/``: one folder per tag (``step-000123``) holding DeepSpeed's files,
 ``rank-<r>.pt`` (this rank's loader position and RNG states) and, written last, ``complete.json``. A tag without
 ``complete.json`` is a save that crashed and is ignored; the previous complete one stays usable. Resume picks the
 complete tag with the highest step. Rotation keeps the last ``keep_last`` complete tags and the best one.
+
+Durable and checked (issue 21): the files are fsynced before the marker, which lists each file's size and SHA-256;
+a resume verifies the newest tag and moves a damaged one aside (``damaged-<tag>``, kept, never resumed or rotated),
+falling back to the previous complete one with a warning; ``CheckpointError`` only when none is usable.
 
 Elastic resume (issue 13): a checkpoint saved by N ranks loads on M ranks. Every rank reads all N ``rank-<r>.pt``
 files (the loader spreads the rest of the epoch over the new layout, ``ShardLoader.load_state_dicts``). Model and
