@@ -54,10 +54,11 @@ def subprocess_env() -> dict:
 class Leaks:
     """What a test's processes leave behind (issue 21): a process, a ``/dev/shm`` file, a temp file.
 
-    Every process started with ``env()`` (and every process those start: launcher, ranks, loader workers, ``pipe:``
-    commands) carries the test's tag in its environment and writes its temp files into the test's own temp folder;
-    ``port()`` hands out the rendezvous ports, which DeepSpeed's shared-memory files are named after. Other helpers'
-    and agents' processes on the same machine are told apart by the tag, never by name.
+    Every process started with ``env()`` (and every process those start: launcher, ranks, loader
+    workers, ``pipe:`` commands) carries the test's tag in its environment and writes its temp files
+    into the test's own temp folder; ``port()`` hands out the rendezvous ports, which DeepSpeed's
+    shared-memory files are named after. Other helpers' and agents' processes on the same machine
+    are told apart by the tag, never by name.
     """
 
     SHM = Path("/dev/shm")
@@ -78,30 +79,35 @@ class Leaks:
         return self.ports[-1]
 
     def processes(self) -> dict[int, str]:
-        """{pid: command line} of every live process carrying the tag (a zombie is dead; its parent reaps it)."""
+        """{pid: command line} of every live process carrying the tag (a zombie is dead: its
+        parent reaps it)."""
         found = {}
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
             try:
-                if f"{TAG_ENV}={self.tag}".encode() not in (proc / "environ").read_bytes().split(b"\0"):
+                environ = (proc / "environ").read_bytes().split(b"\0")
+                if f"{TAG_ENV}={self.tag}".encode() not in environ:
                     continue
                 if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
                     continue
-                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:300]
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+                found[int(proc.name)] = cmdline.decode(errors="replace")[:300]
             except OSError:  # gone meanwhile
                 continue
         return found
 
     def shm_files(self) -> list[str]:
-        """/dev/shm entries created since the start that carry one of our ports in their name (DeepSpeed names its
-        all-reduce buffers ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``)."""
+        """/dev/shm entries created since the start that carry one of our ports in their name
+        (DeepSpeed names its all-reduce buffers
+        ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``)."""
         new = sorted(set(os.listdir(self.SHM)) - self.shm_before) if self.SHM.is_dir() else []
         return [n for n in new if any(f"_{p}_" in n for p in self.ports)]
 
     def check(self, grace_s: float = 30.0) -> None:
-        """Assert that nothing is left (processes still exiting get ``grace_s`` to go); what is left is removed
-        first (our processes by pid, our files), so that a failing test leaves nothing on the machine either."""
+        """Assert that nothing is left (processes still exiting get ``grace_s`` to go); what is left
+        is removed first (our processes by pid, our files), so that a failing test leaves nothing on
+        the machine either."""
         deadline = time.monotonic() + grace_s
         while self.processes() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -120,8 +126,8 @@ class Leaks:
 
 TAG_ENV = "TSTL_TEST_TAG"
 CACHES = ("torchinductor_",)
-"""Temp-folder entries that are caches meant to stay, one per user (torch's compile cache, created by importing
-DeepSpeed), not files a run leaves behind."""
+"""Temp-folder entries that are caches meant to stay, one per user (torch's compile cache, created
+by importing DeepSpeed), not files a run leaves behind."""
 
 
 @pytest.fixture

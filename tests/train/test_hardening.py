@@ -1,5 +1,5 @@
-"""Issue 21 on the training side: no silent wait on a JIT lock, no shared-memory or process leak, signals in every
-phase, damaged checkpoints, one ``error:`` line per failure."""
+"""Issue 21 on the training side: no silent wait on a JIT lock, no shared-memory or process leak,
+signals in every phase, damaged checkpoints, one ``error:`` line per failure."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ INIT = "from tstl.train import dist; dist.init(); print('initialised', flush=Tru
 
 
 def test_a_killed_op_build_leaves_nothing_a_later_run_waits_on(leaks: Leaks) -> None:
-    """What a CPU run killed while DeepSpeed JIT-built ``deepspeed_shm_comm`` left: torch's build lock (an empty file
-    created with O_EXCL; torch.utils.file_baton) and a build folder. Before the fix every later run slept on that
-    lock without a word; now no run builds the op at all (tstl.train.dist._skip_shm_op)."""
+    """What a CPU run killed while DeepSpeed JIT-built ``deepspeed_shm_comm`` left: torch's build
+    lock (an empty file created with O_EXCL; torch.utils.file_baton) and a build folder. Before the
+    fix every later run slept on that lock without a word; now no run builds the op at all
+    (tstl.train.dist._skip_shm_op)."""
     env = leaks.env()
     op = Path(env["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm"
     op.mkdir(parents=True)
@@ -29,13 +30,13 @@ def test_a_killed_op_build_leaves_nothing_a_later_run_waits_on(leaks: Leaks) -> 
     (op / "build.ninja").write_text("# cut off\n")
     before = sorted(p.name for p in op.iterdir())
     # a hang fails through the timeout (the run used to wait until the lock was deleted)
-    proc = subprocess.run([sys.executable, "-c", INIT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run([sys.executable, "-c", INIT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
     assert proc.returncode == 0 and "initialised" in proc.stdout, proc.stderr[-3000:]
     assert sorted(p.name for p in op.iterdir()) == before  # nothing built, nothing compiled
 
 
-# ------------------------------------------------------------------------------------------- signals in every phase
+# --------------------------------------------------------------------------- signals in every phase
 
 CONFIGS = [str(ROOT / "configs/data/ssv2.yaml"), str(ROOT / "configs/demo.yaml")]
 PHASES = {  # phase -> (module, attribute) that gets a SIGTERM to its own process as it starts
@@ -48,12 +49,13 @@ PHASES = {  # phase -> (module, attribute) that gets a SIGTERM to its own proces
 
 
 def _train_args(data_dir: Path, run: Path, *extra: str) -> list[str]:
-    return ["train", "--config", *CONFIGS, f"data_dir={data_dir}", f"out_dir={run}", "epochs=2", *TINY, *extra]
+    return ["train", "--config", *CONFIGS, f"data_dir={data_dir}", f"out_dir={run}", "epochs=2",
+            *TINY, *extra]
 
 
 def _signal_phases(data_dir: str, root: str) -> None:
-    """Run in a child process: one training per phase of ``PHASES``, each signalled as that phase starts; prints
-    what each left as JSON. In-process, so the child pays for its imports once."""
+    """Run in a child process: one training per phase of ``PHASES``, each signalled as that phase
+    starts; prints what each left as JSON. In-process, so the child pays for its imports once."""
     import importlib
     import os
     import signal
@@ -79,32 +81,36 @@ def _signal_phases(data_dir: str, root: str) -> None:
         finally:
             setattr(owner, name, real)
         out[phase] = {"code": code, **_state(run)}
-    rerun = cli.main(_train_args(Path(data_dir), Path(root) / "test"))  # the test, interrupted, is done again
+    # the test, interrupted, is done again
+    rerun = cli.main(_train_args(Path(data_dir), Path(root) / "test"))
     out["test-rerun"] = {"code": rerun, **_state(Path(root) / "test")}
     print("PHASES " + json.dumps(out))
 
 
 def _state(run: Path) -> dict:
-    """What a run folder holds: complete checkpoints with their metric, trained steps, test and report."""
+    """What a run folder holds: complete checkpoints with their metric, trained steps, test and
+    report."""
     markers = sorted(run.glob("checkpoints/step-*/complete.json"))
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
-        if (run / "metrics.jsonl").exists() else []
+    metrics = run / "metrics.jsonl"
+    rows = [json.loads(r) for r in metrics.read_text().splitlines()] if metrics.exists() else []
     return {"checkpoints": {m.parent.name: json.loads(m.read_text())["metric"] for m in markers},
-            "trained": len([r for r in rows if "train/loss" in r]), "test": (run / "test/metrics.json").exists(),
-            "report": (run / "report.md").exists()}
+            "trained": len([r for r in rows if "train/loss" in r]),
+            "test": (run / "test/metrics.json").exists(), "report": (run / "report.md").exists()}
 
 
-def test_a_signal_in_any_phase_ends_the_run_resumable(data_dir: Path, tmp_path: Path, leaks: Leaks) -> None:
-    """Issue 21: the handlers cover start-up, saves, evaluation and the report (they used to be installed around
-    the training loop only, and a signal elsewhere killed the process). 12 clips / batch 2 = 6 steps per epoch."""
+def test_a_signal_in_any_phase_ends_the_run_resumable(data_dir: Path, tmp_path: Path,
+                                                      leaks: Leaks) -> None:
+    """Issue 21: the handlers cover start-up, saves, evaluation and the report (they used to be
+    installed around the training loop only, and a signal elsewhere killed the process). 12 clips /
+    batch 2 = 6 steps per epoch."""
     code = ("import sys; from tests.train.test_hardening import _signal_phases; "
             "_signal_phases(sys.argv[1], sys.argv[2])")
-    proc = subprocess.run([sys.executable, "-c", code, str(data_dir), str(tmp_path)], cwd=ROOT, env=leaks.env(),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", code, str(data_dir), str(tmp_path)], cwd=ROOT,
+                          env=leaks.env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout[proc.stdout.index("PHASES ") + 7:].splitlines()[0])
     nothing = {"checkpoints": {}, "trained": 0, "test": False, "report": False}
-    assert got["start-up"] == {"code": 75, **nothing}  # stopped before the first step: nothing to save
+    assert got["start-up"] == {"code": 75, **nothing}  # before the first step: nothing to save
     # during the epoch's validation: handled at the epoch's end, whose save carries the metric
     assert got["validation"]["code"] == 75 and got["validation"]["trained"] == 6
     assert list(got["validation"]["checkpoints"]) == ["step-0000006"]
@@ -112,7 +118,8 @@ def test_a_signal_in_any_phase_ends_the_run_resumable(data_dir: Path, tmp_path: 
     # during the save: it completes, then the run stops (no second save, no further step)
     assert got["save"]["code"] == 75 and list(got["save"]["checkpoints"]) == ["step-0000006"]
     assert got["save"]["trained"] == 6
-    # during the final test: stopped before its first batch, after the last save; the rerun tests only
+    # during the final test: stopped before its first batch, after the last save; the rerun only
+    # tests
     assert got["test"]["code"] == 75 and got["test"]["trained"] == 12 and not got["test"]["test"]
     assert "step-0000012" in got["test"]["checkpoints"]
     assert got["test-rerun"] == {**got["test"], "code": 0, "test": True, "report": True}
@@ -120,7 +127,18 @@ def test_a_signal_in_any_phase_ends_the_run_resumable(data_dir: Path, tmp_path: 
     assert got["report"]["code"] == 0 and got["report"]["report"] and got["report"]["trained"] == 12
 
 
-# ------------------------------------------------------------------------------------------- damaged checkpoints
+# ------------------------------------------------------------------------------ damaged checkpoints
+
+
+def _run(cmd: list[str], leaks: Leaks) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=leaks.env(), capture_output=True, text=True,
+                          timeout=600)
+
+
+def _launcher(leaks: Leaks) -> list[str]:
+    """DeepSpeed's launcher (what ``make train`` runs) for 2 CPU ranks."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+            leaks.port(), "--module", "tstl.train.cli"]
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -131,72 +149,81 @@ def _losses(run: Path) -> dict[int, float]:
 
 def test_a_damaged_deepspeed_checkpoint_is_skipped_with_a_warning(data_dir: Path, tmp_path: Path,
                                                                   leaks: Leaks) -> None:
-    """DeepSpeed's own files (ZeRO 1: model states and the optimizer partition): the newest cut short -> the rerun
-    resumes from the previous one, on the same trajectory; all damaged -> exit 2 naming them (issue 21 item 6)."""
+    """DeepSpeed's own files (ZeRO 1: model states and the optimizer partition): the newest cut
+    short -> the rerun resumes from the previous one, on the same trajectory; all damaged -> exit 2
+    naming them (issue 21 item 6)."""
     from tests.train.test_robustness import damage
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "tstl.train.cli", *_train_args(data_dir, run, "epochs=1", "engine.zero_stage=1",
-                                                               "checkpoint.every_steps=2", "checkpoint.keep_last=5",
-                                                               "val_every=0", "test_at_end=false")]
-    first = subprocess.run(cmd, cwd=ROOT, env=leaks.env(), capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "tstl.train.cli",
+           *_train_args(data_dir, run, "epochs=1", "engine.zero_stage=1",
+                        "checkpoint.every_steps=2", "checkpoint.keep_last=5", "val_every=0",
+                        "test_at_end=false")]
+    first = _run(cmd, leaks)
     assert first.returncode == 0, first.stderr[-3000:]
     want = _losses(run)
     ck = run / "checkpoints"
-    assert sorted(d.name for d in ck.glob("step-*")) == ["step-0000002", "step-0000004", "step-0000006"]
+    tags = ["step-0000002", "step-0000004", "step-0000006"]
+    assert sorted(d.name for d in ck.glob("step-*")) == tags
     damage(ck / "step-0000006/mp_rank_00_model_states.pt", "truncate")
 
-    again = subprocess.run(cmd, cwd=ROOT, env=leaks.env(), capture_output=True, text=True, timeout=600)
+    again = _run(cmd, leaks)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"checkpoint {ck / 'step-0000006'} is damaged (mp_rank_00_model_states.pt has" in again.stderr
+    damaged = f"checkpoint {ck / 'step-0000006'} is damaged (mp_rank_00_model_states.pt has"
+    assert damaged in again.stderr
     assert f"resumed from {ck / 'step-0000004'}" in again.stderr
-    assert _losses(run) == pytest.approx(want, rel=1e-6, abs=1e-7)  # steps 5 and 6 trained again, alike
+    assert _losses(run) == pytest.approx(want, rel=1e-6, abs=1e-7)  # steps 5 and 6 again, alike
     assert (ck / "damaged-step-0000006").is_dir() and (ck / "step-0000006/complete.json").is_file()
 
-    for tag in ("step-0000002", "step-0000004", "step-0000006"):
+    for tag in tags:
         damage(ck / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", "garble")
-    none = subprocess.run(cmd, cwd=ROOT, env=leaks.env(), capture_output=True, text=True, timeout=600)
+    none = _run(cmd, leaks)
     assert none.returncode == 2, none.stderr[-3000:]
     errors = [line for line in none.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in none.stderr, none.stderr[-3000:]
-    assert f"no usable checkpoint in {ck}" in errors[0] and "does not match its checksum" in errors[0]
+    assert f"no usable checkpoint in {ck}" in errors[0]
+    assert "does not match its checksum" in errors[0]
     assert f"remove {ck} to train from the start" in errors[0]
 
 
-# ------------------------------------------------------------------------------------------- one error line
+# ---------------------------------------------------------------------------------- one error line
 
 
 def _stalled(data_dir: Path) -> list[str]:
-    """A shard source that prints nothing for longer than data.read_timeout_s (the shard list comes from it)."""
+    """A shard source that prints nothing for longer than data.read_timeout_s (the shard list
+    comes from it)."""
     return ["data_dir=/nonexistent", "data.read_timeout_s=1", "data.read_retries=0",
-            f"data.shard_url_template=pipe:sleep 30; cat {data_dir}/{{dataset}}/shards/{{split}}/{{name}}"]
+            f"data.shard_url_template=pipe:sleep 30; cat {data_dir}/{{dataset}}/shards/{{split}}/"
+            "{name}"]
 
 
 def test_a_stalled_source_ends_with_one_error_line_on_every_rank(data_dir: Path, tmp_path: Path,
                                                                   leaks: Leaks) -> None:
-    """Issue 21 item 9: it used to end in a ``[rank0]:`` traceback. Now every rank prints one ``error:`` line
-    (cause and fix), the traceback goes to its log file; ``--debug`` prints it too."""
+    """Issue 21 item 9: it used to end in a ``[rank0]:`` traceback. Now every rank prints one
+    ``error:`` line (cause and fix), the traceback goes to its log file; ``--debug`` prints it too.
+    """
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", leaks.port(),
-           "--module", "tstl.train.cli", *_train_args(data_dir, run, *_stalled(data_dir))]
-    proc = subprocess.run(cmd, cwd=ROOT, env=leaks.env(), capture_output=True, text=True, timeout=600)
+    cmd = [*_launcher(leaks), *_train_args(data_dir, run, *_stalled(data_dir))]
+    proc = _run(cmd, leaks)
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("error: "))
     assert [e.split(":")[1] for e in errors] == [" rank 0", " rank 1"], proc.stderr[-3000:]
     for r, line in enumerate(errors):
-        assert "no data for 1 s (data.read_timeout_s)" in line and "raise data.read_timeout_s" in line
-        assert f"the traceback is in {run / 'logs' / f'train-rank{r}.log'}" in line
-        assert "Traceback (most recent call last)" in (run / "logs" / f"train-rank{r}.log").read_text()
+        log = run / "logs" / f"train-rank{r}.log"
+        assert "no data for 1 s (data.read_timeout_s)" in line
+        assert "raise data.read_timeout_s" in line
+        assert f"the traceback is in {log}" in line
+        assert "Traceback (most recent call last)" in log.read_text()
     assert "Traceback" not in proc.stderr
 
-    one = [sys.executable, "-m", "tstl.train.cli", *_train_args(data_dir, tmp_path / "one", *_stalled(data_dir)),
-           "--debug"]
-    debug = subprocess.run(one, cwd=ROOT, env=leaks.env(), capture_output=True, text=True, timeout=600)
+    one = [sys.executable, "-m", "tstl.train.cli",
+           *_train_args(data_dir, tmp_path / "one", *_stalled(data_dir)), "--debug"]
+    debug = _run(one, leaks)
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
     assert debug.stderr.rstrip().splitlines()[-1].startswith("error: ")  # still the last line
 
 
-# ------------------------------------------------------------------------------------------- killed launcher or rank
+# ------------------------------------------------------------------------- killed launcher or rank
 
 
 def _rank_pids(leaks: Leaks) -> dict[int, int]:
@@ -204,7 +231,8 @@ def _rank_pids(leaks: Leaks) -> dict[int, int]:
     found = {}
     for pid in leaks.processes():
         try:
-            env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv)
+            pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            env = dict(kv.split(b"=", 1) for kv in pairs if b"=" in kv)
         except OSError:
             continue
         if b"RANK" in env and b"tstl.train.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
@@ -214,25 +242,28 @@ def _rank_pids(leaks: Leaks) -> dict[int, int]:
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("victim", ["launcher", "rank 1"])
-def test_a_sigkill_of_the_launcher_or_of_a_rank_leaves_no_process(data_dir: Path, tmp_path: Path, leaks: Leaks,
-                                                                  victim: str) -> None:
-    """SIGKILL of DeepSpeed's runner used to leave launch.py and every rank training on; now the ranks see it and
-    stop as on SIGTERM, with a checkpoint. SIGKILL of one rank: the launcher stops the others (``leaks``: nothing
-    left either way)."""
+def test_a_sigkill_of_the_launcher_or_of_a_rank_leaves_no_process(
+        data_dir: Path, tmp_path: Path, leaks: Leaks, victim: str) -> None:
+    """SIGKILL of DeepSpeed's runner used to leave launch.py and every rank training on; now the
+    ranks see it and stop as on SIGTERM, with a checkpoint. SIGKILL of one rank: the launcher stops
+    the others (``leaks``: nothing left either way)."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", leaks.port(),
-           "--module", "tstl.train.cli", *_train_args(data_dir, run, "epochs=5000", "val_every=0")]
-    runner = subprocess.Popen(cmd, cwd=ROOT, env=leaks.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [*_launcher(leaks), *_train_args(data_dir, run, "epochs=5000", "val_every=0")]
+    runner = subprocess.Popen(cmd, cwd=ROOT, env=leaks.env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not ((run / "metrics.jsonl").exists() and "train/loss" in (run / "metrics.jsonl").read_text()):
-            assert runner.poll() is None and time.monotonic() < deadline, "training ended or never started"
+        metrics = run / "metrics.jsonl"
+        while not (metrics.exists() and "train/loss" in metrics.read_text()):
+            assert runner.poll() is None, "training ended or never started"
+            assert time.monotonic() < deadline, "training never started"
             time.sleep(0.1)
         ranks = _rank_pids(leaks)
         assert sorted(ranks) == [0, 1]
         os.kill(runner.pid if victim == "launcher" else ranks[1], signal.SIGKILL)
         runner.wait(timeout=300)
-        leaks.check(grace_s=120)  # the ranks finish their step (and, told by the launcher's end, save) and exit
+        # the ranks finish their step (and, told by the launcher's end, save) and exit
+        leaks.check(grace_s=120)
     finally:
         runner.kill()
         runner.wait()

@@ -15,9 +15,10 @@ from tstl.train.trainer import NonFiniteLossError, Trainer
 
 
 class FakeEngine:
-    """Records what DeepSpeed would save/load; ``save_checkpoint`` writes the files DeepSpeed writes for one rank
-    with ZeRO 1 (the model with the client state, the rank's optimizer partition), ``load_checkpoint`` reads both.
-    ``partitioned=False``: ZeRO 0, the optimizer inside the model file (loads on any world size as it is)."""
+    """Records what DeepSpeed would save/load; ``save_checkpoint`` writes the files DeepSpeed writes
+    for one rank with ZeRO 1 (the model with the client state, the rank's optimizer partition),
+    ``load_checkpoint`` reads both. ``partitioned=False``: ZeRO 0, the optimizer inside the model
+    file (loads on any world size as it is)."""
 
     def __init__(self, partitioned: bool = True) -> None:
         self.partitioned = partitioned
@@ -37,7 +38,7 @@ class FakeEngine:
     def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str, dict]:
         self.loaded.append(tag)
         if self.partitioned:
-            torch.load(Path(load_dir) / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+            torch.load(Path(load_dir) / tag / KINDS["optimizer"], weights_only=False)
         state = torch.load(Path(load_dir) / tag / "mp_rank_00_model_states.pt", weights_only=False)
         return tag, {k: v for k, v in state.items() if k != "module"}
 
@@ -160,8 +161,10 @@ def test_resume_of_a_run_saved_before_a_key_existed(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------- preemption (issue 13)
 
-def test_the_checkpointer_decides_when_to_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 24: the cadence (steps, epochs, wall clock) and signals are the checkpointer's to decide."""
+def test_the_checkpointer_decides_when_to_save(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 24: the cadence (steps, epochs, wall clock) and signals are the checkpointer's to
+    decide."""
     import os
     import signal
 
@@ -169,9 +172,11 @@ def test_the_checkpointer_decides_when_to_save(tmp_path: Path, monkeypatch: pyte
 
     watch = preemption.PreemptionWatch().install()
     try:
-        ck = Checkpointer(tmp_path, CheckpointConfig(every_steps=4, every_epochs=2, every_minutes=0.5), watch)
+        cadence = CheckpointConfig(every_steps=4, every_epochs=2, every_minutes=0.5)
+        ck = Checkpointer(tmp_path, cadence, watch)
         assert ck.decide(3) == (False, False) and ck.decide(8) == (True, False)
-        assert ck.decide(3, epoch_end=0) == (False, False) and ck.decide(3, epoch_end=1) == (True, False)
+        assert ck.decide(3, epoch_end=0) == (False, False)
+        assert ck.decide(3, epoch_end=1) == (True, False)
         assert ck.decide(3, epoch_end=2, last=True) == (True, False)  # the end of training
         now = ck.last_save + 31
         monkeypatch.setattr(checkpoint.time, "monotonic", lambda: now)
@@ -190,7 +195,8 @@ def test_the_checkpointer_decides_when_to_save(tmp_path: Path, monkeypatch: pyte
 
 
 def test_handle_signals_keeps_the_handler_after_a_signal() -> None:
-    """After a signal the process is about to exit 75: a second one must not kill it (143) on the way out."""
+    """After a signal the process is about to exit 75: a second one must not kill it (143) on the
+    way out."""
     import os
     import signal
 
@@ -208,14 +214,17 @@ def test_handle_signals_keeps_the_handler_after_a_signal() -> None:
         watch.uninstall()
 
 
-# ----------------------------------------------------------------------------------- durable checkpoints (issue 21)
+# ----------------------------------------------------------------------------------- durable
+# checkpoints (issue 21)
 
-KINDS = {"model": "mp_rank_00_model_states.pt", "optimizer": "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+KINDS = {"model": "mp_rank_00_model_states.pt",
+         "optimizer": "zero_pp_rank_0_mp_rank_00_optim_states.pt",
          "rank state": "rank-0.pt", "marker": MARKER}
 
 
 def damage(path: Path, how: str) -> None:
-    """What a power cut or a bad disk leaves: the file cut short, or the same size with bytes changed."""
+    """What a power cut or a bad disk leaves: the file cut short, or the same size with bytes
+    changed."""
     data = path.read_bytes()
     if how == "truncate":
         path.write_bytes(data[:len(data) // 2])
@@ -226,21 +235,22 @@ def damage(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["truncate", "garble"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                                              kind: str, how: str) -> None:
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str, how: str) -> None:
     ck, engine = Checkpointer(tmp_path, CheckpointConfig(keep_last=3)), FakeEngine()
     for step in (10, 20):
         _save(ck, engine, step, None)
     marker = json.loads((ck.dir / "step-0000020" / MARKER).read_text())
-    assert set(marker["files"]) == set(KINDS.values()) - {MARKER}  # every file: its size and SHA-256
+    assert set(marker["files"]) == set(KINDS.values()) - {MARKER}  # every file: size, SHA-256
     assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in marker["files"].values())
     damage(ck.dir / "step-0000020" / KINDS[kind], how)
     client, ranks, _ = ck.load_latest(engine)
     assert engine.loaded == ["step-0000010"] and client["step"] == 10 and ranks[0]["loader"] == 10
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert f"checkpoint {ck.dir / 'step-0000020'} is damaged" in warning
-    assert (ck.dir / "damaged-step-0000020").is_dir() and not (ck.dir / "step-0000020").exists()  # kept, aside
-    assert [t for _, t, _ in ck.complete()] == ["step-0000010"]  # never resumed, rotated or scored again
+    assert (ck.dir / "damaged-step-0000020").is_dir()  # kept, aside
+    assert not (ck.dir / "step-0000020").exists()
+    assert [t for _, t, _ in ck.complete()] == ["step-0000010"]  # never resumed, rotated, scored
     _save(ck, engine, 20, None)  # the run goes on and saves that step anew
     assert ck.load_latest(engine).client["step"] == 20
 
@@ -255,7 +265,8 @@ def test_no_usable_checkpoint_names_every_damaged_folder(tmp_path: Path) -> None
         ck.load_latest(engine)
     msg = str(e.value)
     assert f"{ck.dir / 'step-0000020'}: zero_pp_rank_0_mp_rank_00_optim_states.pt has" in msg
-    assert f"{ck.dir / 'step-0000010'}: mp_rank_00_model_states.pt does not match its checksum" in msg
+    garbled = f"{ck.dir / 'step-0000010'}: mp_rank_00_model_states.pt does not match its checksum"
+    assert garbled in msg
     assert e.value.hint.startswith("the damaged folders were moved aside") and engine.loaded == []
     assert Checkpointer(tmp_path).load_latest(engine) is None  # a rerun starts anew
 

@@ -1,14 +1,16 @@
-"""Checkpoints through DeepSpeed, plus per-rank loader/RNG state, completion markers, rotation and best; and the
-policy of when to save (``Checkpointer.decide``, as torchtitan's ``CheckpointManager._should_save``).
+"""Checkpoints through DeepSpeed, plus per-rank loader/RNG state, completion markers, rotation and
+best; and the policy of when to save (``Checkpointer.decide``, as torchtitan's
+``CheckpointManager._should_save``).
 
 Layout under ``<run>/checkpoints/``: one folder per tag (``step-000123``) holding DeepSpeed's files,
 ``rank-<r>.pt`` (this rank's loader position and RNG states) and, written last, ``complete.json``. A tag without
 ``complete.json`` is a save that crashed and is ignored; the previous complete one stays usable. Resume picks the
 complete tag with the highest step. Rotation keeps the last ``keep_last`` complete tags and the best one.
 
-Durable and checked (issue 21): the files are fsynced before the marker, which lists each file's size and SHA-256;
-a resume verifies the newest tag and moves a damaged one aside (``damaged-<tag>``, kept, never resumed or rotated),
-falling back to the previous complete one with a warning; ``CheckpointError`` only when none is usable.
+Durable and checked (issue 21): the files are fsynced before the marker, which lists each file's
+size and SHA-256; a resume verifies the newest tag and moves a damaged one aside (``damaged-<tag>``,
+kept, never resumed or rotated), falling back to the previous complete one with a warning;
+``CheckpointError`` only when none is usable.
 
 Elastic resume (issue 13): a checkpoint saved by N ranks loads on M ranks. Every rank reads all N ``rank-<r>.pt``
 files (the loader spreads the rest of the epoch over the new layout, ``ShardLoader.load_state_dicts``). Model and
@@ -47,13 +49,14 @@ MARKER = "complete.json"
 UNIVERSAL = "universal"
 PREFIX = "step-"
 FORMAT = 2
-"""Marker format: 2 lists every file's size and SHA-256 (issue 21); markers without ``files`` are from before."""
+"""Marker format: 2 lists every file's size and SHA-256 (issue 21); a marker without ``files`` is
+from before."""
 _OWNED = re.compile(r"zero_pp_rank_(\d+)_|^rank-(\d+)\.pt$")
 
 
 class CheckpointError(Exception):
-    """No usable checkpoint although the run has some (all damaged), or one that cannot be loaded: the message
-    names the folders, ``hint`` the fix (the CLI exits 2)."""
+    """No usable checkpoint although the run has some (all damaged), or one that cannot be loaded:
+    the message names the folders, ``hint`` the fix (the CLI exits 2)."""
 
     def __init__(self, message: str, hint: str = "") -> None:
         super().__init__(f"{message} ({hint})" if hint else message)
@@ -93,17 +96,19 @@ class Decision(NamedTuple):
 
 
 class Checkpointer:
-    """Owns the run's checkpoints: when to save (``decide``), how (``save``: durable, checked), what to resume.
+    """Owns the run's checkpoints: when to save (``decide``), how (``save``: durable, checked),
+    what to resume (``load_latest``).
 
     Args:
         run_dir: the run folder (checkpoints go to ``<run_dir>/checkpoints``).
-        cfg: the cadence (``checkpoint.every_steps/every_epochs/every_minutes``) and rotation (``keep_last``).
-        watch: the signal flag polled with the wall clock (default: one that is never signalled).
+        cfg: the cadence (``checkpoint.every_steps/every_epochs/every_minutes``) and the rotation
+            (``keep_last``).
+        watch: the signal flag polled with the wall clock (default: one never signalled).
         device: where the collective of ``decide`` runs (the process group's device).
     """
 
-    def __init__(self, run_dir: Path, cfg: CheckpointConfig | None = None, watch: PreemptionWatch | None = None,
-                 device: torch.device | None = None) -> None:
+    def __init__(self, run_dir: Path, cfg: CheckpointConfig | None = None,
+                 watch: PreemptionWatch | None = None, device: torch.device | None = None) -> None:
         self.dir = run_dir / "checkpoints"
         self.cfg = cfg or CheckpointConfig()
         self.keep_last = max(1, self.cfg.keep_last)
@@ -111,15 +116,17 @@ class Checkpointer:
         self.device = device or torch.device("cpu")
         self.last_save = time.monotonic()
 
-    # ------------------------------------------------------------------------------------------- policy
+    # --------------------------------------------------------------------------------------- policy
 
     def decide(self, step: int, *, epoch_end: int | None = None, last: bool = False) -> Decision:
-        """Collective, at a safe point: save now? stop (a signal) after it? Every rank gets the same answer.
+        """Collective, at a safe point: save now? stop (a signal) after it? Every rank gets the same
+        answer.
 
-        After an optimizer step (``epoch_end`` None): every ``every_steps`` steps. At the end of epoch
-        ``epoch_end`` (after its validation, so the checkpoint carries the metric): every ``every_epochs`` epochs
-        and after the ``last``. Both: when ``every_minutes`` passed since the last save on rank 0's clock (one
-        clock decides, so ranks whose clocks or speeds differ still save together) and on a signal. One all-reduce.
+        After an optimizer step (``epoch_end`` None): every ``every_steps`` steps. At the end of
+        epoch ``epoch_end`` (after its validation, so the checkpoint carries the metric): every
+        ``every_epochs`` epochs and after the ``last``. Both: when ``every_minutes`` passed since
+        the last save on rank 0's clock (one clock decides, so ranks whose clocks or speeds differ
+        still save together) and on a signal. One all-reduce.
         """
         due = dist.is_main() and self.cfg.every_minutes > 0 and (
             time.monotonic() - self.last_save >= self.cfg.every_minutes * 60.0)
@@ -130,10 +137,11 @@ class Checkpointer:
             counted = last or (epoch_end + 1) % self.cfg.every_epochs == 0
         return Decision(counted or timed or stop, stop)
 
-    # ------------------------------------------------------------------------------------------- save
+    # ----------------------------------------------------------------------------------------- save
 
     def complete(self) -> list[tuple[int, str, dict]]:
-        """(step, tag, marker) of every checkpoint with a readable completion marker, oldest first."""
+        """(step, tag, marker) of every checkpoint with a readable completion marker, oldest
+        first."""
         found = []
         for marker in self.dir.glob(f"{PREFIX}*/{MARKER}"):
             info = _read_marker(marker)
@@ -145,13 +153,14 @@ class Checkpointer:
              metric: float | None = None) -> str:
         """Collective: every rank calls it. Returns the tag.
 
-        Durable (issue 21): every rank fsyncs the files it wrote and records their size and SHA-256; rank 0 writes
-        ``complete.json`` with all of them only after that, fsynced, then fsyncs the folders. A power cut at any
-        moment leaves either no marker (an incomplete save, ignored) or files that match it.
+        Durable (issue 21): every rank fsyncs the files it wrote and records their size and SHA-256;
+        rank 0 writes ``complete.json`` with all of them only after that, fsynced, then fsyncs the
+        folders. A power cut at any moment leaves either no marker (an incomplete save, ignored) or
+        files that match it.
         """
         tag = f"{PREFIX}{step:07d}"
         folder = self.dir / tag
-        if dist.is_main():  # a marker from an earlier save of this step must not vouch for the files written now
+        if dist.is_main():  # an earlier save's marker of this step must not vouch for new files
             (folder / MARKER).unlink(missing_ok=True)
         dist.barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
@@ -164,8 +173,9 @@ class Checkpointer:
                 and owner(f.name) == dist.rank()}
         files = dist.gather_objects(mine)
         if dist.is_main():
+            listed = dict(sorted(kv for part in files for kv in part.items()))
             marker = {"step": step, "epoch": epoch, "metric": metric, "world_size": dist.world(),
-                      "format": FORMAT, "files": dict(sorted(kv for part in files for kv in part.items()))}
+                      "format": FORMAT, "files": listed}
             _fsync_dir(folder)
             _write_durable(folder / MARKER, json.dumps(marker, indent=1))
             _fsync_dir(folder)
@@ -197,14 +207,15 @@ class Checkpointer:
         scored = [(info["metric"], step, tag) for step, tag, info in self.complete() if info.get("metric") is not None]
         return str(self.dir / max(scored)[2]) if scored else None
 
-    # ------------------------------------------------------------------------------------------- resume
+    # --------------------------------------------------------------------------------------- resume
 
     def load_latest(self, engine) -> Resumed | None:
-        """Load the newest usable checkpoint into ``engine`` (on any world size); None when there is none.
+        """Load the newest usable checkpoint into ``engine`` (on any world size); None when there is
+        none.
 
-        Collective. Each candidate (newest first) is verified against its marker (``verify``); a damaged one is
-        moved aside to ``damaged-<tag>`` with a warning naming it, and the previous one is tried. Raises
-        ``CheckpointError`` when checkpoints exist but none is usable.
+        Collective. Each candidate (newest first) is verified against its marker (``verify``); a
+        damaged one is moved aside to ``damaged-<tag>`` with a warning naming it, and the previous
+        one is tried. Raises ``CheckpointError`` when checkpoints exist but none is usable.
         """
         damaged = []
         for tag in self._candidates():
@@ -214,13 +225,14 @@ class Checkpointer:
                 return self._load(engine, folder)
             damaged.append(f"{folder}: {'; '.join(problems)}")
             moved = dist.on_main(lambda folder=folder: _move_aside(folder))
-            logger.warning("checkpoint %s is damaged (%s); moved to %s, resuming from the previous complete one "
-                           "if there is one", folder, "; ".join(problems), moved)
+            logger.warning("checkpoint %s is damaged (%s); moved to %s, resuming from the previous "
+                           "complete one if there is one", folder, "; ".join(problems), moved)
         if damaged:
-            raise CheckpointError(f"no usable checkpoint in {self.dir}: every complete one is damaged ("
-                                  f"{' | '.join(damaged)})", f"the damaged folders were moved aside to "
-                                  f"{self.dir}/damaged-*; restore them from a backup, or remove "
-                                  f"{self.dir} to train from the start")
+            raise CheckpointError(
+                f"no usable checkpoint in {self.dir}: every complete one is damaged "
+                f"({' | '.join(damaged)})",
+                f"the damaged folders were moved aside to {self.dir}/damaged-*; restore them from "
+                f"a backup, or remove {self.dir} to train from the start")
         return None
 
     def _candidates(self) -> list[str]:
@@ -228,7 +240,7 @@ class Checkpointer:
         return sorted((m.parent.name for m in self.dir.glob(f"{PREFIX}*/{MARKER}")), reverse=True)
 
     def _verify_everywhere(self, folder: Path) -> list[str]:
-        """``verify`` with the checksums shared out over the ranks; every rank gets every rank's findings."""
+        """``verify`` with the checksums shared out over the ranks; every rank gets all findings."""
         found = dist.all_gather_objects(verify(folder, part=(dist.rank(), dist.world())))
         return sorted({p for part in found for p in part})
 
@@ -243,7 +255,8 @@ class Checkpointer:
             raise CheckpointError(f"DeepSpeed could not load {folder}",
                                   f"move {folder} aside to resume from the previous checkpoint")
         ranks = [torch.load(folder / f"rank-{r}.pt", weights_only=False) for r in range(saved)]
-        logger.info("resumed from %s (step %d, saved by %d ranks, %d now)", folder, info["step"], saved, dist.world())
+        logger.info("resumed from %s (step %d, saved by %d ranks, %d now)", folder, info["step"],
+                    saved, dist.world())
         return Resumed(client, ranks, saved)
 
     def _universal(self, tag: str) -> Path:
@@ -269,19 +282,22 @@ class Checkpointer:
 
 
 def owner(name: str) -> int:
-    """The rank that writes (and fsyncs, and checksums) file ``name`` of a tag folder: DeepSpeed's ZeRO optimizer
-    partition ``[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` and our ``rank-<r>.pt`` belong to rank r, the
-    rest (``mp_rank_00_model_states.pt``) to rank 0 (DeepSpeed writes the model from data-parallel rank 0)."""
+    """The rank that writes (and fsyncs, and checksums) file ``name`` of a tag folder: DeepSpeed's
+    ZeRO optimizer partition ``[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` and our
+    ``rank-<r>.pt`` belong to rank r, the rest (``mp_rank_00_model_states.pt``) to rank 0 (DeepSpeed
+    writes the model from data-parallel rank 0)."""
     m = _OWNED.search(name)
     return int(m.group(1) or m.group(2)) if m else 0
 
 
 def verify(folder: Path, part: tuple[int, int] = (0, 1)) -> list[str]:
-    """What is wrong with a saved tag folder, checked against its ``complete.json``: [] when nothing.
+    """What is wrong with a saved tag folder, checked against its ``complete.json``: [] when
+    nothing.
 
-    The marker must parse; every file it lists must have its size and (for the files of ``part`` = (i, n): every
-    n-th listed file from the i-th, so that n ranks share the reading) its SHA-256; every saved rank's
-    ``rank-<r>.pt`` must be there. Markers written before checksums existed (no ``files``) get the presence checks.
+    The marker must parse; every file it lists must have its size and (for the files of ``part`` =
+    (i, n): every n-th listed file from the i-th, so that n ranks share the reading) its SHA-256;
+    every saved rank's ``rank-<r>.pt`` must be there. Markers written before checksums existed (no
+    ``files``) get the presence checks.
     """
     info = _read_marker(folder / MARKER)
     if info is None:
@@ -319,8 +335,8 @@ def _sha256(path: Path) -> str:
 
 
 def _digest(path: Path) -> dict:
-    """fsync ``path`` (written by this process; its pages go to the disk before the marker names it) and return
-    its size and SHA-256 (read back from the page cache)."""
+    """fsync ``path`` (written by this process; its pages go to the disk before the marker names it)
+    and return its size and SHA-256 (read back from the page cache)."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
         size = os.fstat(f.fileno()).st_size
@@ -348,7 +364,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _move_aside(folder: Path) -> str:
-    """Rename a damaged tag folder to ``damaged-<tag>[-<n>]`` (kept for inspection, never rotated or resumed)."""
+    """Rename a damaged tag folder to ``damaged-<tag>[-<n>]`` (kept for inspection, never rotated
+    or resumed)."""
     for n in range(1000):
         dest = folder.with_name(f"damaged-{folder.name}" + (f"-{n}" if n else ""))
         if not dest.exists():

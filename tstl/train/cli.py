@@ -49,12 +49,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tstl.train.trainer import Trainer
 
     runlog.attach(Path(cfg.out_dir), "train")
-    with handle_signals():  # from here to the exit a signal ends the run resumable (docs/training.md)
+    with handle_signals():  # from here to the exit a signal ends the run resumable (docs/training)
         trainer = None
         try:
             trainer = Trainer(cfg)
             result = trainer.train()
-        except Preempted as e:  # saved on SIGTERM/SIGUSR1: resumable, not finished (docs/training.md, issue 13)
+        except Preempted as e:  # saved on SIGTERM/SIGUSR1: resumable, not finished (issue 13)
             logger.warning("%s", e)
             return exitcodes.PREEMPTED
         finally:
@@ -81,7 +81,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tstl.train.evaluate import evaluate_checkpoint
 
     weights, _ = resolve_weights(args.checkpoint)
-    runlog.attach(args.out or Path(cfg.out_dir) / f"eval-{weights.parent.name}", "eval")  # the report folder
+    report = args.out or Path(cfg.out_dir) / f"eval-{weights.parent.name}"
+    runlog.attach(report, "eval")  # into the report folder
     res, out = evaluate_checkpoint(args.checkpoint, args.config or (), args.overrides, args.out)
     if dist.is_main():
         print(json.dumps({**res.summary(), "report": str(out)}, indent=1))
@@ -135,8 +136,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     for launched in (p, t, e):  # the deepspeed launcher passes --local_rank=N; we read LOCAL_RANK from the env
         launched.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     for cmd in (t, e):
-        cmd.add_argument("--debug", action="store_true", help="print the traceback of a failure on the terminal too "
-                         "(it always goes to <run folder>/logs/<command>-rank<r>.log)")
+        cmd.add_argument("--debug", action="store_true",
+                         help="print the traceback of a failure on the terminal too (it always "
+                              "goes to <run folder>/logs/<command>-rank<r>.log)")
     r = sub.add_parser("report", help="write <run>/report.md with accuracy and plots", epilog=exitcodes.EPILOG)
     r.add_argument("run_dir", type=Path, help="the out_dir of a training run")
     r.set_defaults(fn=cmd_report)
@@ -151,15 +153,18 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     return run_command(args.fn, args)
 
 
-def run_command(fn, args: argparse.Namespace, usage: tuple[type[Exception], ...] = (ConfigError, UsageError)) -> int:
-    """``fn(args)`` with every failure turned into one ``error: <cause> (<fix>)`` line and its exit code (issue 21;
-    the traceback goes to the run's log file, ``tstl.train.runlog``); ``usage`` errors exit 2 with their message."""
+def run_command(fn, args: argparse.Namespace,
+                usage: tuple[type[Exception], ...] = (ConfigError, UsageError)) -> int:
+    """``fn(args)`` with every failure turned into one ``error: <cause> (<fix>)`` line and its exit
+    code (issue 21; the traceback goes to the run's log file, ``tstl.train.runlog``); ``usage``
+    errors exit 2 with their message."""
     try:
         return fn(args)
     except usage as e:
         return exitcodes.usage_error(e)
     except KeyboardInterrupt:
-        print("error: interrupted (rerun the same command to resume from the last checkpoint)", file=sys.stderr)
+        print("error: interrupted (rerun the same command to resume from the last checkpoint)",
+              file=sys.stderr)
         return 130
     except Exception as e:
         return runlog.fail(e, debug=getattr(args, "debug", False))

@@ -1,16 +1,19 @@
-"""Preemption-safe runs: a signal asks the run to stop with a resumable state, at the next safe point.
+"""Preemption-safe runs: a signal asks the run to stop with a resumable state at a safe point.
 
-* ``SIGTERM`` (what Slurm, Kubernetes and ``kill`` send before the hard kill) and ``SIGUSR1`` (Slurm's warning signal,
-  ``#SBATCH --signal=B:USR1@120`` or ``scancel --signal=USR1 --batch``, forwarded by
-  ``configs/launch/slurm_train.sbatch``) only set a flag. The handlers are installed for a whole command
-  (``handle_signals``: from before the process group is joined to the exit), so a signal during start-up, a save,
-  an evaluation or the report never kills the process (issue 21).
-* The trainer asks ``poll()`` at its safe points (docs/training.md, "Preemption"): after every optimizer step, at
-  an epoch's end, before the first step and between test batches. The flag is all-reduced (``dist.all_max``), so a
-  signal that reached one rank stops every rank at the same point, each having saved its part of the checkpoint.
+* ``SIGTERM`` (what Slurm, Kubernetes and ``kill`` send before the hard kill) and ``SIGUSR1``
+  (Slurm's warning signal, ``#SBATCH --signal=B:USR1@120`` or ``scancel --signal=USR1 --batch``,
+  forwarded by ``configs/launch/slurm_train.sbatch``) only set a flag. The handlers are installed
+  for a whole command (``handle_signals``: from before the process group is joined to the exit),
+  so a signal during start-up, a save, an evaluation or the report never kills the process
+  (issue 21).
+* The trainer asks ``poll()`` at its safe points (docs/training.md, "Preemption"): after every
+  optimizer step, at an epoch's end, before the first step and between test batches. The flag is
+  all-reduced (``dist.all_max``), so a signal that reached one rank stops every rank at the same
+  point, each having saved its part of the checkpoint.
 
-After the save the trainer raises ``Preempted``; the CLI exits with ``EXIT_PREEMPTED`` (see docs/training.md). A rerun
-(or a Slurm requeue of the same job) resumes from that checkpoint at the step after it.
+After the save the trainer raises ``Preempted``; the CLI exits with ``EXIT_PREEMPTED`` (see
+docs/training.md). A rerun (or a Slurm requeue of the same job) resumes from that checkpoint at the
+step after it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class Preempted(Exception):
 
 
 class PreemptionWatch:
-    """The signal flag: ``install()`` sets the handlers, ``poll()`` (collective) tells every rank alike."""
+    """The signal flag: ``install()`` sets the handlers, ``poll()`` (collective) tells all ranks."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -67,15 +70,16 @@ class PreemptionWatch:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # only a flag: the handler runs between bytecodes, possibly inside a collective or a save
         if self.signum is None:
-            logger.warning("%s received: stopping at the next safe point with a resumable checkpoint",
-                           signal.Signals(signum).name)
+            logger.warning("%s received: stopping at the next safe point with a resumable "
+                           "checkpoint", signal.Signals(signum).name)
         self.signum = signum
 
     def poll(self, device: torch.device, *flags: bool) -> tuple[bool, ...]:
-        """Collective: (stop, *flags), each true on every rank if it is true on any rank, in one all-reduce.
+        """Collective: (stop, *flags), each true on every rank if it is true on any rank, in one
+        all-reduce.
 
-        ``flags`` ride along so that a caller's own decisions (the checkpointer's wall clock on rank 0) cost no
-        second collective.
+        ``flags`` ride along so that a caller's own decisions (the checkpointer's wall clock on rank
+        0) cost no second collective.
         """
         got = dist.all_max([float(self.signum is not None), *map(float, flags)], device)
         stop = bool(got[0])
@@ -94,11 +98,13 @@ def active() -> PreemptionWatch | None:
 
 @contextlib.contextmanager
 def handle_signals() -> Iterator[PreemptionWatch]:
-    """Catch SIGTERM/SIGUSR1 for a whole command: every ``Trainer`` of it polls this watch (TSTL runs several).
+    """Catch SIGTERM/SIGUSR1 for a whole command: every ``Trainer`` of it polls this watch (TSTL
+    runs several).
 
-    On the way out the previous handlers come back, unless a signal came: then the process is about to exit 75 and
-    the flag handler stays, so that a second signal (``srun --kill-on-bad-exit`` terminating the ranks that have
-    not exited yet) cannot turn that exit into a kill (143) while the interpreter shuts down.
+    On the way out the previous handlers come back, unless a signal came: then the process is about
+    to exit 75 and the flag handler stays, so that a second signal (``srun --kill-on-bad-exit``
+    terminating the ranks that have not exited yet) cannot turn that exit into a kill (143) while
+    the interpreter shuts down.
     """
     global _ACTIVE
     watch = PreemptionWatch().install()

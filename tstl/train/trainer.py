@@ -56,8 +56,9 @@ class Trainer:
                  weight_adapters: Sequence[Adapter] = ()) -> None:
         self.cfg = cfg
         self.label_map = dict(label_map) if label_map is not None else None
-        # SIGTERM/SIGUSR1 only set a flag from here on (issue 13, 21): the command's watch (handle_signals, installed
-        # before anything else by the CLIs), or one of our own for library use
+        # SIGTERM/SIGUSR1 only set a flag from here on (issue 13, 21): the command's watch
+        # (handle_signals, installed before anything else by the CLIs), or one of our own for
+        # library use
         self._own_watch = preemption.active() is None
         self.watch = preemption.active() or PreemptionWatch().install()
         self.device = dist.init()
@@ -93,8 +94,9 @@ class Trainer:
                     "%d optimizer steps per epoch", self.plan.micro_batch, self.plan.accum_steps, self.plan.world_size,
                     self.plan.total, lr, cfg.optim.lr, self.plan.total, self.steps_per_epoch)
         self.engine, self.scheduler = eng.initialize(model, optimizer, sched, ds_config)
-        self._fresh_schedule = self.scheduler.state_dict()  # this layout's base lrs (elastic resume)
-        # the checkpointer decides when to save (cadence, wall clock, signals) and owns the saved files
+        self._fresh_schedule = self.scheduler.state_dict()  # this layout's base lrs (elastic)
+        # the checkpointer decides when to save (cadence, wall clock, signals) and owns the saved
+        # files
         self.ckpt = Checkpointer(self.run_dir, cfg.checkpoint, self.watch, self.device)
         self.sink = MetricsSink(self.run_dir)
         self.step = self.epoch = self.nonfinite = 0
@@ -173,12 +175,13 @@ class Trainer:
     def _continue_schedule(self, opt_step: int) -> None:
         """Put the lr schedule at optimizer step ``opt_step`` of this layout, with this layout's peak lr.
 
-        The loaded scheduler state carries the saved job's step count and base lrs (its peak lr, scaled by its
-        total batch); the state is loaded again with this layout's base lrs (``optim.lr * total batch / 256`` times
-        each group's layer-decay scale, from the scheduler as built for this layout) and one step before
-        ``opt_step``, and one ``step()`` sets every group's lr = base x schedule factor at ``opt_step`` (warm-up
-        and cosine counted in this layout's steps). DeepSpeed's own counters follow (its step-keyed features: the
-        flops profiler's ``profile_step``, monitors); the engine has no state_dict for them.
+        The loaded scheduler state carries the saved job's step count and base lrs (its peak lr,
+        scaled by its total batch); the state is loaded again with this layout's base lrs
+        (``optim.lr * total batch / 256`` times each group's layer-decay scale, from the scheduler
+        as built for this layout) and one step before ``opt_step``, and one ``step()`` sets every
+        group's lr = base x schedule factor at ``opt_step`` (warm-up and cosine counted in this
+        layout's steps). DeepSpeed's own counters follow (its step-keyed features: the flops
+        profiler's ``profile_step``, monitors); the engine has no state_dict for them.
         """
         state = self.scheduler.state_dict()
         self.scheduler.load_state_dict({**state, "base_lrs": self._fresh_schedule["base_lrs"],
@@ -190,17 +193,20 @@ class Trainer:
     def save(self, metric: float | None = None) -> None:
         self.ckpt.save(self.engine, self.step, self.epoch, self._client_state(), self._rank_state(), metric)
 
-    def _safe_point(self, *, step: bool = False, epoch_end: bool = False, metric: float | None = None) -> None:
-        """Collective, where the run may save and stop: after an optimizer step (``step``), at an epoch's end after
-        its validation (``epoch_end``), else before the first step or between test batches (stop only: the state
-        on disk is already the run's). The checkpointer decides whether to save; a signal then ends the run with
-        ``Preempted``, raised here only (docs/training.md, "Preemption": what happens in each phase)."""
+    def _safe_point(self, *, step: bool = False, epoch_end: bool = False,
+                    metric: float | None = None) -> None:
+        """Collective, where the run may save and stop: after an optimizer step (``step``), at an
+        epoch's end after its validation (``epoch_end``), else before the first step or between test
+        batches (stop only: the state on disk is already the run's). The checkpointer decides
+        whether to save; a signal then ends the run with ``Preempted``, raised here only
+        (docs/training.md, "Preemption": what happens in each phase)."""
         if step or epoch_end:
             last = epoch_end and self.epoch + 1 == self.cfg.epochs
-            save, stop = self.ckpt.decide(self.step, epoch_end=self.epoch if epoch_end else None, last=last)
+            save, stop = self.ckpt.decide(self.step, epoch_end=self.epoch if epoch_end else None,
+                                          last=last)
             if save:
                 self.save(metric)
-                stop = stop or self.watch.poll(self.device)[0]  # a signal during the save: the state is saved
+                stop = stop or self.watch.poll(self.device)[0]  # a signal during the save
         else:
             stop = self.watch.poll(self.device)[0]
         if stop:
@@ -260,9 +266,10 @@ class Trainer:
                                           "train/data_wait": wait / max(wait + busy, 1e-9),
                                           **self._perf_scalars(*window)}, epoch=self.epoch)
                 window = [0, 0.0]
-            # Saves only between optimizer steps: DeepSpeed's checkpoint holds no partially accumulated gradients.
-            # micro_steps counts the micro-batches DeepSpeed stepped, identically on every rank. The epoch's last
-            # step is decided at its end, after validation.
+            # Saves only between optimizer steps: DeepSpeed's checkpoint holds no partially
+            # accumulated gradients. micro_steps counts the micro-batches DeepSpeed stepped,
+            # identically on every rank. The epoch's last step is decided at its end, after
+            # validation.
             if self.engine.micro_steps % self.plan.accum_steps == 0 and loader.step < len(loader):
                 try:
                     self._safe_point(step=True)
@@ -280,15 +287,17 @@ class Trainer:
         return {"perf/achieved_flops": achieved,
                 **({"perf/mfu": achieved / self.perf["peak_flops"]} if self.perf["peak_flops"] else {})}
 
-    def validate(self, views: tuple[int, int], desc: str = "validate", interruptible: bool = False) -> EvalResult:
-        """Evaluate on ``val_split``; ``interruptible``: a signal stops it between batches (the final test, whose
-        state is saved already: the rerun tests again). The per-epoch validation runs to its end; a signal during
-        it is handled at the epoch's end, where the save it asked for carries the metric."""
+    def validate(self, views: tuple[int, int], desc: str = "validate",
+                 interruptible: bool = False) -> EvalResult:
+        """Evaluate on ``val_split``; ``interruptible``: a signal stops it between batches (the
+        final test, whose state is saved already: the rerun tests again). The per-epoch validation
+        runs to its end; a signal during it is handled at the epoch's end, where the save it asked
+        for carries the metric."""
         loader = build_eval_loader(self.cfg.data, self.cfg.shard_dir(self.cfg.val_split), rank=dist.rank(),
                                    world_size=dist.world(), views=views, label_map=self.label_map).to(self.device)
         batches = _Interruptible(loader, self._safe_point, self.device) if interruptible else loader
-        return evaluate(self.engine.module, batches, self.device, self.num_classes, self.dtype, self.cfg.test_merge,
-                        desc)
+        return evaluate(self.engine.module, batches, self.device, self.num_classes, self.dtype,
+                        self.cfg.test_merge, desc)
 
     def train(self) -> EvalResult | None:
         """Resume if a checkpoint exists, train the remaining epochs, test; returns the final test result."""
@@ -326,10 +335,12 @@ class Trainer:
 
 
 class _Interruptible:
-    """An evaluation loader whose iteration calls ``check`` (collective) before every batch that all ranks have.
+    """An evaluation loader whose iteration calls ``check`` (collective) before every batch that all
+    ranks have.
 
-    Ranks may hold different numbers of batches; one all-reduce at the start finds the count all share, and only
-    those batches are preceded by the check, so every rank takes part in every check.
+    Ranks may hold different numbers of batches; one all-reduce at the start finds the count all
+    share, and only those batches are preceded by the check, so every rank takes part in every
+    check.
     """
 
     def __init__(self, loader, check, device: torch.device) -> None:
@@ -339,7 +350,8 @@ class _Interruptible:
         return len(self.loader)
 
     def __iter__(self):
-        shared = int(-dist.all_max([-float(len(self.loader))], self.device)[0])  # the fewest batches of a rank
+        # the fewest batches of any rank
+        shared = int(-dist.all_max([-float(len(self.loader))], self.device)[0])
         for i, batch in enumerate(self.loader):
             if i < shared:
                 self.check()

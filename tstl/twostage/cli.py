@@ -66,7 +66,7 @@ def _train(args: argparse.Namespace) -> int:
     from tstl.twostage.train import train_two_stage
 
     runlog.attach(Path(cfg.out_dir), "train-tstl")
-    with handle_signals():  # one watch for every stage: a signal between stages stops the next one at its start
+    with handle_signals():  # one watch for every stage: a signal between two stops the next one
         try:
             train_two_stage(cfg)
         except Preempted as e:  # the stage in progress saved on SIGTERM/SIGUSR1: rerun to resume it
@@ -165,8 +165,9 @@ def build_parser(prog: str = PROG, names: dict[str, str] | None = None) -> argpa
     for launched in (p, t, e):  # the deepspeed launcher passes --local_rank=N; we read LOCAL_RANK from the env
         launched.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     for cmd in (t, e):
-        cmd.add_argument("--debug", action="store_true", help="print the traceback of a failure on the terminal too "
-                         "(it always goes to <run folder>/logs/<command>-rank<r>.log)")
+        cmd.add_argument("--debug", action="store_true",
+                         help="print the traceback of a failure on the terminal too (it always "
+                              "goes to <run folder>/logs/<command>-rank<r>.log)")
     g = sub.add_parser("groups", prog=sub_prog("groups"), epilog=exitcodes.EPILOG,
                        help="write a class-group file (balanced-contiguous or from a confusion matrix)")
     g.add_argument("--method", choices=["balanced", "confusion"], default="balanced")
