@@ -36,6 +36,31 @@ def test_a_killed_op_build_leaves_nothing_a_later_run_waits_on(leaks: Leaks) -> 
     assert sorted(p.name for p in op.iterdir()) == before  # nothing built, nothing compiled
 
 
+def test_a_long_wait_names_the_build_locks_and_the_fix(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """No run waits on a lock without saying so: a slow start-up step lists torch's build locks,
+    whether a process here holds them, and the fix."""
+    from tstl.train.waits import note_waits
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "cpu_adam" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    with note_waits("DeepSpeed's initialisation", every_s=0.05):
+        time.sleep(0.3)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said and f"{lock} (no process here holds it)" in said[0] and "delete it" in said[0]
+    caplog.clear()
+    with open(lock), note_waits("DeepSpeed's initialisation", every_s=0.05):  # a live build
+        time.sleep(0.3)
+    assert f"{lock} (held by pid {os.getpid()})" in caplog.records[0].getMessage()
+    caplog.clear()
+    lock.unlink()
+    with note_waits("joining the process group", every_s=0.05, otherwise="; ranks missing"):
+        time.sleep(0.3)
+    assert caplog.records[0].getMessage().endswith("no torch JIT-build lock exists; ranks missing")
+
+
 # --------------------------------------------------------------------------- signals in every phase
 
 CONFIGS = [str(ROOT / "configs/data/ssv2.yaml"), str(ROOT / "configs/demo.yaml")]

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tstl.train.waits import note_waits, rendezvous
+
 logger = logging.getLogger(__name__)
 
 LAUNCHERS = ("deepspeed.launcher", "bin/deepspeed", "torch.distributed.run", "bin/torchrun")
@@ -47,7 +49,8 @@ def init() -> torch.device:
     else:
         backend, device = "gloo", torch.device("cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        with note_waits("joining the process group", otherwise=rendezvous()):  # no silent wait
+            deepspeed.init_distributed(dist_backend=backend)
     return device
 
 

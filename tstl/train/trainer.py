@@ -29,6 +29,7 @@ from tstl.train.config import TrainConfig
 from tstl.train.evaluate import EvalResult, evaluate, save_report
 from tstl.train.metrics import MetricsSink
 from tstl.train.preemption import Preempted, PreemptionWatch
+from tstl.train.waits import note_waits
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ class Trainer:
         logger.info("batch: %d per rank x %d accumulation x %d ranks = %d; lr %.3g (= %.3g x %d / 256); "
                     "%d optimizer steps per epoch", self.plan.micro_batch, self.plan.accum_steps, self.plan.world_size,
                     self.plan.total, lr, cfg.optim.lr, self.plan.total, self.steps_per_epoch)
-        self.engine, self.scheduler = eng.initialize(model, optimizer, sched, ds_config)
+        with note_waits("DeepSpeed's initialisation"):  # it may JIT-build ops under a file lock
+            self.engine, self.scheduler = eng.initialize(model, optimizer, sched, ds_config)
         self._fresh_schedule = self.scheduler.state_dict()  # this layout's base lrs (elastic)
         # the checkpointer decides when to save (cadence, wall clock, signals) and owns the saved
         # files
