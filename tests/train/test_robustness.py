@@ -278,3 +278,14 @@ def test_a_marker_from_before_checksums_is_still_resumed(tmp_path: Path) -> None
     legacy = {k: marker[k] for k in ("step", "epoch", "metric", "world_size")}
     (ck.dir / tag / MARKER).write_text(json.dumps(legacy))
     assert ck.load_latest(engine).client["step"] == 10
+
+
+def test_a_save_over_a_cut_short_one_of_the_same_step_starts_clean(tmp_path: Path) -> None:
+    """A 2-rank save of step 20 killed mid-way, the run resumed on 1 rank: its step-20 save must not
+    mix with the other rank's leftover partition (DeepSpeed would count it on load)."""
+    ck, engine = Checkpointer(tmp_path), FakeEngine()
+    stale = ck.dir / "step-0000020" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by rank 1")
+    _save(ck, engine, 20, None)
+    assert not stale.exists() and ck.load_latest(engine).client["step"] == 20

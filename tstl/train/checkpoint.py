@@ -160,8 +160,11 @@ class Checkpointer:
         """
         tag = f"{PREFIX}{step:07d}"
         folder = self.dir / tag
-        if dist.is_main():  # an earlier save's marker of this step must not vouch for new files
-            (folder / MARKER).unlink(missing_ok=True)
+        if dist.is_main() and folder.is_dir():  # left by an earlier save of this step
+            if (folder / MARKER).exists():  # its marker must not vouch for the files written now
+                (folder / MARKER).unlink()
+            else:  # a save cut short, maybe by more ranks: none of its files may mix with ours
+                shutil.rmtree(folder)
         dist.barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
         tmp = folder / f".rank-{dist.rank()}.pt.tmp"
