@@ -124,6 +124,10 @@ def _skip_shm_op(deepspeed: Any) -> None:
     (``deepspeed/ops/__init__.py``): marking the op incompatible there skips the build, the lock and
     the buffers. No accelerator's training path needs it.
     """
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().create_op_builder("ShareMemCommBuilder") is None:
+        return  # (CUDA) no such op: leave DeepSpeed's op probe for what asks for it
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
