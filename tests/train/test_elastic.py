@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY, free_port, subprocess_env
+from tests.conftest import ROOT, TINY, Leaks, subprocess_env
 from tests.data.conftest import make_mp4, sample, write_shardset
 from tstl.data import DataConfig, build_train_loader
 
@@ -168,10 +168,14 @@ def _overrides(data_dir: Path, run: Path, zero: int) -> list[str]:
             "test_at_end=false", "checkpoint.every_steps=2", "checkpoint.keep_last=5"]
 
 
-def _train(world: int, data_dir: Path, run: Path, zero: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world), "--master_port", free_port(),
+def _train(world: int, data_dir: Path, run: Path, zero: int,
+           leaks: Leaks) -> subprocess.CompletedProcess:
+    """One launch; ``leaks`` checks at the test's end that it left nothing behind (issue 21)."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world),
+           "--master_port", leaks.port(),
            "--module", "tstl.train.cli", "train", "--config", *CONFIGS, *_overrides(data_dir, run, zero)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(cmd, cwd=ROOT, env=leaks.env(), capture_output=True, text=True,
+                          timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
@@ -242,9 +246,9 @@ def _expected_lr(step: int, world: int, steps_per_epoch: int) -> float:
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("zero", [0, 1])
-def test_two_ranks_resume_on_one(data_dir: Path, tmp_path: Path, zero: int) -> None:
+def test_two_ranks_resume_on_one(data_dir: Path, tmp_path: Path, zero: int, leaks: Leaks) -> None:
     run = tmp_path / "run"
-    _train(2, data_dir, run, zero)  # 12 clips / (2 ranks x 2) = 3 steps; saved at step 2 and 3
+    _train(2, data_dir, run, zero, leaks)  # 12 clips / (2 ranks x 2) = 3 steps; saved at 2 and 3
     _keep_only(run, "step-0000002")  # as if preempted right after step 2: 8 clips seen, 4 left
     code = ("import sys; from tests.train.test_elastic import _probe; "
             "_probe(sys.argv[1], sys.argv[2], int(sys.argv[3]))")
@@ -258,7 +262,7 @@ def test_two_ranks_resume_on_one(data_dir: Path, tmp_path: Path, zero: int) -> N
     assert got["lrs"] == pytest.approx([_expected_lr(4, 1, 6) * s for s in got["scales"]], rel=1e-9)
 
     kept = len(_rows(run))
-    proc = _train(1, data_dir, run, zero)
+    proc = _train(1, data_dir, run, zero, leaks)
     assert "elastic resume" in proc.stderr
     rows = {r["step"]: r for r in _rows(run)[kept:] if "train/loss" in r}
     assert sorted(rows) == [5, 6]  # steps 5-6 of the 1-rank epoch
@@ -269,12 +273,12 @@ def test_two_ranks_resume_on_one(data_dir: Path, tmp_path: Path, zero: int) -> N
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("zero", [0, 1])
-def test_one_rank_resumes_on_two(data_dir: Path, tmp_path: Path, zero: int) -> None:
+def test_one_rank_resumes_on_two(data_dir: Path, tmp_path: Path, zero: int, leaks: Leaks) -> None:
     run = tmp_path / "run"
-    _train(1, data_dir, run, zero)  # 6 steps of 2 clips; saved at steps 2, 4, 6
+    _train(1, data_dir, run, zero, leaks)  # 6 steps of 2 clips; saved at steps 2, 4, 6
     _keep_only(run, "step-0000004")  # 8 clips seen, 4 left
     kept = len(_rows(run))
-    proc = _train(2, data_dir, run, zero)
+    proc = _train(2, data_dir, run, zero, leaks)
     assert "elastic resume" in proc.stderr
     rows = {r["step"]: r for r in _rows(run)[kept:] if "train/loss" in r}
     # 2 ranks: 3 steps per epoch; 4 clips left = 1 batch per rank, so it goes on at step 2 of 3
