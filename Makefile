@@ -171,6 +171,7 @@ demo-tstl: setup  ## TSTL on the demo data (runs `make demo` first if needed): g
 bench: setup  ## benchmarks; figures go to docs/benchmarks.md
 	$(PY) -m benchmarks.transcode --out docs/benchmarks.md
 	$(PY) -m benchmarks.loader --out docs/benchmarks.md --videos $(BENCH_VIDEOS)
+	$(PY) -m benchmarks.loader_io --out docs/benchmarks.md
 	$(PY) -m benchmarks.bcast --out docs/benchmarks.md
 	$(PY) -m benchmarks.timesformer --out docs/benchmarks.md
 	$(PY) -m benchmarks.tstl_routing --out docs/benchmarks.md

@@ -39,7 +39,7 @@ def train_once(data_dir: Path, out: Path, workers: int, log_every: int) -> dict[
         "out_dir": str(out), "epochs": 1, "val_every": 0, "test_at_end": False, "log_every": log_every,
         "model": MODEL, "engine": {"precision": "fp32"}, "optim": {"layer_decay": 1.0, "warmup_epochs": 0.0},
         "data": {"num_frames": 8, "input_size": 112, "sampling": "segment", "batch_size": 4, "num_workers": workers,
-                 "shuffle_buffer": 8, "mixup": 0.8, "cutmix": 1.0, "augment_on": "worker"},
+                 "mixup": 0.8, "cutmix": 1.0, "augment_on": "worker"},
     }
     cfg = load_config(TrainConfig, [], [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     trainer = Trainer(cfg)

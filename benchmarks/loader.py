@@ -321,7 +321,7 @@ def _median(xs: list[float]) -> float:
 def run(num_videos: int, workers: int, device: str = "cpu", rounds: int = 3, repeat: int = 4) -> str:
     """Run the loaders and the batch step and return the markdown section."""
     cfg = DataConfig(num_frames=16, input_size=224, sampling="segment", flip=False, batch_size=8,
-                     num_workers=workers, shuffle_buffer=16, mixup=0.8, cutmix=1.0)
+                     num_workers=workers, mixup=0.8, cutmix=1.0)
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_videos(Path(tmp) / "videos", num_videos)

@@ -28,11 +28,13 @@ from pathlib import Path
 import av
 import ffmpeg
 
+from pipeline.errors import EnvironmentFault
 from pipeline.runner import Item
 from pipeline.transcode import (
     GLOBAL_ARGS,
     TranscodeParams,
     check_source,
+    disk_full,
     ffmpeg_version,
     output_options,
     probe_mp4,
@@ -149,17 +151,26 @@ def _precheck(item: Item, source_seconds: float | None) -> str | None:
     return None
 
 
+def _no_disk_to_blame(item: Item, e: Exception) -> None:
+    """A clip we wrote that is unreadable or short on a full disk is the disk's fault, not the
+    video's (``transcode.disk_full``): ``EnvironmentFault``, nothing recorded against the clip."""
+    if disk_full(item.output.parent):
+        raise EnvironmentFault(f"{item.output}: no space left on device while writing it ({e})")
+
+
 def _finish(item: Item, tmp: Path, source_seconds: float | None) -> dict:
     """Check one written clip and move it to its final name; the manifest fields."""
     start, stop = _segment(item)
     try:
         out = probe_mp4(tmp)
     except (av.error.FFmpegError, OSError, IndexError) as e:
+        _no_disk_to_blame(item, e)
         return {"status": "failed", "error": f"segment {start:.2f}-{stop:.2f} s: no readable clip "
                                              f"was written ({type(e).__name__}: {e})"}
     # check_complete's rule: frames covering under 90% of the segment (less 0.2 s): the source
     # ended early
     if out["frames"] == 0 or out["duration"] < 0.9 * (stop - start) - 0.2:
+        _no_disk_to_blame(item, ValueError(f"{out['frames']} frames"))
         where = f"; the source announces {source_seconds:.2f} s" if source_seconds else ""
         return {"status": "failed",
                 "error": f"segment {start:.2f}-{stop:.2f} s: the clip holds {out['frames']} frames "

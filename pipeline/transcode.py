@@ -194,18 +194,33 @@ def run_ffmpeg(argv: list[str], timeout: float, outputs: dict[Path, Path]) -> st
     except (FileNotFoundError, PermissionError) as e:
         raise EnvironmentFault(f"cannot run ffmpeg '{argv[0]}' ({e.strerror}): install ffmpeg or "
                                "set FFMPEG=/path/to/ffmpeg, then rerun") from None
-    if proc.returncode == 0:
-        return None
     # Name the real outputs instead of the random temp names and drop ffmpeg's pointer addresses
     # ("[matroska,webm @ 0x55...]"), so the same failure reads the same on every run.
     text = proc.stderr.decode(errors="replace")
     for tmp, final in outputs.items():
         text = text.replace(str(tmp), str(final))
     env = environment_text(text)
-    if env:  # a full disk or a read-only folder is not the video's fault
+    # A full disk or a read-only folder is not the video's fault; checked whatever the exit
+    # status: ffmpeg 5-7 exit 0 when the disk fills while they write the trailer ("Error writing
+    # trailer of file:...: No space left on device", measured on a 64 KiB tmpfs), leaving a
+    # cut-off temp file.
+    if env:
         raise EnvironmentFault(f"ffmpeg writing {', '.join(map(str, outputs.values()))}: {env}")
+    if proc.returncode == 0:
+        return None
     err = re.sub(r" @ 0x[0-9a-f]+", "", text).strip().splitlines()
     return f"ffmpeg exit {proc.returncode}: {' | '.join(err[-3:])}"
+
+
+def disk_full(folder: Path, min_free: int = 1 << 20) -> bool:
+    """Whether the filesystem of ``folder`` has less than ``min_free`` bytes left for us (a last
+    line of defence for an ffmpeg that reports a write error in words we do not know: its cut-off
+    output is still on the disk)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < min_free
 
 
 def tmp_name(dst: Path) -> Path:
@@ -237,8 +252,14 @@ def transcode(item: Item, params: TranscodeParams, timeout: float) -> dict:
         error = run_ffmpeg(argv, timeout, {tmp: item.output})
         if error:
             return {"status": "failed", "error": error}
-        out = probe_mp4(tmp)
-        check_complete(src_info, out)
+        try:
+            out = probe_mp4(tmp)
+            check_complete(src_info, out)
+        except ValueError as e:  # our own output unreadable or short: a full disk is to blame
+            if disk_full(tmp.parent):
+                raise EnvironmentFault(f"{item.output}: no space left on device while writing it "
+                                       f"({e})") from e
+            raise
         fault_point("rename:video")
         os.replace(tmp, item.output)
     except ValueError as e:

@@ -265,7 +265,7 @@ def build_split(rows: list[tuple[str, Label]], videos: Path, out: Path, *, datas
         ss = ShardSet(dataset, split, classes, infos, missing + bad,
                       {"seed": opts.seed, "shuffled": shuffle,
                        "samples_per_shard": opts.samples_per_shard(len(records)), "max_bytes": opts.max_bytes,
-                       "format_version": FORMAT_VERSION}, heads)
+                       "format_version": FORMAT_VERSION}, heads=heads)
         shards.save(stage.dir, ss)
         changed = stage.publish(rebuilt)
     logger.info("%s/%s: %d samples in %d shards (%d rebuilt, %d kept)%s, %d left out -> %s", dataset, split,

@@ -1,5 +1,5 @@
-"""``tstl shards {build,verify,ls,inspect,stats,subset}`` (also ``python -m shard_tools.cli ...``): build and look after
-WebDataset shard sets."""
+"""``tstl shards {build,index,verify,ls,inspect,stats,subset}`` (also ``python -m shard_tools.cli ...``): build
+and look after WebDataset shard sets."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from shard_tools.build import AnnotationError, BuildOptions, build_dataset
+from shard_tools.index import index_in_place, index_to
 from shard_tools.stats import report
 from shard_tools.subset import read_group_map, subset
 from shard_tools.tario import iter_samples
@@ -43,6 +44,26 @@ def cmd_build(a: argparse.Namespace) -> int:
     # one writer per dataset folder: prepare stages and shard builds take the same lock
     with dataset_lock(a.data_dir / a.dataset, "shards build", wait=a.wait_lock):
         build_dataset(a.data_dir, a.dataset, a.split, opts, annotations=a.annotations, videos=a.videos)
+    return 0
+
+
+def cmd_index(a: argparse.Namespace) -> int:
+    local = "://" not in a.set and not a.set.startswith("pipe:")
+    if a.out is not None:
+        ss = index_to(a.set, a.out)
+        print(f"indexed {ss.num_samples} samples of {len(ss.shards)} shards into {a.out}: publish "
+              f"{a.out / shards.SAMPLES} and {a.out / shards.INDEX} beside the set's shards (replacing its "
+              f"{shards.INDEX}) so that loaders read them")
+        return 0
+    if not local:
+        raise UsageError(f"{a.set}: a remote set cannot be indexed in place",
+                         "add --out DIR, then publish DIR/samples.parquet and DIR/shards.json beside the set")
+    path = _shard_set(Path(a.set))
+    lock_dir = path.parent.parent if path.parent.name == "shards" else path.parent
+    with dataset_lock(lock_dir, "shards index", wait=a.wait_lock):
+        ss, done = index_in_place(path)
+    print(f"{path}: {'indexed' if done else 'already indexed'}: {ss.num_samples} samples in {len(ss.shards)} "
+          "shards")
     return 0
 
 
@@ -152,6 +173,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     b.add_argument("--wait-lock", action="store_true",
                    help="wait for another run on this dataset folder to finish instead of exiting with code 4")
     b.set_defaults(fn=cmd_build)
+    ix = sub.add_parser("index", help="add the per-sample index (samples.parquet) to a set built before it",
+                        epilog=exitcodes.EPILOG)
+    ix.add_argument("set", help="a shard set folder, or (with --out) the URL or pipe: command of its shards.json "
+                                "folder")
+    ix.add_argument("--out", type=Path, help="write samples.parquet and the updated shards.json here instead of "
+                                             "into the set (remote or read-only sets)")
+    ix.add_argument("--wait-lock", action="store_true", help="wait for another run on this dataset folder")
+    ix.set_defaults(fn=cmd_index)
     v = sub.add_parser("verify", help="checksums, tar integrity, sample parts and video decoding")
     v.add_argument("shard_dirs", type=Path, nargs="+")
     v.add_argument("--no-decode", action="store_true", help="skip decoding the videos")
@@ -195,7 +224,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     except LockedError as e:
         logger.error("%s", e)
         return exitcodes.LOCKED
-    except (AnnotationError, FileNotFoundError, ValueError, UsageError) as e:
+    except (AnnotationError, FileNotFoundError, ValueError, UsageError, OSError) as e:
         return exitcodes.usage_error(e)
 
 

@@ -94,7 +94,7 @@ def subset(src: Path, out: Path, classes: list[int], *, remap: bool = False,
         params = {"subset_of": str(src), "classes": classes, "remapped": remap,
                   **({"head": head} if ss.heads else {})}
         result = ShardSet(ss.dataset, ss.split, names if remap else ss.classes, infos, [], params,
-                          ss.heads)
+                          heads=ss.heads)
         shards.save(stage.dir, result)
         stage.publish()
     logger.info("subset of %s with %d classes: %d samples in %d shards -> %s", src, len(classes), result.num_samples,

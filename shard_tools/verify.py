@@ -85,4 +85,22 @@ def verify(shard_dir: Path, *, decode: bool = True, jobs: int = 1) -> list[Shard
     extra = {p.name for p in shard_dir.glob("shard-*.tar")} - {s.name for s in ss.shards}
     if extra:
         reports.append(ShardReport("(set)", errors=[f"shards not in the manifest: {sorted(extra)}"]))
+    if errors := index_problems(shard_dir, ss):
+        reports.append(ShardReport(f"({shards.SAMPLES})", errors=errors))
     return reports
+
+
+def index_problems(shard_dir: Path, ss: shards.ShardSet) -> list[str]:
+    """Whether the per-sample index describes the tars exactly (a missing one is only a warning: loaders then
+    index the set at every start)."""
+    if ss.samples is None:
+        logger.warning("%s has no per-sample index: `tstl shards index %s` adds it (loaders read faster)",
+                       shard_dir, shard_dir)
+        return []
+    try:
+        saved = shards.parse_samples((shard_dir / ss.samples["name"]).read_bytes(), ss, str(shard_dir))
+        fresh = shards.scan_set(shard_dir, ss)
+    except (OSError, shards.ShardSetError) as e:
+        return [str(e)]
+    same = all((getattr(saved, k) == getattr(fresh, k)).all() for k in ("shard", "offset", "length", "label", "key"))
+    return [] if same else ["the index does not match the tars: run `tstl shards index` (or rebuild the set)"]

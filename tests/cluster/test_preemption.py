@@ -11,19 +11,20 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT, TINY, subprocess_env
+from tests.conftest import ROOT, TINY, Leaks
 
 CONFIGS = [str(ROOT / "configs/data/ssv2.yaml"), str(ROOT / "configs/demo.yaml")]
 
 
-def test_sigterm_saves_exits_75_and_the_rerun_resumes(data_dir: Path, tmp_path: Path) -> None:
+def test_sigterm_saves_exits_75_and_the_rerun_resumes(data_dir: Path, tmp_path: Path,
+                                                       leaks: Leaks) -> None:
     from tstl.train.preemption import EXIT_PREEMPTED
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "tstl.train.cli", "train", "--config", *CONFIGS, f"data_dir={data_dir}",
            f"out_dir={run}", "epochs=3", *TINY, "val_every=0", "test_at_end=false"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=leaks.env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not ((run / "metrics.jsonl").exists() and "train/loss" in (run / "metrics.jsonl").read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, "training ended or never started"
@@ -34,13 +35,14 @@ def test_sigterm_saves_exits_75_and_the_rerun_resumes(data_dir: Path, tmp_path: 
     step = int(re.search(r"SIGTERM received: checkpoint saved at step (\d+)", err).group(1))
     assert json.loads((run / f"checkpoints/step-{step:07d}/complete.json").read_text())["step"] == step
 
-    again = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, cwd=ROOT, env=leaks.env(), capture_output=True, text=True,
+                           timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"step-{step:07d} (step {step}," in again.stderr  # resumed from the signal's checkpoint
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert set(steps) == set(range(1, 3 * 6 + 1))  # 12 clips / batch 2 = 6 steps per epoch, none missing
 
-    changed = subprocess.run(cmd + ["optim.lr=5e-4", "log_every=2"], cwd=ROOT, env=subprocess_env(),
+    changed = subprocess.run(cmd + ["optim.lr=5e-4", "log_every=2"], cwd=ROOT, env=leaks.env(),
                              capture_output=True, text=True, timeout=300)
     assert changed.returncode == 2, changed.stderr[-3000:]
     error = changed.stderr[changed.stderr.index("error: "):]  # the CLI prints "error: <message>" (exit 2)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
+from tstl.core import shards as fmt
 from tstl.core.ffmpeg import ffmpeg_exe
 
 NUM_CLASSES = 5
@@ -24,8 +25,9 @@ def make_mp4(path: Path, frames: int, hue: int, size: str = "64x48", src: str = 
     return path.read_bytes()
 
 
-def write_shardset(root: Path, samples: list[dict], per_shard: list[int]) -> Path:
-    """Write ``samples`` (dicts of ``__key__`` + parts) into shards of the given sizes plus ``shards.json``."""
+def write_shardset(root: Path, samples: list[dict], per_shard: list[int], index: bool = True) -> Path:
+    """Write ``samples`` (dicts of ``__key__`` + parts) into shards of the given sizes plus ``shards.json`` and,
+    with ``index``, the per-sample index a build writes (without: a set built before the index existed)."""
     root.mkdir(parents=True, exist_ok=True)
     assert sum(per_shard) == len(samples)
     shards, i = [], 0
@@ -39,6 +41,9 @@ def write_shardset(root: Path, samples: list[dict], per_shard: list[int]) -> Pat
     meta = {"format": 1, "dataset": "test", "split": "train", "num_samples": len(samples), "num_shards": len(shards),
             "num_classes": NUM_CLASSES, "classes": [f"c{k}" for k in range(NUM_CLASSES)], "shards": shards,
             "missing": [], "params": {}}
+    if index:
+        ss = fmt.parse_index(json.dumps(meta), str(root))
+        meta["samples"] = fmt.write_samples(root, ss, fmt.scan_set(root, ss))
     (root / "shards.json").write_text(json.dumps(meta))
     return root
 

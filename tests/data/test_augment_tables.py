@@ -15,10 +15,10 @@ from tstl.data import DataConfig, build_train_loader
 from tstl.data import augment as aug
 from tstl.data import device as dev
 from tstl.data import transforms as tfm
-from tstl.data.pipeline import derive_seed
+from tstl.data.seeds import derive_seed
 
 LOADER = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=0,
-              shuffle_buffer=4, min_bad_check=1000, rand_augment="rand-m7-n4-mstd0.5-inc1",
+              min_bad_check=1000, rand_augment="rand-m7-n4-mstd0.5-inc1",
               reprob=0.5, mixup=0.8, cutmix=1.0)
 
 

@@ -15,7 +15,7 @@ from tstl.data import DataConfig, build_eval_loader, build_train_loader
 from tstl.data import loader as loader_mod
 from tstl.data.buffers import Link, Pool, Returns, _Lent, _received
 
-LOADER = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=3, num_workers=1, shuffle_buffer=4,
+LOADER = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=3, num_workers=1,
               prefetch_factor=2, min_bad_check=1000)
 
 

@@ -20,7 +20,7 @@ from tstl.data.decode import BadSample, check_decoder, decode_clip, decoder_avai
 
 TORCHCODEC = decoder_available("torchcodec")
 needs_torchcodec = pytest.mark.skipif(not TORCHCODEC, reason="torchcodec cannot load here (needs a CUDA torch build)")
-CFG = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=1, shuffle_buffer=4,
+CFG = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=1,
            mixup=0.0, cutmix=0.0, reprob=0.0, rand_augment="", min_bad_check=1000)
 
 

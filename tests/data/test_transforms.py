@@ -79,7 +79,7 @@ def test_eval_crops_short_side_and_positions() -> None:
 
 
 # ---- the loader: uint8 across the worker boundary, batch stages, augment_on -----------------------------------
-LOADER = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=1, shuffle_buffer=4,
+LOADER = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=1,
               min_bad_check=1000)
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from pipeline import manifest as mf
 from pipeline.cli import main as cli_main
-from pipeline.errors import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_LOCKED
+from pipeline.errors import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_LOCKED, EnvironmentFault
 from pipeline.prepare import PrepareOptions, finalize, prepare_ssv2
 from pipeline.runner import Item
 from pipeline.synthetic import SynthConfig, generate
@@ -203,6 +203,81 @@ def test_environment_errors_stop_the_stage_and_blame_no_video(raw: Path, referen
     proc = _cli(args)  # space freed: the same command, no flags
     assert proc.returncode == 0, proc.stderr
     assert _outputs(tmp_path / "ssv2") == _outputs(reference / "ssv2")
+
+
+def _filling_disk_ffmpeg(tmp_path: Path, ok_calls: int, message: bool = True) -> Path:
+    """An ffmpeg that behaves like the real one on a disk that fills up after ``ok_calls``
+    transcodes: it writes the output, of which the disk holds the start only, prints what ffmpeg
+    prints and exits 0 (measured on a 64 KiB tmpfs: "Error writing trailer of file:<out>: No space
+    left on device", "Error closing file ...", status 0). ``message=False``: an ffmpeg that says
+    nothing about it."""
+    exe, count = tmp_path / "filling-ffmpeg", tmp_path / "filling-ffmpeg.calls"
+    words = ("Error writing trailer of {0}: No space left on device\\n"
+             "Error closing file {0}: No space left on device\\n") if message else ""
+    exe.write_text(f"""#!{sys.executable}
+import os, subprocess, sys
+calls = int(open({str(count)!r}).read()) + 1 if os.path.exists({str(count)!r}) else 1
+open({str(count)!r}, "w").write(str(calls))
+rc = subprocess.run([{ffmpeg_exe()!r}, *sys.argv[1:]]).returncode
+out = [a for a in sys.argv if a.startswith("file:")][-1]
+if rc == 0 and calls > {ok_calls}:  # on the disk: ftyp and half the frames, no moov (written last)
+    data = open(out[5:], "rb").read()
+    mdat = data[data.index(b"mdat") - 4:]
+    open(out[5:], "wb").write(data[:int.from_bytes(data[:4], "big")] + mdat[:len(mdat) // 2])
+    sys.stderr.write("{words}".format(out))
+sys.exit(rc)
+""")
+    exe.chmod(0o755)
+    return exe
+
+
+def test_disk_filling_while_ffmpeg_writes_the_trailer_blames_no_video(raw: Path, reference: Path,
+                                                                       tmp_path: Path) -> None:
+    """Issue 21: ffmpeg exits 0 when the disk fills while it writes; the cut-off video used to be
+    recorded as failed ("Invalid data found when processing input: '.../.4.mp4.tmp-...'") and only
+    --retry-failed repaired it."""
+    args = ["prepare-ssv2", "--ssv2-root", str(raw / "ssv2"), "--data-dir", str(tmp_path / "d"),
+            *FAST]
+    proc = _cli(args, env={"FFMPEG": str(_filling_disk_ffmpeg(tmp_path, ok_calls=2))})
+    assert proc.returncode == EXIT_ENVIRONMENT, proc.stderr
+    assert "No space left on device" in proc.stderr and "Traceback" not in proc.stderr
+    broken = set(json.loads((raw / "synthetic_info.json").read_text())["ssv2"]["broken"])
+    rows = list(mf.read_rows(tmp_path / "d/ssv2/manifest.parquet"))
+    # written before the disk filled (a broken one may have had one of those two ffmpeg calls)
+    assert 0 < sum(r["status"] == "ok" for r in rows) <= 2
+    assert all(r["key"] in broken for r in rows if r["status"] != "ok")
+    proc = _cli(args)  # space freed: the same command, no flags
+    assert proc.returncode == 0, proc.stderr
+    assert _outputs(tmp_path / "d/ssv2") == _outputs(reference / "ssv2")
+
+
+@pytest.mark.parametrize("free", [0, 1 << 30])
+def test_unreadable_output_on_a_full_disk_is_an_environment_error(
+        raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    """An ffmpeg that cuts its output off without a word: a full disk is to blame when there is no
+    space left, the video otherwise (a real failure stays recorded)."""
+    broken = set(json.loads((raw / "synthetic_info.json").read_text())["ssv2"]["broken"])
+    videos = sorted((raw / "ssv2/20bn-something-something-v2").glob("*.webm"))
+    src = next(p for p in videos if p.stem not in broken)
+    fake = str(_filling_disk_ffmpeg(tmp_path, ok_calls=0, message=False))
+    monkeypatch.setattr("pipeline.transcode.ffmpeg_exe", lambda: fake)
+    real = os.statvfs
+
+    def statvfs(path):  # the output folder's filesystem has ``free`` bytes left
+        st = real(path)
+        if Path(path) != tmp_path / "out":
+            return st
+        return os.statvfs_result((*st[:4], free // st.f_frsize, *st[5:]))
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    item = Item("1", src, tmp_path / "out/1.mp4", "1.mp4")
+    params = TranscodeParams(height=48, preset="ultrafast")
+    if free:
+        assert transcode(item, params, timeout=120)["status"] == "failed"
+    else:
+        with pytest.raises(EnvironmentFault, match="no space left on device"):
+            transcode(item, params, timeout=120)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # no temp file left
 
 
 def test_missing_ffmpeg_is_an_environment_error(raw: Path, tmp_path: Path) -> None:

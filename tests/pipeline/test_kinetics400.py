@@ -107,6 +107,22 @@ def test_k400_id_rule_and_metadata_errors(tmp_path: Path) -> None:
         k400.read_annotations(tmp_path)
 
 
+@pytest.mark.parametrize("line,got", [("abseiling,abcdefghijk,1", 3),
+                                      ("abseiling,abcdefghijk,0,10,train,x", 6)])
+def test_k400_row_with_another_number_of_fields_names_the_line(tmp_path: Path, line: str,
+                                                               got: int) -> None:
+    """Issue 21: a short row was reported as "time_start/time_end must be seconds, got '1',
+    'None'"."""
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    header = "label,youtube_id,time_start,time_end,split"
+    (ann / "train.csv").write_text(f"{header}\nabseiling,bcdefghijkl,0,10,train\n{line}\n")
+    with pytest.raises(MetadataError) as e:
+        k400.read_annotations(tmp_path)
+    assert str(e.value) == (f"{ann / 'train.csv'}: line 3: {got} fields, the header has 5 "
+                            f"({header}); fix or remove the line")
+
+
 def test_listing_finds_every_layout(raw: Path) -> None:
     info = json.loads((raw / "synthetic_info.json").read_text())["kinetics400"]
     listing = k400.listing(raw / "kinetics400")

@@ -215,12 +215,16 @@ def test_reports_show_verb_noun_and_action(tmp_path: Path) -> None:
 
 
 def _multi_head_set(folder: Path) -> None:
-    """A shards.json with heads over one (content-free) tar of the listed size: what the loader and
-    TSTL read before any sample."""
+    """A shards.json with heads over one tar of four samples whose video parts are empty: what the
+    loader and TSTL read before any decode."""
+    from shard_tools.tario import write_tar
+
     folder.mkdir(parents=True)
-    (folder / "shard-000000.tar").write_bytes(b"\0" * 1024)
-    info = fmt.ShardInfo("shard-000000.tar", 4, 1024, "0" * 64, {0: 4}, head_hist={"verb": {0: 4},
-                                                                                    "noun": {1: 4}})
+    labels = json.dumps({fmt.LABELS: {"verb": 0, "noun": 1}}).encode()
+    samples = [(f"P01_01_{i}", {"cls": b"0", "json": labels, "mp4": b""}) for i in range(4)]
+    size, sha = write_tar(folder / "shard-000000.tar", samples)
+    info = fmt.ShardInfo("shard-000000.tar", 4, size, sha, {0: 4}, head_hist={"verb": {0: 4},
+                                                                                "noun": {1: 4}})
     fmt.save(folder, fmt.ShardSet("ek100", folder.name, ["take", "put"], [info],
                                   heads={"verb": ["take", "put"], "noun": ["plate", "cup"]}))
 

@@ -9,15 +9,19 @@ import pytest
 import torch
 from torch import nn
 
-from tstl.train.checkpoint import MARKER, Checkpointer
-from tstl.train.config import TrainConfig
+from tstl.train.checkpoint import MARKER, Checkpointer, CheckpointError
+from tstl.train.config import CheckpointConfig, TrainConfig
 from tstl.train.trainer import NonFiniteLossError, Trainer
 
 
 class FakeEngine:
-    """Records what DeepSpeed would save/load; its ``save_checkpoint`` writes one file per tag like DeepSpeed."""
+    """Records what DeepSpeed would save/load; ``save_checkpoint`` writes the files DeepSpeed writes
+    for one rank with ZeRO 1 (the model with the client state, the rank's optimizer partition),
+    ``load_checkpoint`` reads both. ``partitioned=False``: ZeRO 0, the optimizer inside the model
+    file (loads on any world size as it is)."""
 
-    def __init__(self) -> None:
+    def __init__(self, partitioned: bool = True) -> None:
+        self.partitioned = partitioned
         self.loaded: list[str] = []
         self.steps = 0
         self.backwards = 0
@@ -25,11 +29,18 @@ class FakeEngine:
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
         assert not save_latest  # we keep our own completion markers, not DeepSpeed's `latest`
         (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
-        torch.save(client_state, Path(save_dir) / tag / "mp_rank_00_model_states.pt")
+        torch.save({"module": {"w": torch.arange(64.0)}, **client_state},
+                   Path(save_dir) / tag / "mp_rank_00_model_states.pt")
+        if self.partitioned:
+            torch.save({"optimizer_state_dict": {"exp_avg": torch.ones(64)}},
+                       Path(save_dir) / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
 
     def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str, dict]:
         self.loaded.append(tag)
-        return tag, torch.load(Path(load_dir) / tag / "mp_rank_00_model_states.pt", weights_only=False)
+        if self.partitioned:
+            torch.load(Path(load_dir) / tag / KINDS["optimizer"], weights_only=False)
+        state = torch.load(Path(load_dir) / tag / "mp_rank_00_model_states.pt", weights_only=False)
+        return tag, {k: v for k, v in state.items() if k != "module"}
 
 
 def _save(ck: Checkpointer, engine: FakeEngine, step: int, metric: float | None) -> str:
@@ -38,7 +49,7 @@ def _save(ck: Checkpointer, engine: FakeEngine, step: int, metric: float | None)
 
 
 def test_incomplete_save_is_ignored_and_rotation_keeps_last_and_best(tmp_path: Path) -> None:
-    ck, engine = Checkpointer(tmp_path, keep_last=2), FakeEngine()
+    ck, engine = Checkpointer(tmp_path, CheckpointConfig(keep_last=2)), FakeEngine()
     for step, metric in [(10, 0.2), (20, 0.9), (30, 0.4), (40, 0.5)]:
         _save(ck, engine, step, metric)
     tags = sorted(d.name for d in ck.dir.iterdir())
@@ -59,7 +70,7 @@ def test_incomplete_save_is_ignored_and_rotation_keeps_last_and_best(tmp_path: P
 def test_resume_on_another_world_size_reads_every_saved_rank(tmp_path: Path) -> None:
     """Elastic resume (issue 13): all saved ranks' states come back; a missing one is named (tests/train/
     test_elastic.py runs the real thing)."""
-    ck, engine = Checkpointer(tmp_path), FakeEngine()
+    ck, engine = Checkpointer(tmp_path), FakeEngine(partitioned=False)
     tag = _save(ck, engine, 10, None)
     marker = ck.dir / tag / MARKER
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "world_size": 3}))
@@ -68,7 +79,7 @@ def test_resume_on_another_world_size_reads_every_saved_rank(tmp_path: Path) -> 
     resumed = ck.load_latest(engine)
     assert resumed.world_size == 3 and [s["loader"] for s in resumed.ranks] == [10, 11, 12]
     (ck.dir / tag / "rank-2.pt").unlink()
-    with pytest.raises(RuntimeError, match=r"ranks \[2\] missing \(saved by 3 ranks\)"):
+    with pytest.raises(CheckpointError, match=r"step-0000010: rank-2\.pt missing"):
         ck.load_latest(engine)
 
 
@@ -150,23 +161,131 @@ def test_resume_of_a_run_saved_before_a_key_existed(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------- preemption (issue 13)
 
-def test_signals_and_the_wall_clock_ask_for_a_save(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_checkpointer_decides_when_to_save(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 24: the cadence (steps, epochs, wall clock) and signals are the checkpointer's to
+    decide."""
+    import os
+    import signal
+
+    from tstl.train import checkpoint, preemption
+
+    watch = preemption.PreemptionWatch().install()
+    try:
+        cadence = CheckpointConfig(every_steps=4, every_epochs=2, every_minutes=0.5)
+        ck = Checkpointer(tmp_path, cadence, watch)
+        assert ck.decide(3) == (False, False) and ck.decide(8) == (True, False)
+        assert ck.decide(3, epoch_end=0) == (False, False)
+        assert ck.decide(3, epoch_end=1) == (True, False)
+        assert ck.decide(3, epoch_end=2, last=True) == (True, False)  # the end of training
+        now = ck.last_save + 31
+        monkeypatch.setattr(checkpoint.time, "monotonic", lambda: now)
+        assert ck.decide(3) == (True, False)  # timed save, training goes on
+        ck.last_save = now
+        assert ck.decide(3) == (False, False)
+        os.kill(os.getpid(), signal.SIGUSR1)  # only a flag is set: the process lives on
+        assert ck.decide(3) == (True, True) and watch.signum == signal.SIGUSR1
+        assert watch.poll(torch.device("cpu")) == (True,)
+    finally:
+        watch.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    off = Checkpointer(tmp_path, CheckpointConfig(every_steps=0, every_minutes=0))
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: now + 1e6)
+    assert off.decide(4) == (False, False)  # 0 = no step or timed saves; an unsignalled watch
+
+
+def test_handle_signals_keeps_the_handler_after_a_signal() -> None:
+    """After a signal the process is about to exit 75: a second one must not kill it (143) on the
+    way out."""
     import os
     import signal
 
     from tstl.train import preemption
 
-    watch = preemption.PreemptionWatch(every_minutes=0.5, device=torch.device("cpu")).install()
+    with preemption.handle_signals() as watch:
+        assert preemption.active() is watch
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and preemption.active() is None
     try:
-        assert watch.poll() == (False, False)
-        now = watch.last_save + 31
-        monkeypatch.setattr(preemption.time, "monotonic", lambda: now)
-        assert watch.poll() == (True, False)  # timed save, training goes on
-        watch.saved()
-        assert watch.poll() == (False, False)
-        os.kill(os.getpid(), signal.SIGUSR1)  # only a flag is set: the process lives on
-        assert watch.poll() == (True, True) and watch.signum == signal.SIGUSR1
+        with preemption.handle_signals() as watch:
+            os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # would end pytest with the default handler
+        assert watch.signum == signal.SIGTERM
     finally:
         watch.uninstall()
-    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
-    assert preemption.PreemptionWatch(0, torch.device("cpu")).poll() == (False, False)  # 0 = no timed saves
+
+
+# ----------------------------------------------------------------------------------- durable
+# checkpoints (issue 21)
+
+KINDS = {"model": "mp_rank_00_model_states.pt",
+         "optimizer": "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+         "rank state": "rank-0.pt", "marker": MARKER}
+
+
+def damage(path: Path, how: str) -> None:
+    """What a power cut or a bad disk leaves: the file cut short, or the same size with bytes
+    changed."""
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[:len(data) // 2])
+    else:
+        mid = len(data) // 2
+        path.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 16]) + data[mid + 16:])
+
+
+@pytest.mark.parametrize("how", ["truncate", "garble"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str, how: str) -> None:
+    ck, engine = Checkpointer(tmp_path, CheckpointConfig(keep_last=3)), FakeEngine()
+    for step in (10, 20):
+        _save(ck, engine, step, None)
+    marker = json.loads((ck.dir / "step-0000020" / MARKER).read_text())
+    assert set(marker["files"]) == set(KINDS.values()) - {MARKER}  # every file: size, SHA-256
+    assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in marker["files"].values())
+    damage(ck.dir / "step-0000020" / KINDS[kind], how)
+    client, ranks, _ = ck.load_latest(engine)
+    assert engine.loaded == ["step-0000010"] and client["step"] == 10 and ranks[0]["loader"] == 10
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert f"checkpoint {ck.dir / 'step-0000020'} is damaged" in warning
+    assert (ck.dir / "damaged-step-0000020").is_dir()  # kept, aside
+    assert not (ck.dir / "step-0000020").exists()
+    assert [t for _, t, _ in ck.complete()] == ["step-0000010"]  # never resumed, rotated, scored
+    _save(ck, engine, 20, None)  # the run goes on and saves that step anew
+    assert ck.load_latest(engine).client["step"] == 20
+
+
+def test_no_usable_checkpoint_names_every_damaged_folder(tmp_path: Path) -> None:
+    ck, engine = Checkpointer(tmp_path), FakeEngine()
+    for step in (10, 20):
+        _save(ck, engine, step, None)
+    damage(ck.dir / "step-0000010" / KINDS["model"], "garble")
+    damage(ck.dir / "step-0000020" / KINDS["optimizer"], "truncate")
+    with pytest.raises(CheckpointError) as e:
+        ck.load_latest(engine)
+    msg = str(e.value)
+    assert f"{ck.dir / 'step-0000020'}: zero_pp_rank_0_mp_rank_00_optim_states.pt has" in msg
+    garbled = f"{ck.dir / 'step-0000010'}: mp_rank_00_model_states.pt does not match its checksum"
+    assert garbled in msg
+    assert e.value.hint.startswith("the damaged folders were moved aside") and engine.loaded == []
+    assert Checkpointer(tmp_path).load_latest(engine) is None  # a rerun starts anew
+
+
+def test_a_marker_from_before_checksums_is_still_resumed(tmp_path: Path) -> None:
+    ck, engine = Checkpointer(tmp_path), FakeEngine()
+    tag = _save(ck, engine, 10, None)
+    marker = json.loads((ck.dir / tag / MARKER).read_text())
+    legacy = {k: marker[k] for k in ("step", "epoch", "metric", "world_size")}
+    (ck.dir / tag / MARKER).write_text(json.dumps(legacy))
+    assert ck.load_latest(engine).client["step"] == 10
+
+
+def test_a_save_over_a_cut_short_one_of_the_same_step_starts_clean(tmp_path: Path) -> None:
+    """A 2-rank save of step 20 killed mid-way, the run resumed on 1 rank: its step-20 save must not
+    mix with the other rank's leftover partition (DeepSpeed would count it on load)."""
+    ck, engine = Checkpointer(tmp_path), FakeEngine()
+    stale = ck.dir / "step-0000020" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by rank 1")
+    _save(ck, engine, 20, None)
+    assert not stale.exists() and ck.load_latest(engine).client["step"] == 20

@@ -3,7 +3,8 @@
 Every component declares its own ``@dataclass`` next to the code it configures; a top-level config nests them.
 This module turns plain data (YAML, ``key.sub=value`` strings) into those dataclasses and back:
 
-* unknown keys are errors (with a "did you mean" hint), so a typo never silently falls back to a default;
+* unknown keys are errors (with a "did you mean" hint), so a typo never silently falls back to a default; a key
+  a release retired (a class's ``RETIRED`` table: key -> why) is ignored with a warning, so older run configs load;
 * values are checked against the field's type annotation (``int``, ``float``, ``bool``, ``str``, ``Path``,
   ``Optional``, ``Literal``, ``list``/``tuple``/``dict`` of those, nested dataclasses);
 * ``__post_init__`` of each dataclass does value validation (ranges, cross-field rules of its
@@ -25,6 +26,7 @@ import dataclasses
 import difflib
 import functools
 import itertools
+import logging
 import re
 import types
 import typing
@@ -34,6 +36,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -158,8 +161,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config", 
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
+    retired = getattr(cls, "RETIRED", {})
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key in retired and key not in fields:  # configs written by an older release still load
+            logger.warning("%s: '%s' is ignored since %s", source, dotted, retired[key])
+            continue
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(sorted(fields))}"

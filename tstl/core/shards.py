@@ -9,6 +9,13 @@ reads them; neither spells a file name, a column or a sample part itself.
      "shards": [{"name": "shard-000000.tar", "samples": 256, "bytes": 23011840, "sha256": "..."}, ...],
      "missing": ["123.mp4", ...], "params": {...}}
 
+``samples.parquet`` (the per-sample index, ``SAMPLE_COLUMNS``) has one row per sample, in ``shards.json`` order and
+tar order within a shard: ``shard`` (name), ``key``, ``offset`` (byte offset of the sample's first tar header),
+``length`` (bytes up to the end of its last member, padding included) and ``label`` (the ``cls`` part, -1 when
+missing or not an integer). A loader reads a sample with one ranged read of ``[offset, offset + length)``;
+``shards.json`` names the index, its size and sha256 under ``"samples"`` (absent in sets built before it existed:
+``tstl shards index`` adds it without rewriting the tars).
+
 A multi-head set (EPIC-KITCHENS: verb and noun per sample) adds ``"heads": {"verb": [names...],
 "noun": [...]}``; ``classes`` are then the first head's, the class every sample's ``cls`` holds
 (absent for single-label sets).
@@ -29,14 +36,16 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tstl.core.faults import fault_point
 
 INDEX = "shards.json"
 MANIFEST = "manifest.parquet"
+SAMPLES = "samples.parquet"
 FORMAT = 1
 PARTS = ("cls", "json", "mp4")  # every sample has exactly these parts, stored in this order
 CLS, JSON, MP4 = PARTS
@@ -82,6 +91,8 @@ class ShardSet:
     shards: list[ShardInfo]
     missing: list[str] = field(default_factory=list)
     params: dict = field(default_factory=dict)
+    samples: dict | None = None
+    """``{"name", "bytes", "sha256", "rows"}`` of the per-sample index (``SAMPLES``); None: the set has none."""
     heads: dict[str, list[str]] = field(default_factory=dict)
     """Multi-head sets: class names per head (the first head's are ``classes``); empty for one
     label."""
@@ -126,6 +137,8 @@ def index_bytes(ss: ShardSet) -> bytes:
         "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256} for s in ss.shards],
         "missing": ss.missing, "params": ss.params,
     }
+    if ss.samples is not None:
+        index["samples"] = ss.samples
     if ss.heads:
         index["heads"] = ss.heads
     return json.dumps(index, indent=1).encode()
@@ -156,7 +169,10 @@ def write_manifest(path: Path, shards: list[ShardInfo]) -> None:
 
 
 def save(shard_dir: Path, ss: ShardSet) -> None:
-    """Write ``manifest.parquet`` and ``shards.json`` of ``ss`` into ``shard_dir``, each atomically."""
+    """Write ``samples.parquet``, ``manifest.parquet`` and ``shards.json`` of ``ss`` into ``shard_dir``, each
+    atomically; the per-sample index is read from the tars in ``shard_dir`` (headers only), so every writer of a set
+    gets it and it always describes the bytes on disk."""
+    ss.samples = write_samples(shard_dir, ss, scan_set(shard_dir, ss))
     write_manifest(shard_dir / MANIFEST, ss.shards)
     tmp = shard_dir / f".{INDEX}.tmp-{os.getpid()}"
     tmp.write_bytes(index_bytes(ss))
@@ -190,7 +206,7 @@ def parse_index(data: bytes | str, source: str) -> ShardSet:
         raise ShardSetError(f"{source}: not a valid {INDEX} ({type(e).__name__}: {e}); rebuild it with "
                             "`make shards`") from e
     return ShardSet(index.get("dataset", ""), index.get("split", ""), list(index.get("classes") or []), shards,
-                    index.get("missing", []), index.get("params", {}),
+                    index.get("missing", []), index.get("params", {}), index.get("samples"),
                     {str(h): list(names) for h, names in (index.get("heads") or {}).items()})
 
 
@@ -202,10 +218,9 @@ def read_index(url: str | os.PathLike) -> ShardSet:
         if is_local(text):
             data = Path(text).read_bytes()
         else:
-            import webdataset as wds  # only for remote sets: keeps tstl.core free of it
+            from tstl.core.transport import read_bytes  # the one transport (imported late: it imports us)
 
-            with wds.gopen(text) as f:
-                data = f.read()
+            data = read_bytes(text)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{text}: cannot read the shard list ({e}); run `make shards` or fix the path") from e
     return parse_index(data, text)
@@ -237,3 +252,158 @@ def sibling(url: str, name: str) -> str:
     """Location of ``name`` next to ``url`` (a local path or a URL)."""
     head, sep, _ = url.rpartition("/")
     return f"{head}{sep}{name}" if sep else name
+
+
+# ---- the per-sample index (samples.parquet) ----------------------------------------------------------------
+
+SAMPLE_COLUMNS = (("shard", "string"), ("key", "string"), ("offset", "int64"), ("length", "int64"),
+                  ("label", "int64"))
+_BLOCK = 512  # tar block size: members and headers start on these boundaries
+
+
+@dataclass
+class SampleIndex:
+    """Where every sample of a set lies, as arrays aligned by sample row (``shards.json`` order, tar order
+    within a shard). NumPy arrays rather than row objects: an SSV2-sized index is ~5 MB in every worker."""
+
+    shard: Any
+    """int32 [N]: position of the sample's shard in ``ShardSet.shards``."""
+    offset: Any
+    """int64 [N]: byte offset of the sample's first tar header in its shard."""
+    length: Any
+    """int64 [N]: bytes from ``offset`` to the end of the sample's last member (block padding included)."""
+    label: Any
+    """int64 [N]: the ``cls`` part (-1: missing or not an integer)."""
+    key: Any
+    """bytes [N] (NumPy ``S`` dtype): the sample key (``__key__``)."""
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+    def counts(self, num_shards: int) -> list[int]:
+        """Samples per shard."""
+        import numpy as np
+
+        return np.bincount(self.shard, minlength=num_shards).tolist()
+
+
+def scan_tar(fileobj: IO[bytes], stream: bool = False) -> list[tuple[str, int, int, int]]:
+    """``(key, offset, length, label)`` of every sample of a tar, from its headers.
+
+    A seekable file is read header by header (the member data is skipped, except the few bytes of ``cls``), so a
+    local shard costs a few hundred small reads; ``stream=True`` reads a pipe or socket through. Members are grouped
+    into samples by key as webdataset does (``base_plus_ext``: the basename up to its first dot).
+    """
+    from webdataset.tariterators import base_plus_ext
+
+    rows: list[tuple[str, int, int, int]] = []
+    key, start, end, label = None, 0, 0, -1
+    with tarfile.open(fileobj=fileobj, mode="r|" if stream else "r:") as tar:
+        for member in tar:
+            split = base_plus_ext(member.name) if member.isfile() else None
+            if split is None:
+                continue
+            k, ext = split
+            if k != key:
+                if key is not None:
+                    rows.append((key, start, end - start, label))
+                key, start, label = k, member.offset, -1
+            end = member.offset_data + -(-member.size // _BLOCK) * _BLOCK
+            if ext.lower() == CLS:
+                label = _int_or(tar.extractfile(member).read(), -1)
+    if key is not None:
+        rows.append((key, start, end - start, label))
+    return rows
+
+
+def _int_or(data: bytes, default: int) -> int:
+    try:
+        return int(data)
+    except ValueError:
+        return default
+
+
+def index_from_rows(per_shard: list[list[tuple[str, int, int, int]]]) -> SampleIndex:
+    """A ``SampleIndex`` from the ``scan_tar`` rows of each shard, in set order."""
+    import numpy as np
+
+    rows = [r for shard in per_shard for r in shard]
+    return SampleIndex(
+        shard=np.repeat(np.arange(len(per_shard), dtype=np.int32), [len(s) for s in per_shard]),
+        offset=np.array([r[1] for r in rows], dtype=np.int64),
+        length=np.array([r[2] for r in rows], dtype=np.int64),
+        label=np.array([r[3] for r in rows], dtype=np.int64),
+        key=np.array([r[0].encode() for r in rows], dtype=np.bytes_) if rows else np.zeros(0, "S1"))
+
+
+def scan_set(shard_dir: Path, ss: ShardSet) -> SampleIndex:
+    """The index of a local set, read from its tars' headers (seconds for an SSV2-sized set)."""
+    per_shard = []
+    for s in ss.shards:
+        path = shard_dir / s.name
+        try:
+            with open(path, "rb") as f:
+                rows = scan_tar(f)
+        except (OSError, tarfile.TarError) as e:
+            raise ShardSetError(f"{path}: cannot be indexed ({type(e).__name__}: {e}); rebuild the set with "
+                                "`make shards`") from e
+        if len(rows) != s.samples:
+            raise ShardSetError(f"{path}: {len(rows)} samples, {INDEX} says {s.samples}; rebuild the set with "
+                                "`make shards`")
+        per_shard.append(rows)
+    return index_from_rows(per_shard)
+
+
+def samples_table(ss: ShardSet, index: SampleIndex) -> Any:
+    """The pyarrow table of ``samples.parquet``."""
+    import pyarrow as pa
+
+    names = [s.name for s in ss.shards]
+    cols = {"shard": [names[i] for i in index.shard.tolist()], "key": [k.decode() for k in index.key.tolist()],
+            "offset": index.offset, "length": index.length, "label": index.label}
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in SAMPLE_COLUMNS])
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+def write_samples(shard_dir: Path, ss: ShardSet, index: SampleIndex, name: str = SAMPLES) -> dict:
+    """Write the index atomically into ``shard_dir``; returns the ``"samples"`` entry of ``shards.json``."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    path = Path(shard_dir) / name
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(samples_table(ss, index), tmp, compression="zstd")
+    data = tmp.read_bytes()
+    fault_point("shards.samples.tmp")
+    _fsynced_replace(tmp, path)
+    return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rows": len(index)}
+
+
+def parse_samples(data: bytes, ss: ShardSet, source: str) -> SampleIndex:
+    """A ``SampleIndex`` from the bytes of a ``samples.parquet``, checked against ``ss`` (``source`` names it)."""
+    import hashlib
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    entry = ss.samples or {}
+    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ShardSetError(f"{source}: its sha256 is not the one {INDEX} records (a stale or half-copied "
+                            "index); rebuild it with `tstl shards index`")
+    try:
+        table = pq.read_table(io.BytesIO(data))
+        pos = {s.name: i for i, s in enumerate(ss.shards)}
+        shard = np.array([pos[n] for n in table.column("shard").to_pylist()], dtype=np.int32)
+        index = SampleIndex(shard, table.column("offset").to_numpy().astype(np.int64),
+                            table.column("length").to_numpy().astype(np.int64),
+                            table.column("label").to_numpy().astype(np.int64),
+                            np.array([k.encode() for k in table.column("key").to_pylist()], dtype=np.bytes_))
+    except (KeyError, ValueError, OSError) as e:
+        raise ShardSetError(f"{source}: not a valid {SAMPLES} for this set ({type(e).__name__}: {e}); rebuild "
+                            "it with `tstl shards index`") from e
+    if index.counts(len(ss.shards)) != [s.samples for s in ss.shards]:
+        raise ShardSetError(f"{source}: its samples per shard differ from {INDEX}; rebuild it with "
+                            "`tstl shards index`")
+    return index

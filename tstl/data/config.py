@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from tstl.core.config import check_choices
 
@@ -51,10 +51,12 @@ class DataConfig:
     """Evaluation views per batch on each rank."""
     num_workers: int = 4
     """DataLoader worker processes per rank (0 = decode in the main process)."""
-    shuffle_buffer: int = 64
-    """Samples held by each worker's shuffle buffer in training (encoded bytes, not frames)."""
+    shuffle_block: int = 0
+    """Training order: the shards are put in a seeded order per epoch and cut into blocks of this many shards,
+    whose samples are shuffled together; 0 (default) = one block, the whole set. Reads cost the same either way
+    (every sample is read by range); a small block keeps a stretch of the epoch on few shards."""
     seed: int = 0
-    """Base seed; shard order, shuffle and augmentation derive from (seed, epoch, rank, worker, sample)."""
+    """Base seed; the epoch's order and every augmentation derive from (seed, epoch, position in the order)."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     """Per-channel normalisation mean (values in 0..1)."""
     std: tuple[float, float, float] = IMAGENET_STD
@@ -106,6 +108,15 @@ class DataConfig:
     read_retries: int = 2
     """Remote reads: a failed or stalled shard is opened again this many times (going on after the samples already
     read), then its remaining samples are bad (quarantined with the reason)."""
+    cache_dir: str = ""
+    """Node-local cache of remote shard samples (http(s), ``pipe:``), shared by the node's ranks and workers: what
+    one epoch fetched is read from here in the next. Empty = no cache. A full disk turns caching off with a
+    warning (``tstl/data/cache.py``)."""
+    cache_limit_gb: float = 0.0
+    """Size limit of ``cache_dir`` in GB (least recently used samples are evicted first); 0 = only the disk."""
+
+    RETIRED: ClassVar[dict[str, str]] = {
+        "shuffle_buffer": "0.3: the epoch order is shuffled as a whole (data.shuffle_block), no buffer needed"}
 
     def __post_init__(self) -> None:
         if self.num_frames < 1 or self.sampling_rate < 1 or self.input_size < 8:
@@ -125,6 +136,8 @@ class DataConfig:
         if self.train_crop == "short_side_jitter" and not self.input_size <= lo <= hi:
             raise ValueError(f"jitter_scales {self.jitter_scales} must satisfy input_size ({self.input_size}) <= "
                              "min <= max for short_side_jitter")
+        if self.shuffle_block < 0 or self.cache_limit_gb < 0:
+            raise ValueError("data.shuffle_block and data.cache_limit_gb must be >= 0")
         if self.read_timeout_s < 0 or self.read_retries < 0:
             raise ValueError("data.read_timeout_s and data.read_retries must be >= 0")
         check_choices(self, "data")  # decoder, augment_on, ... of a DataConfig built in Python

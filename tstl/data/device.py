@@ -3,9 +3,10 @@
 Workers hand uint8 clips ``[B, T, S, S, 3]`` (channels last, a quarter of the float32 bytes). The
 loader applies the stages ``build_stages`` makes to every batch, in order, webdataset-style. A stage
 is a callable ``(batch, seed) -> batch`` with a stable ``name``; its seed is
-``stage_seed(seed, epoch, (rank, step), name)``, keyed by the name, not by the stage's position, so
-inserting a stage leaves the other stages' draws unchanged, resumed runs repeat every draw exactly
-and the draws do not depend on the device.
+``stage_seed(seed, epoch, (position,), name)`` (the position of the batch's first sample in the
+epoch's order), keyed by the name, not by the stage's position, so inserting a stage leaves the
+other stages' draws unchanged, resumed runs repeat every draw exactly and the draws depend neither
+on the device nor on the number of ranks and workers.
 
 ``BATCH_STAGES`` is the table, in order. Training: ``to_device`` (pinned, non-blocking copy) ->
 ``rand_augment`` (``DeviceRandAugment``, ``augment_on: device`` only) -> ``normalize`` (uint8
@@ -32,7 +33,7 @@ from timm.data.mixup import mixup_target
 
 from tstl.data.augment import FILL, RandAugmentPolicy, apply_colour_ops, compose, fill_mask
 from tstl.data.config import DataConfig
-from tstl.data.pipeline import derive_seed
+from tstl.data.seeds import derive_seed
 
 
 class BatchStage(Protocol):
@@ -279,7 +280,8 @@ stage's tag is the CRC-32 of its name."""
 
 
 def stage_seed(seed: int, epoch: int, step_key: tuple[int, ...], name: str) -> int:
-    """The seed of stage ``name`` for one batch: ``step_key`` is ``(rank, step)``. Keyed by the name
+    """The seed of stage ``name`` for one batch: ``step_key`` says which batch (the loader gives the position
+    of its first sample in the epoch's order, so the draw is the same on any layout). Keyed by the name
     (a stable hash, not Python's salted ``hash``), so adding or moving a stage changes no other
     stage's draws."""
     tag = SEED_TAGS.get(name, zlib.crc32(name.encode()))

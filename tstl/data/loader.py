@@ -1,4 +1,5 @@
-"""``ShardLoader``: equal steps on every rank, exact epoch coverage, batch stages on the device, mid-epoch resume."""
+"""``ShardLoader``: the canonical partition of an epoch, read by range, with equal steps on every rank, batch
+stages on the device and resume on any layout."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import torch
 from timm.data import Mixup
 from torch.utils.data import DataLoader
 
-from tstl.data import elastic
+from tstl.core.transport import ReadPolicy, orphan_guard
+from tstl.data import partition
 from tstl.data.buffers import BUFFERS_EXTRA, Returns, check_room
 from tstl.data.config import DataConfig
 from tstl.data.decode import check_decoder
 from tstl.data.device import BatchStage, MultiHeadMixup, build_stages, stage_seed
-from tstl.data.pipeline import BadSampleRateError, ClipStream, RoleState, StreamSpec
-from tstl.data.sources import ShardList, has_index, resolve, slot_length
+from tstl.data.reader import ShardSetChanged
+from tstl.data.sources import ShardList, changed, resolve
+from tstl.data.stream import LOOKAHEAD, BadSampleRateError, ClipStream, StreamSpec
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,8 @@ class ShardLoader:
         rank, world_size: this process' place in the job.
         epoch: the epoch the next iteration produces.
         views: evaluation views (temporal T, spatial C).
-        balance: ``pad`` (default) or ``drop``, the rule that makes all slots equal (see ``slot_length``).
+        balance: ``pad`` (default) or ``drop``, the rule that makes all ranks' step counts equal
+            (``partition.steps_per_rank``).
         label_map: relabelling ``y -> label_map[y]``; samples whose label is not a key are not in ``shardset``
             (``resolve(..., labels=label_map.keys())``). None keeps the labels.
     """
@@ -45,6 +49,8 @@ class ShardLoader:
                  label_map: Mapping[int, int] | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if balance not in ("pad", "drop"):
+            raise ValueError(f"balance must be pad or drop, got {balance!r}")
         check_decoder(cfg.decoder)  # here, not as a bad sample in every worker
         if label_map is not None and shardset.heads:
             raise ValueError(f"label_map relabels one-label shard sets; this one has the heads "
@@ -53,11 +59,12 @@ class ShardLoader:
         self.rank, self.world_size, self.views = rank, world_size, tuple(views)
         self.workers = max(1, cfg.num_workers)
         self.label_map = _check_label_map(label_map, shardset.num_classes)
-        bsz = cfg.batch_size if train else 1
         self.drop = balance == "drop"
-        self.length = slot_length(shardset.num_samples, world_size * self.workers, bsz, self.drop)
-        per_role = self.length if train else self.length * self.views[0] * self.views[1]
-        self.batches_per_role = -(-per_role // (cfg.batch_size if train else cfg.eval_batch_size))
+        self.length = self._steps()
+        if self.length == 0:
+            raise ValueError(
+                f"{self.num_samples} samples cannot fill one batch of {cfg.batch_size} on each of {world_size} "
+                "rank(s); lower data.batch_size, or use balance=pad")
         self.mixup = self._mixup() if train and cfg.mixup_active else None
         self.device = torch.device("cpu")
         self.bad_samples = 0
@@ -65,10 +72,20 @@ class ShardLoader:
         self._room_checked = False  # /dev/shm size warned about at most once
         self.set_epoch(epoch)
 
+    def _steps(self) -> int:
+        """Batches per epoch on every rank: from the sample count alone, so all ranks agree without talking."""
+        c, n = self.cfg, self.num_samples
+        if self.train:
+            return partition.steps_per_rank(n, self.world_size, c.batch_size, self.drop)
+        per_video = self.views[0] * self.views[1]
+        share = partition.eval_share(n, self.rank, self.world_size)
+        return sum(-(-len(p) * per_video // c.eval_batch_size)
+                   for p in partition.split_even(share, self.workers))
+
     # ---- metadata -----------------------------------------------------------------------------------------
     @property
     def num_samples(self) -> int:
-        """Samples (videos) in the shard set."""
+        """Samples (videos) the loader sees: the shard set's, or those of the ``label_map``'s labels."""
         return self.shardset.num_samples
 
     @property
@@ -96,101 +113,74 @@ class ShardLoader:
         return [names[by_new[i]] for i in range(len(lm))]
 
     def __len__(self) -> int:
-        return self.batches_per_role * self.workers
+        return self.length
 
     # ---- epoch and state ----------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning at the next iteration."""
         self.epoch, self.step = epoch, 0
-        self._roles: dict[int, RoleState] = {}
-        # The sample-index ranges the slots of this epoch share and the slot length: the whole epoch, or after an
-        # elastic resume (load_state_dicts) only what the saved job had not consumed yet.
-        self._plan: list[tuple[int, int]] | None = None
-        self._plan_length = self.length
+        self._segment = partition.FRESH
 
-    # the keys that must match for an exact (same batches) resume; "shuffle_buffer" in states since elastic resume
-    _LAYOUT = ("world_size", "workers", "seed", "length", "num_samples", "shuffle_buffer")
+    @property
+    def position(self) -> int:
+        """Positions of the epoch's order the whole job has consumed (after every rank's ``step`` batches)."""
+        if not self.train:
+            return 0
+        return self._segment.consumed(self.step, self.world_size, self.cfg.batch_size)
+
+    def _identity(self) -> dict:
+        """What makes the epoch's order: the same values give the same samples at the same positions."""
+        lm = sorted(self.label_map.items()) if self.label_map is not None else None
+        return {"seed": self.cfg.seed, "num_samples": self.num_samples, "shuffle_block": self.cfg.shuffle_block,
+                "fingerprint": self.shardset.fingerprint, "label_map": lm}
 
     def state_dict(self) -> dict:
         """Position after the last batch handed out: resuming continues with the very next batch."""
-        return {"epoch": self.epoch, "step": self.step, "rank": self.rank, "world_size": self.world_size,
-                "workers": self.workers, "seed": self.cfg.seed, "length": self.length,
-                "num_samples": self.num_samples, "shuffle_buffer": self.cfg.shuffle_buffer if self.train else 0,
-                "plan": [list(r) for r in self._plan] if self._plan is not None else None,
-                "plan_length": self._plan_length,
-                "bad_samples": self.bad_samples, "roles": {r: s.to_dict() for r, s in self._roles.items()}}
+        return {"epoch": self.epoch, "step": self.step, "position": self.position, "rank": self.rank,
+                "world_size": self.world_size, "batch_size": self.cfg.batch_size, "drop": self.drop,
+                "bad_samples": self.bad_samples, **self._identity()}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Resume from this rank's ``state_dict()``; the job layout (world size, workers, seed, data, batch size,
-        shuffle buffer) must be unchanged. For another layout pass every rank's state to ``load_state_dicts``."""
-        if not self.train and state.get("step", 0):
-            raise ValueError("evaluation loaders cannot resume mid-pass; rerun the evaluation from the start")
-        theirs = self._layout(state)
-        mine = {k: v for k, v in self._layout(self.state_dict()).items() if k in theirs}
-        if mine != theirs or state["rank"] != self.rank:
-            raise ValueError(f"loader state was saved with {theirs} (rank {state['rank']}), this loader has {mine} "
-                             f"(rank {self.rank}); pass the states of all saved ranks to load_state_dicts() to "
-                             "resume on another layout, or restart the epoch with set_epoch()")
-        self.set_epoch(state["epoch"])
-        self.step, self.bad_samples = state["step"], state["bad_samples"]
-        self._roles = {int(r): RoleState(**s) for r, s in state["roles"].items()}
-        if state.get("plan") is not None:
-            self._plan = [(int(a), int(b)) for a, b in state["plan"]]
-            self._plan_length = int(state["plan_length"])
-
-    def _layout(self, state: dict) -> dict:
-        return {k: state[k] for k in self._LAYOUT if k in state}
-
-    def load_state_dicts(self, states: Sequence[dict]) -> bool:
-        """Resume from the ``state_dict()`` of every rank of a saved job, on any layout (elastic resume).
-
-        With the saved layout (world size, ``num_workers``, batch size, shuffle buffer) this is
-        ``load_state_dict(states[rank])``: the very next batch of the uninterrupted epoch. Otherwise the samples
-        of the saved epoch that no saved rank had taken out of its shuffle buffer are spread over this job's
-        ranks and workers (``tstl.data.elastic``; padded by repeating the remainder's first samples so every rank
-        has the same number of batches), and ``step`` is set so that ``len(self) - step`` batches remain. The
-        shard set and the seed must be the same. See ``docs/loader.md`` ("Elastic resume") for the guarantee.
-        Returns True for the exact resume, False for a redistribution.
-        """
+    def load_state_dict(self, state: dict) -> bool:
+        """Resume from a ``state_dict()`` of any rank of a saved job, on any layout (world size, workers, batch
+        size): the epoch goes on at the saved position of its order. Returns True when the layout is the saved
+        one (then the batches are exactly those of the uninterrupted run), False otherwise."""
         if not self.train:
             raise ValueError("evaluation loaders cannot resume mid-pass; rerun the evaluation from the start")
-        states = sorted(states, key=lambda st: st["rank"])
+        if "position" not in state:
+            raise ValueError("this loader state was saved by tstl before 0.3 (its partition depended on the world "
+                             "size); resume it with that version, or start the run again in a new out_dir")
+        mine = self._identity()
+        theirs = {k: state.get(k) for k in mine}
+        if theirs != mine:
+            diff = {k: (theirs[k], mine[k]) for k in mine if theirs[k] != mine[k] and k != "label_map"}
+            raise ValueError(f"loader state was saved for another epoch order (saved vs now: {diff or 'label_map'}):"
+                             " resume with the same data.seed, data.shuffle_block and shard set, or restart the "
+                             "epoch with set_epoch()")
+        self.epoch = int(state["epoch"])
+        n, world, bsz = self.num_samples, self.world_size, self.cfg.batch_size
+        self._segment = partition.resume_segment(n, int(state["position"]), world, bsz, self.drop)
+        self.step = self._segment.first_step
+        exact = (state["world_size"], state["batch_size"], state.get("drop", False)) == (world, bsz, self.drop)
+        if exact and self.step != state["step"]:
+            raise ValueError(f"loader state says step {state['step']} at position {state['position']}, which "
+                             f"this layout puts at step {self.step}: the state is damaged")
+        if not exact:
+            logger.info("resume of epoch %d at position %d of %d on another layout: %d ranks x batch %d saved, "
+                        "%d x %d now; continuing at step %d of %d", self.epoch, state["position"], n,
+                        state["world_size"], state["batch_size"], world, bsz, self.step, len(self))
+        return exact
+
+    def load_state_dicts(self, states: Sequence[dict]) -> bool:
+        """Resume from the ``state_dict()`` of every rank of a saved job (they agree on the position; the job's
+        bad-sample count goes on, kept by rank 0). Returns ``load_state_dict``'s answer."""
+        if not states:
+            raise ValueError("no loader state to resume from")
         ref = states[0]
-        if [st["rank"] for st in states] != list(range(ref["world_size"])):
-            raise ValueError(f"need the loader states of all {ref['world_size']} saved ranks, got ranks "
-                             f"{[st['rank'] for st in states]}")
-        if any((st["epoch"], st.get("plan"), st.get("plan_length")) != (ref["epoch"], ref.get("plan"),
-                                                                         ref.get("plan_length")) for st in states):
-            raise ValueError("the saved ranks' loader states are from different epochs or plans")
-        mine = self._layout(self.state_dict())
-        if self._layout(ref) == {k: v for k, v in mine.items() if k in ref}:
-            self.load_state_dict(states[self.rank])
-            return True
-        same = {k: ref.get(k, mine[k]) for k in ("seed", "num_samples")}
-        if same != {k: mine[k] for k in same}:
-            raise ValueError(f"loader state was saved with seed/samples {same}, this loader has "
-                             f"{ {k: mine[k] for k in same} }: the epoch's sample order differs; resume with the same "
-                             "data.seed and shard set, or restart the epoch with set_epoch()")
-        rest = elastic.remainder(states, self.num_samples)
-        self.set_epoch(ref["epoch"])
-        # the job's bad-sample count goes on, kept by rank 0
-        self.bad_samples = sum(st["bad_samples"] for st in states) if self.rank == 0 else 0
-        left = sum(b - a for a, b in rest)
-        try:
-            plan_length = slot_length(left, self.world_size * self.workers, self.cfg.batch_size, self.drop) if left \
-                else 0
-        except ValueError:  # balance=drop and fewer samples left than one batch per slot: they are left out
-            plan_length = 0
-        if plan_length == 0:
-            self.step = len(self)  # the epoch is complete (its unconsumed positions were only padding)
-        else:
-            self._plan, self._plan_length = rest, plan_length
-            self.step = len(self) - plan_length // self.cfg.batch_size * self.workers
-        logger.info("elastic resume of epoch %d: %d ranks x %d workers saved, %d x %d now; %d of %d samples left "
-                    "(%d per slot), continuing at step %d of %d", self.epoch, ref["world_size"], ref["workers"],
-                    self.world_size, self.workers, left, len(elastic.covered(ref, self.num_samples)), plan_length,
-                    self.step, len(self))
-        return False
+        if any((st.get("epoch"), st.get("position")) != (ref.get("epoch"), ref.get("position")) for st in states):
+            raise ValueError("the saved ranks' loader states are at different epochs or positions")
+        exact = self.load_state_dict(ref)
+        self.bad_samples = sum(int(st.get("bad_samples", 0)) for st in states) if self.rank == 0 else 0
+        return exact
 
     # ---- the bad-sample limit -----------------------------------------------------------------------------
     def _group(self) -> bool:
@@ -224,8 +214,8 @@ class ShardLoader:
             return
         where = (f"the bad samples are listed in {c.quarantine} (key, shard, reason)" if c.quarantine
                  else "the bad samples are logged as warnings (set data.quarantine to list them in a file)")
-        why = (f"rank(s) {starved_ranks} have a worker slot without a single decodable sample; " if starved_ranks
-               else "")
+        why = (f"rank(s) {starved_ranks} met a batch without a single decodable sample, nor one among the "
+               f"{LOOKAHEAD} samples after it; " if starved_ranks else "")
         raise BadSampleRateError(
             f"{why}{bad} of {seen} samples read on {self.world_size} rank(s) were bad, more than "
             f"data.max_bad_fraction={c.max_bad_fraction:g} allows; {where}. Rebuild those videos/shards "
@@ -263,46 +253,55 @@ class ShardLoader:
         total = len(self)
         if self.step >= total:  # the previous epoch ran to its end: go on with the next one
             self.set_epoch(self.epoch + 1)
-        spec = StreamSpec(self.cfg, self.shardset, self.train, self.rank, self.world_size, self.epoch, self.workers,
-                          self._plan_length, self.views, dict(self._roles), self.step % self.workers,
-                          label_map=self.label_map, worker_augment=self.augment_on == "worker", plan=self._plan)
+        self._check_unchanged()
+        c = self.cfg
+        spec = StreamSpec(c, self.shardset, self.train, self.rank, self.world_size, self.epoch, self.workers, total,
+                          self.step, self._segment, self.views, label_map=self.label_map,
+                          worker_augment=self.augment_on == "worker")
         stages = self._stages()
-        nw = self.cfg.num_workers
+        nw = c.num_workers
         returns = Returns(self.workers) if nw else None  # workers reuse the batch buffers we are done with
         if nw and not self._room_checked:
-            c = self.cfg
             bsz = c.batch_size if self.train else c.eval_batch_size
             check_room(nw, c.prefetch_factor + BUFFERS_EXTRA, bsz * c.num_frames * c.input_size ** 2 * 3)
             self._room_checked = True
         spec.buffers = returns.link if returns else None
-        pin = self.cfg.pin_memory or self.device.type == "cuda"  # pinned pages make the copy non-blocking
+        pin = c.pin_memory or self.device.type == "cuda"  # pinned pages make the copy non-blocking
         dl = DataLoader(ClipStream(spec), batch_size=None, num_workers=nw, pin_memory=pin,
-                        prefetch_factor=self.cfg.prefetch_factor if nw else None, persistent_workers=False)
+                        prefetch_factor=c.prefetch_factor if nw else None, persistent_workers=False,
+                        worker_init_fn=orphan_guard if nw else None)
         try:
             yield from self._batches(dl, stages, total, returns)
         finally:
             if returns is not None:
                 returns.close()
         if self.step != total:
-            raise RuntimeError(f"rank {self.rank} produced {self.step} batches instead of {total}; the shard set "
-                               "changed during the epoch?")
+            raise RuntimeError(f"rank {self.rank} produced {self.step} batches instead of {total}")
+
+    def _check_unchanged(self) -> None:
+        """Stop a run whose shard set was replaced under it (checked once per epoch: one small read)."""
+        why = changed(self.shardset, ReadPolicy(self.cfg.read_timeout_s, self.cfg.read_retries))
+        if why:
+            raise ShardSetChanged(f"{why}: a run reads one version of its shard set from start to end. Do not "
+                                  "rebuild or republish a set that a job is reading (build a new folder instead); "
+                                  "rerun this job to continue from its last checkpoint on the new set")
 
     def _batches(self, dl: DataLoader, stages: list[BatchStage], total: int,
                  returns: Returns | None) -> Iterator[dict]:
         for batch in dl:
             if returns is not None:
                 returns.poll()
-            role = batch.pop("_role")
-            state = RoleState(**batch.pop("_state"))
-            prev = self._roles.get(role, RoleState())
-            self.bad_samples += state.bad - prev.bad
-            self._roles[role] = state
-            self._bad_run += state.bad - prev.bad
-            self._seen_run += state.pos - prev.pos
+            bad, read = batch.pop("_bad"), batch.pop("_read")
+            self.bad_samples += bad
+            self._bad_run += bad
+            self._seen_run += read
             self._check_bad(last=self.step + 1 == total, starved=batch.pop("_starved", False))
-            key = (self.rank, self.step)
-            for stage in stages:  # each stage's draws are keyed by its name (device.stage_seed)
-                batch = stage(batch, stage_seed(self.cfg.seed, self.epoch, key, stage.name))
+            # each stage's draws are keyed by its name and the batch's place in the epoch's order (the
+            # position of its first sample): the same on any number of ranks and workers
+            first = self._segment.positions(self.step, self.rank, self.world_size, self.cfg.batch_size)[0] \
+                if self.train else self.step
+            for stage in stages:
+                batch = stage(batch, stage_seed(self.cfg.seed, self.epoch, (int(first),), stage.name))
             self.step += 1
             yield batch
 
@@ -325,14 +324,9 @@ def _check_label_map(label_map: Mapping[int, int] | None, num_classes: int | Non
 def _shards(source: Source, cfg: DataConfig, label_map: Mapping[int, int] | None) -> ShardList:
     if isinstance(source, ShardList):
         return source
-    read = {"read_timeout_s": cfg.read_timeout_s, "read_retries": cfg.read_retries}
-    if label_map is None:
-        return resolve(source, cfg.shard_url_template, **read)
-    if has_index(source, cfg.shard_url_template):  # only the shard list is read: cheap
-        full = resolve(source, cfg.shard_url_template, **read)
-        if full.num_classes is not None and set(label_map) >= set(range(full.num_classes)):
-            return full  # relabelling every class (class -> group) filters nothing: no per-label counting
-    return resolve(source, cfg.shard_url_template, sorted(label_map), **read)
+    labels = sorted(label_map) if label_map is not None else ()  # selected through the index: nothing is read
+    return resolve(source, cfg.shard_url_template, labels, read_timeout_s=cfg.read_timeout_s,
+                   read_retries=cfg.read_retries)
 
 
 def build_train_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
@@ -344,8 +338,8 @@ def build_train_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_
         source: shard-set directory, ``shards.json`` path/URL, brace pattern, ``pipe:``/http URL or a list.
         rank, world_size: this process' place in the job.
         epoch: first epoch to produce (``set_epoch`` moves on).
-        balance: ``pad`` repeats up to ``world_size * workers * batch_size - 1`` samples per epoch so nothing is
-            left out; ``drop`` leaves up to that many out instead (a different few each epoch).
+        balance: ``pad`` repeats up to ``world_size * batch_size - 1`` samples per epoch so nothing is left
+            out; ``drop`` leaves up to that many out instead (a different few each epoch).
         label_map: keep only samples whose label is a key and relabel them ``y -> label_map[y]`` (e.g. class ->
             group, or a group's classes -> 0..k-1); ``num_classes`` becomes ``max(values) + 1``. None keeps all.
     """

@@ -1,43 +1,39 @@
-"""Shard sources and the per-epoch assignment of samples to (rank, worker) slots.
+"""Source resolution: a shard-set folder, URL, pattern or list -> a ``ShardList`` with its per-sample index.
 
 A source is a shard-set directory (local, or an http(s) URL of the folder), the path or URL of its ``shards.json``,
-a brace pattern, a ``pipe:`` command, an http(s) URL of a tar, or a list of these. ``shards.json`` gives every
-shard's sample count, which the balancing needs; without it the shards are scanned once to count samples. The
-format is ``tstl.core.shards``'; a local set's symlink is resolved once, so a run reads one generation even when
-``make shards`` switches the set meanwhile.
-
-Remote reads (``pipe:`` commands, http(s) URLs) go through ``open_shard``: a read that gets no byte for
-``timeout_s`` fails (the ``pipe:`` process group is killed), and ``_read`` in ``pipeline.py`` retries a shard a
-bounded number of times before counting its remaining samples as bad.
+a brace pattern, a ``pipe:`` command, an http(s) URL of a tar, or a list of these. ``shards.json`` gives the shards
+and classes, and names the set's per-sample index (``samples.parquet``, ``tstl.core.shards``), from which the
+loader reads each sample by byte range. A set built before the index existed is indexed here from its tar headers
+(local: seconds; remote: one full read), with one warning naming ``tstl shards index``, which saves that work. A
+local set's symlink is resolved once, so a run reads one generation even when ``make shards`` switches the set.
 """
 
 from __future__ import annotations
 
-import contextlib
-import http.client
-import io
+import hashlib
 import logging
-import math
 import os
-import random
-import select
-import signal
-import subprocess
-import tarfile
-import time
-import urllib.request
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import braceexpand
-import webdataset as wds
-from webdataset.tariterators import base_plus_ext
+import numpy as np
 
 from tstl.core import shards as fmt
-from tstl.core.shards import CLS, ShardSetError
-from tstl.data.plan import slot_ranges
+from tstl.core.shards import SampleIndex, ShardSetError
+from tstl.core.transport import (
+    DEFAULT_POLICY,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT_S,
+    RANGE_FIELDS,
+    READ_ERRORS,
+    ReadPolicy,
+    open_stream,
+    read_bytes,
+    retrying,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,27 +47,25 @@ class Shard:
     samples: int
 
 
-@dataclass(frozen=True)
-class Piece:
-    """Samples ``[skip, skip + take)`` of one shard, in tar order."""
-
-    shard: Shard
-    skip: int
-    take: int
-
-
 @dataclass
 class ShardList:
-    """The loader's view of a source: an ordered list of shards with optional class metadata from ``shards.json``
-    (the format's own description is ``tstl.core.shards.ShardSet``)."""
+    """The loader's view of a source: its shards, the per-sample index, the samples it keeps (a label filter) and
+    the class metadata of ``shards.json`` (the format's own description is ``tstl.core.shards.ShardSet``)."""
 
     shards: list[Shard]
+    index: SampleIndex
+    rows: np.ndarray
+    """Index rows (sorted) of the samples the loader sees: all, or those of ``labels``."""
     classes: list[str] | None = None
     num_classes: int | None = None
     labels: frozenset[int] | None = None
-    """When set, only samples with these labels exist for the loader (shard counts are already filtered)."""
-    heads: dict[str, list[str]] | None = None
-    """Multi-head sets: class names per head (``shards.json`` ``heads``); None for one label."""
+    """When set, only samples with these labels exist for the loader."""
+    fingerprint: str = ""
+    """Identifies the set's content (sha256 of its ``shards.json``, else of its scanned index)."""
+    origin: str = ""
+    """Where ``shards.json`` was read (re-read to notice a set replaced during a run); empty without one."""
+    heads: dict[str, list[str]] | None = field(default=None)
+    """Multi-head sets (``shards.json`` ``heads``): head name -> class names."""
 
     @property
     def head_sizes(self) -> dict[str, int] | None:
@@ -80,186 +74,43 @@ class ShardList:
 
     @property
     def num_samples(self) -> int:
-        """Samples in all shards."""
-        return sum(s.samples for s in self.shards)
+        """Samples the loader sees."""
+        return len(self.rows)
+
+    def url(self, row: int) -> str:
+        return self.shards[int(self.index.shard[row])].url
+
+    def remote(self) -> bool:
+        """Whether any shard is read through the network or a command."""
+        return any(not fmt.is_local(s.url) for s in self.shards)
 
 
-READ_ERRORS = (OSError, tarfile.TarError, ValueError, http.client.HTTPException)
-"""What a failed shard read raises (TimeoutError and urllib's errors are OSErrors)."""
-
-DEFAULT_TIMEOUT_S = 60.0
-DEFAULT_RETRIES = 2
-
-
-def retry_pause(attempt: int) -> None:
-    """The pause before retry ``attempt`` (1, 2, ...) of a remote read: a transient fault gets a moment to clear."""
-    time.sleep(min(0.5 * attempt, 5.0))
+class _KeepRange(dict):
+    def __missing__(self, key: str) -> str:
+        if f"{{{key}}}" in RANGE_FIELDS:
+            return f"{{{key}}}"  # filled per read (tstl.core.transport.range_command)
+        raise KeyError(key)
 
 
-def is_remote(url: str) -> bool:
-    """Whether ``url`` is read through the network or a command (``pipe:``, http(s)): those get a timeout."""
-    return url.startswith(("pipe:", "http://", "https://"))
-
-
-class _PipeStream(io.RawIOBase):
-    """stdout of a ``pipe:`` command in its own process group; a read waits at most ``timeout_s`` for data.
-
-    On a stall, an error or ``close()`` before the end, the whole process group is killed (``sh -c '...; sleep'``
-    leaves no ``sleep`` behind), so a hung source costs ``timeout_s``, not the run.
-    """
-
-    def __init__(self, url: str, timeout_s: float) -> None:
-        super().__init__()
-        self.url, self.timeout_s = url, timeout_s
-        self.proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, start_new_session=True)
-        self.fd = self.proc.stdout.fileno()
-        self.eof = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
-        if self.eof:
-            return 0
-        if self.timeout_s > 0 and not select.select([self.fd], [], [], self.timeout_s)[0]:
-            self._kill()
-            raise TimeoutError(f"{self.url}: no data for {self.timeout_s:g} s (data.read_timeout_s)")
-        data = os.read(self.fd, len(buf))
-        if not data:
-            self.eof = True
-            try:
-                rc = self.proc.wait(timeout=self.timeout_s or None)
-            except subprocess.TimeoutExpired as e:
-                self._kill()
-                raise TimeoutError(f"{self.url}: closed its output but did not exit within {self.timeout_s:g} s") from e
-            if rc:
-                raise OSError(f"{self.url}: exited with status {rc}")
-            return 0
-        buf[:len(data)] = data
-        return len(data)
-
-    def _kill(self) -> None:
-        # The whole group: also the children of a shell that already exited (the group outlives its leader).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def close(self) -> None:
-        if not self.closed:
-            self._kill()
-            self.proc.stdout.close()
-        super().close()
-
-
-def open_shard(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> IO[bytes]:
-    """A binary stream of a shard (or ``shards.json``/manifest): a local path, ``pipe:`` command or http(s) URL
-    (both with a stall timeout of ``timeout_s``, 0 = none), anything else through ``webdataset.gopen``."""
-    if url.startswith("pipe:"):
-        return io.BufferedReader(_PipeStream(url, timeout_s), buffer_size=1 << 20)
-    if url.startswith(("http://", "https://")):
-        return urllib.request.urlopen(url, timeout=timeout_s or None)  # http(s) only: checked above
-    if fmt.is_local(url):
-        return open(url, "rb")
-    return wds.gopen(url)
-
-
-def read_bytes(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES) -> bytes:
-    """The whole content at ``url`` (small files: ``shards.json``, the manifest), retried like shards."""
-    for attempt in range(retries + 1):
-        try:
-            with open_shard(url, timeout_s) as f:
-                return f.read()
-        except READ_ERRORS as e:
-            if attempt == retries or not is_remote(url):
-                raise OSError(f"{url}: cannot be read ({type(e).__name__}: {e})") from e
-            logger.warning("%s: read failed (%s), retrying (%d of %d)", url, e, attempt + 1, retries)
-            retry_pause(attempt + 1)
-    raise AssertionError("unreachable")
-
-
-def iter_tar(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[dict]:
-    """Samples of one tar (``{"__key__": str, ext: bytes, ...}``) in order; members are grouped by key.
-
-    The stream is closed when the generator is closed, so an early stop leaves no open file (no ResourceWarning)
-    and no ``pipe:`` process. Remote reads fail with ``TimeoutError`` after ``timeout_s`` without data.
-    """
-    with open_shard(url, timeout_s) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        sample: dict = {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            split = base_plus_ext(member.name)
-            if split is None:
-                continue
-            key, ext = split
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            sample["__key__"] = key
-            sample[ext.lower()] = tar.extractfile(member).read()
-        if sample:
-            yield sample
-
-
-def label_of(sample: dict) -> int | None:
-    """The sample's integer label, or None if its ``cls`` part is missing or malformed."""
+def shard_url(template: str, name: str, dataset: str = "", split: str = "") -> str:
+    """``template`` with ``{name}`` (a file of the set: a shard, ``shards.json``, the index) and the optional
+    ``{dataset}``/``{split}`` filled in; the range fields ``{offset}``, ``{length}``, ``{last}`` stay for the
+    reader."""
     try:
-        return int(sample[CLS])
-    except (KeyError, ValueError):
-        return None
+        return string.Formatter().vformat(template, (), _KeepRange(name=name, dataset=dataset, split=split))
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"data.shard_url_template {template!r}: only {{name}}, {{dataset}}, {{split}} and the "
+                         f"range fields {', '.join(RANGE_FIELDS)} can be used ({type(e).__name__}: {e})") from None
 
 
-def keep(sample: dict, labels: frozenset[int] | None) -> bool:
-    """Whether a raw sample belongs to the (possibly label-filtered) shard set."""
-    return labels is None or label_of(sample) in labels
-
-
-@dataclass(frozen=True)
-class ReadPolicy:
-    """Timeout (seconds without data) and retries of remote reads (``DataConfig.read_timeout_s/read_retries``)."""
-
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    retries: int = DEFAULT_RETRIES
-
-
-def _count(url: str, labels: frozenset[int] | None, policy: ReadPolicy = ReadPolicy()) -> int:
-    for attempt in range(policy.retries + 1):
-        try:
-            return sum(1 for s in iter_tar(url, policy.timeout_s) if keep(s, labels))
-        except READ_ERRORS as e:
-            if attempt == policy.retries or not is_remote(url):
-                raise OSError(f"{url}: cannot be scanned to count its samples ({type(e).__name__}: {e})") from e
-            logger.warning("%s: read failed (%s), retrying (%d of %d)", url, e, attempt + 1, policy.retries)
-            retry_pause(attempt + 1)
-    raise AssertionError("unreachable")
-
-
-def _manifest_hist(url: str, policy: ReadPolicy) -> dict[str, dict[int, int]] | None:
-    """Class histograms per shard from the ``manifest.parquet`` at ``url`` (local or remote); None when it cannot
-    be read."""
-    try:
-        if fmt.is_local(url):
-            if not Path(url).is_file():
-                return None
-            rows = fmt.read_manifest(url)
-        else:
-            rows = fmt.read_manifest(io.BytesIO(read_bytes(url, policy.timeout_s, policy.retries)))
-    except Exception as e:
-        logger.warning("%s: not readable (%s: %s)", url, type(e).__name__, e)
-        return None
-    return {name: info.class_hist for name, info in rows.items()}
-
-
-def _filtered_counts(manifest_url: str, shards: list[Shard], labels: frozenset[int],
-                     policy: ReadPolicy = ReadPolicy()) -> list[int]:
-    """Per-shard sample counts of ``labels``: from ``manifest.parquet``'s class histograms (local, http or
-    ``pipe:``), else by scanning."""
-    hist = _manifest_hist(manifest_url, policy)
-    if hist is not None and all(s.name in hist for s in shards):
-        return [sum(hist[s.name].get(k, 0) for k in labels) for s in shards]
-    logger.warning("no readable %s: scanning shards to count the selected labels", manifest_url)
-    return [_count(s.url, labels, policy) for s in shards]
+def _strip_range(url: str) -> str:
+    """A template URL for reading a whole file (``shards.json``, the index): range fields are not allowed there,
+    so a ranged command is for shards only."""
+    if any(f in url for f in RANGE_FIELDS):
+        raise ValueError(f"{url}: a command with {'/'.join(RANGE_FIELDS)} reads byte ranges of shards; "
+                         "shards.json and samples.parquet are read whole: give data_dir a local or http shard "
+                         "list, or a template without range fields for them")
+    return url
 
 
 def _check_size(shard: Shard, expected: int, json_url: str) -> None:
@@ -276,51 +127,79 @@ def _check_size(shard: Shard, expected: int, json_url: str) -> None:
                             "disagree (half-copied or stale): rebuild the set with `make shards`")
 
 
-def shard_url(template: str, name: str, dataset: str = "", split: str = "") -> str:
-    """``template`` with ``{name}`` (a file of the set: a shard, ``shards.json``, ``manifest.parquet``) and the
-    optional ``{dataset}``/``{split}`` filled in, so one template serves every split."""
-    try:
-        return template.format(name=name, dataset=dataset, split=split)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"data.shard_url_template {template!r}: only {{name}}, {{dataset}} and {{split}} can be "
-                         f"used ({type(e).__name__}: {e})") from None
+# ---- the index of a set without samples.parquet ----------------------------------------------------------------
+
+def scan_shards(urls: Sequence[str], policy: ReadPolicy = DEFAULT_POLICY) -> SampleIndex:
+    """Index shards from their tar headers: local files by seeking, remote ones by reading them through once."""
+    per_shard = []
+    for url in urls:
+        def once(_attempt: int, url: str = url) -> list[tuple[str, int, int, int]]:
+            with open_stream(url, policy.timeout_s) as f:
+                return fmt.scan_tar(f, stream=not fmt.is_local(url))
+
+        try:
+            per_shard.append(retrying(url, policy, "scan", once))
+        except READ_ERRORS as e:
+            raise OSError(f"{url}: cannot be scanned to index its samples ({type(e).__name__}: {e})") from e
+    return fmt.index_from_rows(per_shard)
 
 
-def _read_index(url: str, policy: ReadPolicy) -> fmt.ShardSet:
-    if fmt.is_local(url):
-        return fmt.read_index(url)
+_WARNED: set[str] = set()
+
+
+def _warn_once(where: str, message: str, *args: object) -> None:
+    if where not in _WARNED:
+        _WARNED.add(where)
+        logger.warning(message, *args)
+
+
+def _index(ss: fmt.ShardSet, json_url: str, shards: list[Shard], samples_url: str,
+           policy: ReadPolicy) -> SampleIndex:
+    """The set's per-sample index: ``samples.parquet`` when ``shards.json`` names one, else a scan."""
+    if ss.samples is not None:
+        return fmt.parse_samples(read_bytes(samples_url, policy), ss, samples_url)
+    if fmt.is_local(json_url):
+        _warn_once(json_url, "%s has no %s: indexing its %d shards from their tar headers; `tstl shards index %s` "
+                   "saves this for every later run", json_url, fmt.SAMPLES, len(shards), Path(json_url).parent)
+    else:
+        _warn_once(json_url, "%s has no %s: reading all %d shards once to index them; run `tstl shards index "
+                   "<set> --out DIR` and publish DIR/%s (and the new %s) beside it to skip this", json_url,
+                   fmt.SAMPLES, len(shards), fmt.SAMPLES, fmt.INDEX)
+    index = scan_shards([s.url for s in shards], policy)
+    counts = index.counts(len(shards))
+    bad = [(s.name, n, s.samples) for s, n in zip(shards, counts) if n != s.samples]
+    if bad:
+        name, n, want = bad[0]
+        raise ShardSetError(f"{json_url}: shard {name} holds {n} samples, the list says {want}; rebuild the set "
+                            "with `make shards`")
+    return index
+
+
+def _from_json(url: str, template: str, policy: ReadPolicy, names: tuple[str, str] | None = None
+               ) -> tuple[fmt.ShardSet, list[Shard], SampleIndex, str]:
+    """``names``: the (dataset, split) that ``{dataset}``/``{split}`` of the template stand for (default: those
+    ``shards.json`` gives)."""
     try:
-        data = read_bytes(url, policy.timeout_s, policy.retries)
+        data = read_bytes(_strip_range(url), policy) if not fmt.is_local(url) else Path(url).read_bytes()
     except OSError as e:
         raise FileNotFoundError(f"{url}: cannot read the shard list ({e}); run `make shards` or fix the "
                                 "data_dir / data.shard_url_template") from e
-    return fmt.parse_index(data, url)
+    ss = fmt.parse_index(data, url)
+    dataset, split = names or (ss.dataset, ss.split)
 
+    def where(name: str) -> str:
+        return shard_url(template, name, dataset, split) if template else fmt.sibling(url, name)
 
-def _from_json(url: str, template: str, labels: frozenset[int] | None, policy: ReadPolicy = ReadPolicy(),
-               names: tuple[str, str] | None = None) -> ShardList:
-    """``names``: the (dataset, split) that ``{dataset}``/``{split}`` of the template stand for (default: those
-    ``shards.json`` gives)."""
-    meta = _read_index(url, policy)
-    dataset, split = names or (meta.dataset, meta.split)
-    shards = [
-        Shard(s.name, shard_url(template, s.name, dataset, split) if template else fmt.sibling(url, s.name),
-              s.samples)
-        for s in meta.shards
-    ]
+    shards = [Shard(s.name, where(s.name), s.samples) for s in ss.shards]
     if not shards:
         raise ValueError(f"{url}: lists no shards")
-    for shard, info in zip(shards, meta.shards):
+    for shard, info in zip(shards, ss.shards):
         _check_size(shard, info.bytes, url)
-    if labels is not None:
-        manifest = (shard_url(template, fmt.MANIFEST, dataset, split) if template and not fmt.is_local(url)
-                    else fmt.sibling(url, fmt.MANIFEST))
-        counts = _filtered_counts(manifest, shards, labels, policy)
-        shards = [Shard(s.name, s.url, n) for s, n in zip(shards, counts) if n]
-        if not shards:
-            raise ValueError(f"{url}: no samples with labels {sorted(labels)}")
-    return ShardList(shards, meta.classes or None, meta.num_classes or None, labels,
-                     meta.heads or None)
+    samples_name = (ss.samples or {}).get("name", fmt.SAMPLES)
+    samples_url = (fmt.sibling(url, samples_name) if fmt.is_local(url) or not template
+                   else _strip_range(where(samples_name)))
+    index = _index(ss, url, shards, samples_url, policy)
+    return ss, shards, index, hashlib.sha256(data).hexdigest()
 
 
 _TAR = (".tar", ".tgz", ".tar.gz")
@@ -349,88 +228,64 @@ def _index_of(text: str, template: str) -> tuple[str, tuple[str, str] | None] | 
     return None
 
 
+def resolve(source: str | os.PathLike | Sequence[str], template: str = "",
+            labels: Sequence[int] = (), *, read_timeout_s: float = DEFAULT_TIMEOUT_S,
+            read_retries: int = DEFAULT_RETRIES) -> ShardList:
+    """Turn a source into a ``ShardList`` with its per-sample index.
+
+    Args:
+        source: shard-set directory (local path or http(s) URL of the folder), ``shards.json`` path/URL, brace
+            pattern / URL / ``pipe:`` command, or a list.
+        template: optional ``str.format`` template with ``{name}`` (and optionally ``{dataset}``, ``{split}``,
+            and the range fields ``{offset}``/``{length}``/``{last}`` for ranged ``pipe:`` reads) used instead of
+            the ``shards.json`` location. When ``source`` is a local path ``.../<dataset>/shards/<split>`` without
+            a ``shards.json``, the list itself is read from ``template`` with ``name="shards.json"``.
+        labels: keep only samples with these labels (empty: all); selected through the index, nothing is read.
+        read_timeout_s, read_retries: remote reads give up after this many seconds without data, and are retried
+            this many times.
+    """
+    wanted = frozenset(int(x) for x in labels) if labels else None
+    policy = ReadPolicy(read_timeout_s, read_retries)
+    meta: fmt.ShardSet | None = None
+    origin = ""
+    if isinstance(source, (str, os.PathLike)) and (found := _index_of(os.fspath(source), template)):
+        meta, shards, index, fingerprint = _from_json(found[0], template, policy, found[1])
+        origin = found[0]
+    else:
+        texts = [os.fspath(source)] if isinstance(source, (str, os.PathLike)) else [os.fspath(s) for s in source]
+        urls = [u for t in texts for u in braceexpand.braceexpand(t)]
+        logger.warning("no shards.json given: scanning %d shard(s) once to index their samples", len(urls))
+        index = scan_shards(urls, policy)
+        counts = index.counts(len(urls))
+        shards = [Shard(u.rstrip("/").rsplit("/", 1)[-1], u, n) for u, n in zip(urls, counts)]
+        fingerprint = hashlib.sha256("\n".join(urls).encode() + index.offset.tobytes()).hexdigest()
+    rows = np.arange(len(index), dtype=np.int64)
+    if wanted is not None:
+        rows = np.flatnonzero(np.isin(index.label, sorted(wanted))).astype(np.int64)
+        if not len(rows):
+            raise ValueError(f"{source}: no samples with labels {sorted(wanted)}")
+    elif not len(rows):
+        raise ValueError(f"{source}: holds no samples")
+    classes = (meta.classes or None) if meta else None
+    return ShardList(shards, index, rows, classes, len(classes) if classes else None, wanted, fingerprint, origin,
+                     (meta.heads or None) if meta else None)
+
+
 def has_index(source: str | os.PathLike | Sequence[str], template: str = "") -> bool:
     """Whether ``resolve(source, template)`` reads a ``shards.json`` (cheap) rather than scanning shards."""
     return isinstance(source, (str, os.PathLike)) and _index_of(os.fspath(source), template) is not None
 
 
-def resolve(source: str | os.PathLike | Sequence[str], template: str = "",
-            labels: Sequence[int] = (), *, read_timeout_s: float = DEFAULT_TIMEOUT_S,
-            read_retries: int = DEFAULT_RETRIES) -> ShardList:
-    """Turn a source into a ``ShardList`` with per-shard sample counts.
-
-    Args:
-        source: shard-set directory (local path or http(s) URL of the folder), ``shards.json`` path/URL, brace
-            pattern / URL / ``pipe:`` command, or a list.
-        template: optional ``str.format`` template with ``{name}`` (and optionally ``{dataset}``, ``{split}``)
-            used instead of the ``shards.json`` location. When ``source`` is a local path
-            ``.../<dataset>/shards/<split>`` without a ``shards.json``, the list itself is read from
-            ``template`` with ``name="shards.json"`` (nothing local but the config).
-        labels: keep only samples with these labels (empty: all).
-        read_timeout_s, read_retries: remote reads (``shards.json``, manifest, scans) give up after this many
-            seconds without data, and are retried this many times.
-    """
-    wanted = frozenset(labels) if labels else None
-    policy = ReadPolicy(read_timeout_s, read_retries)
-    if isinstance(source, (str, os.PathLike)):
-        text = os.fspath(source)
-        index = _index_of(text, template)
-        if index is not None:
-            return _from_json(index[0], template, wanted, policy, index[1])
-        urls = list(braceexpand.braceexpand(text))
-    else:
-        urls = [u for s in source for u in braceexpand.braceexpand(os.fspath(s))]
-    logger.warning("no shards.json given: scanning %d shard(s) once to count samples", len(urls))
-    shards = [Shard(u.rstrip("/").rsplit("/", 1)[-1], u, _count(u, wanted, policy)) for u in urls]
-    return ShardList([s for s in shards if s.samples], labels=wanted)
-
-
-def slot_length(num_samples: int, slots: int, multiple: int, drop: bool) -> int:
-    """Samples per (rank, worker) slot: equal for all, a multiple of ``multiple``.
-
-    ``drop`` rounds down (up to ``slots * multiple - 1`` samples left out of the epoch); otherwise it rounds up
-    and the extra samples are repeats taken from the start of the epoch's order.
-    """
-    unit = slots * multiple
-    n = num_samples // unit if drop else math.ceil(num_samples / unit)
-    if n == 0:
-        raise ValueError(
-            f"{num_samples} samples cannot fill one batch of {multiple} on each of {slots} rank x worker slots; "
-            "lower batch_size or num_workers, or set balance=pad")
-    return n * multiple
-
-
-def epoch_order(shards: list[Shard], seed: int | None) -> list[Shard]:
-    """The shard order of an epoch: a seeded permutation in training, the listed order otherwise."""
-    order = list(shards)
-    if seed is not None:
-        random.Random(seed).shuffle(order)
-    return order
-
-
-def slot_pieces(order: list[Shard], slot: int, length: int, plan: Sequence[tuple[int, int]] | None = None
-                ) -> list[Piece]:
-    """The pieces covering positions ``[slot * length, (slot + 1) * length)`` of the epoch's sample sequence.
-
-    The sequence is the shards' samples in ``order`` (sample index ``i`` = the ``i``-th sample of that order), or,
-    with ``plan``, only the sample indices of its ``[start, stop)`` ranges (an elastic resume's remainder of the
-    epoch, ``tstl.data.elastic``). It repeats cyclically, so positions past its end wrap to its start (that is the
-    padding rule).
-    """
-    total = sum(s.samples for s in order)
-    return [piece for start, stop in slot_ranges(total, slot, length, plan)
-            for piece in _index_pieces(order, start, stop)]
-
-
-def _index_pieces(order: list[Shard], start: int, stop: int) -> list[Piece]:
-    """The pieces holding sample indices ``[start, stop)`` of ``order`` (within one pass over it)."""
-    pieces: list[Piece] = []
-    base = 0
-    for shard in order:
-        lo, hi = max(start, base), min(stop, base + shard.samples)
-        if lo < hi:
-            pieces.append(Piece(shard, lo - base, hi - lo))
-        base += shard.samples
-        if base >= stop:
-            break
-    return pieces
+def changed(shardset: ShardList, policy: ReadPolicy = DEFAULT_POLICY) -> str | None:
+    """Why the set at ``shardset.origin`` is no longer the one the run started with (None when it is): its
+    ``shards.json`` was replaced, e.g. by a new build published to the same place."""
+    if not shardset.origin:
+        return None
+    try:
+        data = (Path(shardset.origin).read_bytes() if fmt.is_local(shardset.origin)
+                else read_bytes(shardset.origin, policy))
+    except OSError as e:
+        return f"{shardset.origin} cannot be read any more ({e})"
+    if hashlib.sha256(data).hexdigest() != shardset.fingerprint:
+        return f"{shardset.origin} was replaced while this run was reading it"
+    return None

@@ -18,6 +18,7 @@ from pathlib import Path
 from tstl.core import exitcodes
 from tstl.core.config import ConfigError, format_keys, load_cli_config
 from tstl.core.exitcodes import UsageError
+from tstl.train import runlog
 from tstl.train.config import TrainConfig
 
 logger = logging.getLogger("tstl.train")
@@ -43,20 +44,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         return exitcodes.OK
     # heavy imports only once the config is known good (`tstl train --help` and `--check` stay fast)
     from tstl.train import dist
-    from tstl.train.preemption import Preempted
+    from tstl.train.preemption import Preempted, handle_signals
     from tstl.train.report import write_report
     from tstl.train.trainer import Trainer
 
-    trainer = Trainer(cfg)
-    try:
-        result = trainer.train()
-    except Preempted as e:  # saved on SIGTERM/SIGUSR1: resumable, not finished (docs/training.md, issue 13)
-        logger.warning("%s", e)
-        return exitcodes.PREEMPTED
-    finally:
-        trainer.close()
-    if result is not None and dist.is_main():
-        write_report(Path(cfg.out_dir))
+    runlog.attach(Path(cfg.out_dir), "train")
+    with handle_signals():  # from here to the exit a signal ends the run resumable (docs/training)
+        trainer = None
+        try:
+            trainer = Trainer(cfg)
+            result = trainer.train()
+        except Preempted as e:  # saved on SIGTERM/SIGUSR1: resumable, not finished (issue 13)
+            logger.warning("%s", e)
+            return exitcodes.PREEMPTED
+        finally:
+            if trainer is not None:
+                trainer.close()
+        if result is not None and dist.is_main():
+            write_report(Path(cfg.out_dir))  # a signal now changes nothing: the run is finished
     return exitcodes.OK
 
 
@@ -75,6 +80,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tstl.train import dist
     from tstl.train.evaluate import evaluate_checkpoint
 
+    weights, _ = resolve_weights(args.checkpoint)
+    report = args.out or Path(cfg.out_dir) / f"eval-{weights.parent.name}"
+    runlog.attach(report, "eval")  # into the report folder
     res, out = evaluate_checkpoint(args.checkpoint, args.config or (), args.overrides, args.out)
     if dist.is_main():
         print(json.dumps({**res.summary(), "report": str(out)}, indent=1))
@@ -127,6 +135,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
     for launched in (p, t, e):  # the deepspeed launcher passes --local_rank=N; we read LOCAL_RANK from the env
         launched.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    for cmd in (t, e):
+        cmd.add_argument("--debug", action="store_true",
+                         help="print the traceback of a failure on the terminal too (it always "
+                              "goes to <run folder>/logs/<command>-rank<r>.log)")
     r = sub.add_parser("report", help="write <run>/report.md with accuracy and plots", epilog=exitcodes.EPILOG)
     r.add_argument("run_dir", type=Path, help="the out_dir of a training run")
     r.set_defaults(fn=cmd_report)
@@ -138,10 +150,26 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
 
     args = build_parser(prog).parse_args(argv)
     init_logging()
+    return run_command(args.fn, args)
+
+
+def run_command(fn, args: argparse.Namespace,
+                usage: tuple[type[Exception], ...] = (ConfigError, UsageError)) -> int:
+    """``fn(args)`` with every failure turned into one ``error: <cause> (<fix>)`` line and its exit
+    code (issue 21; the traceback goes to the run's log file, ``tstl.train.runlog``); ``usage``
+    errors exit 2 with their message."""
     try:
-        return args.fn(args)
-    except (ConfigError, UsageError) as e:
+        return fn(args)
+    except usage as e:
         return exitcodes.usage_error(e)
+    except KeyboardInterrupt:
+        print("error: interrupted (rerun the same command to resume from the last checkpoint)",
+              file=sys.stderr)
+        return 130
+    except Exception as e:
+        return runlog.fail(e, debug=getattr(args, "debug", False))
+    finally:
+        runlog.detach()
 
 
 def run() -> None:

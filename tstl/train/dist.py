@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import socket
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from tstl.train.waits import note_waits, rendezvous
+
+logger = logging.getLogger(__name__)
+
+LAUNCHERS = ("deepspeed.launcher", "bin/deepspeed", "torch.distributed.run", "bin/torchrun")
+"""Words in the command line of a launcher process (DeepSpeed's runner and its per-node launch.py,
+torchrun)."""
+
 
 def init() -> torch.device:
-    """Join the process group the launcher (deepspeed/torchrun) describes; a single process needs no launcher."""
+    """Join the process group the launcher (deepspeed/torchrun) describes; a single process needs no
+    launcher.
+
+    A rank started by a launcher stops (as on SIGTERM: at the next safe point, with a checkpoint)
+    when the launcher dies, also by SIGKILL, so that no rank trains on as an orphan (issue 21;
+    ``stop_with_launcher``).
+    """
+    stop_with_launcher()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -23,14 +42,93 @@ def init() -> torch.device:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     import deepspeed
 
+    _skip_shm_op(deepspeed)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         backend, device = "nccl", torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     else:
         backend, device = "gloo", torch.device("cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        with note_waits("joining the process group", otherwise=rendezvous()):  # no silent wait
+            deepspeed.init_distributed(dist_backend=backend)
     return device
+
+
+def launchers() -> list:
+    """The launcher processes above this one (``psutil.Process``, nearest first), up to the first
+    other process (a shell, slurmstepd, init): DeepSpeed's ``launch.py`` and the runner that started
+    it, or torchrun."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().parents():
+        try:
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:
+            break
+        if not any(word in cmd for word in LAUNCHERS):
+            break
+        found.append(proc)
+    return found
+
+
+_watching = False
+
+
+def stop_with_launcher(poll_s: float = 1.0) -> None:
+    """Send this process SIGTERM when one of its launchers is gone (a daemon thread polls them every
+    ``poll_s``).
+
+    DeepSpeed's runner and ``launch.py`` forward SIGTERM/SIGINT to the ranks, but a SIGKILL of
+    either leaves the ranks running with nobody to wait for them; ``PR_SET_PDEATHSIG`` would only
+    watch the nearest of the two.
+    """
+    import psutil
+
+    global _watching
+    watched = [] if _watching else launchers()
+    if not watched:
+        return
+    _watching = True
+
+    def gone(proc) -> bool:
+        try:
+            return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
+
+    def watch() -> None:
+        while not any(gone(p) for p in watched):
+            time.sleep(poll_s)
+        logger.warning("the launcher is gone (pid %s): stopping at the next safe point",
+                       ", ".join(str(p.pid) for p in watched if gone(p)))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+def _skip_shm_op(deepspeed: Any) -> None:
+    """Keep DeepSpeed from JIT-building and starting its shared-memory all-reduce op
+    (``deepspeed_shm_comm``).
+
+    DeepSpeed's torch backend builds that op whenever its accelerator has one, i.e. on every CPU run
+    (``deepspeed/comm/torch.py``, ``build_shm_op``), although only ``inference_all_reduce``
+    (DeepSpeed-Inference tensor parallelism) uses it; training reduces through torch.distributed
+    (gloo). The build (minutes of g++) holds a file lock in ``TORCH_EXTENSIONS_DIR`` that a killed
+    build leaves behind, so every later run waited on it without a word (issue 21); and with all
+    ranks on one host each rank creates
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (~65 MB;
+    ``csrc/cpu/comm/shm.cpp``, ``shm_initialize``) that nothing ever unlinks. DeepSpeed 0.19 has no
+    run-time switch (``DS_BUILD_SHM_COMM`` only pre-builds at install); ``build_shm_op`` asks
+    ``deepspeed.ops.__compatible_ops__``, a dict probed once and cached so that edits persist
+    (``deepspeed/ops/__init__.py``): marking the op incompatible there skips the build, the lock and
+    the buffers. No accelerator's training path needs it.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().create_op_builder("ShareMemCommBuilder") is None:
+        return  # (CUDA) no such op: leave DeepSpeed's op probe for what asks for it
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def rank() -> int:

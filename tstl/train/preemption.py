@@ -1,22 +1,27 @@
-"""Preemption-safe training: a signal or the wall clock asks for a checkpoint at the next step boundary.
+"""Preemption-safe runs: a signal asks the run to stop with a resumable state at a safe point.
 
-* ``SIGTERM`` (what Slurm, Kubernetes and ``kill`` send before the hard kill) and ``SIGUSR1`` (Slurm's warning signal,
-  ``#SBATCH --signal=B:USR1@120`` or ``scancel --signal=USR1 --batch``, forwarded by
-  ``configs/launch/slurm_train.sbatch``) only set a flag; the trainer polls it after every optimizer step. The flag
-  is all-reduced (``dist.all_max``), so a signal that reached one rank stops every rank at the same step, each having
-  saved its part of the checkpoint.
-* ``checkpoint.every_minutes``: rank 0's wall clock decides and the decision is broadcast, so all ranks save together
-  even when their clocks or speeds differ.
+* ``SIGTERM`` (what Slurm, Kubernetes and ``kill`` send before the hard kill) and ``SIGUSR1``
+  (Slurm's warning signal, ``#SBATCH --signal=B:USR1@120`` or ``scancel --signal=USR1 --batch``,
+  forwarded by ``configs/launch/slurm_train.sbatch``) only set a flag. The handlers are installed
+  for a whole command (``handle_signals``: from before the process group is joined to the exit),
+  so a signal during start-up, a save, an evaluation or the report never kills the process
+  (issue 21).
+* The trainer asks ``poll()`` at its safe points (docs/training.md, "Preemption"): after every
+  optimizer step, at an epoch's end, before the first step and between test batches. The flag is
+  all-reduced (``dist.all_max``), so a signal that reached one rank stops every rank at the same
+  point, each having saved its part of the checkpoint.
 
-After the save the trainer raises ``Preempted``; the CLI exits with ``EXIT_PREEMPTED`` (see docs/training.md). A rerun
-(or a Slurm requeue of the same job) resumes from that checkpoint at the step after it.
+After the save the trainer raises ``Preempted``; the CLI exits with ``EXIT_PREEMPTED`` (see
+docs/training.md). A rerun (or a Slurm requeue of the same job) resumes from that checkpoint at the
+step after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
-import time
+from collections.abc import Iterator
 from types import FrameType
 
 import torch
@@ -42,13 +47,10 @@ class Preempted(Exception):
 
 
 class PreemptionWatch:
-    """Installs the signal handlers and keeps the wall-clock timer; ``poll()`` is collective."""
+    """The signal flag: ``install()`` sets the handlers, ``poll()`` (collective) tells all ranks."""
 
-    def __init__(self, every_minutes: float, device: torch.device) -> None:
-        self.every_s = every_minutes * 60.0
-        self.device = device
+    def __init__(self) -> None:
         self.signum: int | None = None
-        self.last_save = time.monotonic()
         self._previous: dict[int, object] = {}
 
     def install(self) -> PreemptionWatch:
@@ -61,26 +63,55 @@ class PreemptionWatch:
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # only a flag: the handler runs between bytecodes, possibly inside a collective or a save
         if self.signum is None:
-            logger.warning("%s received: saving a checkpoint at the next step boundary", signal.Signals(signum).name)
+            logger.warning("%s received: stopping at the next safe point with a resumable "
+                           "checkpoint", signal.Signals(signum).name)
         self.signum = signum
 
-    def saved(self) -> None:
-        """A checkpoint was written (for any reason): the wall-clock timer restarts."""
-        self.last_save = time.monotonic()
+    def poll(self, device: torch.device, *flags: bool) -> tuple[bool, ...]:
+        """Collective: (stop, *flags), each true on every rank if it is true on any rank, in one
+        all-reduce.
 
-    def poll(self) -> tuple[bool, bool]:
-        """Collective, once per optimizer step: (save now, then stop). Every rank gets the same answer.
-
-        One all-reduce (MAX) of [signal on this rank, timer due on rank 0 (0 elsewhere)]: any rank's signal stops
-        everybody; only rank 0's clock decides a timed save.
+        ``flags`` ride along so that a caller's own decisions (the checkpointer's wall clock on rank
+        0) cost no second collective.
         """
-        due = dist.is_main() and self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s
-        flags = dist.all_max([float(self.signum is not None), float(due)], self.device)
-        if flags[0]:
-            if self.signum is None:  # another rank got the signal
-                self.signum = int(signal.SIGTERM)
-            return True, True
-        return bool(flags[1]), False
+        got = dist.all_max([float(self.signum is not None), *map(float, flags)], device)
+        stop = bool(got[0])
+        if stop and self.signum is None:  # another rank got the signal
+            self.signum = int(signal.SIGTERM)
+        return (stop, *map(bool, got[1:]))
+
+
+_ACTIVE: PreemptionWatch | None = None
+
+
+def active() -> PreemptionWatch | None:
+    """The watch that ``handle_signals`` installed for the running command, if any."""
+    return _ACTIVE
+
+
+@contextlib.contextmanager
+def handle_signals() -> Iterator[PreemptionWatch]:
+    """Catch SIGTERM/SIGUSR1 for a whole command: every ``Trainer`` of it polls this watch (TSTL
+    runs several).
+
+    On the way out the previous handlers come back, unless a signal came: then the process is about
+    to exit 75 and the flag handler stays, so that a second signal (``srun --kill-on-bad-exit``
+    terminating the ranks that have not exited yet) cannot turn that exit into a kill (143) while
+    the interpreter shuts down.
+    """
+    global _ACTIVE
+    watch = PreemptionWatch().install()
+    _ACTIVE = watch
+    try:
+        yield watch
+    finally:
+        _ACTIVE = None
+        if watch.signum is None:
+            watch.uninstall()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import signal
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -19,9 +20,9 @@ from tqdm import tqdm
 
 from tstl.core.config import dump_yaml, to_dict
 from tstl.data import build_eval_loader, build_train_loader
-from tstl.data.pipeline import derive_seed
+from tstl.data.seeds import derive_seed
 from tstl.models.checkpoint import StateDictAdapter
-from tstl.train import dist, perf, resume_guard
+from tstl.train import dist, perf, preemption, resume_guard
 from tstl.train import engine as eng
 from tstl.train.build import build_model, compute_dtype
 from tstl.train.checkpoint import Checkpointer, rng_state, set_rng_state
@@ -30,6 +31,7 @@ from tstl.train.ds_config import BatchPlan, deepspeed_config
 from tstl.train.evaluate import EvalResult, evaluate, save_report
 from tstl.train.metrics import MetricsSink
 from tstl.train.preemption import Preempted, PreemptionWatch
+from tstl.train.waits import note_waits
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,11 @@ class Trainer:
                  weight_adapters: Sequence[StateDictAdapter] = ()) -> None:
         self.cfg = cfg
         self.label_map = dict(label_map) if label_map is not None else None
+        # SIGTERM/SIGUSR1 only set a flag from here on (issue 13, 21): the command's watch
+        # (handle_signals, installed before anything else by the CLIs), or one of our own for
+        # library use
+        self._own_watch = preemption.active() is None
+        self.watch = preemption.active() or PreemptionWatch().install()
         self.device = dist.init()
         if self.device.type == "cpu":
             # Denormal floats (values below ~1e-38, e.g. from softmax/GELU tails once training moves the
@@ -82,21 +89,21 @@ class Trainer:
         self.plan = BatchPlan(cfg.data.batch_size, cfg.engine.accum_steps, dist.world())
         self.steps_per_epoch = max(1, len(self.train_loader) // cfg.engine.accum_steps)
         lr, min_lr = self.plan.scaled(cfg.optim.lr), self.plan.scaled(cfg.optim.min_lr)
-        self.peak_lr = lr
         optimizer = eng.build_optimizer(eng.param_groups(model, cfg.optim), cfg.optim, lr)
         sched = lambda opt: eng.build_scheduler(opt, cfg.optim, lr, min_lr, self.steps_per_epoch, cfg.epochs)  # noqa
         ds_config = deepspeed_config(cfg.engine, cfg.optim.clip_grad, self.plan)
         logger.info("batch: %d per rank x %d accumulation x %d ranks = %d; lr %.3g (= %.3g x %d / 256); "
                     "%d optimizer steps per epoch", self.plan.micro_batch, self.plan.accum_steps, self.plan.world_size,
                     self.plan.total, lr, cfg.optim.lr, self.plan.total, self.steps_per_epoch)
-        self.engine, self.scheduler = eng.initialize(model, optimizer, sched, ds_config)
-        self.ckpt = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
+        with note_waits("DeepSpeed's initialisation"):  # it may JIT-build ops under a file lock
+            self.engine, self.scheduler = eng.initialize(model, optimizer, sched, ds_config)
+        self._fresh_schedule = self.scheduler.state_dict()  # this layout's base lrs (elastic)
+        # the checkpointer decides when to save (cadence, wall clock, signals) and owns the saved
+        # files
+        self.ckpt = Checkpointer(self.run_dir, cfg.checkpoint, self.watch, self.device)
         self.sink = MetricsSink(self.run_dir)
         self.step = self.epoch = self.nonfinite = 0
         self.criterion_soft = SoftTargetCrossEntropy()
-        # issue 13: SIGTERM/SIGUSR1 and checkpoint.every_minutes -> a save at the next step boundary
-        self.watch = PreemptionWatch(cfg.checkpoint.every_minutes, self.device).install()
-        self.stop_requested = False
         self.perf = self._count_flops(model) if dist.is_main() else None
 
     def _count_flops(self, model: nn.Module) -> dict | None:
@@ -171,24 +178,42 @@ class Trainer:
     def _continue_schedule(self, opt_step: int) -> None:
         """Put the lr schedule at optimizer step ``opt_step`` of this layout, with this layout's peak lr.
 
-        The loaded scheduler and optimizer groups carry the saved job's step count and peak lr (scaled by its
-        total batch); both are replaced: base lr = ``optim.lr * total batch / 256`` times each group's layer-decay
-        scale, lr = base x schedule factor at ``opt_step`` (warm-up and cosine counted in this layout's steps).
+        The loaded scheduler state carries the saved job's step count and base lrs (its peak lr,
+        scaled by its total batch); the state is loaded again with this layout's base lrs
+        (``optim.lr * total batch / 256`` times each group's layer-decay scale, from the scheduler
+        as built for this layout) and one step before ``opt_step``, and one ``step()`` sets every
+        group's lr = base x schedule factor at ``opt_step`` (warm-up and cosine counted in this
+        layout's steps). DeepSpeed's own counters follow (its step-keyed features: the flops
+        profiler's ``profile_step``, monitors); the engine has no state_dict for them.
         """
-        sched = self.scheduler
-        groups = sched.optimizer.param_groups  # the optimizer DeepSpeed built the scheduler on (ZeRO steps it)
-        sched.base_lrs = [self.peak_lr * g.get("lr_scale", 1.0) for g in groups]
-        sched.last_epoch = opt_step
-        lrs = [base * fn(opt_step) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-        for g, base, lr in zip(groups, sched.base_lrs, lrs):
-            g["initial_lr"], g["lr"] = base, lr
-        sched._last_lr = lrs
+        state = self.scheduler.state_dict()
+        self.scheduler.load_state_dict({**state, "base_lrs": self._fresh_schedule["base_lrs"],
+                                        "last_epoch": opt_step - 1})
+        self.scheduler.step()
         self.engine.global_steps = opt_step
         self.engine.global_samples = opt_step * self.plan.total
 
     def save(self, metric: float | None = None) -> None:
         self.ckpt.save(self.engine, self.step, self.epoch, self._client_state(), self._rank_state(), metric)
-        self.watch.saved()
+
+    def _safe_point(self, *, step: bool = False, epoch_end: bool = False,
+                    metric: float | None = None) -> None:
+        """Collective, where the run may save and stop: after an optimizer step (``step``), at an
+        epoch's end after its validation (``epoch_end``), else before the first step or between test
+        batches (stop only: the state on disk is already the run's). The checkpointer decides
+        whether to save; a signal then ends the run with ``Preempted``, raised here only
+        (docs/training.md, "Preemption": what happens in each phase)."""
+        if step or epoch_end:
+            last = epoch_end and self.epoch + 1 == self.cfg.epochs
+            save, stop = self.ckpt.decide(self.step, epoch_end=self.epoch if epoch_end else None,
+                                          last=last)
+            if save:
+                self.save(metric)
+                stop = stop or self.watch.poll(self.device)[0]  # a signal during the save
+        else:
+            stop = self.watch.poll(self.device)[0]
+        if stop:
+            raise Preempted(self.watch.signum or signal.SIGTERM, self.step)
 
     # ------------------------------------------------------------------------------------------- training
 
@@ -258,16 +283,16 @@ class Trainer:
                                           "train/data_wait": wait / max(wait + busy, 1e-9),
                                           **self._perf_scalars(*window)}, epoch=self.epoch)
                 window = [0, 0.0]
-            # Saves only between optimizer steps: DeepSpeed's checkpoint holds no partially accumulated gradients.
-            # micro_steps counts the micro-batches DeepSpeed stepped, identically on every rank.
-            if self.engine.micro_steps % self.plan.accum_steps == 0:
-                timed, self.stop_requested = self.watch.poll()  # collective: every rank decides alike (issue 13)
-                every = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
-                if (every or timed or self.stop_requested) and loader.step < len(loader):
-                    self.save()
-                    if self.stop_requested:
-                        bar.close()
-                        raise Preempted(self.watch.signum or 15, self.step)
+            # Saves only between optimizer steps: DeepSpeed's checkpoint holds no partially
+            # accumulated gradients. micro_steps counts the micro-batches DeepSpeed stepped,
+            # identically on every rank. The epoch's last step is decided at its end, after
+            # validation.
+            if self.engine.micro_steps % self.plan.accum_steps == 0 and loader.step < len(loader):
+                try:
+                    self._safe_point(step=True)
+                except Preempted:
+                    bar.close()
+                    raise
             t0 = time.perf_counter()
         bar.close()
 
@@ -279,16 +304,23 @@ class Trainer:
         return {"perf/achieved_flops": achieved,
                 **({"perf/mfu": achieved / self.perf["peak_flops"]} if self.perf["peak_flops"] else {})}
 
-    def validate(self, views: tuple[int, int], desc: str = "validate") -> EvalResult:
+    def validate(self, views: tuple[int, int], desc: str = "validate",
+                 interruptible: bool = False) -> EvalResult:
+        """Evaluate on ``val_split``; ``interruptible``: a signal stops it between batches (the
+        final test, whose state is saved already: the rerun tests again). The per-epoch validation
+        runs to its end; a signal during it is handled at the epoch's end, where the save it asked
+        for carries the metric."""
         loader = build_eval_loader(self.cfg.data, self.cfg.shard_dir(self.cfg.val_split), rank=dist.rank(),
                                    world_size=dist.world(), views=views, label_map=self.label_map).to(self.device)
-        return evaluate(self.engine.module, loader, self.device, self.num_classes, self.dtype, self.cfg.test_merge,
-                        desc)
+        batches = _Interruptible(loader, self._safe_point, self.device) if interruptible else loader
+        return evaluate(self.engine.module, batches, self.device, self.num_classes, self.dtype,
+                        self.cfg.test_merge, desc)
 
     def train(self) -> EvalResult | None:
         """Resume if a checkpoint exists, train the remaining epochs, test; returns the final test result."""
         if self.resume() and self.train_loader.step >= len(self.train_loader):
             self.epoch += 1  # the checkpoint was taken at the end of an epoch
+        self._safe_point()  # a signal during start-up: nothing new to save
         while self.epoch < self.cfg.epochs:
             self.train_epoch()
             metric = None
@@ -298,17 +330,13 @@ class Trainer:
                 self.sink.log(self.step, {"val/top1": res.top1, "val/top5": res.top5}, epoch=self.epoch)
                 logger.info("epoch %d: single-view val top-1 %.4f top-5 %.4f (%d videos)", self.epoch, res.top1,
                             res.top5, res.videos)
-            last = self.epoch + 1 == self.cfg.epochs
-            if last or (self.epoch + 1) % self.cfg.checkpoint.every_epochs == 0 or self.stop_requested:
-                self.save(metric)
+            self._safe_point(epoch_end=True, metric=metric)
             self.epoch += 1
-            if self.stop_requested and not last:  # the signal came at the epoch's last step (issue 13)
-                raise Preempted(self.watch.signum or 15, self.step)
         return self.test() if self.cfg.test_at_end else None
 
     def test(self) -> EvalResult:
         views = tuple(self.cfg.data.test_views)
-        res = self.validate(views, f"test {views[0]}x{views[1]} views")
+        res = self.validate(views, f"test {views[0]}x{views[1]} views", interruptible=True)
         logger.info("multi-view test (%d x %d views): top-1 %.4f top-5 %.4f mean class acc %.4f (%d videos)",
                     *views, res.top1, res.top5, res.summary()["mean_class_acc"], res.videos)
         if dist.is_main():
@@ -317,8 +345,33 @@ class Trainer:
         return res
 
     def close(self) -> None:
-        self.sink.close()
-        if hasattr(self, "watch"):
+        if hasattr(self, "sink"):
+            self.sink.close()
+        if self._own_watch:
             self.watch.uninstall()
+
+
+class _Interruptible:
+    """An evaluation loader whose iteration calls ``check`` (collective) before every batch that all
+    ranks have.
+
+    Ranks may hold different numbers of batches; one all-reduce at the start finds the count all
+    share, and only those batches are preceded by the check, so every rank takes part in every
+    check.
+    """
+
+    def __init__(self, loader, check, device: torch.device) -> None:
+        self.loader, self.check, self.device = loader, check, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        # the fewest batches of any rank
+        shared = int(-dist.all_max([-float(len(self.loader))], self.device)[0])
+        for i, batch in enumerate(self.loader):
+            if i < shared:
+                self.check()
+            yield batch
 
 

@@ -17,7 +17,8 @@ from tstl.core import exitcodes
 from tstl.core.config import ConfigError, load_cli_config
 from tstl.core.exitcodes import UsageError
 from tstl.core.log import init_logging
-from tstl.train.cli import HelpConfig
+from tstl.train import runlog
+from tstl.train.cli import HelpConfig, run_command
 from tstl.twostage.config import TSTLConfig
 from tstl.twostage.groups import GroupFileError, balanced_groups, confusion_groups, load_groups, save_groups
 
@@ -53,19 +54,21 @@ def _preflight(cfg: TSTLConfig, train: bool) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tstl.train.preemption import Preempted
-    from tstl.twostage.train import train_two_stage
-
     cfg = _config(args.config, args.overrides)
     _preflight(cfg, train=True)
     if args.check:
         print(f"ok: TSTL {cfg.dataset} {cfg.model.name}: config, model and shard sets are ready; out_dir {cfg.out_dir}")
         return exitcodes.OK
-    try:
-        train_two_stage(cfg)
-    except Preempted as e:  # the stage in progress saved on SIGTERM/SIGUSR1: rerun to resume it
-        logger.warning("%s", e)
-        return exitcodes.PREEMPTED
+    from tstl.train.preemption import Preempted, handle_signals
+    from tstl.twostage.train import train_two_stage
+
+    runlog.attach(Path(cfg.out_dir), "train-tstl")
+    with handle_signals():  # one watch for every stage: a signal between two stops the next one
+        try:
+            train_two_stage(cfg)
+        except Preempted as e:  # the stage in progress saved on SIGTERM/SIGUSR1: rerun to resume it
+            logger.warning("%s", e)
+            return exitcodes.PREEMPTED
     return exitcodes.OK
 
 
@@ -80,6 +83,7 @@ def _eval(args: argparse.Namespace) -> int:
                                                               "--selector/--experts to use the run's own stages")
     from tstl.twostage.evaluate import evaluate_tstl
 
+    runlog.attach(Path(args.out or Path(cfg.out_dir) / "eval"), "eval-tstl")  # the report folder
     res, report = evaluate_tstl(cfg, args.selector, experts, args.out)
     if res is not None:  # rank 0
         s = res["summary"]
@@ -157,6 +161,10 @@ def build_parser(prog: str = PROG, names: dict[str, str] | None = None) -> argpa
     e.set_defaults(fn=_eval)
     for launched in (p, t, e):  # the deepspeed launcher passes --local_rank=N; we read LOCAL_RANK from the env
         launched.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    for cmd in (t, e):
+        cmd.add_argument("--debug", action="store_true",
+                         help="print the traceback of a failure on the terminal too (it always "
+                              "goes to <run folder>/logs/<command>-rank<r>.log)")
     g = sub.add_parser("groups", prog=sub_prog("groups"), epilog=exitcodes.EPILOG,
                        help="write a class-group file (balanced-contiguous or from a confusion matrix)")
     g.add_argument("--method", choices=["balanced", "confusion"], default="balanced")
@@ -189,7 +197,8 @@ def main(argv: list[str] | None = None, prog: str = PROG, names: dict[str, str] 
             args.shards = args.data_dir / ds.name / "shards" / ds.shard_splits(args.split)[0]
         if getattr(args, "shards", None) is not None and args.method == "balanced":
             args.num_classes = _classes_of(args.shards, args.num_classes)
-        return args.fn(args)
+        # any other failure: one error line, the traceback to the run's log
+        return run_command(args.fn, args, (ConfigError, GroupFileError, UsageError))
     except (ConfigError, GroupFileError, UsageError) as err:
         return exitcodes.usage_error(err)
 

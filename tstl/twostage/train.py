@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tstl.core.config import ConfigError
+from tstl.core.shards import INDEX, read_index
 from tstl.data.sources import resolve
 from tstl.train import dist
 from tstl.train.checkpoint import Checkpointer, resolve_weights
@@ -46,10 +47,12 @@ def resolve_groups(cfg: TSTLConfig) -> ClassGroups:
 
 def refuse_multi_head(cfg: TSTLConfig, split: str) -> None:
     """TSTL routes a clip to the expert of its class's group, over the classes of one label: a
-    multi-head shard set (EPIC-KITCHENS: verb and noun) is refused (``ConfigError``)."""
+    multi-head shard set (EPIC-KITCHENS: verb and noun) is refused (``ConfigError``). Only its
+    ``shards.json`` is read; a set listed through ``data.shard_url_template`` is refused by the
+    loader instead (TSTL's relabelling of a multi-head set raises there)."""
     try:
-        heads = resolve(cfg.shard_dir(split), cfg.data.shard_url_template).heads
-    except (OSError, ValueError):  # an unreadable shard list: the loader reports it, with the fix
+        heads = read_index(f"{cfg.shard_dir(split)}/{INDEX}").heads
+    except (OSError, ValueError):  # no shard list here: the loader reports it, with the fix
         return
     if heads:
         raise ConfigError(f"{cfg.shard_dir(split)}: TSTL groups the classes of one label, this "

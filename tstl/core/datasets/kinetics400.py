@@ -93,7 +93,24 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
         if reader.fieldnames is None or not need <= set(reader.fieldnames):
             raise MetadataError(f"{path}: expected the header label,youtube_id,time_start,time_end,split[,is_cc]; "
                                 f"got {reader.fieldnames}. Use the annotation CSVs of the Kinetics-400 release")
-        return list(reader)
+        rows = []
+        for row in reader:
+            problem = _field_count_problem(row)
+            if problem:
+                raise MetadataError(f"{path}: line {reader.line_num}: {problem}; fix or remove the "
+                                    "line")
+            rows.append(row)
+        return rows
+
+
+def _field_count_problem(row: dict) -> str | None:
+    """csv.DictReader fills a short row's missing fields with None and puts a long row's extra ones
+    under the key None: either means the line does not have the header's columns."""
+    header = [k for k in row if k is not None]
+    got = sum(row[k] is not None for k in header) + len(row.get(None) or [])
+    if got != len(header):
+        return f"{got} fields, the header has {len(header)} ({','.join(header)})"
+    return None
 
 
 def _clip(path: Path, n: int, row: dict[str, str], label: int) -> Clip:
