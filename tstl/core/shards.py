@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tstl.core.faults import fault_point
+from tstl.core.transport import is_local
 
 INDEX = "shards.json"
 MANIFEST = "manifest.parquet"
@@ -218,7 +219,7 @@ def read_index(url: str | os.PathLike) -> ShardSet:
         if is_local(text):
             data = Path(text).read_bytes()
         else:
-            from tstl.core.transport import read_bytes  # the one transport (imported late: it imports us)
+            from tstl.core.transport import read_bytes  # the one transport
 
             data = read_bytes(text)
     except (OSError, ValueError) as e:
@@ -243,9 +244,6 @@ def load(shard_dir: str | os.PathLike) -> ShardSet:
     return ss
 
 
-def is_local(url: str) -> bool:
-    """Whether ``url`` is a plain local path (not a URL, not a ``pipe:`` command)."""
-    return not url.startswith(("pipe:", "file:")) and "://" not in url
 
 
 def sibling(url: str, name: str) -> str:

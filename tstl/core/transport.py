@@ -38,8 +38,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TypeVar
 
-from tstl.core import shards as fmt
-
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -76,14 +74,21 @@ def is_remote(url: str) -> bool:
     return url.startswith(("pipe:", "http://", "https://"))
 
 
-def retrying(url: str, policy: ReadPolicy, what: str, fn: Callable[[int], T]) -> T:
+def is_local(url: str) -> bool:
+    """Whether ``url`` is a plain local path (not a URL, not a ``pipe:`` command)."""
+    return not url.startswith(("pipe:", "file:")) and "://" not in url
+
+
+def retrying(url: str, policy: ReadPolicy, what: str, fn: Callable[[int], T],
+             fatal: tuple[type[BaseException], ...] = ()) -> T:
     """``fn(attempt)`` until it succeeds; a remote read is tried ``1 + policy.retries`` times with a growing pause,
-    a local one once. ``fn`` keeps its own progress between attempts (a retry goes on where the last one broke)."""
+    a local one once. ``fn`` keeps its own progress between attempts (a retry goes on where the last one broke).
+    ``fatal`` errors are raised at once (e.g. bytes that are not what the index says: retrying cannot help)."""
     for attempt in range(policy.retries + 1):
         try:
             return fn(attempt)
-        except fmt.ShardSetError:
-            raise  # the data is not what its list says: retrying cannot help
+        except fatal:
+            raise
         except READ_ERRORS as e:
             if attempt == policy.retries or not is_remote(url):
                 raise
@@ -289,7 +294,7 @@ def open_stream(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, http_client: Htt
         owned = http_client is None
         resp = client.get(url)
         return io.BufferedReader(HttpBody(resp, url, client.close if owned else lambda: None), 1 << 20)
-    if fmt.is_local(url):
+    if is_local(url):
         return open(url, "rb")
     import webdataset as wds  # any other scheme webdataset knows (no timeout there)
 
@@ -328,7 +333,7 @@ class RangeReader:
             return "{offset}" in url
         if url.startswith(("http://", "https://")):
             return urllib.parse.urlsplit(url).netloc not in self.no_ranges
-        return fmt.is_local(url)
+        return is_local(url)
 
     def read(self, url: str, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset``; ``ShortRead`` (with what arrived) when the source ends early."""

@@ -167,7 +167,7 @@ class SampleReader:
             self._take(todo, start, data, out)
 
         try:
-            retrying(url, self.policy, "ranged read", once)
+            retrying(url, self.policy, "ranged read", once, fatal=(ShardSetError,))
         except ShardSetError:
             raise
         except FileNotFoundError as e:
@@ -237,7 +237,7 @@ class SampleReader:
                         out[w.row] = self._sample(w.row, record)
 
         try:
-            retrying(url, self.policy, "streamed read", once)
+            retrying(url, self.policy, "streamed read", once, fatal=(ShardSetError,))
         except ShardSetError:
             raise
         except READ_ERRORS as e:
