@@ -186,3 +186,44 @@ def test_a_tstl_run_routes_each_view_as_eval_tstl(data_dir: Path, tmp_path: Path
     for p in preds:
         assert p.ok and abs(float(p.probs.sum()) - 1) < 1e-5
         np.testing.assert_allclose(p.probs, want[p.key], rtol=0, atol=TOL)
+
+
+def docs_script() -> str:
+    """The onnxruntime script of docs/training.md, exactly as printed there."""
+    text = (ROOT / "docs/training.md").read_text()
+    start = text.index("```python\n", text.index("<!-- onnx-script -->")) + len("```python\n")
+    return text[start:text.index("\n```\n", start) + 1]
+
+
+def test_exported_run_and_the_docs_script_reproduce_predict(trained_run: Path, data_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """The done-when of issue 23: the ONNX export of a trained B-CAST, run by the docs' script with only
+    onnxruntime, numpy, decord and ffmpeg, gives predict's top-1 on the raw .webm files."""
+    import os
+
+    from tstl.core.ffmpeg import ffmpeg_exe
+
+    onnx = tmp_path / "exported/model.onnx"
+    proc = subprocess.run([sys.executable, "-m", "tstl.cli", "export", "--checkpoint", str(trained_run), "--out",
+                           str(onnx)], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads(onnx.with_suffix(".json").read_text())
+    assert meta["check"]["max_abs_diff"] <= 1e-4 and len(meta["classes"]) == 4
+    script = tmp_path / "predict_onnx.py"
+    script.write_text(docs_script())
+    assert "onnxruntime" in script.read_text() and "import torch" not in script.read_text()
+    bin_dir = tmp_path / "bin"  # the script calls `ffmpeg`: the one this project uses
+    bin_dir.mkdir()
+    (bin_dir / "ffmpeg").symlink_to(ffmpeg_exe())
+    env = {**subprocess_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    videos = [_raw(data_dir, v) for v in _val(data_dir)]
+    preds = {p.source: p for p in Predictor(trained_run, device="cpu").predict(videos)}
+    for video in videos:
+        run = subprocess.run([sys.executable, str(script), str(onnx), str(video)], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        rows = [line.split("\t") for line in run.stdout.splitlines()]
+        pred = preds[str(video)]
+        assert rows[0][0] == pred.top(1, meta["classes"])[0][0], video
+        got = {name: float(p) for name, p in rows}
+        np.testing.assert_allclose([got[c] for c in meta["classes"]], pred.probs, rtol=0, atol=2e-4)

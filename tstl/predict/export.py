@@ -79,9 +79,12 @@ def _onnx_bytes(flat: _Flat, example: torch.Tensor, opset: int, what: str) -> by
     buf = io.BytesIO()
     axes = {name: {0: "batch"} for name in [INPUT, *flat.names]}
     try:
-        with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice; see the module docstring
+        with warnings.catch_warnings():
+            # the TorchScript exporter's deprecation notice (see the module docstring), and the tracer's notes
+            # that shape checks become constants: the graph is for one view shape by design
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.simplefilter("ignore", category=FutureWarning)
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(flat, (example,), buf, dynamo=False, opset_version=opset, input_names=[INPUT],
                               output_names=flat.names, dynamic_axes=axes, do_constant_folding=True)
     except Exception as e:  # the exporter names the operator it has no ONNX form for (e.g. "aten::foo")

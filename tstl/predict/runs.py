@@ -206,7 +206,7 @@ def is_tstl_run(path: Path) -> bool:
 
 def _config(files: Sequence[str | Path], overrides: Sequence[str], what: str) -> TrainConfig:
     if not files:
-        raise UsageError(f"{what}: no config.yaml beside the checkpoint",
+        raise UsageError(f"{what}: no run config.yaml for this checkpoint (a file outside a run folder)",
                          "give --config with the run's config.yaml (or its recipe files)")
     return load_cli_config(TrainConfig, [str(f) for f in files], overrides)
 
