@@ -1,5 +1,6 @@
-"""``tstl export --format onnx``: every registered family's tiny variant through onnxruntime against PyTorch,
-the sidecar, outputs of several heads, and the refusals (TSTL runs, operators without an ONNX form)."""
+"""``tstl export --format onnx``: every registered family's tiny variant through onnxruntime
+against PyTorch, the sidecar, outputs of several heads, and the refusals (TSTL runs, operators
+without an ONNX form)."""
 
 from __future__ import annotations
 
@@ -27,17 +28,18 @@ FAMILIES = [("bcast_test", {}), ("timesformer_test", {"attention_type": "divided
 
 def test_every_registered_family_has_a_tiny_variant_here() -> None:
     families = {name.split("_")[0] for name in list_models()}
-    assert families == {name.split("_")[0] for name, _ in FAMILIES}, "a new family needs its row in FAMILIES"
+    assert families == {name.split("_")[0] for name, _ in FAMILIES}, "add the family to FAMILIES"
 
 
-@pytest.mark.parametrize(("name", "kwargs"), FAMILIES, ids=["bcast", "divided", "joint", "space_only"])
+@pytest.mark.parametrize(("name", "kwargs"), FAMILIES,
+                         ids=["bcast", "divided", "joint", "space_only"])
 def test_onnxruntime_matches_pytorch(tmp_path: Path, name: str, kwargs: dict) -> None:
     ckpt = hand_run(tmp_path / "run", name, num_classes=5, **kwargs)
     paths = export(ckpt, tmp_path / "out" / "model.onnx", configs=[tmp_path / "run/config.yaml"])
     meta = json.loads(paths["sidecar"].read_text())
     assert meta["check"]["max_abs_diff"] <= CHECK_TOLERANCE and meta["outputs"] == ["logits"]
     assert meta["input"]["shape"] == ["batch", 3, 4, 32, 32] and meta["num_frames"] == 4
-    assert meta["classes"] == [f"class_{i}" for i in range(5)]  # no shard set for this hand-made run
+    assert meta["classes"] == [f"class_{i}" for i in range(5)]  # no shard set for this run
     assert meta["prepare"]["height"] == 240 and "libx264" in meta["prepare"]["ffmpeg_args"]
     # independently of export's own check: a fresh model from the checkpoint, another batch size
     model = create_model(name, num_classes=5, **kwargs)
@@ -95,14 +97,17 @@ def test_refusals_on_the_command_line(tmp_path: Path) -> None:
     (tmp_path / "tstl/selector").mkdir(parents=True)
     (tmp_path / "tstl/groups.json").write_text("{}")
     cmd = [sys.executable, "-m", "tstl.cli", "export", "--checkpoint"]
-    tstl = subprocess.run([*cmd, str(tmp_path / "tstl"), "--out", str(tmp_path / "m.onnx")], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert tstl.returncode == 2 and "is a TSTL run" in tstl.stderr and "use tstl predict" in tstl.stderr
+
+    def run(*args: object) -> subprocess.CompletedProcess:
+        return subprocess.run([*cmd, *map(str, args)], cwd=ROOT, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=300)
+
+    tstl = run(tmp_path / "tstl", "--out", tmp_path / "m.onnx")
+    assert tstl.returncode == 2 and "is a TSTL run" in tstl.stderr
+    assert "use tstl predict" in tstl.stderr
     ckpt = hand_run(tmp_path / "run", "bcast_test")
-    bad = subprocess.run([*cmd, str(ckpt), "--out", str(tmp_path / "m.bin")], cwd=ROOT, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=300)
+    bad = run(ckpt, "--out", tmp_path / "m.bin")
     assert bad.returncode == 2 and "not an .onnx file name" in bad.stderr
-    bare = subprocess.run([*cmd, str(ckpt), "--out", str(tmp_path / "m.onnx")], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    bare = run(ckpt, "--out", tmp_path / "m.onnx")
     assert bare.returncode == 2 and "give --config" in bare.stderr
     assert not (tmp_path / "m.onnx").exists()

@@ -307,7 +307,8 @@ class TrainClips:
 
 
 class EvalClipViews:
-    """Evaluation: T temporal x C spatial views per sample, deterministic (``tstl.data.views.decode_views``)."""
+    """Evaluation: T temporal x C spatial views per sample, deterministic
+    (``tstl.data.views.decode_views``)."""
 
     def __init__(self, stream: ClipStream) -> None:
         self.stream = stream

@@ -1,5 +1,6 @@
-"""Using a trained run: ``Predictor`` labels any video with ``tstl eval``'s views (``tstl predict``), and
-``export`` writes the classifier as ONNX with a sidecar (``tstl export``). See README "Using a trained model".
+"""Using a trained run: ``Predictor`` labels any video with ``tstl eval``'s views (``tstl
+predict``), and ``export`` writes the classifier as ONNX with a sidecar (``tstl export``). See
+README "Using a trained model".
 
 ``from tstl.predict import Predictor; Predictor("runs/demo").predict(["clip.webm"])``
 """

@@ -1,12 +1,14 @@
-"""What ``tstl predict`` reads: video files, folders, text lists and shard sets -> one ``VideoInput`` per video.
+"""What ``tstl predict`` reads: video files, folders, text lists and shard sets -> one
+``VideoInput`` per video.
 
-A file is brought to what the model was trained on before anything else: the prepare stage's own transcode
-(``pipeline.transcode.transcode``: H.264, the dataset's height or short side, frames passed through) into a
-temporary folder, with the prepare stage's checks (empty, truncated, bogus geometry), and its frames counted as the
-shard builder counts them (``shard_tools.build.probe_bytes``: demuxed packets). A run trained on prepared shards
-therefore sees the same pixels from a raw file as from its shard (``--as-is`` skips the transcode for files that
-are already prepared). A shard sample is used as it is, with its recorded frame count: exactly ``tstl eval``'s
-input.
+A file is brought to what the model was trained on before anything else: the prepare stage's own
+transcode (``pipeline.transcode.transcode``: H.264, the dataset's height or short side, frames
+passed through) into a temporary folder, with the prepare stage's checks (empty, truncated, bogus
+geometry), and its frames counted as the shard builder counts them
+(``shard_tools.build.probe_bytes``: demuxed packets). A run trained on prepared shards therefore
+sees the same pixels from a raw file as from its shard (``--as-is`` skips the transcode for files
+that are already prepared). A shard sample is used as it is, with its recorded frame count:
+exactly ``tstl eval``'s input.
 """
 
 from __future__ import annotations
@@ -23,21 +25,25 @@ from tstl.core.shards import CLS, INDEX, JSON, MP4
 
 logger = logging.getLogger(__name__)
 
-VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
-                            ".3gp", ".ogv", ".ts"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg",
+                            ".flv", ".wmv", ".3gp", ".ogv", ".ts"})
 """File endings a folder is searched for (any container ffmpeg reads works when named directly)."""
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
-"""A file with one of these endings is a list of videos, one path per line (relative to the list's folder)."""
+"""A file with one of these endings lists videos, one path per line (relative to the list's
+folder)."""
+INPUTS_FIX = "give video files, folders, a text list or a shard set"
 TRANSCODE_TIMEOUT_S = 600.0
 
 
 class InputError(Exception):
-    """One video cannot be used (unreadable, empty, truncated, no frames); the batch goes on without it."""
+    """One video cannot be used (unreadable, empty, truncated, no frames); the batch goes on
+    without it."""
 
 
 @dataclass(frozen=True)
 class Video:
-    """A video's bytes as the model's decoder reads them, and the facts ``tstl predict`` needs about them."""
+    """A video's bytes as the model's decoder reads them, and what ``tstl predict`` needs to know
+    about them."""
 
     data: bytes
     frames: int
@@ -48,7 +54,7 @@ class Video:
 
 @dataclass
 class VideoInput:
-    """One video to predict: where it comes from and how to get its bytes (run in a worker thread)."""
+    """One video to predict: where it comes from and how to get its bytes (in a worker thread)."""
 
     source: str
     """What the user named: a file path, or ``<shard set>#<key>`` for a shard sample."""
@@ -60,8 +66,8 @@ class VideoInput:
 
 @dataclass(frozen=True)
 class PrepareRule:
-    """How a file is normalised before decoding: the run's dataset's transcode (``height`` or ``short_side``),
-    or ``as_is`` (decode the file as it is)."""
+    """How a file is normalised before decoding: the run's dataset's transcode (``height`` or
+    ``short_side``), or ``as_is`` (decode the file as it is)."""
 
     height: int | None = 240
     short_side: int | None = None
@@ -91,7 +97,8 @@ def probe(data: bytes) -> Video:
 
 
 def prepare_file(path: Path, rule: PrepareRule, timeout_s: float = TRANSCODE_TIMEOUT_S) -> Video:
-    """A file as the model sees it: the prepare stage's transcode (``rule``) into a temporary folder, or as is."""
+    """A file as the model sees it: the prepare stage's transcode (``rule``) into a temporary
+    folder, or as it is."""
     if rule.as_is:
         try:
             return probe(path.read_bytes())
@@ -109,7 +116,8 @@ def prepare_file(path: Path, rule: PrepareRule, timeout_s: float = TRANSCODE_TIM
             result = transcode(Item(path.name, path, out, out.name), params, timeout_s)
         except OSError as e:
             raise InputError(f"cannot transcode: {e}") from None
-        # an EnvironmentFault (no ffmpeg, a full temporary disk) is the machine's: it stops the batch (exit 3)
+        # an EnvironmentFault (no ffmpeg, a full temporary disk) is the machine's: it stops the
+        # batch (exit 3)
         if result["status"] != "ok":
             raise InputError(result["error"] or result["status"])
         return probe(out.read_bytes())
@@ -130,7 +138,7 @@ def _shard_sample(sample: dict) -> Video:
 
 
 def shard_inputs(folder: Path) -> tuple[int, Iterator[VideoInput]]:
-    """The samples of a shard set (a folder with ``shards.json``), read in order: (count, inputs)."""
+    """The samples of a shard set (a folder with ``shards.json``) in order: (count, inputs)."""
     from tstl.data.sources import iter_tar, resolve
 
     shards = resolve(folder)
@@ -144,8 +152,9 @@ def shard_inputs(folder: Path) -> tuple[int, Iterator[VideoInput]]:
                         label = int(sample[CLS]) if CLS in sample else None
                     except ValueError:
                         label = None
-                    yield VideoInput(f"{folder}#{key}", key, lambda s=sample: _shard_sample(s), label)
-            except Exception as e:  # a broken tar: its remaining samples are lost, the other shards are read
+                    yield VideoInput(f"{folder}#{key}", key, lambda s=sample: _shard_sample(s),
+                                     label)
+            except Exception as e:  # a broken tar: its rest is lost, the other shards are read
                 def fail(err: str = f"shard unreadable: {type(e).__name__}: {e}") -> Video:
                     raise InputError(err)
 
@@ -155,7 +164,8 @@ def shard_inputs(folder: Path) -> tuple[int, Iterator[VideoInput]]:
 
 
 def _listed(path: Path) -> list[Path]:
-    """Paths of a text list: one per line, blank lines and ``#`` comments skipped, relative to the list's folder."""
+    """Paths of a text list: one per line, blank lines and ``#`` comments skipped, relative to the
+    list's folder."""
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -166,7 +176,7 @@ def _listed(path: Path) -> list[Path]:
         line = line.strip()
         if line and not line.startswith("#"):
             p = Path(line).expanduser()
-            out.append(p if p.is_absolute() else path.parent / p)
+            out.append(p if p.is_absolute() else Path(os.path.normpath(path.parent / p)))
     return out
 
 
@@ -180,10 +190,11 @@ def file_input(path: Path, rule: PrepareRule) -> VideoInput:
 
 
 def collect(paths: Sequence[str | Path], rule: PrepareRule) -> tuple[int, Iterator[VideoInput]]:
-    """Every video named by ``paths`` (files, folders searched recursively, text lists, shard sets), in order.
+    """Every video named by ``paths`` (files, folders searched recursively, text lists, shard
+    sets), in order.
 
-    A path given here that does not exist is a usage error (nothing has run yet); a file named inside a list that
-    is missing becomes a failed input, listed with the others.
+    A path given here that does not exist is a usage error (nothing has run yet); a file named
+    inside a list that is missing becomes a failed input, listed with the others.
     """
     parts: list[tuple[int, Iterator[VideoInput]]] = []
     files: list[VideoInput] = []
@@ -196,14 +207,16 @@ def collect(paths: Sequence[str | Path], rule: PrepareRule) -> tuple[int, Iterat
     for raw in paths:
         p = Path(raw).expanduser()
         if not p.exists():
-            raise UsageError(f"input not found: {p}", "give video files, folders, a text list or a shard set")
+            raise UsageError(f"input not found: {p}", INPUTS_FIX)
         if p.is_dir() and (p / INDEX).is_file():
             flush()
             parts.append(shard_inputs(p))
         elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in VIDEO_SUFFIXES and f.is_file())
+            found = sorted(f for f in p.rglob("*")
+                           if f.suffix.lower() in VIDEO_SUFFIXES and f.is_file())
             if not found:
-                raise UsageError(f"{p}: no video files inside (endings {', '.join(sorted(VIDEO_SUFFIXES))})",
+                endings = ", ".join(sorted(VIDEO_SUFFIXES))
+                raise UsageError(f"{p}: no video files inside (endings {endings})",
                                  "name the files directly, or give a folder that holds videos")
             files += [file_input(f, rule) for f in found]
         elif p.suffix.lower() in LIST_SUFFIXES:
@@ -212,6 +225,6 @@ def collect(paths: Sequence[str | Path], rule: PrepareRule) -> tuple[int, Iterat
             files.append(file_input(p, rule))
     flush()
     if not parts:
-        raise UsageError("no inputs", "give video files, folders, a text list or a shard set")
+        raise UsageError("no inputs", INPUTS_FIX)
     total = sum(n for n, _ in parts)
     return total, (item for _, it in parts for item in it)

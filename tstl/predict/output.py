@@ -1,17 +1,19 @@
 """``tstl predict --out``: JSONL or CSV of the predictions, written as they come and resumable.
 
-Records go to ``<out>.partial`` (JSONL, one line per video, flushed) while the batch runs; the final file is
-written from it at the end and the partial file removed. A rerun with the same ``--out`` and settings finds the
-partial file of a run that was killed and predicts only the videos it does not hold yet.
+Records go to ``<out>.partial`` (JSONL, one line per video, on disk at once) while the batch runs;
+the final file is written from it at the end and the partial file removed. A rerun with the same
+``--out`` and settings finds the partial file of a run that was killed and predicts only the videos
+it does not hold yet.
 
 JSONL record (one per video)::
 
-    {"source": "clips/a.webm", "key": "a", "top": [{"class": "...", "prob": 0.93}, ...], "views": 6,
-     "frames": 48, "fps": 12.0, "duration": 4.0, "windows": [{"start": 0.0, "end": 2.0, "top": [...]}, ...]}
+    {"source": "clips/a.webm", "key": "a", "top": [{"class": "...", "prob": 0.93}, ...],
+     "views": 6, "frames": 48, "fps": 12.0, "duration": 4.0,
+     "windows": [{"start": 0.0, "end": 2.0, "top": [...]}, ...]}
 
-plus ``"label"``/``"label_class"`` for shard samples, and ``{"source", "key", "error"}`` for a video that failed.
-CSV: one row per video (``scope`` ``video``) and per window (``scope`` ``window``), columns ``CSV_COLUMNS`` then
-``class_1, prob_1, ... class_k, prob_k``.
+plus ``"label"``/``"label_class"`` for shard samples, and ``{"source", "key", "error"}`` for a
+video that failed. CSV: one row per video (``scope`` ``video``) and per window (``scope``
+``window``), columns ``CSV_COLUMNS`` then ``class_1, prob_1, ... class_k, prob_k``.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def csv_rows(rec: dict, k: int) -> list[list]:
     if "error" in rec:
         return [base + ["video", "", "", rec["error"]] + [""] * (2 * k)]
     rows = [base + ["video", 0.0, rec["duration"], ""] + tops(rec["top"])]
-    rows += [base + ["window", w["start"], w["end"], ""] + tops(w["top"]) for w in rec.get("windows", [])]
+    rows += [base + ["window", w["start"], w["end"], ""] + tops(w["top"])
+             for w in rec.get("windows", [])]
     return rows
 
 
@@ -136,7 +139,8 @@ class Writer:
         else:
             with open(tmp, "w", newline="") as f:
                 w = csv.writer(f)
-                w.writerow([*CSV_COLUMNS, *(f"{c}_{i}" for i in range(1, self.k + 1) for c in ("class", "prob"))])
+                ranks = (f"{c}_{i}" for i in range(1, self.k + 1) for c in ("class", "prob"))
+                w.writerow([*CSV_COLUMNS, *ranks])
                 for r in self.records:
                     w.writerows(csv_rows(r, self.k))
         os.replace(tmp, self.out)

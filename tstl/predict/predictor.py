@@ -1,12 +1,14 @@
-"""``Predictor``: labels videos with a trained run, with exactly ``tstl eval``'s views and merge rule.
+"""``Predictor``: labels videos with a trained run, with exactly ``tstl eval``'s views and merge
+rule.
 
-Per video: its bytes (a file transcoded like the prepare stage, or a shard sample as it is; ``tstl.predict.inputs``),
-the ``T x C`` test views of ``tstl.data.views.decode_views`` (the function the evaluation loader calls), batched
-across videos, normalised by the loader's own ``Normalize`` stage, scored by the model (or TSTL's selector and
-experts) and merged per video by ``tstl.train.evaluate.merge`` under the run's ``test_merge``. With a window
-(``window_s``, ``stride_s``) the same is done for every time window as well, each window taken as a video of its
-own. Videos are read and decoded by a few threads ahead of the model; a video that cannot be used becomes a failed
-``Prediction`` with the reason, and the batch goes on.
+Per video: its bytes (a file transcoded like the prepare stage, or a shard sample as it is;
+``tstl.predict.inputs``), the ``T x C`` test views of ``tstl.data.views.decode_views`` (the
+function the evaluation loader calls), batched across videos, normalised by the loader's own
+``Normalize`` stage, scored by the model (or TSTL's selector and experts) and merged per video by
+``tstl.train.evaluate.merge`` under the run's ``test_merge``. With a window (``window``,
+``stride`` seconds) the same is done for every time window as well, each window taken as a video
+of its own. A few threads read and decode videos ahead of the model; a video that cannot be used
+becomes a failed ``Prediction`` with the reason, and the batch goes on.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class Window:
 
 @dataclass
 class Prediction:
-    """The result for one video: merged probabilities over the run's classes, or the reason it failed."""
+    """The result for one video: merged probabilities over the run's classes, or why it failed."""
 
     source: str
     key: str
@@ -61,7 +63,8 @@ class Prediction:
     def ok(self) -> bool:
         return self.error is None
 
-    def top(self, k: int, classes: Sequence[str], probs: np.ndarray | None = None) -> list[tuple[str, float]]:
+    def top(self, k: int, classes: Sequence[str],
+            probs: np.ndarray | None = None) -> list[tuple[str, float]]:
         """The ``k`` most probable ``(class name, probability)`` of the video (or of ``probs``)."""
         p = self.probs if probs is None else probs
         order = np.argsort(-p, kind="stable")[:k]
@@ -69,9 +72,9 @@ class Prediction:
 
 
 def windows(duration: float, window_s: float, stride_s: float) -> list[tuple[float, float]]:
-    """``[start, end)`` seconds of the windows of a video: every ``stride_s`` from 0 while a whole window fits;
-    the rest of the video becomes one shorter last window when it is at least half a window long, and a video
-    shorter than one window is one window."""
+    """``[start, end)`` seconds of the windows of a video: every ``stride_s`` from 0 while a whole
+    window fits; the rest of the video becomes one shorter last window when it is at least half a
+    window long, and a video shorter than one window is one window."""
     if window_s <= 0 or stride_s <= 0:
         raise ValueError("window and stride must be > 0 seconds")
     out = []
@@ -88,7 +91,8 @@ def windows(duration: float, window_s: float, stride_s: float) -> list[tuple[flo
 
 
 def frame_span(start: float, end: float, fps: float, frames: int) -> tuple[int, int]:
-    """The frames ``[a, b)`` shown in ``[start, end)`` seconds (constant-rate timing; at least one frame)."""
+    """The frames ``[a, b)`` shown in ``[start, end)`` seconds (constant-rate timing; at least one
+    frame)."""
     a = min(int(round(start * fps)), frames - 1)
     return a, max(a + 1, min(frames, int(round(end * fps))))
 
@@ -108,25 +112,27 @@ class Predictor:
     """Predict with a trained run: ``Predictor("runs/demo").predict(["clip.webm", "folder/"])``.
 
     Args:
-        run: a run folder, DeepSpeed tag folder or checkpoint file (as ``tstl eval --checkpoint``), or a TSTL run
-            folder; or an already loaded ``LoadedRun``.
-        configs, overrides: the run's YAML files (default: its ``config.yaml``) and dotted overrides, e.g.
-            ``data.test_views=[1,1]`` or ``data.eval_batch_size=32``.
+        run: a run folder, DeepSpeed tag folder or checkpoint file (as ``tstl eval
+            --checkpoint``), or a TSTL run folder; or an already loaded ``LoadedRun``.
+        configs, overrides: the run's YAML files (default: its ``config.yaml``) and dotted
+            overrides, e.g. ``data.test_views=[1,1]`` or ``data.eval_batch_size=32``.
         device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda``, ``cuda:1``.
-        routing: TSTL runs: ``hard`` (the selector's top group's expert) or ``soft`` (the top ``soft_top_k``
-            groups' experts, weighted by the selector).
-        classes: a ``classes.txt`` (one name per line) when the run's shard sets are not on this machine.
-        as_is: decode files as they are instead of transcoding them like the prepare stage (for files that are
-            already prepared mp4s).
+        routing: TSTL runs: ``hard`` (the selector's top group's expert) or ``soft`` (the top
+            ``soft_top_k`` groups' experts, weighted by the selector).
+        classes: a ``classes.txt`` (one name per line) when the run's shard sets are not here.
+        as_is: decode files as they are instead of transcoding them like the prepare stage (for
+            files that are already prepared mp4s).
         workers: threads reading, transcoding and decoding videos ahead of the model.
     """
 
     def __init__(self, run: str | Path | LoadedRun, *, configs: Sequence[str | Path] = (),
-                 overrides: Sequence[str] = (), device: str = "auto", routing: str = "hard", soft_top_k: int = 2,
-                 classes: str | Path | None = None, as_is: bool = False, workers: int = 2) -> None:
-        self.run = run if isinstance(run, LoadedRun) else load(
-            run, configs=configs, overrides=overrides, device=device, routing=routing, soft_top_k=soft_top_k,
-            classes_file=classes, as_is=as_is)
+                 overrides: Sequence[str] = (), device: str = "auto", routing: str = "hard",
+                 soft_top_k: int = 2, classes: str | Path | None = None, as_is: bool = False,
+                 workers: int = 2) -> None:
+        if not isinstance(run, LoadedRun):
+            run = load(run, configs=configs, overrides=overrides, device=device, routing=routing,
+                       soft_top_k=soft_top_k, classes_file=classes, as_is=as_is)
+        self.run = run
         self.workers = max(1, workers)
         data = self.run.data
         self.views = tuple(data.test_views)
@@ -143,17 +149,19 @@ class Predictor:
     def prepare(self) -> PrepareRule:
         return self.run.prepare
 
-    # ---- public ---------------------------------------------------------------------------------------------
+    # ---- public --------------------------------------------------------------------------
     def predict(self, inputs: Iterable[str | Path] | str | Path, *, window: float | None = None,
                 stride: float | None = None, progress: bool = False) -> list[Prediction]:
-        """Predictions for every video the inputs name (files, folders, text lists, shard sets), in order."""
+        """Predictions for every video the inputs name (files, folders, text lists, shard sets),
+        in order."""
         return list(self.iter_predict(inputs, window=window, stride=stride, progress=progress))
 
-    def iter_predict(self, inputs: Iterable[str | Path] | str | Path, *, window: float | None = None,
-                     stride: float | None = None, progress: bool = False,
+    def iter_predict(self, inputs: Iterable[str | Path] | str | Path, *,
+                     window: float | None = None, stride: float | None = None,
+                     progress: bool = False,
                      skip: frozenset[str] = frozenset()) -> Iterator[Prediction]:
-        """As :meth:`predict`, one ``Prediction`` at a time as soon as it is ready (``skip``: sources to leave
-        out, e.g. those a previous, interrupted run already wrote)."""
+        """As :meth:`predict`, one ``Prediction`` at a time as soon as it is ready (``skip``:
+        sources to leave out, e.g. those a previous, interrupted run already wrote)."""
         if isinstance(inputs, (str, Path)):
             inputs = [inputs]
         if (window is None) != (stride is None) and window is None:
@@ -164,7 +172,8 @@ class Predictor:
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, desc="predict", unit="video", dynamic_ncols=True, leave=False)
+            bar = tqdm(total=total, desc="predict", unit="video", dynamic_ncols=True,
+                       leave=False)
 
         def todo() -> Iterator[VideoInput]:
             for it in items:
@@ -182,12 +191,13 @@ class Predictor:
             if bar is not None:
                 bar.close()
 
-    # ---- reading videos (worker threads) ------------------------------------------------------------------
+    # ---- reading videos (worker threads) ----------------------------------------------------
     def _read(self, item: VideoInput, window: float | None, stride: float | None) -> _Job:
         job = _Job(item, Prediction(item.source, item.key, label=item.label))
         try:
             video = item.load()
-            job.pred.frames, job.pred.fps, job.pred.duration = video.frames, video.fps, video.duration
+            job.pred.frames, job.pred.fps = video.frames, video.fps
+            job.pred.duration = video.duration
             job.spans = [(0.0, video.duration)]
             job.views = [decode_views(video.data, video.frames, self.run.data, self.views)]
             if window is not None:
@@ -196,19 +206,21 @@ class Predictor:
                 for start, end in windows(video.duration, window, stride):
                     span = frame_span(start, end, video.fps, video.frames)
                     job.spans.append((start, end))
-                    job.views.append(decode_views(video.data, video.frames, self.run.data, self.views, span))
+                    job.views.append(decode_views(video.data, video.frames, self.run.data,
+                                                  self.views, span))
         except (InputError, BadSample) as e:
             job.pred.error = str(e)
             job.views = []
         except EnvironmentFault:
-            raise  # the machine's (no ffmpeg, a full disk), not the video's: nothing else would work either
-        except Exception as e:  # an unexpected failure of one video must not stop the others: reported with it
+            raise  # the machine's (no ffmpeg, a full disk), not the video's: stop
+        except Exception as e:  # anything else of one video must not stop the others: reported
             logger.debug("%s", item.source, exc_info=True)
             job.pred.error = f"{type(e).__name__}: {e}"
             job.views = []
         return job
 
-    def _jobs(self, items: Iterator[VideoInput], window: float | None, stride: float | None) -> Iterator[_Job]:
+    def _jobs(self, items: Iterator[VideoInput], window: float | None,
+              stride: float | None) -> Iterator[_Job]:
         """Read jobs, ``2 x workers`` ahead, in input order."""
         with ThreadPoolExecutor(self.workers, thread_name_prefix="predict-read") as pool:
             ahead: deque[Future] = deque()
@@ -219,7 +231,7 @@ class Predictor:
             while ahead:
                 yield ahead.popleft().result()
 
-    # ---- scoring ----------------------------------------------------------------------------------------
+    # ---- scoring -------------------------------------------------------------------------
     def _score(self, batch: list[tuple[_Job, int, int, torch.Tensor]]) -> None:
         run = self.run
         x = torch.stack([clip for _, _, _, clip in batch])  # uint8 [B, T, S, S, 3]
@@ -243,12 +255,14 @@ class Predictor:
         job.views = []  # the clips are no longer needed
         return pred
 
-    def _run(self, items: Iterator[VideoInput], window: float | None, stride: float | None) -> Iterator[Prediction]:
+    def _run(self, items: Iterator[VideoInput], window: float | None,
+             stride: float | None) -> Iterator[Prediction]:
         pending: list[tuple[_Job, int, int, torch.Tensor]] = []
-        waiting: deque[tuple[_Job, int]] = deque()  # jobs in input order with their count of views to score
+        waiting: deque[tuple[_Job, int]] = deque()  # jobs in input order, with their view count
         for job in self._jobs(items, window, stride):
             waiting.append((job, sum(len(v) for v in job.views)))
-            pending += [(job, s, v, clip) for s, clips in enumerate(job.views) for v, clip in enumerate(clips)]
+            pending += [(job, s, v, clip) for s, clips in enumerate(job.views)
+                        for v, clip in enumerate(clips)]
             while len(pending) >= self.batch_size:
                 self._score(pending[:self.batch_size])
                 pending = pending[self.batch_size:]
@@ -270,5 +284,6 @@ def describe(pred: Prediction, classes: Sequence[str], k: int) -> list[str]:
 
     lines = [f"{pred.source}: {fmt(pred.probs)}"]
     width = max(4, int(math.log10(max(pred.duration, 1))) + 3)
-    lines += [f"  [{w.start:{width}.1f} - {w.end:{width}.1f} s] {fmt(w.probs)}" for w in pred.windows]
+    lines += [f"  [{w.start:{width}.1f} - {w.end:{width}.1f} s] {fmt(w.probs)}"
+              for w in pred.windows]
     return lines

@@ -1,9 +1,10 @@
-"""A trained run as ``tstl predict`` and ``tstl export`` use it: the model(s), the run's data settings, its class
-names and how raw files are normalised for it.
+"""A trained run as ``tstl predict`` and ``tstl export`` use it: the model(s), the run's data
+settings, its class names and how raw files are normalised for it.
 
-Two kinds of run: a single classifier (B-CAST, TimeSformer; a run folder, a DeepSpeed tag folder or a checkpoint
-file, resolved as ``tstl eval`` resolves them) and a TSTL run (a folder with ``groups.json`` and
-``selector/selector.pt``: the selector routes every view to its experts, ``tstl.twostage.routing``).
+Two kinds of run: a single classifier (B-CAST, TimeSformer; a run folder, a DeepSpeed tag folder or
+a checkpoint file, resolved as ``tstl eval`` resolves them) and a TSTL run (a folder with
+``groups.json`` and ``selector/selector.pt``: the selector routes every view to its experts,
+``tstl.twostage.routing``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tstl.train.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 ROUTINGS = ("hard", "soft")
+RUN_FIX = "give a run folder, a DeepSpeed tag folder, a checkpoint file or a TSTL run folder"
 
 
 class Classifier:
@@ -43,14 +45,15 @@ class Classifier:
     def __call__(self, x: torch.Tensor) -> np.ndarray:
         out = self.model(x)
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"the model returns a {type(out).__name__}, not one logits tensor: predict handles "
-                            "single-head classifiers")
+            raise TypeError(f"the model returns a {type(out).__name__}, not one logits tensor: "
+                            "predict handles single-head classifiers")
         return out.float().cpu().numpy()
 
 
 class Routed:
-    """Scores views with TSTL: the selector picks group(s), their experts classify (``routing.route``); per-view
-    probabilities over every class, merged by their mean (as ``tstl eval-tstl``)."""
+    """Scores views with TSTL: the selector picks group(s), their experts classify
+    (``routing.route``); per-view probabilities over every class, merged by their mean (as
+    ``tstl eval-tstl``)."""
 
     merge_rule = "mean"
 
@@ -64,7 +67,8 @@ class Routed:
         from tstl.twostage.routing import route
 
         m = self.models
-        return route(x, m.selector(x).float(), m.experts, m.groups, top_k=self.top_k).probs.cpu().numpy()
+        out = route(x, m.selector(x).float(), m.experts, m.groups, top_k=self.top_k)
+        return out.probs.cpu().numpy()
 
 
 @dataclass
@@ -97,7 +101,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The run's ``engine.precision`` (what ``tstl eval`` uses); an fp16 run on the CPU runs in fp32."""
+    """The run's ``engine.precision`` (what ``tstl eval`` uses); an fp16 run on the CPU runs in
+    fp32."""
     try:
         return compute_dtype(precision, device)
     except ConfigError:
@@ -108,9 +113,10 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
 def prepare_rule(cfg: TrainConfig, as_is: bool = False) -> PrepareRule:
     """How raw files are normalised for this run: as the prepare stage transcoded its dataset.
 
-    The size comes from the prepared dataset's ``manifest.parquet`` (the parameters every video was transcoded
-    with, so a ``--short-side`` choice is kept) when ``<data_dir>/<dataset>`` is here, else from the dataset
-    registry's default (``tstl/core/datasets``: 240 px high, Kinetics short side 320).
+    The size comes from the prepared dataset's ``manifest.parquet`` (the parameters every video
+    was transcoded with, so a ``--short-side`` choice is kept) when ``<data_dir>/<dataset>`` is
+    here, else from the dataset registry's default (``tstl/core/datasets``: 240 px high, Kinetics
+    short side 320).
     """
     if as_is:
         return PrepareRule(as_is=True)
@@ -125,19 +131,22 @@ def prepare_rule(cfg: TrainConfig, as_is: bool = False) -> PrepareRule:
                 params = json.loads(used.most_common(1)[0][0])
                 return PrepareRule(height=params.get("height"), short_side=params.get("short_side"))
         except (OSError, ValueError, KeyError) as e:
-            logger.warning("%s: cannot read the transcode parameters (%s); using the dataset's default", manifest, e)
+            logger.warning("%s: cannot read the transcode parameters (%s); using the dataset's "
+                           "default", manifest, e)
     from tstl.core.datasets import get_dataset
 
     try:
         ds = get_dataset(cfg.dataset)
     except ValueError:
-        logger.warning("dataset %r is not registered: raw files are transcoded to 240 px high", cfg.dataset)
+        logger.warning("dataset %r is not registered: raw files are transcoded to 240 px high",
+                       cfg.dataset)
         return PrepareRule(height=240)
-    return PrepareRule(height=ds.height if ds.short_side is None else None, short_side=ds.short_side)
+    height = ds.height if ds.short_side is None else None
+    return PrepareRule(height=height, short_side=ds.short_side)
 
 
 def _shard_classes(cfg: TrainConfig) -> list[str] | None:
-    """Class names of the run's training (else validation) shard set, when it can be read from here."""
+    """Class names of the run's training (else validation) shard set, when it is readable here."""
     from tstl.core.shards import INDEX, read_index
 
     for split in (cfg.train_split, cfg.val_split):
@@ -151,44 +160,49 @@ def _shard_classes(cfg: TrainConfig) -> list[str] | None:
 
 
 def _report_classes(csv_path: Path) -> list[str] | None:
-    """Class names from an evaluation report's ``per_class.csv`` (``label,class,videos,accuracy``)."""
+    """Class names from an evaluation report's ``per_class.csv`` (``label,class,...``)."""
     try:
         with open(csv_path, newline="") as f:
             rows = sorted((int(r["label"]), r["class"]) for r in csv.DictReader(f))
     except (OSError, KeyError, ValueError):
         return None
-    return [name for _, name in rows] if rows and [i for i, _ in rows] == list(range(len(rows))) else None
+    if not rows or [i for i, _ in rows] != list(range(len(rows))):
+        return None
+    return [name for _, name in rows]
 
 
 def read_classes_file(path: str | Path) -> list[str]:
-    """One class name per line (``classes.txt`` of a prepared dataset: line ``i`` names label ``i``)."""
+    """One class name per line (``classes.txt`` of a prepared dataset: line ``i`` names label
+    ``i``)."""
+    fix = "give a text file with one class name per line"
     try:
         names = [line.rstrip("\n") for line in Path(path).read_text().splitlines()]
     except OSError as e:
-        raise UsageError(f"--classes {path}: {e.strerror or e}",
-                         "give a text file with one class name per line") from None
+        raise UsageError(f"--classes {path}: {e.strerror or e}", fix) from None
     while names and not names[-1].strip():
         names.pop()
     if not names:
-        raise UsageError(f"--classes {path}: empty", "give a text file with one class name per line")
+        raise UsageError(f"--classes {path}: empty", fix)
     return names
 
 
-def class_names(cfg: TrainConfig, num_classes: int, reports: Sequence[Path], classes_file: str | Path | None
-                ) -> list[str]:
-    """The run's class names: ``classes_file``, else its shard sets' ``shards.json``, else its evaluation report's
-    ``per_class.csv``; ``class_<i>`` (with a warning) when none of them is here."""
+def class_names(cfg: TrainConfig, num_classes: int, reports: Sequence[Path],
+                classes_file: str | Path | None) -> list[str]:
+    """The run's class names: ``classes_file``, else its shard sets' ``shards.json``, else its
+    evaluation report's ``per_class.csv``; ``class_<i>`` (with a warning) when none is here."""
     if classes_file:
         names = read_classes_file(classes_file)
         if len(names) != num_classes:
-            raise UsageError(f"--classes {classes_file}: {len(names)} names for a model of {num_classes} classes",
+            raise UsageError(f"--classes {classes_file}: {len(names)} names for a model of "
+                             f"{num_classes} classes",
                              "give the classes.txt of the dataset the run was trained on")
         return names
     for names in [_shard_classes(cfg), *(_report_classes(p) for p in reports)]:
         if names and len(names) == num_classes:
             return names
-    logger.warning("no class names found (the run's shard sets are not here and it has no report): naming them "
-                   "class_<i>; give --classes <dataset>/annotations/classes.txt")
+    logger.warning("no class names found (the run's shard sets are not here and it has no "
+                   "report): naming them class_<i>; give --classes "
+                   "<dataset>/annotations/classes.txt")
     return [f"class_{i}" for i in range(num_classes)]
 
 
@@ -206,15 +220,17 @@ def is_tstl_run(path: Path) -> bool:
 
 def _config(files: Sequence[str | Path], overrides: Sequence[str], what: str) -> TrainConfig:
     if not files:
-        raise UsageError(f"{what}: no run config.yaml for this checkpoint (a file outside a run folder)",
+        raise UsageError(f"{what}: no run config.yaml for this checkpoint (a file outside a run "
+                         "folder)",
                          "give --config with the run's config.yaml (or its recipe files)")
     return load_cli_config(TrainConfig, [str(f) for f in files], overrides)
 
 
-def load(checkpoint: str | Path, *, configs: Sequence[str | Path] = (), overrides: Sequence[str] = (),
-         device: str = "auto", routing: str = "hard", soft_top_k: int = 2, classes_file: str | Path | None = None,
+def load(checkpoint: str | Path, *, configs: Sequence[str | Path] = (),
+         overrides: Sequence[str] = (), device: str = "auto", routing: str = "hard",
+         soft_top_k: int = 2, classes_file: str | Path | None = None,
          as_is: bool = False) -> LoadedRun:
-    """Load a run (or checkpoint) for prediction; ``configs``/``overrides`` as ``tstl eval`` takes them."""
+    """Load a run (or checkpoint) for prediction; ``configs``/``overrides`` as ``tstl eval``."""
     if routing not in ROUTINGS:
         raise UsageError(f"--routing {routing!r}", f"use one of {', '.join(ROUTINGS)}")
     path = Path(checkpoint)
@@ -224,15 +240,14 @@ def load(checkpoint: str | Path, *, configs: Sequence[str | Path] = (), override
     try:
         weights, run_cfg = resolve_weights(path)
     except FileNotFoundError as e:
-        raise UsageError(str(e), "give a run folder, a DeepSpeed tag folder, a checkpoint file or a TSTL run "
-                                 "folder") from None
+        raise UsageError(str(e), RUN_FIX) from None
     cfg = _config(list(configs) or ([run_cfg] if run_cfg else []), overrides, str(path))
     run_dir = run_cfg.parent if run_cfg else None
-    num_classes = cfg.model.num_classes or len(_shard_classes(cfg) or []) or _head_rows(weights,
-                                                                                     cfg.model.trusted_checkpoints)
+    num_classes = (cfg.model.num_classes or len(_shard_classes(cfg) or [])
+                   or _head_rows(weights, cfg.model.trusted_checkpoints))
     if not num_classes:
-        raise UsageError(f"{weights}: cannot tell the number of classes (no model.num_classes, no shards.json, no "
-                         "head.weight)", "set model.num_classes=N with --set")
+        raise UsageError(f"{weights}: cannot tell the number of classes (no model.num_classes, no "
+                         "shards.json, no head.weight)", "set model.num_classes=N with --set")
     reports = [run_dir / "test" / "per_class.csv"] if run_dir else []
     classes = class_names(cfg, num_classes, reports, classes_file)
     from tstl.models import load_checkpoint
@@ -241,26 +256,29 @@ def load(checkpoint: str | Path, *, configs: Sequence[str | Path] = (), override
     load_checkpoint(model, weights, trusted=list(cfg.model.trusted_checkpoints))
     dtype = pick_dtype(cfg.engine.precision, dev)
     model.to(dev, dtype)
-    return LoadedRun(Classifier(model, cfg.test_merge), cfg, classes, dev, dtype, prepare_rule(cfg, as_is),
-                     f"{cfg.model.name} from {weights}")
+    return LoadedRun(Classifier(model, cfg.test_merge), cfg, classes, dev, dtype,
+                     prepare_rule(cfg, as_is), f"{cfg.model.name} from {weights}")
 
 
-def _load_tstl(run: Path, configs: Sequence[str | Path], overrides: Sequence[str], dev: torch.device, routing: str,
-               soft_top_k: int, classes_file: str | Path | None, as_is: bool) -> LoadedRun:
+def _load_tstl(run: Path, configs: Sequence[str | Path], overrides: Sequence[str],
+               dev: torch.device, routing: str, soft_top_k: int,
+               classes_file: str | Path | None, as_is: bool) -> LoadedRun:
     from tstl.twostage.evaluate import load_run
     from tstl.twostage.groups import load_groups
 
     selector_cfg = run / "selector" / "config.yaml"
-    cfg = _config(list(configs) or ([selector_cfg] if selector_cfg.is_file() else []), overrides, str(run))
+    default = [selector_cfg] if selector_cfg.is_file() else []
+    cfg = _config(list(configs) or default, overrides, str(run))
     groups = load_groups(run / "groups.json")
     try:
         models = load_run(run, groups)
     except FileNotFoundError as e:
         raise UsageError(str(e), "finish the TSTL run first (make train-tstl)") from None
-    classes = class_names(cfg, groups.num_classes, [run / "eval" / "hard" / "per_class.csv"], classes_file)
+    report = run / "eval" / "hard" / "per_class.csv"
+    classes = class_names(cfg, groups.num_classes, [report], classes_file)
     dtype = pick_dtype(cfg.engine.precision, dev)
     models.to(dev, dtype)
     top_k = 1 if routing == "hard" else soft_top_k
+    how = f"{routing} routing" + (f", top-{top_k} groups" if routing == "soft" else "")
     return LoadedRun(Routed(models, top_k), cfg, classes, dev, dtype, prepare_rule(cfg, as_is),
-                     f"TSTL run {run} ({groups.num_groups} groups, {routing} routing"
-                     + (f", top-{top_k} groups" if routing == "soft" else "") + ")", tstl=True)
+                     f"TSTL run {run} ({groups.num_groups} groups, {how})", tstl=True)

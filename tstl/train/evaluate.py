@@ -132,8 +132,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.devi
              desc: str = "evaluate", dump: Path | None = None,
              classes: Sequence[str] | None = None) -> EvalResult:
     """Predict on this rank's share, gather every rank's in memory, merge views by ``merge_rule`` (the run's
-    ``test_merge``), compute the metrics (all ranks); rank 0 writes the per-view ``dump`` (``write_dump``, with
-    the ``classes`` names) when given."""
+    ``test_merge``), compute the metrics (all ranks); rank 0 writes the per-view ``dump``
+    (``write_dump``, with the ``classes`` names) when given."""
     local = predict(model, batches, device, dtype, desc)
     gathered = dist.all_gather_objects(local)
     result = metrics(*merge(gathered, merge_rule), num_classes)
@@ -142,12 +142,12 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.devi
     return result
 
 
-def write_dump(per_rank: list[dict[tuple[str, int], tuple[np.ndarray, int]]], result: EvalResult, path: Path,
-               merge_rule: str, classes: Sequence[str] | None = None) -> None:
-    """``tstl eval --dump``: one Parquet row per video (``key``, ``label``, ``views``: view ids, ``logits``: one
-    row of scores per view in that order, ``probs``: the merged probabilities, ``pred``: their top-1), so results
-    can be ensembled or re-scored without the model; the merge rule and class names are in the file's metadata
-    (``tstl``). Written atomically."""
+def write_dump(per_rank: list[dict[tuple[str, int], tuple[np.ndarray, int]]], result: EvalResult,
+               path: Path, merge_rule: str, classes: Sequence[str] | None = None) -> None:
+    """``tstl eval --dump``: one Parquet row per video (``key``, ``label``, ``views``: view ids,
+    ``logits``: one row of scores per view in that order, ``probs``: the merged probabilities,
+    ``pred``: their top-1), so results can be ensembled or re-scored without the model; the merge
+    rule and class names are in the file's metadata (``tstl``). Written atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -158,13 +158,16 @@ def write_dump(per_rank: list[dict[tuple[str, int], tuple[np.ndarray, int]]], re
     keys = sorted(result.probs)
     rows = {"key": keys, "label": [result.labels[k] for k in keys],
             "views": [sorted(views[k]) for k in keys],
-            "logits": [[views[k][v].astype(np.float32).tolist() for v in sorted(views[k])] for k in keys],
+            "logits": [[views[k][v].astype(np.float32).tolist() for v in sorted(views[k])]
+                       for k in keys],
             "probs": [result.probs[k].astype(np.float32).tolist() for k in keys],
             "pred": [int(np.argmax(result.probs[k])) for k in keys]}
-    schema = pa.schema([("key", pa.string()), ("label", pa.int64()), ("views", pa.list_(pa.int32())),
-                        ("logits", pa.list_(pa.list_(pa.float32()))), ("probs", pa.list_(pa.float32())),
-                        ("pred", pa.int64())],
-                       metadata={"tstl": json.dumps({"merge_rule": merge_rule, "classes": list(classes or [])})})
+    meta = {"merge_rule": merge_rule, "classes": list(classes or [])}
+    schema = pa.schema([("key", pa.string()), ("label", pa.int64()),
+                        ("views", pa.list_(pa.int32())),
+                        ("logits", pa.list_(pa.list_(pa.float32()))),
+                        ("probs", pa.list_(pa.float32())), ("pred", pa.int64())],
+                       metadata={"tstl": json.dumps(meta)})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(pa.Table.from_pydict(rows, schema=schema), tmp)
@@ -193,7 +196,8 @@ def save_report(result: EvalResult, out: Path, classes: list[str] | None = None)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = (), overrides: Sequence[str] = (),
-                        out: str | Path | None = None, dump: bool = False) -> tuple[EvalResult, Path]:
+                        out: str | Path | None = None,
+                        dump: bool = False) -> tuple[EvalResult, Path]:
     """Multi-view evaluation of any checkpoint ``load_checkpoint`` accepts on the run's ``val_split``.
 
     Args:
