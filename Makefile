@@ -182,7 +182,7 @@ bench: setup  ## benchmarks; figures go to docs/benchmarks.md
 	$(PY) -m benchmarks.timesformer --out docs/benchmarks.md
 	$(PY) -m benchmarks.tstl_routing --out docs/benchmarks.md
 	$(PY) -m benchmarks.data_wait --out docs/benchmarks.md
-	$(PY) -m benchmarks.predict --out docs/benchmarks.md
+	$(PY) -m benchmarks.predict --out docs/benchmarks.md --videos $(BENCH_VIDEOS)
 
 clean-demo:  ## remove the demo data and run
 	rm -rf $(DATA_DIR)/raw $(DATA_DIR)/ssv2 $(DATA_DIR)/ucf101 $(DATA_DIR)/kinetics400 $(RUNS_DIR)/demo $(RUNS_DIR)/demo-tstl $(RUNS_DIR)/demo-tstl-groups.json

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -68,13 +69,17 @@ def make_run(root: Path, data_dir: Path) -> Path:
     return root / "model.pt"
 
 
-def _fastest(fn, repeats: int) -> float:
-    fn()  # warm-up: caches, thread pools, first-touch allocations
-    best = float("inf")
+def _fastest_interleaved(fns: list, repeats: int) -> list[float]:
+    """Fastest of ``repeats`` runs of each function, taken in turns after one warm-up of each, so
+    that load from elsewhere on the machine hits every path alike."""
+    for fn in fns:
+        fn()  # warm-up: caches, thread pools, first-touch allocations
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
@@ -101,18 +106,24 @@ def run(num_videos: int, repeats: int) -> str:
             preds = predictor.predict(inputs)
             assert all(p.ok for p in preds), [p.error for p in preds if not p.ok]
 
-        rows = [("`tstl eval` (shard set, evaluation loader)", _fastest(eval_loop, repeats)),
-                ("`tstl predict`, shard set", _fastest(lambda: predict([shards]), repeats)),
-                ("`tstl predict`, raw `.webm` files (transcoded like the prepare stage)",
-                 _fastest(lambda: predict(raw), repeats))]
+        load = os.getloadavg()[0]
+        times = _fastest_interleaved([eval_loop, lambda: predict([shards]), lambda: predict(raw)],
+                                     repeats)
+        load = max(load, os.getloadavg()[0])
+        names = ["`tstl eval` (shard set, evaluation loader)", "`tstl predict`, shard set",
+                 "`tstl predict`, raw `.webm` files (transcoded like the prepare stage)"]
+        rows = list(zip(names, times))
     nt, nc = cfg.data.test_views
-    lines = [f"### `tstl predict` vs `tstl eval` (CPU, {torch.get_num_threads()} threads)", "",
+    lines = [f"## `tstl predict` vs `tstl eval` (`python -m benchmarks.predict --videos "
+             f"{num_videos} --repeats {repeats}`; CPU, {torch.get_num_threads()} threads)", "",
              f"{n} demo-style SSV2 validation videos (synthetic, 2-3 s, 160-240 px wide .webm; "
              f"240 p H.264 after the prepare stage), `{cfg.model.name}` ({cfg.data.num_frames} "
              f"frames at {cfg.data.input_size} px), {nt} x {nc} views per video, batches of "
              f"{cfg.data.eval_batch_size} views; eval with {cfg.data.num_workers} loader "
-             f"worker(s), predict with 2 reading threads. Fastest of {repeats} after a warm-up; "
-             "model loading not timed.", "",
+             f"worker(s), predict with 2 reading threads. Fastest of {repeats} rounds (paths in "
+             f"turns) after a warm-up; model loading not timed. Load average {load:.1f} on "
+             f"{os.cpu_count()} cores while measuring (other work on the machine: the paths "
+             "compete for the cores with it, so compare rows, not runs).", "",
              "| path | seconds | videos / s | vs eval |", "|---|---|---|---|"]
     for name, t in rows:
         lines.append(f"| {name} | {t:.2f} | {n / t:.1f} | {rows[0][1] / t:.2f}x |")
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="docs/benchmarks.md", help="report file (section 'predict')")
     p.add_argument("--videos", type=int, default=64, help="about this many validation videos")
-    p.add_argument("--repeats", type=int, default=2,
+    p.add_argument("--repeats", type=int, default=3,
                    help="timed passes per path (the fastest counts)")
     args = p.parse_args(argv)
     md = run(args.videos, args.repeats)

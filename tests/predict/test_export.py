@@ -5,8 +5,6 @@ without an ONNX form)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import ROOT, subprocess_env
 from tests.predict.conftest import hand_run
 from tstl.core.exitcodes import UsageError
 from tstl.models import create_model, list_models, load_checkpoint
@@ -93,21 +90,21 @@ def test_an_operator_without_an_onnx_form_is_refused_with_its_name() -> None:
         _onnx_bytes(_Flat(Unexportable(), x), x, 17, "svd model")
 
 
-def test_refusals_on_the_command_line(tmp_path: Path) -> None:
+def test_refusals_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tstl.cli import main
+
     (tmp_path / "tstl/selector").mkdir(parents=True)
     (tmp_path / "tstl/groups.json").write_text("{}")
-    cmd = [sys.executable, "-m", "tstl.cli", "export", "--checkpoint"]
 
-    def run(*args: object) -> subprocess.CompletedProcess:
-        return subprocess.run([*cmd, *map(str, args)], cwd=ROOT, env=subprocess_env(),
-                              capture_output=True, text=True, timeout=300)
+    def run(*args: object) -> tuple[int, str]:
+        code = main(["export", "--checkpoint", *map(str, args)])
+        return code, capsys.readouterr().err
 
-    tstl = run(tmp_path / "tstl", "--out", tmp_path / "m.onnx")
-    assert tstl.returncode == 2 and "is a TSTL run" in tstl.stderr
-    assert "use tstl predict" in tstl.stderr
+    code, err = run(tmp_path / "tstl", "--out", tmp_path / "m.onnx")
+    assert code == 2 and "is a TSTL run" in err and "use tstl predict" in err
     ckpt = hand_run(tmp_path / "run", "bcast_test")
-    bad = run(ckpt, "--out", tmp_path / "m.bin")
-    assert bad.returncode == 2 and "not an .onnx file name" in bad.stderr
-    bare = run(ckpt, "--out", tmp_path / "m.onnx")
-    assert bare.returncode == 2 and "give --config" in bare.stderr
+    code, err = run(ckpt, "--out", tmp_path / "m.bin")
+    assert code == 2 and "not an .onnx file name" in err
+    code, err = run(ckpt, "--out", tmp_path / "m.onnx")
+    assert code == 2 and "give --config" in err
     assert not (tmp_path / "m.onnx").exists()
