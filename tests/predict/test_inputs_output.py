@@ -97,3 +97,40 @@ def test_csv_rows_per_video_and_window(tmp_path: Path) -> None:
     ]
     with pytest.raises(UsageError, match="end the name with .jsonl or .csv"):
         Writer(tmp_path / "pred.txt", SETTINGS, 2)
+
+
+def test_the_cli_resumes_a_killed_run_from_its_partial_file(tmp_path: Path, capsys,
+                                                            monkeypatch) -> None:
+    """Killed after its first video, a rerun with the same arguments keeps what was written and
+    predicts the rest: the first record, edited in the partial file, survives into the result."""
+    from tests.predict.conftest import colour_video, hand_run
+    from tstl.cli import main
+    from tstl.predict.predictor import Predictor
+
+    ckpt = hand_run(tmp_path / "run", "bcast_test")
+    videos = [colour_video(tmp_path / f"{c}.mp4", [c], 1.0) for c in ("red", "blue")]
+    out = tmp_path / "pred.jsonl"
+    partial = out.with_name("pred.jsonl.partial")
+    args = ["predict", "--checkpoint", str(ckpt), "--config", str(tmp_path / "run/config.yaml"),
+            *map(str, videos), "--out", str(out), "--top-k", "1", "--quiet"]
+    real = Predictor.iter_predict
+
+    def killed_after_one(self, *a, **k):
+        yield next(real(self, *a, **k))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Predictor, "iter_predict", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    monkeypatch.undo()
+    assert not out.exists()
+    head, rec = (json.loads(line) for line in partial.read_text().splitlines())
+    assert rec["source"] == str(videos[0])
+    rec["top"] = [{"class": "planted", "prob": 1.0}]
+    partial.write_text(json.dumps(head) + "\n" + json.dumps(rec) + "\n")
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "2 videos predicted (1 of them by an earlier run)" in capsys.readouterr().err
+    final = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["source"] for r in final] == list(map(str, videos)) and not partial.exists()
+    assert final[0]["top"][0]["class"] == "planted" and final[1]["top"][0]["class"] != "planted"
