@@ -197,13 +197,15 @@ class Predictor:
         try:
             video = item.load()
             job.pred.frames, job.pred.fps = video.frames, video.fps
-            job.pred.duration = video.duration
-            job.spans = [(0.0, video.duration)]
+            # a container without a duration: the frames at their rate
+            duration = video.duration or (video.frames / video.fps if video.fps > 0 else 0.0)
+            job.pred.duration = duration
+            job.spans = [(0.0, duration)]
             job.views = [decode_views(video.data, video.frames, self.run.data, self.views)]
             if window is not None:
                 if video.fps <= 0:
                     raise InputError("no frame rate: cannot cut time windows")
-                for start, end in windows(video.duration, window, stride):
+                for start, end in windows(duration, window, stride):
                     span = frame_span(start, end, video.fps, video.frames)
                     job.spans.append((start, end))
                     job.views.append(decode_views(video.data, video.frames, self.run.data,
