@@ -44,9 +44,10 @@ class Classifier:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> np.ndarray:
         out = self.model(x)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"the model returns a {type(out).__name__}, not one logits tensor: "
-                            "predict handles single-head classifiers")
+        if not isinstance(out, torch.Tensor):  # e.g. a verb/noun model's dict of heads
+            raise UsageError(f"the model returns a {type(out).__name__}, not one logits tensor: "
+                             "predict handles single-head classifiers",
+                             "use tstl eval, or tstl export (one ONNX output per head)")
         return out.float().cpu().numpy()
 
 
