@@ -31,6 +31,10 @@ CLIP ?=
 VIDEOMAE ?=
 CHECKPOINT ?=
 GROUPS ?=
+INPUT ?=
+OUT ?=
+# e.g. PREDICT_ARGS="--window 4 --stride 2 --top-k 3"
+PREDICT_ARGS ?=
 OVERRIDES ?=
 # Raw release folders, one variable per dataset (its `root_var` in tstl/core/datasets/<name>.py). Every *_ROOT
 # variable (these, or any given on the command line or in the environment) is exported; `prepare-<dataset>` reads
@@ -72,7 +76,7 @@ DEMO_TSTL = --config configs/data/ssv2.yaml configs/demo.yaml configs/tstl/demo.
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help setup lint test demo demo-tstl synthetic finalize shards train eval groups \
-  train-tstl eval-tstl bench clean-demo print-config
+  train-tstl eval-tstl predict export bench clean-demo print-config
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -132,6 +136,16 @@ eval: setup  ## multi-view evaluation of CHECKPOINT (a file, a DeepSpeed tag fol
 	$(TSTL_CLI) eval --checkpoint $(CHECKPOINT) $(if $(wildcard $(CHECKPOINT)/config.yaml $(CHECKPOINT)/../../config.yaml),,--config $(TRAIN_CONFIGS)) \
 	  data_dir=$(DATA_DIR) $(OVERRIDES)
 
+predict: setup  ## top-k classes of INPUT (files, folders, lists, shard sets) with CHECKPOINT (OUT=)
+	$(if $(CHECKPOINT),,$(error make predict needs CHECKPOINT=<run folder, checkpoint or TSTL run>))
+	$(if $(INPUT),,$(error make predict needs INPUT=<video files, folders, .txt lists, shard sets>))
+	$(TSTL_CLI) predict --checkpoint $(CHECKPOINT) $(INPUT) $(if $(OUT),--out $(OUT)) $(PREDICT_ARGS)
+
+export: setup  ## ONNX file of CHECKPOINT's classifier + JSON sidecar (OUT=exported/model.onnx)
+	$(if $(CHECKPOINT),,$(error make export needs CHECKPOINT=<run folder or checkpoint>))
+	$(if $(OUT),,$(error make export needs OUT=<file>.onnx (the sidecar <file>.json goes beside it)))
+	$(TSTL_CLI) export --checkpoint $(CHECKPOINT) --out $(OUT)
+
 groups: setup  ## TSTL class groups (K=groups; classes of DATASET's train shards or CLASSES=n; METHOD=confusion CONFUSION=x.npy; GROUPS=out)
 	$(if $(K),,$(error make groups needs K=<number of groups>, e.g. make groups DATASET=ucf101 K=4 (classes from its \
 	  training shard set), CLASSES=101 K=4, or METHOD=confusion CONFUSION=<run>/eval-x/confusion.npy K=15))
@@ -176,6 +190,7 @@ bench: setup  ## benchmarks; figures go to docs/benchmarks.md
 	$(PY) -m benchmarks.timesformer --out docs/benchmarks.md
 	$(PY) -m benchmarks.tstl_routing --out docs/benchmarks.md
 	$(PY) -m benchmarks.data_wait --out docs/benchmarks.md
+	$(PY) -m benchmarks.predict --out docs/benchmarks.md --videos $(BENCH_VIDEOS)
 
 clean-demo:  ## remove the demo data and run
 	rm -rf $(DATA_DIR)/raw $(DATA_DIR)/ssv2 $(DATA_DIR)/ucf101 $(DATA_DIR)/kinetics400 $(RUNS_DIR)/demo $(RUNS_DIR)/demo-tstl $(RUNS_DIR)/demo-tstl-groups.json

@@ -27,10 +27,12 @@ LAYERS = {  # component -> layer; one layer's components are siblings
     "tstl.data": 2, "tstl.models": 2,
     "tstl.train": 3,
     "tstl.twostage": 4,
-    "tstl.cli": 5,  # the `tstl` command: dispatches to every tool's CLI (lazily), so it sits above them all
+    "tstl.predict": 5,  # using a trained run (predict, export); routes TSTL runs: above twostage
+    "tstl.cli": 6,  # the `tstl` command: dispatches to every tool's CLI (lazily), so above them all
     "benchmarks": 99, "tests": 99,
 }
-DIAGRAM = "tstl.core < pipeline | shard_tools < tstl.data | tstl.models < tstl.train < tstl.twostage < tstl.cli"
+DIAGRAM = ("tstl.core < pipeline | shard_tools < tstl.data | tstl.models < tstl.train < "
+           "tstl.twostage < tstl.predict < tstl.cli")
 
 
 def component(module: str) -> str | None:

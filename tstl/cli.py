@@ -68,6 +68,11 @@ def _commands() -> dict[str, Command]:
                                  ("train",), kwargs={"names": names}, section=tstl)
     cmds["eval-tstl"] = Command("tstl.twostage.cli", "TSTL routed multi-view evaluation, hard and soft routing",
                                 ("eval",), kwargs={"names": names}, section=tstl)
+    use = "use a trained model"
+    cmds["predict"] = Command("tstl.predict.cli", "top-k classes of video files, folders or shard "
+                              "sets (eval's views)", ("predict",), section=use)
+    cmds["export"] = Command("tstl.predict.cli", "ONNX file of a run's classifier + JSON sidecar",
+                             ("export",), section=use)
     return cmds
 
 

@@ -34,7 +34,8 @@ from tstl.data.labels import Labels, collate_labels, sample_labels
 from tstl.data.reader import SampleReader
 from tstl.data.seeds import derive_seed
 from tstl.data.sources import ShardList
-from tstl.data.transforms import EvalViews, TrainClipTransform
+from tstl.data.transforms import TrainClipTransform
+from tstl.data.views import decode_views
 
 logger = logging.getLogger(__name__)
 
@@ -293,26 +294,15 @@ class TrainClips:
 
 
 class EvalClipViews:
-    """Evaluation: T temporal x C spatial views per sample, deterministic."""
+    """Evaluation: T temporal x C spatial views per sample, deterministic
+    (``tstl.data.views.decode_views``, which ``tstl predict`` uses too)."""
 
     def __init__(self, stream: ClipStream) -> None:
         self.stream = stream
         self.per_raw = stream.spec.views[0] * stream.spec.views[1]
         self.batch_size = stream.spec.cfg.eval_batch_size
-        self.views = EvalViews(stream.spec.cfg, stream.spec.views[1])
 
     def make(self, sample: dict, pos: int) -> list[tuple]:
-        cfg, (nt, nc) = self.stream.spec.cfg, self.stream.spec.views
         data, label, frames = self.stream._parse(sample)
-        t_len = cfg.num_frames
-
-        def pick(n: int) -> np.ndarray:
-            return np.concatenate([sampling.test_indices(cfg.sampling, n, t_len, cfg.sampling_rate, t, nt,
-                                                         cfg.sampling_convention) for t in range(nt)])
-
-        clip = decode_clip(data, frames, pick, cfg.decode_timeout_s, cfg.decoder)
-        out = []
-        for t in range(nt):
-            resized = self.views.resize(clip[t * t_len:(t + 1) * t_len])
-            out += [(self.views.crop(resized, c), label, sample["__key__"], t * nc + c) for c in range(nc)]
-        return out
+        clips = decode_views(data, frames, self.stream.spec.cfg, self.stream.spec.views)
+        return [(clip, label, sample["__key__"], v) for v, clip in enumerate(clips)]

@@ -83,9 +83,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     weights, _ = resolve_weights(args.checkpoint)
     report = args.out or Path(cfg.out_dir) / f"eval-{weights.parent.name}"
     runlog.attach(report, "eval")  # into the report folder
-    res, out = evaluate_checkpoint(args.checkpoint, args.config or (), args.overrides, args.out)
+    res, out = evaluate_checkpoint(args.checkpoint, args.config or (), args.overrides, args.out,
+                                   args.dump)
     if dist.is_main():
-        print(json.dumps({**res.summary(), "report": str(out)}, indent=1))
+        dump = {"dump": str(out / "views.parquet")} if args.dump else {}
+        print(json.dumps({**res.summary(), "report": str(out), **dump}, indent=1))
     return exitcodes.OK
 
 
@@ -130,6 +132,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file, DeepSpeed tag folder or run folder")
     e.add_argument("--config", type=str, nargs="*", help="YAML files (default: the run's config.yaml)")
     e.add_argument("--out", type=Path, help="report folder (default <out_dir>/eval-<name>)")
+    e.add_argument("--dump", action="store_true", help="also write <report folder>/views.parquet: "
+                   "per video its label, the logits of every view and the merged probabilities "
+                   "(docs/training.md)")
     e.add_argument("--help-config", action=HelpConfig, help="list every config key with its type, default and doc")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.test_views=[1,1]")
     e.set_defaults(fn=cmd_eval)

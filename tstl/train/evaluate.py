@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -133,15 +134,56 @@ def metrics(probs: dict[str, np.ndarray], labels: dict[str, int], num_classes: i
 
 def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.device,
              num_classes: int | Mapping[str, int], dtype: torch.dtype = torch.float32,
-             merge_rule: str = "mean_softmax",
-             desc: str = "evaluate") -> EvalResult | MultiHeadResult:
+             merge_rule: str = "mean_softmax", desc: str = "evaluate", dump: Path | None = None,
+             classes: Sequence[str] | None = None) -> EvalResult | MultiHeadResult:
     """Predict on this rank's share, gather every rank's in memory, merge views by ``merge_rule`` (the run's
     ``test_merge``), compute the metrics (all ranks). ``num_classes`` of a multi-head model is
-    head -> classes: the result is then a ``MultiHeadResult``."""
+    head -> classes: the result is then a ``MultiHeadResult``. Rank 0 writes the per-view ``dump``
+    (``write_dump``, with the ``classes`` names) when given (single-head models)."""
+    multi = isinstance(num_classes, Mapping)
+    if dump is not None and multi:
+        raise ValueError("tstl eval --dump writes one score row per view of a single-head model; this "
+                         "model has several heads: drop --dump (its report has per-head results)")
     local = predict(model, batches, device, dtype, desc)
-    if isinstance(num_classes, Mapping):
-        return head_metrics(merge_heads(dist.all_gather_objects(local), merge_rule), num_classes)
-    return metrics(*merge(dist.all_gather_objects(local), merge_rule), num_classes)
+    gathered = dist.all_gather_objects(local)
+    if multi:
+        return head_metrics(merge_heads(gathered, merge_rule), num_classes)
+    result = metrics(*merge(gathered, merge_rule), num_classes)
+    if dump is not None and dist.is_main():
+        write_dump(gathered, result, dump, merge_rule, classes)
+    return result
+
+
+def write_dump(per_rank: list[dict[tuple[str, int], tuple[np.ndarray, int]]], result: EvalResult,
+               path: Path, merge_rule: str, classes: Sequence[str] | None = None) -> None:
+    """``tstl eval --dump``: one Parquet row per video (``key``, ``label``, ``views``: view ids,
+    ``logits``: one row of scores per view in that order, ``probs``: the merged probabilities,
+    ``pred``: their top-1), so results can be ensembled or re-scored without the model; the merge
+    rule and class names are in the file's metadata (``tstl``). Written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    views: dict[str, dict[int, np.ndarray]] = {}
+    for part in per_rank:  # a (key, view) a rank repeated to stay in step counts once, as in merge
+        for (key, view), (z, _) in part.items():
+            views.setdefault(key, {}).setdefault(view, z)
+    keys = sorted(result.probs)
+    rows = {"key": keys, "label": [result.labels[k] for k in keys],
+            "views": [sorted(views[k]) for k in keys],
+            "logits": [[views[k][v].astype(np.float32).tolist() for v in sorted(views[k])]
+                       for k in keys],
+            "probs": [result.probs[k].astype(np.float32).tolist() for k in keys],
+            "pred": [int(np.argmax(result.probs[k])) for k in keys]}
+    meta = {"merge_rule": merge_rule, "classes": list(classes or [])}
+    schema = pa.schema([("key", pa.string()), ("label", pa.int64()),
+                        ("views", pa.list_(pa.int32())),
+                        ("logits", pa.list_(pa.list_(pa.float32()))),
+                        ("probs", pa.list_(pa.float32())), ("pred", pa.int64())],
+                       metadata={"tstl": json.dumps(meta)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_pydict(rows, schema=schema), tmp)
+    os.replace(tmp, path)
 
 
 def save_report(result: EvalResult, out: Path, classes: list[str] | None = None) -> None:
@@ -170,7 +212,8 @@ def save_report(result: EvalResult, out: Path, classes: list[str] | None = None)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = (), overrides: Sequence[str] = (),
-                        out: str | Path | None = None) -> tuple[EvalResult, Path]:
+                        out: str | Path | None = None,
+                        dump: bool = False) -> tuple[EvalResult, Path]:
     """Multi-view evaluation of any checkpoint ``load_checkpoint`` accepts on the run's ``val_split``.
 
     Args:
@@ -178,6 +221,7 @@ def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = 
         configs: YAML files of the run; default: the run's ``config.yaml`` next to the checkpoint.
         overrides: dotted ``key=value`` overrides.
         out: report folder; default ``<out_dir>/eval-<name of the checkpoint's folder>``.
+        dump: also write the per-view logits (``write_dump``) to ``<out>/views.parquet``.
 
     Returns:
         The result (on every rank) and the report folder (written by rank 0).
@@ -194,9 +238,10 @@ def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = 
     report = load_checkpoint(model, weights, trusted=list(cfg.model.trusted_checkpoints))
     logger.info("evaluating %s (%s) on %s", weights, report.format, cfg.shard_dir(cfg.val_split))
     dtype = compute_dtype(cfg.engine.precision, device)
-    res = evaluate(model.to(device, dtype), loader, device, num_classes, dtype, cfg.test_merge,
-                   f"eval {cfg.val_split}")
     dest = Path(out) if out else Path(cfg.out_dir) / f"eval-{weights.parent.name}"
+    dump_path = dest / "views.parquet" if dump else None
+    res = evaluate(model.to(device, dtype), loader, device, num_classes, dtype, cfg.test_merge,
+                   f"eval {cfg.val_split}", dump_path, loader.classes)
     if dist.is_main():
         save_report(res, dest, loader.classes)
     return res, dest
