@@ -103,10 +103,11 @@ def test_predict_on_raw_webm_files_agrees_with_eval(trained_run: Path, data_dir:
 
 
 def _shard_samples(data_dir: Path) -> list[dict]:
-    from tstl.data.sources import iter_tar
+    from tstl.data.reader import SampleReader
+    from tstl.data.sources import resolve
 
-    tars = sorted((data_dir / "ssv2/shards/val").glob("*.tar"))
-    return [s for t in tars for s in iter_tar(str(t))]
+    shards = resolve(data_dir / "ssv2/shards/val")
+    return SampleReader(shards).fetch(shards.rows)
 
 
 def test_the_transcode_reproduces_the_prepared_file_byte_for_byte(data_dir: Path) -> None:
@@ -156,8 +157,8 @@ def _tstl_run(data_dir: Path, root: Path) -> Path:
     config.yaml and stage file, expert_NN/ stage files), written with the trainer's own writers
     from random (perturbed) weights."""
     from tstl.twostage.groups import ClassGroups, save_groups
-    from tstl.twostage.plan import expert_file, selector_file
     from tstl.twostage.stagefile import frozen_sources_from_paths, save_stage_file
+    from tstl.twostage.stages import expert_file, selector_file
 
     run = root / "tstl"
     init = root / "init.pt"

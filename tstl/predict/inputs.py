@@ -138,29 +138,37 @@ def _shard_sample(sample: dict) -> Video:
 
 
 def shard_inputs(folder: Path) -> tuple[int, Iterator[VideoInput]]:
-    """The samples of a shard set (a folder with ``shards.json``) in order: (count, inputs)."""
-    from tstl.data.sources import iter_tar, resolve
+    """The samples of a shard set (a folder with ``shards.json``) in order: (count, inputs). They are
+    read through the set's index, a few at a time, as the evaluation loader reads them."""
+    from tstl.data.reader import SampleReader
+    from tstl.data.sources import resolve
 
     shards = resolve(folder)
 
     def gen() -> Iterator[VideoInput]:
-        for shard in shards.shards:
-            try:
-                for sample in iter_tar(shard.url):
-                    key = sample["__key__"]
-                    try:
-                        label = int(sample[CLS]) if CLS in sample else None
-                    except ValueError:
-                        label = None
-                    yield VideoInput(f"{folder}#{key}", key, lambda s=sample: _shard_sample(s),
-                                     label)
-            except Exception as e:  # a broken tar: its rest is lost, the other shards are read
-                def fail(err: str = f"shard unreadable: {type(e).__name__}: {e}") -> Video:
-                    raise InputError(err)
-
-                yield VideoInput(f"{shard.url}", shard.name, fail)
+        reader = SampleReader(shards)
+        try:
+            for start in range(0, len(shards.rows), 8):
+                for sample in reader.fetch(shards.rows[start:start + 8]):
+                    yield _shard_input(folder, sample)
+        finally:
+            reader.close()
 
     return shards.num_samples, gen()
+
+
+def _shard_input(folder: Path, sample: dict) -> VideoInput:
+    key = sample["__key__"]
+    if "_error" in sample:  # could not be read: listed with the reason, the others go on
+        def fail(err: str = sample["_error"]) -> Video:
+            raise InputError(err)
+
+        return VideoInput(f"{folder}#{key}", key, fail)
+    try:
+        label = int(sample[CLS]) if CLS in sample else None
+    except ValueError:
+        label = None
+    return VideoInput(f"{folder}#{key}", key, lambda s=sample: _shard_sample(s), label)
 
 
 def _listed(path: Path) -> list[Path]:
