@@ -1,10 +1,10 @@
 """``tstl``: the one command of the project; every sub-command is one of the tools' command lines.
 
-``tstl <command> --help`` shows a command's arguments. The sub-command modules are imported only when their
-command runs, so ``tstl --help`` and ``tstl --version`` are instant; each tool's usage line names the ``tstl``
-command (``usage: tstl shards build ...``) and ``python -m <module>`` still works with its own name.
-Exit codes follow ``tstl.core.exitcodes`` (0 ok, 1 run failed, 2 usage/config/input error, 3 environment,
-4 locked, 75 preempted).
+``tstl <command> --help`` shows a command's arguments. The sub-command modules are imported only
+when their command runs, so ``tstl --help`` and ``tstl --version`` are instant; each tool's usage
+line names the ``tstl`` command (``usage: tstl shards build ...``) and ``python -m <module>`` still
+works with its own name. Exit codes follow ``tstl.core.exitcodes`` (0 ok, 1 run failed, 2
+usage/config/input error, 3 environment, 4 locked, 75 preempted).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ class Command:
     prefix: tuple[str, ...] = ()
     """Words put before the user's arguments (the tool's own sub-command name)."""
     prog: str = PROG
-    """The prog handed to the tool's parser (its usage line then reads ``usage: <prog> <sub-command> ...``)."""
+    """The prog handed to the tool's parser (its usage line then reads
+    ``usage: <prog> <sub-command> ...``)."""
     kwargs: dict = field(default_factory=dict)
     section: str = ""
 

@@ -1,12 +1,14 @@
 """Typed configuration: dataclasses filled from YAML files and dotted command-line overrides.
 
-Every component declares its own ``@dataclass`` next to the code it configures; a top-level config nests them.
-This module turns plain data (YAML, ``key.sub=value`` strings) into those dataclasses and back:
+Every component declares its own ``@dataclass`` next to the code it configures; a top-level config
+nests them. This module turns plain data (YAML, ``key.sub=value`` strings) into those dataclasses
+and back:
 
-* unknown keys are errors (with a "did you mean" hint), so a typo never silently falls back to a default; a key
-  a release retired (a class's ``RETIRED`` table: key -> why) is ignored with a warning, so older run configs load;
-* values are checked against the field's type annotation (``int``, ``float``, ``bool``, ``str``, ``Path``,
-  ``Optional``, ``Literal``, ``list``/``tuple``/``dict`` of those, nested dataclasses);
+* unknown keys are errors (with a "did you mean" hint), so a typo never silently falls back to a
+  default; a key a release retired (a class's ``RETIRED`` table: key -> why) is ignored with a
+  warning, so older run configs load;
+* values are checked against the field's type annotation (``int``, ``float``, ``bool``, ``str``,
+  ``Path``, ``Optional``, ``Literal``, ``list``/``tuple``/``dict`` of those, nested dataclasses);
 * ``__post_init__`` of each dataclass does value validation (ranges, cross-field rules of its
   section), on every layer, so an error names the file it came from;
 * the top-level config's ``check()``, where it has one, holds the rules over the whole merged config
@@ -17,7 +19,8 @@ This module turns plain data (YAML, ``key.sub=value`` strings) into those datacl
 
 Example::
 
-    cfg = load_config(TrainConfig, ["configs/ucf101.yaml", "configs/model/bcast.yaml"], ["optim.lr=3e-4"])
+    cfg = load_config(TrainConfig, ["configs/ucf101.yaml", "configs/model/bcast.yaml"],
+                      ["optim.lr=3e-4"])
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check ``value`` against annotation ``tp`` and convert where lossless (int -> float, str -> Path)."""
+    """Check ``value`` against annotation ``tp`` and convert where lossless (int -> float, str ->
+    Path)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
 
@@ -213,7 +217,8 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict:
-    """``["optim.lr=3e-4", "data.views=[2,3]"]`` -> nested dict; values are parsed as YAML scalars/lists."""
+    """``["optim.lr=3e-4", "data.views=[2,3]"]`` -> nested dict; values are parsed as YAML
+    scalars/lists."""
     out: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -249,7 +254,8 @@ def load_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Seque
     """Defaults of ``cls`` <- each YAML file in order <- dotted overrides; validated at every layer,
     then the result's ``check()`` (if any) once.
 
-    Each layer is validated on its own first, so an error names the file (or the command line) it came from.
+    Each layer is validated on its own first, so an error names the file (or the command line) it
+    came from.
     """
     data: dict = {}
     for f in files:
@@ -271,8 +277,8 @@ def load_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Seque
 
 
 def load_cli_config(cls: type[T], words: Sequence[str | Path], overrides: Sequence[str] = ()) -> T:
-    """``load_config`` for a command line: ``key=value`` words among the ``--config`` files count as overrides
-    (``--config a.yaml b.yaml optim.lr=1e-4`` is what people type)."""
+    """``load_config`` for a command line: ``key=value`` words among the ``--config`` files count as
+    overrides (``--config a.yaml b.yaml optim.lr=1e-4`` is what people type)."""
     words = [str(w) for w in words]
     return load_config(cls, [w for w in words if "=" not in w], [w for w in words if "=" in w] + list(overrides))
 
@@ -296,7 +302,8 @@ class KeyInfo:
 
 
 def type_text(tp: Any) -> str:
-    """A type annotation as a user reads it: ``segment|dense``, ``list[int]``, ``[float, float]``, ``str or null``."""
+    """A type annotation as a user reads it: ``segment|dense``, ``list[int]``, ``[float, float]``,
+    ``str or null``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Literal:
         return "|".join(str(a) for a in args)
@@ -312,7 +319,8 @@ def type_text(tp: Any) -> str:
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (a string literal right after a field) of ``cls`` and its dataclass bases."""
+    """Attribute docstrings (a string literal right after a field) of ``cls`` and its dataclass
+    bases."""
     import ast
     import inspect
     import textwrap
@@ -334,8 +342,8 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def describe_keys(cls: type, prefix: str = "") -> list[KeyInfo]:
-    """Every key of config dataclass ``cls`` (nested sections flattened to dotted keys) with its type, default
-    and docstring, in declaration order: what ``--help-config`` prints."""
+    """Every key of config dataclass ``cls`` (nested sections flattened to dotted keys) with its
+    type, default and docstring, in declaration order: what ``--help-config`` prints."""
     hints = typing.get_type_hints(cls)
     docs = _field_docs(cls)
     out: list[KeyInfo] = []
@@ -356,7 +364,8 @@ def describe_keys(cls: type, prefix: str = "") -> list[KeyInfo]:
 
 
 def format_keys(cls: type) -> str:
-    """``describe_keys`` as text: one block per key (``key: type = default`` then the wrapped docstring)."""
+    """``describe_keys`` as text: one block per key (``key: type = default`` then the wrapped
+    docstring)."""
     import textwrap
 
     lines = []

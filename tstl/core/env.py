@@ -1,4 +1,5 @@
-"""Environment check run at the end of ``make setup``: every runtime dependency imports and ffmpeg is usable."""
+"""Environment check run at the end of ``make setup``: every runtime dependency imports and ffmpeg
+is usable."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ logger = logging.getLogger(__name__)
 
 
 def check() -> None:
-    """Import the stack (torch, timm, decord, webdataset, DeepSpeed, ...) and report versions; raise on failure."""
+    """Import the stack (torch, timm, decord, webdataset, DeepSpeed, ...) and report versions; raise
+    on failure."""
     from tstl.core.log import init_logging
 
     init_logging()

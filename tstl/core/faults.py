@@ -1,14 +1,16 @@
-"""Named crash points for fault-injection tests: a stage calls ``fault_point("name")`` where a kill matters.
+"""Named crash points for fault-injection tests: a stage calls ``fault_point("name")`` where a kill
+matters.
 
-Two environment variables drive it; without them ``fault_point`` costs one dict lookup and does nothing:
+Two environment variables drive it; without them ``fault_point`` costs one dict lookup and does
+nothing:
 
-* ``TSTL_FAULT_TRACE=<file>``: append every point this process reaches to ``<file>`` (``name`` per line), so a
-  test can list the points an uninterrupted run passes through;
-* ``TSTL_FAULT_AT=<name>[#<k>]``: SIGKILL this process the ``k``-th time (default the first) it reaches ``name``,
-  exactly as a power cut or the OOM killer would (no cleanup, no ``finally``).
+* ``TSTL_FAULT_TRACE=<file>``: append every point this process reaches to ``<file>`` (``name`` per
+  line), so a test can list the points an uninterrupted run passes through;
+* ``TSTL_FAULT_AT=<name>[#<k>]``: SIGKILL this process the ``k``-th time (default the first) it
+  reaches ``name``, exactly as a power cut or the OOM killer would (no cleanup, no ``finally``).
 
-Written here rather than taken from a library because the hook must be a plain function call in production code
-paths with no dependency and no cost when unset.
+Written here rather than taken from a library because the hook must be a plain function call in
+production code paths with no dependency and no cost when unset.
 """
 
 from __future__ import annotations

@@ -9,10 +9,12 @@ import shutil
 
 @functools.cache
 def ffmpeg_exe() -> str:
-    """``$FFMPEG`` if set, else the system ``ffmpeg``, else the static binary shipped by imageio-ffmpeg.
+    """``$FFMPEG`` if set, else the system ``ffmpeg``, else the static binary shipped by
+    imageio-ffmpeg.
 
-    The system build is preferred because it is what users expect; the imageio-ffmpeg wheel guarantees an
-    ffmpeg with libx264 and libvpx-vp9 on machines where nothing can be installed system-wide.
+    The system build is preferred because it is what users expect; the imageio-ffmpeg wheel
+    guarantees an ffmpeg with libx264 and libvpx-vp9 on machines where nothing can be installed
+    system-wide.
     """
     exe = os.environ.get("FFMPEG") or shutil.which("ffmpeg")
     if exe:

@@ -1,4 +1,5 @@
-"""The class-group file format, owned here: ``ClassGroups``, loading/saving both formats, validation.
+"""The class-group file format, owned here: ``ClassGroups``, loading/saving both formats,
+validation.
 
 Group generation (balanced, from a confusion matrix) lives in ``tstl.twostage.groups``.
 
@@ -6,9 +7,11 @@ Two on-disk formats are supported:
 
 * TSTL's ``class_grouping.json``: ``class_to_head`` (str class -> group), ``head_to_classes``
   (str group -> list of classes, list position = local id), ``head_to_local`` (str group ->
-  {str class: local id}), ``num_heads`` and ``num_classes``. The fields are redundant; all are checked.
+  {str class: local id}), ``num_heads`` and ``num_classes``. The fields are redundant; all are
+  checked.
 * Our format (``"format": "tstl-groups/v1"``): ``{"format": ..., "num_classes": N,
-  "groups": [[c, ...], ...]}``. Group ``g`` is ``groups[g]``; a class's local id is its position there.
+  "groups": [[c, ...], ...]}``. Group ``g`` is ``groups[g]``; a class's local id is its position
+  there.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ class ClassGroups:
     """A partition of ``num_classes`` global classes into ordered groups.
 
     Attributes:
-        groups: ``groups[g]`` lists the global class ids of group ``g``; list position is the local id.
+        groups: ``groups[g]`` lists the global class ids of group ``g``; list position is the local
+            id.
         num_classes: Number of global classes.
     """
 

@@ -1,13 +1,15 @@
 """Exclusive (or shared) per-dataset-folder locks for writing stages, on ``fcntl.flock``.
 
-``with dataset_lock(folder, "prepare-ssv2"): ...`` holds ``<folder>/.tstl.lock`` for the block. The kernel drops a
-flock when its holder dies (SIGKILL, OOM, power loss of the process), so a crashed run never leaves a stale lock; the
-file itself stays and only records who holds it (pid, host, command, start time) for the message a second run gets.
+``with dataset_lock(folder, "prepare-ssv2"): ...`` holds ``<folder>/.tstl.lock`` for the block. The
+kernel drops a flock when its holder dies (SIGKILL, OOM, power loss of the process), so a crashed
+run never leaves a stale lock; the file itself stays and only records who holds it (pid, host,
+command, start time) for the message a second run gets.
 
-A second run raises :class:`LockedError` at once naming the holder, or waits with ``wait=True``. ``shared=True``
-takes a shared lock (several ``--part i/n`` runs may work in one folder together; an exclusive holder such as
-``finalize`` excludes them all). The lock is re-entrant within one process (a stage may call another locked stage).
-flock works on local filesystems and on NFSv4 (Linux emulates it with byte-range locks there).
+A second run raises :class:`LockedError` at once naming the holder, or waits with ``wait=True``.
+``shared=True`` takes a shared lock (several ``--part i/n`` runs may work in one folder together; an
+exclusive holder such as ``finalize`` excludes them all). The lock is re-entrant within one process
+(a stage may call another locked stage). flock works on local filesystems and on NFSv4 (Linux
+emulates it with byte-range locks there).
 """
 
 from __future__ import annotations
@@ -108,11 +110,13 @@ def dataset_lock(folder: Path, stage: str, *, wait: bool = False,
                  part: tuple[int, int] | None = None) -> Iterator[None]:
     """Lock the dataset folder ``folder`` (created if missing) for a writing stage named ``stage``.
 
-    With ``part=(i, n)``, n > 1, the folder is held shared (other parts may run in it) and the part exclusively
-    (``<folder>/.tstl.lock.part-i-of-n``), so two runs of one part, or a part and an exclusive stage, never overlap.
+    With ``part=(i, n)``, n > 1, the folder is held shared (other parts may run in it) and the part
+    exclusively (``<folder>/.tstl.lock.part-i-of-n``), so two runs of one part, or a part and an
+    exclusive stage, never overlap.
 
     Raises:
-        LockedError: another process holds it and ``wait`` is false; the message names the holder(s).
+        LockedError: another process holds it and ``wait`` is false; the message names the
+            holder(s).
         OSError: the folder cannot be written (read-only filesystem, permissions).
     """
     folder = Path(folder)

@@ -8,8 +8,9 @@ import sys
 
 
 class _TqdmHandler(logging.StreamHandler):
-    """Writes through ``tqdm.write``, which clears the progress bars, prints the line and redraws them, so log lines
-    never break a bar (the same as ``tqdm.contrib.logging.logging_redirect_tqdm``, for every entry point)."""
+    """Writes through ``tqdm.write``, which clears the progress bars, prints the line and redraws
+    them, so log lines never break a bar (the same as
+    ``tqdm.contrib.logging.logging_redirect_tqdm``, for every entry point)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

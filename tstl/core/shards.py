@@ -1,35 +1,39 @@
-"""The shard-set format, owned here: file names, the schema of ``shards.json`` and ``manifest.parquet``, the sample
-parts, one ``ShardSet``/``ShardInfo`` pair, and reading/writing them. ``shard_tools`` writes sets, ``tstl.data``
-reads them; neither spells a file name, a column or a sample part itself.
+"""The shard-set format, owned here: file names, the schema of ``shards.json`` and
+``manifest.parquet``, the sample parts, one ``ShardSet``/``ShardInfo`` pair, and reading/writing
+them. ``shard_tools`` writes sets, ``tstl.data`` reads them; neither spells a file name, a column or
+a sample part itself.
 
 ``shards.json`` (small, readable over http and ``pipe:``)::
 
     {"format": 1, "dataset": "ssv2", "split": "train", "num_samples": 168913, "num_shards": 660,
      "num_classes": 174, "classes": ["Approaching something with your camera", ...],
-     "shards": [{"name": "shard-000000.tar", "samples": 256, "bytes": 23011840, "sha256": "..."}, ...],
+     "shards": [{"name": "shard-000000.tar", "samples": 256, "bytes": 23011840,
+                 "sha256": "..."}, ...],
      "missing": ["123.mp4", ...], "params": {...}}
 
-``samples.parquet`` (the per-sample index, ``SAMPLE_COLUMNS``) has one row per sample, in ``shards.json`` order and
-tar order within a shard: ``shard`` (name), ``key``, ``offset`` (byte offset of the sample's first tar header),
-``length`` (bytes up to the end of its last member, padding included) and ``label`` (the ``cls`` part, -1 when
-missing or not an integer). A loader reads a sample with one ranged read of ``[offset, offset + length)``;
-``shards.json`` names the index, its size and sha256 under ``"samples"`` (absent in sets built before it existed:
+``samples.parquet`` (the per-sample index, ``SAMPLE_COLUMNS``) has one row per sample, in
+``shards.json`` order and tar order within a shard: ``shard`` (name), ``key``, ``offset`` (byte
+offset of the sample's first tar header), ``length`` (bytes up to the end of its last member,
+padding included) and ``label`` (the ``cls`` part, -1 when missing or not an integer). A loader
+reads a sample with one ranged read of ``[offset, offset + length)``; ``shards.json`` names the
+index, its size and sha256 under ``"samples"`` (absent in sets built before it existed:
 ``tstl shards index`` adds it without rewriting the tars).
 
 A multi-head set (EPIC-KITCHENS: verb and noun per sample) adds ``"heads": {"verb": [names...],
 "noun": [...]}``; ``classes`` are then the first head's, the class every sample's ``cls`` holds
 (absent for single-label sets).
 
-``manifest.parquet`` has one row per shard (``MANIFEST_COLUMNS``): ``shard, samples, bytes, sha256, class_hist``
-(JSON object label -> count), ``plan_hash`` (what the shard was built from, so a rerun knows whether it is still
-current), ``first_key``/``last_key`` and ``head_hist`` (multi-head sets: JSON object head ->
-label -> count; ``{}`` otherwise).
+``manifest.parquet`` has one row per shard (``MANIFEST_COLUMNS``):
+``shard, samples, bytes, sha256, class_hist`` (JSON object label -> count), ``plan_hash`` (what the
+shard was built from, so a rerun knows whether it is still current), ``first_key``/``last_key`` and
+``head_hist`` (multi-head sets: JSON object head -> label -> count; ``{}`` otherwise).
 
-A sample is the tar members ``<key>.cls`` (ASCII integer label), ``<key>.json`` (``SAMPLE_KEYS``) and ``<key>.mp4``
-(the video bytes), in that order (``PARTS``). A multi-head sample's json also holds ``LABELS``:
-``{"verb": 3, "noun": 12}``, and its ``cls`` is the first head's label.
+A sample is the tar members ``<key>.cls`` (ASCII integer label), ``<key>.json`` (``SAMPLE_KEYS``)
+and ``<key>.mp4`` (the video bytes), in that order (``PARTS``). A multi-head sample's json also
+holds ``LABELS``: ``{"verb": 3, "noun": 12}``, and its ``cls`` is the first head's label.
 
-pyarrow and webdataset are imported inside the functions that need them, so importing ``tstl.core`` stays cheap.
+pyarrow and webdataset are imported inside the functions that need them, so importing ``tstl.core``
+stays cheap.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ FORMAT = 1
 PARTS = ("cls", "json", "mp4")  # every sample has exactly these parts, stored in this order
 CLS, JSON, MP4 = PARTS
 SAMPLE_KEYS = ("id", "label", "class_name", "duration", "frames", "fps", "width", "height", "source")
-"""Keys of the ``json`` part; ``frames`` is the exact number of video packets counted at pack time."""
+"""Keys of the ``json`` part; ``frames`` is the exact number of video packets counted at pack
+time."""
 GLOBAL_LABEL = "global_label"
 """Extra ``json`` key of a relabelled subset: the label the sample had in the full set."""
 LABELS = "labels"
@@ -63,7 +68,8 @@ MANIFEST_COLUMNS = (("shard", "string"), ("samples", "int64"), ("bytes", "int64"
 
 
 class ShardSetError(ValueError):
-    """A shard set on disk disagrees with its ``shards.json``; the message names the shard and the fix."""
+    """A shard set on disk disagrees with its ``shards.json``; the message names the shard and the
+    fix."""
 
 
 @dataclass
@@ -84,7 +90,8 @@ class ShardInfo:
 
 @dataclass
 class ShardSet:
-    """A shard set's description: what ``shards.json`` (plus the manifest, when read locally) says."""
+    """A shard set's description: what ``shards.json`` (plus the manifest, when read locally)
+    says."""
 
     dataset: str
     split: str
@@ -93,7 +100,8 @@ class ShardSet:
     missing: list[str] = field(default_factory=list)
     params: dict = field(default_factory=dict)
     samples: dict | None = None
-    """``{"name", "bytes", "sha256", "rows"}`` of the per-sample index (``SAMPLES``); None: the set has none."""
+    """``{"name", "bytes", "sha256", "rows"}`` of the per-sample index (``SAMPLES``); None: the set
+    has none."""
     heads: dict[str, list[str]] = field(default_factory=dict)
     """Multi-head sets: class names per head (the first head's are ``classes``); empty for one
     label."""
@@ -170,9 +178,9 @@ def write_manifest(path: Path, shards: list[ShardInfo]) -> None:
 
 
 def save(shard_dir: Path, ss: ShardSet) -> None:
-    """Write ``samples.parquet``, ``manifest.parquet`` and ``shards.json`` of ``ss`` into ``shard_dir``, each
-    atomically; the per-sample index is read from the tars in ``shard_dir`` (headers only), so every writer of a set
-    gets it and it always describes the bytes on disk."""
+    """Write ``samples.parquet``, ``manifest.parquet`` and ``shards.json`` of ``ss`` into
+    ``shard_dir``, each atomically; the per-sample index is read from the tars in ``shard_dir``
+    (headers only), so every writer of a set gets it and it always describes the bytes on disk."""
     ss.samples = write_samples(shard_dir, ss, scan_set(shard_dir, ss))
     write_manifest(shard_dir / MANIFEST, ss.shards)
     tmp = shard_dir / f".{INDEX}.tmp-{os.getpid()}"
@@ -212,8 +220,8 @@ def parse_index(data: bytes | str, source: str) -> ShardSet:
 
 
 def read_index(url: str | os.PathLike) -> ShardSet:
-    """Read a ``shards.json`` from a local path, an http(s) URL or a ``pipe:`` command (``bytes`` is -1 where the
-    file does not give it; the manifest is not read)."""
+    """Read a ``shards.json`` from a local path, an http(s) URL or a ``pipe:`` command (``bytes`` is
+    -1 where the file does not give it; the manifest is not read)."""
     text = os.fspath(url)
     try:
         if is_local(text):
@@ -228,7 +236,8 @@ def read_index(url: str | os.PathLike) -> ShardSet:
 
 
 def load(shard_dir: str | os.PathLike) -> ShardSet:
-    """Read a local shard set's ``shards.json`` and manifest; raises FileNotFoundError with the fix when absent."""
+    """Read a local shard set's ``shards.json`` and manifest; raises FileNotFoundError with the fix
+    when absent."""
     shard_dir = Path(shard_dir)
     index_path = shard_dir / INDEX
     if not index_path.exists():
@@ -252,7 +261,7 @@ def sibling(url: str, name: str) -> str:
     return f"{head}{sep}{name}" if sep else name
 
 
-# ---- the per-sample index (samples.parquet) ----------------------------------------------------------------
+# ---- the per-sample index (samples.parquet) ------------------------------------------------------
 
 SAMPLE_COLUMNS = (("shard", "string"), ("key", "string"), ("offset", "int64"), ("length", "int64"),
                   ("label", "int64"))
@@ -261,15 +270,17 @@ _BLOCK = 512  # tar block size: members and headers start on these boundaries
 
 @dataclass
 class SampleIndex:
-    """Where every sample of a set lies, as arrays aligned by sample row (``shards.json`` order, tar order
-    within a shard). NumPy arrays rather than row objects: an SSV2-sized index is ~5 MB in every worker."""
+    """Where every sample of a set lies, as arrays aligned by sample row (``shards.json`` order, tar
+    order within a shard). NumPy arrays rather than row objects: an SSV2-sized index is ~5 MB in
+    every worker."""
 
     shard: Any
     """int32 [N]: position of the sample's shard in ``ShardSet.shards``."""
     offset: Any
     """int64 [N]: byte offset of the sample's first tar header in its shard."""
     length: Any
-    """int64 [N]: bytes from ``offset`` to the end of the sample's last member (block padding included)."""
+    """int64 [N]: bytes from ``offset`` to the end of the sample's last member (block padding
+    included)."""
     label: Any
     """int64 [N]: the ``cls`` part (-1: missing or not an integer)."""
     key: Any
@@ -288,9 +299,10 @@ class SampleIndex:
 def scan_tar(fileobj: IO[bytes], stream: bool = False) -> list[tuple[str, int, int, int]]:
     """``(key, offset, length, label)`` of every sample of a tar, from its headers.
 
-    A seekable file is read header by header (the member data is skipped, except the few bytes of ``cls``), so a
-    local shard costs a few hundred small reads; ``stream=True`` reads a pipe or socket through. Members are grouped
-    into samples by key as webdataset does (``base_plus_ext``: the basename up to its first dot).
+    A seekable file is read header by header (the member data is skipped, except the few bytes of
+    ``cls``), so a local shard costs a few hundred small reads; ``stream=True`` reads a pipe or
+    socket through. Members are grouped into samples by key as webdataset does (``base_plus_ext``:
+    the basename up to its first dot).
     """
     from webdataset.tariterators import base_plus_ext
 
@@ -364,7 +376,8 @@ def samples_table(ss: ShardSet, index: SampleIndex) -> Any:
 
 
 def write_samples(shard_dir: Path, ss: ShardSet, index: SampleIndex, name: str = SAMPLES) -> dict:
-    """Write the index atomically into ``shard_dir``; returns the ``"samples"`` entry of ``shards.json``."""
+    """Write the index atomically into ``shard_dir``; returns the ``"samples"`` entry of
+    ``shards.json``."""
     import hashlib
 
     import pyarrow.parquet as pq
@@ -379,7 +392,8 @@ def write_samples(shard_dir: Path, ss: ShardSet, index: SampleIndex, name: str =
 
 
 def parse_samples(data: bytes, ss: ShardSet, source: str) -> SampleIndex:
-    """A ``SampleIndex`` from the bytes of a ``samples.parquet``, checked against ``ss`` (``source`` names it)."""
+    """A ``SampleIndex`` from the bytes of a ``samples.parquet``, checked against ``ss`` (``source``
+    names it)."""
     import hashlib
     import io
 

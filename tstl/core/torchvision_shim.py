@@ -1,13 +1,14 @@
 """Make timm importable next to a CPU-only torch.
 
-PyPI's only torchvision matching torch 2.13 is a CUDA build. Against a CPU torch its C++ ops fail to load and
-``import torchvision`` then dies in ``torchvision/_meta_registrations.py`` (``operator torchvision::nms does not
-exist``) because that module registers fake kernels for ops that were never loaded. timm imports torchvision at
-import time, so without this nothing that uses timm would import on a CPU machine.
+PyPI's only torchvision matching torch 2.13 is a CUDA build. Against a CPU torch its C++ ops fail to
+load and ``import torchvision`` then dies in ``torchvision/_meta_registrations.py``
+(``operator torchvision::nms does not exist``) because that module registers fake kernels for ops
+that were never loaded. timm imports torchvision at import time, so without this nothing that uses
+timm would import on a CPU machine.
 
-The fix is to pre-register an empty module under that name, only when torch itself has no CUDA. We lose the fake
-(meta) kernels of torchvision's detection ops, which this project never uses. With a CUDA torch (any GPU machine)
-nothing is changed.
+The fix is to pre-register an empty module under that name, only when torch itself has no CUDA. We
+lose the fake (meta) kernels of torchvision's detection ops, which this project never uses. With a
+CUDA torch (any GPU machine) nothing is changed.
 """
 
 from __future__ import annotations

@@ -2,20 +2,24 @@
 
 Two kinds of read serve every loader need:
 
-* ``RangeReader.read(url, offset, length)``: exactly ``length`` bytes at ``offset`` -- a local ``pread`` (files
-  stay open per worker), an http ``Range: bytes=`` request on a kept-alive connection, or a ``pipe:`` command whose
-  template has ``{offset}``/``{length}``/``{last}`` placeholders (``curl -s -r {offset}-{last} URL``,
-  ``aws s3api get-object --range bytes={offset}-{last} ...``). A server that answers a ranged request with the
-  whole file (200 instead of 206) still works: the bytes before ``offset`` are skipped, and the reader is told that
-  this source cannot seek (``ranges(url)``) so it streams whole shards instead.
-* ``open_stream(url)``: a whole file as a stream (``shards.json``, the index, a shard without ranges).
+* ``RangeReader.read(url, offset, length)``: exactly ``length`` bytes at ``offset`` -- a local
+  ``pread`` (files stay open per worker), an http ``Range: bytes=`` request on a kept-alive
+  connection, or a ``pipe:`` command whose template has ``{offset}``/``{length}``/``{last}``
+  placeholders (``curl -s -r {offset}-{last} URL``,
+  ``aws s3api get-object --range bytes={offset}-{last} ...``). A server that answers a ranged
+  request with the whole file (200 instead of 206) still works: the bytes before ``offset`` are
+  skipped, and the reader is told that this source cannot seek (``ranges(url)``) so it streams whole
+  shards instead.
+* ``open_stream(url)``: a whole file as a stream (``shards.json``, the index, a shard without
+  ranges).
 
-Every remote read has a stall timeout (no byte for ``timeout_s`` fails it, the ``pipe:`` process group is killed)
-and a body shorter than promised (http ``Content-Length``, the index's length) raises ``ShortRead`` carrying what
-did arrive, so a retry goes on from there instead of from byte 0. ``retrying`` is the one retry loop.
+Every remote read has a stall timeout (no byte for ``timeout_s`` fails it, the ``pipe:`` process
+group is killed) and a body shorter than promised (http ``Content-Length``, the index's length)
+raises ``ShortRead`` carrying what did arrive, so a retry goes on from there instead of from byte 0.
+``retrying`` is the one retry loop.
 
-Written here rather than taken from webdataset's ``gopen``: it has no ranged reads, no stall timeout for http and
-takes a short body for the end of the file.
+Written here rather than taken from webdataset's ``gopen``: it has no ranged reads, no stall timeout
+for http and takes a short body for the end of the file.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ RANGE_FIELDS = ("{offset}", "{length}", "{last}")
 
 @dataclass(frozen=True)
 class ReadPolicy:
-    """Stall timeout (seconds without data; 0 = none) and retries of remote reads (``DataConfig.read_*``)."""
+    """Stall timeout (seconds without data; 0 = none) and retries of remote reads
+    (``DataConfig.read_*``)."""
 
     timeout_s: float = DEFAULT_TIMEOUT_S
     retries: int = DEFAULT_RETRIES
@@ -70,7 +75,8 @@ class ShortRead(OSError):
 
 
 def is_remote(url: str) -> bool:
-    """Whether ``url`` is read through the network or a command (``pipe:``, http(s)): those get a timeout."""
+    """Whether ``url`` is read through the network or a command (``pipe:``, http(s)): those get a
+    timeout."""
     return url.startswith(("pipe:", "http://", "https://"))
 
 
@@ -81,9 +87,10 @@ def is_local(url: str) -> bool:
 
 def retrying(url: str, policy: ReadPolicy, what: str, fn: Callable[[int], T],
              fatal: tuple[type[BaseException], ...] = ()) -> T:
-    """``fn(attempt)`` until it succeeds; a remote read is tried ``1 + policy.retries`` times with a growing pause,
-    a local one once. ``fn`` keeps its own progress between attempts (a retry goes on where the last one broke).
-    ``fatal`` errors are raised at once (e.g. bytes that are not what the index says: retrying cannot help)."""
+    """``fn(attempt)`` until it succeeds; a remote read is tried ``1 + policy.retries`` times with a
+    growing pause, a local one once. ``fn`` keeps its own progress between attempts (a retry goes on
+    where the last one broke). ``fatal`` errors are raised at once (e.g. bytes that are not what the
+    index says: retrying cannot help)."""
     for attempt in range(policy.retries + 1):
         try:
             return fn(attempt)
@@ -98,15 +105,17 @@ def retrying(url: str, policy: ReadPolicy, what: str, fn: Callable[[int], T],
     raise AssertionError("unreachable")
 
 
-# ---- pipe: commands ------------------------------------------------------------------------------------------
+# ---- pipe: commands ------------------------------------------------------------------------------
 
 _LIVE: set[subprocess.Popen] = set()
-"""``pipe:`` processes of this process, killed with their groups if the process is told to end (``orphan_guard``)."""
+"""``pipe:`` processes of this process, killed with their groups if the process is told to end
+(``orphan_guard``)."""
 _LIVE_LOCK = threading.Lock()
 
 
 def _die_with_parent() -> None:
-    """In a child: get SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``), so no command outlives a worker."""
+    """In a child: get SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``), so no command
+    outlives a worker."""
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
@@ -121,8 +130,9 @@ def kill_live_commands() -> None:
 
 
 def orphan_guard(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: end this worker (and its ``pipe:`` commands) as soon as its parent, the
-    training process, dies -- even by SIGKILL -- instead of reading on for minutes (issue 21)."""
+    """DataLoader ``worker_init_fn``: end this worker (and its ``pipe:`` commands) as soon as its
+    parent, the training process, dies -- even by SIGKILL -- instead of reading on for minutes
+    (issue 21)."""
     parent = os.getppid()
 
     def _end(*_: object) -> None:
@@ -137,10 +147,12 @@ def orphan_guard(_worker_id: int = 0) -> None:
 
 
 class PipeStream(io.RawIOBase):
-    """stdout of a ``pipe:`` command in its own process group; a read waits at most ``timeout_s`` for data.
+    """stdout of a ``pipe:`` command in its own process group; a read waits at most ``timeout_s``
+    for data.
 
-    On a stall, an error or ``close()`` before the end, the whole group is killed (``sh -c '...; sleep'`` leaves no
-    ``sleep`` behind). ``expect`` (bytes) turns an early clean exit into ``ShortRead``.
+    On a stall, an error or ``close()`` before the end, the whole group is killed
+    (``sh -c '...; sleep'`` leaves no ``sleep`` behind). ``expect`` (bytes) turns an early clean
+    exit into ``ShortRead``.
     """
 
     def __init__(self, url: str, timeout_s: float, expect: int | None = None) -> None:
@@ -185,7 +197,8 @@ class PipeStream(io.RawIOBase):
             raise ShortRead(f"{self.url}: ended {self.left} bytes early")
 
     def _kill(self) -> None:
-        # The whole group: also the children of a shell that already exited (the group outlives its leader).
+        # The whole group: also the children of a shell that already exited (the group outlives its
+        # leader).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
@@ -205,10 +218,11 @@ def range_command(url: str, offset: int, length: int) -> str:
             .replace("{last}", str(offset + length - 1)))
 
 
-# ---- http(s) -------------------------------------------------------------------------------------------------
+# ---- http(s) -------------------------------------------------------------------------------------
 
 class HttpBody(io.RawIOBase):
-    """An http response body that raises ``ShortRead`` when the connection ends before ``Content-Length``."""
+    """An http response body that raises ``ShortRead`` when the connection ends before
+    ``Content-Length``."""
 
     def __init__(self, resp: http.client.HTTPResponse, url: str, on_close: Callable[[], None] = lambda: None):
         super().__init__()
@@ -218,8 +232,8 @@ class HttpBody(io.RawIOBase):
         return True
 
     def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
-        # read1: what one recv gives -- readinto would block until the whole buffer is full, so a stalled
-        # server would also stall the bytes that did arrive
+        # read1: what one recv gives -- readinto would block until the whole buffer is full, so a
+        # stalled server would also stall the bytes that did arrive
         data = self.resp.read1(len(buf))
         if not data and self.resp.length:  # http.client returns nothing at a cut, with bytes still promised
             raise ShortRead(f"{self.url}: the connection closed {self.resp.length} bytes before the end of the "
@@ -281,12 +295,12 @@ class HttpClient:
         self.conns.clear()
 
 
-# ---- the two reads -------------------------------------------------------------------------------------------
+# ---- the two reads -------------------------------------------------------------------------------
 
 def open_stream(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, http_client: HttpClient | None = None
                 ) -> IO[bytes]:
-    """A binary stream of a whole file: a local path, ``pipe:`` command or http(s) URL (both with a stall timeout
-    of ``timeout_s``, 0 = none; a body cut short raises ``ShortRead``)."""
+    """A binary stream of a whole file: a local path, ``pipe:`` command or http(s) URL (both with a
+    stall timeout of ``timeout_s``, 0 = none; a body cut short raises ``ShortRead``)."""
     if url.startswith("pipe:"):
         return io.BufferedReader(PipeStream(url, timeout_s), buffer_size=1 << 20)
     if url.startswith(("http://", "https://")):
@@ -302,7 +316,8 @@ def open_stream(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, http_client: Htt
 
 
 def read_bytes(url: str, policy: ReadPolicy = DEFAULT_POLICY) -> bytes:
-    """The whole content at ``url`` (small files: ``shards.json``, the index, the manifest), retried."""
+    """The whole content at ``url`` (small files: ``shards.json``, the index, the manifest),
+    retried."""
 
     def once(_attempt: int) -> bytes:
         with open_stream(url, policy.timeout_s) as f:
@@ -317,7 +332,8 @@ def read_bytes(url: str, policy: ReadPolicy = DEFAULT_POLICY) -> bytes:
 class RangeReader:
     """Ranged reads for one process: local files stay open (LRU), http connections are kept alive.
 
-    ``ranges(url)`` says whether ``url`` can be read by range at all; for http it is learnt from the first answer.
+    ``ranges(url)`` says whether ``url`` can be read by range at all; for http it is learnt from the
+    first answer.
     """
 
     def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, max_open: int = 0) -> None:
@@ -336,7 +352,8 @@ class RangeReader:
         return is_local(url)
 
     def read(self, url: str, offset: int, length: int) -> bytes:
-        """Exactly ``length`` bytes at ``offset``; ``ShortRead`` (with what arrived) when the source ends early."""
+        """Exactly ``length`` bytes at ``offset``; ``ShortRead`` (with what arrived) when the source
+        ends early."""
         self.requests += 1
         if url.startswith("pipe:"):
             return self._read_pipe(url, offset, length)
@@ -405,8 +422,9 @@ class RangeReader:
 
 
 def _open_file_budget() -> int:
-    """Local shards a reader keeps open: every shard of an SSV2-sized set (660) where the process' file limit
-    allows, so a worker opens each shard once per epoch; half the soft limit otherwise."""
+    """Local shards a reader keeps open: every shard of an SSV2-sized set (660) where the process'
+    file limit allows, so a worker opens each shard once per epoch; half the soft limit
+    otherwise."""
     import resource
 
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]

@@ -206,7 +206,8 @@ class ClipOps:
         return [(base_op(n), a) for n, a in self.ops if n not in GEOMETRIC_OPS]
 
     def maps(self, width: float, height: float) -> list[np.ndarray]:
-        """3x3 output -> input map of each geometric op on a ``width x height`` image, in the order applied."""
+        """3x3 output -> input map of each geometric op on a ``width x height`` image, in the order
+        applied."""
         return [op_matrix(name, v, width, height) for name, (v,) in self.geometric]
 
 
@@ -283,7 +284,8 @@ def compose(maps: list[np.ndarray]) -> np.ndarray:
 
 
 def fill_mask(maps: list[np.ndarray], width: int, height: int) -> np.ndarray:
-    """Output pixels that timm's separate warps (``maps``, in order, each on a ``width x height`` image) fill.
+    """Output pixels that timm's separate warps (``maps``, in order, each on a ``width x height``
+    image) fill.
 
     A pixel gets the fill colour when its source position leaves the image at any intermediate step
     (content an earlier op moved out of the frame is lost for the later ops); the single warp
@@ -318,7 +320,8 @@ class ColourOp:
 
 
 def _lut_apply(x: torch.Tensor, lut: np.ndarray) -> torch.Tensor:
-    """Apply a 256-entry uint8 table, or per-frame per-channel tables ``[T, 3, 256]``, to ``[T, H, W, 3]``."""
+    """Apply a 256-entry uint8 table, or per-frame per-channel tables ``[T, 3, 256]``, to
+    ``[T, H, W, 3]``."""
     table = torch.as_tensor(lut, device=x.device)
     if lut.ndim == 1:
         return table[x.long()]
@@ -349,7 +352,8 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def _smooth(x: torch.Tensor) -> torch.Tensor:
-    """PIL ``ImageFilter.SMOOTH`` (3x3, centre 5, /13, rounded); the one-pixel border keeps the input."""
+    """PIL ``ImageFilter.SMOOTH`` (3x3, centre 5, /13, rounded); the one-pixel border keeps the
+    input."""
     t, h, w, _ = x.shape
     k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=x.device) / 13.0
     xf = x.permute(0, 3, 1, 2).reshape(t * 3, 1, h, w).float()
@@ -525,7 +529,8 @@ def colour_numpy(a: np.ndarray, name: str, args: tuple) -> np.ndarray:
 
 
 def colour_torch(x: torch.Tensor, name: str, args: tuple) -> torch.Tensor:
-    """Torch version of ``apply_colour`` (any device), PIL's integer arithmetic (truncating blends)."""
+    """Torch version of ``apply_colour`` (any device), PIL's integer arithmetic (truncating
+    blends)."""
     return _colour_op(name).torch(x, args)
 
 

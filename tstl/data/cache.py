@@ -1,18 +1,22 @@
-"""A node-local cache of remote shard samples (``data.cache_dir``), shared by every rank and worker of a node.
+"""A node-local cache of remote shard samples (``data.cache_dir``), shared by every rank and worker
+of a node.
 
-What one epoch fetched from an http(s) or ``pipe:`` set is read from local disk in the next. Entries are the exact
-bytes of one sample's tar record, ``<cache_dir>/<set id>/<shard>/<offset>``, where the set id is a hash of the set's
-``shards.json``: a rebuilt set never reads an older set's bytes. Every hit is checked against the length the index
-records (and the reader checks the record's key), so a damaged entry is dropped and fetched again, never used.
+What one epoch fetched from an http(s) or ``pipe:`` set is read from local disk in the next. Entries
+are the exact bytes of one sample's tar record, ``<cache_dir>/<set id>/<shard>/<offset>``, where the
+set id is a hash of the set's ``shards.json``: a rebuilt set never reads an older set's bytes. Every
+hit is checked against the length the index records (and the reader checks the record's key), so a
+damaged entry is dropped and fetched again, never used.
 
-Concurrency: entries are written under a temporary name and renamed, so a reader sees a whole entry or none, and
-two processes fetching the same sample both succeed. A shard that can only be streamed whole is streamed by one
-process of the node at a time (``shard_lock``); the others wait and then read it from here. Eviction (least recently
-used first, by modification time, which a hit refreshes) runs in the one process that holds ``.evict.lock``.
+Concurrency: entries are written under a temporary name and renamed, so a reader sees a whole entry
+or none, and two processes fetching the same sample both succeed. A shard that can only be streamed
+whole is streamed by one process of the node at a time (``shard_lock``); the others wait and then
+read it from here. Eviction (least recently used first, by modification time, which a hit refreshes)
+runs in the one process that holds ``.evict.lock``.
 
-A full or unwritable cache disk turns writing off with one warning; reads go on from the source. Written here
-rather than taken from MosaicML Streaming: its cache holds whole shards, which on a cluster means every node
-downloads every shard it touches; caching samples keeps the bytes a node fetches equal to the bytes it needs.
+A full or unwritable cache disk turns writing off with one warning; reads go on from the source.
+Written here rather than taken from MosaicML Streaming: its cache holds whole shards, which on a
+cluster means every node downloads every shard it touches; caching samples keeps the bytes a node
+fetches equal to the bytes it needs.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 EVICT_TARGET = 0.9
-"""Eviction brings the cache down to this fraction of its limit (so it does not run at every write)."""
+"""Eviction brings the cache down to this fraction of its limit (so it does not run at every
+write)."""
 
 
 def set_id(fingerprint: str) -> str:
-    """The cache folder name of a shard set whose ``shards.json`` (or shard list) hashes to ``fingerprint``."""
+    """The cache folder name of a shard set whose ``shards.json`` (or shard list) hashes to
+    ``fingerprint``."""
     return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
 
 
@@ -44,7 +50,8 @@ class NodeCache:
     Args:
         root: ``data.cache_dir``.
         fingerprint: identifies the set's content (``ShardList.fingerprint``).
-        limit_bytes: total size of everything under ``root`` (all sets); 0 = only the disk limits it.
+        limit_bytes: total size of everything under ``root`` (all sets); 0 = only the disk limits
+            it.
     """
 
     def __init__(self, root: str | os.PathLike, fingerprint: str, limit_bytes: int = 0) -> None:
@@ -59,12 +66,13 @@ class NodeCache:
         except OSError as e:
             self._disable(e)
 
-    # ---- entries ----------------------------------------------------------------------------------------------
+    # ---- entries ---------------------------------------------------------------------------------
     def _path(self, shard: str, offset: int) -> Path:
         return self.dir / shard / str(offset)
 
     def get(self, shard: str, offset: int, length: int) -> bytes | None:
-        """The cached record of the sample at ``offset`` of ``shard``, or None (absent, or not ``length`` bytes)."""
+        """The cached record of the sample at ``offset`` of ``shard``, or None (absent, or not
+        ``length`` bytes)."""
         path = self._path(shard, offset)
         try:
             with open(path, "rb") as f:
@@ -84,7 +92,8 @@ class NodeCache:
         return data
 
     def put(self, shard: str, offset: int, data: bytes) -> None:
-        """Keep a fetched record (atomically); a write error turns writing off for this process, with a warning."""
+        """Keep a fetched record (atomically); a write error turns writing off for this process,
+        with a warning."""
         if not self.writable:
             return
         path = self._path(shard, offset)
@@ -111,11 +120,11 @@ class NodeCache:
         logger.warning("data.cache_dir %s: cannot write (%s); reading from the source without caching from now "
                        "on (free space or point data.cache_dir elsewhere)", self.root, e.strerror or e)
 
-    # ---- whole-shard streaming --------------------------------------------------------------------------------
+    # ---- whole-shard streaming -------------------------------------------------------------------
     @contextlib.contextmanager
     def shard_lock(self, shard: str, timeout_s: float = 0.0) -> Iterator[bool]:
-        """Hold the node-wide lock of ``shard`` while streaming it; yields False when it could not be taken
-        (unwritable cache, or ``timeout_s`` passed: the caller streams anyway)."""
+        """Hold the node-wide lock of ``shard`` while streaming it; yields False when it could not
+        be taken (unwritable cache, or ``timeout_s`` passed: the caller streams anyway)."""
         if not self.writable:
             yield False
             return
@@ -129,10 +138,10 @@ class NodeCache:
         finally:
             os.close(fd)  # closing releases the lock
 
-    # ---- eviction ---------------------------------------------------------------------------------------------
+    # ---- eviction --------------------------------------------------------------------------------
     def evict(self) -> int:
-        """Remove least recently used entries until the cache is under ``EVICT_TARGET`` of its limit; returns the
-        bytes removed (0 when another process is evicting right now)."""
+        """Remove least recently used entries until the cache is under ``EVICT_TARGET`` of its
+        limit; returns the bytes removed (0 when another process is evicting right now)."""
         self._added = 0
         if not self.limit:
             return 0
@@ -161,7 +170,8 @@ class NodeCache:
 
 
 def _flock(fd: int, timeout_s: float) -> bool:
-    """Take an exclusive lock on ``fd``: at once when ``timeout_s`` is 0, else waiting up to ``timeout_s``."""
+    """Take an exclusive lock on ``fd``: at once when ``timeout_s`` is 0, else waiting up to
+    ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -174,7 +184,8 @@ def _flock(fd: int, timeout_s: float) -> bool:
 
 
 def _entries(root: Path) -> Iterator[tuple[Path, int, float]]:
-    """``(path, size, mtime)`` of every cached record under ``root`` (temporary files and locks left out)."""
+    """``(path, size, mtime)`` of every cached record under ``root`` (temporary files and locks left
+    out)."""
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             if name.startswith("."):

@@ -13,24 +13,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class DataConfig:
-    """Frame sampling, augmentation and batching of one dataset (loaded with ``tstl.core.config.load_config``)."""
+    """Frame sampling, augmentation and batching of one dataset (loaded with
+    ``tstl.core.config.load_config``)."""
 
     num_frames: int = 16
     """Frames per clip (T)."""
     sampling: Literal["segment", "dense"] = "segment"
-    """``segment``: one frame per equal segment (SSV2, TSN style); ``dense``: consecutive frames with a stride."""
+    """``segment``: one frame per equal segment (SSV2, TSN style); ``dense``: consecutive frames
+    with a stride."""
     sampling_rate: int = 4
     """Stride between sampled frames for ``dense`` sampling."""
     input_size: int = 224
     """Output height and width of a clip."""
     short_side_scale: int = 0
-    """Evaluation: the short side is resized to this before the spatial crops; 0 means ``input_size``."""
+    """Evaluation: the short side is resized to this before the spatial crops; 0 means
+    ``input_size``."""
     flip: bool = False
     """Random horizontal flip in training. Keep it off for SSV2 (its labels name directions)."""
     rand_augment: str = "rand-m7-n4-mstd0.5-inc1"
-    """timm RandAugment spec, drawn once per clip and applied to every frame; empty string disables it."""
+    """timm RandAugment spec, drawn once per clip and applied to every frame; empty string disables
+    it."""
     reprob: float = 0.25
-    """Random erasing probability per clip (timm ``RandomErasing``, pixel mode, same box on every frame)."""
+    """Random erasing probability per clip (timm ``RandomErasing``, pixel mode, same box on every
+    frame)."""
     rrc_scale: tuple[float, float] = (0.08, 1.0)
     """Random resized crop: area fraction range."""
     rrc_ratio: tuple[float, float] = (0.75, 4 / 3)
@@ -52,11 +57,13 @@ class DataConfig:
     num_workers: int = 4
     """DataLoader worker processes per rank (0 = decode in the main process)."""
     shuffle_block: int = 0
-    """Training order: the shards are put in a seeded order per epoch and cut into blocks of this many shards,
-    whose samples are shuffled together; 0 (default) = one block, the whole set. Reads cost the same either way
-    (every sample is read by range); a small block keeps a stretch of the epoch on few shards."""
+    """Training order: the shards are put in a seeded order per epoch and cut into blocks of this
+    many shards, whose samples are shuffled together; 0 (default) = one block, the whole set. Reads
+    cost the same either way (every sample is read by range); a small block keeps a stretch of the
+    epoch on few shards."""
     seed: int = 0
-    """Base seed; the epoch's order and every augmentation derive from (seed, epoch, position in the order)."""
+    """Base seed; the epoch's order and every augmentation derive from (seed, epoch, position in the
+    order)."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     """Per-channel normalisation mean (values in 0..1)."""
     std: tuple[float, float, float] = IMAGENET_STD
@@ -64,17 +71,19 @@ class DataConfig:
     test_views: tuple[int, int] = (2, 3)
     """Evaluation views: temporal clips T x spatial crops C per video."""
     max_bad_fraction: float = 0.01
-    """Fail (every rank together) when more than this fraction of the samples read so far, summed over all ranks
-    and workers, are bad; checked at every batch once ``min_bad_check`` samples were read, and at the end of every
-    epoch (docs/loader.md, "Bad samples")."""
+    """Fail (every rank together) when more than this fraction of the samples read so far, summed
+    over all ranks and workers, are bad; checked at every batch once ``min_bad_check`` samples were
+    read, and at the end of every epoch (docs/loader.md, "Bad samples")."""
     min_bad_check: int = 50
-    """Samples all ranks together read before the bad-sample rate is enforced mid-epoch (a few bad ones early are
-    not a trend); the end of an epoch checks regardless."""
+    """Samples all ranks together read before the bad-sample rate is enforced mid-epoch (a few bad
+    ones early are not a trend); the end of an epoch checks regardless."""
     quarantine: str = ""
-    """File that bad sample keys are appended to (``key<TAB>shard<TAB>reason``); empty = log only."""
+    """File that bad sample keys are appended to (``key<TAB>shard<TAB>reason``); empty = log
+    only."""
     decoder: Literal["decord", "torchcodec"] = "decord"
-    """Video decoder in the workers: ``decord`` (default) or ``torchcodec`` (optional; needs a CUDA build of torch
-    and FFmpeg shared libraries, checked when the loader is built; ``tstl/data/decode.py``)."""
+    """Video decoder in the workers: ``decord`` (default) or ``torchcodec`` (optional; needs a CUDA
+    build of torch and FFmpeg shared libraries, checked when the loader is built;
+    ``tstl/data/decode.py``)."""
     decode_timeout_s: float = 30.0
     """A decode taking longer is abandoned and the sample counted bad (0 disables the guard)."""
     pin_memory: bool = False
@@ -82,38 +91,42 @@ class DataConfig:
     prefetch_factor: int = 2
     """Batches prefetched per worker."""
     shard_url_template: str = ""
-    """Read shards from ``template.format(name=...)`` (e.g. ``pipe:aws s3 cp s3://b/ssv2/train/{name} -``)."""
+    """Read shards from ``template.format(name=...)`` (e.g.
+    ``pipe:aws s3 cp s3://b/ssv2/train/{name} -``)."""
     sampling_convention: Literal["default", "cast", "tstl", "pyslowfast"] = "default"
-    """Whose exact frame-index rule ``sampling`` follows (``tstl.data.sampling``): ``cast`` (CAST/VideoMAE: SSV2
-    test views at segment starts and midpoints, dense clips by linspace over ``T * rate`` frames), ``tstl`` (TSTL's
-    UCF101 loader: one frame per segment, with ``sampling_rate`` as its ``frame_sample_rate``), ``pyslowfast``
-    (TimeSformer), ``default`` (this project's own)."""
+    """Whose exact frame-index rule ``sampling`` follows (``tstl.data.sampling``): ``cast``
+    (CAST/VideoMAE: SSV2 test views at segment starts and midpoints, dense clips by linspace over
+    ``T * rate`` frames), ``tstl`` (TSTL's UCF101 loader: one frame per segment, with
+    ``sampling_rate`` as its ``frame_sample_rate``), ``pyslowfast`` (TimeSformer), ``default`` (this
+    project's own)."""
     train_crop: Literal["random_resized", "short_side_jitter"] = "random_resized"
-    """Training crop: ``random_resized`` (CAST/VideoMAE: ``rrc_scale``/``rrc_ratio`` box resized to ``input_size``)
-    or ``short_side_jitter`` (PySlowFast/TimeSformer: short side to a random size in ``jitter_scales``, then an
-    ``input_size`` random crop; ``tstl.data.spatial``)."""
+    """Training crop: ``random_resized`` (CAST/VideoMAE: ``rrc_scale``/``rrc_ratio`` box resized to
+    ``input_size``) or ``short_side_jitter`` (PySlowFast/TimeSformer: short side to a random size in
+    ``jitter_scales``, then an ``input_size`` random crop; ``tstl.data.spatial``)."""
     jitter_scales: tuple[int, int] = (256, 320)
     """``short_side_jitter``: range of the short side (PySlowFast ``DATA.TRAIN_JITTER_SCALES``)."""
     jitter_inverse_uniform: bool = False
-    """``short_side_jitter``: draw the short side as ``1 / U(1/max, 1/min)`` (PySlowFast ``DATA.INV_UNIFORM_SAMPLE``,
-    on in TimeSformer's SSV2 recipe)."""
+    """``short_side_jitter``: draw the short side as ``1 / U(1/max, 1/min)`` (PySlowFast
+    ``DATA.INV_UNIFORM_SAMPLE``, on in TimeSformer's SSV2 recipe)."""
     augment_on: Literal["auto", "worker", "device"] = "auto"
-    """Where RandAugment runs. ``worker``: in the DataLoader workers (one fused warp per frame + colour tables);
-    ``device``: workers only crop, RandAugment runs batched on the loader's device (``ShardLoader.to(device)``);
-    ``auto``: ``device`` when that device is CUDA, else ``worker``. Normalisation, erasing and mixup always run on
-    the batch in the training process (workers hand uint8 clips)."""
+    """Where RandAugment runs. ``worker``: in the DataLoader workers (one fused warp per frame +
+    colour tables); ``device``: workers only crop, RandAugment runs batched on the loader's device
+    (``ShardLoader.to(device)``); ``auto``: ``device`` when that device is CUDA, else ``worker``.
+    Normalisation, erasing and mixup always run on the batch in the training process (workers hand
+    uint8 clips)."""
     read_timeout_s: float = 60.0
-    """Remote reads (``pipe:`` commands, http(s) URLs): a read that gets no data for this many seconds fails (the
-    ``pipe:`` process is killed) and is retried; 0 = wait forever."""
+    """Remote reads (``pipe:`` commands, http(s) URLs): a read that gets no data for this many
+    seconds fails (the ``pipe:`` process is killed) and is retried; 0 = wait forever."""
     read_retries: int = 2
-    """Remote reads: a failed or stalled shard is opened again this many times (going on after the samples already
-    read), then its remaining samples are bad (quarantined with the reason)."""
+    """Remote reads: a failed or stalled shard is opened again this many times (going on after the
+    samples already read), then its remaining samples are bad (quarantined with the reason)."""
     cache_dir: str = ""
-    """Node-local cache of remote shard samples (http(s), ``pipe:``), shared by the node's ranks and workers: what
-    one epoch fetched is read from here in the next. Empty = no cache. A full disk turns caching off with a
-    warning (``tstl/data/cache.py``)."""
+    """Node-local cache of remote shard samples (http(s), ``pipe:``), shared by the node's ranks and
+    workers: what one epoch fetched is read from here in the next. Empty = no cache. A full disk
+    turns caching off with a warning (``tstl/data/cache.py``)."""
     cache_limit_gb: float = 0.0
-    """Size limit of ``cache_dir`` in GB (least recently used samples are evicted first); 0 = only the disk."""
+    """Size limit of ``cache_dir`` in GB (least recently used samples are evicted first); 0 = only
+    the disk."""
 
     RETIRED: ClassVar[dict[str, str]] = {
         "shuffle_buffer": "0.3: the epoch order is shuffled as a whole (data.shuffle_block), no buffer needed"}

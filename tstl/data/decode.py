@@ -1,9 +1,9 @@
 """Decode the sampled frames of one mp4 held in memory, guarded against bad data and hangs.
 
-Two decoders (``data.decoder``): decord (the default; what CAST/VideoMAE use) and torchcodec (optional: the PyPI
-wheels load only with a CUDA build of torch, and need FFmpeg 4-7 shared libraries on the system). Both decode on
-the CPU inside the DataLoader workers, one FFmpeg thread each; NVDEC is not used there, because CUDA does not
-survive the fork that starts the workers.
+Two decoders (``data.decoder``): decord (the default; what CAST/VideoMAE use) and torchcodec
+(optional: the PyPI wheels load only with a CUDA build of torch, and need FFmpeg 4-7 shared
+libraries on the system). Both decode on the CPU inside the DataLoader workers, one FFmpeg thread
+each; NVDEC is not used there, because CUDA does not survive the fork that starts the workers.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ TORCHCODEC_FIX = ("data.decoder=torchcodec needs the torchcodec package (pip ins
 
 
 def check_decoder(name: str) -> None:
-    """Raise ``RuntimeError`` naming the fix when decoder ``name`` cannot be used in this environment."""
+    """Raise ``RuntimeError`` naming the fix when decoder ``name`` cannot be used in this
+    environment."""
     if name not in DECODERS:
         raise ValueError(f"data.decoder must be one of {', '.join(DECODERS)}, got {name!r}")
     if name == "torchcodec":
@@ -48,10 +49,12 @@ class BadSample(Exception):
 
 @contextlib.contextmanager
 def _time_limit(seconds: float) -> Iterator[None]:
-    """Raise ``BadSample`` if the block runs longer than ``seconds`` (main thread of a process only).
+    """Raise ``BadSample`` if the block runs longer than ``seconds`` (main thread of a process
+    only).
 
-    A DataLoader worker runs its loop in its process' main thread, so SIGALRM can interrupt a decoder stuck in a
-    broken stream there; elsewhere (threads) the guard is skipped rather than faked.
+    A DataLoader worker runs its loop in its process' main thread, so SIGALRM can interrupt a
+    decoder stuck in a broken stream there; elsewhere (threads) the guard is skipped rather than
+    faked.
     """
     if seconds <= 0 or threading.current_thread() is not threading.main_thread():
         yield
@@ -80,13 +83,15 @@ def _decord(data: bytes) -> tuple[int, Frames]:
 def _torchcodec(data: bytes) -> tuple[int, Frames]:
     from torchcodec.decoders import VideoDecoder
 
-    # exact mode scans the packets once: the frame count and the index -> frame mapping do not rely on the header
+    # exact mode scans the packets once: the frame count and the index -> frame mapping do not rely
+    # on the header
     reader = VideoDecoder(data, seek_mode="exact", num_ffmpeg_threads=1, dimension_order="NHWC", device="cpu")
     return len(reader), lambda idx: reader.get_frames_at(idx).data.numpy()
 
 
 _OPENERS = {"decord": _decord, "torchcodec": _torchcodec}
-"""Decoder name -> open mp4 bytes: (frames the decoder reports, read frames at indices as uint8 NHWC)."""
+"""Decoder name -> open mp4 bytes: (frames the decoder reports, read frames at indices as uint8
+NHWC)."""
 DECODERS = tuple(_OPENERS)
 
 
@@ -101,8 +106,9 @@ def decode_clip(
 
     Args:
         data: the mp4 bytes.
-        json_frames: the exact frame count recorded at pack time; indices never go beyond it (or beyond what
-            the decoder reports, whichever is smaller), so a container lying about its length cannot stall us.
+        json_frames: the exact frame count recorded at pack time; indices never go beyond it (or
+            beyond what the decoder reports, whichever is smaller), so a container lying about its
+            length cannot stall us.
         pick: maps the trusted frame count to the frame indices to read.
         timeout_s: per-clip decode time limit (0 = none).
         decoder: ``decord`` or ``torchcodec`` (``check_decoder`` says whether it can run here).

@@ -1,4 +1,5 @@
-"""Batch stages run by ``ShardLoader`` in the training process, on the training device: the rest of augmentation.
+"""Batch stages run by ``ShardLoader`` in the training process, on the training device: the rest of
+augmentation.
 
 Workers hand uint8 clips ``[B, T, S, S, 3]`` (channels last, a quarter of the float32 bytes). The
 loader applies the stages ``build_stages`` makes to every batch, in order, webdataset-style. A stage
@@ -45,7 +46,8 @@ class BatchStage(Protocol):
 
 
 class ToDevice:
-    """Move ``video`` and ``label`` to the device (non-blocking: the DataLoader pins batches for CUDA)."""
+    """Move ``video`` and ``label`` to the device (non-blocking: the DataLoader pins batches for
+    CUDA)."""
 
     name = "to_device"
 
@@ -61,10 +63,12 @@ class ToDevice:
 
 
 def warp_batch(x: torch.Tensor, maps: list[np.ndarray], fills: list[np.ndarray]) -> torch.Tensor:
-    """Bicubic warp of uint8 clips ``[b, T, S, S, 3]``, one output -> input 3x3 pixel map per clip for all frames.
+    """Bicubic warp of uint8 clips ``[b, T, S, S, 3]``, one output -> input 3x3 pixel map per clip
+    for all frames.
 
-    Pixels in a clip's ``fills`` mask (``augment.fill_mask``) get the fill colour (128); elsewhere bicubic reads
-    clamp to the edge (like PIL's ``transform``), so a clip's border is not blended with the fill.
+    Pixels in a clip's ``fills`` mask (``augment.fill_mask``) get the fill colour (128); elsewhere
+    bicubic reads clamp to the edge (like PIL's ``transform``), so a clip's border is not blended
+    with the fill.
     """
     b, t, h, w, _ = x.shape
     n = np.array([[2.0 / w, 0.0, -1.0], [0.0, 2.0 / h, -1.0], [0.0, 0.0, 1.0]])
@@ -79,7 +83,8 @@ def warp_batch(x: torch.Tensor, maps: list[np.ndarray], fills: list[np.ndarray])
 
 
 class DeviceRandAugment:
-    """RandAugment on the device: per-clip draws (same distribution as the worker path), one batched warp."""
+    """RandAugment on the device: per-clip draws (same distribution as the worker path), one batched
+    warp."""
 
     name = "rand_augment"
 
@@ -115,8 +120,8 @@ class Normalize:
     def __call__(self, batch: dict, seed: int) -> dict:
         x = batch["video"]
         if x.device.type == "cpu":
-            # Transpose while still uint8 and cast with NumPy: torch's CPU uint8 -> float cast and out-of-place
-            # arithmetic measured 5-7x slower here.
+            # Transpose while still uint8 and cast with NumPy: torch's CPU uint8 -> float cast and
+            # out-of-place arithmetic measured 5-7x slower here.
             xf = torch.from_numpy(np.ascontiguousarray(x.numpy().transpose(0, 4, 1, 2, 3)).astype(np.float32))
         else:
             xf = x.permute(0, 4, 1, 2, 3).contiguous().float()
@@ -127,8 +132,9 @@ class Normalize:
 class Erase:
     """timm ``RandomErasing`` (``mode='pixel'``, one box) per clip, the same box on every frame.
 
-    Box draw as timm's ``_erase`` (probability, area in [0.02, 1/3], log-uniform aspect in [0.3, 1/0.3], 10
-    attempts); per-pixel normal noise, different on every frame and channel (timm on the ``[3T, H, W]`` view).
+    Box draw as timm's ``_erase`` (probability, area in [0.02, 1/3], log-uniform aspect in [0.3,
+    1/0.3], 10 attempts); per-pixel normal noise, different on every frame and channel (timm on the
+    ``[3T, H, W]`` view).
     """
 
     name = "erase"
@@ -179,7 +185,8 @@ def numpy_seeded(seed: int) -> Iterator[None]:
 
 
 class MixupCutmix:
-    """timm ``Mixup`` on the batch; the clip is viewed as ``[B, 3T, H, W]`` so a CutMix box spans every frame."""
+    """timm ``Mixup`` on the batch; the clip is viewed as ``[B, 3T, H, W]`` so a CutMix box spans
+    every frame."""
 
     name = "mixup"
 
@@ -280,9 +287,9 @@ stage's tag is the CRC-32 of its name."""
 
 
 def stage_seed(seed: int, epoch: int, step_key: tuple[int, ...], name: str) -> int:
-    """The seed of stage ``name`` for one batch: ``step_key`` says which batch (the loader gives the position
-    of its first sample in the epoch's order, so the draw is the same on any layout). Keyed by the name
-    (a stable hash, not Python's salted ``hash``), so adding or moving a stage changes no other
-    stage's draws."""
+    """The seed of stage ``name`` for one batch: ``step_key`` says which batch (the loader gives the
+    position of its first sample in the epoch's order, so the draw is the same on any layout). Keyed
+    by the name (a stable hash, not Python's salted ``hash``), so adding or moving a stage changes
+    no other stage's draws."""
     tag = SEED_TAGS.get(name, zlib.crc32(name.encode()))
     return derive_seed(seed, epoch, *step_key, tag)

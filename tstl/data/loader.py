@@ -1,5 +1,5 @@
-"""``ShardLoader``: the canonical partition of an epoch, read by range, with equal steps on every rank, batch
-stages on the device and resume on any layout."""
+"""``ShardLoader``: the canonical partition of an epoch, read by range, with equal steps on every
+rank, batch stages on the device and resume on any layout."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ class ShardLoader:
         views: evaluation views (temporal T, spatial C).
         balance: ``pad`` (default) or ``drop``, the rule that makes all ranks' step counts equal
             (``partition.steps_per_rank``).
-        label_map: relabelling ``y -> label_map[y]``; samples whose label is not a key are not in ``shardset``
-            (``resolve(..., labels=label_map.keys())``). None keeps the labels.
+        label_map: relabelling ``y -> label_map[y]``; samples whose label is not a key are not in
+            ``shardset`` (``resolve(..., labels=label_map.keys())``). None keeps the labels.
     """
 
     def __init__(self, cfg: DataConfig, shardset: ShardList, *, train: bool, rank: int = 0, world_size: int = 1,
@@ -73,7 +73,8 @@ class ShardLoader:
         self.set_epoch(epoch)
 
     def _steps(self) -> int:
-        """Batches per epoch on every rank: from the sample count alone, so all ranks agree without talking."""
+        """Batches per epoch on every rank: from the sample count alone, so all ranks agree without
+        talking."""
         c, n = self.cfg, self.num_samples
         if self.train:
             return partition.steps_per_rank(n, self.world_size, c.batch_size, self.drop)
@@ -82,10 +83,11 @@ class ShardLoader:
         return sum(-(-len(p) * per_video // c.eval_batch_size)
                    for p in partition.split_even(share, self.workers))
 
-    # ---- metadata -----------------------------------------------------------------------------------------
+    # ---- metadata --------------------------------------------------------------------------------
     @property
     def num_samples(self) -> int:
-        """Samples (videos) the loader sees: the shard set's, or those of the ``label_map``'s labels."""
+        """Samples (videos) the loader sees: the shard set's, or those of the ``label_map``'s
+        labels."""
         return self.shardset.num_samples
 
     @property
@@ -100,8 +102,9 @@ class ShardLoader:
 
     @property
     def classes(self) -> list[str] | dict[str, list[str]] | None:
-        """Class names by (new) label from ``shards.json``; None when unknown or when ``label_map`` is not one to
-        one onto 0..k-1 (e.g. it merges classes into groups); a multi-head set: head -> names."""
+        """Class names by (new) label from ``shards.json``; None when unknown or when ``label_map``
+        is not one to one onto 0..k-1 (e.g. it merges classes into groups); a multi-head set: head
+        -> names."""
         if self.shardset.heads:
             return dict(self.shardset.heads)
         names, lm = self.shardset.classes, self.label_map
@@ -115,7 +118,7 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.length
 
-    # ---- epoch and state ----------------------------------------------------------------------------------
+    # ---- epoch and state -------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning at the next iteration."""
         self.epoch, self.step = epoch, 0
@@ -123,13 +126,15 @@ class ShardLoader:
 
     @property
     def position(self) -> int:
-        """Positions of the epoch's order the whole job has consumed (after every rank's ``step`` batches)."""
+        """Positions of the epoch's order the whole job has consumed (after every rank's ``step``
+        batches)."""
         if not self.train:
             return 0
         return self._segment.consumed(self.step, self.world_size, self.cfg.batch_size)
 
     def _identity(self) -> dict:
-        """What makes the epoch's order: the same values give the same samples at the same positions."""
+        """What makes the epoch's order: the same values give the same samples at the same
+        positions."""
         lm = sorted(self.label_map.items()) if self.label_map is not None else None
         return {"seed": self.cfg.seed, "num_samples": self.num_samples, "shuffle_block": self.cfg.shuffle_block,
                 "fingerprint": self.shardset.fingerprint, "label_map": lm}
@@ -141,9 +146,10 @@ class ShardLoader:
                 "bad_samples": self.bad_samples, **self._identity()}
 
     def load_state_dict(self, state: dict) -> bool:
-        """Resume from a ``state_dict()`` of any rank of a saved job, on any layout (world size, workers, batch
-        size): the epoch goes on at the saved position of its order. Returns True when the layout is the saved
-        one (then the batches are exactly those of the uninterrupted run), False otherwise."""
+        """Resume from a ``state_dict()`` of any rank of a saved job, on any layout (world size,
+        workers, batch size): the epoch goes on at the saved position of its order. Returns True
+        when the layout is the saved one (then the batches are exactly those of the uninterrupted
+        run), False otherwise."""
         if not self.train:
             raise ValueError("evaluation loaders cannot resume mid-pass; rerun the evaluation from the start")
         if "position" not in state:
@@ -171,8 +177,9 @@ class ShardLoader:
         return exact
 
     def load_state_dicts(self, states: Sequence[dict]) -> bool:
-        """Resume from the ``state_dict()`` of every rank of a saved job (they agree on the position; the job's
-        bad-sample count goes on, kept by rank 0). Returns ``load_state_dict``'s answer."""
+        """Resume from the ``state_dict()`` of every rank of a saved job (they agree on the
+        position; the job's bad-sample count goes on, kept by rank 0). Returns ``load_state_dict``'s
+        answer."""
         if not states:
             raise ValueError("no loader state to resume from")
         ref = states[0]
@@ -182,21 +189,24 @@ class ShardLoader:
         self.bad_samples = sum(int(st.get("bad_samples", 0)) for st in states) if self.rank == 0 else 0
         return exact
 
-    # ---- the bad-sample limit -----------------------------------------------------------------------------
+    # ---- the bad-sample limit --------------------------------------------------------------------
     def _group(self) -> bool:
-        """Whether this loader is one rank of the initialised process group (then every rank iterates it alike)."""
+        """Whether this loader is one rank of the initialised process group (then every rank
+        iterates it alike)."""
         d = torch.distributed
         return (self.world_size > 1 and d.is_available() and d.is_initialized()
                 and d.get_world_size() == self.world_size and d.get_rank() == self.rank)
 
     def _check_bad(self, last: bool, starved: bool) -> None:
-        """The one place the bad-sample limit is decided, at every batch boundary, identically on every rank.
+        """The one place the bad-sample limit is decided, at every batch boundary, identically on
+        every rank.
 
-        ``bad``/``seen`` are the raw samples found bad / read by this process' loader so far (all epochs, all
-        workers), summed over the ranks (one all-reduce per batch; none for a single process). Fails when
-        ``bad > max_bad_fraction * seen`` once ``seen >= min_bad_check`` or at the last batch of an epoch, or when
-        a worker of any rank had no decodable sample at all. The rule and message depend only on the summed
-        numbers, so all ranks raise the same error at the same step (docs/loader.md, "Bad samples").
+        ``bad``/``seen`` are the raw samples found bad / read by this process' loader so far (all
+        epochs, all workers), summed over the ranks (one all-reduce per batch; none for a single
+        process). Fails when ``bad > max_bad_fraction * seen`` once ``seen >= min_bad_check`` or at
+        the last batch of an epoch, or when a worker of any rank had no decodable sample at all. The
+        rule and message depend only on the summed numbers, so all ranks raise the same error at the
+        same step (docs/loader.md, "Bad samples").
         """
         c = self.cfg
         counts = [float(self._bad_run), float(self._seen_run)] + [0.0] * self.world_size
@@ -221,7 +231,7 @@ class ShardLoader:
             f"data.max_bad_fraction={c.max_bad_fraction:g} allows; {where}. Rebuild those videos/shards "
             "(make shards) or raise data.max_bad_fraction")
 
-    # ---- iteration ----------------------------------------------------------------------------------------
+    # ---- iteration -------------------------------------------------------------------------------
     def _mixup(self) -> Mixup:
         if not self.num_classes:
             raise ValueError("mixup/cutmix need num_classes; read the shards through shards.json")
@@ -233,13 +243,15 @@ class ShardLoader:
         return Mixup(num_classes=self.num_classes, **kw)
 
     def to(self, device: torch.device | str) -> ShardLoader:
-        """Run the batch stages on ``device`` (the training device) and yield batches there; returns ``self``."""
+        """Run the batch stages on ``device`` (the training device) and yield batches there; returns
+        ``self``."""
         self.device = torch.device(device)
         return self
 
     @property
     def augment_on(self) -> str:
-        """``worker`` or ``device``: ``data.augment_on`` with ``auto`` resolved against ``self.device``."""
+        """``worker`` or ``device``: ``data.augment_on`` with ``auto`` resolved against
+        ``self.device``."""
         if self.cfg.augment_on != "auto":
             return self.cfg.augment_on
         return "device" if self.device.type == "cuda" else "worker"
@@ -279,7 +291,8 @@ class ShardLoader:
             raise RuntimeError(f"rank {self.rank} produced {self.step} batches instead of {total}")
 
     def _check_unchanged(self) -> None:
-        """Stop a run whose shard set was replaced under it (checked once per epoch: one small read)."""
+        """Stop a run whose shard set was replaced under it (checked once per epoch: one small
+        read)."""
         why = changed(self.shardset, ReadPolicy(self.cfg.read_timeout_s, self.cfg.read_retries))
         if why:
             raise ShardSetChanged(f"{why}: a run reads one version of its shard set from start to end. Do not "
@@ -296,8 +309,8 @@ class ShardLoader:
             self._bad_run += bad
             self._seen_run += read
             self._check_bad(last=self.step + 1 == total, starved=batch.pop("_starved", False))
-            # each stage's draws are keyed by its name and the batch's place in the epoch's order (the
-            # position of its first sample): the same on any number of ranks and workers
+            # each stage's draws are keyed by its name and the batch's place in the epoch's order
+            # (the position of its first sample): the same on any number of ranks and workers
             first = self._segment.positions(self.step, self.rank, self.world_size, self.cfg.batch_size)[0] \
                 if self.train else self.step
             for stage in stages:
@@ -335,13 +348,15 @@ def build_train_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_
 
     Args:
         cfg: loader configuration.
-        source: shard-set directory, ``shards.json`` path/URL, brace pattern, ``pipe:``/http URL or a list.
+        source: shard-set directory, ``shards.json`` path/URL, brace pattern, ``pipe:``/http URL or
+            a list.
         rank, world_size: this process' place in the job.
         epoch: first epoch to produce (``set_epoch`` moves on).
-        balance: ``pad`` repeats up to ``world_size * batch_size - 1`` samples per epoch so nothing is left
-            out; ``drop`` leaves up to that many out instead (a different few each epoch).
-        label_map: keep only samples whose label is a key and relabel them ``y -> label_map[y]`` (e.g. class ->
-            group, or a group's classes -> 0..k-1); ``num_classes`` becomes ``max(values) + 1``. None keeps all.
+        balance: ``pad`` repeats up to ``world_size * batch_size - 1`` samples per epoch so nothing
+            is left out; ``drop`` leaves up to that many out instead (a different few each epoch).
+        label_map: keep only samples whose label is a key and relabel them ``y -> label_map[y]``
+            (e.g. class -> group, or a group's classes -> 0..k-1); ``num_classes`` becomes
+            ``max(values) + 1``. None keeps all.
     """
     return ShardLoader(cfg, _shards(source, cfg, label_map), train=True, rank=rank, world_size=world_size,
                        epoch=epoch, balance=balance, label_map=label_map)
@@ -350,7 +365,7 @@ def build_train_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_
 def build_eval_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_size: int = 1,
                       views: tuple[int, int] | None = None,
                       label_map: Mapping[int, int] | None = None) -> ShardLoader:
-    """Evaluation loader: every video once (plus documented repeats), T x C views each, batches with ``view``;
-    ``label_map`` as in ``build_train_loader``."""
+    """Evaluation loader: every video once (plus documented repeats), T x C views each, batches with
+    ``view``; ``label_map`` as in ``build_train_loader``."""
     return ShardLoader(cfg, _shards(source, cfg, label_map), train=False, rank=rank, world_size=world_size,
                        views=tuple(views or cfg.test_views), label_map=label_map)

@@ -1,19 +1,21 @@
-"""The canonical partition: which samples every batch of an epoch holds, as a function of the data alone.
+"""The canonical partition: which samples every batch of an epoch holds, as a function of the data
+alone.
 
-The epoch's sample order depends only on (seed, epoch, shard set): in training, the shards are put in a seeded
-order, cut into blocks of ``block`` shards (0 = one block of the whole set), and the samples of each block are
-shuffled together; in evaluation it is the listed order. Position ``p`` of the epoch is sample ``order[p % n]``
-(positions past ``n`` wrap: that is the padding rule).
+The epoch's sample order depends only on (seed, epoch, shard set): in training, the shards are put
+in a seeded order, cut into blocks of ``block`` shards (0 = one block of the whole set), and the
+samples of each block are shuffled together; in evaluation it is the listed order. Position ``p`` of
+the epoch is sample ``order[p % n]`` (positions past ``n`` wrap: that is the padding rule).
 
-Training batches are consecutive runs of ``batch`` positions, dealt to the ranks in turn: global batch ``g`` is
-positions ``[g * batch, (g + 1) * batch)`` and goes to rank ``g % world``; a rank's step ``j`` is global batch
-``j * world + rank``. Every rank therefore takes a step out of the same stretch of the order, and after ``s`` steps
-of a job the consumed samples are exactly the first ``s * world * batch`` positions, whatever the world size or
-worker count. A resume -- on the same layout or another -- goes on from that position (``Segment``): nothing is
-re-read but the batches that were in flight, and the resume state is one integer.
+Training batches are consecutive runs of ``batch`` positions, dealt to the ranks in turn: global
+batch ``g`` is positions ``[g * batch, (g + 1) * batch)`` and goes to rank ``g % world``; a rank's
+step ``j`` is global batch ``j * world + rank``. Every rank therefore takes a step out of the same
+stretch of the order, and after ``s`` steps of a job the consumed samples are exactly the first
+``s * world * batch`` positions, whatever the world size or worker count. A resume -- on the same
+layout or another -- goes on from that position (``Segment``): nothing is re-read but the batches
+that were in flight, and the resume state is one integer.
 
-Nothing here reads data or needs torch; the loader, the I/O planner (``benchmarks/loader_io.py``) and the tests use
-the same functions.
+Nothing here reads data or needs torch; the loader, the I/O planner (``benchmarks/loader_io.py``)
+and the tests use the same functions.
 """
 
 from __future__ import annotations
@@ -24,15 +26,18 @@ from dataclasses import dataclass
 import numpy as np
 
 ORDER_SEED_TAG = 0x5A5A
-"""Mixed into the order's seed (the value the loader used for its shard order before this module)."""
+"""Mixed into the order's seed (the value the loader used for its shard order before this
+module)."""
 
 
 def train_order(shard_of: np.ndarray, rows: np.ndarray, num_shards: int, seed: int, block: int) -> np.ndarray:
-    """The training order of ``rows`` (index rows; ``shard_of[row]`` is a row's shard) for one epoch's ``seed``.
+    """The training order of ``rows`` (index rows; ``shard_of[row]`` is a row's shard) for one
+    epoch's ``seed``.
 
-    Shards get a seeded order and are grouped into blocks of ``block`` shards (0: the whole set is one block); the
-    rows of a block are shuffled together. A sample stays inside its block, so with a small ``block`` a stretch of
-    the order touches few shards; with the default (whole set) every batch mixes samples from all over the set.
+    Shards get a seeded order and are grouped into blocks of ``block`` shards (0: the whole set is
+    one block); the rows of a block are shuffled together. A sample stays inside its block, so with
+    a small ``block`` a stretch of the order touches few shards; with the default (whole set) every
+    batch mixes samples from all over the set.
     """
     rng = np.random.default_rng(seed)
     shard_rank = np.empty(num_shards, dtype=np.int64)
@@ -42,19 +47,21 @@ def train_order(shard_of: np.ndarray, rows: np.ndarray, num_shards: int, seed: i
 
 
 def steps_per_rank(n: int, world: int, batch: int, drop: bool) -> int:
-    """Training batches per rank for ``n`` samples: all of them with padding (``drop=False``: the last batches are
-    topped up from the start of the order), or only full rounds (``drop=True``: fewer than ``world * batch`` samples
-    are left out)."""
+    """Training batches per rank for ``n`` samples: all of them with padding (``drop=False``: the
+    last batches are topped up from the start of the order), or only full rounds (``drop=True``:
+    fewer than ``world * batch`` samples are left out)."""
     unit = world * batch
     return n // unit if drop else math.ceil(n / unit)
 
 
 @dataclass(frozen=True)
 class Segment:
-    """A stretch of a training epoch on one layout: step ``first_step`` starts at position ``start``.
+    """A stretch of a training epoch on one layout: step ``first_step`` starts at position
+    ``start``.
 
-    A fresh epoch is ``Segment(0, 0)``; a resume at consumed position ``p`` is ``Segment(p, steps - left)``, where
-    ``left`` is what ``steps_left`` gives, so step numbers always count to the epoch's end on this layout.
+    A fresh epoch is ``Segment(0, 0)``; a resume at consumed position ``p`` is
+    ``Segment(p, steps - left)``, where ``left`` is what ``steps_left`` gives, so step numbers
+    always count to the epoch's end on this layout.
     """
 
     start: int
@@ -75,7 +82,8 @@ FRESH = Segment(0, 0)
 
 
 def steps_left(n: int, position: int, world: int, batch: int, drop: bool) -> int:
-    """Steps a layout still takes in an epoch of ``n`` samples whose first ``position`` positions are consumed."""
+    """Steps a layout still takes in an epoch of ``n`` samples whose first ``position`` positions
+    are consumed."""
     return steps_per_rank(max(n - position, 0), world, batch, drop) if position < n else 0
 
 
@@ -86,12 +94,14 @@ def resume_segment(n: int, position: int, world: int, batch: int, drop: bool) ->
 
 
 def eval_share(n: int, rank: int, world: int) -> np.ndarray:
-    """Evaluation positions of ``rank``: ``ceil(n / world)`` consecutive ones (the last rank's wrap to the start,
-    so every rank has as many videos; repeats carry the same key and view and are merged away)."""
+    """Evaluation positions of ``rank``: ``ceil(n / world)`` consecutive ones (the last rank's wrap
+    to the start, so every rank has as many videos; repeats carry the same key and view and are
+    merged away)."""
     per = math.ceil(n / world)
     return np.arange(rank * per, (rank + 1) * per, dtype=np.int64)
 
 
 def split_even(items: np.ndarray, parts: int) -> list[np.ndarray]:
-    """``items`` cut into ``parts`` consecutive pieces whose sizes differ by at most one (earlier ones larger)."""
+    """``items`` cut into ``parts`` consecutive pieces whose sizes differ by at most one (earlier
+    ones larger)."""
     return [np.asarray(p) for p in np.array_split(items, parts)]

@@ -1,12 +1,15 @@
-"""Samples by index row: the node cache first, then one request per run of adjacent samples of a shard.
+"""Samples by index row: the node cache first, then one request per run of adjacent samples of a
+shard.
 
-``SampleReader.fetch(rows)`` returns the samples of the given index rows (``ShardList.rows`` entries) in that order,
-each ``{"__key__", "_shard", <ext>: bytes, ...}`` or, when it could not be read, ``{"__key__", "_shard",
-"_error": reason}``. Reads are grouped by shard (one open per shard and call; local files stay open across calls),
-adjacent samples are coalesced into one ranged request, and a request that breaks is retried from the first sample
-it had not delivered whole. A source that cannot read ranges (a ``pipe:`` command without ``{offset}``, an http
-server that ignores ``Range``) is streamed from the start of the shard up to the last sample wanted; with a node
-cache, the whole shard is streamed once per node (under a node-wide lock) and every sample goes into the cache.
+``SampleReader.fetch(rows)`` returns the samples of the given index rows (``ShardList.rows``
+entries) in that order, each ``{"__key__", "_shard", <ext>: bytes, ...}`` or, when it could not be
+read, ``{"__key__", "_shard", "_error": reason}``. Reads are grouped by shard (one open per shard
+and call; local files stay open across calls), adjacent samples are coalesced into one ranged
+request, and a request that breaks is retried from the first sample it had not delivered whole. A
+source that cannot read ranges (a ``pipe:`` command without ``{offset}``, an http server that
+ignores ``Range``) is streamed from the start of the shard up to the last sample wanted; with a node
+cache, the whole shard is streamed once per node (under a node-wide lock) and every sample goes into
+the cache.
 """
 
 from __future__ import annotations
@@ -37,19 +40,20 @@ from tstl.data.sources import ShardList
 logger = logging.getLogger(__name__)
 
 MAX_GAP = 0
-"""Samples of a shard at most this many bytes apart are read in one request (the gap is read and dropped). 0:
-only neighbours in the tar are coalesced, so no byte is read that no sample needs."""
+"""Samples of a shard at most this many bytes apart are read in one request (the gap is read and
+dropped). 0: only neighbours in the tar are coalesced, so no byte is read that no sample needs."""
 MAX_REQUEST = 32 * 2**20
 """A coalesced request stops growing at this many bytes."""
 
 
 class ShardSetChanged(ShardSetError):
-    """The bytes on disk or on the server are not the ones the index describes: the set was rebuilt or replaced
-    under a running job."""
+    """The bytes on disk or on the server are not the ones the index describes: the set was rebuilt
+    or replaced under a running job."""
 
 
 def parse_record(data: bytes) -> tuple[str, dict[str, bytes]]:
-    """The key and parts of one sample's tar record (its members, without the end-of-archive blocks)."""
+    """The key and parts of one sample's tar record (its members, without the end-of-archive
+    blocks)."""
     key, parts = None, {}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for member in tar:
@@ -94,7 +98,7 @@ class SampleReader:
     def close(self) -> None:
         self.io.close()
 
-    # ---- the one entry point ----------------------------------------------------------------------------------
+    # ---- the one entry point ---------------------------------------------------------------------
     def fetch(self, rows: Sequence[int]) -> list[dict]:
         """The samples of ``rows`` (index rows, repeats allowed), in that order."""
         with self._lock:
@@ -119,7 +123,7 @@ class SampleReader:
                 found.update(self._stream(shard, [w for run in runs for w in run if w.row not in found]))
         return [found[int(r)] for r in rows]
 
-    # ---- pieces -----------------------------------------------------------------------------------------------
+    # ---- pieces ----------------------------------------------------------------------------------
     def _cached(self, row: int) -> bytes | None:
         if self.cache is None:
             return None
@@ -152,7 +156,8 @@ class SampleReader:
                 "_error": reason}
 
     def _read_run(self, url: str, run: list[_Want]) -> dict[int, dict]:
-        """One ranged request for a run of samples; a retry goes on at the first sample not delivered whole."""
+        """One ranged request for a run of samples; a retry goes on at the first sample not
+        delivered whole."""
         out: dict[int, dict] = {}
         todo = list(run)
 
@@ -188,7 +193,8 @@ class SampleReader:
         return f"shard unreadable{tries}: {type(e).__name__}: {e}"
 
     def _take(self, todo: list[_Want], start: int, data: bytes, out: dict[int, dict]) -> None:
-        """Move the samples that ``data`` (read from ``start``) holds whole from ``todo`` into ``out``."""
+        """Move the samples that ``data`` (read from ``start``) holds whole from ``todo`` into
+        ``out``."""
         self.bytes_read += len(data)
         while todo and todo[0].offset + todo[0].length <= start + len(data):
             w = todo.pop(0)
@@ -197,8 +203,9 @@ class SampleReader:
             out[w.row] = self._sample(w.row, record)
 
     def _stream(self, shard: int, wants: list[_Want]) -> dict[int, dict]:
-        """Samples of a shard that cannot be read by range: stream it from the start (once per node with a
-        cache, taking every sample into the cache; else only up to the last sample wanted)."""
+        """Samples of a shard that cannot be read by range: stream it from the start (once per node
+        with a cache, taking every sample into the cache; else only up to the last sample
+        wanted)."""
         if not wants:
             return {}
         url, name = self.ss.shards[shard].url, self.ss.shards[shard].name
@@ -262,8 +269,9 @@ def _shard_rows(ix, shard: int):
 
 
 def group_runs(ix: SampleIndex, rows: Sequence[int]) -> dict[int, list[list[_Want]]]:
-    """The requests that read ``rows``: per shard (in order of first use), runs of samples sorted by offset that
-    one ranged request each reads (adjacent samples, or gaps under ``MAX_GAP``, up to ``MAX_REQUEST`` bytes)."""
+    """The requests that read ``rows``: per shard (in order of first use), runs of samples sorted by
+    offset that one ranged request each reads (adjacent samples, or gaps under ``MAX_GAP``, up to
+    ``MAX_REQUEST`` bytes)."""
     by_shard: dict[int, list[_Want]] = {}
     for row in dict.fromkeys(int(r) for r in rows):
         by_shard.setdefault(int(ix.shard[row]), []).append(_Want(row, int(ix.offset[row]), int(ix.length[row])))

@@ -1,11 +1,13 @@
-"""Source resolution: a shard-set folder, URL, pattern or list -> a ``ShardList`` with its per-sample index.
+"""Source resolution: a shard-set folder, URL, pattern or list -> a ``ShardList`` with its
+per-sample index.
 
-A source is a shard-set directory (local, or an http(s) URL of the folder), the path or URL of its ``shards.json``,
-a brace pattern, a ``pipe:`` command, an http(s) URL of a tar, or a list of these. ``shards.json`` gives the shards
-and classes, and names the set's per-sample index (``samples.parquet``, ``tstl.core.shards``), from which the
-loader reads each sample by byte range. A set built before the index existed is indexed here from its tar headers
-(local: seconds; remote: one full read), with one warning naming ``tstl shards index``, which saves that work. A
-local set's symlink is resolved once, so a run reads one generation even when ``make shards`` switches the set.
+A source is a shard-set directory (local, or an http(s) URL of the folder), the path or URL of its
+``shards.json``, a brace pattern, a ``pipe:`` command, an http(s) URL of a tar, or a list of these.
+``shards.json`` gives the shards and classes, and names the set's per-sample index
+(``samples.parquet``, ``tstl.core.shards``), from which the loader reads each sample by byte range.
+A set built before the index existed is indexed here from its tar headers (local: seconds; remote:
+one full read), with one warning naming ``tstl shards index``, which saves that work. A local set's
+symlink is resolved once, so a run reads one generation even when ``make shards`` switches the set.
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ class Shard:
 
 @dataclass
 class ShardList:
-    """The loader's view of a source: its shards, the per-sample index, the samples it keeps (a label filter) and
-    the class metadata of ``shards.json`` (the format's own description is ``tstl.core.shards.ShardSet``)."""
+    """The loader's view of a source: its shards, the per-sample index, the samples it keeps (a
+    label filter) and the class metadata of ``shards.json`` (the format's own description is
+    ``tstl.core.shards.ShardSet``)."""
 
     shards: list[Shard]
     index: SampleIndex
@@ -63,7 +66,8 @@ class ShardList:
     fingerprint: str = ""
     """Identifies the set's content (sha256 of its ``shards.json``, else of its scanned index)."""
     origin: str = ""
-    """Where ``shards.json`` was read (re-read to notice a set replaced during a run); empty without one."""
+    """Where ``shards.json`` was read (re-read to notice a set replaced during a run); empty without
+    one."""
     heads: dict[str, list[str]] | None = field(default=None)
     """Multi-head sets (``shards.json`` ``heads``): head name -> class names."""
 
@@ -93,9 +97,9 @@ class _KeepRange(dict):
 
 
 def shard_url(template: str, name: str, dataset: str = "", split: str = "") -> str:
-    """``template`` with ``{name}`` (a file of the set: a shard, ``shards.json``, the index) and the optional
-    ``{dataset}``/``{split}`` filled in; the range fields ``{offset}``, ``{length}``, ``{last}`` stay for the
-    reader."""
+    """``template`` with ``{name}`` (a file of the set: a shard, ``shards.json``, the index) and the
+    optional ``{dataset}``/``{split}`` filled in; the range fields ``{offset}``, ``{length}``,
+    ``{last}`` stay for the reader."""
     try:
         return string.Formatter().vformat(template, (), _KeepRange(name=name, dataset=dataset, split=split))
     except (KeyError, IndexError, ValueError) as e:
@@ -104,8 +108,8 @@ def shard_url(template: str, name: str, dataset: str = "", split: str = "") -> s
 
 
 def _strip_range(url: str) -> str:
-    """A template URL for reading a whole file (``shards.json``, the index): range fields are not allowed there,
-    so a ranged command is for shards only."""
+    """A template URL for reading a whole file (``shards.json``, the index): range fields are not
+    allowed there, so a ranged command is for shards only."""
     if any(f in url for f in RANGE_FIELDS):
         raise ValueError(f"{url}: a command with {'/'.join(RANGE_FIELDS)} reads byte ranges of shards; "
                          "shards.json and samples.parquet are read whole: give data_dir a local or http shard "
@@ -114,7 +118,8 @@ def _strip_range(url: str) -> str:
 
 
 def _check_size(shard: Shard, expected: int, json_url: str) -> None:
-    """Refuse a local shard whose size is not the one ``shards.json`` gives (a half-copied or stale tar)."""
+    """Refuse a local shard whose size is not the one ``shards.json`` gives (a half-copied or stale
+    tar)."""
     if expected < 0 or not fmt.is_local(shard.url):
         return
     try:
@@ -127,10 +132,11 @@ def _check_size(shard: Shard, expected: int, json_url: str) -> None:
                             "disagree (half-copied or stale): rebuild the set with `make shards`")
 
 
-# ---- the index of a set without samples.parquet ----------------------------------------------------------------
+# ---- the index of a set without samples.parquet --------------------------------------------------
 
 def scan_shards(urls: Sequence[str], policy: ReadPolicy = DEFAULT_POLICY) -> SampleIndex:
-    """Index shards from their tar headers: local files by seeking, remote ones by reading them through once."""
+    """Index shards from their tar headers: local files by seeking, remote ones by reading them
+    through once."""
     per_shard = []
     for url in urls:
         def once(_attempt: int, url: str = url) -> list[tuple[str, int, int, int]]:
@@ -155,7 +161,8 @@ def _warn_once(where: str, message: str, *args: object) -> None:
 
 def _index(ss: fmt.ShardSet, json_url: str, shards: list[Shard], samples_url: str,
            policy: ReadPolicy) -> SampleIndex:
-    """The set's per-sample index: ``samples.parquet`` when ``shards.json`` names one, else a scan."""
+    """The set's per-sample index: ``samples.parquet`` when ``shards.json`` names one, else a
+    scan."""
     if ss.samples is not None:
         return fmt.parse_samples(read_bytes(samples_url, policy), ss, samples_url)
     if fmt.is_local(json_url):
@@ -177,8 +184,8 @@ def _index(ss: fmt.ShardSet, json_url: str, shards: list[Shard], samples_url: st
 
 def _from_json(url: str, template: str, policy: ReadPolicy, names: tuple[str, str] | None = None
                ) -> tuple[fmt.ShardSet, list[Shard], SampleIndex, str]:
-    """``names``: the (dataset, split) that ``{dataset}``/``{split}`` of the template stand for (default: those
-    ``shards.json`` gives)."""
+    """``names``: the (dataset, split) that ``{dataset}``/``{split}`` of the template stand for
+    (default: those ``shards.json`` gives)."""
     try:
         data = read_bytes(_strip_range(url), policy) if not fmt.is_local(url) else Path(url).read_bytes()
     except OSError as e:
@@ -212,8 +219,8 @@ def _is_set_url(text: str) -> bool:
 
 
 def _index_of(text: str, template: str) -> tuple[str, tuple[str, str] | None] | None:
-    """Where the ``shards.json`` of a source is, with the (dataset, split) names a template needs; None for a
-    source without one (a brace pattern, a tar, a ``pipe:`` command)."""
+    """Where the ``shards.json`` of a source is, with the (dataset, split) names a template needs;
+    None for a source without one (a brace pattern, a tar, a ``pipe:`` command)."""
     path = Path(text)
     if path.is_dir() and ((path / fmt.INDEX).exists() or not template):
         return str(path.resolve() / fmt.INDEX), None
@@ -222,7 +229,8 @@ def _index_of(text: str, template: str) -> tuple[str, tuple[str, str] | None] | 
     if _is_set_url(text):
         return f"{text.rstrip('/')}/{fmt.INDEX}", None
     if template and fmt.is_local(text) and not any(c in text for c in "{*?") and not text.endswith(_TAR):
-        # the trainer's <data_dir>/<dataset>/shards/<split>, not present here: the list comes from the template
+        # the trainer's <data_dir>/<dataset>/shards/<split>, not present here: the list comes from
+        # the template
         names = (path.parent.parent.name, path.name)
         return shard_url(template, fmt.INDEX, *names), names
     return None
@@ -234,15 +242,17 @@ def resolve(source: str | os.PathLike | Sequence[str], template: str = "",
     """Turn a source into a ``ShardList`` with its per-sample index.
 
     Args:
-        source: shard-set directory (local path or http(s) URL of the folder), ``shards.json`` path/URL, brace
-            pattern / URL / ``pipe:`` command, or a list.
-        template: optional ``str.format`` template with ``{name}`` (and optionally ``{dataset}``, ``{split}``,
-            and the range fields ``{offset}``/``{length}``/``{last}`` for ranged ``pipe:`` reads) used instead of
-            the ``shards.json`` location. When ``source`` is a local path ``.../<dataset>/shards/<split>`` without
-            a ``shards.json``, the list itself is read from ``template`` with ``name="shards.json"``.
-        labels: keep only samples with these labels (empty: all); selected through the index, nothing is read.
-        read_timeout_s, read_retries: remote reads give up after this many seconds without data, and are retried
-            this many times.
+        source: shard-set directory (local path or http(s) URL of the folder), ``shards.json``
+            path/URL, brace pattern / URL / ``pipe:`` command, or a list.
+        template: optional ``str.format`` template with ``{name}`` (and optionally ``{dataset}``,
+            ``{split}``, and the range fields ``{offset}``/``{length}``/``{last}`` for ranged
+            ``pipe:`` reads) used instead of the ``shards.json`` location. When ``source`` is a
+            local path ``.../<dataset>/shards/<split>`` without a ``shards.json``, the list itself
+            is read from ``template`` with ``name="shards.json"``.
+        labels: keep only samples with these labels (empty: all); selected through the index,
+            nothing is read.
+        read_timeout_s, read_retries: remote reads give up after this many seconds without data, and
+            are retried this many times.
     """
     wanted = frozenset(int(x) for x in labels) if labels else None
     policy = ReadPolicy(read_timeout_s, read_retries)
@@ -272,13 +282,14 @@ def resolve(source: str | os.PathLike | Sequence[str], template: str = "",
 
 
 def has_index(source: str | os.PathLike | Sequence[str], template: str = "") -> bool:
-    """Whether ``resolve(source, template)`` reads a ``shards.json`` (cheap) rather than scanning shards."""
+    """Whether ``resolve(source, template)`` reads a ``shards.json`` (cheap) rather than scanning
+    shards."""
     return isinstance(source, (str, os.PathLike)) and _index_of(os.fspath(source), template) is not None
 
 
 def changed(shardset: ShardList, policy: ReadPolicy = DEFAULT_POLICY) -> str | None:
-    """Why the set at ``shardset.origin`` is no longer the one the run started with (None when it is): its
-    ``shards.json`` was replaced, e.g. by a new build published to the same place."""
+    """Why the set at ``shardset.origin`` is no longer the one the run started with (None when it
+    is): its ``shards.json`` was replaced, e.g. by a new build published to the same place."""
     if not shardset.origin:
         return None
     try:

@@ -1,13 +1,15 @@
-"""The per-worker stream: its batches' samples (``partition``) -> read (``reader``) -> decode -> sampling ->
-augmentation -> uint8 batches.
+"""The per-worker stream: its batches' samples (``partition``) -> read (``reader``) -> decode ->
+sampling -> augmentation -> uint8 batches.
 
-Worker ``i`` of a rank produces the rank's steps ``first + i, first + i + W, ...`` (DataLoader takes one batch from
-each worker in turn, so the rank sees its steps in order). In training a step's samples are the batch positions of
-the canonical partition; every random draw of a clip is keyed by (seed, epoch, position), so the same epoch gives
-the same clips on any number of ranks and workers. A bad sample is replaced within its batch (by the nearest good
-sample of the batch, re-augmented; by the next good samples of the order when the whole batch is bad), so batches
-stay full and step counts equal. In evaluation each worker takes a consecutive share of its rank's videos and emits
-T x C views per video; a bad video's views are replaced by a good video's (same key and view: merged away).
+Worker ``i`` of a rank produces the rank's steps ``first + i, first + i + W, ...`` (DataLoader takes
+one batch from each worker in turn, so the rank sees its steps in order). In training a step's
+samples are the batch positions of the canonical partition; every random draw of a clip is keyed by
+(seed, epoch, position), so the same epoch gives the same clips on any number of ranks and workers.
+A bad sample is replaced within its batch (by the nearest good sample of the batch, re-augmented; by
+the next good samples of the order when the whole batch is bad), so batches stay full and step
+counts equal. In evaluation each worker takes a consecutive share of its rank's videos and emits
+T x C views per video; a bad video's views are replaced by a good video's (same key and view:
+merged away).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from tstl.data.views import decode_views
 logger = logging.getLogger(__name__)
 
 LOOKAHEAD = 64
-"""A batch whose samples are all bad is filled from at most this many following samples of the order."""
+"""A batch whose samples are all bad is filled from at most this many following samples of the
+order."""
 
 
 class BadSampleRateError(RuntimeError):
@@ -49,7 +52,8 @@ class BadSampleRateError(RuntimeError):
 
 @dataclass
 class StreamSpec:
-    """Everything a worker needs to produce its part of an epoch (picklable; the index travels with it)."""
+    """Everything a worker needs to produce its part of an epoch (picklable; the index travels with
+    it)."""
 
     cfg: DataConfig
     shardset: ShardList
@@ -68,9 +72,11 @@ class StreamSpec:
     label_map: dict[int, int] | None = None
     """Relabelling ``y -> label_map[y]`` (the shard set holds only samples whose label is a key)."""
     worker_augment: bool = True
-    """Training: RandAugment in the worker (``augment_on: worker``); False = crop only, the device does the rest."""
+    """Training: RandAugment in the worker (``augment_on: worker``); False = crop only, the device
+    does the rest."""
     buffers: Link | None = None
-    """Where workers get their batch buffers back for reuse (``tstl.data.buffers``); None: a new one per batch."""
+    """Where workers get their batch buffers back for reuse (``tstl.data.buffers``); None: a new one
+    per batch."""
 
     def order(self) -> np.ndarray:
         """The epoch's sample order (index rows)."""
@@ -88,7 +94,7 @@ class ClipStream(IterableDataset):
         super().__init__()
         self.spec = spec
 
-    # ---- set-up -------------------------------------------------------------------------------------------
+    # ---- set-up ----------------------------------------------------------------------------------
     def _worker(self) -> int:
         info = get_worker_info()
         return info.id if info is not None else 0
@@ -100,7 +106,7 @@ class ClipStream(IterableDataset):
             cache = NodeCache(c.cache_dir, ss.fingerprint, int(c.cache_limit_gb * 1e9))
         return SampleReader(ss, ReadPolicy(c.read_timeout_s, c.read_retries), cache)
 
-    # ---- per sample ---------------------------------------------------------------------------------------
+    # ---- per sample ------------------------------------------------------------------------------
     def _parse(self, sample: dict) -> tuple[bytes, Labels, int]:
         if "_error" in sample:
             raise BadSample(sample["_error"])
@@ -115,7 +121,8 @@ class ClipStream(IterableDataset):
             raise BadSample(f"bad {CLS}/{JSON}: {e}") from None
         if isinstance(label, dict):  # multi-head: checked by sample_labels, never relabelled
             return sample[MP4], label, frames
-        # An out-of-range label would index past the head (or mixup's one-hot) far from its sample: bad here.
+        # An out-of-range label would index past the head (or mixup's one-hot) far from its sample:
+        # bad here.
         n = self.spec.shardset.num_classes
         if label < 0 or (n is not None and label >= n):
             raise BadSample(f"label {label} outside the shard set's classes 0..{n - 1}" if n is not None
@@ -127,8 +134,9 @@ class ClipStream(IterableDataset):
         return sample[MP4], label, frames
 
     def _bad(self, sample: dict, reason: str) -> None:
-        """Log and quarantine a bad sample. The limit (``max_bad_fraction``) is not checked here but in the
-        training process over all ranks (``ShardLoader._check_bad``), so every rank decides alike."""
+        """Log and quarantine a bad sample. The limit (``max_bad_fraction``) is not checked here but
+        in the training process over all ranks (``ShardLoader._check_bad``), so every rank decides
+        alike."""
         cfg = self.spec.cfg
         reason = reason.replace("\t", " ").replace("\n", " ")  # one quarantine line per sample
         logger.warning("bad sample %s in %s: %s", sample.get("__key__"), sample.get("_shard"), reason)
@@ -136,7 +144,7 @@ class ClipStream(IterableDataset):
             with open(cfg.quarantine, "a") as f:
                 f.write(f"{sample.get('__key__')}\t{sample.get('_shard')}\t{reason}\n")
 
-    # ---- main loop ----------------------------------------------------------------------------------------
+    # ---- main loop -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         s = self.spec
         worker = self._worker()
@@ -173,8 +181,8 @@ class ClipStream(IterableDataset):
 
     def _train_batch(self, samples: list[dict], pos: np.ndarray, order: np.ndarray, reader: SampleReader,
                      make: Callable[[dict, int], list[tuple]]) -> dict:
-        """One full training batch: bad samples replaced by good ones of the batch, re-augmented at their own
-        positions (or, when none is good, by the next good samples of the order)."""
+        """One full training batch: bad samples replaced by good ones of the batch, re-augmented at
+        their own positions (or, when none is good, by the next good samples of the order)."""
         items: list[tuple | None] = [None] * len(samples)
         good: list[int] = []
         bad = 0
@@ -187,8 +195,8 @@ class ClipStream(IterableDataset):
                 self._bad(sample, str(e))
         read = len(samples)
         if not good and len(samples):
-            # look further along the order for something to fill with; those samples are counted (and
-            # quarantined) by the batches they belong to, not here
+            # look further along the order for something to fill with; those samples are counted
+            # (and quarantined) by the batches they belong to, not here
             n = len(order)
             for extra in range(LOOKAHEAD):
                 q = int(pos[-1]) + 1 + extra
@@ -250,7 +258,8 @@ class ClipStream(IterableDataset):
 
     def _batch(self, items: list[tuple]) -> dict:
         batch = {
-            # uint8 [B, T, S, S, 3], stacked in a worker straight into a (reused) shared-memory buffer: one copy
+            # uint8 [B, T, S, S, 3], stacked in a worker straight into a (reused) shared-memory
+            # buffer: one copy
             "video": self._pool.collate([it[0] for it in items]),
             "label": collate_labels([it[1] for it in items]),
             "key": [it[2] for it in items],
@@ -268,12 +277,14 @@ class Items(Protocol):
     batch_size: int
 
     def make(self, sample: dict, pos: int) -> list[tuple]:
-        """``(uint8 clip [T, S, S, 3], label, key, view)`` items of the sample at epoch position ``pos``."""
+        """``(uint8 clip [T, S, S, 3], label, key, view)`` items of the sample at epoch position
+        ``pos``."""
         ...
 
 
 class TrainClips:
-    """Training: one clip per sample, frame offsets and augmentation drawn from (seed, epoch, position)."""
+    """Training: one clip per sample, frame offsets and augmentation drawn from (seed, epoch,
+    position)."""
 
     per_raw = 1
 

@@ -1,10 +1,12 @@
-"""Clip transforms in the DataLoader workers: training crops (+ fused RandAugment) and evaluation views, uint8 out.
+"""Clip transforms in the DataLoader workers: training crops (+ fused RandAugment) and evaluation
+views, uint8 out.
 
-Training follows the CAST/VideoMAE recipe with one draw per clip shared by every frame: a random resized crop box
-(timm's parameter draw), optionally a horizontal flip, and (``data.augment_on: worker``) one RandAugment draw. The
-crop, the flip and RandAugment's geometric ops compose into one affine map, applied to each frame in a single
-bicubic warp at the output size (``tstl.data.augment``); the colour ops follow as lookup tables. With
-``augment_on: device`` the workers only crop (and flip) and RandAugment runs batched on the training device
+Training follows the CAST/VideoMAE recipe with one draw per clip shared by every frame: a random
+resized crop box (timm's parameter draw), optionally a horizontal flip, and
+(``data.augment_on: worker``) one RandAugment draw. The crop, the flip and RandAugment's geometric
+ops compose into one affine map, applied to each frame in a single bicubic warp at the output size
+(``tstl.data.augment``); the colour ops follow as lookup tables. With ``augment_on: device`` the
+workers only crop (and flip) and RandAugment runs batched on the training device
 (``tstl.data.device``). The transforms of ``CLIP_TRANSFORMS`` (the worker-side hook) then run in
 order on the uint8 clip. Either way a clip leaves the worker as uint8 ``[T, S, S, 3]`` (channels
 last, as decoded); normalisation, random erasing and mixup run on the batch in the training process
@@ -32,7 +34,8 @@ cv2.setNumThreads(1)
 
 def rrc_params(img_h: int, img_w: int, scale: tuple[float, float], ratio: tuple[float, float],
                rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """timm ``RandomResizedCropAndInterpolation.get_params`` with an explicit generator: ``(top, left, h, w)``."""
+    """timm ``RandomResizedCropAndInterpolation.get_params`` with an explicit generator:
+    ``(top, left, h, w)``."""
     area = img_w * img_h
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -54,12 +57,14 @@ def rrc_params(img_h: int, img_w: int, scale: tuple[float, float], ratio: tuple[
 
 def warp_clip(frames: np.ndarray, box: tuple[int, int, int, int], m: np.ndarray, size: int,
               fill: np.ndarray | None = None) -> np.ndarray:
-    """Resample every frame once: output pixel ``p`` reads the crop box at ``m @ p`` (crop-local coordinates).
+    """Resample every frame once: output pixel ``p`` reads the crop box at ``m @ p`` (crop-local
+    coordinates).
 
-    With RandAugment geometry: bicubic (OpenCV, a = -0.75; RandAugment's interpolation), the support clamped to the
-    crop box edge as in PIL's ``transform``; pixels in ``fill`` (``augment.fill_mask``: where timm's ops would have
-    left the image) get the fill colour 128; no antialiasing. A pure scale (no RandAugment geometry; a flip at most)
-    is a plain ``cv2.resize``, bilinear as the reference crop (VideoMAE/CAST ``random_resized_crop``: bilinear
+    With RandAugment geometry: bicubic (OpenCV, a = -0.75; RandAugment's interpolation), the support
+    clamped to the crop box edge as in PIL's ``transform``; pixels in ``fill``
+    (``augment.fill_mask``: where timm's ops would have left the image) get the fill colour 128; no
+    antialiasing. A pure scale (no RandAugment geometry; a flip at most) is a plain ``cv2.resize``,
+    bilinear as the reference crop (VideoMAE/CAST ``random_resized_crop``: bilinear
     ``F.interpolate``, the same half-pixel centres), with area averaging when it shrinks 2x or more.
     """
     top, left, h, w = box
@@ -67,15 +72,17 @@ def warp_clip(frames: np.ndarray, box: tuple[int, int, int, int], m: np.ndarray,
     out = np.empty((t, size, size, 3), dtype=np.uint8)
     flipped = m[0, 0] < 0 and np.isclose(m[0, 2], -m[0, 0] * size)
     if m[0, 1] == 0 and m[1, 0] == 0 and m[1, 2] == 0 and m[1, 1] > 0 and (flipped or (m[0, 0] > 0 and m[0, 2] == 0)):
-        # A pure scale (plus at most a horizontal flip): one resize, bilinear like the reference's crop resize.
-        # Shrinking by 2x or more uses area averaging instead (a deliberate deviation: bilinear alone aliases badly
-        # at large reductions, 240 p -> 32 px in the CPU demo). Milder scales (240 p SSV2 -> 224 crops: <= 1.9x)
-        # stay bilinear, where aliasing is slight and area averaging at a fractional ratio costs a third of a decode.
+        # A pure scale (plus at most a horizontal flip): one resize, bilinear like the reference's
+        # crop resize. Shrinking by 2x or more uses area averaging instead (a deliberate deviation:
+        # bilinear alone aliases badly at large reductions, 240 p -> 32 px in the CPU demo). Milder
+        # scales (240 p SSV2 -> 224 crops: <= 1.9x) stay bilinear, where aliasing is slight and area
+        # averaging at a fractional ratio costs a third of a decode.
         interp = cv2.INTER_AREA if max(w, h) >= 2 * size else cv2.INTER_LINEAR
         for i in range(t):
             cv2.resize(frames[i, top:top + h, left:left + w], (size, size), dst=out[i], interpolation=interp)
         return out[:, :, ::-1].copy() if flipped else out
-    # continuous coordinates (centres at +0.5) -> OpenCV's integer-centred ones, on both sides of the map
+    # continuous coordinates (centres at +0.5) -> OpenCV's integer-centred ones, on both sides of
+    # the map
     shift = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
     mat = (np.linalg.inv(shift) @ m @ shift)[:2]
     for i in range(t):
@@ -128,9 +135,10 @@ class TrainClipTransform:
         self.extra: list[tuple[str, ClipFn]] = [(name, fn) for name, fn in built if fn is not None]
 
     def crop_box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-        """The clip's crop box ``(top, left, h, w)`` in source pixels: timm's random resized crop, or PySlowFast's
-        short-side jitter + random crop (``data.train_crop``, see ``tstl.data.spatial``), whose box is rounded to
-        whole source pixels here (the single warp then scales it to ``input_size``; a sub-pixel difference)."""
+        """The clip's crop box ``(top, left, h, w)`` in source pixels: timm's random resized crop,
+        or PySlowFast's short-side jitter + random crop (``data.train_crop``, see
+        ``tstl.data.spatial``), whose box is rounded to whole source pixels here (the single warp
+        then scales it to ``input_size``; a sub-pixel difference)."""
         if self.cfg.train_crop == "short_side_jitter":
             crop = short_side_jitter_crop(height, width, self.size, self.cfg.jitter_scales, rng,
                                           self.cfg.jitter_inverse_uniform)
@@ -169,7 +177,8 @@ class EvalViews:
         self.num_crops = num_crops
 
     def resize(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 ``[T, H, W, 3]`` -> uint8 ``[T, 3, h, w]`` with the short side at ``short_side_scale``."""
+        """uint8 ``[T, H, W, 3]`` -> uint8 ``[T, 3, h, w]`` with the short side at
+        ``short_side_scale``."""
         x = torch.from_numpy(frames).permute(0, 3, 1, 2)
         h, w = x.shape[-2:]
         scale = self.short / min(h, w)
@@ -180,7 +189,8 @@ class EvalViews:
         return y.round_().clamp_(0, 255).to(torch.uint8)
 
     def crop(self, x: torch.Tensor, c: int) -> torch.Tensor:
-        """Spatial crop ``c`` of a resized clip as uint8 ``[T, S, S, 3]`` (normalised later, on the batch)."""
+        """Spatial crop ``c`` of a resized clip as uint8 ``[T, S, S, 3]`` (normalised later, on the
+        batch)."""
         h, w = x.shape[-2:]
         s = self.size
         step_h = (h - s) / (self.num_crops - 1) if self.num_crops > 1 else (h - s) / 2

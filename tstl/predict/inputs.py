@@ -138,8 +138,8 @@ def _shard_sample(sample: dict) -> Video:
 
 
 def shard_inputs(folder: Path) -> tuple[int, Iterator[VideoInput]]:
-    """The samples of a shard set (a folder with ``shards.json``) in order: (count, inputs). They are
-    read through the set's index, a few at a time, as the evaluation loader reads them."""
+    """The samples of a shard set (a folder with ``shards.json``) in order: (count, inputs). They
+    are read through the set's index, a few at a time, as the evaluation loader reads them."""
     from tstl.data.reader import SampleReader
     from tstl.data.sources import resolve
 

@@ -1,8 +1,8 @@
 """The dataset registry: one module per dataset, each holding one ``Dataset`` (see ``base.py``).
 
-Adding a dataset = one module here (registered in ``_MODULES``) + one ``configs/data/<name>.yaml``; prepare, shards,
-both CLIs and ``make prepare-<name>`` / ``make shards DATASET=<name>`` pick it up (docs/pipeline.md, "Adding a
-dataset"). Cheap to import: standard library only.
+Adding a dataset = one module here (registered in ``_MODULES``) + one ``configs/data/<name>.yaml``;
+prepare, shards, both CLIs and ``make prepare-<name>`` / ``make shards DATASET=<name>`` pick it up
+(docs/pipeline.md, "Adding a dataset"). Cheap to import: standard library only.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """What a dataset module describes, the metadata error, and the id safety rule every dataset shares.
 
-A dataset is one module of ``tstl.core.datasets`` holding one ``Dataset``: how to read the release's official
-metadata into a ``Listing`` (classes, labelled splits, unlabelled ids, where each video is), its id rule, which
-annotation CSVs form the shard sets, its raw-root variable, its transcode defaults, and the extra annotation files
-the reference code bases read. The offline stages (``pipeline``), the shard builder (``shard_tools``), both CLIs and
-the Makefile iterate the registry; nothing else names a dataset. The prepare stage holds every
-listing to its dataset's description (``Dataset.check_listing``: split names, the id rule, the label
-heads) before it writes anything.
+A dataset is one module of ``tstl.core.datasets`` holding one ``Dataset``: how to read the release's
+official metadata into a ``Listing`` (classes, labelled splits, unlabelled ids, where each video
+is), its id rule, which annotation CSVs form the shard sets, its raw-root variable, its transcode
+defaults, and the extra annotation files the reference code bases read. The offline stages
+(``pipeline``), the shard builder (``shard_tools``), both CLIs and the Makefile iterate the
+registry; nothing else names a dataset. The prepare stage holds every listing to its dataset's
+description (``Dataset.check_listing``: split names, the id rule, the label heads) before it writes
+anything.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ class MetadataError(ValueError):
 def unsafe_id_reason(vid: str, max_slashes: int = 0) -> str | None:
     """Why ``vid`` cannot name a file under the dataset folder, or None if it can.
 
-    The safety rule of every dataset: not empty, no control characters, no backslash, no ``.``/``..`` component,
-    no leading ``/``, and at most ``max_slashes`` ``/`` (the dataset's own layout, e.g. ``<Class>/<file>``).
+    The safety rule of every dataset: not empty, no control characters, no backslash, no
+    ``.``/``..`` component, no leading ``/``, and at most ``max_slashes`` ``/`` (the dataset's own
+    layout, e.g. ``<Class>/<file>``).
     """
     if not vid or not vid.strip():
         return "empty id"
@@ -50,8 +52,8 @@ dataset."""
 
 @dataclass(frozen=True)
 class Entry:
-    """One listed video: its manifest key, raw file, output path under ``<dataset>/videos``, label, and the
-    segment to cut from an untrimmed source (seconds; None: the whole file)."""
+    """One listed video: its manifest key, raw file, output path under ``<dataset>/videos``, label,
+    and the segment to cut from an untrimmed source (seconds; None: the whole file)."""
 
     key: str
     source: Path
@@ -111,7 +113,8 @@ class Dataset:
     """Everything the stages, CLIs and Makefile need to know about one dataset.
 
     Attributes:
-        name: folder name under ``DATA_DIR``, CLI/Make name (``prepare-<name>``) and ``configs/data/<name>.yaml``.
+        name: folder name under ``DATA_DIR``, CLI/Make name (``prepare-<name>``) and
+            ``configs/data/<name>.yaml``.
         title: human-readable name for help texts.
         root_var: the Make/environment variable holding the raw release folder (``SSV2_ROOT``).
         root_help: what that folder must contain.
@@ -119,12 +122,13 @@ class Dataset:
         id_problem: the dataset's id rule: why a key breaks it, or None.
         splits: the annotation split names ``read`` gives (labelled and unlabelled).
         shard_splits: ``--split k`` -> the annotation CSV stems that form the shard sets.
-        height / short_side: transcode default, one of them set: a fixed output height, or the short side.
-        max_missing_fraction: None: a listed video whose file is absent counts as a failure (it should be there);
-            a number: absent files are normal for this release (Kinetics: YouTube removals), counted apart and
-            allowed up to this fraction of the listed videos.
-        reference_files: annotation CSV lines by split -> extra files (path under ``annotations/`` -> lines) for
-            the reference code bases (CAST, TSTL), written by ``finalize``.
+        height / short_side: transcode default, one of them set: a fixed output height, or the short
+            side.
+        max_missing_fraction: None: a listed video whose file is absent counts as a failure (it
+            should be there); a number: absent files are normal for this release (Kinetics: YouTube
+            removals), counted apart and allowed up to this fraction of the listed videos.
+        reference_files: annotation CSV lines by split -> extra files (path under ``annotations/``
+            -> lines) for the reference code bases (CAST, TSTL), written by ``finalize``.
         heads: names of the label heads of a multi-head dataset (EPIC-KITCHENS: verb, noun), the
             first one being the class the shard samples' ``cls`` holds; empty: one label per video.
         csv_format: the line format of the annotation CSVs (default ``<path> <label>``).

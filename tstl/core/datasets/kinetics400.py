@@ -1,27 +1,32 @@
 """Kinetics-400 release: the annotation CSVs and the videos in either common distribution layout.
 
-Annotations: ``<root>/annotations/{train,val,test}.csv`` (or ``<root>/{train,val,test}.csv``) with the header
-``label,youtube_id,time_start,time_end,split`` and, in some releases, ``is_cc``. Labels are 0..399 by *sorted*
-class name (the convention of every public K400 loader; written to ``classes.txt``). A CSV whose ``label``
-column is empty (the original test release) gives unlabelled ids, kept apart as the SSV2 test ids are.
+Annotations: ``<root>/annotations/{train,val,test}.csv`` (or ``<root>/{train,val,test}.csv``) with
+the header ``label,youtube_id,time_start,time_end,split`` and, in some releases, ``is_cc``. Labels
+are 0..399 by *sorted* class name (the convention of every public K400 loader; written to
+``classes.txt``). A CSV whose ``label`` column is empty (the original test release) gives unlabelled
+ids, kept apart as the SSV2 test ids are.
 
 Videos, per split, in the first of these that exists:
 
-* flat (CVDF mirror, most re-distributions): ``<root>/<split>/<youtube_id>_<start:06d>_<end:06d>.mp4``;
-* class folders (the original crawler): ``<root>/<split>/<class name>/<youtube_id>_<start:06d>_<end:06d>.mp4``,
-  the folder named with spaces, underscores or quotes as the various tools write it;
-* untrimmed downloads: ``<root>/<split>/[<class>/]<youtube_id>.<ext>`` holding the whole YouTube video, which the
-  stage cuts to ``[time_start, time_end]``.
+* flat (CVDF mirror, most re-distributions):
+  ``<root>/<split>/<youtube_id>_<start:06d>_<end:06d>.mp4``;
+* class folders (the original crawler):
+  ``<root>/<split>/<class name>/<youtube_id>_<start:06d>_<end:06d>.mp4``, the folder named with
+  spaces, underscores or quotes as the various tools write it;
+* untrimmed downloads: ``<root>/<split>/[<class>/]<youtube_id>.<ext>`` holding the whole YouTube
+  video, which the stage cuts to ``[time_start, time_end]``.
 
-Missing videos are normal (YouTube removals: a few percent of every copy) and are listed apart from broken ones:
-status ``missing`` in the manifest, ``annotations/missing.txt``, their own count in the summary, and they do not
-count against ``--max-failure-fraction`` (they have their own limit, ``--max-missing-fraction``, default 0.25).
+Missing videos are normal (YouTube removals: a few percent of every copy) and are listed apart from
+broken ones: status ``missing`` in the manifest, ``annotations/missing.txt``, their own count in the
+summary, and they do not count against ``--max-failure-fraction`` (they have their own limit,
+``--max-missing-fraction``, default 0.25).
 
-Output (``<DATA_DIR>/kinetics400``): ``videos/<split>/<name>.mp4`` (H.264, short side 320 by default),
-``annotations/{train,val}.csv`` (``<split>/<name>.mp4 <label>``; also ``test.csv`` when the test CSV has labels,
-else ``test_ids.txt``), ``classes.txt``, and ``annotations/cast/{train,val}.csv`` with bare ``<name>.mp4`` for
-CAST's loader, which joins ``data_path/train/<file>`` and ``data_path/val/<file>`` (``--data_path
-<DATA_DIR>/kinetics400/videos --anno_path <DATA_DIR>/kinetics400/annotations/cast``).
+Output (``<DATA_DIR>/kinetics400``): ``videos/<split>/<name>.mp4`` (H.264, short side 320 by
+default), ``annotations/{train,val}.csv`` (``<split>/<name>.mp4 <label>``; also ``test.csv`` when
+the test CSV has labels, else ``test_ids.txt``), ``classes.txt``, and
+``annotations/cast/{train,val}.csv`` with bare ``<name>.mp4`` for CAST's loader, which joins
+``data_path/train/<file>`` and ``data_path/val/<file>``
+(``--data_path <DATA_DIR>/kinetics400/videos --anno_path <DATA_DIR>/kinetics400/annotations/cast``).
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_-]{11}_[0-9]{6}_[0-9]{6}")
 
 
 def id_problem(name: str) -> str | None:
-    """The Kinetics-400 id rule (the one place it is written): the safety rule of every dataset, then the
-    distribution's clip name ``<11-character YouTube id>_<start:06d>_<end:06d>``."""
+    """The Kinetics-400 id rule (the one place it is written): the safety rule of every dataset,
+    then the distribution's clip name ``<11-character YouTube id>_<start:06d>_<end:06d>``."""
     reason = unsafe_id_reason(name, max_slashes=0)
     if reason is None and not _NAME_RE.fullmatch(name):
         reason = "not '<youtube_id>_<start:06d>_<end:06d>'"
@@ -54,7 +59,8 @@ def id_problem(name: str) -> str | None:
 
 @dataclass(frozen=True)
 class Clip:
-    """One annotated clip: the YouTube video, the segment and the class label (-1 when the CSV has none)."""
+    """One annotated clip: the YouTube video, the segment and the class label (-1 when the CSV has
+    none)."""
 
     youtube_id: str
     start: int
@@ -75,7 +81,8 @@ class K400Annotations:
 
 
 def class_key(name: str) -> str:
-    """A class name as every layout spells it the same: lower case, spaces for underscores, no quotes."""
+    """A class name as every layout spells it the same: lower case, spaces for underscores, no
+    quotes."""
     return re.sub(r"\s+", " ", name.replace("_", " ").replace('"', "").replace("'", "")).strip().lower()
 
 
@@ -181,7 +188,8 @@ class VideoIndex:
                 self.trimmed.setdefault(stem, path)
 
     def locate(self, clip: Clip) -> tuple[Path, tuple[int, int] | None]:
-        """(source file, segment to cut or None). A missing clip gives the path it was expected at."""
+        """(source file, segment to cut or None). A missing clip gives the path it was expected
+        at."""
         if clip.name in self.trimmed:
             return self.trimmed[clip.name], None
         if clip.youtube_id in self.untrimmed:
@@ -190,7 +198,8 @@ class VideoIndex:
 
 
 def listing(root: Path) -> Listing:
-    """The release as the prepare stage needs it: each clip -> ``<split>/<name>.mp4``, cut when untrimmed."""
+    """The release as the prepare stage needs it: each clip -> ``<split>/<name>.mp4``, cut when
+    untrimmed."""
     ann = read_annotations(root)  # bad metadata stops the stage before anything is written
 
     def entries(split: str, clips: list[Clip]) -> list[Entry]:
@@ -207,9 +216,9 @@ def listing(root: Path) -> Listing:
 
 
 def reference_files(csvs) -> dict[str, list[str]]:
-    """CAST's Kinetics loader (dataset/kinetics.py) opens ``data_path/train/<file>`` and ``data_path/val/<file>``:
-    its CSVs hold bare file names, ours hold ``<split>/<name>.mp4`` (what our shard builder and TSTL's loader,
-    which joins ``data_path/<file>``, read)."""
+    """CAST's Kinetics loader (dataset/kinetics.py) opens ``data_path/train/<file>`` and
+    ``data_path/val/<file>``: its CSVs hold bare file names, ours hold ``<split>/<name>.mp4`` (what
+    our shard builder and TSTL's loader, which joins ``data_path/<file>``, read)."""
     return {f"cast/{split}.csv": [line.split("/", 1)[1] for line in csvs.get(split, [])] for split in ("train", "val")}
 
 

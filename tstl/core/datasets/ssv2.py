@@ -1,12 +1,14 @@
 """Something-Something V2 release: find the videos and read the official label JSON files.
 
-Raw root (``SSV2_ROOT``): ``labels/{labels,train,validation,test}.json`` and ``20bn-something-something-v2/<id>.webm``.
-Output: ``videos/<id>.mp4``, ``annotations/{train,val}.csv``, ``annotations/test_ids.txt``, plus TSTL's names
-``group_all2.csv`` (= train.csv) and ``valgroup_all2.csv`` (= val.csv). CAST reads ``annotations/{train,val}.csv``
-as they are (``--data_path <DATA_DIR>/ssv2/videos --anno_path <DATA_DIR>/ssv2/annotations``).
+Raw root (``SSV2_ROOT``): ``labels/{labels,train,validation,test}.json`` and
+``20bn-something-something-v2/<id>.webm``. Output: ``videos/<id>.mp4``,
+``annotations/{train,val}.csv``, ``annotations/test_ids.txt``, plus TSTL's names ``group_all2.csv``
+(= train.csv) and ``valgroup_all2.csv`` (= val.csv). CAST reads ``annotations/{train,val}.csv`` as
+they are (``--data_path <DATA_DIR>/ssv2/videos --anno_path <DATA_DIR>/ssv2/annotations``).
 
-Class of a video = ``labels.json[template with "[" and "]" removed]`` (the ``label`` field is the instantiated
-caption and is never used). The test split has no labels in the release; its ids are kept separately.
+Class of a video = ``labels.json[template with "[" and "]" removed]`` (the ``label`` field is the
+instantiated caption and is never used). The test split has no labels in the release; its ids are
+kept separately.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ class SSV2Annotations:
 
 
 def id_problem(vid: str) -> str | None:
-    """The SSV2 id rule (the one place it is written): the safety rule of every dataset, then a decimal integer
-    (the release names its videos ``<id>.webm``). Returns why ``vid`` breaks it, or None."""
+    """The SSV2 id rule (the one place it is written): the safety rule of every dataset, then a
+    decimal integer (the release names its videos ``<id>.webm``). Returns why ``vid`` breaks it, or
+    None."""
     reason = unsafe_id_reason(vid, max_slashes=0)
     if reason is None and not re.fullmatch(r"[0-9]{1,20}", vid):
         reason = "not an integer id"
@@ -40,7 +43,8 @@ def id_problem(vid: str) -> str | None:
 
 
 def video_dir(root: Path) -> Path:
-    """``<root>/20bn-something-something-v2`` if present, else ``<root>`` itself (videos directly under it)."""
+    """``<root>/20bn-something-something-v2`` if present, else ``<root>`` itself (videos directly
+    under it)."""
     sub = root / "20bn-something-something-v2"
     return sub if sub.is_dir() else root
 
@@ -131,7 +135,8 @@ def read_annotations(root: Path) -> SSV2Annotations:
 
 
 def listing(root: Path) -> Listing:
-    """The release as the prepare stage needs it: ``<id>.webm`` -> ``<id>.mp4``, test ids unlabelled."""
+    """The release as the prepare stage needs it: ``<id>.webm`` -> ``<id>.mp4``, test ids
+    unlabelled."""
     ann = read_annotations(root)  # bad metadata stops the stage before anything is written
     videos = video_dir(root)
 
@@ -143,8 +148,9 @@ def listing(root: Path) -> Listing:
 
 
 def reference_files(csvs) -> dict[str, list[str]]:
-    """TSTL's SSV2 loader (dataset/datasets.py) reads ``group_all2.csv`` (train) and ``valgroup_all2.csv`` (val
-    and test) from its ``--anno_path``; same lines as ours (``<id>.mp4 <label>``, space-delimited)."""
+    """TSTL's SSV2 loader (dataset/datasets.py) reads ``group_all2.csv`` (train) and
+    ``valgroup_all2.csv`` (val and test) from its ``--anno_path``; same lines as ours
+    (``<id>.mp4 <label>``, space-delimited)."""
     return {"group_all2.csv": list(csvs.get("train", [])), "valgroup_all2.csv": list(csvs.get("val", []))}
 
 

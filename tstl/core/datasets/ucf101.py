@@ -1,12 +1,13 @@
 """UCF101 release: ``UCF-101/<Class>/v_*.avi`` and the ``ucfTrainTestlist`` split files.
 
-Labels are 0-based indices of ``classInd.txt`` (which is 1-based). Train lists carry a label, test lists do not:
-the label comes from the class folder. The folder ``HandstandPushups`` holds files named ``v_HandStandPushups_*``,
-so the class is always taken from the folder part of the path, never from the file name.
+Labels are 0-based indices of ``classInd.txt`` (which is 1-based). Train lists carry a label, test
+lists do not: the label comes from the class folder. The folder ``HandstandPushups`` holds files
+named ``v_HandStandPushups_*``, so the class is always taken from the folder part of the path, never
+from the file name.
 
-Output: ``videos/<Class>/v_*.mp4``, ``annotations/{train,test}_split{1,2,3}.csv``, plus TSTL's names ``group1.csv``
-(= train_split1.csv) and ``val_group4.csv`` (= test_split1.csv), read with ``--data_path <DATA_DIR>/ucf101/videos
---anno_path <DATA_DIR>/ucf101/annotations``.
+Output: ``videos/<Class>/v_*.mp4``, ``annotations/{train,test}_split{1,2,3}.csv``, plus TSTL's names
+``group1.csv`` (= train_split1.csv) and ``val_group4.csv`` (= test_split1.csv), read with
+``--data_path <DATA_DIR>/ucf101/videos --anno_path <DATA_DIR>/ucf101/annotations``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ class UCF101Annotations:
     splits: dict[str, list[tuple[str, int]]]  # "train_split1" -> [("Class/v_x.avi", label), ...]
 
 
-# The UCF101 name rule (the one place it is written): ``<Class>/v_<Class>_gNN_cNN.avi``. The class part of the file
-# name is not compared with the folder (the release has ``HandstandPushups/v_HandStandPushups_*``).
+# The UCF101 name rule (the one place it is written): ``<Class>/v_<Class>_gNN_cNN.avi``. The class
+# part of the file name is not compared with the folder (the release has
+# ``HandstandPushups/v_HandStandPushups_*``).
 _NAME = re.compile(r"v_[A-Za-z0-9]+_g[0-9]{2,3}_c[0-9]{2,3}\.avi", re.IGNORECASE)
 
 
@@ -59,7 +61,8 @@ def list_dir(root: Path) -> Path:
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, stripped text) of the non-blank lines; numbers count blank lines too, as an editor does."""
+    """(line number, stripped text) of the non-blank lines; numbers count blank lines too, as an
+    editor does."""
     if not path.exists():
         raise MetadataError(f"{path}: file not found; it is part of the official ucfTrainTestlist")
     return [(n, ln.strip()) for n, ln in enumerate(path.read_text().split("\n"), 1) if ln.strip()]
@@ -118,7 +121,8 @@ def read_annotations(root: Path) -> UCF101Annotations:
 
 
 def resolve(videos: Path, rel: str) -> Path:
-    """The file on disk for a list entry; tolerates case differences between the lists and the disk."""
+    """The file on disk for a list entry; tolerates case differences between the lists and the
+    disk."""
     path = videos / rel
     if path.exists():
         return path
@@ -132,7 +136,8 @@ def resolve(videos: Path, rel: str) -> Path:
 
 
 def listing(root: Path) -> Listing:
-    """The release as the prepare stage needs it: ``<Class>/v_*.avi`` -> ``<Class>/v_*.mp4`` in six split lists."""
+    """The release as the prepare stage needs it: ``<Class>/v_*.avi`` -> ``<Class>/v_*.mp4`` in six
+    split lists."""
     ann = read_annotations(root)  # bad metadata stops the stage before anything is written
     videos = video_dir(root)
     resolved: dict[str, Path] = {}
@@ -153,8 +158,8 @@ def shard_splits(k: int) -> list[str]:
 
 
 def reference_files(csvs) -> dict[str, list[str]]:
-    """TSTL's UCF101 loader (dataset/datasets.py) reads ``group1.csv`` (train) and ``val_group4.csv`` (val and
-    test) from its ``--anno_path``: split 1, same lines as ours."""
+    """TSTL's UCF101 loader (dataset/datasets.py) reads ``group1.csv`` (train) and
+    ``val_group4.csv`` (val and test) from its ``--anno_path``: split 1, same lines as ours."""
     return {"group1.csv": list(csvs.get("train_split1", [])), "val_group4.csv": list(csvs.get("test_split1", []))}
 
 
