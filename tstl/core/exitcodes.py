@@ -1,9 +1,9 @@
 """The exit-code convention of every command-line tool (``tstl ...``, ``python -m ...``, the Make
 targets).
 
-=====  ==============================================================================================
+=====  =============================================================================================
 code   meaning
-=====  ==============================================================================================
+=====  =============================================================================================
 0      done
 1      the run failed (too many broken videos, shards that do not verify, an error inside training)
 2      usage, config or input error: the message names what is wrong and the fix; nothing expensive
@@ -13,7 +13,7 @@ code   meaning
 4      another run holds the dataset folder (``--wait-lock`` waits instead)
 75     training was preempted (SIGTERM/SIGUSR1) after saving a checkpoint: rerun the same command to
        resume
-=====  ==============================================================================================
+=====  =============================================================================================
 
 3 and 4 are the offline stages' extensions, 75 (``EX_TEMPFAIL``) the trainer's. argparse's own usage
 errors exit 2 as well. Every CLI reports a code-2 error on stderr as
