@@ -105,7 +105,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise fail(f"a list of {len(args)} items")
-            return tuple(_convert(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_convert(v, a, f"{key}[{i}]", source)
+                         for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
         items = [_convert(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple or tp is tuple else items
@@ -124,7 +125,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; every user writes it that way
+            # YAML 1.1 reads 1e-3 (no dot) as a string; every user writes it that way
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail("a number")
         return float(value)
@@ -158,7 +160,8 @@ def check_choices(obj: Any, section: str) -> None:
             raise ValueError(f"{section}.{name} must be {allowed}, got {value!r}")
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config", prefix: str = "") -> T:
+def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config",
+              prefix: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrongly typed values."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: {prefix or '<root>'}: expected a mapping, got {data!r}")
@@ -173,7 +176,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "config", 
             continue
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(sorted(fields))}"
+            hint = (f" (did you mean '{close[0]}'?)" if close
+                    else f"; valid keys: {', '.join(sorted(fields))}")
             raise ConfigError(f"{source}: unknown key '{dotted}'{hint}")
         kwargs[key] = _convert(value, hints[key], dotted, source)
     try:
@@ -280,7 +284,8 @@ def load_cli_config(cls: type[T], words: Sequence[str | Path], overrides: Sequen
     """``load_config`` for a command line: ``key=value`` words among the ``--config`` files count as
     overrides (``--config a.yaml b.yaml optim.lr=1e-4`` is what people type)."""
     words = [str(w) for w in words]
-    return load_config(cls, [w for w in words if "=" not in w], [w for w in words if "=" in w] + list(overrides))
+    return load_config(cls, [w for w in words if "=" not in w],
+                       [w for w in words if "=" in w] + list(overrides))
 
 
 def dump_yaml(obj: Any, path: str | Path | None = None) -> str:
@@ -331,12 +336,14 @@ def _field_docs(cls: type) -> dict[str, str]:
             continue
         try:
             tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):  # no source (e.g. a frozen app): keys are still listed, without docs
+        except (OSError, TypeError):
+            # no source (e.g. a frozen app): keys are still listed, without docs
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
         for node, nxt in itertools.pairwise(body):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -370,8 +377,10 @@ def format_keys(cls: type) -> str:
 
     lines = []
     for k in describe_keys(cls):
-        default = yaml.safe_dump(k.default, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+        default = (yaml.safe_dump(k.default, default_flow_style=True, width=1000).strip()
+                   .removesuffix("...").strip())
         lines.append(f"{k.key}: {k.type} = {default}")
         if k.doc:
-            lines += textwrap.wrap(k.doc, width=100, initial_indent="    ", subsequent_indent="    ")
+            lines += textwrap.wrap(k.doc, width=100, initial_indent="    ",
+                                   subsequent_indent="    ")
     return "\n".join(lines)

@@ -20,14 +20,16 @@ def check() -> None:
 
     torchvision_shim.install()
     versions = {}
-    for name in ("torch", "torchvision", "timm", "decord", "webdataset", "av", "pyarrow", "einops", "deepspeed"):
+    for name in ("torch", "torchvision", "timm", "decord", "webdataset", "av", "pyarrow", "einops",
+                 "deepspeed"):
         mod = importlib.import_module(name)
         versions[name] = getattr(mod, "__version__", "?")
     from tstl.core.ffmpeg import ffmpeg_exe
 
     versions["ffmpeg"] = ffmpeg_exe()
     if shutil.which("g++") is None:
-        logger.warning("no g++ on PATH: DeepSpeed's CPU backend JIT-compiles a small op and needs one")
+        logger.warning("no g++ on PATH: DeepSpeed's CPU backend JIT-compiles a small op and "
+                       "needs one")
     logger.info("environment OK: %s", ", ".join(f"{k} {v}" for k, v in versions.items()))
 
 

@@ -41,11 +41,12 @@ MEANINGS = {
     PREEMPTED: "preempted after saving a checkpoint: rerun to resume",
 }
 
-EPILOG = ("exit codes: 0 done; 1 run failed; 2 usage, config or input error (the message names the fix); "
-          "3 environment error; 4 dataset folder locked by another run; 75 preempted, rerun to resume")
+EPILOG = ("exit codes: 0 done; 1 run failed; 2 usage, config or input error (the message names "
+          "the fix); 3 environment error; 4 dataset folder locked by another run; 75 preempted, "
+          "rerun to resume")
 
-__all__ = ["ENVIRONMENT", "EPILOG", "FAILED", "LOCKED", "MEANINGS", "OK", "PREEMPTED", "USAGE", "UsageError",
-           "usage_error"]
+__all__ = ["ENVIRONMENT", "EPILOG", "FAILED", "LOCKED", "MEANINGS", "OK", "PREEMPTED", "USAGE",
+           "UsageError", "usage_error"]
 
 
 class UsageError(Exception):

@@ -73,16 +73,16 @@ class ClassGroups:
         """Map global labels to ``(group, local)`` arrays."""
         labels = np.asarray(labels, dtype=np.int64)
         if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels out of range [0, {self.num_classes}): {labels.min()}..{labels.max()}")
+            raise ValueError(f"labels out of range [0, {self.num_classes}): "
+                             f"{labels.min()}..{labels.max()}")
         return self.class_to_group[labels], self.class_to_local[labels]
 
     def to_global(self, group: np.ndarray | list[int], local: np.ndarray | list[int]) -> np.ndarray:
         """Map ``(group, local)`` pairs back to global labels."""
         group = np.asarray(group, dtype=np.int64)
         local = np.asarray(local, dtype=np.int64)
-        return np.array([self.groups[g][loc] for g, loc in zip(group.ravel(), local.ravel())], dtype=np.int64).reshape(
-            group.shape
-        )
+        return np.array([self.groups[g][loc] for g, loc in zip(group.ravel(), local.ravel())],
+                        dtype=np.int64).reshape(group.shape)
 
 
 def _validate(groups: tuple[tuple[int, ...], ...], num_classes: int, source: str) -> None:
@@ -94,13 +94,16 @@ def _validate(groups: tuple[tuple[int, ...], ...], num_classes: int, source: str
             raise GroupFileError(f"{source}: group {g} is empty; remove it or move classes into it")
         for c in members:
             if not 0 <= c < num_classes:
-                raise GroupFileError(f"{source}: class {c} in group {g} is outside [0, {num_classes})")
+                raise GroupFileError(f"{source}: class {c} in group {g} is outside "
+                                     f"[0, {num_classes})")
             if c in seen:
-                raise GroupFileError(f"{source}: class {c} is in group {seen[c]} and group {g}; keep it in one")
+                raise GroupFileError(f"{source}: class {c} is in group {seen[c]} and group {g}; "
+                                     "keep it in one")
             seen[c] = g
     missing = sorted(set(range(num_classes)) - set(seen))
     if missing:
-        raise GroupFileError(f"{source}: classes {missing[:10]} are in no group; every class needs exactly one")
+        raise GroupFileError(f"{source}: classes {missing[:10]} are in no group; every class needs "
+                             "exactly one")
 
 
 def _from_tstl(d: dict, source: str) -> ClassGroups:
@@ -116,12 +119,15 @@ def _from_tstl(d: dict, source: str) -> ClassGroups:
     for g, members in enumerate(groups):
         for local, c in enumerate(members):
             if c2h.get(c) != g:
-                raise GroupFileError(f"{source}: class_to_head[{c}]={c2h.get(c)} but head_to_classes puts it in {g}")
+                raise GroupFileError(f"{source}: class_to_head[{c}]={c2h.get(c)} but "
+                                     f"head_to_classes puts it in {g}")
             got = d["head_to_local"].get(str(g), {}).get(str(c))
             if got != local:
-                raise GroupFileError(f"{source}: head_to_local[{g}][{c}]={got}, expected {local} (list position)")
+                raise GroupFileError(f"{source}: head_to_local[{g}][{c}]={got}, expected {local} "
+                                     "(list position)")
     if len(c2h) != num_classes:
-        raise GroupFileError(f"{source}: class_to_head has {len(c2h)} entries, num_classes is {num_classes}")
+        raise GroupFileError(f"{source}: class_to_head has {len(c2h)} entries, "
+                             f"num_classes is {num_classes}")
     return ClassGroups(groups, num_classes)
 
 
@@ -138,7 +144,8 @@ def load_groups(path: str | os.PathLike) -> ClassGroups:
     if "class_to_head" in d:
         return _from_tstl(d, source)
     if d.get("format") != OUR_FORMAT:
-        raise GroupFileError(f"{source}: neither TSTL class_grouping.json nor '{OUR_FORMAT}' (missing 'format' key)")
+        raise GroupFileError(f"{source}: neither TSTL class_grouping.json nor '{OUR_FORMAT}' "
+                             "(missing 'format' key)")
     groups = tuple(tuple(int(c) for c in g) for g in d["groups"])
     _validate(groups, int(d["num_classes"]), source)
     return ClassGroups(groups, int(d["num_classes"]))
@@ -147,12 +154,14 @@ def load_groups(path: str | os.PathLike) -> ClassGroups:
 def save_groups(groups: ClassGroups, path: str | os.PathLike, fmt: str = "ours") -> None:
     """Write ``groups`` as ``fmt`` = ``"ours"`` or ``"tstl"`` (TSTL class_grouping.json)."""
     if fmt == "ours":
-        d: dict = {"format": OUR_FORMAT, "num_classes": groups.num_classes, "groups": [list(g) for g in groups.groups]}
+        d: dict = {"format": OUR_FORMAT, "num_classes": groups.num_classes,
+                   "groups": [list(g) for g in groups.groups]}
     elif fmt == "tstl":
         d = {
             "class_to_head": {str(c): g for g, m in enumerate(groups.groups) for c in m},
             "head_to_classes": {str(g): list(m) for g, m in enumerate(groups.groups)},
-            "head_to_local": {str(g): {str(c): i for i, c in enumerate(m)} for g, m in enumerate(groups.groups)},
+            "head_to_local": {str(g): {str(c): i for i, c in enumerate(m)}
+                              for g, m in enumerate(groups.groups)},
             "num_heads": groups.num_groups,
             "num_classes": groups.num_classes,
         }

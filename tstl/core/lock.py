@@ -42,8 +42,8 @@ def _describe(path: Path) -> str:
         info = {}
     if not info:
         return "another process (it has not recorded itself yet)"
-    return (f"pid {info.get('pid')} on {info.get('host')} ({info.get('stage')}, started {info.get('started')}: "
-            f"{info.get('command')})")
+    return (f"pid {info.get('pid')} on {info.get('host')} ({info.get('stage')}, "
+            f"started {info.get('started')}: {info.get('command')})")
 
 
 def holder(path: Path) -> str | None:
@@ -63,7 +63,8 @@ def holder(path: Path) -> str | None:
 
 
 @contextmanager
-def file_lock(path: Path, stage: str, *, wait: bool = False, shared: bool = False) -> Iterator[None]:
+def file_lock(path: Path, stage: str, *, wait: bool = False,
+              shared: bool = False) -> Iterator[None]:
     """Hold ``path`` (created if needed) locked for the block; see the module docstring."""
     key = os.path.realpath(path)
     with _guard:
@@ -79,19 +80,21 @@ def file_lock(path: Path, stage: str, *, wait: bool = False, shared: bool = Fals
             with _guard:
                 entry[1] -= 1
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # OSError (EROFS, EACCES) propagates: an environment error
+    # OSError (EROFS, EACCES) propagates: an environment error
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             if not wait:
-                raise LockedError(f"{path.parent} is in use by {_describe(path)}; wait for it to finish, or rerun "
-                                  "with --wait-lock to queue behind it") from None
+                raise LockedError(f"{path.parent} is in use by {_describe(path)}; wait for it to "
+                                  "finish, or rerun with --wait-lock to queue behind it") from None
             fcntl.flock(fd, mode)
         if not shared:  # a shared holder must not overwrite another holder's record
             record = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
-                      "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                      "command": " ".join(sys.argv),
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         with _guard:
@@ -138,6 +141,6 @@ def dataset_lock(folder: Path, stage: str, *, wait: bool = False,
             raise
         parts = [h for p in sorted(folder.glob(f"{LOCK_NAME}.part-*")) if (h := holder(p))]
         if parts and str(e).startswith(f"{folder} is in use by"):
-            raise LockedError(f"{folder} is in use by part runs: {'; '.join(parts)}; wait for them to finish, or "
-                              "rerun with --wait-lock to queue behind them") from None
+            raise LockedError(f"{folder} is in use by part runs: {'; '.join(parts)}; wait for them "
+                              "to finish, or rerun with --wait-lock to queue behind them") from None
         raise

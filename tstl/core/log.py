@@ -32,7 +32,8 @@ def init_logging(level: int | str = logging.INFO, rank: int | None = None) -> No
         rank = int(os.environ.get("RANK", "0"))
     prefix = f"[rank{rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     handler = _TqdmHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level if rank == 0 else logging.WARNING)

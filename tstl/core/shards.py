@@ -54,7 +54,8 @@ SAMPLES = "samples.parquet"
 FORMAT = 1
 PARTS = ("cls", "json", "mp4")  # every sample has exactly these parts, stored in this order
 CLS, JSON, MP4 = PARTS
-SAMPLE_KEYS = ("id", "label", "class_name", "duration", "frames", "fps", "width", "height", "source")
+SAMPLE_KEYS = ("id", "label", "class_name", "duration", "frames", "fps", "width", "height",
+               "source")
 """Keys of the ``json`` part; ``frames`` is the exact number of video packets counted at pack
 time."""
 GLOBAL_LABEL = "global_label"
@@ -62,9 +63,9 @@ GLOBAL_LABEL = "global_label"
 LABELS = "labels"
 """Extra ``json`` key of a multi-head sample: head name -> label (``ShardSet.heads`` names the
 heads)."""
-MANIFEST_COLUMNS = (("shard", "string"), ("samples", "int64"), ("bytes", "int64"), ("sha256", "string"),
-                    ("class_hist", "string"), ("plan_hash", "string"), ("first_key", "string"),
-                    ("last_key", "string"), ("head_hist", "string"))
+MANIFEST_COLUMNS = (("shard", "string"), ("samples", "int64"), ("bytes", "int64"),
+                    ("sha256", "string"), ("class_hist", "string"), ("plan_hash", "string"),
+                    ("first_key", "string"), ("last_key", "string"), ("head_hist", "string"))
 
 
 class ShardSetError(ValueError):
@@ -143,7 +144,8 @@ def index_bytes(ss: ShardSet) -> bytes:
     index = {
         "format": FORMAT, "dataset": ss.dataset, "split": ss.split, "num_samples": ss.num_samples,
         "num_shards": len(ss.shards), "num_classes": ss.num_classes, "classes": ss.classes,
-        "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256} for s in ss.shards],
+        "shards": [{"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256}
+                   for s in ss.shards],
         "missing": ss.missing, "params": ss.params,
     }
     if ss.samples is not None:
@@ -165,8 +167,8 @@ def write_manifest(path: Path, shards: list[ShardInfo]) -> None:
     import pyarrow.parquet as pq
 
     rows = [{"shard": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256,
-             "class_hist": json.dumps({str(k): v for k, v in s.class_hist.items()}), "plan_hash": s.plan_hash,
-             "first_key": s.first_key, "last_key": s.last_key,
+             "class_hist": json.dumps({str(k): v for k, v in s.class_hist.items()}),
+             "plan_hash": s.plan_hash, "first_key": s.first_key, "last_key": s.last_key,
              "head_hist": json.dumps({h: {str(k): v for k, v in c.items()}
                                       for h, c in s.head_hist.items()})}
             for s in shards]
@@ -199,8 +201,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, ShardInfo]:
         hist = {int(k): int(v) for k, v in json.loads(row.get("class_hist") or "{}").items()}
         heads = {h: {int(k): int(v) for k, v in c.items()}
                  for h, c in json.loads(row.get("head_hist") or "{}").items()}
-        out[row["shard"]] = ShardInfo(row["shard"], int(row["samples"]), int(row["bytes"]), row["sha256"] or "", hist,
-                                      row.get("plan_hash") or "", row.get("first_key") or "", row.get("last_key") or "")
+        out[row["shard"]] = ShardInfo(row["shard"], int(row["samples"]), int(row["bytes"]),
+                                      row["sha256"] or "", hist, row.get("plan_hash") or "",
+                                      row.get("first_key") or "", row.get("last_key") or "")
         out[row["shard"]].head_hist = heads
     return out
 
@@ -209,13 +212,15 @@ def parse_index(data: bytes | str, source: str) -> ShardSet:
     """A ``ShardSet`` from the text of a ``shards.json`` (``source`` names it in errors)."""
     try:
         index = json.loads(data)
-        shards = [ShardInfo(s["name"], int(s["samples"]), int(s.get("bytes", -1)), s.get("sha256", ""))
+        shards = [ShardInfo(s["name"], int(s["samples"]), int(s.get("bytes", -1)),
+                            s.get("sha256", ""))
                   for s in index["shards"]]
     except (ValueError, KeyError, TypeError) as e:
-        raise ShardSetError(f"{source}: not a valid {INDEX} ({type(e).__name__}: {e}); rebuild it with "
-                            "`make shards`") from e
-    return ShardSet(index.get("dataset", ""), index.get("split", ""), list(index.get("classes") or []), shards,
-                    index.get("missing", []), index.get("params", {}), index.get("samples"),
+        raise ShardSetError(f"{source}: not a valid {INDEX} ({type(e).__name__}: {e}); rebuild it "
+                            "with `make shards`") from e
+    return ShardSet(index.get("dataset", ""), index.get("split", ""),
+                    list(index.get("classes") or []), shards, index.get("missing", []),
+                    index.get("params", {}), index.get("samples"),
                     {str(h): list(names) for h, names in (index.get("heads") or {}).items()})
 
 
@@ -231,7 +236,8 @@ def read_index(url: str | os.PathLike) -> ShardSet:
 
             data = read_bytes(text)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{text}: cannot read the shard list ({e}); run `make shards` or fix the path") from e
+        raise FileNotFoundError(f"{text}: cannot read the shard list ({e}); run `make shards` or "
+                                "fix the path") from e
     return parse_index(data, text)
 
 
@@ -241,14 +247,14 @@ def load(shard_dir: str | os.PathLike) -> ShardSet:
     shard_dir = Path(shard_dir)
     index_path = shard_dir / INDEX
     if not index_path.exists():
-        raise FileNotFoundError(f"{index_path} not found: build the shard set with `tstl shards build` "
-                                "(make shards DATASET=...)")
+        raise FileNotFoundError(f"{index_path} not found: build the shard set with "
+                                "`tstl shards build` (make shards DATASET=...)")
     ss = parse_index(index_path.read_bytes(), str(index_path))
     extra = read_manifest(shard_dir / MANIFEST) if (shard_dir / MANIFEST).exists() else {}
     for s in ss.shards:
         if (row := extra.get(s.name)) is not None:
-            s.class_hist, s.plan_hash, s.first_key, s.last_key = row.class_hist, row.plan_hash, row.first_key, \
-                row.last_key
+            s.class_hist, s.plan_hash, s.first_key, s.last_key = row.class_hist, row.plan_hash, \
+                row.first_key, row.last_key
             s.head_hist = row.head_hist
     return ss
 
@@ -355,11 +361,11 @@ def scan_set(shard_dir: Path, ss: ShardSet) -> SampleIndex:
             with open(path, "rb") as f:
                 rows = scan_tar(f)
         except (OSError, tarfile.TarError) as e:
-            raise ShardSetError(f"{path}: cannot be indexed ({type(e).__name__}: {e}); rebuild the set with "
-                                "`make shards`") from e
+            raise ShardSetError(f"{path}: cannot be indexed ({type(e).__name__}: {e}); rebuild the "
+                                "set with `make shards`") from e
         if len(rows) != s.samples:
-            raise ShardSetError(f"{path}: {len(rows)} samples, {INDEX} says {s.samples}; rebuild the set with "
-                                "`make shards`")
+            raise ShardSetError(f"{path}: {len(rows)} samples, {INDEX} says {s.samples}; rebuild "
+                                "the set with `make shards`")
         per_shard.append(rows)
     return index_from_rows(per_shard)
 
@@ -369,7 +375,8 @@ def samples_table(ss: ShardSet, index: SampleIndex) -> Any:
     import pyarrow as pa
 
     names = [s.name for s in ss.shards]
-    cols = {"shard": [names[i] for i in index.shard.tolist()], "key": [k.decode() for k in index.key.tolist()],
+    cols = {"shard": [names[i] for i in index.shard.tolist()],
+            "key": [k.decode() for k in index.key.tolist()],
             "offset": index.offset, "length": index.length, "label": index.label}
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in SAMPLE_COLUMNS])
     return pa.Table.from_pydict(cols, schema=schema)
@@ -388,7 +395,8 @@ def write_samples(shard_dir: Path, ss: ShardSet, index: SampleIndex, name: str =
     data = tmp.read_bytes()
     fault_point("shards.samples.tmp")
     _fsynced_replace(tmp, path)
-    return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rows": len(index)}
+    return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "rows": len(index)}
 
 
 def parse_samples(data: bytes, ss: ShardSet, source: str) -> SampleIndex:
@@ -402,8 +410,8 @@ def parse_samples(data: bytes, ss: ShardSet, source: str) -> SampleIndex:
 
     entry = ss.samples or {}
     if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ShardSetError(f"{source}: its sha256 is not the one {INDEX} records (a stale or half-copied "
-                            "index); rebuild it with `tstl shards index`")
+        raise ShardSetError(f"{source}: its sha256 is not the one {INDEX} records (a stale or "
+                            "half-copied index); rebuild it with `tstl shards index`")
     try:
         table = pq.read_table(io.BytesIO(data))
         pos = {s.name: i for i, s in enumerate(ss.shards)}
@@ -411,10 +419,11 @@ def parse_samples(data: bytes, ss: ShardSet, source: str) -> SampleIndex:
         index = SampleIndex(shard, table.column("offset").to_numpy().astype(np.int64),
                             table.column("length").to_numpy().astype(np.int64),
                             table.column("label").to_numpy().astype(np.int64),
-                            np.array([k.encode() for k in table.column("key").to_pylist()], dtype=np.bytes_))
+                            np.array([k.encode() for k in table.column("key").to_pylist()],
+                                     dtype=np.bytes_))
     except (KeyError, ValueError, OSError) as e:
-        raise ShardSetError(f"{source}: not a valid {SAMPLES} for this set ({type(e).__name__}: {e}); rebuild "
-                            "it with `tstl shards index`") from e
+        raise ShardSetError(f"{source}: not a valid {SAMPLES} for this set ({type(e).__name__}: "
+                            f"{e}); rebuild it with `tstl shards index`") from e
     if index.counts(len(ss.shards)) != [s.samples for s in ss.shards]:
         raise ShardSetError(f"{source}: its samples per shard differ from {INDEX}; rebuild it with "
                             "`tstl shards index`")

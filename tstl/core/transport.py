@@ -99,8 +99,8 @@ def retrying(url: str, policy: ReadPolicy, what: str, fn: Callable[[int], T],
         except READ_ERRORS as e:
             if attempt == policy.retries or not is_remote(url):
                 raise
-            logger.warning("%s: %s failed (%s: %s); retry %d of %d", url, what, type(e).__name__, e, attempt + 1,
-                           policy.retries)
+            logger.warning("%s: %s failed (%s: %s); retry %d of %d", url, what, type(e).__name__, e,
+                           attempt + 1, policy.retries)
             time.sleep(min(0.5 * (attempt + 1), 5.0))
     raise AssertionError("unreachable")
 
@@ -174,7 +174,8 @@ class PipeStream(io.RawIOBase):
             return 0
         if self.timeout_s > 0 and not select.select([self.fd], [], [], self.timeout_s)[0]:
             self._kill()
-            raise TimeoutError(f"{self.url}: no data for {self.timeout_s:g} s (data.read_timeout_s)")
+            raise TimeoutError(f"{self.url}: no data for {self.timeout_s:g} s "
+                               "(data.read_timeout_s)")
         data = os.read(self.fd, len(buf))
         if not data:
             self.eof = True
@@ -190,7 +191,8 @@ class PipeStream(io.RawIOBase):
             rc = self.proc.wait(timeout=self.timeout_s or None)
         except subprocess.TimeoutExpired as e:
             self._kill()
-            raise TimeoutError(f"{self.url}: closed its output but did not exit within {self.timeout_s:g} s") from e
+            raise TimeoutError(f"{self.url}: closed its output but did not exit within "
+                               f"{self.timeout_s:g} s") from e
         if rc:
             raise OSError(f"{self.url}: exited with status {rc}")
         if self.left:
@@ -224,7 +226,8 @@ class HttpBody(io.RawIOBase):
     """An http response body that raises ``ShortRead`` when the connection ends before
     ``Content-Length``."""
 
-    def __init__(self, resp: http.client.HTTPResponse, url: str, on_close: Callable[[], None] = lambda: None):
+    def __init__(self, resp: http.client.HTTPResponse, url: str,
+                 on_close: Callable[[], None] = lambda: None):
         super().__init__()
         self.resp, self.url, self.on_close = resp, url, on_close
 
@@ -235,9 +238,10 @@ class HttpBody(io.RawIOBase):
         # read1: what one recv gives -- readinto would block until the whole buffer is full, so a
         # stalled server would also stall the bytes that did arrive
         data = self.resp.read1(len(buf))
-        if not data and self.resp.length:  # http.client returns nothing at a cut, with bytes still promised
-            raise ShortRead(f"{self.url}: the connection closed {self.resp.length} bytes before the end of the "
-                            "body (Content-Length)")
+        # http.client returns nothing at a cut, with bytes still promised
+        if not data and self.resp.length:
+            raise ShortRead(f"{self.url}: the connection closed {self.resp.length} bytes before "
+                            "the end of the body (Content-Length)")
         buf[:len(data)] = data
         return len(data)
 
@@ -265,7 +269,8 @@ class HttpClient:
                 conn.request("GET", path or "/", headers=headers or {})
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException):
-                self.drop(parts.scheme, parts.netloc)  # a dead kept-alive connection: the retry opens anew
+                # a dead kept-alive connection: the retry opens anew
+                self.drop(parts.scheme, parts.netloc)
                 raise
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
                 resp.read()
@@ -297,8 +302,8 @@ class HttpClient:
 
 # ---- the two reads -------------------------------------------------------------------------------
 
-def open_stream(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, http_client: HttpClient | None = None
-                ) -> IO[bytes]:
+def open_stream(url: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+                http_client: HttpClient | None = None) -> IO[bytes]:
     """A binary stream of a whole file: a local path, ``pipe:`` command or http(s) URL (both with a
     stall timeout of ``timeout_s``, 0 = none; a body cut short raises ``ShortRead``)."""
     if url.startswith("pipe:"):
@@ -307,7 +312,8 @@ def open_stream(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, http_client: Htt
         client = http_client or HttpClient(timeout_s)
         owned = http_client is None
         resp = client.get(url)
-        return io.BufferedReader(HttpBody(resp, url, client.close if owned else lambda: None), 1 << 20)
+        return io.BufferedReader(HttpBody(resp, url, client.close if owned else lambda: None),
+                                 1 << 20)
     if is_local(url):
         return open(url, "rb")
     import webdataset as wds  # any other scheme webdataset knows (no timeout there)
@@ -341,7 +347,8 @@ class RangeReader:
         self.files: OrderedDict[str, int] = OrderedDict()
         self.max_open = max_open or _open_file_budget()
         self.http = HttpClient(timeout_s)
-        self.no_ranges: set[str] = set()  # http hosts that answered a ranged request with the whole file
+        # http hosts that answered a ranged request with the whole file
+        self.no_ranges: set[str] = set()
         self.opens = self.requests = 0  # counters for tests and benchmarks
 
     def ranges(self, url: str) -> bool:
@@ -373,8 +380,8 @@ class RangeReader:
         while got < length:
             data = os.pread(fd, length - got, offset + got)
             if not data:
-                raise ShortRead(f"{path}: ends {length - got} bytes before offset {offset + length}",
-                                b"".join(chunks))
+                raise ShortRead(f"{path}: ends {length - got} bytes before offset "
+                                f"{offset + length}", b"".join(chunks))
             chunks.append(data)
             got += len(data)
         return b"".join(chunks)
@@ -388,18 +395,21 @@ class RangeReader:
         try:
             if whole:  # the server ignores ranges: skip to the offset, and remember the host
                 if host not in self.no_ranges:
-                    logger.warning("%s: the server ignores Range requests; shards from it are read whole "
-                                   "(set data.cache_dir so that happens once per node)", host)
+                    logger.warning("%s: the server ignores Range requests; shards from it are read "
+                                   "whole (set data.cache_dir so that happens once per node)",
+                                   host)
                     self.no_ranges.add(host)
                 _exact(body, offset, url)
-            elif resp.status != 206 or not (resp.getheader("Content-Range") or "").startswith(f"bytes {offset}-"):
-                raise OSError(f"{url}: asked for bytes {offset}-{offset + length - 1}, got HTTP {resp.status} "
-                              f"{resp.getheader('Content-Range')!r}")
+            elif (resp.status != 206
+                  or not (resp.getheader("Content-Range") or "").startswith(f"bytes {offset}-")):
+                raise OSError(f"{url}: asked for bytes {offset}-{offset + length - 1}, "
+                              f"got HTTP {resp.status} {resp.getheader('Content-Range')!r}")
             data = _exact(body, length, url)
         except BaseException:
             self.http.drop(scheme, host)
             raise
-        if whole or resp.length:  # the rest of a whole file is not wanted: drop the connection, not drain it
+        # the rest of a whole file is not wanted: drop the connection, not drain it
+        if whole or resp.length:
             self.http.drop(scheme, host)
         return data
 
@@ -407,11 +417,12 @@ class RangeReader:
         if "{offset}" not in url:
             raise ValueError(f"{url}: a pipe: command without {{offset}} cannot read a range")
         self.opens += 1
-        with PipeStream(range_command(url, offset, length), self.timeout_s, expect=length) as stream:
+        with PipeStream(range_command(url, offset, length), self.timeout_s,
+                        expect=length) as stream:
             data = _exact(stream, length, url)
             if stream.read(1):
-                raise OSError(f"{url}: sent more than the {length} bytes asked for; check the command's range "
-                              "(curl -r {offset}-{last})")
+                raise OSError(f"{url}: sent more than the {length} bytes asked for; check the "
+                              "command's range (curl -r {offset}-{last})")
             return data
 
     def close(self) -> None:

@@ -66,9 +66,12 @@ class Entry:
 class Listing:
     """A release's metadata as the prepare stage needs it."""
 
-    classes: list[str]                                                    # name of label i (head 1)
-    splits: dict[str, list[Entry]]                                        # labelled: annotations/<split>.csv
-    unlabelled: dict[str, list[Entry]] = field(default_factory=dict)      # ids in annotations/<split>_ids.txt
+    # name of label i (head 1)
+    classes: list[str]
+    # labelled: annotations/<split>.csv
+    splits: dict[str, list[Entry]]
+    # ids in annotations/<split>_ids.txt
+    unlabelled: dict[str, list[Entry]] = field(default_factory=dict)
     heads: dict[str, list[str]] = field(default_factory=dict)
     """Multi-head datasets: class names of each head (``annotations/<head>_classes.txt``); empty for
     one label."""

@@ -83,7 +83,8 @@ class K400Annotations:
 def class_key(name: str) -> str:
     """A class name as every layout spells it the same: lower case, spaces for underscores, no
     quotes."""
-    return re.sub(r"\s+", " ", name.replace("_", " ").replace('"', "").replace("'", "")).strip().lower()
+    return re.sub(r"\s+", " ",
+                  name.replace("_", " ").replace('"', "").replace("'", "")).strip().lower()
 
 
 def _csv_path(root: Path, split: str) -> Path | None:
@@ -98,8 +99,10 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
         reader = csv.DictReader(f)
         need = {"youtube_id", "time_start", "time_end"}
         if reader.fieldnames is None or not need <= set(reader.fieldnames):
-            raise MetadataError(f"{path}: expected the header label,youtube_id,time_start,time_end,split[,is_cc]; "
-                                f"got {reader.fieldnames}. Use the annotation CSVs of the Kinetics-400 release")
+            raise MetadataError(f"{path}: expected the header "
+                                "label,youtube_id,time_start,time_end,split[,is_cc]; "
+                                f"got {reader.fieldnames}. Use the annotation CSVs of the "
+                                "Kinetics-400 release")
         rows = []
         for row in reader:
             problem = _field_count_problem(row)
@@ -123,8 +126,8 @@ def _field_count_problem(row: dict) -> str | None:
 def _clip(path: Path, n: int, row: dict[str, str], label: int) -> Clip:
     vid = (row.get("youtube_id") or "").strip()
     if not _ID_RE.match(vid):
-        raise MetadataError(f"{path}: line {n}: youtube_id '{vid}' is not an 11-character YouTube id "
-                            "(letters, digits, '-' or '_'); fix or remove the line")
+        raise MetadataError(f"{path}: line {n}: youtube_id '{vid}' is not an 11-character "
+                            "YouTube id (letters, digits, '-' or '_'); fix or remove the line")
     try:
         start, end = int(float(row["time_start"])), int(float(row["time_end"]))
     except (TypeError, ValueError):
@@ -139,17 +142,20 @@ def read_annotations(root: Path) -> K400Annotations:
     """Read and validate the split CSVs; labels by sorted class name over the labelled splits."""
     found = {s: p for s in SPLITS if (p := _csv_path(root, s)) is not None}
     if "train" not in found and "val" not in found:
-        raise MetadataError(f"{root / 'annotations'}: no train.csv or val.csv. K400_ROOT must hold annotations/"
-                            "{train,val,test}.csv (label,youtube_id,time_start,time_end,split) and the video "
-                            "folders train/, val/, test/")
+        raise MetadataError(f"{root / 'annotations'}: no train.csv or val.csv. K400_ROOT must hold "
+                            "annotations/{train,val,test}.csv "
+                            "(label,youtube_id,time_start,time_end,split) and the video folders "
+                            "train/, val/, test/")
     rows = {s: _read_rows(p) for s, p in found.items()}
-    names = sorted({r["label"].strip() for rs in rows.values() for r in rs if (r.get("label") or "").strip()})
+    names = sorted({r["label"].strip() for rs in rows.values() for r in rs
+                    if (r.get("label") or "").strip()})
     if not names:
         raise MetadataError(f"{root}: no split CSV has labels")
-    if len(names) != NUM_CLASSES:  # a partial CSV would shift every label after the first absent class
-        logger.warning("%s: the labelled CSVs name %d classes, Kinetics-400 has %d; labels are 0..%d by sorted name "
-                       "of these (classes.txt), so they differ from a full release's", root, len(names), NUM_CLASSES,
-                       len(names) - 1)
+    # a partial CSV would shift every label after the first absent class
+    if len(names) != NUM_CLASSES:
+        logger.warning("%s: the labelled CSVs name %d classes, Kinetics-400 has %d; labels are "
+                       "0..%d by sorted name of these (classes.txt), so they differ from a full "
+                       "release's", root, len(names), NUM_CLASSES, len(names) - 1)
     index = {n: i for i, n in enumerate(names)}
     splits: dict[str, list[Clip]] = {}
     unlabelled: dict[str, list[Clip]] = {}
@@ -158,12 +164,14 @@ def read_annotations(root: Path) -> K400Annotations:
         labelled = [bool((r.get("label") or "").strip()) for r in rs]
         if any(labelled) and not all(labelled):
             n = labelled.index(False) + 2
-            raise MetadataError(f"{found[split]}: line {n} has no label while others do; fix the line")
+            raise MetadataError(f"{found[split]}: line {n} has no label while others do; "
+                                "fix the line")
         clips = [_clip(found[split], n + 2, r, index[r["label"].strip()] if labelled[n] else -1)
                  for n, r in enumerate(rs)]
         for c in clips:
             if c.name in seen:
-                raise MetadataError(f"{found[split]}: clip {c.name} is listed twice (also in {seen[c.name]})")
+                raise MetadataError(f"{found[split]}: clip {c.name} is listed twice "
+                                    f"(also in {seen[c.name]})")
             seen[c.name] = split
         (splits if all(labelled) else unlabelled)[split] = clips
     return K400Annotations(names, splits, unlabelled)
@@ -219,12 +227,13 @@ def reference_files(csvs) -> dict[str, list[str]]:
     """CAST's Kinetics loader (dataset/kinetics.py) opens ``data_path/train/<file>`` and
     ``data_path/val/<file>``: its CSVs hold bare file names, ours hold ``<split>/<name>.mp4`` (what
     our shard builder and TSTL's loader, which joins ``data_path/<file>``, read)."""
-    return {f"cast/{split}.csv": [line.split("/", 1)[1] for line in csvs.get(split, [])] for split in ("train", "val")}
+    return {f"cast/{split}.csv": [line.split("/", 1)[1] for line in csvs.get(split, [])]
+            for split in ("train", "val")}
 
 
 DATASET = Dataset(
     name="kinetics400", title="Kinetics-400", root_var="K400_ROOT",
-    root_help="folder with annotations/{train,val,test}.csv and the video folders train/, val/, test/ (flat, "
-              "class folders or untrimmed <youtube_id>.<ext>)",
+    root_help="folder with annotations/{train,val,test}.csv and the video folders train/, val/, "
+              "test/ (flat, class folders or untrimmed <youtube_id>.<ext>)",
     read=listing, id_problem=id_problem, splits=SPLITS, shard_splits=lambda k: ["train", "val"],
     height=None, short_side=320, max_missing_fraction=0.25, reference_files=reference_files)

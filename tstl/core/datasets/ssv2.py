@@ -58,9 +58,9 @@ def _label_file(root: Path, name: str) -> Path:
         return legacy
     if not (root / "labels").is_dir():
         raise MetadataError(
-            f"{root / 'labels'}: folder not found. Put the release's labels.json, train.json, validation.json and "
-            f"test.json in {root / 'labels'}/ (SSV2_ROOT must be the folder that holds labels/ and "
-            "20bn-something-something-v2/)")
+            f"{root / 'labels'}: folder not found. Put the release's labels.json, train.json, "
+            f"validation.json and test.json in {root / 'labels'}/ (SSV2_ROOT must be the "
+            "folder that holds labels/ and 20bn-something-something-v2/)")
     raise MetadataError(f"{new}: file not found; the official SSV2 release has labels/{name}.json")
 
 
@@ -68,8 +68,8 @@ def _load_json(path: Path):
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise MetadataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg}); "
-                            "re-extract the file from the release archive") from None
+        raise MetadataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} "
+                            f"({e.msg}); re-extract the file from the release archive") from None
 
 
 def read_classes(root: Path) -> tuple[list[str], dict[str, int]]:
@@ -84,7 +84,8 @@ def read_classes(root: Path) -> tuple[list[str], dict[str, int]]:
         raise MetadataError(f"{path}: every value must be a class index such as \"0\"") from None
     indices = sorted(mapping.values())
     if indices != list(range(len(indices))):
-        raise MetadataError(f"{path}: class indices must be 0..{len(indices) - 1} without gaps or repeats")
+        raise MetadataError(f"{path}: class indices must be 0..{len(indices) - 1} without gaps "
+                            "or repeats")
     classes = [""] * len(indices)
     for name, i in mapping.items():
         classes[i] = name
@@ -102,8 +103,8 @@ def _read_split(path: Path, templates: dict[str, int], labelled: bool) -> list[t
         vid = str(entry["id"])
         reason = id_problem(vid)
         if reason:
-            raise MetadataError(f"{path}: entry {n} has id {vid!r}: {reason}; SSV2 ids are integers such as "
-                                "\"78687\" (fix or remove the entry)")
+            raise MetadataError(f"{path}: entry {n} has id {vid!r}: {reason}; SSV2 ids are "
+                                "integers such as \"78687\" (fix or remove the entry)")
         if not labelled:
             out.append((vid, -1))
             continue
@@ -111,8 +112,8 @@ def _read_split(path: Path, templates: dict[str, int], labelled: bool) -> list[t
             raise MetadataError(f"{path}: entry {n} (id {vid}) has no 'template'")
         template = str(entry["template"]).replace("[", "").replace("]", "")
         if template not in templates:
-            raise MetadataError(f"{path}: entry {n} (id {vid}): template '{template}' is not in labels.json; "
-                                "use the labels.json of the same release")
+            raise MetadataError(f"{path}: entry {n} (id {vid}): template '{template}' is not in "
+                                "labels.json; use the labels.json of the same release")
         out.append((vid, templates[template]))
     return out
 
@@ -126,8 +127,9 @@ def read_annotations(root: Path) -> SSV2Annotations:
         entries = _read_split(path, templates, labelled=split != "test")
         for vid, _ in entries:
             if vid in seen:
-                raise MetadataError(f"{path}: video id {vid} is listed twice (also in {seen[vid]}); "
-                                    "each id must appear in exactly one split")
+                raise MetadataError(f"{path}: video id {vid} is listed twice "
+                                    f"(also in {seen[vid]}); each id must appear in exactly one "
+                                    "split")
             seen[vid] = path.name
         splits[split] = entries
     test = splits.pop("test")
@@ -143,7 +145,8 @@ def listing(root: Path) -> Listing:
     def entry(vid: str, label: int) -> Entry:
         return Entry(vid, videos / f"{vid}.webm", f"{vid}.mp4", label)
 
-    return Listing(ann.classes, {s: [entry(v, y) for v, y in rows] for s, rows in ann.splits.items()},
+    return Listing(ann.classes,
+                   {s: [entry(v, y) for v, y in rows] for s, rows in ann.splits.items()},
                    {"test": [entry(v, -1) for v in ann.test_ids]})
 
 
@@ -151,7 +154,8 @@ def reference_files(csvs) -> dict[str, list[str]]:
     """TSTL's SSV2 loader (dataset/datasets.py) reads ``group_all2.csv`` (train) and
     ``valgroup_all2.csv`` (val and test) from its ``--anno_path``; same lines as ours
     (``<id>.mp4 <label>``, space-delimited)."""
-    return {"group_all2.csv": list(csvs.get("train", [])), "valgroup_all2.csv": list(csvs.get("val", []))}
+    return {"group_all2.csv": list(csvs.get("train", [])),
+            "valgroup_all2.csv": list(csvs.get("val", []))}
 
 
 DATASET = Dataset(

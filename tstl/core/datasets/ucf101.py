@@ -55,8 +55,9 @@ def video_dir(root: Path) -> Path:
 def list_dir(root: Path) -> Path:
     d = root / "ucfTrainTestlist"
     if not d.is_dir():
-        raise MetadataError(f"{d}: folder not found. Unzip UCF101TrainTestSplits-RecognitionTask.zip into "
-                            f"{root} (UCF101_ROOT must hold UCF-101/ and ucfTrainTestlist/)")
+        raise MetadataError(f"{d}: folder not found. Unzip "
+                            f"UCF101TrainTestSplits-RecognitionTask.zip into {root} "
+                            "(UCF101_ROOT must hold UCF-101/ and ucfTrainTestlist/)")
     return d
 
 
@@ -91,16 +92,17 @@ def _read_list(path: Path, index: dict[str, int]) -> list[tuple[str, int]]:
         if reason:
             raise MetadataError(f"{path}: line {n}: {rel!r}: {reason}; fix or remove the line")
         if folder not in index:
-            raise MetadataError(f"{path}: line {n}: '{rel}' is not '<Class>/<file>.avi' with a class of classInd.txt")
+            raise MetadataError(f"{path}: line {n}: '{rel}' is not '<Class>/<file>.avi' with a "
+                                "class of classInd.txt")
         label = index[folder]
         if len(parts) > 2:
             raise MetadataError(f"{path}: line {n}: '{line}' is not '<Class>/<file>.avi [<label>]'")
         if len(parts) > 1 and not re.fullmatch(r"[0-9]+", parts[1]):
-            raise MetadataError(f"{path}: line {n}: label {parts[1]!r} is not an integer (classInd.txt index "
-                                f"{label + 1} for '{folder}')")
+            raise MetadataError(f"{path}: line {n}: label {parts[1]!r} is not an integer "
+                                f"(classInd.txt index {label + 1} for '{folder}')")
         if len(parts) > 1 and int(parts[1]) - 1 != label:
-            raise MetadataError(f"{path}: line {n}: label {parts[1]} does not match the folder '{folder}' "
-                                f"(classInd.txt gives {label + 1})")
+            raise MetadataError(f"{path}: line {n}: label {parts[1]} does not match the folder "
+                                f"'{folder}' (classInd.txt gives {label + 1})")
         if rel in seen:
             raise MetadataError(f"{path}: line {n}: '{rel}' is listed twice")
         seen.add(rel)
@@ -148,7 +150,8 @@ def listing(root: Path) -> Listing:
         stem = rel.rsplit(".", 1)[0]
         return Entry(stem, resolved[rel], stem + ".mp4", label)
 
-    return Listing(ann.classes, {s: [entry(r, y) for r, y in rows] for s, rows in ann.splits.items()})
+    return Listing(ann.classes,
+                   {s: [entry(r, y) for r, y in rows] for s, rows in ann.splits.items()})
 
 
 def shard_splits(k: int) -> list[str]:
@@ -160,11 +163,13 @@ def shard_splits(k: int) -> list[str]:
 def reference_files(csvs) -> dict[str, list[str]]:
     """TSTL's UCF101 loader (dataset/datasets.py) reads ``group1.csv`` (train) and
     ``val_group4.csv`` (val and test) from its ``--anno_path``: split 1, same lines as ours."""
-    return {"group1.csv": list(csvs.get("train_split1", [])), "val_group4.csv": list(csvs.get("test_split1", []))}
+    return {"group1.csv": list(csvs.get("train_split1", [])),
+            "val_group4.csv": list(csvs.get("test_split1", []))}
 
 
 DATASET = Dataset(
-    name="ucf101", title="UCF101", root_var="UCF101_ROOT", root_help="folder with UCF-101/ and ucfTrainTestlist/",
+    name="ucf101", title="UCF101", root_var="UCF101_ROOT",
+    root_help="folder with UCF-101/ and ucfTrainTestlist/",
     read=listing, id_problem=key_problem,
     splits=tuple(f"{kind}_split{k}" for k in SPLITS for kind in ("train", "test")),
     shard_splits=shard_splits, height=240, reference_files=reference_files)
