@@ -40,34 +40,44 @@ def _commands() -> dict[str, Command]:
     from tstl.core.datasets import DATASETS  # standard library only: cheap
 
     prep = "prepare"
-    cmds = {f"prepare-{d.name}": Command("pipeline.cli", f"{d.title}: raw release -> H.264 .mp4 + CSVs + manifest",
-                                         (f"prepare-{d.name}",), section=prep) for d in DATASETS.values()}
-    cmds["prepare"] = Command("pipeline.cli", "any registered dataset: prepare --dataset NAME", ("prepare",),
-                              section=prep)
-    cmds["finalize"] = Command("pipeline.cli", "after --part runs: merge manifests, write the annotation CSVs",
+    cmds = {f"prepare-{d.name}": Command("pipeline.cli", f"{d.title}: raw release -> H.264 .mp4 "
+                                         "+ CSVs + manifest", (f"prepare-{d.name}",), section=prep)
+            for d in DATASETS.values()}
+    cmds["prepare"] = Command("pipeline.cli", "any registered dataset: prepare --dataset NAME",
+                              ("prepare",), section=prep)
+    cmds["finalize"] = Command("pipeline.cli",
+                               "after --part runs: merge manifests, write the annotation CSVs",
                                ("finalize",), section=prep)
-    cmds["synthetic"] = Command("pipeline.synthetic", "write small synthetic SSV2/UCF101/Kinetics-style raw datasets",
+    cmds["synthetic"] = Command("pipeline.synthetic",
+                                "write small synthetic SSV2/UCF101/Kinetics-style raw datasets",
                                 prog=f"{PROG} synthetic", section=prep)
-    cmds["shards"] = Command("shard_tools.cli", "WebDataset shard sets: build, verify, ls, inspect, stats, subset",
+    cmds["shards"] = Command("shard_tools.cli",
+                             "WebDataset shard sets: build, verify, ls, inspect, stats, subset",
                              prog=f"{PROG} shards", section="shards")
     train = "train"
-    cmds["train"] = Command("tstl.train.cli", "train a model with DeepSpeed (resumes); --check validates and exits",
+    cmds["train"] = Command("tstl.train.cli",
+                            "train a model with DeepSpeed (resumes); --check validates and exits",
                             ("train",), section=train)
-    cmds["eval"] = Command("tstl.train.cli", "multi-view evaluation of a checkpoint or run folder", ("eval",),
-                           section=train)
-    cmds["report"] = Command("tstl.train.cli", "write <run>/report.md with accuracy and plots", ("report",),
-                             section=train)
-    cmds["print-config"] = Command("tstl.train.recipes", "the resolved recipe of a (dataset, model) as YAML",
+    cmds["eval"] = Command("tstl.train.cli", "multi-view evaluation of a checkpoint or run folder",
+                           ("eval",), section=train)
+    cmds["report"] = Command("tstl.train.cli", "write <run>/report.md with accuracy and plots",
+                             ("report",), section=train)
+    cmds["print-config"] = Command("tstl.train.recipes",
+                                   "the resolved recipe of a (dataset, model) as YAML",
                                    prog=f"{PROG} print-config", section=train)
-    cmds["config"] = Command("tstl.cli", "config keys [--tstl]: every config key with type, default and doc",
+    cmds["config"] = Command("tstl.cli",
+                             "config keys [--tstl]: every config key with type, default and doc",
                              prog=f"{PROG} config", section=train)
     tstl = "TSTL"
     names = {"train": "train-tstl", "eval": "eval-tstl"}
-    cmds["groups"] = Command("tstl.twostage.cli", "TSTL class groups (balanced or from a confusion matrix)",
+    cmds["groups"] = Command("tstl.twostage.cli",
+                             "TSTL class groups (balanced or from a confusion matrix)",
                              ("groups",), kwargs={"names": names}, section=tstl)
-    cmds["train-tstl"] = Command("tstl.twostage.cli", "TSTL: stage-1 selector + stage-2 experts (resumes)",
+    cmds["train-tstl"] = Command("tstl.twostage.cli",
+                                 "TSTL: stage-1 selector + stage-2 experts (resumes)",
                                  ("train",), kwargs={"names": names}, section=tstl)
-    cmds["eval-tstl"] = Command("tstl.twostage.cli", "TSTL routed multi-view evaluation, hard and soft routing",
+    cmds["eval-tstl"] = Command("tstl.twostage.cli",
+                                "TSTL routed multi-view evaluation, hard and soft routing",
                                 ("eval",), kwargs={"names": names}, section=tstl)
     use = "use a trained model"
     cmds["predict"] = Command("tstl.predict.cli", "top-k classes of video files, folders or shard "
@@ -80,15 +90,16 @@ def _commands() -> dict[str, Command]:
 def help_text(cmds: dict[str, Command]) -> str:
     width = max(map(len, cmds)) + 2
     lines = [f"usage: {PROG} [-h] [--version] <command> [args ...]", "",
-             "Video action recognition on sharded datasets: prepare, shard, train, evaluate, TSTL.", ""]
+             "Video action recognition on sharded datasets: prepare, shard, train, evaluate, TSTL.",
+             ""]
     section = None
     for name, c in cmds.items():
         if c.section != section:
             section = c.section
             lines.append(f"{section} commands:")
         lines.append(f"  {name:<{width}}{c.help}")
-    lines += ["", (f"`{PROG} <command> --help` shows a command's arguments; docs/ and README.md 'Command line' "
-                   "the workflow."), exitcodes.EPILOG]
+    lines += ["", (f"`{PROG} <command> --help` shows a command's arguments; docs/ and README.md "
+                   "'Command line' the workflow."), exitcodes.EPILOG]
     return "\n".join(lines)
 
 
@@ -96,10 +107,13 @@ def config_main(argv: Sequence[str] | None = None, prog: str = f"{PROG} config")
     """``tstl config keys [--tstl]``: every config key of a training (or TSTL) run."""
     import argparse
 
-    p = argparse.ArgumentParser(prog=prog, description="Configuration reference.", epilog=exitcodes.EPILOG)
+    p = argparse.ArgumentParser(prog=prog, description="Configuration reference.",
+                                epilog=exitcodes.EPILOG)
     sub = p.add_subparsers(dest="what", required=True)
-    k = sub.add_parser("keys", help="every key with its type, default and docstring (what key.sub=value accepts)")
-    k.add_argument("--tstl", action="store_true", help="the keys of a TSTL run (a training run's plus tstl.*)")
+    k = sub.add_parser("keys", help="every key with its type, default and docstring (what "
+                                    "key.sub=value accepts)")
+    k.add_argument("--tstl", action="store_true",
+                   help="the keys of a TSTL run (a training run's plus tstl.*)")
     args = p.parse_args(argv)
     from tstl.core.config import format_keys
 
@@ -130,9 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cmd is None:
         close = difflib.get_close_matches(first, cmds, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        return exitcodes.usage_error(f"unknown command '{first}' ({hint}`{PROG} --help` lists the commands: "
-                                     f"{', '.join(cmds)})")
-    if cmd.module == "tstl.cli":  # (also when run as python -m tstl.cli, where __name__ is __main__)
+        return exitcodes.usage_error(f"unknown command '{first}' ({hint}`{PROG} --help` lists the "
+                                     f"commands: {', '.join(cmds)})")
+    # (also when run as python -m tstl.cli, where __name__ is __main__)
+    if cmd.module == "tstl.cli":
         return config_main(rest, prog=cmd.prog)
     module = importlib.import_module(cmd.module)
     return module.main([*cmd.prefix, *rest], prog=cmd.prog, **cmd.kwargs)
