@@ -8,6 +8,12 @@ from tstl.core import torchvision_shim
 torchvision_shim.install()
 
 from tstl.data.config import DataConfig  # noqa: E402
-from tstl.data.loader import BadSampleRateError, ShardLoader, build_eval_loader, build_train_loader  # noqa: E402
+from tstl.data.loader import (  # noqa: E402
+    BadSampleRateError,
+    ShardLoader,
+    build_eval_loader,
+    build_train_loader,
+)
 
-__all__ = ["BadSampleRateError", "DataConfig", "ShardLoader", "build_eval_loader", "build_train_loader"]
+__all__ = ["BadSampleRateError", "DataConfig", "ShardLoader", "build_eval_loader",
+           "build_train_loader"]

@@ -220,10 +220,12 @@ class RandAugmentPolicy:
         self.mstd, self.mmax, increasing = 0.0, None, False
         parts = spec.split("-")
         if parts[0] != "rand":
-            raise ValueError(f"data.rand_augment {spec!r}: only timm 'rand-...' specs are supported")
+            raise ValueError(f"data.rand_augment {spec!r}: only timm 'rand-...' specs are "
+                             "supported")
         for c in parts[1:]:
             if c.startswith("t"):
-                raise ValueError(f"data.rand_augment {spec!r}: transform sets ('t...') are not supported")
+                raise ValueError(f"data.rand_augment {spec!r}: transform sets ('t...') are not "
+                                 "supported")
             key, val = (re.split(r"(\d.*)", c) + [""])[:2]
             if key == "mstd":
                 self.mstd = float("inf") if float(val) > 100 else float(val)
@@ -326,14 +328,16 @@ def _lut_apply(x: torch.Tensor, lut: np.ndarray) -> torch.Tensor:
     if lut.ndim == 1:
         return table[x.long()]
     t = x.shape[0]
-    offs = (torch.arange(t, device=x.device).view(t, 1, 1, 1) * 3 + torch.arange(3, device=x.device)) * 256
+    offs = (torch.arange(t, device=x.device).view(t, 1, 1, 1) * 3
+            + torch.arange(3, device=x.device)) * 256
     return table.reshape(-1)[x.long() + offs]
 
 
 def _histograms(x: torch.Tensor) -> np.ndarray:
     """Per-frame, per-channel histograms ``[T, 3, 256]`` (int64, on the CPU)."""
     t = x.shape[0]
-    offs = (torch.arange(t, device=x.device).view(t, 1, 1, 1) * 3 + torch.arange(3, device=x.device)) * 256
+    offs = (torch.arange(t, device=x.device).view(t, 1, 1, 1) * 3
+            + torch.arange(3, device=x.device)) * 256
     counts = torch.bincount((x.long() + offs).reshape(-1), minlength=t * 768)
     return counts.view(t, 3, 256).cpu().numpy()
 

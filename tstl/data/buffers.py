@@ -180,8 +180,9 @@ def check_room(workers: int, buffers: int, batch_bytes: int, shm: str = "/dev/sh
     need = workers * buffers * batch_bytes
     if total >= need:
         return True
-    logger.warning("%s holds %.0f MB but %d loader worker(s) may keep up to %d batch buffers of %.0f MB each there "
-                   "(%.0f MB); workers may crash with a bus error. Give the container more shared memory (docker run "
-                   "--shm-size=%dg) or lower data.num_workers / data.prefetch_factor / data.batch_size", shm,
-                   total / 2**20, workers, buffers, batch_bytes / 2**20, need / 2**20, -(-need // 2**30))
+    logger.warning("%s holds %.0f MB but %d loader worker(s) may keep up to %d batch buffers of "
+                   "%.0f MB each there (%.0f MB); workers may crash with a bus error. Give the "
+                   "container more shared memory (docker run --shm-size=%dg) or lower "
+                   "data.num_workers / data.prefetch_factor / data.batch_size", shm, total / 2**20,
+                   workers, buffers, batch_bytes / 2**20, need / 2**20, -(-need // 2**30))
     return False

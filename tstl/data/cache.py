@@ -81,7 +81,8 @@ class NodeCache:
             self.misses += 1
             return None
         if len(data) != length:
-            logger.warning("%s: %d bytes, the index says %d; dropped from the cache", path, len(data), length)
+            logger.warning("%s: %d bytes, the index says %d; dropped from the cache", path,
+                           len(data), length)
             with contextlib.suppress(OSError):
                 path.unlink()
             self.misses += 1
@@ -117,8 +118,9 @@ class NodeCache:
 
     def _disable(self, e: OSError) -> None:
         self.writable = False
-        logger.warning("data.cache_dir %s: cannot write (%s); reading from the source without caching from now "
-                       "on (free space or point data.cache_dir elsewhere)", self.root, e.strerror or e)
+        logger.warning("data.cache_dir %s: cannot write (%s); reading from the source without "
+                       "caching from now on (free space or point data.cache_dir elsewhere)",
+                       self.root, e.strerror or e)
 
     # ---- whole-shard streaming -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -162,8 +164,9 @@ class NodeCache:
                     with contextlib.suppress(OSError):
                         path.unlink()
                         removed += size
-                logger.info("cache %s: %.1f MB over the %.1f MB limit, removed %.1f MB (least recently used)",
-                            self.root, (total - self.limit) / 1e6, self.limit / 1e6, removed / 1e6)
+                logger.info("cache %s: %.1f MB over the %.1f MB limit, removed %.1f MB "
+                            "(least recently used)", self.root, (total - self.limit) / 1e6,
+                            self.limit / 1e6, removed / 1e6)
             return removed
         finally:
             os.close(fd)

@@ -129,7 +129,8 @@ class DataConfig:
     the disk."""
 
     RETIRED: ClassVar[dict[str, str]] = {
-        "shuffle_buffer": "0.3: the epoch order is shuffled as a whole (data.shuffle_block), no buffer needed"}
+        "shuffle_buffer": "0.3: the epoch order is shuffled as a whole (data.shuffle_block), "
+                          "no buffer needed"}
 
     def __post_init__(self) -> None:
         if self.num_frames < 1 or self.sampling_rate < 1 or self.input_size < 8:
@@ -142,13 +143,14 @@ class DataConfig:
             raise ValueError("max_bad_fraction must be in [0, 1]")
         if min(self.test_views) < 1:
             raise ValueError("test_views must be >= 1 in both entries")
-        if self.sampling == "segment" and self.sampling_convention == "cast" and self.test_views[0] > 2:
-            raise ValueError(f"CAST's segment test rule has 1 or 2 temporal views, test_views is {self.test_views}; "
-                             "use sampling_convention=default for more")
+        if (self.sampling == "segment" and self.sampling_convention == "cast"
+                and self.test_views[0] > 2):
+            raise ValueError(f"CAST's segment test rule has 1 or 2 temporal views, test_views is "
+                             f"{self.test_views}; use sampling_convention=default for more")
         lo, hi = self.jitter_scales
         if self.train_crop == "short_side_jitter" and not self.input_size <= lo <= hi:
-            raise ValueError(f"jitter_scales {self.jitter_scales} must satisfy input_size ({self.input_size}) <= "
-                             "min <= max for short_side_jitter")
+            raise ValueError(f"jitter_scales {self.jitter_scales} must satisfy "
+                             f"input_size ({self.input_size}) <= min <= max for short_side_jitter")
         if self.shuffle_block < 0 or self.cache_limit_gb < 0:
             raise ValueError("data.shuffle_block and data.cache_limit_gb must be >= 0")
         if self.read_timeout_s < 0 or self.read_retries < 0:

@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterator
 import decord
 import numpy as np
 
-TORCHCODEC_FIX = ("data.decoder=torchcodec needs the torchcodec package (pip install torchcodec), a CUDA build of "
-                  "torch (its PyPI wheels link CUDA libraries even for CPU decoding) and FFmpeg 4-7 shared "
-                  "libraries (apt install ffmpeg); or use data.decoder=decord")
+TORCHCODEC_FIX = ("data.decoder=torchcodec needs the torchcodec package (pip install torchcodec), "
+                  "a CUDA build of torch (its PyPI wheels link CUDA libraries even for CPU "
+                  "decoding) and FFmpeg 4-7 shared libraries (apt install ffmpeg); or use "
+                  "data.decoder=decord")
 
 
 def check_decoder(name: str) -> None:
@@ -85,7 +86,8 @@ def _torchcodec(data: bytes) -> tuple[int, Frames]:
 
     # exact mode scans the packets once: the frame count and the index -> frame mapping do not rely
     # on the header
-    reader = VideoDecoder(data, seek_mode="exact", num_ffmpeg_threads=1, dimension_order="NHWC", device="cpu")
+    reader = VideoDecoder(data, seek_mode="exact", num_ffmpeg_threads=1, dimension_order="NHWC",
+                          device="cpu")
     return len(reader), lambda idx: reader.get_frames_at(idx).data.numpy()
 
 
@@ -131,7 +133,8 @@ def decode_clip(
             frames = read(list(map(int, idx)))
         except BadSample:
             raise
-        except Exception as e:  # DECORDError, plain RuntimeErrors and (torchcodec) ValueErrors for broken streams
+        except Exception as e:
+            # DECORDError, plain RuntimeErrors and (torchcodec) ValueErrors for broken streams
             raise BadSample(f"decode failed: {type(e).__name__}: {str(e)[:200]}") from None
     if frames.ndim != 4 or frames.shape[0] != len(idx):
         raise BadSample(f"decoder returned shape {frames.shape} for {len(idx)} frames")

@@ -72,12 +72,13 @@ def warp_batch(x: torch.Tensor, maps: list[np.ndarray], fills: list[np.ndarray])
     """
     b, t, h, w, _ = x.shape
     n = np.array([[2.0 / w, 0.0, -1.0], [0.0, 2.0 / h, -1.0], [0.0, 0.0, 1.0]])
-    theta = torch.tensor(np.stack([n @ m @ np.linalg.inv(n) for m in maps])[:, :2], dtype=torch.float32,
-                         device=x.device)
+    theta = torch.tensor(np.stack([n @ m @ np.linalg.inv(n) for m in maps])[:, :2],
+                         dtype=torch.float32, device=x.device)
     xf = x.permute(0, 1, 4, 2, 3).reshape(b, t * 3, h, w).float()
     grid = F.affine_grid(theta, [b, t * 3, h, w], align_corners=False)
     y = F.grid_sample(xf, grid, mode="bicubic", padding_mode="border", align_corners=False)
-    outside = torch.from_numpy(np.stack(fills)[:, None]).to(x.device, non_blocking=True)  # [b, 1, h, w]
+    # [b, 1, h, w]
+    outside = torch.from_numpy(np.stack(fills)[:, None]).to(x.device, non_blocking=True)
     y = y.masked_fill_(outside, float(FILL)).round_().clamp_(0, 255).to(torch.uint8)
     return y.view(b, t, 3, h, w).permute(0, 1, 3, 4, 2)
 
@@ -100,7 +101,8 @@ class DeviceRandAugment:
         out = x.clone()
         if geo:
             maps = [draws[i].maps(w, h) for i in geo]
-            out[geo] = warp_batch(x[geo], [compose(m) for m in maps], [fill_mask(m, w, h) for m in maps])
+            out[geo] = warp_batch(x[geo], [compose(m) for m in maps],
+                                  [fill_mask(m, w, h) for m in maps])
         for i, d in enumerate(draws):
             if d.colour:
                 out[i] = apply_colour_ops(out[i], d)
@@ -122,7 +124,8 @@ class Normalize:
         if x.device.type == "cpu":
             # Transpose while still uint8 and cast with NumPy: torch's CPU uint8 -> float cast and
             # out-of-place arithmetic measured 5-7x slower here.
-            xf = torch.from_numpy(np.ascontiguousarray(x.numpy().transpose(0, 4, 1, 2, 3)).astype(np.float32))
+            xf = torch.from_numpy(
+                np.ascontiguousarray(x.numpy().transpose(0, 4, 1, 2, 3)).astype(np.float32))
         else:
             xf = x.permute(0, 4, 1, 2, 3).contiguous().float()
         batch["video"] = xf.mul_(self.scale.to(x.device)).add_(self.shift.to(x.device))
@@ -144,7 +147,8 @@ class Erase:
         self.probability, self.min_area, self.max_area = probability, min_area, max_area
         self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
 
-    def boxes(self, b: int, h: int, w: int, rng: np.random.Generator) -> list[tuple[int, int, int, int] | None]:
+    def boxes(self, b: int, h: int, w: int,
+              rng: np.random.Generator) -> list[tuple[int, int, int, int] | None]:
         """``(top, left, eh, ew)`` per clip, or None where it is not erased."""
         out: list[tuple[int, int, int, int] | None] = []
         for _ in range(b):
@@ -153,9 +157,11 @@ class Erase:
                 for _attempt in range(10):
                     area = rng.uniform(self.min_area, self.max_area) * h * w
                     aspect = math.exp(rng.uniform(*self.log_aspect))
-                    eh, ew = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+                    eh, ew = (int(round(math.sqrt(area * aspect))),
+                              int(round(math.sqrt(area / aspect))))
                     if ew < w and eh < h:
-                        box = (int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1)), eh, ew)
+                        box = (int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1)),
+                               eh, ew)
                         break
             out.append(box)
         return out
@@ -168,7 +174,8 @@ class Erase:
         for i, box in enumerate(self.boxes(b, h, w, rng)):
             if box is not None:
                 top, left, eh, ew = box
-                noise = torch.randn((c, t, eh, ew), generator=gen)  # drawn on the CPU: same values on every device
+                # drawn on the CPU: same values on every device
+                noise = torch.randn((c, t, eh, ew), generator=gen)
                 x[i, :, :, top:top + eh, left:left + ew] = noise.to(x.device, non_blocking=True)
         return batch
 

@@ -44,9 +44,9 @@ class ShardLoader:
             ``shardset`` (``resolve(..., labels=label_map.keys())``). None keeps the labels.
     """
 
-    def __init__(self, cfg: DataConfig, shardset: ShardList, *, train: bool, rank: int = 0, world_size: int = 1,
-                 epoch: int = 0, views: tuple[int, int] = (1, 1), balance: str = "pad",
-                 label_map: Mapping[int, int] | None = None) -> None:
+    def __init__(self, cfg: DataConfig, shardset: ShardList, *, train: bool, rank: int = 0,
+                 world_size: int = 1, epoch: int = 0, views: tuple[int, int] = (1, 1),
+                 balance: str = "pad", label_map: Mapping[int, int] | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if balance not in ("pad", "drop"):
@@ -63,12 +63,13 @@ class ShardLoader:
         self.length = self._steps()
         if self.length == 0:
             raise ValueError(
-                f"{self.num_samples} samples cannot fill one batch of {cfg.batch_size} on each of {world_size} "
-                "rank(s); lower data.batch_size, or use balance=pad")
+                f"{self.num_samples} samples cannot fill one batch of {cfg.batch_size} on each of "
+                f"{world_size} rank(s); lower data.batch_size, or use balance=pad")
         self.mixup = self._mixup() if train and cfg.mixup_active else None
         self.device = torch.device("cpu")
         self.bad_samples = 0
-        self._bad_run = self._seen_run = 0  # this process' counts for the bad-sample limit (_check_bad)
+        # this process' counts for the bad-sample limit (_check_bad)
+        self._bad_run = self._seen_run = 0
         self._room_checked = False  # /dev/shm size warned about at most once
         self.set_epoch(epoch)
 
@@ -136,14 +137,15 @@ class ShardLoader:
         """What makes the epoch's order: the same values give the same samples at the same
         positions."""
         lm = sorted(self.label_map.items()) if self.label_map is not None else None
-        return {"seed": self.cfg.seed, "num_samples": self.num_samples, "shuffle_block": self.cfg.shuffle_block,
-                "fingerprint": self.shardset.fingerprint, "label_map": lm}
+        return {"seed": self.cfg.seed, "num_samples": self.num_samples,
+                "shuffle_block": self.cfg.shuffle_block, "fingerprint": self.shardset.fingerprint,
+                "label_map": lm}
 
     def state_dict(self) -> dict:
         """Position after the last batch handed out: resuming continues with the very next batch."""
-        return {"epoch": self.epoch, "step": self.step, "position": self.position, "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.cfg.batch_size, "drop": self.drop,
-                "bad_samples": self.bad_samples, **self._identity()}
+        return {"epoch": self.epoch, "step": self.step, "position": self.position,
+                "rank": self.rank, "world_size": self.world_size, "batch_size": self.cfg.batch_size,
+                "drop": self.drop, "bad_samples": self.bad_samples, **self._identity()}
 
     def load_state_dict(self, state: dict) -> bool:
         """Resume from a ``state_dict()`` of any rank of a saved job, on any layout (world size,
@@ -151,29 +153,36 @@ class ShardLoader:
         when the layout is the saved one (then the batches are exactly those of the uninterrupted
         run), False otherwise."""
         if not self.train:
-            raise ValueError("evaluation loaders cannot resume mid-pass; rerun the evaluation from the start")
+            raise ValueError("evaluation loaders cannot resume mid-pass; rerun the evaluation from "
+                             "the start")
         if "position" not in state:
-            raise ValueError("this loader state was saved by tstl before 0.3 (its partition depended on the world "
-                             "size); resume it with that version, or start the run again in a new out_dir")
+            raise ValueError("this loader state was saved by tstl before 0.3 (its partition "
+                             "depended on the world size); resume it with that version, or start "
+                             "the run again in a new out_dir")
         mine = self._identity()
         theirs = {k: state.get(k) for k in mine}
         if theirs != mine:
-            diff = {k: (theirs[k], mine[k]) for k in mine if theirs[k] != mine[k] and k != "label_map"}
-            raise ValueError(f"loader state was saved for another epoch order (saved vs now: {diff or 'label_map'}):"
-                             " resume with the same data.seed, data.shuffle_block and shard set, or restart the "
-                             "epoch with set_epoch()")
+            diff = {k: (theirs[k], mine[k]) for k in mine
+                    if theirs[k] != mine[k] and k != "label_map"}
+            raise ValueError(f"loader state was saved for another epoch order (saved vs now: "
+                             f"{diff or 'label_map'}): resume with the same data.seed, "
+                             "data.shuffle_block and shard set, or restart the epoch with "
+                             "set_epoch()")
         self.epoch = int(state["epoch"])
         n, world, bsz = self.num_samples, self.world_size, self.cfg.batch_size
         self._segment = partition.resume_segment(n, int(state["position"]), world, bsz, self.drop)
         self.step = self._segment.first_step
-        exact = (state["world_size"], state["batch_size"], state.get("drop", False)) == (world, bsz, self.drop)
+        exact = ((state["world_size"], state["batch_size"], state.get("drop", False))
+                 == (world, bsz, self.drop))
         if exact and self.step != state["step"]:
-            raise ValueError(f"loader state says step {state['step']} at position {state['position']}, which "
-                             f"this layout puts at step {self.step}: the state is damaged")
+            raise ValueError(f"loader state says step {state['step']} at position "
+                             f"{state['position']}, which this layout puts at step {self.step}: "
+                             "the state is damaged")
         if not exact:
-            logger.info("resume of epoch %d at position %d of %d on another layout: %d ranks x batch %d saved, "
-                        "%d x %d now; continuing at step %d of %d", self.epoch, state["position"], n,
-                        state["world_size"], state["batch_size"], world, bsz, self.step, len(self))
+            logger.info("resume of epoch %d at position %d of %d on another layout: %d ranks x "
+                        "batch %d saved, %d x %d now; continuing at step %d of %d", self.epoch,
+                        state["position"], n, state["world_size"], state["batch_size"], world, bsz,
+                        self.step, len(self))
         return exact
 
     def load_state_dicts(self, states: Sequence[dict]) -> bool:
@@ -183,10 +192,12 @@ class ShardLoader:
         if not states:
             raise ValueError("no loader state to resume from")
         ref = states[0]
-        if any((st.get("epoch"), st.get("position")) != (ref.get("epoch"), ref.get("position")) for st in states):
+        if any((st.get("epoch"), st.get("position")) != (ref.get("epoch"), ref.get("position"))
+               for st in states):
             raise ValueError("the saved ranks' loader states are at different epochs or positions")
         exact = self.load_state_dict(ref)
-        self.bad_samples = sum(int(st.get("bad_samples", 0)) for st in states) if self.rank == 0 else 0
+        self.bad_samples = (sum(int(st.get("bad_samples", 0)) for st in states) if self.rank == 0
+                            else 0)
         return exact
 
     # ---- the bad-sample limit --------------------------------------------------------------------
@@ -213,7 +224,8 @@ class ShardLoader:
         counts[2 + self.rank] = 1.0 if starved else 0.0
         if self._group():
             d = torch.distributed
-            dev = torch.device("cuda", torch.cuda.current_device()) if d.get_backend() == "nccl" else "cpu"
+            dev = (torch.device("cuda", torch.cuda.current_device()) if d.get_backend() == "nccl"
+                   else "cpu")
             t = torch.tensor(counts, dtype=torch.float64, device=dev)
             d.all_reduce(t, op=d.ReduceOp.SUM)
             counts = t.tolist()
@@ -222,14 +234,16 @@ class ShardLoader:
         over = seen > 0 and bad > c.max_bad_fraction * seen and (seen >= c.min_bad_check or last)
         if not over and not starved_ranks:
             return
-        where = (f"the bad samples are listed in {c.quarantine} (key, shard, reason)" if c.quarantine
-                 else "the bad samples are logged as warnings (set data.quarantine to list them in a file)")
-        why = (f"rank(s) {starved_ranks} met a batch without a single decodable sample, nor one among the "
-               f"{LOOKAHEAD} samples after it; " if starved_ranks else "")
+        where = (f"the bad samples are listed in {c.quarantine} (key, shard, reason)"
+                 if c.quarantine
+                 else "the bad samples are logged as warnings (set data.quarantine to list them "
+                      "in a file)")
+        why = (f"rank(s) {starved_ranks} met a batch without a single decodable sample, nor one "
+               f"among the {LOOKAHEAD} samples after it; " if starved_ranks else "")
         raise BadSampleRateError(
             f"{why}{bad} of {seen} samples read on {self.world_size} rank(s) were bad, more than "
-            f"data.max_bad_fraction={c.max_bad_fraction:g} allows; {where}. Rebuild those videos/shards "
-            "(make shards) or raise data.max_bad_fraction")
+            f"data.max_bad_fraction={c.max_bad_fraction:g} allows; {where}. Rebuild those "
+            "videos/shards (make shards) or raise data.max_bad_fraction")
 
     # ---- iteration -------------------------------------------------------------------------------
     def _mixup(self) -> Mixup:
@@ -267,15 +281,17 @@ class ShardLoader:
             self.set_epoch(self.epoch + 1)
         self._check_unchanged()
         c = self.cfg
-        spec = StreamSpec(c, self.shardset, self.train, self.rank, self.world_size, self.epoch, self.workers, total,
-                          self.step, self._segment, self.views, label_map=self.label_map,
-                          worker_augment=self.augment_on == "worker")
+        spec = StreamSpec(c, self.shardset, self.train, self.rank, self.world_size, self.epoch,
+                          self.workers, total, self.step, self._segment, self.views,
+                          label_map=self.label_map, worker_augment=self.augment_on == "worker")
         stages = self._stages()
         nw = c.num_workers
-        returns = Returns(self.workers) if nw else None  # workers reuse the batch buffers we are done with
+        # workers reuse the batch buffers we are done with
+        returns = Returns(self.workers) if nw else None
         if nw and not self._room_checked:
             bsz = c.batch_size if self.train else c.eval_batch_size
-            check_room(nw, c.prefetch_factor + BUFFERS_EXTRA, bsz * c.num_frames * c.input_size ** 2 * 3)
+            check_room(nw, c.prefetch_factor + BUFFERS_EXTRA,
+                       bsz * c.num_frames * c.input_size ** 2 * 3)
             self._room_checked = True
         spec.buffers = returns.link if returns else None
         pin = c.pin_memory or self.device.type == "cuda"  # pinned pages make the copy non-blocking
@@ -295,9 +311,10 @@ class ShardLoader:
         read)."""
         why = changed(self.shardset, ReadPolicy(self.cfg.read_timeout_s, self.cfg.read_retries))
         if why:
-            raise ShardSetChanged(f"{why}: a run reads one version of its shard set from start to end. Do not "
-                                  "rebuild or republish a set that a job is reading (build a new folder instead); "
-                                  "rerun this job to continue from its last checkpoint on the new set")
+            raise ShardSetChanged(f"{why}: a run reads one version of its shard set from start "
+                                  "to end. Do not rebuild or republish a set that a job is "
+                                  "reading (build a new folder instead); rerun this job to "
+                                  "continue from its last checkpoint on the new set")
 
     def _batches(self, dl: DataLoader, stages: list[BatchStage], total: int,
                  returns: Returns | None) -> Iterator[dict]:
@@ -311,39 +328,44 @@ class ShardLoader:
             self._check_bad(last=self.step + 1 == total, starved=batch.pop("_starved", False))
             # each stage's draws are keyed by its name and the batch's place in the epoch's order
             # (the position of its first sample): the same on any number of ranks and workers
-            first = self._segment.positions(self.step, self.rank, self.world_size, self.cfg.batch_size)[0] \
-                if self.train else self.step
+            first = self._segment.positions(self.step, self.rank, self.world_size,
+                                            self.cfg.batch_size)[0] if self.train else self.step
             for stage in stages:
-                batch = stage(batch, stage_seed(self.cfg.seed, self.epoch, (int(first),), stage.name))
+                batch = stage(batch, stage_seed(self.cfg.seed, self.epoch, (int(first),),
+                                                stage.name))
             self.step += 1
             yield batch
 
 
-def _check_label_map(label_map: Mapping[int, int] | None, num_classes: int | None) -> dict[int, int] | None:
+def _check_label_map(label_map: Mapping[int, int] | None,
+                     num_classes: int | None) -> dict[int, int] | None:
     if label_map is None:
         return None
     lm = {int(k): int(v) for k, v in label_map.items()}
     if not lm:
         raise ValueError("label_map is empty: it would drop every sample")
     if min(lm.values()) < 0 or set(lm.values()) != set(range(max(lm.values()) + 1)):
-        raise ValueError(f"label_map must use every new label 0..{max(lm.values())} and no negative one, "
-                         f"got {sorted(set(lm.values()))}")
+        raise ValueError(f"label_map must use every new label 0..{max(lm.values())} and no "
+                         f"negative one, got {sorted(set(lm.values()))}")
     outside = sorted(k for k in lm if k < 0 or (num_classes is not None and k >= num_classes))
     if outside:
-        raise ValueError(f"label_map keys {outside[:8]} are not classes of the shard set ({num_classes} classes)")
+        raise ValueError(f"label_map keys {outside[:8]} are not classes of the shard set "
+                         f"({num_classes} classes)")
     return lm
 
 
 def _shards(source: Source, cfg: DataConfig, label_map: Mapping[int, int] | None) -> ShardList:
     if isinstance(source, ShardList):
         return source
-    labels = sorted(label_map) if label_map is not None else ()  # selected through the index: nothing is read
+    # selected through the index: nothing is read
+    labels = sorted(label_map) if label_map is not None else ()
     return resolve(source, cfg.shard_url_template, labels, read_timeout_s=cfg.read_timeout_s,
                    read_retries=cfg.read_retries)
 
 
-def build_train_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                       balance: str = "pad", label_map: Mapping[int, int] | None = None) -> ShardLoader:
+def build_train_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_size: int = 1,
+                       epoch: int = 0, balance: str = "pad",
+                       label_map: Mapping[int, int] | None = None) -> ShardLoader:
     """Training loader of one rank: shuffled, augmented, mixed; ``len()`` equal on every rank.
 
     Args:
@@ -358,8 +380,8 @@ def build_train_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_
             (e.g. class -> group, or a group's classes -> 0..k-1); ``num_classes`` becomes
             ``max(values) + 1``. None keeps all.
     """
-    return ShardLoader(cfg, _shards(source, cfg, label_map), train=True, rank=rank, world_size=world_size,
-                       epoch=epoch, balance=balance, label_map=label_map)
+    return ShardLoader(cfg, _shards(source, cfg, label_map), train=True, rank=rank,
+                       world_size=world_size, epoch=epoch, balance=balance, label_map=label_map)
 
 
 def build_eval_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_size: int = 1,
@@ -367,5 +389,6 @@ def build_eval_loader(cfg: DataConfig, source: Source, *, rank: int = 0, world_s
                       label_map: Mapping[int, int] | None = None) -> ShardLoader:
     """Evaluation loader: every video once (plus documented repeats), T x C views each, batches with
     ``view``; ``label_map`` as in ``build_train_loader``."""
-    return ShardLoader(cfg, _shards(source, cfg, label_map), train=False, rank=rank, world_size=world_size,
-                       views=tuple(views or cfg.test_views), label_map=label_map)
+    return ShardLoader(cfg, _shards(source, cfg, label_map), train=False, rank=rank,
+                       world_size=world_size, views=tuple(views or cfg.test_views),
+                       label_map=label_map)

@@ -30,7 +30,8 @@ ORDER_SEED_TAG = 0x5A5A
 module)."""
 
 
-def train_order(shard_of: np.ndarray, rows: np.ndarray, num_shards: int, seed: int, block: int) -> np.ndarray:
+def train_order(shard_of: np.ndarray, rows: np.ndarray, num_shards: int, seed: int,
+                block: int) -> np.ndarray:
     """The training order of ``rows`` (index rows; ``shard_of[row]`` is a row's shard) for one
     epoch's ``seed``.
 

@@ -93,7 +93,8 @@ class SampleReader:
         self.ss, self.policy, self.cache = shardset, policy, cache
         self.io = RangeReader(policy.timeout_s)
         self.bytes_read = 0  # from the source (not the cache), for tests and benchmarks
-        self._lock = threading.Lock()  # the worker's prefetch thread and its main thread share one reader
+        # the worker's prefetch thread and its main thread share one reader
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         self.io.close()
@@ -119,8 +120,10 @@ class SampleReader:
                 if not self.io.ranges(url):
                     break
                 found.update(self._read_run(url, run))
-            if not self.io.ranges(url):  # also when the first ranged answer showed the server cannot
-                found.update(self._stream(shard, [w for run in runs for w in run if w.row not in found]))
+            # also when the first ranged answer showed the server cannot
+            if not self.io.ranges(url):
+                found.update(self._stream(shard, [w for run in runs for w in run
+                                                  if w.row not in found]))
         return [found[int(r)] for r in rows]
 
     # ---- pieces ----------------------------------------------------------------------------------
@@ -128,7 +131,8 @@ class SampleReader:
         if self.cache is None:
             return None
         ix = self.ss.index
-        return self.cache.get(self.ss.shards[int(ix.shard[row])].name, int(ix.offset[row]), int(ix.length[row]))
+        return self.cache.get(self.ss.shards[int(ix.shard[row])].name, int(ix.offset[row]),
+                              int(ix.length[row]))
 
     def _keep(self, row: int, data: bytes) -> None:
         if self.cache is not None:
@@ -145,9 +149,10 @@ class SampleReader:
             return {"__key__": want, "_shard": shard.name, "_error": f"unreadable tar record: {e}"}
         if key != want:
             raise ShardSetChanged(
-                f"{shard.url}: the bytes at offset {int(ix.offset[row])} are sample '{key}', the index says "
-                f"'{want}': the shard set was rebuilt or replaced after this run read its index. Do not rebuild "
-                "a set a job is reading; rerun the job (it resumes from its last checkpoint) to read the new set")
+                f"{shard.url}: the bytes at offset {int(ix.offset[row])} are sample '{key}', "
+                f"the index says '{want}': the shard set was rebuilt or replaced after this run "
+                "read its index. Do not rebuild a set a job is reading; rerun the job (it resumes "
+                "from its last checkpoint) to read the new set")
         return {**parts, "__key__": key, "_shard": shard.name}
 
     def _bad(self, row: int, reason: str) -> dict:
@@ -176,8 +181,9 @@ class SampleReader:
         except ShardSetError:
             raise
         except FileNotFoundError as e:
-            raise ShardSetChanged(f"{url}: no longer there ({e.strerror}); the shard set was rebuilt or removed "
-                                  "under this run: rerun it (it resumes from its last checkpoint)") from e
+            raise ShardSetChanged(f"{url}: no longer there ({e.strerror}); the shard set was "
+                                  "rebuilt or removed under this run: rerun it (it resumes from "
+                                  "its last checkpoint)") from e
         except READ_ERRORS as e:
             if not self.io.ranges(url):
                 return out  # the server sent the whole file: the caller streams the rest
@@ -188,7 +194,8 @@ class SampleReader:
 
     def _unreadable(self, url: str, e: Exception) -> str:
         """The quarantine reason of samples a source did not deliver after its retries."""
-        tries = f" after {self.policy.retries + 1} attempts" if self.policy.retries and is_remote(url) else ""
+        tries = (f" after {self.policy.retries + 1} attempts"
+                 if self.policy.retries and is_remote(url) else "")
         logger.error("%s: unreadable%s: %s", url, tries, e)
         return f"shard unreadable{tries}: {type(e).__name__}: {e}"
 
@@ -212,17 +219,20 @@ class SampleReader:
         if self.cache is None:
             return self._stream_pass(shard, url, wants, whole=False)
         with self.cache.shard_lock(name, timeout_s=max(600.0, 10 * self.policy.timeout_s)):
-            got = {w.row: d for w in wants if (d := self._cached(w.row)) is not None}  # another process' pass
+            # another process' pass
+            got = {w.row: d for w in wants if (d := self._cached(w.row)) is not None}
             out = {row: self._sample(row, d) for row, d in got.items()}
             rest = [w for w in wants if w.row not in got]
             if rest:
                 out.update(self._stream_pass(shard, url, rest, whole=True))
         return out
 
-    def _stream_pass(self, shard: int, url: str, wants: list[_Want], whole: bool) -> dict[int, dict]:
+    def _stream_pass(self, shard: int, url: str, wants: list[_Want],
+                     whole: bool) -> dict[int, dict]:
         ix = self.ss.index
         rows = [int(r) for r in _shard_rows(ix, shard)]
-        every = [_Want(r, int(ix.offset[r]), int(ix.length[r])) for r in rows] if whole else list(wants)
+        every = ([_Want(r, int(ix.offset[r]), int(ix.length[r])) for r in rows] if whole
+                 else list(wants))
         wanted = {w.row for w in wants}
         out: dict[int, dict] = {}
         todo = list(every)
@@ -274,8 +284,10 @@ def group_runs(ix: SampleIndex, rows: Sequence[int]) -> dict[int, list[list[_Wan
     ``MAX_REQUEST`` bytes)."""
     by_shard: dict[int, list[_Want]] = {}
     for row in dict.fromkeys(int(r) for r in rows):
-        by_shard.setdefault(int(ix.shard[row]), []).append(_Want(row, int(ix.offset[row]), int(ix.length[row])))
-    return {shard: _runs(sorted(wants, key=lambda w: w.offset)) for shard, wants in by_shard.items()}
+        by_shard.setdefault(int(ix.shard[row]), []).append(
+            _Want(row, int(ix.offset[row]), int(ix.length[row])))
+    return {shard: _runs(sorted(wants, key=lambda w: w.offset))
+            for shard, wants in by_shard.items()}
 
 
 def request_bytes(ix: SampleIndex, rows: Sequence[int]) -> tuple[int, int]:

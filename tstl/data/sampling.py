@@ -105,7 +105,8 @@ def cast_segment_test(n: int, num_frames: int, view: int, num_views: int) -> np.
     """
     _check(n)
     if num_views > 2 or not 0 <= view < num_views:
-        raise ValueError(f"CAST's segment test rule has 1 or 2 temporal views, got view {view} of {num_views}")
+        raise ValueError(f"CAST's segment test rule has 1 or 2 temporal views, got view {view} of "
+                         f"{num_views}")
     tick = n / num_frames
     x = np.arange(num_frames)
     if view == 0:
@@ -160,7 +161,8 @@ def cast_dense_test(n: int, num_frames: int, rate: int, view: int, num_views: in
 # ------------------------------------------------------------------------------------ TSTL (UCF101)
 
 
-def tstl_segment_train(n: int, num_frames: int, rng: np.random.Generator, rate: int = 4) -> np.ndarray:
+def tstl_segment_train(n: int, num_frames: int, rng: np.random.Generator,
+                       rate: int = 4) -> np.ndarray:
     """TSTL's UCF101 training indices: one frame per segment of ``n // T`` frames, offset in
     ``[0, seg - rate - 1]``.
 
@@ -186,7 +188,8 @@ def tstl_segment_train(n: int, num_frames: int, rng: np.random.Generator, rate: 
     return np.arange(num_frames) * seg + off
 
 
-def tstl_segment_test(n: int, num_frames: int, view: int, num_views: int, rate: int = 4) -> np.ndarray:
+def tstl_segment_test(n: int, num_frames: int, view: int, num_views: int,
+                      rate: int = 4) -> np.ndarray:
     """Deterministic counterpart of :func:`tstl_segment_train` for the test views (TSTL has none
     that works).
 
@@ -239,7 +242,8 @@ def _pyslowfast_clip(n: int, num_frames: int, rate: int, start: float) -> np.nda
     return np.clip(idx, 0, n - 1).astype(np.int64)
 
 
-def pyslowfast_dense_train(n: int, num_frames: int, rate: int, rng: np.random.Generator) -> np.ndarray:
+def pyslowfast_dense_train(n: int, num_frames: int, rate: int,
+                           rng: np.random.Generator) -> np.ndarray:
     """PySlowFast dense training clip: ``clip_size = rate * T``; start
     ``U(0, max(n - clip_size, 0))``; ``T`` indices by linspace from start to
     ``start + clip_size - 1``, clamped to the video.
@@ -257,7 +261,8 @@ def pyslowfast_dense_train(n: int, num_frames: int, rate: int, rng: np.random.Ge
     return _pyslowfast_clip(n, num_frames, rate, float(rng.uniform(0, delta)) if delta > 0 else 0.0)
 
 
-def pyslowfast_dense_test(n: int, num_frames: int, rate: int, view: int, num_views: int) -> np.ndarray:
+def pyslowfast_dense_test(n: int, num_frames: int, rate: int, view: int,
+                          num_views: int) -> np.ndarray:
     """PySlowFast dense test view ``t`` of ``V``: start ``delta * t / V`` (one view starts at frame
     0).
 
@@ -280,7 +285,8 @@ def train_indices(sampling: str, n: int, num_frames: int, rate: int, rng: np.ran
     """Training indices for ``sampling`` = ``segment`` or ``dense`` under ``convention`` (see the
     module doc)."""
     if convention not in CONVENTIONS:
-        raise ValueError(f"unknown sampling convention {convention!r}; one of {', '.join(CONVENTIONS)}")
+        raise ValueError(f"unknown sampling convention {convention!r}; one of "
+                         f"{', '.join(CONVENTIONS)}")
     if sampling == "segment":
         if convention == "tstl":
             return tstl_segment_train(n, num_frames, rng, rate)
@@ -298,7 +304,8 @@ def test_indices(sampling: str, n: int, num_frames: int, rate: int, view: int, n
                  convention: str = "default") -> np.ndarray:
     """Evaluation indices of temporal view ``view`` of ``num_views`` under ``convention``."""
     if convention not in CONVENTIONS:
-        raise ValueError(f"unknown sampling convention {convention!r}; one of {', '.join(CONVENTIONS)}")
+        raise ValueError(f"unknown sampling convention {convention!r}; one of "
+                         f"{', '.join(CONVENTIONS)}")
     if sampling == "segment":
         if convention == "cast":
             return cast_segment_test(n, num_frames, view, num_views)

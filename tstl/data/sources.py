@@ -101,19 +101,21 @@ def shard_url(template: str, name: str, dataset: str = "", split: str = "") -> s
     optional ``{dataset}``/``{split}`` filled in; the range fields ``{offset}``, ``{length}``,
     ``{last}`` stay for the reader."""
     try:
-        return string.Formatter().vformat(template, (), _KeepRange(name=name, dataset=dataset, split=split))
+        return string.Formatter().vformat(template, (),
+                                          _KeepRange(name=name, dataset=dataset, split=split))
     except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"data.shard_url_template {template!r}: only {{name}}, {{dataset}}, {{split}} and the "
-                         f"range fields {', '.join(RANGE_FIELDS)} can be used ({type(e).__name__}: {e})") from None
+        raise ValueError(f"data.shard_url_template {template!r}: only {{name}}, {{dataset}}, "
+                         f"{{split}} and the range fields {', '.join(RANGE_FIELDS)} can be used "
+                         f"({type(e).__name__}: {e})") from None
 
 
 def _strip_range(url: str) -> str:
     """A template URL for reading a whole file (``shards.json``, the index): range fields are not
     allowed there, so a ranged command is for shards only."""
     if any(f in url for f in RANGE_FIELDS):
-        raise ValueError(f"{url}: a command with {'/'.join(RANGE_FIELDS)} reads byte ranges of shards; "
-                         "shards.json and samples.parquet are read whole: give data_dir a local or http shard "
-                         "list, or a template without range fields for them")
+        raise ValueError(f"{url}: a command with {'/'.join(RANGE_FIELDS)} reads byte ranges of "
+                         "shards; shards.json and samples.parquet are read whole: give data_dir a "
+                         "local or http shard list, or a template without range fields for them")
     return url
 
 
@@ -128,8 +130,9 @@ def _check_size(shard: Shard, expected: int, json_url: str) -> None:
         raise ShardSetError(f"{shard.url}: listed in {json_url} but cannot be read ({e.strerror}); "
                             "rebuild the set with `make shards`") from e
     if size != expected:
-        raise ShardSetError(f"{shard.url}: {size} bytes, {json_url} says {expected}; the shard and its shard list "
-                            "disagree (half-copied or stale): rebuild the set with `make shards`")
+        raise ShardSetError(f"{shard.url}: {size} bytes, {json_url} says {expected}; the shard and "
+                            "its shard list disagree (half-copied or stale): rebuild the set with "
+                            "`make shards`")
 
 
 # ---- the index of a set without samples.parquet --------------------------------------------------
@@ -146,7 +149,8 @@ def scan_shards(urls: Sequence[str], policy: ReadPolicy = DEFAULT_POLICY) -> Sam
         try:
             per_shard.append(retrying(url, policy, "scan", once))
         except READ_ERRORS as e:
-            raise OSError(f"{url}: cannot be scanned to index its samples ({type(e).__name__}: {e})") from e
+            raise OSError(f"{url}: cannot be scanned to index its samples "
+                          f"({type(e).__name__}: {e})") from e
     return fmt.index_from_rows(per_shard)
 
 
@@ -166,19 +170,20 @@ def _index(ss: fmt.ShardSet, json_url: str, shards: list[Shard], samples_url: st
     if ss.samples is not None:
         return fmt.parse_samples(read_bytes(samples_url, policy), ss, samples_url)
     if fmt.is_local(json_url):
-        _warn_once(json_url, "%s has no %s: indexing its %d shards from their tar headers; `tstl shards index %s` "
-                   "saves this for every later run", json_url, fmt.SAMPLES, len(shards), Path(json_url).parent)
+        _warn_once(json_url, "%s has no %s: indexing its %d shards from their tar headers; "
+                   "`tstl shards index %s` saves this for every later run", json_url, fmt.SAMPLES,
+                   len(shards), Path(json_url).parent)
     else:
-        _warn_once(json_url, "%s has no %s: reading all %d shards once to index them; run `tstl shards index "
-                   "<set> --out DIR` and publish DIR/%s (and the new %s) beside it to skip this", json_url,
-                   fmt.SAMPLES, len(shards), fmt.SAMPLES, fmt.INDEX)
+        _warn_once(json_url, "%s has no %s: reading all %d shards once to index them; run "
+                   "`tstl shards index <set> --out DIR` and publish DIR/%s (and the new %s) beside "
+                   "it to skip this", json_url, fmt.SAMPLES, len(shards), fmt.SAMPLES, fmt.INDEX)
     index = scan_shards([s.url for s in shards], policy)
     counts = index.counts(len(shards))
     bad = [(s.name, n, s.samples) for s, n in zip(shards, counts) if n != s.samples]
     if bad:
         name, n, want = bad[0]
-        raise ShardSetError(f"{json_url}: shard {name} holds {n} samples, the list says {want}; rebuild the set "
-                            "with `make shards`")
+        raise ShardSetError(f"{json_url}: shard {name} holds {n} samples, the list says {want}; "
+                            "rebuild the set with `make shards`")
     return index
 
 
@@ -187,10 +192,11 @@ def _from_json(url: str, template: str, policy: ReadPolicy, names: tuple[str, st
     """``names``: the (dataset, split) that ``{dataset}``/``{split}`` of the template stand for
     (default: those ``shards.json`` gives)."""
     try:
-        data = read_bytes(_strip_range(url), policy) if not fmt.is_local(url) else Path(url).read_bytes()
+        data = (read_bytes(_strip_range(url), policy) if not fmt.is_local(url)
+                else Path(url).read_bytes())
     except OSError as e:
-        raise FileNotFoundError(f"{url}: cannot read the shard list ({e}); run `make shards` or fix the "
-                                "data_dir / data.shard_url_template") from e
+        raise FileNotFoundError(f"{url}: cannot read the shard list ({e}); run `make shards` or "
+                                "fix the data_dir / data.shard_url_template") from e
     ss = fmt.parse_index(data, url)
     dataset, split = names or (ss.dataset, ss.split)
 
@@ -215,7 +221,8 @@ _TAR = (".tar", ".tgz", ".tar.gz")
 def _is_set_url(text: str) -> bool:
     """An http(s) URL of a shard-set folder (not of one tar, not a brace pattern)."""
     last = text.rstrip("/").rsplit("/", 1)[-1]
-    return text.startswith(("http://", "https://")) and "{" not in text and not last.endswith((*_TAR, ".json"))
+    return (text.startswith(("http://", "https://")) and "{" not in text
+            and not last.endswith((*_TAR, ".json")))
 
 
 def _index_of(text: str, template: str) -> tuple[str, tuple[str, str] | None] | None:
@@ -228,7 +235,8 @@ def _index_of(text: str, template: str) -> tuple[str, tuple[str, str] | None] | 
         return (str(path.resolve()) if fmt.is_local(text) else text), None
     if _is_set_url(text):
         return f"{text.rstrip('/')}/{fmt.INDEX}", None
-    if template and fmt.is_local(text) and not any(c in text for c in "{*?") and not text.endswith(_TAR):
+    if (template and fmt.is_local(text) and not any(c in text for c in "{*?")
+            and not text.endswith(_TAR)):
         # the trainer's <data_dir>/<dataset>/shards/<split>, not present here: the list comes from
         # the template
         names = (path.parent.parent.name, path.name)
@@ -262,9 +270,11 @@ def resolve(source: str | os.PathLike | Sequence[str], template: str = "",
         meta, shards, index, fingerprint = _from_json(found[0], template, policy, found[1])
         origin = found[0]
     else:
-        texts = [os.fspath(source)] if isinstance(source, (str, os.PathLike)) else [os.fspath(s) for s in source]
+        texts = ([os.fspath(source)] if isinstance(source, (str, os.PathLike))
+                 else [os.fspath(s) for s in source])
         urls = [u for t in texts for u in braceexpand.braceexpand(t)]
-        logger.warning("no shards.json given: scanning %d shard(s) once to index their samples", len(urls))
+        logger.warning("no shards.json given: scanning %d shard(s) once to index their samples",
+                       len(urls))
         index = scan_shards(urls, policy)
         counts = index.counts(len(urls))
         shards = [Shard(u.rstrip("/").rsplit("/", 1)[-1], u, n) for u, n in zip(urls, counts)]
@@ -277,14 +287,15 @@ def resolve(source: str | os.PathLike | Sequence[str], template: str = "",
     elif not len(rows):
         raise ValueError(f"{source}: holds no samples")
     classes = (meta.classes or None) if meta else None
-    return ShardList(shards, index, rows, classes, len(classes) if classes else None, wanted, fingerprint, origin,
-                     (meta.heads or None) if meta else None)
+    return ShardList(shards, index, rows, classes, len(classes) if classes else None, wanted,
+                     fingerprint, origin, (meta.heads or None) if meta else None)
 
 
 def has_index(source: str | os.PathLike | Sequence[str], template: str = "") -> bool:
     """Whether ``resolve(source, template)`` reads a ``shards.json`` (cheap) rather than scanning
     shards."""
-    return isinstance(source, (str, os.PathLike)) and _index_of(os.fspath(source), template) is not None
+    return (isinstance(source, (str, os.PathLike))
+            and _index_of(os.fspath(source), template) is not None)
 
 
 def changed(shardset: ShardList, policy: ReadPolicy = DEFAULT_POLICY) -> str | None:

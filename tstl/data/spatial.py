@@ -34,10 +34,12 @@ class JitterCrop:
         order)."""
         (h, w), (rh, rw) = self.source, self.resized
         sy, sx = h / rh, w / rw
-        return (self.left * sx, self.top * sy, (self.left + self.size) * sx, (self.top + self.size) * sy)
+        return (self.left * sx, self.top * sy, (self.left + self.size) * sx,
+                (self.top + self.size) * sy)
 
 
-def jitter_short_side(rng: np.random.Generator, min_size: int, max_size: int, inverse_uniform: bool = False) -> int:
+def jitter_short_side(rng: np.random.Generator, min_size: int, max_size: int,
+                      inverse_uniform: bool = False) -> int:
     """The jittered short side: ``int(round(U(min, max)))`` (Python and NumPy both round half to
     even), or ``int(round(1 / U(1/max, 1/min)))``.
 
@@ -63,7 +65,8 @@ def scaled_size(height: int, width: int, short: int) -> tuple[int, int]:
     return short, math.floor(float(width) / height * short)
 
 
-def random_crop_offset(rng: np.random.Generator, height: int, width: int, size: int) -> tuple[int, int]:
+def random_crop_offset(rng: np.random.Generator, height: int, width: int,
+                       size: int) -> tuple[int, int]:
     """Top-left corner of PySlowFast's random crop: ``randint(0, H - size)`` (high excluded, so the
     last position is never drawn) on each axis longer than ``size``, else 0
     (``timesformer/datasets/transform.py:99-108``)."""
@@ -74,8 +77,8 @@ def random_crop_offset(rng: np.random.Generator, height: int, width: int, size: 
     return top, left
 
 
-def short_side_jitter_crop(height: int, width: int, size: int, scales: tuple[int, int], rng: np.random.Generator,
-                           inverse_uniform: bool = False) -> JitterCrop:
+def short_side_jitter_crop(height: int, width: int, size: int, scales: tuple[int, int],
+                           rng: np.random.Generator, inverse_uniform: bool = False) -> JitterCrop:
     """Geometry of ``spatial_sampling(spatial_idx=-1)`` without aspect/scale ranges (TimeSformer
     training): jitter the short side in ``scales``, then crop ``size`` x ``size`` at a random
     position.
@@ -86,6 +89,7 @@ def short_side_jitter_crop(height: int, width: int, size: int, scales: tuple[int
     short = jitter_short_side(rng, scales[0], scales[1], inverse_uniform)
     rh, rw = scaled_size(height, width, short)
     if min(rh, rw) < size:
-        raise ValueError(f"short side {short} is smaller than the crop {size}; jitter_scales must start >= the crop")
+        raise ValueError(f"short side {short} is smaller than the crop {size}; jitter_scales must "
+                         "start >= the crop")
     top, left = random_crop_offset(rng, rh, rw, size)
     return JitterCrop(source=(height, width), resized=(rh, rw), top=top, left=left, size=size)

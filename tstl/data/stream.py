@@ -125,8 +125,8 @@ class ClipStream(IterableDataset):
         # bad here.
         n = self.spec.shardset.num_classes
         if label < 0 or (n is not None and label >= n):
-            raise BadSample(f"label {label} outside the shard set's classes 0..{n - 1}" if n is not None
-                            else f"negative label {label}")
+            raise BadSample(f"label {label} outside the shard set's classes 0..{n - 1}"
+                            if n is not None else f"negative label {label}")
         if self.spec.label_map is not None:
             if label not in self.spec.label_map:
                 raise BadSample(f"label {label} is not a key of the label_map")
@@ -139,7 +139,8 @@ class ClipStream(IterableDataset):
         alike."""
         cfg = self.spec.cfg
         reason = reason.replace("\t", " ").replace("\n", " ")  # one quarantine line per sample
-        logger.warning("bad sample %s in %s: %s", sample.get("__key__"), sample.get("_shard"), reason)
+        logger.warning("bad sample %s in %s: %s", sample.get("__key__"), sample.get("_shard"),
+                       reason)
         if cfg.quarantine:
             with open(cfg.quarantine, "a") as f:
                 f.write(f"{sample.get('__key__')}\t{sample.get('_shard')}\t{reason}\n")
@@ -149,7 +150,8 @@ class ClipStream(IterableDataset):
         s = self.spec
         worker = self._worker()
         in_worker = get_worker_info() is not None
-        self._pool = Pool(s.buffers if in_worker else None, worker, s.cfg.prefetch_factor + BUFFERS_EXTRA)
+        self._pool = Pool(s.buffers if in_worker else None, worker,
+                          s.cfg.prefetch_factor + BUFFERS_EXTRA)
         reader = self._reader()
         try:
             if s.train:
@@ -179,8 +181,8 @@ class ClipStream(IterableDataset):
                     ahead = pool.submit(reader.fetch, rows(steps[k + 1])[1])
                 yield self._train_batch(samples, pos, order, reader, make)
 
-    def _train_batch(self, samples: list[dict], pos: np.ndarray, order: np.ndarray, reader: SampleReader,
-                     make: Callable[[dict, int], list[tuple]]) -> dict:
+    def _train_batch(self, samples: list[dict], pos: np.ndarray, order: np.ndarray,
+                     reader: SampleReader, make: Callable[[dict, int], list[tuple]]) -> dict:
         """One full training batch: bad samples replaced by good ones of the batch, re-augmented at
         their own positions (or, when none is good, by the next good samples of the order)."""
         items: list[tuple | None] = [None] * len(samples)
@@ -209,8 +211,8 @@ class ClipStream(IterableDataset):
                 good.append(len(samples) - 1)
                 break
             else:
-                logger.error("rank %d: no decodable sample in a batch and the %d samples after it", self.spec.rank,
-                             LOOKAHEAD)
+                logger.error("rank %d: no decodable sample in a batch and the %d samples after it",
+                             self.spec.rank, LOOKAHEAD)
                 return {"_bad": bad, "_read": read, "_starved": True}
         for t, item in enumerate(items):
             if item is None:  # nearest good sample of the batch, with this position's augmentation
@@ -221,7 +223,8 @@ class ClipStream(IterableDataset):
     def _eval(self, reader: SampleReader, worker: int) -> Iterator[dict]:
         s = self.spec
         order = s.order()
-        share = partition.split_even(partition.eval_share(len(order), s.rank, s.world_size), s.workers)[worker]
+        share = partition.split_even(partition.eval_share(len(order), s.rank, s.world_size),
+                                     s.workers)[worker]
         views = EvalClipViews(self)
         bsz = views.batch_size
         pending: list[tuple] = []
@@ -250,7 +253,8 @@ class ClipStream(IterableDataset):
                     yield {**self._batch(pending[:bsz]), "_bad": bad, "_read": read}
                     pending, bad, read = pending[bsz:], 0, 0
         if holes:
-            logger.error("rank %d worker %d: none of its %d videos could be decoded", s.rank, worker, len(share))
+            logger.error("rank %d worker %d: none of its %d videos could be decoded", s.rank,
+                         worker, len(share))
             yield {"_bad": bad, "_read": read, "_starved": True}
             return
         if pending:
@@ -298,8 +302,8 @@ class TrainClips:
         data, label, frames = self.stream._parse(sample)
         rng = np.random.default_rng(derive_seed(cfg.seed, s.epoch, pos, 3))
         clip = decode_clip(data, frames, lambda n: sampling.train_indices(
-            cfg.sampling, n, cfg.num_frames, cfg.sampling_rate, rng, cfg.sampling_convention), cfg.decode_timeout_s,
-            cfg.decoder)
+            cfg.sampling, n, cfg.num_frames, cfg.sampling_rate, rng, cfg.sampling_convention),
+            cfg.decode_timeout_s, cfg.decoder)
         aug = np.random.default_rng(derive_seed(cfg.seed, s.epoch, pos, 2))
         return [(self.tf(clip, aug), label, sample["__key__"], 0)]
 

@@ -24,7 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tstl.data.augment import FILL, RandAugmentPolicy, apply_colour_ops, compose, crop_matrix, fill_mask
+from tstl.data.augment import (
+    FILL,
+    RandAugmentPolicy,
+    apply_colour_ops,
+    compose,
+    crop_matrix,
+    fill_mask,
+)
 from tstl.data.config import DataConfig
 from tstl.data.spatial import short_side_jitter_crop  # [recipes] data.train_crop=short_side_jitter
 
@@ -71,7 +78,8 @@ def warp_clip(frames: np.ndarray, box: tuple[int, int, int, int], m: np.ndarray,
     t = frames.shape[0]
     out = np.empty((t, size, size, 3), dtype=np.uint8)
     flipped = m[0, 0] < 0 and np.isclose(m[0, 2], -m[0, 0] * size)
-    if m[0, 1] == 0 and m[1, 0] == 0 and m[1, 2] == 0 and m[1, 1] > 0 and (flipped or (m[0, 0] > 0 and m[0, 2] == 0)):
+    if (m[0, 1] == 0 and m[1, 0] == 0 and m[1, 2] == 0 and m[1, 1] > 0
+            and (flipped or (m[0, 0] > 0 and m[0, 2] == 0))):
         # A pure scale (plus at most a horizontal flip): one resize, bilinear like the reference's
         # crop resize. Shrinking by 2x or more uses area averaging instead (a deliberate deviation:
         # bilinear alone aliases badly at large reductions, 240 p -> 32 px in the CPU demo). Milder
@@ -79,7 +87,8 @@ def warp_clip(frames: np.ndarray, box: tuple[int, int, int, int], m: np.ndarray,
         # averaging at a fractional ratio costs a third of a decode.
         interp = cv2.INTER_AREA if max(w, h) >= 2 * size else cv2.INTER_LINEAR
         for i in range(t):
-            cv2.resize(frames[i, top:top + h, left:left + w], (size, size), dst=out[i], interpolation=interp)
+            cv2.resize(frames[i, top:top + h, left:left + w], (size, size), dst=out[i],
+                       interpolation=interp)
         return out[:, :, ::-1].copy() if flipped else out
     # continuous coordinates (centres at +0.5) -> OpenCV's integer-centred ones, on both sides of
     # the map
@@ -87,7 +96,8 @@ def warp_clip(frames: np.ndarray, box: tuple[int, int, int, int], m: np.ndarray,
     mat = (np.linalg.inv(shift) @ m @ shift)[:2]
     for i in range(t):
         cv2.warpAffine(frames[i, top:top + h, left:left + w], mat, (size, size), dst=out[i],
-                       flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+                       flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+                       borderMode=cv2.BORDER_REPLICATE)
     if fill is not None and fill.any():
         np.copyto(out, np.uint8(FILL), where=fill[None, :, :, None])
     return out
@@ -130,11 +140,13 @@ class TrainClipTransform:
     def __init__(self, cfg: DataConfig, augment: bool = True) -> None:
         self.cfg = cfg
         self.size = cfg.input_size
-        self.policy = RandAugmentPolicy(cfg.rand_augment) if (augment and cfg.rand_augment) else None
+        self.policy = (RandAugmentPolicy(cfg.rand_augment) if (augment and cfg.rand_augment)
+                       else None)
         built = ((name, make(cfg)) for name, make in CLIP_TRANSFORMS.items())
         self.extra: list[tuple[str, ClipFn]] = [(name, fn) for name, fn in built if fn is not None]
 
-    def crop_box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    def crop_box(self, height: int, width: int,
+                 rng: np.random.Generator) -> tuple[int, int, int, int]:
         """The clip's crop box ``(top, left, h, w)`` in source pixels: timm's random resized crop,
         or PySlowFast's short-side jitter + random crop (``data.train_crop``, see
         ``tstl.data.spatial``), whose box is rounded to whole source pixels here (the single warp
@@ -185,7 +197,8 @@ class EvalViews:
         nh, nw = max(self.size, round(h * scale)), max(self.size, round(w * scale))
         if (nh, nw) == (h, w):
             return x
-        y = F.interpolate(x.float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+        y = F.interpolate(x.float(), size=(nh, nw), mode="bilinear", align_corners=False,
+                          antialias=scale < 1)
         return y.round_().clamp_(0, 255).to(torch.uint8)
 
     def crop(self, x: torch.Tensor, c: int) -> torch.Tensor:
