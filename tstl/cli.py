@@ -99,7 +99,7 @@ def help_text(cmds: dict[str, Command]) -> str:
             lines.append(f"{section} commands:")
         lines.append(f"  {name:<{width}}{c.help}")
     lines += ["", (f"`{PROG} <command> --help` shows a command's arguments; docs/ and README.md "
-                   "'Command line' the workflow."), exitcodes.EPILOG]
+                   "'Command line' describe the workflow."), exitcodes.EPILOG]
     return "\n".join(lines)
 
 
