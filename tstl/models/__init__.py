@@ -1,9 +1,9 @@
 """Model families (B-CAST, its compositional variant, TimeSformer), the model contract, the registry
 and checkpoint loading.
 
-``create_model(name, **kwargs)`` builds any registered variant, a ``VideoClassifier`` (the contract every family
-keeps, ``tstl.models.contract``); ``load_checkpoint(model, path)`` loads every supported checkpoint format into it.
-Importing this package registers all families.
+``create_model(name, **kwargs)`` builds any registered variant, a ``VideoClassifier`` (the contract
+every family keeps, ``tstl.models.contract``); ``load_checkpoint(model, path)`` loads every
+supported checkpoint format into it. Importing this package registers all families.
 """
 
 from tstl.core import torchvision_shim

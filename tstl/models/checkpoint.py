@@ -72,8 +72,9 @@ __all__ = ["SAFE_GLOBALS", "TRUSTED_ENV", "CheckpointMismatchError", "Conversion
 
 logger = logging.getLogger(__name__)
 
-# Keys under which training scripts nest the weights: CAST/VideoMAE/TSTL ("model", "module"), DeepSpeed
-# mp_rank_00_model_states.pt ("module"), PySlowFast/TimeSformer .pyth ("model_state"), generic ("state_dict").
+# Keys under which training scripts nest the weights: CAST/VideoMAE/TSTL ("model", "module"),
+# DeepSpeed mp_rank_00_model_states.pt ("module"), PySlowFast/TimeSformer .pyth ("model_state"),
+# generic ("state_dict").
 _WRAPPER_KEYS = ("model_state", "module", "model", "state_dict")
 
 
@@ -106,7 +107,8 @@ TRUSTED_ENV = "TSTL_TRUSTED_CHECKPOINTS"
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
               "pytorch_model.bin.index.json")
 
-# Edits a converted checkpoint in place before it loads: (conversion, the model's own state dict) -> None.
+# Edits a converted checkpoint in place before it loads: (conversion, the model's own state dict)
+# -> None.
 StateDictAdapter = Callable[[Conversion, dict[str, torch.Tensor]], None]
 
 Trust = bool | Iterable[str | os.PathLike]
@@ -168,9 +170,10 @@ def _is_torchscript(path: str) -> bool:
 def is_trusted(path: str | os.PathLike, trusted: Trust = False) -> str | None:
     """Why ``path`` is trusted (a phrase for the log), or None.
 
-    Trusted: ``trusted is True``; ``path`` in the iterable ``trusted`` (the ``model.trusted_checkpoints`` config
-    list); or ``path`` in the environment variable ``TSTL_TRUSTED_CHECKPOINTS`` (``os.pathsep``-separated). Paths
-    compare after ``os.path.realpath``; only files are listed, never folders.
+    Trusted: ``trusted is True``; ``path`` in the iterable ``trusted`` (the
+    ``model.trusted_checkpoints`` config list); or ``path`` in the environment variable
+    ``TSTL_TRUSTED_CHECKPOINTS`` (``os.pathsep``-separated). Paths compare after
+    ``os.path.realpath``; only files are listed, never folders.
     """
     if trusted is True:
         return "trusted=True"
@@ -184,7 +187,8 @@ def is_trusted(path: str | os.PathLike, trusted: Trust = False) -> str | None:
 
 
 def _foreign_globals(path: str, error: Exception) -> list[str]:
-    """The globals outside the allow-list that ``path``'s pickle names (torch's error names only the first)."""
+    """The globals outside the allow-list that ``path``'s pickle names (torch's error names only
+    the first)."""
     try:
         names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in _ALLOWED]
     except Exception:
@@ -454,13 +458,16 @@ def load_checkpoint(model: VideoClassifier, path: str | os.PathLike, *, strict: 
         model: a ``VideoClassifier`` (its ``convert_checkpoint`` maps the layout).
         path: checkpoint file (any supported format) or Hugging Face model folder.
         strict: raise if a key is missing or unexpected without an explanation from the converter.
-        reinit_mismatched: key prefixes (e.g. ``("head.",)``) whose tensors are skipped, and keep the model's
-            initialisation, when their shape differs: fine-tuning from a checkpoint of another number of classes
-            (as CAST's fine-tuning does). Any other shape mismatch is an error.
-        adapters: state-dict adapters, called in order after the conversion and before the shape checks as
-            ``adapter(conversion, model.state_dict())``; each edits ``conversion.state_dict`` and its explanations
-            in place (e.g. TSTL's selection of head rows, owned by ``tstl.twostage``).
-        trusted: opt-in for a file whose pickle names globals outside the allow-list (see ``is_trusted``).
+        reinit_mismatched: key prefixes (e.g. ``("head.",)``) whose tensors are skipped, and keep
+            the model's initialisation, when their shape differs: fine-tuning from a checkpoint of
+            another number of classes (as CAST's fine-tuning does). Any other shape mismatch is
+            an error.
+        adapters: state-dict adapters, called in order after the conversion and before the shape
+            checks as ``adapter(conversion, model.state_dict())``; each edits
+            ``conversion.state_dict`` and its explanations in place (e.g. TSTL's selection of head
+            rows, owned by ``tstl.twostage``).
+        trusted: opt-in for a file whose pickle names globals outside the allow-list
+            (see ``is_trusted``).
 
     Returns:
         A ``LoadReport`` with the missing and unexpected keys (also logged).

@@ -14,7 +14,8 @@ M = TypeVar("M", bound=nn.Module)
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm that computes in at least float32 and returns the input dtype (safe under bf16/fp16)."""
+    """LayerNorm that computes in at least float32 and returns the input dtype (safe
+    under bf16/fp16)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)

@@ -1,27 +1,30 @@
 """TimeSformer: a ViT-B/16 applied to video with divided, joint or space-only self-attention.
 
-Paper: "Is Space-Time Attention All You Need for Video Understanding?" (Bertasius et al., ICML 2021), reference
-code facebookresearch/TimeSformer (``timesformer/models/vit.py``). Parameter names follow the reference's inner
-``VisionTransformer`` exactly, so official ``.pyth`` files load after stripping their ``model.`` prefix and timm
-ImageNet ViT weights load with no renaming; ``convert_checkpoint`` does the resizing and temporal initialisation.
+Paper: "Is Space-Time Attention All You Need for Video Understanding?" (Bertasius et al., ICML
+2021), reference code facebookresearch/TimeSformer (``timesformer/models/vit.py``). Parameter names
+follow the reference's inner ``VisionTransformer`` exactly, so official ``.pyth`` files load after
+stripping their ``model.`` prefix and timm ImageNet ViT weights load with no renaming;
+``convert_checkpoint`` does the resizing and temporal initialisation.
 
 Semantics kept from the reference (checked against it in tests/models/test_timesformer.py):
 
 * Tokens after the time embedding are ordered patch-major, time-minor (index ``n * T + t``).
-* Divided attention leaves the cls token out of temporal attention; its spatial update is the mean over frames.
-* A clip with more frames or pixels than the model was built for uses nearest-resized time (1-D) and position
-  (2-D) embeddings at forward time.
+* Divided attention leaves the cls token out of temporal attention; its spatial update is the mean
+  over frames.
+* A clip with more frames or pixels than the model was built for uses nearest-resized time (1-D) and
+  position (2-D) embeddings at forward time.
 
 Deliberate deviations (identical logits at inference up to rounding):
 
-* Attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
-* The divided block regroups tokens with views where the layout allows it (the temporal grouping is a view of the
-  patch tokens) instead of one einops copy per regrouping.
-* Only the cls token goes through the final norm (LayerNorm is per token, so the result is the same), and
-  ``space_only`` averages only the cls token over frames.
+* Attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels
+  on GPU).
+* The divided block regroups tokens with views where the layout allows it (the temporal grouping is
+  a view of the patch tokens) instead of one einops copy per regrouping.
+* Only the cls token goes through the final norm (LayerNorm is per token, so the result is the
+  same), and ``space_only`` averages only the cls token over frames.
 * Layer norms compute in at least float32 and cast back, so the model runs in bf16 and fp16.
-* Optional activation checkpointing per block (``set_grad_checkpointing``); optimizer helpers follow timm
-  (``no_weight_decay``, ``group_matcher``).
+* Optional activation checkpointing per block (``set_grad_checkpointing``); optimizer helpers follow
+  timm (``no_weight_decay``, ``group_matcher``).
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ ATTENTION_TYPES: tuple[str, ...] = ("divided_space_time", "joint_space_time", "s
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one packed qkv projection (q, k, v outer split, as the reference)."""
+    """Multi-head self-attention with one packed qkv projection (q, k, v outer split, as
+    the reference)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0) -> None:
@@ -72,7 +76,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; ``divided_space_time`` adds a temporal attention branch before the spatial one."""
+    """Pre-norm transformer block; ``divided_space_time`` adds a temporal attention branch before
+    the spatial one."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float,
                  drop_path: float, attention_type: str) -> None:
@@ -93,12 +98,14 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def _divided(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        """Temporal then spatial attention on ``x [B, 1 + N*T, D]`` (patch-major, time-minor tokens)."""
+        """Temporal then spatial attention on ``x [B, 1 + N*T, D]`` (patch-major,
+        time-minor tokens)."""
         b, _, d = x.shape
         cls, xt = x[:, :1], x[:, 1:]
         n = xt.shape[1] // t
-        # Temporal: each patch attends over its T frames; the cls token is left out (as the reference code).
-        # Drop path per (b, n) row, temporal_fc after it: the reference's order and granularity.
+        # Temporal: each patch attends over its T frames; the cls token is left out (as the
+        # reference code). Drop path per (b, n) row, temporal_fc after it: the reference's order
+        # and granularity.
         r = self.drop_path(self.temporal_attn(self.temporal_norm1(xt.reshape(b * n, t, d))))
         xt = xt + self.temporal_fc(r.reshape(b, n * t, d))
         # Spatial: each frame attends over its N patches plus a copy of the block-entry cls token.
@@ -111,14 +118,16 @@ class Block(nn.Module):
 
 
 def resize_time_embed(time_embed: torch.Tensor, frames: int) -> torch.Tensor:
-    """1-D nearest resize of ``[1, T0, D]`` to ``[1, frames, D]`` (new t takes old floor(t * T0 / frames))."""
+    """1-D nearest resize of ``[1, T0, D]`` to ``[1, frames, D]`` (new t takes old floor(t * T0
+    / frames))."""
     if time_embed.shape[1] == frames:
         return time_embed
     return F.interpolate(time_embed.transpose(1, 2), size=frames, mode="nearest").transpose(1, 2)
 
 
 def resize_pos_embed_grid(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """2-D nearest resize of the patch part of a square ``[1, 1 + P*P, D]`` table to ``grid``; cls slot kept."""
+    """2-D nearest resize of the patch part of a square ``[1, 1 + P*P, D]`` table to ``grid``; cls
+    slot kept."""
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     p = int(patch_pos.shape[1] ** 0.5)
     if (p, p) == tuple(grid):
@@ -129,10 +138,11 @@ def resize_pos_embed_grid(pos_embed: torch.Tensor, grid: tuple[int, int]) -> tor
 
 
 def resize_pos_embed_flat(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """The reference loader's resize: 1-D nearest over the *flattened* patch sequence; cls slot kept.
+    """The reference loader's resize: 1-D nearest over the *flattened* patch sequence; cls
+    slot kept.
 
-    Not spatially faithful (224 -> 448 maps new row r, column c to old row r//2, column 7*(r%2) + c//4), but the
-    released HR models were fine-tuned from ImageNet weights resized this way.
+    Not spatially faithful (224 -> 448 maps new row r, column c to old row r//2, column 7*(r%2) +
+    c//4), but the released HR models were fine-tuned from ImageNet weights resized this way.
     """
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     patch_pos = F.interpolate(patch_pos.transpose(1, 2), size=num_patches, mode="nearest").transpose(1, 2)
@@ -143,7 +153,8 @@ class TimeSformer(VideoClassifier):
     """TimeSformer video classifier: ``model(x [B, 3, T, H, W]) -> logits [B, num_classes]``.
 
     Args:
-        img_size: frame size the position table is built for (other sizes are resized at forward time).
+        img_size: frame size the position table is built for (other sizes are resized at
+            forward time).
         patch_size: square patch size.
         in_chans: input channels.
         num_classes: classifier outputs; 0 gives no head (``forward`` returns the features).
@@ -157,8 +168,9 @@ class TimeSformer(VideoClassifier):
         drop_path_rate: stochastic depth of the last block (linear from 0).
         num_frames: frames the time table is built for (other lengths are resized at forward time).
         attention_type: ``divided_space_time``, ``joint_space_time`` or ``space_only``.
-        checkpoint_pos_resize: how ``convert_checkpoint`` resizes a position table of another length: ``flat``
-            (the reference loader's 1-D nearest over the flattened sequence) or ``grid`` (2-D nearest).
+        checkpoint_pos_resize: how ``convert_checkpoint`` resizes a position table of another
+            length: ``flat`` (the reference loader's 1-D nearest over the flattened sequence) or
+            ``grid`` (2-D nearest).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 400,
@@ -201,14 +213,15 @@ class TimeSformer(VideoClassifier):
         trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():  # Linear: truncated normal (std 0.02), zero bias; LayerNorms keep (1, 0)
             init_weights_vit_timm(m, needs_reset=False)
-        # time_embed stays zero and temporal_fc starts at zero in every block, so at initialisation the temporal
-        # branch adds nothing and the patch tokens see the (ImageNet) spatial ViT unchanged.
+        # time_embed stays zero and temporal_fc starts at zero in every block, so at initialisation
+        # the temporal branch adds nothing and the patch tokens see the (ImageNet) spatial
+        # ViT unchanged.
         for blk in self.blocks:
             if blk.divided:
                 nn.init.zeros_(blk.temporal_fc.weight)
                 nn.init.zeros_(blk.temporal_fc.bias)
 
-    # ------------------------------------------------------------------------------------------- forward
+    # ----------------------------------------------------------------------------- forward
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Patch, position and time embeddings: ``[B, 3, T, H, W]`` -> tokens and T."""
@@ -225,7 +238,8 @@ class TimeSformer(VideoClassifier):
         return torch.cat((cls.expand(b, -1, -1), x), dim=1), t
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final-normed cls token ``[B, embed_dim]`` (for ``space_only``, the frame average before the norm)."""
+        """Final-normed cls token ``[B, embed_dim]`` (for ``space_only``, the frame average before
+        the norm)."""
         b = x.shape[0]
         x, t = self._embed(x)
         for blk in self.blocks:
@@ -239,17 +253,19 @@ class TimeSformer(VideoClassifier):
         return self.norm(cls)
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
-        """Logits from the final-normed cls token (the features themselves when ``num_classes == 0``)."""
+        """Logits from the final-normed cls token (the features themselves when
+        ``num_classes == 0``)."""
         return self.head(feats)
 
-    # ------------------------------------------------------------------------------------------- training helpers
+    # ----------------------------------------------------------------------------- training helpers
 
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a freshly initialised one with ``num_classes`` outputs (0: no head), initialised as
-        the constructor's (truncated normal std 0.02, zero bias), on the old head's device and dtype."""
+        """Replace the head by a freshly initialised one with ``num_classes`` outputs (0: no head),
+        initialised as the constructor's (truncated normal std 0.02, zero bias), on the old head's
+        device and dtype."""
         old = next(self.head.parameters(), None)
         kw = {"device": old.device, "dtype": old.dtype} if old is not None else {}
         self.num_classes = num_classes
@@ -272,7 +288,7 @@ class TimeSformer(VideoClassifier):
             "blocks": [(r"^blocks\.(\d+)", None)],
         }
 
-    # ------------------------------------------------------------------------------------------- checkpoints
+    # ----------------------------------------------------------------------------- checkpoints
 
     def convert_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> Conversion:
         """Map an official TimeSformer, a Hugging Face ``TimesformerForVideoClassification`` or a
@@ -468,7 +484,7 @@ def _variant_hint(pos_embed: torch.Tensor | None, time_embed: torch.Tensor | Non
     return f"; the checkpoint's tables are {name}'s: model.name={name} takes them unresized"
 
 
-# ----------------------------------------------------------------------------------------------- registry
+# --------------------------------------------------------------------------------- registry
 
 
 def _build(defaults: dict, **kwargs) -> TimeSformer:
@@ -480,7 +496,8 @@ _VIT_B16 = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=
 
 @register_model
 def timesformer_vit_b16(**kwargs) -> TimeSformer:
-    """TimeSformer ViT-B/16, 8 frames at 224 px (``TimeSformer_divST_8x32_224``); pass ``attention_type``."""
+    """TimeSformer ViT-B/16, 8 frames at 224 px (``TimeSformer_divST_8x32_224``);
+    pass ``attention_type``."""
     return _build(_VIT_B16, **kwargs)
 
 
@@ -498,6 +515,7 @@ def timesformer_l_vit_b16(**kwargs) -> TimeSformer:
 
 @register_model
 def timesformer_test(**kwargs) -> TimeSformer:
-    """Tiny TimeSformer for tests and CPU demos: 32 px, patch 8, 4 frames, width 64, depth 2, 8 classes."""
+    """Tiny TimeSformer for tests and CPU demos: 32 px, patch 8, 4 frames, width 64, depth 2,
+    8 classes."""
     return _build(dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_frames=4,
                        num_classes=8), **kwargs)

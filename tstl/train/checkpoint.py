@@ -3,22 +3,24 @@ best; and the policy of when to save (``Checkpointer.decide``, as torchtitan's
 ``CheckpointManager._should_save``).
 
 Layout under ``<run>/checkpoints/``: one folder per tag (``step-000123``) holding DeepSpeed's files,
-``rank-<r>.pt`` (this rank's loader position and RNG states) and, written last, ``complete.json``. A tag without
-``complete.json`` is a save that crashed and is ignored; the previous complete one stays usable. Resume picks the
-complete tag with the highest step. Rotation keeps the last ``keep_last`` complete tags and the best one.
+``rank-<r>.pt`` (this rank's loader position and RNG states) and, written last, ``complete.json``. A
+tag without ``complete.json`` is a save that crashed and is ignored; the previous complete one stays
+usable. Resume picks the complete tag with the highest step. Rotation keeps the last ``keep_last``
+complete tags and the best one.
 
 Durable and checked (issue 21): the files are fsynced before the marker, which lists each file's
 size and SHA-256; a resume verifies the newest tag and moves a damaged one aside (``damaged-<tag>``,
 kept, never resumed or rotated), falling back to the previous complete one with a warning;
 ``CheckpointError`` only when none is usable.
 
-Elastic resume (issue 13): a checkpoint saved by N ranks loads on M ranks. Every rank reads all N ``rank-<r>.pt``
-files (the loader spreads the rest of the epoch over the new layout, ``ShardLoader.load_state_dicts``). Model and
-optimizer: without partitioned optimizer state (ZeRO 0 in fp32/fp16) DeepSpeed's files load on any world size as
-they are; with it (ZeRO 1/2: ``[bf16_]zero_pp_rank_<r>_..._optim_states.pt``, which DeepSpeed 0.19 refuses on another
-world size) rank 0 first converts the tag once to
-DeepSpeed's universal checkpoint (``deepspeed.checkpoint.ds_to_universal``, into ``universal/<tag>/``) and every
-rank loads that with ``load_universal``; buffers and frozen weights come from the tag's model file.
+Elastic resume (issue 13): a checkpoint saved by N ranks loads on M ranks. Every rank reads all N
+``rank-<r>.pt`` files (the loader spreads the rest of the epoch over the new layout,
+``ShardLoader.load_state_dicts``). Model and optimizer: without partitioned optimizer state (ZeRO 0
+in fp32/fp16) DeepSpeed's files load on any world size as they are; with it (ZeRO 1/2:
+``[bf16_]zero_pp_rank_<r>_..._optim_states.pt``, which DeepSpeed 0.19 refuses on another world size)
+rank 0 first converts the tag once to DeepSpeed's universal checkpoint
+(``deepspeed.checkpoint.ds_to_universal``, into ``universal/<tag>/``) and every rank loads that with
+``load_universal``; buffers and frozen weights come from the tag's model file.
 """
 
 from __future__ import annotations
@@ -263,14 +265,16 @@ class Checkpointer:
         return Resumed(client, ranks, saved)
 
     def _universal(self, tag: str) -> Path:
-        """Collective: rank 0 converts ``tag`` to a universal checkpoint once; returns its folder."""
+        """Collective: rank 0 converts ``tag`` to a universal checkpoint once; returns
+        its folder."""
         out = self.dir / UNIVERSAL / tag
         if dist.is_main() and not out.is_dir():
             tmp = self.dir / UNIVERSAL / f".{tag}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            # a child process: the converter runs its own worker pools and must not touch our process group;
-            # --inject_missing_state adds the universal_checkpoint_info our (non-Megatron) models do not declare
+            # a child process: the converter runs its own worker pools and must not touch our
+            # process group; --inject_missing_state adds the universal_checkpoint_info our
+            # (non-Megatron) models do not declare
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                    str(self.dir / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
                    "--num_merge_workers", "1", "--inject_missing_state"]
@@ -385,7 +389,8 @@ def partitioned(folder: Path) -> bool:
 
 def _load_universal(engine, folder: Path, original: Path) -> dict:
     """Load a universal checkpoint into ``engine``; returns the client state."""
-    # DeepSpeed reads this flag only while loading; the engine was built before we knew the world size differs
+    # DeepSpeed reads this flag only while loading; the engine was built before we knew the world
+    # size differs
     config = engine._config
     before = config.load_universal_checkpoint
     config.load_universal_checkpoint = True
@@ -393,7 +398,8 @@ def _load_universal(engine, folder: Path, original: Path) -> dict:
         _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     finally:
         config.load_universal_checkpoint = before
-    # the universal format holds the optimizer's parameters only: buffers and frozen weights from the model file
+    # the universal format holds the optimizer's parameters only: buffers and frozen weights from
+    # the model file
     module = torch.load(next(original.glob("*model_states.pt")), map_location="cpu", weights_only=False)["module"]
     engine.module.load_state_dict(module, strict=True)
     return client
@@ -403,7 +409,8 @@ def resolve_weights(path: str | os.PathLike) -> tuple[Path, Path | None]:
     """A checkpoint file, a DeepSpeed tag folder, a Hugging Face model folder or a run folder ->
     (weights file or Hugging Face folder, the run's config.yaml if any).
 
-    A run folder resolves to its best complete checkpoint (by validation metric), else its newest one.
+    A run folder resolves to its best complete checkpoint (by validation metric), else its
+    newest one.
     """
     path = Path(path)
     if path.is_dir() and (path / "checkpoints").is_dir():

@@ -1,10 +1,11 @@
-"""``tstl {train,eval,report}`` (also ``python -m tstl.train.cli``): thin entry points over ``Trainer`` and
-``evaluate``.
+"""``tstl {train,eval,report}`` (also ``python -m tstl.train.cli``): thin entry points over
+``Trainer`` and ``evaluate``.
 
-Launch training through DeepSpeed (``make train``) or plainly for one process. Configs are YAML files layered in
-order, then ``key.sub=value`` overrides; unknown keys and bad values are rejected with the file and key named.
-``train --check`` validates the config, the model and the shard sets and exits (what ``make train`` runs before
-it starts the launcher); ``--help-config`` lists every key.
+Launch training through DeepSpeed (``make train``) or plainly for one process. Configs are YAML
+files layered in order, then ``key.sub=value`` overrides; unknown keys and bad values are rejected
+with the file and key named. ``train --check`` validates the config, the model and the shard sets
+and exits (what ``make train`` runs before it starts the launcher); ``--help-config`` lists
+every key.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _, run_cfg = resolve_weights(args.checkpoint)
     except FileNotFoundError as e:
         raise UsageError(str(e), "give a checkpoint file, a DeepSpeed tag folder or a run folder") from None
-    # the same config evaluate_checkpoint resolves: --config, else the run's config.yaml, else defaults + overrides
+    # the same config evaluate_checkpoint resolves: --config, else the run's config.yaml, else
+    # defaults + overrides
     cfg = _load(list(args.config or []) or ([run_cfg] if run_cfg else []), args.overrides)
     check_run(cfg, train=False, model=False)
     check_model(cfg.model, cfg.model.num_classes)
@@ -120,7 +122,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                        description="Train a model; a rerun with the same out_dir resumes. Config files are layered "
                                    "in order, then key.sub=value overrides (tstl config keys lists them).",
                        epilog=exitcodes.EPILOG)
-    # type=str: key=value words among the files are overrides, and Path would turn data_dir=http://h into http:/h
+    # type=str: key=value words among the files are overrides, and Path would turn data_dir=http://h
+    # into http:/h
     t.add_argument("--config", type=str, nargs="+", required=True, help="YAML files, later ones override earlier "
                    "(configs/data/<dataset>.yaml configs/model/<model>.yaml ...; tstl print-config shows a recipe)")
     t.add_argument("--check", action="store_true", help="validate config, model and shard sets, then exit (0: ready)")

@@ -28,11 +28,13 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100", 989.0),  # SXM
     ("H200", 989.0),
 )
-"""Dense bf16/fp16 tensor-core peak by a substring of ``torch.cuda.get_device_name`` (first match wins)."""
+"""Dense bf16/fp16 tensor-core peak by a substring of ``torch.cuda.get_device_name`` (first
+match wins)."""
 
 
 def peak_flops(device_name: str, precision: str) -> float | None:
-    """The device's dense peak FLOP/s at ``precision``; None when unknown (then no MFU is reported)."""
+    """The device's dense peak FLOP/s at ``precision``; None when unknown (then no MFU
+    is reported)."""
     if precision not in ("bf16", "fp16"):
         return None
     for key, tflops in PEAK_TFLOPS:

@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_PREEMPTED = exitcodes.PREEMPTED  # 75
-"""Exit code after a save on a signal: EX_TEMPFAIL ("try again"), non-zero so that a job script or scheduler never
-mistakes a preempted run for a finished one, and distinct from a crash (1) or a config error (2)."""
+"""Exit code after a save on a signal: EX_TEMPFAIL ("try again"), non-zero so that a job script or
+scheduler never mistakes a preempted run for a finished one, and distinct from a crash (1) or a
+config error (2)."""
 
 
 class Preempted(Exception):

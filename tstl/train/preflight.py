@@ -1,9 +1,11 @@
-"""Checks a run's config can start, before anything expensive (the DeepSpeed launcher, data loading, weights).
+"""Checks a run's config can start, before anything expensive (the DeepSpeed launcher, data
+loading, weights).
 
-``tstl train --check`` (what ``make train`` runs before it launches) and every ``train``/``eval`` command call
-``check_run``: each problem is a ``UsageError`` naming what is wrong and the fix, reported once with exit code 2
-instead of a traceback on every rank after launch. The model is built on the ``meta`` device (no memory, well under
-a second for ViT-B) so unknown names, unknown architecture arguments and bad values all surface here.
+``tstl train --check`` (what ``make train`` runs before it launches) and every ``train``/``eval``
+command call ``check_run``: each problem is a ``UsageError`` naming what is wrong and the fix,
+reported once with exit code 2 instead of a traceback on every rank after launch. The model is built
+on the ``meta`` device (no memory, well under a second for ViT-B) so unknown names, unknown
+architecture arguments and bad values all surface here.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ __all__ = ["check_config_files", "check_decoder", "check_init", "check_model", "
 
 
 def check_config_files(files: Sequence[str | Path]) -> None:
-    """Every ``--config`` file exists; a missing ``configs/<kind>/<name>.yaml`` lists the names that do exist
-    (``make train DATASET=kinetics`` -> the available datasets)."""
+    """Every ``--config`` file exists; a missing ``configs/<kind>/<name>.yaml`` lists the names that
+    do exist (``make train DATASET=kinetics`` -> the available datasets)."""
     for f in (Path(str(w)) for w in files if "=" not in str(w)):
         if f.is_file():
             continue
@@ -37,7 +39,8 @@ def check_config_files(files: Sequence[str | Path]) -> None:
 
 
 def check_model(cfg: ModelConfig, num_classes: int = 8) -> None:
-    """``model.name`` is registered and ``model.kwargs`` are arguments of its builder with valid values.
+    """``model.name`` is registered and ``model.kwargs`` are arguments of its builder with
+    valid values.
 
     Builds the model on the meta device (``num_classes`` only fills the head; its value does not
     matter; 0 keeps the variant's own, as a multi-head model needs: its heads come from the shard
@@ -151,7 +154,8 @@ def _one_line(text: str) -> str:
 
 
 def check_decoder(name: str) -> None:
-    """``data.decoder`` can run in this environment (torchcodec needs a CUDA torch build and FFmpeg libraries)."""
+    """``data.decoder`` can run in this environment (torchcodec needs a CUDA torch build and
+    FFmpeg libraries)."""
     from tstl.data.decode import check_decoder as probe
 
     try:
@@ -161,7 +165,8 @@ def check_decoder(name: str) -> None:
 
 
 def check_run(cfg: TrainConfig, *, train: bool = True, model: bool = True) -> None:
-    """Everything ``train`` (``train=True``) or an evaluation (``train=False``) needs before it starts."""
+    """Everything ``train`` (``train=True``) or an evaluation (``train=False``) needs before
+    it starts."""
     splits = [cfg.train_split] if train else []
     if not train or cfg.val_every > 0 or cfg.test_at_end:
         splits.append(cfg.val_split)

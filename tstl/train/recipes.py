@@ -1,15 +1,17 @@
 """Training recipes: one resolved ``TrainConfig`` per (dataset, model), layered from YAML files.
 
 A recipe is ``configs/data/<dataset>.yaml`` <- ``configs/model/<model>.yaml`` <-
-``configs/recipe/<model>-<dataset>.yaml`` (the last only where the pair needs its own settings) <- command-line
-overrides. ``make print-config`` prints the result exactly as the run's ``config.yaml`` will hold it::
+``configs/recipe/<model>-<dataset>.yaml`` (the last only where the pair needs its own settings) <-
+command-line overrides. ``make print-config`` prints the result exactly as the run's ``config.yaml``
+will hold it::
 
     tstl print-config ssv2 bcast_vit_b16 [key.sub=value ...]
     python -m tstl.train.recipes --dataset ssv2 --model bcast_vit_b16 [key.sub=value ...]
 
-The configs ship inside the package (``tstl/configs`` is a link to the checkout's ``configs/`` that the wheel build
-copies), so an installed ``tstl`` finds its recipes outside the checkout; ``CONFIG_DIR`` is the checkout's folder
-when there is one, else the packaged copy (read through ``importlib.resources``).
+The configs ship inside the package (``tstl/configs`` is a link to the checkout's ``configs/`` that
+the wheel build copies), so an installed ``tstl`` finds its recipes outside the checkout;
+``CONFIG_DIR`` is the checkout's folder when there is one, else the packaged copy (read
+through ``importlib.resources``).
 """
 
 from __future__ import annotations
@@ -38,13 +40,15 @@ __all__ = ["CONFIG_DIR", "available", "load_recipe", "packaged_configs", "print_
 
 
 def available(config_dir: Path = CONFIG_DIR) -> tuple[list[str], list[str]]:
-    """The datasets (``configs/data/*.yaml``) and models (``configs/model/*.yaml``) that have a config."""
+    """The datasets (``configs/data/*.yaml``) and models (``configs/model/*.yaml``) that have
+    a config."""
     return (sorted(p.stem for p in (config_dir / "data").glob("*.yaml")),
             sorted(p.stem for p in (config_dir / "model").glob("*.yaml")))
 
 
 def recipe_files(dataset: str, model: str, config_dir: Path = CONFIG_DIR) -> list[Path]:
-    """The layers of the (``dataset``, ``model``) recipe in order: data, model, and the pair layer when it exists."""
+    """The layers of the (``dataset``, ``model``) recipe in order: data, model, and the pair layer
+    when it exists."""
     data, mod = config_dir / "data" / f"{dataset}.yaml", config_dir / "model" / f"{model}.yaml"
     datasets, models = available(config_dir)
     if not data.is_file():
@@ -58,13 +62,15 @@ def recipe_files(dataset: str, model: str, config_dir: Path = CONFIG_DIR) -> lis
 
 
 def load_recipe(dataset: str, model: str, overrides: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> TrainConfig:
-    """The resolved ``TrainConfig`` of a recipe with dotted ``overrides`` (``["optim.lr=3e-4"]``) applied last."""
+    """The resolved ``TrainConfig`` of a recipe with dotted ``overrides`` (``["optim.lr=3e-4"]``)
+    applied last."""
     return load_config(TrainConfig, recipe_files(dataset, model, config_dir), overrides)
 
 
 def print_config(dataset: str, model: str, overrides: Sequence[str] = (), config_dir: Path = CONFIG_DIR,
                  file=None) -> str:
-    """Write the resolved recipe as YAML (what the run's ``config.yaml`` holds) to ``file`` (stdout); return it."""
+    """Write the resolved recipe as YAML (what the run's ``config.yaml`` holds) to ``file``
+    (stdout); return it."""
     text = dump_yaml(load_recipe(dataset, model, overrides, config_dir))
     (file or sys.stdout).write(text)
     return text

@@ -1,9 +1,10 @@
-"""A markdown report of a finished run: test accuracy against chance, throughput and MFU, the most confused pairs,
-the worst classes, one PNG of loss/lr/validation top-1 and the confusion matrix.
+"""A markdown report of a finished run: test accuracy against chance, throughput and MFU, the most
+confused pairs, the worst classes, one PNG of loss/lr/validation top-1 and the confusion matrix.
 
-Everything is read back from the run folder (``config.yaml``, ``metrics.jsonl``, ``test/``), so ``python -m
-tstl.train.cli report <run>`` rewrites it at any time; a torn last line of ``metrics.jsonl`` (a killed run) is
-skipped. A multi-head run (EPIC-KITCHENS: verb, noun) reports each head and the action (both right).
+Everything is read back from the run folder (``config.yaml``, ``metrics.jsonl``, ``test/``), so
+``python -m tstl.train.cli report <run>`` rewrites it at any time; a torn last line of
+``metrics.jsonl`` (a killed run) is skipped. A multi-head run (EPIC-KITCHENS: verb, noun) reports
+each head and the action (both right).
 """
 
 from __future__ import annotations
@@ -19,20 +20,23 @@ import yaml
 from tstl.train.plots import most_confused_pairs, pairs_table, plot_curves, read_metrics
 
 FULL_TABLE_CLASSES = 30
-"""Up to this many classes report.md lists every class; beyond, the ``WORST_CLASSES`` worst and a link to the CSV."""
+"""Up to this many classes report.md lists every class; beyond, the ``WORST_CLASSES`` worst and a
+link to the CSV."""
 WORST_CLASSES = 15
 CONFUSED_PAIRS = 15
 
 
 def read_per_class(path: Path) -> list[dict]:
-    """Rows of ``per_class.csv``: label, class, videos, accuracy (None where the class has no video)."""
+    """Rows of ``per_class.csv``: label, class, videos, accuracy (None where the class has
+    no video)."""
     with open(path, newline="") as f:
         return [{"label": int(r["label"]), "class": r["class"], "videos": int(r["videos"]),
                  "accuracy": float(r["accuracy"]) if r["accuracy"] else None} for r in csv.DictReader(f)]
 
 
 def per_class_table(rows: list[dict], link: str) -> list[str]:
-    """Every class by label when there are few; otherwise the worst ones (lowest accuracy, then most videos)."""
+    """Every class by label when there are few; otherwise the worst ones (lowest accuracy, then
+    most videos)."""
     head = ["| label | class | videos | accuracy |", "|---|---|---|---|"]
     fmt = lambda r: f"| {r['label']} | {r['class']} | {r['videos']} | "  # noqa: E731
     acc = lambda r: "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"  # noqa: E731
@@ -53,8 +57,8 @@ def flops_text(flops: float, suffix: str = "") -> str:
 
 
 def throughput_lines(rows: list[dict], info: dict | None) -> list[str]:
-    """Median training throughput, achieved FLOP/s and MFU over the run's logged steps (``perf/*`` scalars);
-    ``info`` is the run's ``perf.json`` (model FLOPs per clip, device, peak)."""
+    """Median training throughput, achieved FLOP/s and MFU over the run's logged steps (``perf/*``
+    scalars); ``info`` is the run's ``perf.json`` (model FLOPs per clip, device, peak)."""
     clips = [r["train/clips_per_s"] for r in rows if "train/clips_per_s" in r]
     flops = [r["perf/achieved_flops"] for r in rows if "perf/achieved_flops" in r]
     mfu = [r["perf/mfu"] for r in rows if "perf/mfu" in r]

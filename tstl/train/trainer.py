@@ -1,4 +1,5 @@
-"""The training loop: build -> resume -> {train epoch, validate, checkpoint} -> multi-view test -> report."""
+"""The training loop: build -> resume -> {train epoch, validate, checkpoint} -> multi-view test
+-> report."""
 
 from __future__ import annotations
 
@@ -46,13 +47,16 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Owns the engine, loaders, checkpointer and metrics of one run; ``train()`` resumes automatically.
+    """Owns the engine, loaders, checkpointer and metrics of one run; ``train()``
+    resumes automatically.
 
     Args:
         cfg: the run.
-        label_map: relabelling handed to the train and validation loaders (``build_train_loader``): samples whose
-            label is not a key are dropped, the others become ``label_map[y]``. Kept in ``<out_dir>/labels.json``.
-        weight_adapters: state-dict adapters applied when ``cfg.model.init`` checkpoints load (``build_model``).
+        label_map: relabelling handed to the train and validation loaders (``build_train_loader``):
+            samples whose label is not a key are dropped, the others become ``label_map[y]``. Kept
+            in ``<out_dir>/labels.json``.
+        weight_adapters: state-dict adapters applied when ``cfg.model.init`` checkpoints
+            load (``build_model``).
     """
 
     def __init__(self, cfg: TrainConfig, *, label_map: Mapping[int, int] | None = None,
@@ -66,16 +70,17 @@ class Trainer:
         self.watch = preemption.active() or PreemptionWatch().install()
         self.device = dist.init()
         if self.device.type == "cpu":
-            # Denormal floats (values below ~1e-38, e.g. from softmax/GELU tails once training moves the
-            # zero-initialised adapters) are 10-20x slower on x86 CPUs; flushing them to zero changes nothing else.
+            # Denormal floats (values below ~1e-38, e.g. from softmax/GELU tails once training moves
+            # the zero-initialised adapters) are 10-20x slower on x86 CPUs; flushing them to zero
+            # changes nothing else.
             torch.set_flush_denormal(True)
         self.run_dir = Path(cfg.out_dir)
         self.dtype = compute_dtype(cfg.engine.precision, self.device)
         seed_everything(cfg.seed)  # same model init on every rank
         self.train_loader = build_train_loader(cfg.data, cfg.shard_dir(cfg.train_split), rank=dist.rank(),
                                                world_size=dist.world(), label_map=self.label_map)
-        # batch-level augmentation (normalisation, erasing, mixup; RandAugment too with data.augment_on=device)
-        # runs where the model is; workers hand over uint8 clips
+        # batch-level augmentation (normalisation, erasing, mixup; RandAugment too with
+        # data.augment_on=device) runs where the model is; workers hand over uint8 clips
         self.train_loader.to(self.device)
         num_classes = cfg.model.num_classes or self.train_loader.num_classes
         if not num_classes:
@@ -107,7 +112,8 @@ class Trainer:
         self.perf = self._count_flops(model) if dist.is_main() else None
 
     def _count_flops(self, model: nn.Module) -> dict | None:
-        """Model FLOPs per training clip (tstl/train/perf.py: counted on a meta copy) and the device's peak."""
+        """Model FLOPs per training clip (tstl/train/perf.py: counted on a meta copy) and the
+        device's peak."""
         counted = perf.count_on_meta(lambda: build_model(replace(self.cfg.model, init=[], grad_checkpointing=False),
                                                          self.num_classes)[0],
                                      (3, model.num_frames, model.img_size, model.img_size))
@@ -137,7 +143,7 @@ class Trainer:
                 (self.run_dir / "labels.json").write_text(json.dumps(
                     {"label_map": {str(k): v for k, v in self.label_map.items()}}, indent=1))
 
-    # ------------------------------------------------------------------------------------------- state
+    # ------------------------------------------------------------------------------------- state
 
     def _client_state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "nonfinite": self.nonfinite, "config": to_dict(self.cfg),
@@ -148,13 +154,14 @@ class Trainer:
         return {"loader": self.train_loader.state_dict(), "rng": rng_state()}
 
     def resume(self) -> bool:
-        """Restore the newest complete checkpoint, saved by any number of ranks; False when there is none.
+        """Restore the newest complete checkpoint, saved by any number of ranks; False when there
+        is none.
 
-        Same layout (ranks, workers, batch size): the very next batch and step, RNG states included (the same
-        trajectory as an uninterrupted run). Another layout (elastic resume, docs/training.md): the loader goes on
-        with the samples of the epoch the saved job had not consumed, ``step`` becomes this layout's step at that
-        point of the epoch, the lr schedule is set to that step (``_continue_schedule``) and the RNGs are seeded
-        from (seed, step, rank).
+        Same layout (ranks, workers, batch size): the very next batch and step, RNG states included
+        (the same trajectory as an uninterrupted run). Another layout (elastic resume,
+        docs/training.md): the loader goes on with the samples of the epoch the saved job had not
+        consumed, ``step`` becomes this layout's step at that point of the epoch, the lr schedule is
+        set to that step (``_continue_schedule``) and the RNGs are seeded from (seed, step, rank).
         """
         loaded = self.ckpt.load_latest(self.engine)
         if loaded is None:
@@ -176,7 +183,8 @@ class Trainer:
         return True
 
     def _continue_schedule(self, opt_step: int) -> None:
-        """Put the lr schedule at optimizer step ``opt_step`` of this layout, with this layout's peak lr.
+        """Put the lr schedule at optimizer step ``opt_step`` of this layout, with this
+        layout's peak lr.
 
         The loaded scheduler state carries the saved job's step count and base lrs (its peak lr,
         scaled by its total batch); the state is loaded again with this layout's base lrs
@@ -215,7 +223,7 @@ class Trainer:
         if stop:
             raise Preempted(self.watch.signum or signal.SIGTERM, self.step)
 
-    # ------------------------------------------------------------------------------------------- training
+    # ------------------------------------------------------------------------------------- training
 
     def loss(self, logits: torch.Tensor | dict[str, torch.Tensor],
              label: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
@@ -234,7 +242,8 @@ class Trainer:
         return F.cross_entropy(logits, label, label_smoothing=self.cfg.data.label_smoothing)
 
     def train_step(self, batch: dict) -> float | None:
-        """One micro-batch; returns the loss, or None when it was not finite (the step is skipped)."""
+        """One micro-batch; returns the loss, or None when it was not finite (the step
+        is skipped)."""
         video = batch["video"].to(self.device, dtype=self.dtype, non_blocking=True)
         label = batch["label"]  # a tensor, or head -> tensor for a multi-head shard set
         if isinstance(label, dict):
@@ -297,7 +306,8 @@ class Trainer:
         bar.close()
 
     def _perf_scalars(self, clips: int, seconds: float) -> dict[str, float]:
-        """Achieved model FLOP/s of this rank (= per device) and MFU over the last logging window."""
+        """Achieved model FLOP/s of this rank (= per device) and MFU over the last
+        logging window."""
         if self.perf is None or seconds <= 0:
             return {}
         achieved = self.perf["train_flops_per_clip"] * clips / seconds
@@ -317,7 +327,8 @@ class Trainer:
                         self.cfg.test_merge, desc)
 
     def train(self) -> EvalResult | None:
-        """Resume if a checkpoint exists, train the remaining epochs, test; returns the final test result."""
+        """Resume if a checkpoint exists, train the remaining epochs, test; returns the final
+        test result."""
         if self.resume() and self.train_loader.step >= len(self.train_loader):
             self.epoch += 1  # the checkpoint was taken at the end of an epoch
         self._safe_point()  # a signal during start-up: nothing new to save

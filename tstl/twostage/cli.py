@@ -1,8 +1,9 @@
-"""TSTL command line: ``tstl {groups,train-tstl,eval-tstl}`` (also ``python -m tstl.twostage.cli {groups,train,eval}``).
+"""TSTL command line: ``tstl {groups,train-tstl,eval-tstl}`` (also
+``python -m tstl.twostage.cli {groups,train,eval}``).
 
-``train`` runs stage 1 (selector) and stage 2 (experts) through the ordinary trainer and resumes where a killed run
-stopped; ``eval`` writes the routed multi-view report. Both take the YAML files of ``make train`` plus
-``configs/tstl/*.yaml`` and dotted overrides (``tstl.expert.epochs=5``).
+``train`` runs stage 1 (selector) and stage 2 (experts) through the ordinary trainer and resumes
+where a killed run stopped; ``eval`` writes the routed multi-view report. Both take the YAML files
+of ``make train`` plus ``configs/tstl/*.yaml`` and dotted overrides (``tstl.expert.epochs=5``).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def _config(files: list[Path], overrides: list[str]) -> TSTLConfig:
 
 
 def _preflight(cfg: TSTLConfig, train: bool) -> None:
-    """Shard sets, group file, model and init checkpoints before any stage starts (exit 2 with the fix, not a late
-    traceback on every rank)."""
+    """Shard sets, group file, model and init checkpoints before any stage starts (exit 2 with the
+    fix, not a late traceback on every rank)."""
     from tstl.train.preflight import check_init, check_model, check_shards
     from tstl.twostage.train import refuse_multi_head
 
@@ -133,7 +134,8 @@ def _groups(args: argparse.Namespace) -> int:
 
 
 def build_parser(prog: str = PROG, names: dict[str, str] | None = None) -> argparse.ArgumentParser:
-    """The parser; ``names`` renames sub-commands in usage lines (``tstl`` calls ``train`` ``train-tstl``)."""
+    """The parser; ``names`` renames sub-commands in usage lines (``tstl`` calls
+    ``train`` ``train-tstl``)."""
     names = names or {}
 
     def sub_prog(cmd: str) -> str:
@@ -204,7 +206,8 @@ def main(argv: list[str] | None = None, prog: str = PROG, names: dict[str, str] 
 
 
 def _classes_of(shard_dir: Path, given: int) -> int:
-    """The number of classes of a shard set (``--shards``); must agree with ``--num-classes`` when both are given."""
+    """The number of classes of a shard set (``--shards``); must agree with ``--num-classes`` when
+    both are given."""
     from tstl.core import shards
 
     try:

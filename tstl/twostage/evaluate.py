@@ -1,13 +1,14 @@
 """Routed multi-view evaluation of a TSTL run, next to a single B-CAST on the same views.
 
-Every view is routed on its own (the selector sees the view, the chosen expert(s) classify it), then the views of
-a video are averaged in probability space as in ``tstl.train.evaluate``. One pass gives, per view:
+Every view is routed on its own (the selector sees the view, the chosen expert(s) classify it), then
+the views of a video are averaged in probability space as in ``tstl.train.evaluate``. One pass
+gives, per view:
 
 * ``selector``: the selector's group probabilities (selector accuracy);
 * ``hard``: the top group's expert (TSTL's rule; 2 B-CAST forwards per view);
 * ``soft``: the top-k groups' experts weighted by the selector (1 + k forwards per view);
-* ``oracle``: the true group's expert (per-expert accuracy on its own group; it reuses the routed outputs and
-  runs an extra forward only for views the selector sent elsewhere);
+* ``oracle``: the true group's expert (per-expert accuracy on its own group; it reuses the routed
+  outputs and runs an extra forward only for views the selector sent elsewhere);
 * ``baseline``: a single B-CAST (``tstl.baseline``), when given.
 """
 
@@ -47,23 +48,25 @@ FIELDS = ("selector", "hard", "soft", "oracle", "baseline")
 
 @dataclass
 class RoutedModels:
-    """The selector and one expert per group (``experts[g]`` outputs logits over ``groups.groups[g]`` in order)."""
+    """The selector and one expert per group (``experts[g]`` outputs logits over
+    ``groups.groups[g]`` in order)."""
 
     selector: nn.Module
     experts: list[nn.Module]
     groups: ClassGroups
 
     def to(self, device: torch.device, dtype: torch.dtype) -> RoutedModels:
-        # experts share frozen Parameter objects with the selector; Module.to converts each parameter in place
-        # (param.data is replaced), so the shared objects stay shared and one copy moves
+        # experts share frozen Parameter objects with the selector; Module.to converts each
+        # parameter in place (param.data is replaced), so the shared objects stay shared and
+        # one copy moves
         for m in (self.selector, *self.experts):
             m.to(device, dtype)
         return self
 
 
 def load_run(out_dir: str | Path, groups: ClassGroups, verify_hashes: bool = True) -> RoutedModels:
-    """The selector and experts a ``train_two_stage`` run wrote; experts with the same frozen sources as the
-    selector share its frozen tensors (one CLIP + VideoMAE in memory)."""
+    """The selector and experts a ``train_two_stage`` run wrote; experts with the same frozen
+    sources as the selector share its frozen tensors (one CLIP + VideoMAE in memory)."""
     missing = [str(p) for p in [selector_file(out_dir)] + [expert_file(out_dir, g) for g in range(groups.num_groups)]
                if not p.exists()]
     if missing:
@@ -89,9 +92,9 @@ def _head_classes(path: str | Path) -> int:
 
 def load_released(model_name: str, selector_path: str | Path, expert_paths: Sequence[str | Path],
                   groups: ClassGroups, **model_kwargs) -> RoutedModels:
-    """TSTL's released checkpoints (full CAST layout): a selector with a head over groups and experts whose head
-    covers every class (TSTL's: the chosen expert's softmax over all classes is the prediction, as TSTL's
-    "maxlogit" rule with one expert) or only their group."""
+    """TSTL's released checkpoints (full CAST layout): a selector with a head over groups and
+    experts whose head covers every class (TSTL's: the chosen expert's softmax over all classes is
+    the prediction, as TSTL's "maxlogit" rule with one expert) or only their group."""
     if len(expert_paths) != groups.num_groups:
         raise ValueError(f"{len(expert_paths)} expert checkpoints for {groups.num_groups} groups")
 
@@ -130,7 +133,8 @@ class Tally:
 
 def _oracle(x: torch.Tensor, out: RoutedOutput, true_group: torch.Tensor, models: RoutedModels,
             tally: Tally) -> torch.Tensor:
-    """Each view's true-group expert in global class space, reusing the routed outputs where possible."""
+    """Each view's true-group expert in global class space, reusing the routed outputs
+    where possible."""
     hit = out.groups == true_group.unsqueeze(1)  # [B, k]
     oracle = (out.slot_probs * hit.unsqueeze(-1)).sum(1)
     for g in true_group[~hit.any(1)].unique().tolist():
@@ -146,7 +150,8 @@ def _oracle(x: torch.Tensor, out: RoutedOutput, true_group: torch.Tensor, models
 def predict_routed(models: RoutedModels, batches: Iterable[dict], device: torch.device, top_k: int,
                    dtype: torch.dtype = torch.float32, baseline: nn.Module | None = None
                    ) -> tuple[dict[tuple[str, int], dict], Tally]:
-    """Per (key, view) of this rank: ``{field: probabilities}`` for every field of ``FIELDS`` plus ``label``."""
+    """Per (key, view) of this rank: ``{field: probabilities}`` for every field of ``FIELDS``
+    plus ``label``."""
     groups = models.groups
     class_to_group = torch.as_tensor(groups.class_to_group, device=device)
     tally = Tally(routed=[0] * groups.num_groups, hard=[0] * groups.num_groups)
@@ -213,14 +218,16 @@ def summarize(per_rank: list[dict], tallies: list[Tally], groups: ClassGroups, t
 
 
 def _cost(name: str, top_k: int, num_groups: int) -> float | None:
-    """B-CAST forwards a method needs per view on its own (not what this combined evaluation ran)."""
+    """B-CAST forwards a method needs per view on its own (not what this combined
+    evaluation ran)."""
     return {"hard": 2.0, "soft": 1.0 + min(top_k, num_groups), "baseline": 1.0}.get(name)
 
 
 def write_report(res: dict, out: Path, classes: list[str] | None, title: str, notes: Sequence[str] = ()) -> str:
-    """``metrics.json``, ``report.md`` and a ``save_report`` folder per method under ``out`` (each with its
-    confusion PNG: class names for few classes, capped and cluster-ordered for many); ``report.md`` names the most
-    confused pairs of hard routing, of the single B-CAST when given, and of the selector's groups."""
+    """``metrics.json``, ``report.md`` and a ``save_report`` folder per method under ``out`` (each
+    with its confusion PNG: class names for few classes, capped and cluster-ordered for many);
+    ``report.md`` names the most confused pairs of hard routing, of the single B-CAST when given,
+    and of the selector's groups."""
     out.mkdir(parents=True, exist_ok=True)
     s = res["summary"]
     (out / "metrics.json").write_text(json.dumps(s, indent=1))
@@ -265,15 +272,16 @@ def write_report(res: dict, out: Path, classes: list[str] | None, title: str, no
 
 def evaluate_routed(models: RoutedModels, batches: Iterable[dict], device: torch.device, top_k: int,
                     dtype: torch.dtype = torch.float32, baseline: nn.Module | None = None) -> dict | None:
-    """Predict on this rank's share; rank 0 gathers every rank's and returns the summary (None on other ranks)."""
+    """Predict on this rank's share; rank 0 gathers every rank's and returns the summary (None on
+    other ranks)."""
     local, tally = predict_routed(models, batches, device, top_k, dtype, baseline)
     parts, tallies = dist.gather_objects(local), dist.gather_objects(tally)
     return summarize(parts, tallies, models.groups, top_k) if parts is not None else None
 
 
 def load_baseline(cfg: TSTLConfig, num_classes: int) -> tuple[nn.Module, str]:
-    """The single B-CAST of ``tstl.baseline`` with its run's model settings (the TSTL run's when it is a file), and
-    a line for the report."""
+    """The single B-CAST of ``tstl.baseline`` with its run's model settings (the TSTL run's when it
+    is a file), and a line for the report."""
     weights, run_cfg = resolve_weights(cfg.tstl.baseline)
     model_cfg = load_config(TrainConfig, [run_cfg]).model if run_cfg else cfg.model
     model, _ = build_model(replace(model_cfg, init=[]), num_classes)
@@ -284,13 +292,14 @@ def load_baseline(cfg: TSTLConfig, num_classes: int) -> tuple[nn.Module, str]:
 
 def evaluate_tstl(cfg: TSTLConfig, selector: str | Path | None = None, experts: Sequence[str | Path] = (),
                   out: str | Path | None = None) -> tuple[dict | None, Path]:
-    """Routed multi-view evaluation of a TSTL run (or of released checkpoints) on ``val_split``, next to
-    ``tstl.baseline`` when given; rank 0 writes ``metrics.json``/``report.md`` under ``out``.
+    """Routed multi-view evaluation of a TSTL run (or of released checkpoints) on ``val_split``,
+    next to ``tstl.baseline`` when given; rank 0 writes ``metrics.json``/``report.md``
+    under ``out``.
 
     Args:
         cfg: the TSTL config the run was trained with.
-        selector, experts: released checkpoints (CAST layout; one expert per group, in order) instead of the run's
-            stage files.
+        selector, experts: released checkpoints (CAST layout; one expert per group, in order)
+            instead of the run's stage files.
         out: report folder; default ``<out_dir>/eval``.
 
     Returns:

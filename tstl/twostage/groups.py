@@ -1,7 +1,7 @@
 """Class groups for TSTL: generation (balanced, from a confusion matrix).
 
-The group file format (``ClassGroups``, ``load_groups``/``save_groups``, ``GroupFileError``) is owned by
-``tstl.core.groups`` and re-exported here for the TSTL modules.
+The group file format (``ClassGroups``, ``load_groups``/``save_groups``, ``GroupFileError``) is
+owned by ``tstl.core.groups`` and re-exported here for the TSTL modules.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ def confusion_groups(confusion: np.ndarray, num_groups: int) -> ClassGroups:
     """Group classes so that mutually confused classes share a group, with balanced sizes.
 
     Method: greedy capacity-constrained agglomeration. The row-normalised confusion matrix is
-    symmetrised (``A = P + P^T``, diagonal zeroed), each class starts as its own cluster, and the pair of
-    clusters with the highest mean pairwise affinity is merged as long as the merged size stays within
-    ``ceil(N / K)``. Merging stops at ``K`` clusters; if the cap blocks progress first, the smallest
-    clusters are merged (a fallback that only happens for degenerate inputs). Groups are then ordered by
-    their smallest class id and classes within a group are sorted, so the result is deterministic.
+    symmetrised (``A = P + P^T``, diagonal zeroed), each class starts as its own cluster, and the
+    pair of clusters with the highest mean pairwise affinity is merged as long as the merged size
+    stays within ``ceil(N / K)``. Merging stops at ``K`` clusters; if the cap blocks progress first,
+    the smallest clusters are merged (a fallback that only happens for degenerate inputs). Groups
+    are then ordered by their smallest class id and classes within a group are sorted, so the result
+    is deterministic.
 
     Args:
         confusion: ``[N, N]`` counts, rows = true class, columns = predicted class.

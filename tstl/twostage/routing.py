@@ -1,8 +1,10 @@
-"""Routed inference: the selector picks group(s), only the chosen experts run, outputs land in global class space.
+"""Routed inference: the selector picks group(s), only the chosen experts run, outputs land in
+global class space.
 
-Hard routing (as TSTL): ``p(c|x) = softmax(expert_g(x))[local(c)]`` for ``c`` in the selector's top group ``g``,
-0 elsewhere. Soft routing: ``p(c|x) = sum_{g in topk} w_g * softmax(expert_g(x))[local(c)]`` where ``w`` are the
-selector's probabilities of the top-k groups renormalised to sum to 1 (so the output stays a distribution).
+Hard routing (as TSTL): ``p(c|x) = softmax(expert_g(x))[local(c)]`` for ``c`` in the selector's top
+group ``g``, 0 elsewhere. Soft routing:
+``p(c|x) = sum_{g in topk} w_g * softmax(expert_g(x))[local(c)]`` where ``w`` are the selector's
+probabilities of the top-k groups renormalised to sum to 1 (so the output stays a distribution).
 Each expert runs once on exactly the samples routed to it, never on the whole batch.
 """
 
@@ -26,11 +28,12 @@ class RoutedOutput:
     """Result of routing one batch.
 
     Attributes:
-        probs: ``[B, num_classes]`` global class probabilities (the weighted sum over the chosen experts).
+        probs: ``[B, num_classes]`` global class probabilities (the weighted sum over the
+            chosen experts).
         groups: ``[B, k]`` selected group ids, best first.
         weights: ``[B, k]`` the selector's probabilities of those groups, renormalised to sum to 1.
-        slot_probs: ``[B, k, num_classes]`` each chosen expert's softmax placed in global class space;
-            ``slot_probs[:, 0]`` is the hard-routing output whatever ``k`` is.
+        slot_probs: ``[B, k, num_classes]`` each chosen expert's softmax placed in global class
+            space; ``slot_probs[:, 0]`` is the hard-routing output whatever ``k`` is.
         expert_calls: Number of samples each expert processed (index = group id).
     """
 
@@ -42,8 +45,9 @@ class RoutedOutput:
 
 
 def expert_columns(groups: ClassGroups, group: int, width: int, device: torch.device) -> torch.Tensor:
-    """Global classes of an expert's outputs: its group's classes (our experts), or every class for an expert with
-    a head over all classes (TSTL's released experts, whose chosen expert may name a class outside its group)."""
+    """Global classes of an expert's outputs: its group's classes (our experts), or every class for
+    an expert with a head over all classes (TSTL's released experts, whose chosen expert may name a
+    class outside its group)."""
     if width == len(groups.groups[group]):
         return torch.tensor(groups.groups[group], device=device)
     if width == groups.num_classes:
@@ -64,8 +68,8 @@ def route(
     Args:
         x: Input batch ``[B, ...]``.
         selector_logits: ``[B, G]`` selector logits over groups.
-        experts: ``experts[g]`` maps a sub-batch to ``[b, len(groups.groups[g])]`` logits over its group (in
-            group order) or to ``[b, num_classes]`` logits over every class.
+        experts: ``experts[g]`` maps a sub-batch to ``[b, len(groups.groups[g])]`` logits over its
+            group (in group order) or to ``[b, num_classes]`` logits over every class.
         groups: The class partition.
         top_k: 1 = hard routing; >1 = soft routing over the top-k groups.
     """

@@ -1,17 +1,19 @@
-"""Stage files: a TSTL stage's (selector or expert) trainable parameters only, and sharing of the frozen
-pre-trained backbones between the models of a run.
+"""Stage files: a TSTL stage's (selector or expert) trainable parameters only, and sharing of the
+frozen pre-trained backbones between the models of a run.
 
-A stage file (``torch.save`` dict, format ``tstl-stage/v1``; files written as ``tstl-expert/v1`` read the same)
-holds:
+A stage file (``torch.save`` dict, format ``tstl-stage/v1``; files written as ``tstl-expert/v1``
+read the same) holds:
 
 * ``model`` / ``model_kwargs``: how to rebuild the network with ``tstl.models.create_model``;
-* ``frozen``: where the frozen weights (B-CAST's CLIP/VideoMAE backbones) come from: ``{"checkpoints": [{"path",
-  "sha256"}, ...]}``, loaded in order with ``tstl.models.load_checkpoint``;
+* ``frozen``: where the frozen weights (B-CAST's CLIP/VideoMAE backbones) come from:
+  ``{"checkpoints": [{"path", "sha256"}, ...]}``, loaded in order
+  with ``tstl.models.load_checkpoint``;
 * ``trainable``: ``model.trainable_state_dict()`` (about 45M of 217M parameters on B/16).
 
-Only model-contract methods are used (``trainable_state_dict``/``load_trainable_state_dict``), so any registered
-family works. TSTL's released selector/expert checkpoints are full CAST-layout state dicts; they load with
-``load_cast_checkpoint`` (a thin wrapper over ``tstl.models.load_checkpoint``).
+Only model-contract methods are used (``trainable_state_dict``/``load_trainable_state_dict``), so
+any registered family works. TSTL's released selector/expert checkpoints are full CAST-layout state
+dicts; they load with ``load_cast_checkpoint`` (a thin wrapper
+over ``tstl.models.load_checkpoint``).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def build_with_frozen(model_name: str, model_kwargs: dict[str, Any], frozen: dic
         if verify_hashes and file_sha256(src["path"]) != src["sha256"]:
             raise ValueError(f"{src['path']}: SHA-256 differs from the one recorded when the stage was trained; "
                              "restore the original file or retrain the stage")
-        # the head is trainable (restored from the stage file), so a source's head of another size is skipped
+        # the head is trainable (restored from the stage file), so a source's head of another
+        # size is skipped
         load_checkpoint(model, src["path"], strict=False, reinit_mismatched=("head.",))
     return model
 
@@ -89,8 +92,9 @@ def load_stage_file(path: str | os.PathLike, trunk: nn.Module | None = None,
 
     Args:
         path: Stage file written by ``save_stage_file``.
-        trunk: An already built model with the same frozen sources; when given, the new model's frozen
-            parameters become the trunk's tensors (no second copy in memory) and no frozen checkpoint is re-read.
+        trunk: An already built model with the same frozen sources; when given, the new model's
+            frozen parameters become the trunk's tensors (no second copy in memory) and no frozen
+            checkpoint is re-read.
         verify_hashes: Check frozen checkpoint hashes.
     """
     p = read_stage_file(path)
@@ -129,7 +133,8 @@ def share_frozen(reference: nn.Module, model: nn.Module) -> int:
 
 
 def load_cast_checkpoint(model_name: str, path: str | os.PathLike, **model_kwargs: Any) -> nn.Module:
-    """Load a full CAST-layout checkpoint (e.g. TSTL's released selector or an expert) into a new model."""
+    """Load a full CAST-layout checkpoint (e.g. TSTL's released selector or an expert) into a
+    new model."""
     model = create_model(model_name, **model_kwargs)
     load_checkpoint(model, path, strict=True)
     return model.eval()

@@ -1,4 +1,5 @@
-"""Two-stage training: the stage-1 selector, then every stage-2 expert, each an ordinary ``Trainer`` run.
+"""Two-stage training: the stage-1 selector, then every stage-2 expert, each an ordinary
+``Trainer`` run.
 
 Every stage goes through the same loader, DeepSpeed engine and checkpointing as ``make train``; the
 stages differ only in their setup (``tstl.twostage.stages``: config, label map, head-row adapter).
@@ -40,8 +41,8 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_groups(cfg: TSTLConfig) -> ClassGroups:
-    """The run's class groups: from ``tstl.groups`` or balanced, checked against the shards, pinned in the run.
-    Rank 0 reads and writes; every rank gets its answer."""
+    """The run's class groups: from ``tstl.groups`` or balanced, checked against the shards, pinned
+    in the run. Rank 0 reads and writes; every rank gets its answer."""
     return dist.on_main(lambda: _resolve_groups(cfg))
 
 
@@ -84,8 +85,9 @@ def _resolve_groups(cfg: TSTLConfig) -> ClassGroups:
 
 
 def pin_init(stage: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
-    """Resolve the stage's ``model.init`` (run folders -> their best checkpoint) to absolute files once, when the
-    stage first starts, and keep them (with their SHA-256) in ``<stage>/frozen.json``.
+    """Resolve the stage's ``model.init`` (run folders -> their best checkpoint) to absolute files
+    once, when the stage first starts, and keep them (with their SHA-256)
+    in ``<stage>/frozen.json``.
 
     A resumed stage continues from its own checkpoints, whose frozen weights came from the pinned
     files; so the stage file must name those, and a rerun whose ``init`` now resolves to other files
@@ -116,7 +118,8 @@ def pin_init(stage: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
 
 
 def train_stage(stage: Stage, dest: Path, extra: dict[str, Any]) -> None:
-    """Train one stage to its end (resuming if it was interrupted), then write its stage file (trainable-only)."""
+    """Train one stage to its end (resuming if it was interrupted), then write its stage
+    file (trainable-only)."""
     config, frozen = pin_init(stage.config)
     trainer = Trainer(config, label_map=stage.label_map, weight_adapters=stage.adapters)
     try:
@@ -132,14 +135,16 @@ def train_stage(stage: Stage, dest: Path, extra: dict[str, Any]) -> None:
 
 
 def _release_memory() -> None:
-    """Between stages: the finished stage's engine, optimizer state and loader workers go before the next starts."""
+    """Between stages: the finished stage's engine, optimizer state and loader workers go before the
+    next starts."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 def train_two_stage(cfg: TSTLConfig) -> ClassGroups:
-    """Stage 1 (selector on group labels), then stage 2 (one expert per group); finished stages are skipped."""
+    """Stage 1 (selector on group labels), then stage 2 (one expert per group); finished stages
+    are skipped."""
     cfg.check_weights()  # the rest of the config was checked when it loaded (TSTLConfig.check)
     dist.init()  # before anything is written: only rank 0 writes the run's shared files
     groups = resolve_groups(cfg)
