@@ -14,9 +14,13 @@ torchvision_shim.install()
 from tstl.models import bcast as _bcast  # noqa: E402,F401
 from tstl.models import bcast_compo as _bcast_compo  # noqa: E402,F401
 from tstl.models import timesformer as _timesformer  # noqa: E402,F401
-from tstl.models.checkpoint import LoadReport, UntrustedCheckpointError, load_checkpoint  # noqa: E402
+from tstl.models.checkpoint import (  # noqa: E402
+    LoadReport,
+    UntrustedCheckpointError,
+    load_checkpoint,
+)
 from tstl.models.contract import Conversion, VideoClassifier  # noqa: E402
 from tstl.models.registry import create_model, list_models, register_model  # noqa: E402
 
-__all__ = ["Conversion", "LoadReport", "UntrustedCheckpointError", "VideoClassifier", "create_model", "list_models",
-           "load_checkpoint", "register_model"]
+__all__ = ["Conversion", "LoadReport", "UntrustedCheckpointError", "VideoClassifier",
+           "create_model", "list_models", "load_checkpoint", "register_model"]

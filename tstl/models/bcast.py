@@ -44,7 +44,8 @@ from tstl.models.registry import register_model
 # A parameter is trained iff its name contains one of these (the reference's rule, minus patterns
 # that match nothing). ``clip_space_pos``/``vmae_space_pos`` are caught by "cross"
 # through ``s2t_cross``.
-TRAINABLE_PATTERNS = ("cross", "clip_time_pos", "vmae_time_pos", "Adapter", "ln_post", "vmae_fc_norm", "head")
+TRAINABLE_PATTERNS = ("cross", "clip_time_pos", "vmae_time_pos", "Adapter", "ln_post",
+                      "vmae_fc_norm", "head")
 NO_WEIGHT_DECAY = ("clip_time_pos", "clip_space_pos", "vmae_space_pos", "vmae_time_pos")
 logger = logging.getLogger(__name__)
 
@@ -87,9 +88,10 @@ class ClipAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(F.linear(x, self.in_proj_weight, self.in_proj_bias), "b n (three h d) -> three b h n d",
-                            three=3, h=self.num_heads)
-        return self.out_proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+        q, k, v = rearrange(F.linear(x, self.in_proj_weight, self.in_proj_bias),
+                            "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        return self.out_proj(
+            rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
 
 
 class VideoMAEAttention(nn.Module):
@@ -105,8 +107,8 @@ class VideoMAEAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        q, k, v = rearrange(F.linear(x, self.qkv.weight, bias), "b n (three h d) -> three b h n d", three=3,
-                            h=self.num_heads)
+        q, k, v = rearrange(F.linear(x, self.qkv.weight, bias), "b n (three h d) -> three b h n d",
+                            three=3, h=self.num_heads)
         return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
 
 
@@ -198,8 +200,8 @@ class Block(nn.Module):
     """One layer advancing both streams: attention + adapters, bidirectional cross-attention,
     MLP + adapters."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, frames: int, patches: int, down_ratio: int,
-                 adapter_ratio: float, drop_path: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, frames: int, patches: int,
+                 down_ratio: int, adapter_ratio: float, drop_path: float) -> None:
         super().__init__()
         hidden, cross_dim = int(dim * mlp_ratio), dim // down_ratio
         self.clip_ln_1 = LayerNorm(dim, eps=1e-5)
@@ -260,30 +262,35 @@ class BCAST(VideoClassifier):
     ``[B, embed_dim]``).
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, num_frames: int = 16, num_classes: int = 400,
-                 tubelet_size: int = 2, down_ratio: int = 2, adapter_ratio: float = 0.25,
-                 drop_path_rate: float = 0.0, head_drop_rate: float = 0.0, init_scale: float = 1.0) -> None:
+    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, num_frames: int = 16,
+                 num_classes: int = 400, tubelet_size: int = 2, down_ratio: int = 2,
+                 adapter_ratio: float = 0.25, drop_path_rate: float = 0.0,
+                 head_drop_rate: float = 0.0, init_scale: float = 1.0) -> None:
         super().__init__()
         if num_frames % tubelet_size or img_size % patch_size:
-            raise ValueError("num_frames must be a multiple of tubelet_size and img_size of patch_size")
+            raise ValueError(
+                "num_frames must be a multiple of tubelet_size and img_size of patch_size")
         self.num_classes, self.num_frames, self.tubelet_size = num_classes, num_frames, tubelet_size
         self.embed_dim, self.img_size, self.init_scale = embed_dim, img_size, init_scale
         self.clip_frames = num_frames // tubelet_size
         patches = (img_size // patch_size) ** 2
         self.clip_conv1 = nn.Conv2d(3, embed_dim, patch_size, patch_size, bias=False)
         self.clip_class_embedding = nn.Parameter(embed_dim**-0.5 * torch.randn(embed_dim))
-        self.clip_positional_embedding = nn.Parameter(embed_dim**-0.5 * torch.randn(patches + 1, embed_dim))
+        self.clip_positional_embedding = nn.Parameter(
+            embed_dim**-0.5 * torch.randn(patches + 1, embed_dim))
         self.clip_ln_pre = LayerNorm(embed_dim, eps=1e-5)
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv3d(3, embed_dim, (tubelet_size, patch_size, patch_size),
                                           (tubelet_size, patch_size, patch_size))
         # Fixed, never saved or loaded (as in VideoMAE): a non-persistent buffer so it
         # follows .to()/.double().
-        self.register_buffer("pos_embed", sinusoid_table(self.clip_frames * patches, embed_dim), persistent=False)
+        self.register_buffer("pos_embed", sinusoid_table(self.clip_frames * patches, embed_dim),
+                             persistent=False)
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, self.clip_frames, patches, down_ratio, adapter_ratio, r)
+            Block(embed_dim, num_heads, mlp_ratio, self.clip_frames, patches, down_ratio,
+                  adapter_ratio, r)
             for r in rates)
         self.clip_ln_post = LayerNorm(embed_dim, eps=1e-5)
         self.vmae_fc_norm = LayerNorm(embed_dim, eps=1e-6)
@@ -302,7 +309,8 @@ class BCAST(VideoClassifier):
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def _init_weights(self, init_scale: float) -> None:
-        for m in self.modules():  # Linear: truncated normal (std 0.02), zero bias; LayerNorms keep (1, 0)
+        # Linear: truncated normal (std 0.02), zero bias; LayerNorms keep (1, 0)
+        for m in self.modules():
             init_weights_vit_timm(m, needs_reset=False)
         for name, m in self.blocks.named_modules():
             # Adapters and up-projections start at zero, so at initialisation both streams are the
@@ -327,15 +335,19 @@ class BCAST(VideoClassifier):
     # ----------------------------------------------------------------------------- forward
 
     def _stems(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[2] != self.num_frames or x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
-            raise ValueError(f"B-CAST expects [B, 3, {self.num_frames}, {self.img_size}, {self.img_size}] clips, got "
-                             f"{list(x.shape)} (CLIP's position table is not interpolated)")
+        if (x.shape[2] != self.num_frames or x.shape[-1] != self.img_size
+                or x.shape[-2] != self.img_size):
+            raise ValueError(f"B-CAST expects [B, 3, {self.num_frames}, {self.img_size}, "
+                             f"{self.img_size}] clips, got {list(x.shape)} (CLIP's position table "
+                             "is not interpolated)")
         # CLIP sees the last frame of every VideoMAE tubelet (frames 1, 3, 5, ... for tubelets
         # of 2).
-        frames = rearrange(x[:, :, self.tubelet_size - 1 :: self.tubelet_size], "b c t h w -> (b t) c h w")
+        frames = rearrange(x[:, :, self.tubelet_size - 1 :: self.tubelet_size],
+                           "b c t h w -> (b t) c h w")
         s = self.clip_conv1(frames).flatten(2).transpose(1, 2)
         cls = self.clip_class_embedding.to(s.dtype).expand(s.shape[0], 1, -1)
-        s = self.clip_ln_pre(torch.cat([cls, s], dim=1) + self.clip_positional_embedding.to(s.dtype))
+        s = self.clip_ln_pre(torch.cat([cls, s], dim=1)
+                             + self.clip_positional_embedding.to(s.dtype))
         t = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
         t = t + self.pos_embed.to(t.dtype)
         return s, t
@@ -367,7 +379,8 @@ class BCAST(VideoClassifier):
         old = next(self.head.parameters(), None)
         kw = {"device": old.device, "dtype": old.dtype} if old is not None else {}
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes, **kw) if num_classes > 0 else nn.Identity()
+        self.head = (nn.Linear(self.embed_dim, num_classes, **kw) if num_classes > 0
+                     else nn.Identity())
         if num_classes > 0:
             init_weights_vit_timm(self.head, needs_reset=False)
             with torch.no_grad():
@@ -384,7 +397,8 @@ class BCAST(VideoClassifier):
         the rest (``clip_ln_post``, ``vmae_fc_norm``, the last adapters, the head) unmatched, hence
         the top id."""
         return {
-            "stem": r"^clip_conv1|^clip_class_embedding|^clip_positional_embedding|^clip_ln_pre|^patch_embed",
+            "stem": r"^clip_conv1|^clip_class_embedding|^clip_positional_embedding|^clip_ln_pre"
+                    r"|^patch_embed",
             "blocks": [(r"^blocks\.(\d+)", None)],
         }
 
@@ -437,7 +451,8 @@ class BCAST(VideoClassifier):
                 dropped["proj"] = "CLIP's image projection is not used by B-CAST"
             else:
                 out[f"clip_{k}"] = v
-        return Conversion(out, "openai-clip", self._other_keys(_CLIP_KEYS, "not part of the CLIP expert"), dropped)
+        return Conversion(out, "openai-clip",
+                          self._other_keys(_CLIP_KEYS, "not part of the CLIP expert"), dropped)
 
     def _from_videomae(self, sd: dict[str, torch.Tensor]) -> Conversion:
         pretrain = any(k.startswith("encoder.") for k in sd)
@@ -448,7 +463,8 @@ class BCAST(VideoClassifier):
             if k.startswith(("decoder.", "encoder_to_decoder", "mask_token")):
                 dropped[k] = "VideoMAE pre-training decoder"
             elif name.startswith(("norm.", "fc_norm.")):
-                dropped[k] = "VideoMAE's final norm: B-CAST keeps vmae_fc_norm at its own initialisation (as CAST)"
+                dropped[k] = ("VideoMAE's final norm: B-CAST keeps vmae_fc_norm at its own "
+                              "initialisation (as CAST)")
             elif name.startswith("head."):
                 # As CAST: a VideoMAE classifier of the right shape initialises the head, any
                 # other is dropped.
@@ -463,7 +479,8 @@ class BCAST(VideoClassifier):
                 out[name] = v
         fmt = "videomae-pretrain" if pretrain else "videomae-finetune"
         missing = self._other_keys(_VMAE_KEYS, "not part of the VideoMAE expert")
-        missing.update({k: "initialised (the VideoMAE head has another shape)" for k in ("head.weight", "head.bias")
+        missing.update({k: "initialised (the VideoMAE head has another shape)"
+                        for k in ("head.weight", "head.bias")
                         if k not in out and head is not None})
         return Conversion(out, fmt, missing, dropped)
 
@@ -556,7 +573,9 @@ def _build(defaults: dict, **kwargs) -> BCAST:
 def bcast_vit_b16(**kwargs) -> BCAST:
     """CAST's ``bidir_vit_base_patch16_224``: CLIP ViT-B/16 + VideoMAE ViT-B, 16 frames at
     224 px."""
-    return _build(dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_frames=16), **kwargs)
+    return _build(
+        dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_frames=16),
+        **kwargs)
 
 
 @register_model

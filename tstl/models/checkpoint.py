@@ -178,10 +178,12 @@ def is_trusted(path: str | os.PathLike, trusted: Trust = False) -> str | None:
     if trusted is True:
         return "trusted=True"
     real = os.path.realpath(path)
-    listed = [] if isinstance(trusted, bool) else [trusted] if isinstance(trusted, (str, os.PathLike)) else trusted
+    listed = ([] if isinstance(trusted, bool)
+              else [trusted] if isinstance(trusted, (str, os.PathLike)) else trusted)
     if any(os.path.realpath(p) == real for p in listed):
         return "listed in trusted_checkpoints"
-    if any(p and os.path.realpath(p) == real for p in os.environ.get(TRUSTED_ENV, "").split(os.pathsep)):
+    if any(p and os.path.realpath(p) == real
+           for p in os.environ.get(TRUSTED_ENV, "").split(os.pathsep)):
         return f"listed in ${TRUSTED_ENV}"
     return None
 
@@ -190,7 +192,8 @@ def _foreign_globals(path: str, error: Exception) -> list[str]:
     """The globals outside the allow-list that ``path``'s pickle names (torch's error names only
     the first)."""
     try:
-        names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in _ALLOWED]
+        names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                 if g not in _ALLOWED]
     except Exception:
         names = []
     if not names:
@@ -218,16 +221,18 @@ def _torch_load(path: str, trusted: Trust, mmap: bool = False) -> object:
             raise ValueError(f"not a torch pickle ({detail})") from None
         if why is None:
             what = (f"names the global{'s' if len(names) > 1 else ''} {', '.join(names)}" if names
-                    else f"is refused by the weights-only unpickler ({str(e).strip().splitlines()[-1][:300]})")
+                    else "is refused by the weights-only unpickler "
+                         f"({str(e).strip().splitlines()[-1][:300]})")
             raise UntrustedCheckpointError(
-                f"{path}: refused: its pickle {what}, which is not in the allow-list of plain types "
-                "(torch tensors and containers, argparse.Namespace, numpy scalars and dtypes). "
-                "Unpickling it "
-                f"can run arbitrary code. If you trust this file, pass trusted=True to read_checkpoint/"
-                f"load_checkpoint, list it in the run's model.trusted_checkpoints, or add it to ${TRUSTED_ENV}; "
-                f"better, re-save its weights with torch.save(state_dict).", path, names) from None
-        logger.warning("%s: LOADING WITH weights_only=False (%s): its pickle names %s, outside the allow-list; "
-                       "this runs whatever code the file carries", path, why, ", ".join(names) or "unsupported content")
+                f"{path}: refused: its pickle {what}, which is not in the allow-list of plain "
+                "types (torch tensors and containers, argparse.Namespace, numpy scalars and "
+                "dtypes). Unpickling it can run arbitrary code. If you trust this file, pass "
+                "trusted=True to read_checkpoint/load_checkpoint, list it in the run's "
+                f"model.trusted_checkpoints, or add it to ${TRUSTED_ENV}; better, re-save its "
+                "weights with torch.save(state_dict).", path, names) from None
+        logger.warning("%s: LOADING WITH weights_only=False (%s): its pickle names %s, outside the "
+                       "allow-list; this runs whatever code the file carries", path, why,
+                       ", ".join(names) or "unsupported content")
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
@@ -334,7 +339,8 @@ def _unwrap(path: str, obj: object) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: no state dict found (expected a mapping of names to tensors)")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise ValueError(f"{path}: the checkpoint holds no tensors at its top level or under {_WRAPPER_KEYS}")
+        raise ValueError(
+            f"{path}: the checkpoint holds no tensors at its top level or under {_WRAPPER_KEYS}")
     return tensors
 
 
@@ -450,7 +456,8 @@ def check_checkpoint(model: VideoClassifier, path: str | os.PathLike, *, strict:
 
 
 def load_checkpoint(model: VideoClassifier, path: str | os.PathLike, *, strict: bool = True,
-                    reinit_mismatched: tuple[str, ...] = (), adapters: Sequence[StateDictAdapter] = (),
+                    reinit_mismatched: tuple[str, ...] = (),
+                    adapters: Sequence[StateDictAdapter] = (),
                     trusted: Trust = False) -> LoadReport:
     """Detect the format of ``path``, map it onto ``model`` and load it.
 
@@ -485,8 +492,8 @@ def load_checkpoint(model: VideoClassifier, path: str | os.PathLike, *, strict: 
     conv, report = _plan(model, read_checkpoint(path, trusted=trusted), path, strict=strict,
                          reinit_mismatched=reinit_mismatched, adapters=adapters)
     model.load_state_dict(conv.state_dict, strict=False)
-    logger.info("%s: %s, %d tensors loaded, %d missing, %d unexpected", path, conv.format, report.loaded,
-                len(report.missing), len(report.unexpected))
+    logger.info("%s: %s, %d tensors loaded, %d missing, %d unexpected", path, conv.format,
+                report.loaded, len(report.missing), len(report.unexpected))
     for key in report.missing + report.unexpected:
         logger.debug("  %s: %s", key, _reason(key, report.explained) or "UNEXPLAINED")
     return report

@@ -143,7 +143,8 @@ class VideoClassifier(nn.Module, metaclass=abc.ABCMeta):
         """The trained parameters (``requires_grad``), detached."""
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
-    def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> TrainableKeys:
+    def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor],
+                                  strict: bool = True) -> TrainableKeys:
         """Load a ``trainable_state_dict()``.
 
         Args:
@@ -162,13 +163,15 @@ class VideoClassifier(nn.Module, metaclass=abc.ABCMeta):
         if strict and (missing or unexpected):
             frozen = [k for k in unexpected if k in own]
             raise ValueError(
-                f"{type(self).__name__}.load_trainable_state_dict: keys differ from trainable_state_dict(): "
-                f"missing {missing[:8]}, unexpected {unexpected[:8]}"
-                + (f" (frozen here: {frozen[:4]})" if frozen else "") + "; pass strict=False to load the common keys")
+                f"{type(self).__name__}.load_trainable_state_dict: keys differ from "
+                f"trainable_state_dict(): missing {missing[:8]}, unexpected {unexpected[:8]}"
+                + (f" (frozen here: {frozen[:4]})" if frozen else "")
+                + "; pass strict=False to load the common keys")
         shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
                   if k in expected and v.shape != own[k].shape]
         if shapes:
-            raise ValueError(f"{type(self).__name__}.load_trainable_state_dict: shape mismatch: " + "; ".join(shapes))
+            raise ValueError(f"{type(self).__name__}.load_trainable_state_dict: shape mismatch: "
+                             + "; ".join(shapes))
         with torch.no_grad():
             for k, v in state_dict.items():
                 if k in expected:

@@ -32,7 +32,8 @@ def create_model(name: str, **kwargs) -> VideoClassifier:
     try:
         builder = _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown model '{name}'; registered: {', '.join(list_models())}") from None
+        raise ValueError(
+            f"unknown model '{name}'; registered: {', '.join(list_models())}") from None
     model = builder(**kwargs)
     if not isinstance(model, VideoClassifier):
         raise TypeError(f"model '{name}' ({builder.__module__}.{builder.__qualname__}) returned a "

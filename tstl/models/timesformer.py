@@ -70,8 +70,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        q, k, v = (self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
+                   .permute(2, 0, 3, 1, 4).unbind(0))
+        x = F.scaled_dot_product_attention(q, k, v,
+                                           dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
 
 
@@ -79,8 +81,8 @@ class Block(nn.Module):
     """Pre-norm transformer block; ``divided_space_time`` adds a temporal attention branch before
     the spatial one."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float,
-                 drop_path: float, attention_type: str) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float,
+                 attn_drop: float, drop_path: float, attention_type: str) -> None:
         super().__init__()
         self.divided = attention_type == "divided_space_time"
         self.norm1 = LayerNorm(dim, eps=1e-6)
@@ -94,7 +96,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        x = self._divided(x, num_frames) if self.divided else x + self.drop_path(self.attn(self.norm1(x)))
+        x = (self._divided(x, num_frames) if self.divided
+             else x + self.drop_path(self.attn(self.norm1(x))))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def _divided(self, x: torch.Tensor, t: int) -> torch.Tensor:
@@ -145,7 +148,8 @@ def resize_pos_embed_flat(pos_embed: torch.Tensor, num_patches: int) -> torch.Te
     c//4), but the released HR models were fine-tuned from ImageNet weights resized this way.
     """
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
-    patch_pos = F.interpolate(patch_pos.transpose(1, 2), size=num_patches, mode="nearest").transpose(1, 2)
+    patch_pos = F.interpolate(patch_pos.transpose(1, 2), size=num_patches,
+                              mode="nearest").transpose(1, 2)
     return torch.cat((cls_pos, patch_pos), dim=1)
 
 
@@ -173,17 +177,19 @@ class TimeSformer(VideoClassifier):
             ``grid`` (2-D nearest).
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 400,
-                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.1, num_frames: int = 8,
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 400, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, num_frames: int = 8,
                  attention_type: AttentionType = "divided_space_time",
                  checkpoint_pos_resize: Literal["flat", "grid"] = "flat") -> None:
         super().__init__()
         if attention_type not in ATTENTION_TYPES:
-            raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got '{attention_type}'")
+            raise ValueError(
+                f"attention_type must be one of {ATTENTION_TYPES}, got '{attention_type}'")
         if checkpoint_pos_resize not in ("flat", "grid"):
-            raise ValueError(f"checkpoint_pos_resize must be 'flat' or 'grid', got '{checkpoint_pos_resize}'")
+            raise ValueError(
+                f"checkpoint_pos_resize must be 'flat' or 'grid', got '{checkpoint_pos_resize}'")
         self.attention_type = attention_type
         self.img_size, self.patch_size, self.num_frames = img_size, patch_size, num_frames
         self.num_classes = num_classes
@@ -191,7 +197,8 @@ class TimeSformer(VideoClassifier):
         self.checkpoint_pos_resize = checkpoint_pos_resize
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
+                                      strict_img_size=False)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
@@ -199,9 +206,11 @@ class TimeSformer(VideoClassifier):
         if attention_type != "space_only":
             self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
             self.time_drop = nn.Dropout(drop_rate)
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear 0 -> drop_path_rate
+        # linear 0 -> drop_path_rate
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], attention_type)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i],
+                  attention_type)
             for i in range(depth)
         ])
         self.norm = LayerNorm(embed_dim, eps=1e-6)
@@ -211,7 +220,8 @@ class TimeSformer(VideoClassifier):
     def _init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():  # Linear: truncated normal (std 0.02), zero bias; LayerNorms keep (1, 0)
+        # Linear: truncated normal (std 0.02), zero bias; LayerNorms keep (1, 0)
+        for m in self.modules():
             init_weights_vit_timm(m, needs_reset=False)
         # time_embed stays zero and temporal_fc starts at zero in every block, so at initialisation
         # the temporal branch adds nothing and the patch tokens see the (ImageNet) spatial
@@ -226,13 +236,15 @@ class TimeSformer(VideoClassifier):
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Patch, position and time embeddings: ``[B, 3, T, H, W]`` -> tokens and T."""
         b, _, t, h, w = x.shape
-        x = self.patch_embed(rearrange(x, "b c t h w -> (b t) c h w"))  # [(B T), N, D], frame-major per sample
+        # [(B T), N, D], frame-major per sample
+        x = self.patch_embed(rearrange(x, "b c t h w -> (b t) c h w"))
         pos = resize_pos_embed_grid(self.pos_embed, (h // self.patch_size, w // self.patch_size))
         cls = self.pos_drop(self.cls_token + pos[:, :1])
         x = self.pos_drop(x + pos[:, 1:])
         if self.attention_type == "space_only":
             return torch.cat((cls.expand(b * t, -1, -1), x), dim=1), t
-        x = rearrange(x, "(b t) n d -> b n t d", b=b) + resize_time_embed(self.time_embed, t).unsqueeze(1)
+        x = (rearrange(x, "(b t) n d -> b n t d", b=b)
+             + resize_time_embed(self.time_embed, t).unsqueeze(1))
         x = self.time_drop(x).flatten(1, 2)  # [B, N*T, D], index n*T + t
         # One cls per clip; cls_token + pos[0] is what every frame's cls slot held in the reference.
         return torch.cat((cls.expand(b, -1, -1), x), dim=1), t
@@ -269,7 +281,8 @@ class TimeSformer(VideoClassifier):
         old = next(self.head.parameters(), None)
         kw = {"device": old.device, "dtype": old.dtype} if old is not None else {}
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes, **kw) if num_classes > 0 else nn.Identity()
+        self.head = (nn.Linear(self.embed_dim, num_classes, **kw) if num_classes > 0
+                     else nn.Identity())
         if num_classes > 0:
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
@@ -318,9 +331,11 @@ class TimeSformer(VideoClassifier):
         dropped: dict[str, str] = {}
         w = sd.get("patch_embed.proj.weight")
         if w is not None and w.ndim == 2:  # patchify + linear layout of some ViT ports
-            sd["patch_embed.proj.weight"] = w.reshape(w.shape[0], -1, self.patch_size, self.patch_size)
+            sd["patch_embed.proj.weight"] = w.reshape(w.shape[0], -1, self.patch_size,
+                                                      self.patch_size)
         for k in [k for k in sd if k.startswith("pre_logits.")]:
-            dropped[k] = "ImageNet-21k ViT representation layer: TimeSformer has none (the reference ignores it too)"
+            dropped[k] = ("ImageNet-21k ViT representation layer: TimeSformer has none "
+                          "(the reference ignores it too)")
             del sd[k]
         self._convert_head(sd, own, missing, dropped)
         self._convert_embeddings(sd, missing, dropped)
@@ -360,13 +375,15 @@ class TimeSformer(VideoClassifier):
                             sd["time_embed"].shape[1], self.num_frames, hint)
             sd["time_embed"] = resize_time_embed(sd["time_embed"], self.num_frames)
         else:
-            missing["time_embed"] = "the checkpoint has no time embedding: it stays zero (as the reference)"
+            missing["time_embed"] = ("the checkpoint has no time embedding: it stays zero "
+                                     "(as the reference)")
 
     def _convert_temporal(self, sd: dict, missing: dict, dropped: dict) -> None:
         temporal = [k for k in sd if k.startswith("blocks.") and ".temporal_" in k]
         if self.attention_type != "divided_space_time":
             for k in temporal:
-                dropped[k] = f"divided space-time weights; this model uses {self.attention_type} attention"
+                dropped[k] = (f"divided space-time weights; this model uses {self.attention_type} "
+                              "attention")
                 del sd[k]
             return
         for i, _blk in enumerate(self.blocks):
@@ -375,7 +392,8 @@ class TimeSformer(VideoClassifier):
                 for k in [k for k in sd if k.startswith(prefix + spatial)]:
                     sd.setdefault(k.replace(prefix + spatial, prefix + temp, 1), sd[k])
             if prefix + "temporal_fc.weight" not in sd:
-                missing[prefix + "temporal_fc."] = "not in the checkpoint: zero-initialised (temporal branch off)"
+                missing[prefix + "temporal_fc."] = ("not in the checkpoint: zero-initialised "
+                                                    "(temporal branch off)")
 
 
 _LAYOUTS = ("timesformer", "hf-timesformer", "timm-vit")
@@ -491,7 +509,8 @@ def _build(defaults: dict, **kwargs) -> TimeSformer:
     return build_variant(TimeSformer, "TimeSformer", defaults, **kwargs)
 
 
-_VIT_B16 = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_frames=8, num_classes=400)
+_VIT_B16 = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_frames=8,
+                num_classes=400)
 
 
 @register_model

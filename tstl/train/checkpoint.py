@@ -77,7 +77,8 @@ class Resumed(NamedTuple):
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
@@ -193,7 +194,8 @@ class Checkpointer:
 
     def _rotate(self) -> None:
         done = self.complete()
-        scored = [(info["metric"], step, tag) for step, tag, info in done if info.get("metric") is not None]
+        scored = [(info["metric"], step, tag) for step, tag, info in done
+                  if info.get("metric") is not None]
         keep = {tag for _, tag, _ in done[-self.keep_last:]}
         if scored:
             keep.add(max(scored)[2])
@@ -209,7 +211,8 @@ class Checkpointer:
                     shutil.rmtree(d, ignore_errors=True)
 
     def best(self) -> str | None:
-        scored = [(info["metric"], step, tag) for step, tag, info in self.complete() if info.get("metric") is not None]
+        scored = [(info["metric"], step, tag) for step, tag, info in self.complete()
+                  if info.get("metric") is not None]
         return str(self.dir / max(scored)[2]) if scored else None
 
     # --------------------------------------------------------------------------------------- resume
@@ -278,11 +281,12 @@ class Checkpointer:
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                    str(self.dir / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
                    "--num_merge_workers", "1", "--inject_missing_state"]
-            logger.info("converting %s to a universal checkpoint for another world size", self.dir / tag)
+            logger.info("converting %s to a universal checkpoint for another world size",
+                        self.dir / tag)
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
-                raise RuntimeError(f"converting {self.dir / tag} to a universal checkpoint failed:\n"
-                                   f"{proc.stderr[-3000:]}")
+                raise RuntimeError(f"converting {self.dir / tag} to a universal checkpoint "
+                                   f"failed:\n{proc.stderr[-3000:]}")
             os.replace(tmp, out)
         dist.barrier()
         return out
@@ -400,7 +404,8 @@ def _load_universal(engine, folder: Path, original: Path) -> dict:
         config.load_universal_checkpoint = before
     # the universal format holds the optimizer's parameters only: buffers and frozen weights from
     # the model file
-    module = torch.load(next(original.glob("*model_states.pt")), map_location="cpu", weights_only=False)["module"]
+    module = torch.load(next(original.glob("*model_states.pt")), map_location="cpu",
+                        weights_only=False)["module"]
     engine.module.load_state_dict(module, strict=True)
     return client
 
@@ -427,7 +432,8 @@ def resolve_weights(path: str | os.PathLike) -> tuple[Path, Path | None]:
     if path.is_dir():
         files = sorted(path.glob("*model_states.pt"))
         if not files:
-            raise FileNotFoundError(f"{path}: no mp_rank_00_model_states.pt inside (is it a DeepSpeed tag folder?)")
+            raise FileNotFoundError(
+                f"{path}: no mp_rank_00_model_states.pt inside (is it a DeepSpeed tag folder?)")
         run_cfg = path.parent.parent / "config.yaml"
         return files[0], run_cfg if run_cfg.exists() else None
     if not path.exists():

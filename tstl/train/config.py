@@ -83,8 +83,10 @@ class OptimConfig:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.schedule == "steps":
             if not self.lr_steps or len(self.lr_steps) != len(self.lr_factors):
-                raise ValueError("schedule=steps needs lr_steps and lr_factors of the same, non-zero length")
-            if self.lr_steps[0] != 0 or any(b <= a for a, b in zip(self.lr_steps, self.lr_steps[1:])):
+                raise ValueError(
+                    "schedule=steps needs lr_steps and lr_factors of the same, non-zero length")
+            if (self.lr_steps[0] != 0
+                    or any(b <= a for a, b in zip(self.lr_steps, self.lr_steps[1:]))):
                 raise ValueError(f"lr_steps must start at 0 and increase, got {self.lr_steps}")
 
 

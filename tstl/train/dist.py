@@ -209,7 +209,8 @@ def on_main(fn: Callable[[], Any]) -> Any:
             result = fn()
         except Exception as e:
             error = e
-    ok, payload = broadcast_object((error is None, result if error is None else f"{type(error).__name__}: {error}"))
+    ok, payload = broadcast_object(
+        (error is None, result if error is None else f"{type(error).__name__}: {error}"))
     if error is not None:
         raise error
     if not ok:

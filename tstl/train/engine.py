@@ -66,7 +66,8 @@ def param_groups(model: VideoClassifier, cfg: OptimConfig) -> list[dict]:
         groups[key]["params"].append(p)
     out = [groups[k] for k in sorted(groups)]
     n = sum(p.numel() for g in out for p in g["params"])
-    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad), "a trainable parameter has no group"
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad), (
+        "a trainable parameter has no group")
     return out
 
 
@@ -115,10 +116,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, lr: floa
     if cfg.schedule == "steps":
         def factor(s: int) -> float:
             if s < warmup:
-                return (s / max(warmup - 1, 1) if warmup > 1 else 1.0) * step_factor(0.0, cfg.lr_steps, cfg.lr_factors)
+                return ((s / max(warmup - 1, 1) if warmup > 1 else 1.0)
+                        * step_factor(0.0, cfg.lr_steps, cfg.lr_factors))
             return step_factor(s / steps_per_epoch, cfg.lr_steps, cfg.lr_factors)
         return LambdaLR(optimizer, factor)
-    return LambdaLR(optimizer, lambda s: lr_factor(s, lr=lr, min_lr=min_lr, warmup_steps=warmup, total_steps=total))
+    return LambdaLR(optimizer, lambda s: lr_factor(s, lr=lr, min_lr=min_lr, warmup_steps=warmup,
+                                                   total_steps=total))
 
 
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler_fn, ds_config: dict):
@@ -126,6 +129,6 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler_fn,
     (no training_data)."""
     import deepspeed
 
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler_fn,
-                                                   config=ds_config)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   lr_scheduler=scheduler_fn, config=ds_config)
     return engine, scheduler

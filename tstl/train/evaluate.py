@@ -50,7 +50,8 @@ class EvalResult:
 
     def summary(self) -> dict:
         return {"top1": self.top1, "top5": self.top5, "videos": self.videos,
-                "mean_class_acc": float(np.nanmean(self.per_class)) if self.per_class.size else float("nan")}
+                "mean_class_acc": (float(np.nanmean(self.per_class)) if self.per_class.size
+                                   else float("nan"))}
 
 
 MERGE_RULES = ("mean", "mean_softmax", "sum_logits")
@@ -62,8 +63,8 @@ def progress(batches: Iterable[dict], desc: str) -> Iterable[dict]:
     from tqdm import tqdm
 
     total = len(batches) if hasattr(batches, "__len__") else None
-    return tqdm(batches, total=total, desc=desc, unit="batch", disable=not dist.is_main(), dynamic_ncols=True,
-                leave=False)
+    return tqdm(batches, total=total, desc=desc, unit="batch", disable=not dist.is_main(),
+                dynamic_ncols=True, leave=False)
 
 
 @torch.no_grad()
@@ -90,7 +91,8 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def merge(per_rank: list[dict[tuple[str, int], tuple[np.ndarray, int]]], rule: str = "mean") -> tuple[dict, dict]:
+def merge(per_rank: list[dict[tuple[str, int], tuple[np.ndarray, int]]],
+          rule: str = "mean") -> tuple[dict, dict]:
     """Union over ranks (a repeated (key, view) counts once), then the views of each video merged
     by ``rule``.
 
@@ -133,8 +135,9 @@ def metrics(probs: dict[str, np.ndarray], labels: dict[str, int], num_classes: i
     support = confusion.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         per_class = np.where(support > 0, np.diag(confusion) / support, np.nan)
-    return EvalResult(top1=float((pred == y).mean()), top5=float((top == y[:, None]).any(1).mean()), videos=len(keys),
-                      per_class=per_class, confusion=confusion, probs=probs, labels=labels)
+    return EvalResult(top1=float((pred == y).mean()), top5=float((top == y[:, None]).any(1).mean()),
+                      videos=len(keys), per_class=per_class, confusion=confusion, probs=probs,
+                      labels=labels)
 
 
 def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.device,
@@ -147,8 +150,9 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.devi
     ``dump`` (``write_dump``, with the ``classes`` names) when given (single-head models)."""
     multi = isinstance(num_classes, Mapping)
     if dump is not None and multi:
-        raise ValueError("tstl eval --dump writes one score row per view of a single-head model; this "
-                         "model has several heads: drop --dump (its report has per-head results)")
+        raise ValueError("tstl eval --dump writes one score row per view of a single-head model; "
+                         "this model has several heads: drop --dump (its report has per-head "
+                         "results)")
     local = predict(model, batches, device, dtype, desc)
     gathered = dist.all_gather_objects(local)
     if multi:
@@ -208,17 +212,19 @@ def save_report(result: EvalResult, out: Path, classes: list[str] | None = None)
         w = csv.writer(f)
         w.writerow(["label", "class", "videos", "accuracy"])
         for i, (name, acc) in enumerate(zip(names, result.per_class)):
-            w.writerow([i, name, int(result.confusion[i].sum()), "" if np.isnan(acc) else f"{acc:.4f}"])
+            w.writerow(
+                [i, name, int(result.confusion[i].sum()), "" if np.isnan(acc) else f"{acc:.4f}"])
     np.save(out / "confusion.npy", result.confusion)
     np.savetxt(out / "confusion.csv", result.confusion, fmt="%d", delimiter=",")
     keys = sorted(result.probs)
-    np.savez(out / "predictions.npz", keys=np.array(keys), probs=np.stack([result.probs[k] for k in keys]),
+    np.savez(out / "predictions.npz", keys=np.array(keys),
+             probs=np.stack([result.probs[k] for k in keys]),
              labels=np.array([result.labels[k] for k in keys]))
     plot_confusion(result.confusion, names, out / "confusion.png")
 
 
-def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = (), overrides: Sequence[str] = (),
-                        out: str | Path | None = None,
+def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = (),
+                        overrides: Sequence[str] = (), out: str | Path | None = None,
                         dump: bool = False) -> tuple[EvalResult, Path]:
     """Multi-view evaluation of any checkpoint ``load_checkpoint`` accepts on the
     run's ``val_split``.

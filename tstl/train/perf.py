@@ -47,7 +47,8 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
 
 
-def count_on_meta(build: Callable[[], nn.Module], input_shape: tuple[int, ...]) -> tuple[float, float] | None:
+def count_on_meta(build: Callable[[], nn.Module],
+                  input_shape: tuple[int, ...]) -> tuple[float, float] | None:
     """(forward, forward + backward) training FLOPs of one clip of ``input_shape``
     (``[C, T, H, W]``) through the model ``build()`` makes on the meta device
     (``count_flops(..., train=True)``); None (with a warning) when the model cannot be built or run
@@ -55,7 +56,8 @@ def count_on_meta(build: Callable[[], nn.Module], input_shape: tuple[int, ...]) 
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             return count_flops(build(), input_shape, train=True)
-    except Exception as e:  # a model that cannot run on meta must not stop training; only the MFU is lost
-        logger.warning("could not count the model's FLOPs on the meta device (%s: %s); no MFU is reported",
-                       type(e).__name__, e)
+    except Exception as e:
+        # a model that cannot run on meta must not stop training; only the MFU is lost
+        logger.warning("could not count the model's FLOPs on the meta device (%s: %s); no MFU is "
+                       "reported", type(e).__name__, e)
         return None

@@ -84,7 +84,8 @@ def plot_confusion(confusion: np.ndarray, names: list[str], path: Path) -> None:
     else:
         ax.set_xticks([])
         ax.set_yticks([])
-        title = f"confusion of {n} classes (row-normalised; confused classes placed together; see report.md)"
+        title = (f"confusion of {n} classes (row-normalised; confused classes placed together; "
+                 "see report.md)")
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
@@ -119,7 +120,8 @@ def pairs_table(pairs: list[ConfusedPair], names: list[str]) -> list[str]:
     if not pairs:
         return ["No video was confused with another class."]
     rows = ["| true class | predicted as | videos | share of the true class |", "|---|---|---|---|"]
-    rows += [f"| {names[p.true]} | {names[p.predicted]} | {p.count} | {p.share:.1%} |" for p in pairs]
+    rows += [f"| {names[p.true]} | {names[p.predicted]} | {p.count} | {p.share:.1%} |"
+             for p in pairs]
     return rows
 
 
@@ -138,7 +140,8 @@ def plot_curves(metrics_jsonl: Path, path: Path) -> Path | None:
     """Training loss, learning rate and validation top-1 over optimizer steps in one PNG; None
     without data."""
     rows = read_metrics(metrics_jsonl) if metrics_jsonl.exists() else []
-    series = {key: [(r["step"], r[key]) for r in rows if key in r] for key in ("train/loss", "train/lr", "val/top1")}
+    series = {key: [(r["step"], r[key]) for r in rows if key in r]
+              for key in ("train/loss", "train/lr", "val/top1")}
     if not series["train/loss"]:
         return None
     plt = _pyplot()
@@ -148,7 +151,8 @@ def plot_curves(metrics_jsonl: Path, path: Path) -> Path | None:
     ax_loss.grid(alpha=0.3)
     if series["val/top1"]:
         ax_acc = ax_loss.twinx()
-        ax_acc.plot(*zip(*series["val/top1"]), "o-", color="tab:orange", label="val top-1 (single view)")
+        ax_acc.plot(*zip(*series["val/top1"]), "o-", color="tab:orange",
+                    label="val top-1 (single view)")
         ax_acc.set(ylabel="top-1", ylim=(0, 1))
         ax_acc.legend(loc="upper right")
     ax_loss.legend(loc="upper left")

@@ -42,8 +42,8 @@ class Preempted(Exception):
     """Raised after the checkpoint that a signal asked for was saved; the run can be resumed."""
 
     def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"{signal.Signals(signum).name} received: checkpoint saved at step {step}; rerun (or "
-                         "requeue) to resume")
+        super().__init__(f"{signal.Signals(signum).name} received: checkpoint saved at step "
+                         f"{step}; rerun (or requeue) to resume")
         self.signum, self.step = signum, step
 
 

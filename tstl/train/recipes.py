@@ -36,7 +36,8 @@ def packaged_configs() -> Path:
 
 CONFIG_DIR = CHECKOUT_CONFIGS if CHECKOUT_CONFIGS.is_dir() else packaged_configs()
 
-__all__ = ["CONFIG_DIR", "available", "load_recipe", "packaged_configs", "print_config", "recipe_files"]
+__all__ = ["CONFIG_DIR", "available", "load_recipe", "packaged_configs", "print_config",
+           "recipe_files"]
 
 
 def available(config_dir: Path = CONFIG_DIR) -> tuple[list[str], list[str]]:
@@ -61,14 +62,15 @@ def recipe_files(dataset: str, model: str, config_dir: Path = CONFIG_DIR) -> lis
     return [data, mod] + ([pair] if pair.is_file() else [])
 
 
-def load_recipe(dataset: str, model: str, overrides: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> TrainConfig:
+def load_recipe(dataset: str, model: str, overrides: Sequence[str] = (),
+                config_dir: Path = CONFIG_DIR) -> TrainConfig:
     """The resolved ``TrainConfig`` of a recipe with dotted ``overrides`` (``["optim.lr=3e-4"]``)
     applied last."""
     return load_config(TrainConfig, recipe_files(dataset, model, config_dir), overrides)
 
 
-def print_config(dataset: str, model: str, overrides: Sequence[str] = (), config_dir: Path = CONFIG_DIR,
-                 file=None) -> str:
+def print_config(dataset: str, model: str, overrides: Sequence[str] = (),
+                 config_dir: Path = CONFIG_DIR, file=None) -> str:
     """Write the resolved recipe as YAML (what the run's ``config.yaml`` holds) to ``file``
     (stdout); return it."""
     text = dump_yaml(load_recipe(dataset, model, overrides, config_dir))
@@ -77,14 +79,17 @@ def print_config(dataset: str, model: str, overrides: Sequence[str] = (), config
 
 
 def build_parser(prog: str = "python -m tstl.train.recipes") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Print the resolved training recipe of a (dataset, model) as "
-                                "YAML, exactly as the run's config.yaml will hold it.", epilog=EPILOG)
+    p = argparse.ArgumentParser(
+        prog=prog, description="Print the resolved training recipe of a (dataset, model) as YAML, "
+                               "exactly as the run's config.yaml will hold it.", epilog=EPILOG)
     p.add_argument("words", nargs="*", metavar="[DATASET [MODEL]] [key.sub=value ...]",
                    help="dataset and model (or --dataset/--model), then dotted overrides")
     p.add_argument("--dataset", help="a configs/data/<dataset>.yaml")
     p.add_argument("--model", help="a configs/model/<model>.yaml (default bcast_vit_b16)")
-    p.add_argument("--config-dir", type=Path, default=None, help=f"recipe folder (default {CONFIG_DIR})")
-    p.add_argument("--list", action="store_true", help="list the datasets and models that have a config, and exit")
+    p.add_argument("--config-dir", type=Path, default=None,
+                   help=f"recipe folder (default {CONFIG_DIR})")
+    p.add_argument("--list", action="store_true",
+                   help="list the datasets and models that have a config, and exit")
     return p
 
 
@@ -94,17 +99,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m tstl.train.re
     config_dir = args.config_dir or CONFIG_DIR
     if args.list:
         datasets, models = available(config_dir)
-        print(f"datasets: {', '.join(datasets)}\nmodels: {', '.join(models)}\n(configs in {config_dir})")
+        print(f"datasets: {', '.join(datasets)}\nmodels: {', '.join(models)}\n(configs in "
+              f"{config_dir})")
         return OK
     names = [w for w in args.words if "=" not in w]
     overrides = [w for w in args.words if "=" in w]
     if len(names) > 2 or (names and args.dataset) or (len(names) > 1 and args.model):
-        p.error(f"give the dataset and model once, as words or as --dataset/--model (got {' '.join(names)})")
+        p.error("give the dataset and model once, as words or as --dataset/--model (got "
+                f"{' '.join(names)})")
     dataset = args.dataset or (names[0] if names else None)
     model = args.model or (names[1] if len(names) > 1 else "bcast_vit_b16")
     if not dataset:
         datasets, _ = available(config_dir)
-        p.error(f"name a dataset: one of {', '.join(datasets)} (e.g. print-config ucf101 bcast_vit_b16)")
+        p.error(f"name a dataset: one of {', '.join(datasets)} (e.g. print-config ucf101 "
+                "bcast_vit_b16)")
     try:
         print_config(dataset, model, overrides, config_dir)
     except ConfigError as e:

@@ -31,7 +31,8 @@ def read_per_class(path: Path) -> list[dict]:
     no video)."""
     with open(path, newline="") as f:
         return [{"label": int(r["label"]), "class": r["class"], "videos": int(r["videos"]),
-                 "accuracy": float(r["accuracy"]) if r["accuracy"] else None} for r in csv.DictReader(f)]
+                 "accuracy": float(r["accuracy"]) if r["accuracy"] else None}
+                for r in csv.DictReader(f)]
 
 
 def per_class_table(rows: list[dict], link: str) -> list[str]:
@@ -44,8 +45,9 @@ def per_class_table(rows: list[dict], link: str) -> list[str]:
         return head + [fmt(r) + acc(r) + " |" for r in rows]
     seen = sorted((r for r in rows if r["accuracy"] is not None),
                   key=lambda r: (r["accuracy"], -r["videos"], r["label"]))
-    return [f"The {min(WORST_CLASSES, len(seen))} classes with the lowest accuracy of {len(rows)}; every class is in "
-            f"[{link}]({link}).", "", *head, *[fmt(r) + acc(r) + " |" for r in seen[:WORST_CLASSES]]]
+    return [f"The {min(WORST_CLASSES, len(seen))} classes with the lowest accuracy of {len(rows)}; "
+            f"every class is in [{link}]({link}).", "", *head,
+            *[fmt(r) + acc(r) + " |" for r in seen[:WORST_CLASSES]]]
 
 
 def flops_text(flops: float, suffix: str = "") -> str:
@@ -64,17 +66,19 @@ def throughput_lines(rows: list[dict], info: dict | None) -> list[str]:
     mfu = [r["perf/mfu"] for r in rows if "perf/mfu" in r]
     if not clips:
         return []
-    lines = [f"Training throughput (median of the logged steps): {statistics.median(clips):.1f} clips/s over all "
-             "ranks."]
+    lines = [f"Training throughput (median of the logged steps): {statistics.median(clips):.1f} "
+             "clips/s over all ranks."]
     if info and flops:
         lines.append(f"Model FLOPs per training clip (forward + backward, counted): "
                      f"{flops_text(info['train_flops_per_clip'])}; achieved "
                      f"{flops_text(statistics.median(flops), '/s')} per {info['device']}.")
         if mfu and info.get("peak_flops"):
-            lines.append(f"MFU {statistics.median(mfu):.1%} of the {flops_text(info['peak_flops'], '/s')} "
-                         f"dense {info['precision']} peak of {info['device']}.")
+            lines.append(f"MFU {statistics.median(mfu):.1%} of the "
+                         f"{flops_text(info['peak_flops'], '/s')} dense {info['precision']} peak "
+                         f"of {info['device']}.")
         else:
-            lines.append("MFU: not computed (no known peak for this device and precision; see docs/training.md).")
+            lines.append("MFU: not computed (no known peak for this device and precision; see "
+                         "docs/training.md).")
     return ["## Throughput", "", " ".join(lines), ""]
 
 
@@ -85,7 +89,8 @@ def write_report(run_dir: Path) -> str:
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     metrics = json.loads((run_dir / "test" / "metrics.json").read_text())
     rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-    info = json.loads((run_dir / "perf.json").read_text()) if (run_dir / "perf.json").exists() else None
+    info = (json.loads((run_dir / "perf.json").read_text()) if (run_dir / "perf.json").exists()
+            else None)
     curves = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     views = cfg["data"]["test_views"]
     title = [f"# Run report: {cfg['model']['name']} on {cfg['dataset']} ({cfg['train_split']} -> "

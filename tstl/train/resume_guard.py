@@ -51,7 +51,8 @@ def diff(old: dict, new: dict, defaults: dict | None = None) -> list[tuple[str, 
     ``new`` keeps at its default is no change."""
     a, b, d = flatten(old), flatten(new), flatten(defaults or {})
     return [(k, a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b))
-            if a.get(k, ABSENT) != b.get(k, ABSENT) and not (k not in a and k in d and d[k] == b.get(k, ABSENT))]
+            if a.get(k, ABSENT) != b.get(k, ABSENT)
+            and not (k not in a and k in d and d[k] == b.get(k, ABSENT))]
 
 
 def check(config_file: Path, cfg: Any, accept: bool) -> list[tuple[str, Any, Any]]:
@@ -70,12 +71,14 @@ def check(config_file: Path, cfg: Any, accept: bool) -> list[tuple[str, Any, Any
     if unsafe and not accept:
         lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in unsafe)
         raise ConfigError(
-            f"{config_file.parent} has a checkpoint of a run with another configuration; resuming it would mix the "
-            f"two. Changed (run's config.yaml -> this command):\n{lines}\n"
+            f"{config_file.parent} has a checkpoint of a run with another configuration; resuming "
+            f"it would mix the two. Changed (run's config.yaml -> this command):\n{lines}\n"
             "Use another out_dir for a new run, restore these values to resume, or pass "
-            "checkpoint.accept_config_change=true to resume with the new values (config.yaml is then overwritten). "
-            "Safe changes that need no flag: " + ", ".join(SAFE) + " (see docs/training.md).")
+            "checkpoint.accept_config_change=true to resume with the new values (config.yaml is "
+            "then overwritten). Safe changes that need no flag: " + ", ".join(SAFE)
+            + " (see docs/training.md).")
     for key, a, b in changes:
         logger.warning("config change on resume: %s: %r -> %r (%s)", key, a, b,
-                       "safe" if is_safe(key, a, b) else "accepted: checkpoint.accept_config_change")
+                       ("safe" if is_safe(key, a, b)
+                        else "accepted: checkpoint.accept_config_change"))
     return changes

@@ -77,14 +77,16 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir)
         self.dtype = compute_dtype(cfg.engine.precision, self.device)
         seed_everything(cfg.seed)  # same model init on every rank
-        self.train_loader = build_train_loader(cfg.data, cfg.shard_dir(cfg.train_split), rank=dist.rank(),
-                                               world_size=dist.world(), label_map=self.label_map)
+        self.train_loader = build_train_loader(cfg.data, cfg.shard_dir(cfg.train_split),
+                                               rank=dist.rank(), world_size=dist.world(),
+                                               label_map=self.label_map)
         # batch-level augmentation (normalisation, erasing, mixup; RandAugment too with
         # data.augment_on=device) runs where the model is; workers hand over uint8 clips
         self.train_loader.to(self.device)
         num_classes = cfg.model.num_classes or self.train_loader.num_classes
         if not num_classes:
-            raise ValueError("model.num_classes is 0 and the shard set has no shards.json to take it from")
+            raise ValueError(
+                "model.num_classes is 0 and the shard set has no shards.json to take it from")
         self.num_classes, self.classes = num_classes, self.train_loader.classes
         model, provenance = build_model(cfg.model, num_classes, weight_adapters)
         # issue 13: resuming with a changed config is refused; rank 0 decides, every rank raises
@@ -95,11 +97,13 @@ class Trainer:
         self.steps_per_epoch = max(1, len(self.train_loader) // cfg.engine.accum_steps)
         lr, min_lr = self.plan.scaled(cfg.optim.lr), self.plan.scaled(cfg.optim.min_lr)
         optimizer = eng.build_optimizer(eng.param_groups(model, cfg.optim), cfg.optim, lr)
-        sched = lambda opt: eng.build_scheduler(opt, cfg.optim, lr, min_lr, self.steps_per_epoch, cfg.epochs)  # noqa
+        sched = lambda opt: eng.build_scheduler(opt, cfg.optim, lr, min_lr,  # noqa
+                                                self.steps_per_epoch, cfg.epochs)
         ds_config = deepspeed_config(cfg.engine, cfg.optim.clip_grad, self.plan)
-        logger.info("batch: %d per rank x %d accumulation x %d ranks = %d; lr %.3g (= %.3g x %d / 256); "
-                    "%d optimizer steps per epoch", self.plan.micro_batch, self.plan.accum_steps, self.plan.world_size,
-                    self.plan.total, lr, cfg.optim.lr, self.plan.total, self.steps_per_epoch)
+        logger.info("batch: %d per rank x %d accumulation x %d ranks = %d; lr %.3g (= %.3g x %d / "
+                    "256); %d optimizer steps per epoch", self.plan.micro_batch,
+                    self.plan.accum_steps, self.plan.world_size, self.plan.total, lr, cfg.optim.lr,
+                    self.plan.total, self.steps_per_epoch)
         with note_waits("DeepSpeed's initialisation"):  # it may JIT-build ops under a file lock
             self.engine, self.scheduler = eng.initialize(model, optimizer, sched, ds_config)
         self._fresh_schedule = self.scheduler.state_dict()  # this layout's base lrs (elastic)
@@ -114,19 +118,23 @@ class Trainer:
     def _count_flops(self, model: nn.Module) -> dict | None:
         """Model FLOPs per training clip (tstl/train/perf.py: counted on a meta copy) and the
         device's peak."""
-        counted = perf.count_on_meta(lambda: build_model(replace(self.cfg.model, init=[], grad_checkpointing=False),
-                                                         self.num_classes)[0],
-                                     (3, model.num_frames, model.img_size, model.img_size))
+        counted = perf.count_on_meta(
+            lambda: build_model(replace(self.cfg.model, init=[], grad_checkpointing=False),
+                                self.num_classes)[0],
+            (3, model.num_frames, model.img_size, model.img_size))
         if counted is None:
             return None
         name = perf.device_name(self.device)
         peak = perf.peak_flops(name, self.cfg.engine.precision)
-        logger.info("model FLOPs per clip: %.3g forward, %.3g forward+backward (training); %s%s", counted[0],
-                    counted[1], name, f", dense peak {peak / 1e12:.1f} TFLOP/s" if peak else " (no known peak: no MFU)")
-        info = {"forward_flops_per_clip": counted[0], "train_flops_per_clip": counted[1], "peak_flops": peak,
-                "device": name, "precision": self.cfg.engine.precision}
+        logger.info("model FLOPs per clip: %.3g forward, %.3g forward+backward (training); %s%s",
+                    counted[0], counted[1], name,
+                    (f", dense peak {peak / 1e12:.1f} TFLOP/s" if peak
+                     else " (no known peak: no MFU)"))
+        info = {"forward_flops_per_clip": counted[0], "train_flops_per_clip": counted[1],
+                "peak_flops": peak, "device": name, "precision": self.cfg.engine.precision}
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "perf.json").write_text(json.dumps(info, indent=1))  # report.md's throughput section
+        # report.md's throughput section
+        (self.run_dir / "perf.json").write_text(json.dumps(info, indent=1))
         return info
 
     def _log_start(self, model: nn.Module, provenance: list[str]) -> None:
@@ -139,16 +147,17 @@ class Trainer:
         if dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(self.cfg, self.run_dir / "config.yaml")
-            if self.label_map is not None:  # what the config no longer says: the labels this run was trained on
+            # what the config no longer says: the labels this run was trained on
+            if self.label_map is not None:
                 (self.run_dir / "labels.json").write_text(json.dumps(
                     {"label_map": {str(k): v for k, v in self.label_map.items()}}, indent=1))
 
     # ------------------------------------------------------------------------------------- state
 
     def _client_state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "nonfinite": self.nonfinite, "config": to_dict(self.cfg),
-                "batches_per_epoch": len(self.train_loader), "world_size": dist.world(),
-                "accum_steps": self.cfg.engine.accum_steps}
+        return {"step": self.step, "epoch": self.epoch, "nonfinite": self.nonfinite,
+                "config": to_dict(self.cfg), "batches_per_epoch": len(self.train_loader),
+                "world_size": dist.world(), "accum_steps": self.cfg.engine.accum_steps}
 
     def _rank_state(self) -> dict:
         return {"loader": self.train_loader.state_dict(), "rng": rng_state()}
@@ -177,9 +186,10 @@ class Trainer:
         self.step = self.epoch * len(self.train_loader) + self.train_loader.step
         seed_everything(derive_seed(self.cfg.seed, self.step, dist.rank(), 0xE1A5))
         self._continue_schedule(self.step // accum)
-        logger.info("elastic resume: %d ranks saved at step %d (%d batches per epoch); %d ranks go on at step %d of %d "
-                    "(epoch %d), lr %.3g", saved_world, client["step"], client.get("batches_per_epoch", 0),
-                    dist.world(), self.step, len(self.train_loader), self.epoch, self.engine.get_lr()[0])
+        logger.info("elastic resume: %d ranks saved at step %d (%d batches per epoch); %d ranks go "
+                    "on at step %d of %d (epoch %d), lr %.3g", saved_world, client["step"],
+                    client.get("batches_per_epoch", 0), dist.world(), self.step,
+                    len(self.train_loader), self.epoch, self.engine.get_lr()[0])
         return True
 
     def _continue_schedule(self, opt_step: int) -> None:
@@ -202,7 +212,8 @@ class Trainer:
         self.engine.global_samples = opt_step * self.plan.total
 
     def save(self, metric: float | None = None) -> None:
-        self.ckpt.save(self.engine, self.step, self.epoch, self._client_state(), self._rank_state(), metric)
+        self.ckpt.save(self.engine, self.step, self.epoch, self._client_state(), self._rank_state(),
+                       metric)
 
     def _safe_point(self, *, step: bool = False, epoch_end: bool = False,
                     metric: float | None = None) -> None:
@@ -253,10 +264,11 @@ class Trainer:
         loss = self.loss(self.engine(video), label)
         if dist.any_true(not torch.isfinite(loss).item(), self.device):
             self.nonfinite += 1
-            logger.warning("non-finite loss at step %d (%d so far): batch skipped", self.step, self.nonfinite)
+            logger.warning("non-finite loss at step %d (%d so far): batch skipped", self.step,
+                           self.nonfinite)
             if self.nonfinite > self.cfg.max_nonfinite:
-                raise NonFiniteLossError(f"more than {self.cfg.max_nonfinite} non-finite losses; lower the lr or "
-                                         "check the data (see the quarantine list)")
+                raise NonFiniteLossError(f"more than {self.cfg.max_nonfinite} non-finite losses; "
+                                         "lower the lr or check the data (see the quarantine list)")
             return None
         self.engine.backward(loss)
         self.engine.step()
@@ -266,8 +278,8 @@ class Trainer:
         loader, cfg = self.train_loader, self.cfg
         if loader.epoch != self.epoch or loader.step >= len(loader):
             loader.set_epoch(self.epoch)
-        bar = tqdm(total=len(loader), initial=loader.step, desc=f"epoch {self.epoch}", disable=not dist.is_main(),
-                   dynamic_ncols=True)
+        bar = tqdm(total=len(loader), initial=loader.step, desc=f"epoch {self.epoch}",
+                   disable=not dist.is_main(), dynamic_ncols=True)
         wait = busy = 0.0
         step_s = None  # recent seconds per micro-batch (moving average): the whole-run ETA
         window = [0, 0.0]  # clips and seconds since the last logged step: achieved FLOP/s
@@ -282,13 +294,15 @@ class Trainer:
             clips_s = len(batch["key"]) * dist.world() / max(t2 - t0, 1e-9)
             step_s = t2 - t0 if step_s is None else 0.95 * step_s + 0.05 * (t2 - t0)
             window = [window[0] + len(batch["key"]), window[1] + (t2 - t0)]
-            left = cfg.epochs * len(loader) - self.step  # micro-batches left in the run (validation not counted)
+            # micro-batches left in the run (validation not counted)
+            left = cfg.epochs * len(loader) - self.step
             bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "nan", lr=f"{lr:.2e}",
                             clips_s=f"{clips_s:.1f}", wait=f"{wait / max(wait + busy, 1e-9):.0%}",
                             run_eta=tqdm.format_interval(left * step_s))
             bar.update(1)
             if loss is not None and self.step % cfg.log_every == 0:
-                self.sink.log(self.step, {"train/loss": loss, "train/lr": lr, "train/clips_per_s": clips_s,
+                self.sink.log(self.step,
+                              {"train/loss": loss, "train/lr": lr, "train/clips_per_s": clips_s,
                                           "train/data_wait": wait / max(wait + busy, 1e-9),
                                           **self._perf_scalars(*window)}, epoch=self.epoch)
                 window = [0, 0.0]
@@ -312,7 +326,8 @@ class Trainer:
             return {}
         achieved = self.perf["train_flops_per_clip"] * clips / seconds
         return {"perf/achieved_flops": achieved,
-                **({"perf/mfu": achieved / self.perf["peak_flops"]} if self.perf["peak_flops"] else {})}
+                **({"perf/mfu": achieved / self.perf["peak_flops"]} if self.perf["peak_flops"]
+                   else {})}
 
     def validate(self, views: tuple[int, int], desc: str = "validate",
                  interruptible: bool = False) -> EvalResult:
@@ -320,8 +335,9 @@ class Trainer:
         final test, whose state is saved already: the rerun tests again). The per-epoch validation
         runs to its end; a signal during it is handled at the epoch's end, where the save it asked
         for carries the metric."""
-        loader = build_eval_loader(self.cfg.data, self.cfg.shard_dir(self.cfg.val_split), rank=dist.rank(),
-                                   world_size=dist.world(), views=views, label_map=self.label_map).to(self.device)
+        loader = build_eval_loader(self.cfg.data, self.cfg.shard_dir(self.cfg.val_split),
+                                   rank=dist.rank(), world_size=dist.world(), views=views,
+                                   label_map=self.label_map).to(self.device)
         batches = _Interruptible(loader, self._safe_point, self.device) if interruptible else loader
         return evaluate(self.engine.module, batches, self.device, self.num_classes, self.dtype,
                         self.cfg.test_merge, desc)
@@ -338,9 +354,10 @@ class Trainer:
             if self.cfg.val_every and (self.epoch + 1) % self.cfg.val_every == 0:
                 res = self.validate((1, 1), f"validate epoch {self.epoch}")
                 metric = res.top1
-                self.sink.log(self.step, {"val/top1": res.top1, "val/top5": res.top5}, epoch=self.epoch)
-                logger.info("epoch %d: single-view val top-1 %.4f top-5 %.4f (%d videos)", self.epoch, res.top1,
-                            res.top5, res.videos)
+                self.sink.log(self.step, {"val/top1": res.top1, "val/top5": res.top5},
+                              epoch=self.epoch)
+                logger.info("epoch %d: single-view val top-1 %.4f top-5 %.4f (%d videos)",
+                            self.epoch, res.top1, res.top5, res.videos)
             self._safe_point(epoch_end=True, metric=metric)
             self.epoch += 1
         return self.test() if self.cfg.test_at_end else None
@@ -348,7 +365,8 @@ class Trainer:
     def test(self) -> EvalResult:
         views = tuple(self.cfg.data.test_views)
         res = self.validate(views, f"test {views[0]}x{views[1]} views", interruptible=True)
-        logger.info("multi-view test (%d x %d views): top-1 %.4f top-5 %.4f mean class acc %.4f (%d videos)",
+        logger.info("multi-view test (%d x %d views): top-1 %.4f top-5 %.4f mean class acc %.4f "
+                    "(%d videos)",
                     *views, res.top1, res.top5, res.summary()["mean_class_acc"], res.videos)
         if dist.is_main():
             save_report(res, self.run_dir / "test", self.classes)

@@ -66,7 +66,9 @@ class TSTLConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for stage in ("selector", "expert"):
-            try:  # unknown keys or bad values in tstl.<stage> fail when the config loads (with the file named)
+            # unknown keys or bad values in tstl.<stage> fail when the config loads (with the file
+            # named)
+            try:
                 self.stage_base(stage)
             except ConfigError as e:
                 raise ValueError(str(e)) from None
@@ -78,13 +80,15 @@ class TSTLConfig(TrainConfig):
         ``ConfigError``."""
         super().check()
         if not self.tstl.groups and not self.tstl.num_groups:
-            raise ConfigError("give tstl.groups=<group file> or tstl.num_groups=K (balanced groups)")
+            raise ConfigError(
+                "give tstl.groups=<group file> or tstl.num_groups=K (balanced groups)")
         for stage in ("selector", "expert"):
             config = self.stage_base(stage)
             if not config.model.freeze_pretrained:
-                raise ConfigError(f"tstl.{stage}: model.freeze_pretrained must be true: TSTL stages keep the "
-                                  "pre-trained backbones (CLIP/VideoMAE) frozen so that every stage shares them "
-                                  "(start from a trained model with tstl.init=[...])")
+                raise ConfigError(f"tstl.{stage}: model.freeze_pretrained must be true: TSTL "
+                                  "stages keep the pre-trained backbones (CLIP/VideoMAE) frozen so "
+                                  "that every stage shares them (start from a trained model with "
+                                  "tstl.init=[...])")
             if (config.engine, config.data.batch_size, config.optim.clip_grad) != (
                     self.engine, self.data.batch_size, self.optim.clip_grad):
                 try:  # the stage changes what DeepSpeed gets (super().check() saw the run's)
@@ -109,10 +113,12 @@ class TSTLConfig(TrainConfig):
         """The run config with ``defaults`` and then the ``tstl.<stage>`` overrides applied."""
         base = to_dict(self)
         base.pop("tstl")
-        return with_overrides(base, merge(defaults or {}, getattr(self.tstl, stage)), f"tstl.{stage}")
+        return with_overrides(base, merge(defaults or {}, getattr(self.tstl, stage)),
+                              f"tstl.{stage}")
 
 
-def with_overrides(base: TrainConfig | dict[str, Any], overrides: dict[str, Any], source: str) -> TrainConfig:
+def with_overrides(base: TrainConfig | dict[str, Any], overrides: dict[str, Any],
+                   source: str) -> TrainConfig:
     """A new, validated ``TrainConfig``: ``base`` with the nested mapping ``overrides``
     merged in."""
     data = to_dict(base) if not isinstance(base, dict) else base

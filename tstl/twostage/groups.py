@@ -10,15 +10,16 @@ import numpy as np
 
 from tstl.core.groups import OUR_FORMAT, ClassGroups, GroupFileError, load_groups, save_groups
 
-__all__ = ["OUR_FORMAT", "ClassGroups", "GroupFileError", "balanced_groups", "confusion_groups", "load_groups",
-           "save_groups"]
+__all__ = ["OUR_FORMAT", "ClassGroups", "GroupFileError", "balanced_groups", "confusion_groups",
+           "load_groups", "save_groups"]
 
 
 def balanced_groups(num_classes: int, num_groups: int) -> ClassGroups:
     """Contiguous groups whose sizes differ by at most one."""
     if not 0 < num_groups <= num_classes:
         raise ValueError(f"num_groups must be in [1, {num_classes}], got {num_groups}")
-    return ClassGroups(tuple(tuple(int(c) for c in a) for a in np.array_split(np.arange(num_classes), num_groups)),
+    return ClassGroups(tuple(tuple(int(c) for c in a)
+                             for a in np.array_split(np.arange(num_classes), num_groups)),
                        num_classes)
 
 

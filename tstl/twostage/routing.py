@@ -44,7 +44,8 @@ class RoutedOutput:
     expert_calls: list[int] = field(default_factory=list)
 
 
-def expert_columns(groups: ClassGroups, group: int, width: int, device: torch.device) -> torch.Tensor:
+def expert_columns(groups: ClassGroups, group: int, width: int,
+                   device: torch.device) -> torch.Tensor:
     """Global classes of an expert's outputs: its group's classes (our experts), or every class for
     an expert with a head over all classes (TSTL's released experts, whose chosen expert may name a
     class outside its group)."""
@@ -52,8 +53,8 @@ def expert_columns(groups: ClassGroups, group: int, width: int, device: torch.de
         return torch.tensor(groups.groups[group], device=device)
     if width == groups.num_classes:
         return torch.arange(width, device=device)
-    raise ValueError(f"expert {group} has {width} outputs; expected {len(groups.groups[group])} (its group) or "
-                     f"{groups.num_classes} (all classes)")
+    raise ValueError(f"expert {group} has {width} outputs; expected {len(groups.groups[group])} "
+                     f"(its group) or {groups.num_classes} (all classes)")
 
 
 def route(
@@ -75,12 +76,14 @@ def route(
     """
     b, g_count = selector_logits.shape
     if g_count != groups.num_groups or len(experts) != groups.num_groups:
-        raise ValueError(f"selector has {g_count} groups, {len(experts)} experts, group file {groups.num_groups}")
+        raise ValueError(f"selector has {g_count} groups, {len(experts)} experts, group file "
+                         f"{groups.num_groups}")
     top_k = min(top_k, g_count)
     sel = selector_logits.float().softmax(-1)
     weights, chosen = sel.topk(top_k, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
-    slot_probs = torch.zeros(b, top_k, groups.num_classes, dtype=torch.float32, device=selector_logits.device)
+    slot_probs = torch.zeros(b, top_k, groups.num_classes, dtype=torch.float32,
+                             device=selector_logits.device)
     calls = [0] * g_count
     for g in chosen.unique().tolist():
         rows, slot = (chosen == g).nonzero(as_tuple=True)
@@ -89,4 +92,5 @@ def route(
         slot_probs[rows.unsqueeze(1), slot.unsqueeze(1), cols.unsqueeze(0)] = out
         calls[g] = int(rows.numel())
     probs = (weights.unsqueeze(-1) * slot_probs).sum(1)
-    return RoutedOutput(probs=probs, groups=chosen, weights=weights, slot_probs=slot_probs, expert_calls=calls)
+    return RoutedOutput(probs=probs, groups=chosen, weights=weights, slot_probs=slot_probs,
+                        expert_calls=calls)

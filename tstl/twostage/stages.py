@@ -3,9 +3,12 @@ loader's label map and the state-dict adapters its initial weights load with.
 
 Layout under ``out_dir``::
 
-    groups.json            the class groups, pinned at the first run (a rerun with other groups is refused)
-    selector/              the stage-1 trainer's run folder; selector.pt (stage file, trainable-only) written last
-    expert_NN/             the stage-2 trainer's run folder of group NN; expert.pt (stage file) written last
+    groups.json            the class groups, pinned at the first run (a rerun with other groups is
+                           refused)
+    selector/              the stage-1 trainer's run folder; selector.pt (stage file,
+                           trainable-only) written last
+    expert_NN/             the stage-2 trainer's run folder of group NN; expert.pt (stage file)
+                           written last
     eval/                  the routed evaluation report
 
 A stage whose ``*.pt`` exists is finished and skipped; a stage without it resumes from its
@@ -58,12 +61,12 @@ def head_rows(rows: Sequence[int], dataset_classes: int) -> StateDictAdapter:
             if v is None or k not in own or v.shape == own[k].shape:
                 continue
             if v.shape[0] != dataset_classes:
-                logger.warning("%s checkpoint: its head has %d classes, this dataset %d: %s is not taken from it",
-                               conv.format, v.shape[0], dataset_classes, k)
+                logger.warning("%s checkpoint: its head has %d classes, this dataset %d: %s is not "
+                               "taken from it", conv.format, v.shape[0], dataset_classes, k)
                 continue
             if len(rows) != own[k].shape[0] or max(rows) >= v.shape[0]:
-                raise ValueError(f"{conv.format} checkpoint: cannot take rows {rows[:8]} of a {v.shape[0]}-class "
-                                 f"head for a {own[k].shape[0]}-class model")
+                raise ValueError(f"{conv.format} checkpoint: cannot take rows {rows[:8]} of a "
+                                 f"{v.shape[0]}-class head for a {own[k].shape[0]}-class model")
             conv.state_dict[k] = v[rows]
             logger.info("%s checkpoint: %s initialised from its rows %s", conv.format, k, rows)
 
@@ -123,7 +126,9 @@ def expert_stage(cfg: TSTLConfig, groups: ClassGroups, group: int) -> Stage:
     model restricted to its group."""
     members = [int(c) for c in groups.groups[group]]
     config = _stage(cfg, "expert", expert_dir(cfg.out_dir, group), {"num_classes": len(members)})
-    if cfg.tstl.expert_split:  # a per-group subset: still filtered by label, which keeps every sample of it
+    # a per-group subset: still filtered by label, which keeps every sample of it
+    if cfg.tstl.expert_split:
         config = with_overrides(config, {"train_split": cfg.tstl.expert_split.format(group=group)},
                                 "tstl.expert_split")
-    return Stage(config, {c: i for i, c in enumerate(members)}, (head_rows(members, groups.num_classes),))
+    return Stage(config, {c: i for i, c in enumerate(members)},
+                 (head_rows(members, groups.num_classes),))
