@@ -1,22 +1,25 @@
-"""B-CAST: a frozen CLIP ViT spatial expert and a frozen VideoMAE ViT temporal expert joined by bidirectional
-bottleneck cross-attention and adapters.
+"""B-CAST: a frozen CLIP ViT spatial expert and a frozen VideoMAE ViT temporal expert joined by
+bidirectional bottleneck cross-attention and adapters.
 
-Paper: "CAST: Cross-Attention in Space and Time for Video Action Recognition" (Lee et al., NeurIPS 2023),
-reference code KHU-VLL/CAST (``bidir_vit_base_patch16_224``). Parameter names follow the reference exactly, so
-CAST and TSTL checkpoints load without any key mapping; OpenAI CLIP and VideoMAE checkpoints are mapped in
-``convert_checkpoint``.
+Paper: "CAST: Cross-Attention in Space and Time for Video Action Recognition" (Lee et al., NeurIPS
+2023), reference code KHU-VLL/CAST (``bidir_vit_base_patch16_224``). Parameter names follow the
+reference exactly, so CAST and TSTL checkpoints load without any key mapping; OpenAI CLIP and
+VideoMAE checkpoints are mapped in ``convert_checkpoint``.
 
-Deliberate deviations from the reference (numerics at inference are identical; see tests/models/test_bcast.py):
+Deliberate deviations from the reference (numerics at inference are identical;
+see tests/models/test_bcast.py):
 
-* The spatial stream is kept batch-first (``[B*T', N, D]``) instead of CLIP's sequence-first layout, which saves
-  a permute per block; attention is computed per frame either way.
-* All attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
-* Layer norms compute in at least float32 and cast back, so the model runs in bf16 and fp16 (the reference's CLIP
-  LayerNorm has no bf16 branch).
-* Drop path on the spatial stream drops per sample; the reference drops per *token* across the batch because its
-  drop-path sees the sequence-first tensor (dim 0 = tokens). Only training with drop path > 0 is affected.
-* Frozen experts have ``requires_grad=False`` from construction and activation checkpointing is optional
-  (``set_grad_checkpointing``).
+* The spatial stream is kept batch-first (``[B*T', N, D]``) instead of CLIP's sequence-first layout,
+  which saves a permute per block; attention is computed per frame either way.
+* All attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels
+  on GPU).
+* Layer norms compute in at least float32 and cast back, so the model runs in bf16 and fp16 (the
+  reference's CLIP LayerNorm has no bf16 branch).
+* Drop path on the spatial stream drops per sample; the reference drops per *token* across the batch
+  because its drop-path sees the sequence-first tensor (dim 0 = tokens). Only training with drop
+  path > 0 is affected.
+* Frozen experts have ``requires_grad=False`` from construction and activation checkpointing is
+  optional (``set_grad_checkpointing``).
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ from tstl.models.layers import LayerNorm, build_variant
 from tstl.models.layouts import hf_prefixed, identify, unsupported
 from tstl.models.registry import register_model
 
-# A parameter is trained iff its name contains one of these (the reference's rule, minus patterns that match
-# nothing). ``clip_space_pos``/``vmae_space_pos`` are caught by "cross" through ``s2t_cross``.
-TRAINABLE_PATTERNS = ("cross", "clip_time_pos", "vmae_time_pos", "Adapter", "ln_post", "vmae_fc_norm", "head")
+# A parameter is trained iff its name contains one of these (the reference's rule, minus patterns
+# that match nothing). ``clip_space_pos``/``vmae_space_pos`` are caught by "cross"
+# through ``s2t_cross``.
+TRAINABLE_PATTERNS = ("cross", "clip_time_pos", "vmae_time_pos", "Adapter", "ln_post",
+                      "vmae_fc_norm", "head")
 NO_WEIGHT_DECAY = ("clip_time_pos", "clip_space_pos", "vmae_space_pos", "vmae_time_pos")
 logger = logging.getLogger(__name__)
 
@@ -71,7 +76,8 @@ class Adapter(nn.Module):
 
 
 class ClipAttention(nn.Module):
-    """CLIP's multi-head self-attention with ``nn.MultiheadAttention``'s parameter names, batch-first, via SDPA."""
+    """CLIP's multi-head self-attention with ``nn.MultiheadAttention``'s parameter names,
+    batch-first, via SDPA."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -82,9 +88,10 @@ class ClipAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(F.linear(x, self.in_proj_weight, self.in_proj_bias), "b n (three h d) -> three b h n d",
-                            three=3, h=self.num_heads)
-        return self.out_proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+        q, k, v = rearrange(F.linear(x, self.in_proj_weight, self.in_proj_bias),
+                            "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        return self.out_proj(
+            rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
 
 
 class VideoMAEAttention(nn.Module):
@@ -100,8 +107,8 @@ class VideoMAEAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        q, k, v = rearrange(F.linear(x, self.qkv.weight, bias), "b n (three h d) -> three b h n d", three=3,
-                            h=self.num_heads)
+        q, k, v = rearrange(F.linear(x, self.qkv.weight, bias), "b n (three h d) -> three b h n d",
+                            three=3, h=self.num_heads)
         return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
 
 
@@ -133,7 +140,8 @@ def _cross_attention(q: torch.Tensor, kv: torch.Tensor, num_heads: int) -> torch
 
 
 class T2SCross(nn.Module):
-    """Temporal -> spatial: CLIP patch tokens attend along time to the VideoMAE tokens at the same location.
+    """Temporal -> spatial: CLIP patch tokens attend along time to the VideoMAE tokens at the
+    same location.
 
     The CLS token of each frame passes through unchanged.
     """
@@ -162,7 +170,8 @@ class T2SCross(nn.Module):
 
 
 class S2TCross(nn.Module):
-    """Spatial -> temporal: VideoMAE tokens attend over space to the CLIP patch tokens of the paired frame.
+    """Spatial -> temporal: VideoMAE tokens attend over space to the CLIP patch tokens of the
+    paired frame.
 
     The output projection is named ``t2s_proj`` as in the reference checkpoints.
     """
@@ -188,10 +197,11 @@ class S2TCross(nn.Module):
 
 
 class Block(nn.Module):
-    """One layer advancing both streams: attention + adapters, bidirectional cross-attention, MLP + adapters."""
+    """One layer advancing both streams: attention + adapters, bidirectional cross-attention,
+    MLP + adapters."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, frames: int, patches: int, down_ratio: int,
-                 adapter_ratio: float, drop_path: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, frames: int, patches: int,
+                 down_ratio: int, adapter_ratio: float, drop_path: float) -> None:
         super().__init__()
         hidden, cross_dim = int(dim * mlp_ratio), dim // down_ratio
         self.clip_ln_1 = LayerNorm(dim, eps=1e-5)
@@ -245,34 +255,42 @@ def sinusoid_table(n: int, dim: int) -> torch.Tensor:
 
 
 class BCAST(VideoClassifier):
-    """B-CAST video classifier. Input ``[B, 3, T, H, W]`` (normalised), output logits ``[B, num_classes]``.
+    """B-CAST video classifier. Input ``[B, 3, T, H, W]`` (normalised), output logits
+    ``[B, num_classes]``.
 
-    ``num_classes=0`` builds no head (``forward`` returns the fused pooled features ``[B, embed_dim]``).
+    ``num_classes=0`` builds no head (``forward`` returns the fused pooled features
+    ``[B, embed_dim]``).
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, num_frames: int = 16, num_classes: int = 400,
-                 tubelet_size: int = 2, down_ratio: int = 2, adapter_ratio: float = 0.25,
-                 drop_path_rate: float = 0.0, head_drop_rate: float = 0.0, init_scale: float = 1.0) -> None:
+    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, num_frames: int = 16,
+                 num_classes: int = 400, tubelet_size: int = 2, down_ratio: int = 2,
+                 adapter_ratio: float = 0.25, drop_path_rate: float = 0.0,
+                 head_drop_rate: float = 0.0, init_scale: float = 1.0) -> None:
         super().__init__()
         if num_frames % tubelet_size or img_size % patch_size:
-            raise ValueError("num_frames must be a multiple of tubelet_size and img_size of patch_size")
+            raise ValueError(
+                "num_frames must be a multiple of tubelet_size and img_size of patch_size")
         self.num_classes, self.num_frames, self.tubelet_size = num_classes, num_frames, tubelet_size
         self.embed_dim, self.img_size, self.init_scale = embed_dim, img_size, init_scale
         self.clip_frames = num_frames // tubelet_size
         patches = (img_size // patch_size) ** 2
         self.clip_conv1 = nn.Conv2d(3, embed_dim, patch_size, patch_size, bias=False)
         self.clip_class_embedding = nn.Parameter(embed_dim**-0.5 * torch.randn(embed_dim))
-        self.clip_positional_embedding = nn.Parameter(embed_dim**-0.5 * torch.randn(patches + 1, embed_dim))
+        self.clip_positional_embedding = nn.Parameter(
+            embed_dim**-0.5 * torch.randn(patches + 1, embed_dim))
         self.clip_ln_pre = LayerNorm(embed_dim, eps=1e-5)
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv3d(3, embed_dim, (tubelet_size, patch_size, patch_size),
                                           (tubelet_size, patch_size, patch_size))
-        # Fixed, never saved or loaded (as in VideoMAE): a non-persistent buffer so it follows .to()/.double().
-        self.register_buffer("pos_embed", sinusoid_table(self.clip_frames * patches, embed_dim), persistent=False)
+        # Fixed, never saved or loaded (as in VideoMAE): a non-persistent buffer so it
+        # follows .to()/.double().
+        self.register_buffer("pos_embed", sinusoid_table(self.clip_frames * patches, embed_dim),
+                             persistent=False)
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, self.clip_frames, patches, down_ratio, adapter_ratio, r)
+            Block(embed_dim, num_heads, mlp_ratio, self.clip_frames, patches, down_ratio,
+                  adapter_ratio, r)
             for r in rates)
         self.clip_ln_post = LayerNorm(embed_dim, eps=1e-5)
         self.vmae_fc_norm = LayerNorm(embed_dim, eps=1e-6)
@@ -291,10 +309,12 @@ class BCAST(VideoClassifier):
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def _init_weights(self, init_scale: float) -> None:
-        for m in self.modules():  # Linear: truncated normal (std 0.02), zero bias; LayerNorms keep (1, 0)
+        # Linear: truncated normal (std 0.02), zero bias; LayerNorms keep (1, 0)
+        for m in self.modules():
             init_weights_vit_timm(m, needs_reset=False)
         for name, m in self.blocks.named_modules():
-            # Adapters and up-projections start at zero, so at initialisation both streams are the pure experts.
+            # Adapters and up-projections start at zero, so at initialisation both streams are the
+            # pure experts.
             if isinstance(m, Adapter):
                 nn.init.zeros_(m.D_fc2.weight)
                 nn.init.zeros_(m.D_fc2.bias)
@@ -312,17 +332,22 @@ class BCAST(VideoClassifier):
                 self.head.weight.mul_(init_scale)
                 self.head.bias.mul_(init_scale)
 
-    # ------------------------------------------------------------------------------------------- forward
+    # ----------------------------------------------------------------------------- forward
 
     def _stems(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[2] != self.num_frames or x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
-            raise ValueError(f"B-CAST expects [B, 3, {self.num_frames}, {self.img_size}, {self.img_size}] clips, got "
-                             f"{list(x.shape)} (CLIP's position table is not interpolated)")
-        # CLIP sees the last frame of every VideoMAE tubelet (frames 1, 3, 5, ... for tubelets of 2).
-        frames = rearrange(x[:, :, self.tubelet_size - 1 :: self.tubelet_size], "b c t h w -> (b t) c h w")
+        if (x.shape[2] != self.num_frames or x.shape[-1] != self.img_size
+                or x.shape[-2] != self.img_size):
+            raise ValueError(f"B-CAST expects [B, 3, {self.num_frames}, {self.img_size}, "
+                             f"{self.img_size}] clips, got {list(x.shape)} (CLIP's position table "
+                             "is not interpolated)")
+        # CLIP sees the last frame of every VideoMAE tubelet (frames 1, 3, 5, ... for tubelets
+        # of 2).
+        frames = rearrange(x[:, :, self.tubelet_size - 1 :: self.tubelet_size],
+                           "b c t h w -> (b t) c h w")
         s = self.clip_conv1(frames).flatten(2).transpose(1, 2)
         cls = self.clip_class_embedding.to(s.dtype).expand(s.shape[0], 1, -1)
-        s = self.clip_ln_pre(torch.cat([cls, s], dim=1) + self.clip_positional_embedding.to(s.dtype))
+        s = self.clip_ln_pre(torch.cat([cls, s], dim=1)
+                             + self.clip_positional_embedding.to(s.dtype))
         t = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
         t = t + self.pos_embed.to(t.dtype)
         return s, t
@@ -342,18 +367,20 @@ class BCAST(VideoClassifier):
         s, t = feats
         return self.head(self.head_dropout(self.noun_last_Adapter(s) + self.verb_last_Adapter(t)))
 
-    # ------------------------------------------------------------------------------------------- training helpers
+    # ----------------------------------------------------------------------------- training helpers
 
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int) -> None:
-        """A new head with ``num_classes`` outputs (0: none), initialised as the constructor's: truncated normal
-        (std 0.02) times ``init_scale``, zero bias; trainable, on the old head's device and dtype."""
+        """A new head with ``num_classes`` outputs (0: none), initialised as the constructor's:
+        truncated normal (std 0.02) times ``init_scale``, zero bias; trainable, on the old head's
+        device and dtype."""
         old = next(self.head.parameters(), None)
         kw = {"device": old.device, "dtype": old.dtype} if old is not None else {}
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes, **kw) if num_classes > 0 else nn.Identity()
+        self.head = (nn.Linear(self.embed_dim, num_classes, **kw) if num_classes > 0
+                     else nn.Identity())
         if num_classes > 0:
             init_weights_vit_timm(self.head, needs_reset=False)
             with torch.no_grad():
@@ -361,7 +388,8 @@ class BCAST(VideoClassifier):
                 self.head.bias.mul_(self.init_scale)
 
     def no_weight_decay(self) -> set[str]:
-        """Cross-attention position tables (biases and norms are excluded from decay by their shape)."""
+        """Cross-attention position tables (biases and norms are excluded from decay by
+        their shape)."""
         return {n for n, _ in self.named_parameters() if any(p in n for p in NO_WEIGHT_DECAY)}
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
@@ -369,11 +397,12 @@ class BCAST(VideoClassifier):
         the rest (``clip_ln_post``, ``vmae_fc_norm``, the last adapters, the head) unmatched, hence
         the top id."""
         return {
-            "stem": r"^clip_conv1|^clip_class_embedding|^clip_positional_embedding|^clip_ln_pre|^patch_embed",
+            "stem": r"^clip_conv1|^clip_class_embedding|^clip_positional_embedding|^clip_ln_pre"
+                    r"|^patch_embed",
             "blocks": [(r"^blocks\.(\d+)", None)],
         }
 
-    # ------------------------------------------------------------------------------------------- checkpoints
+    # ----------------------------------------------------------------------------- checkpoints
 
     def convert_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> Conversion:
         """Map an OpenAI CLIP, VideoMAE (pre-trained or fine-tuned; original or Hugging Face) or
@@ -402,8 +431,9 @@ class BCAST(VideoClassifier):
                                             "CAST/TSTL weights")
 
     def _other_keys(self, belongs: re.Pattern, why: str) -> dict[str, str]:
-        """Model keys outside one expert: a checkpoint of that expert is known not to provide them. Keys of the
-        expert itself stay unexplained, so a checkpoint that lacks some of them fails a strict load."""
+        """Model keys outside one expert: a checkpoint of that expert is known not to provide them.
+        Keys of the expert itself stay unexplained, so a checkpoint that lacks some of them fails a
+        strict load."""
         return {k: why for k in self.state_dict() if not belongs.match(k)}
 
     def _from_clip(self, sd: dict[str, torch.Tensor]) -> Conversion:
@@ -421,7 +451,8 @@ class BCAST(VideoClassifier):
                 dropped["proj"] = "CLIP's image projection is not used by B-CAST"
             else:
                 out[f"clip_{k}"] = v
-        return Conversion(out, "openai-clip", self._other_keys(_CLIP_KEYS, "not part of the CLIP expert"), dropped)
+        return Conversion(out, "openai-clip",
+                          self._other_keys(_CLIP_KEYS, "not part of the CLIP expert"), dropped)
 
     def _from_videomae(self, sd: dict[str, torch.Tensor]) -> Conversion:
         pretrain = any(k.startswith("encoder.") for k in sd)
@@ -432,9 +463,11 @@ class BCAST(VideoClassifier):
             if k.startswith(("decoder.", "encoder_to_decoder", "mask_token")):
                 dropped[k] = "VideoMAE pre-training decoder"
             elif name.startswith(("norm.", "fc_norm.")):
-                dropped[k] = "VideoMAE's final norm: B-CAST keeps vmae_fc_norm at its own initialisation (as CAST)"
+                dropped[k] = ("VideoMAE's final norm: B-CAST keeps vmae_fc_norm at its own "
+                              "initialisation (as CAST)")
             elif name.startswith("head."):
-                # As CAST: a VideoMAE classifier of the right shape initialises the head, any other is dropped.
+                # As CAST: a VideoMAE classifier of the right shape initialises the head, any
+                # other is dropped.
                 if (head is None or (name == "head.weight" and v.shape != head)
                         or (name == "head.bias" and v.shape[0] != head[0])):
                     dropped[k] = "VideoMAE head of another number of classes"
@@ -446,7 +479,8 @@ class BCAST(VideoClassifier):
                 out[name] = v
         fmt = "videomae-pretrain" if pretrain else "videomae-finetune"
         missing = self._other_keys(_VMAE_KEYS, "not part of the VideoMAE expert")
-        missing.update({k: "initialised (the VideoMAE head has another shape)" for k in ("head.weight", "head.bias")
+        missing.update({k: "initialised (the VideoMAE head has another shape)"
+                        for k in ("head.weight", "head.bias")
                         if k not in out and head is not None})
         return Conversion(out, fmt, missing, dropped)
 
@@ -537,8 +571,11 @@ def _build(defaults: dict, **kwargs) -> BCAST:
 
 @register_model
 def bcast_vit_b16(**kwargs) -> BCAST:
-    """CAST's ``bidir_vit_base_patch16_224``: CLIP ViT-B/16 + VideoMAE ViT-B, 16 frames at 224 px."""
-    return _build(dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_frames=16), **kwargs)
+    """CAST's ``bidir_vit_base_patch16_224``: CLIP ViT-B/16 + VideoMAE ViT-B, 16 frames at
+    224 px."""
+    return _build(
+        dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_frames=16),
+        **kwargs)
 
 
 @register_model
@@ -550,7 +587,8 @@ def bcast_test(**kwargs) -> BCAST:
 
 @register_model
 def bcast_small_demo(**kwargs) -> BCAST:
-    """Small B-CAST the CPU demo trains in minutes: 32 px, 4 px patches, 8 frames, width 64, depth 2."""
+    """Small B-CAST the CPU demo trains in minutes: 32 px, 4 px patches, 8 frames, width 64,
+    depth 2."""
     return _build(dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_frames=8,
                        num_classes=8), **kwargs)
 

@@ -72,8 +72,9 @@ __all__ = ["SAFE_GLOBALS", "TRUSTED_ENV", "CheckpointMismatchError", "Conversion
 
 logger = logging.getLogger(__name__)
 
-# Keys under which training scripts nest the weights: CAST/VideoMAE/TSTL ("model", "module"), DeepSpeed
-# mp_rank_00_model_states.pt ("module"), PySlowFast/TimeSformer .pyth ("model_state"), generic ("state_dict").
+# Keys under which training scripts nest the weights: CAST/VideoMAE/TSTL ("model", "module"),
+# DeepSpeed mp_rank_00_model_states.pt ("module"), PySlowFast/TimeSformer .pyth ("model_state"),
+# generic ("state_dict").
 _WRAPPER_KEYS = ("model_state", "module", "model", "state_dict")
 
 
@@ -106,7 +107,8 @@ TRUSTED_ENV = "TSTL_TRUSTED_CHECKPOINTS"
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
               "pytorch_model.bin.index.json")
 
-# Edits a converted checkpoint in place before it loads: (conversion, the model's own state dict) -> None.
+# Edits a converted checkpoint in place before it loads: (conversion, the model's own state dict)
+# -> None.
 StateDictAdapter = Callable[[Conversion, dict[str, torch.Tensor]], None]
 
 Trust = bool | Iterable[str | os.PathLike]
@@ -168,25 +170,30 @@ def _is_torchscript(path: str) -> bool:
 def is_trusted(path: str | os.PathLike, trusted: Trust = False) -> str | None:
     """Why ``path`` is trusted (a phrase for the log), or None.
 
-    Trusted: ``trusted is True``; ``path`` in the iterable ``trusted`` (the ``model.trusted_checkpoints`` config
-    list); or ``path`` in the environment variable ``TSTL_TRUSTED_CHECKPOINTS`` (``os.pathsep``-separated). Paths
-    compare after ``os.path.realpath``; only files are listed, never folders.
+    Trusted: ``trusted is True``; ``path`` in the iterable ``trusted`` (the
+    ``model.trusted_checkpoints`` config list); or ``path`` in the environment variable
+    ``TSTL_TRUSTED_CHECKPOINTS`` (``os.pathsep``-separated). Paths compare after
+    ``os.path.realpath``; only files are listed, never folders.
     """
     if trusted is True:
         return "trusted=True"
     real = os.path.realpath(path)
-    listed = [] if isinstance(trusted, bool) else [trusted] if isinstance(trusted, (str, os.PathLike)) else trusted
+    listed = ([] if isinstance(trusted, bool)
+              else [trusted] if isinstance(trusted, (str, os.PathLike)) else trusted)
     if any(os.path.realpath(p) == real for p in listed):
         return "listed in trusted_checkpoints"
-    if any(p and os.path.realpath(p) == real for p in os.environ.get(TRUSTED_ENV, "").split(os.pathsep)):
+    if any(p and os.path.realpath(p) == real
+           for p in os.environ.get(TRUSTED_ENV, "").split(os.pathsep)):
         return f"listed in ${TRUSTED_ENV}"
     return None
 
 
 def _foreign_globals(path: str, error: Exception) -> list[str]:
-    """The globals outside the allow-list that ``path``'s pickle names (torch's error names only the first)."""
+    """The globals outside the allow-list that ``path``'s pickle names (torch's error names only
+    the first)."""
     try:
-        names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in _ALLOWED]
+        names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                 if g not in _ALLOWED]
     except Exception:
         names = []
     if not names:
@@ -214,16 +221,18 @@ def _torch_load(path: str, trusted: Trust, mmap: bool = False) -> object:
             raise ValueError(f"not a torch pickle ({detail})") from None
         if why is None:
             what = (f"names the global{'s' if len(names) > 1 else ''} {', '.join(names)}" if names
-                    else f"is refused by the weights-only unpickler ({str(e).strip().splitlines()[-1][:300]})")
+                    else "is refused by the weights-only unpickler "
+                         f"({str(e).strip().splitlines()[-1][:300]})")
             raise UntrustedCheckpointError(
-                f"{path}: refused: its pickle {what}, which is not in the allow-list of plain types "
-                "(torch tensors and containers, argparse.Namespace, numpy scalars and dtypes). "
-                "Unpickling it "
-                f"can run arbitrary code. If you trust this file, pass trusted=True to read_checkpoint/"
-                f"load_checkpoint, list it in the run's model.trusted_checkpoints, or add it to ${TRUSTED_ENV}; "
-                f"better, re-save its weights with torch.save(state_dict).", path, names) from None
-        logger.warning("%s: LOADING WITH weights_only=False (%s): its pickle names %s, outside the allow-list; "
-                       "this runs whatever code the file carries", path, why, ", ".join(names) or "unsupported content")
+                f"{path}: refused: its pickle {what}, which is not in the allow-list of plain "
+                "types (torch tensors and containers, argparse.Namespace, numpy scalars and "
+                "dtypes). Unpickling it can run arbitrary code. If you trust this file, pass "
+                "trusted=True to read_checkpoint/load_checkpoint, list it in the run's "
+                f"model.trusted_checkpoints, or add it to ${TRUSTED_ENV}; better, re-save its "
+                "weights with torch.save(state_dict).", path, names) from None
+        logger.warning("%s: LOADING WITH weights_only=False (%s): its pickle names %s, outside the "
+                       "allow-list; this runs whatever code the file carries", path, why,
+                       ", ".join(names) or "unsupported content")
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
@@ -330,7 +339,8 @@ def _unwrap(path: str, obj: object) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: no state dict found (expected a mapping of names to tensors)")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise ValueError(f"{path}: the checkpoint holds no tensors at its top level or under {_WRAPPER_KEYS}")
+        raise ValueError(
+            f"{path}: the checkpoint holds no tensors at its top level or under {_WRAPPER_KEYS}")
     return tensors
 
 
@@ -446,7 +456,8 @@ def check_checkpoint(model: VideoClassifier, path: str | os.PathLike, *, strict:
 
 
 def load_checkpoint(model: VideoClassifier, path: str | os.PathLike, *, strict: bool = True,
-                    reinit_mismatched: tuple[str, ...] = (), adapters: Sequence[StateDictAdapter] = (),
+                    reinit_mismatched: tuple[str, ...] = (),
+                    adapters: Sequence[StateDictAdapter] = (),
                     trusted: Trust = False) -> LoadReport:
     """Detect the format of ``path``, map it onto ``model`` and load it.
 
@@ -454,13 +465,16 @@ def load_checkpoint(model: VideoClassifier, path: str | os.PathLike, *, strict: 
         model: a ``VideoClassifier`` (its ``convert_checkpoint`` maps the layout).
         path: checkpoint file (any supported format) or Hugging Face model folder.
         strict: raise if a key is missing or unexpected without an explanation from the converter.
-        reinit_mismatched: key prefixes (e.g. ``("head.",)``) whose tensors are skipped, and keep the model's
-            initialisation, when their shape differs: fine-tuning from a checkpoint of another number of classes
-            (as CAST's fine-tuning does). Any other shape mismatch is an error.
-        adapters: state-dict adapters, called in order after the conversion and before the shape checks as
-            ``adapter(conversion, model.state_dict())``; each edits ``conversion.state_dict`` and its explanations
-            in place (e.g. TSTL's selection of head rows, owned by ``tstl.twostage``).
-        trusted: opt-in for a file whose pickle names globals outside the allow-list (see ``is_trusted``).
+        reinit_mismatched: key prefixes (e.g. ``("head.",)``) whose tensors are skipped, and keep
+            the model's initialisation, when their shape differs: fine-tuning from a checkpoint of
+            another number of classes (as CAST's fine-tuning does). Any other shape mismatch is
+            an error.
+        adapters: state-dict adapters, called in order after the conversion and before the shape
+            checks as ``adapter(conversion, model.state_dict())``; each edits
+            ``conversion.state_dict`` and its explanations in place (e.g. TSTL's selection of head
+            rows, owned by ``tstl.twostage``).
+        trusted: opt-in for a file whose pickle names globals outside the allow-list
+            (see ``is_trusted``).
 
     Returns:
         A ``LoadReport`` with the missing and unexpected keys (also logged).
@@ -478,8 +492,8 @@ def load_checkpoint(model: VideoClassifier, path: str | os.PathLike, *, strict: 
     conv, report = _plan(model, read_checkpoint(path, trusted=trusted), path, strict=strict,
                          reinit_mismatched=reinit_mismatched, adapters=adapters)
     model.load_state_dict(conv.state_dict, strict=False)
-    logger.info("%s: %s, %d tensors loaded, %d missing, %d unexpected", path, conv.format, report.loaded,
-                len(report.missing), len(report.unexpected))
+    logger.info("%s: %s, %d tensors loaded, %d missing, %d unexpected", path, conv.format,
+                report.loaded, len(report.missing), len(report.unexpected))
     for key in report.missing + report.unexpected:
         logger.debug("  %s: %s", key, _reason(key, report.explained) or "UNEXPLAINED")
     return report

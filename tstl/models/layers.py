@@ -14,7 +14,8 @@ M = TypeVar("M", bound=nn.Module)
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm that computes in at least float32 and returns the input dtype (safe under bf16/fp16)."""
+    """LayerNorm that computes in at least float32 and returns the input dtype (safe
+    under bf16/fp16)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)
@@ -32,7 +33,8 @@ def build_variant(cls: type[M], family: str, defaults: dict[str, Any], **kwargs:
     accepted = inspect.signature(cls).parameters
     unknown = set(kwargs) - set(accepted)
     if unknown:
-        raise TypeError(f"unknown {family} arguments: {sorted(unknown)}; accepted: {', '.join(accepted)}")
+        raise TypeError(
+            f"unknown {family} arguments: {sorted(unknown)}; accepted: {', '.join(accepted)}")
     args = {**defaults, **kwargs}
     classes, multi = args.get("num_classes"), getattr(cls, "multi_head", False)
     if classes is not None and isinstance(classes, Mapping) != multi:

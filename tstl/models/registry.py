@@ -1,6 +1,8 @@
-"""Name -> builder registry for model variants (the timm pattern, kept separate from timm's own namespace).
+"""Name -> builder registry for model variants (the timm pattern, kept separate from timm's
+own namespace).
 
-Every registered builder returns a ``VideoClassifier`` (``tstl.models.contract``); ``create_model`` checks it.
+Every registered builder returns a ``VideoClassifier`` (``tstl.models.contract``);
+``create_model`` checks it.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, **kwargs) -> VideoClassifier:
-    """Build the registered variant ``name``; keyword arguments override its architecture defaults."""
+    """Build the registered variant ``name``; keyword arguments override its
+    architecture defaults."""
     try:
         builder = _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown model '{name}'; registered: {', '.join(list_models())}") from None
+        raise ValueError(
+            f"unknown model '{name}'; registered: {', '.join(list_models())}") from None
     model = builder(**kwargs)
     if not isinstance(model, VideoClassifier):
         raise TypeError(f"model '{name}' ({builder.__module__}.{builder.__qualname__}) returned a "

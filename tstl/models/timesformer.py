@@ -1,27 +1,30 @@
 """TimeSformer: a ViT-B/16 applied to video with divided, joint or space-only self-attention.
 
-Paper: "Is Space-Time Attention All You Need for Video Understanding?" (Bertasius et al., ICML 2021), reference
-code facebookresearch/TimeSformer (``timesformer/models/vit.py``). Parameter names follow the reference's inner
-``VisionTransformer`` exactly, so official ``.pyth`` files load after stripping their ``model.`` prefix and timm
-ImageNet ViT weights load with no renaming; ``convert_checkpoint`` does the resizing and temporal initialisation.
+Paper: "Is Space-Time Attention All You Need for Video Understanding?" (Bertasius et al., ICML
+2021), reference code facebookresearch/TimeSformer (``timesformer/models/vit.py``). Parameter names
+follow the reference's inner ``VisionTransformer`` exactly, so official ``.pyth`` files load after
+stripping their ``model.`` prefix and timm ImageNet ViT weights load with no renaming;
+``convert_checkpoint`` does the resizing and temporal initialisation.
 
 Semantics kept from the reference (checked against it in tests/models/test_timesformer.py):
 
 * Tokens after the time embedding are ordered patch-major, time-minor (index ``n * T + t``).
-* Divided attention leaves the cls token out of temporal attention; its spatial update is the mean over frames.
-* A clip with more frames or pixels than the model was built for uses nearest-resized time (1-D) and position
-  (2-D) embeddings at forward time.
+* Divided attention leaves the cls token out of temporal attention; its spatial update is the mean
+  over frames.
+* A clip with more frames or pixels than the model was built for uses nearest-resized time (1-D) and
+  position (2-D) embeddings at forward time.
 
 Deliberate deviations (identical logits at inference up to rounding):
 
-* Attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
-* The divided block regroups tokens with views where the layout allows it (the temporal grouping is a view of the
-  patch tokens) instead of one einops copy per regrouping.
-* Only the cls token goes through the final norm (LayerNorm is per token, so the result is the same), and
-  ``space_only`` averages only the cls token over frames.
+* Attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels
+  on GPU).
+* The divided block regroups tokens with views where the layout allows it (the temporal grouping is
+  a view of the patch tokens) instead of one einops copy per regrouping.
+* Only the cls token goes through the final norm (LayerNorm is per token, so the result is the
+  same), and ``space_only`` averages only the cls token over frames.
 * Layer norms compute in at least float32 and cast back, so the model runs in bf16 and fp16.
-* Optional activation checkpointing per block (``set_grad_checkpointing``); optimizer helpers follow timm
-  (``no_weight_decay``, ``group_matcher``).
+* Optional activation checkpointing per block (``set_grad_checkpointing``); optimizer helpers follow
+  timm (``no_weight_decay``, ``group_matcher``).
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ ATTENTION_TYPES: tuple[str, ...] = ("divided_space_time", "joint_space_time", "s
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one packed qkv projection (q, k, v outer split, as the reference)."""
+    """Multi-head self-attention with one packed qkv projection (q, k, v outer split, as
+    the reference)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0) -> None:
@@ -66,16 +70,19 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        q, k, v = (self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
+                   .permute(2, 0, 3, 1, 4).unbind(0))
+        x = F.scaled_dot_product_attention(q, k, v,
+                                           dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; ``divided_space_time`` adds a temporal attention branch before the spatial one."""
+    """Pre-norm transformer block; ``divided_space_time`` adds a temporal attention branch before
+    the spatial one."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float,
-                 drop_path: float, attention_type: str) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float,
+                 attn_drop: float, drop_path: float, attention_type: str) -> None:
         super().__init__()
         self.divided = attention_type == "divided_space_time"
         self.norm1 = LayerNorm(dim, eps=1e-6)
@@ -89,16 +96,19 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        x = self._divided(x, num_frames) if self.divided else x + self.drop_path(self.attn(self.norm1(x)))
+        x = (self._divided(x, num_frames) if self.divided
+             else x + self.drop_path(self.attn(self.norm1(x))))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def _divided(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        """Temporal then spatial attention on ``x [B, 1 + N*T, D]`` (patch-major, time-minor tokens)."""
+        """Temporal then spatial attention on ``x [B, 1 + N*T, D]`` (patch-major,
+        time-minor tokens)."""
         b, _, d = x.shape
         cls, xt = x[:, :1], x[:, 1:]
         n = xt.shape[1] // t
-        # Temporal: each patch attends over its T frames; the cls token is left out (as the reference code).
-        # Drop path per (b, n) row, temporal_fc after it: the reference's order and granularity.
+        # Temporal: each patch attends over its T frames; the cls token is left out (as the
+        # reference code). Drop path per (b, n) row, temporal_fc after it: the reference's order
+        # and granularity.
         r = self.drop_path(self.temporal_attn(self.temporal_norm1(xt.reshape(b * n, t, d))))
         xt = xt + self.temporal_fc(r.reshape(b, n * t, d))
         # Spatial: each frame attends over its N patches plus a copy of the block-entry cls token.
@@ -111,14 +121,16 @@ class Block(nn.Module):
 
 
 def resize_time_embed(time_embed: torch.Tensor, frames: int) -> torch.Tensor:
-    """1-D nearest resize of ``[1, T0, D]`` to ``[1, frames, D]`` (new t takes old floor(t * T0 / frames))."""
+    """1-D nearest resize of ``[1, T0, D]`` to ``[1, frames, D]`` (new t takes old floor(t * T0
+    / frames))."""
     if time_embed.shape[1] == frames:
         return time_embed
     return F.interpolate(time_embed.transpose(1, 2), size=frames, mode="nearest").transpose(1, 2)
 
 
 def resize_pos_embed_grid(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """2-D nearest resize of the patch part of a square ``[1, 1 + P*P, D]`` table to ``grid``; cls slot kept."""
+    """2-D nearest resize of the patch part of a square ``[1, 1 + P*P, D]`` table to ``grid``; cls
+    slot kept."""
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     p = int(patch_pos.shape[1] ** 0.5)
     if (p, p) == tuple(grid):
@@ -129,13 +141,15 @@ def resize_pos_embed_grid(pos_embed: torch.Tensor, grid: tuple[int, int]) -> tor
 
 
 def resize_pos_embed_flat(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """The reference loader's resize: 1-D nearest over the *flattened* patch sequence; cls slot kept.
+    """The reference loader's resize: 1-D nearest over the *flattened* patch sequence; cls
+    slot kept.
 
-    Not spatially faithful (224 -> 448 maps new row r, column c to old row r//2, column 7*(r%2) + c//4), but the
-    released HR models were fine-tuned from ImageNet weights resized this way.
+    Not spatially faithful (224 -> 448 maps new row r, column c to old row r//2, column 7*(r%2) +
+    c//4), but the released HR models were fine-tuned from ImageNet weights resized this way.
     """
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
-    patch_pos = F.interpolate(patch_pos.transpose(1, 2), size=num_patches, mode="nearest").transpose(1, 2)
+    patch_pos = F.interpolate(patch_pos.transpose(1, 2), size=num_patches,
+                              mode="nearest").transpose(1, 2)
     return torch.cat((cls_pos, patch_pos), dim=1)
 
 
@@ -143,7 +157,8 @@ class TimeSformer(VideoClassifier):
     """TimeSformer video classifier: ``model(x [B, 3, T, H, W]) -> logits [B, num_classes]``.
 
     Args:
-        img_size: frame size the position table is built for (other sizes are resized at forward time).
+        img_size: frame size the position table is built for (other sizes are resized at
+            forward time).
         patch_size: square patch size.
         in_chans: input channels.
         num_classes: classifier outputs; 0 gives no head (``forward`` returns the features).
@@ -157,21 +172,24 @@ class TimeSformer(VideoClassifier):
         drop_path_rate: stochastic depth of the last block (linear from 0).
         num_frames: frames the time table is built for (other lengths are resized at forward time).
         attention_type: ``divided_space_time``, ``joint_space_time`` or ``space_only``.
-        checkpoint_pos_resize: how ``convert_checkpoint`` resizes a position table of another length: ``flat``
-            (the reference loader's 1-D nearest over the flattened sequence) or ``grid`` (2-D nearest).
+        checkpoint_pos_resize: how ``convert_checkpoint`` resizes a position table of another
+            length: ``flat`` (the reference loader's 1-D nearest over the flattened sequence) or
+            ``grid`` (2-D nearest).
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 400,
-                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.1, num_frames: int = 8,
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 400, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, num_frames: int = 8,
                  attention_type: AttentionType = "divided_space_time",
                  checkpoint_pos_resize: Literal["flat", "grid"] = "flat") -> None:
         super().__init__()
         if attention_type not in ATTENTION_TYPES:
-            raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got '{attention_type}'")
+            raise ValueError(
+                f"attention_type must be one of {ATTENTION_TYPES}, got '{attention_type}'")
         if checkpoint_pos_resize not in ("flat", "grid"):
-            raise ValueError(f"checkpoint_pos_resize must be 'flat' or 'grid', got '{checkpoint_pos_resize}'")
+            raise ValueError(
+                f"checkpoint_pos_resize must be 'flat' or 'grid', got '{checkpoint_pos_resize}'")
         self.attention_type = attention_type
         self.img_size, self.patch_size, self.num_frames = img_size, patch_size, num_frames
         self.num_classes = num_classes
@@ -179,7 +197,8 @@ class TimeSformer(VideoClassifier):
         self.checkpoint_pos_resize = checkpoint_pos_resize
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
+                                      strict_img_size=False)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
@@ -187,9 +206,11 @@ class TimeSformer(VideoClassifier):
         if attention_type != "space_only":
             self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
             self.time_drop = nn.Dropout(drop_rate)
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear 0 -> drop_path_rate
+        # linear 0 -> drop_path_rate
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], attention_type)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i],
+                  attention_type)
             for i in range(depth)
         ])
         self.norm = LayerNorm(embed_dim, eps=1e-6)
@@ -199,33 +220,38 @@ class TimeSformer(VideoClassifier):
     def _init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():  # Linear: truncated normal (std 0.02), zero bias; LayerNorms keep (1, 0)
+        # Linear: truncated normal (std 0.02), zero bias; LayerNorms keep (1, 0)
+        for m in self.modules():
             init_weights_vit_timm(m, needs_reset=False)
-        # time_embed stays zero and temporal_fc starts at zero in every block, so at initialisation the temporal
-        # branch adds nothing and the patch tokens see the (ImageNet) spatial ViT unchanged.
+        # time_embed stays zero and temporal_fc starts at zero in every block, so at initialisation
+        # the temporal branch adds nothing and the patch tokens see the (ImageNet) spatial
+        # ViT unchanged.
         for blk in self.blocks:
             if blk.divided:
                 nn.init.zeros_(blk.temporal_fc.weight)
                 nn.init.zeros_(blk.temporal_fc.bias)
 
-    # ------------------------------------------------------------------------------------------- forward
+    # ----------------------------------------------------------------------------- forward
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Patch, position and time embeddings: ``[B, 3, T, H, W]`` -> tokens and T."""
         b, _, t, h, w = x.shape
-        x = self.patch_embed(rearrange(x, "b c t h w -> (b t) c h w"))  # [(B T), N, D], frame-major per sample
+        # [(B T), N, D], frame-major per sample
+        x = self.patch_embed(rearrange(x, "b c t h w -> (b t) c h w"))
         pos = resize_pos_embed_grid(self.pos_embed, (h // self.patch_size, w // self.patch_size))
         cls = self.pos_drop(self.cls_token + pos[:, :1])
         x = self.pos_drop(x + pos[:, 1:])
         if self.attention_type == "space_only":
             return torch.cat((cls.expand(b * t, -1, -1), x), dim=1), t
-        x = rearrange(x, "(b t) n d -> b n t d", b=b) + resize_time_embed(self.time_embed, t).unsqueeze(1)
+        x = (rearrange(x, "(b t) n d -> b n t d", b=b)
+             + resize_time_embed(self.time_embed, t).unsqueeze(1))
         x = self.time_drop(x).flatten(1, 2)  # [B, N*T, D], index n*T + t
         # One cls per clip; cls_token + pos[0] is what every frame's cls slot held in the reference.
         return torch.cat((cls.expand(b, -1, -1), x), dim=1), t
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final-normed cls token ``[B, embed_dim]`` (for ``space_only``, the frame average before the norm)."""
+        """Final-normed cls token ``[B, embed_dim]`` (for ``space_only``, the frame average before
+        the norm)."""
         b = x.shape[0]
         x, t = self._embed(x)
         for blk in self.blocks:
@@ -239,21 +265,24 @@ class TimeSformer(VideoClassifier):
         return self.norm(cls)
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
-        """Logits from the final-normed cls token (the features themselves when ``num_classes == 0``)."""
+        """Logits from the final-normed cls token (the features themselves when
+        ``num_classes == 0``)."""
         return self.head(feats)
 
-    # ------------------------------------------------------------------------------------------- training helpers
+    # ----------------------------------------------------------------------------- training helpers
 
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a freshly initialised one with ``num_classes`` outputs (0: no head), initialised as
-        the constructor's (truncated normal std 0.02, zero bias), on the old head's device and dtype."""
+        """Replace the head by a freshly initialised one with ``num_classes`` outputs (0: no head),
+        initialised as the constructor's (truncated normal std 0.02, zero bias), on the old head's
+        device and dtype."""
         old = next(self.head.parameters(), None)
         kw = {"device": old.device, "dtype": old.dtype} if old is not None else {}
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes, **kw) if num_classes > 0 else nn.Identity()
+        self.head = (nn.Linear(self.embed_dim, num_classes, **kw) if num_classes > 0
+                     else nn.Identity())
         if num_classes > 0:
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
@@ -272,7 +301,7 @@ class TimeSformer(VideoClassifier):
             "blocks": [(r"^blocks\.(\d+)", None)],
         }
 
-    # ------------------------------------------------------------------------------------------- checkpoints
+    # ----------------------------------------------------------------------------- checkpoints
 
     def convert_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> Conversion:
         """Map an official TimeSformer, a Hugging Face ``TimesformerForVideoClassification`` or a
@@ -302,9 +331,11 @@ class TimeSformer(VideoClassifier):
         dropped: dict[str, str] = {}
         w = sd.get("patch_embed.proj.weight")
         if w is not None and w.ndim == 2:  # patchify + linear layout of some ViT ports
-            sd["patch_embed.proj.weight"] = w.reshape(w.shape[0], -1, self.patch_size, self.patch_size)
+            sd["patch_embed.proj.weight"] = w.reshape(w.shape[0], -1, self.patch_size,
+                                                      self.patch_size)
         for k in [k for k in sd if k.startswith("pre_logits.")]:
-            dropped[k] = "ImageNet-21k ViT representation layer: TimeSformer has none (the reference ignores it too)"
+            dropped[k] = ("ImageNet-21k ViT representation layer: TimeSformer has none "
+                          "(the reference ignores it too)")
             del sd[k]
         self._convert_head(sd, own, missing, dropped)
         self._convert_embeddings(sd, missing, dropped)
@@ -344,13 +375,15 @@ class TimeSformer(VideoClassifier):
                             sd["time_embed"].shape[1], self.num_frames, hint)
             sd["time_embed"] = resize_time_embed(sd["time_embed"], self.num_frames)
         else:
-            missing["time_embed"] = "the checkpoint has no time embedding: it stays zero (as the reference)"
+            missing["time_embed"] = ("the checkpoint has no time embedding: it stays zero "
+                                     "(as the reference)")
 
     def _convert_temporal(self, sd: dict, missing: dict, dropped: dict) -> None:
         temporal = [k for k in sd if k.startswith("blocks.") and ".temporal_" in k]
         if self.attention_type != "divided_space_time":
             for k in temporal:
-                dropped[k] = f"divided space-time weights; this model uses {self.attention_type} attention"
+                dropped[k] = (f"divided space-time weights; this model uses {self.attention_type} "
+                              "attention")
                 del sd[k]
             return
         for i, _blk in enumerate(self.blocks):
@@ -359,7 +392,8 @@ class TimeSformer(VideoClassifier):
                 for k in [k for k in sd if k.startswith(prefix + spatial)]:
                     sd.setdefault(k.replace(prefix + spatial, prefix + temp, 1), sd[k])
             if prefix + "temporal_fc.weight" not in sd:
-                missing[prefix + "temporal_fc."] = "not in the checkpoint: zero-initialised (temporal branch off)"
+                missing[prefix + "temporal_fc."] = ("not in the checkpoint: zero-initialised "
+                                                    "(temporal branch off)")
 
 
 _LAYOUTS = ("timesformer", "hf-timesformer", "timm-vit")
@@ -468,19 +502,21 @@ def _variant_hint(pos_embed: torch.Tensor | None, time_embed: torch.Tensor | Non
     return f"; the checkpoint's tables are {name}'s: model.name={name} takes them unresized"
 
 
-# ----------------------------------------------------------------------------------------------- registry
+# --------------------------------------------------------------------------------- registry
 
 
 def _build(defaults: dict, **kwargs) -> TimeSformer:
     return build_variant(TimeSformer, "TimeSformer", defaults, **kwargs)
 
 
-_VIT_B16 = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_frames=8, num_classes=400)
+_VIT_B16 = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_frames=8,
+                num_classes=400)
 
 
 @register_model
 def timesformer_vit_b16(**kwargs) -> TimeSformer:
-    """TimeSformer ViT-B/16, 8 frames at 224 px (``TimeSformer_divST_8x32_224``); pass ``attention_type``."""
+    """TimeSformer ViT-B/16, 8 frames at 224 px (``TimeSformer_divST_8x32_224``);
+    pass ``attention_type``."""
     return _build(_VIT_B16, **kwargs)
 
 
@@ -498,6 +534,7 @@ def timesformer_l_vit_b16(**kwargs) -> TimeSformer:
 
 @register_model
 def timesformer_test(**kwargs) -> TimeSformer:
-    """Tiny TimeSformer for tests and CPU demos: 32 px, patch 8, 4 frames, width 64, depth 2, 8 classes."""
+    """Tiny TimeSformer for tests and CPU demos: 32 px, patch 8, 4 frames, width 64, depth 2,
+    8 classes."""
     return _build(dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_frames=4,
                        num_classes=8), **kwargs)

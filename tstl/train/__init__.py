@@ -1,4 +1,5 @@
-"""DeepSpeed training and multi-view evaluation: ``python -m tstl.train.cli {train,eval,report}``."""
+"""DeepSpeed training and multi-view evaluation:
+``python -m tstl.train.cli {train,eval,report}``."""
 
 from tstl.core import torchvision_shim
 

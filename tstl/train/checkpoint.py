@@ -3,22 +3,24 @@ best; and the policy of when to save (``Checkpointer.decide``, as torchtitan's
 ``CheckpointManager._should_save``).
 
 Layout under ``<run>/checkpoints/``: one folder per tag (``step-000123``) holding DeepSpeed's files,
-``rank-<r>.pt`` (this rank's loader position and RNG states) and, written last, ``complete.json``. A tag without
-``complete.json`` is a save that crashed and is ignored; the previous complete one stays usable. Resume picks the
-complete tag with the highest step. Rotation keeps the last ``keep_last`` complete tags and the best one.
+``rank-<r>.pt`` (this rank's loader position and RNG states) and, written last, ``complete.json``. A
+tag without ``complete.json`` is a save that crashed and is ignored; the previous complete one stays
+usable. Resume picks the complete tag with the highest step. Rotation keeps the last ``keep_last``
+complete tags and the best one.
 
 Durable and checked (issue 21): the files are fsynced before the marker, which lists each file's
 size and SHA-256; a resume verifies the newest tag and moves a damaged one aside (``damaged-<tag>``,
 kept, never resumed or rotated), falling back to the previous complete one with a warning;
 ``CheckpointError`` only when none is usable.
 
-Elastic resume (issue 13): a checkpoint saved by N ranks loads on M ranks. Every rank reads all N ``rank-<r>.pt``
-files (the loader spreads the rest of the epoch over the new layout, ``ShardLoader.load_state_dicts``). Model and
-optimizer: without partitioned optimizer state (ZeRO 0 in fp32/fp16) DeepSpeed's files load on any world size as
-they are; with it (ZeRO 1/2: ``[bf16_]zero_pp_rank_<r>_..._optim_states.pt``, which DeepSpeed 0.19 refuses on another
-world size) rank 0 first converts the tag once to
-DeepSpeed's universal checkpoint (``deepspeed.checkpoint.ds_to_universal``, into ``universal/<tag>/``) and every
-rank loads that with ``load_universal``; buffers and frozen weights come from the tag's model file.
+Elastic resume (issue 13): a checkpoint saved by N ranks loads on M ranks. Every rank reads all N
+``rank-<r>.pt`` files (the loader spreads the rest of the epoch over the new layout,
+``ShardLoader.load_state_dicts``). Model and optimizer: without partitioned optimizer state (ZeRO 0
+in fp32/fp16) DeepSpeed's files load on any world size as they are; with it (ZeRO 1/2:
+``[bf16_]zero_pp_rank_<r>_..._optim_states.pt``, which DeepSpeed 0.19 refuses on another world size)
+rank 0 first converts the tag once to DeepSpeed's universal checkpoint
+(``deepspeed.checkpoint.ds_to_universal``, into ``universal/<tag>/``) and every rank loads that with
+``load_universal``; buffers and frozen weights come from the tag's model file.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ class Resumed(NamedTuple):
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
@@ -191,7 +194,8 @@ class Checkpointer:
 
     def _rotate(self) -> None:
         done = self.complete()
-        scored = [(info["metric"], step, tag) for step, tag, info in done if info.get("metric") is not None]
+        scored = [(info["metric"], step, tag) for step, tag, info in done
+                  if info.get("metric") is not None]
         keep = {tag for _, tag, _ in done[-self.keep_last:]}
         if scored:
             keep.add(max(scored)[2])
@@ -207,7 +211,8 @@ class Checkpointer:
                     shutil.rmtree(d, ignore_errors=True)
 
     def best(self) -> str | None:
-        scored = [(info["metric"], step, tag) for step, tag, info in self.complete() if info.get("metric") is not None]
+        scored = [(info["metric"], step, tag) for step, tag, info in self.complete()
+                  if info.get("metric") is not None]
         return str(self.dir / max(scored)[2]) if scored else None
 
     # --------------------------------------------------------------------------------------- resume
@@ -263,22 +268,25 @@ class Checkpointer:
         return Resumed(client, ranks, saved)
 
     def _universal(self, tag: str) -> Path:
-        """Collective: rank 0 converts ``tag`` to a universal checkpoint once; returns its folder."""
+        """Collective: rank 0 converts ``tag`` to a universal checkpoint once; returns
+        its folder."""
         out = self.dir / UNIVERSAL / tag
         if dist.is_main() and not out.is_dir():
             tmp = self.dir / UNIVERSAL / f".{tag}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            # a child process: the converter runs its own worker pools and must not touch our process group;
-            # --inject_missing_state adds the universal_checkpoint_info our (non-Megatron) models do not declare
+            # a child process: the converter runs its own worker pools and must not touch our
+            # process group; --inject_missing_state adds the universal_checkpoint_info our
+            # (non-Megatron) models do not declare
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                    str(self.dir / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
                    "--num_merge_workers", "1", "--inject_missing_state"]
-            logger.info("converting %s to a universal checkpoint for another world size", self.dir / tag)
+            logger.info("converting %s to a universal checkpoint for another world size",
+                        self.dir / tag)
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
-                raise RuntimeError(f"converting {self.dir / tag} to a universal checkpoint failed:\n"
-                                   f"{proc.stderr[-3000:]}")
+                raise RuntimeError(f"converting {self.dir / tag} to a universal checkpoint "
+                                   f"failed:\n{proc.stderr[-3000:]}")
             os.replace(tmp, out)
         dist.barrier()
         return out
@@ -385,7 +393,8 @@ def partitioned(folder: Path) -> bool:
 
 def _load_universal(engine, folder: Path, original: Path) -> dict:
     """Load a universal checkpoint into ``engine``; returns the client state."""
-    # DeepSpeed reads this flag only while loading; the engine was built before we knew the world size differs
+    # DeepSpeed reads this flag only while loading; the engine was built before we knew the world
+    # size differs
     config = engine._config
     before = config.load_universal_checkpoint
     config.load_universal_checkpoint = True
@@ -393,8 +402,10 @@ def _load_universal(engine, folder: Path, original: Path) -> dict:
         _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     finally:
         config.load_universal_checkpoint = before
-    # the universal format holds the optimizer's parameters only: buffers and frozen weights from the model file
-    module = torch.load(next(original.glob("*model_states.pt")), map_location="cpu", weights_only=False)["module"]
+    # the universal format holds the optimizer's parameters only: buffers and frozen weights from
+    # the model file
+    module = torch.load(next(original.glob("*model_states.pt")), map_location="cpu",
+                        weights_only=False)["module"]
     engine.module.load_state_dict(module, strict=True)
     return client
 
@@ -403,7 +414,8 @@ def resolve_weights(path: str | os.PathLike) -> tuple[Path, Path | None]:
     """A checkpoint file, a DeepSpeed tag folder, a Hugging Face model folder or a run folder ->
     (weights file or Hugging Face folder, the run's config.yaml if any).
 
-    A run folder resolves to its best complete checkpoint (by validation metric), else its newest one.
+    A run folder resolves to its best complete checkpoint (by validation metric), else its
+    newest one.
     """
     path = Path(path)
     if path.is_dir() and (path / "checkpoints").is_dir():
@@ -420,7 +432,8 @@ def resolve_weights(path: str | os.PathLike) -> tuple[Path, Path | None]:
     if path.is_dir():
         files = sorted(path.glob("*model_states.pt"))
         if not files:
-            raise FileNotFoundError(f"{path}: no mp_rank_00_model_states.pt inside (is it a DeepSpeed tag folder?)")
+            raise FileNotFoundError(
+                f"{path}: no mp_rank_00_model_states.pt inside (is it a DeepSpeed tag folder?)")
         run_cfg = path.parent.parent / "config.yaml"
         return files[0], run_cfg if run_cfg.exists() else None
     if not path.exists():

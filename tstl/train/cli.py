@@ -1,10 +1,11 @@
-"""``tstl {train,eval,report}`` (also ``python -m tstl.train.cli``): thin entry points over ``Trainer`` and
-``evaluate``.
+"""``tstl {train,eval,report}`` (also ``python -m tstl.train.cli``): thin entry points over
+``Trainer`` and ``evaluate``.
 
-Launch training through DeepSpeed (``make train``) or plainly for one process. Configs are YAML files layered in
-order, then ``key.sub=value`` overrides; unknown keys and bad values are rejected with the file and key named.
-``train --check`` validates the config, the model and the shard sets and exits (what ``make train`` runs before
-it starts the launcher); ``--help-config`` lists every key.
+Launch training through DeepSpeed (``make train``) or plainly for one process. Configs are YAML
+files layered in order, then ``key.sub=value`` overrides; unknown keys and bad values are rejected
+with the file and key named. ``train --check`` validates the config, the model and the shard sets
+and exits (what ``make train`` runs before it starts the launcher); ``--help-config`` lists
+every key.
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         _, run_cfg = resolve_weights(args.checkpoint)
     except FileNotFoundError as e:
-        raise UsageError(str(e), "give a checkpoint file, a DeepSpeed tag folder or a run folder") from None
-    # the same config evaluate_checkpoint resolves: --config, else the run's config.yaml, else defaults + overrides
+        raise UsageError(str(e),
+                         "give a checkpoint file, a DeepSpeed tag folder or a run folder") from None
+    # the same config evaluate_checkpoint resolves: --config, else the run's config.yaml, else
+    # defaults + overrides
     cfg = _load(list(args.config or []) or ([run_cfg] if run_cfg else []), args.overrides)
     check_run(cfg, train=False, model=False)
     check_model(cfg.model, cfg.model.num_classes)
@@ -93,7 +96,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     if not args.run_dir.is_dir():
-        raise UsageError(f"run folder not found: {args.run_dir}", "give the out_dir of a training run")
+        raise UsageError(f"run folder not found: {args.run_dir}",
+                         "give the out_dir of a training run")
     from tstl.train.report import write_report
 
     print(write_report(args.run_dir))
@@ -117,34 +121,47 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                                 epilog=exitcodes.EPILOG)
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,report}")
     t = sub.add_parser("train", help="train (resumes automatically from <out_dir>/checkpoints)",
-                       description="Train a model; a rerun with the same out_dir resumes. Config files are layered "
-                                   "in order, then key.sub=value overrides (tstl config keys lists them).",
+                       description="Train a model; a rerun with the same out_dir resumes. Config "
+                                   "files are layered in order, then key.sub=value overrides (tstl "
+                                   "config keys lists them).",
                        epilog=exitcodes.EPILOG)
-    # type=str: key=value words among the files are overrides, and Path would turn data_dir=http://h into http:/h
-    t.add_argument("--config", type=str, nargs="+", required=True, help="YAML files, later ones override earlier "
-                   "(configs/data/<dataset>.yaml configs/model/<model>.yaml ...; tstl print-config shows a recipe)")
-    t.add_argument("--check", action="store_true", help="validate config, model and shard sets, then exit (0: ready)")
-    t.add_argument("--help-config", action=HelpConfig, help="list every config key with its type, default and doc")
-    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-4 data.batch_size=4")
+    # type=str: key=value words among the files are overrides, and Path would turn data_dir=http://h
+    # into http:/h
+    t.add_argument("--config", type=str, nargs="+", required=True,
+                   help="YAML files, later ones override earlier (configs/data/<dataset>.yaml "
+                        "configs/model/<model>.yaml ...; tstl print-config shows a recipe)")
+    t.add_argument("--check", action="store_true",
+                   help="validate config, model and shard sets, then exit (0: ready)")
+    t.add_argument("--help-config", action=HelpConfig,
+                   help="list every config key with its type, default and doc")
+    t.add_argument("overrides", nargs="*",
+                   help="dotted overrides, e.g. optim.lr=5e-4 data.batch_size=4")
     t.set_defaults(fn=cmd_train)
-    e = sub.add_parser("eval", help="multi-view evaluation of any checkpoint load_checkpoint accepts",
+    e = sub.add_parser("eval",
+                       help="multi-view evaluation of any checkpoint load_checkpoint accepts",
                        epilog=exitcodes.EPILOG)
-    e.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file, DeepSpeed tag folder or run folder")
-    e.add_argument("--config", type=str, nargs="*", help="YAML files (default: the run's config.yaml)")
+    e.add_argument("--checkpoint", type=Path, required=True,
+                   help="checkpoint file, DeepSpeed tag folder or run folder")
+    e.add_argument("--config", type=str, nargs="*",
+                   help="YAML files (default: the run's config.yaml)")
     e.add_argument("--out", type=Path, help="report folder (default <out_dir>/eval-<name>)")
     e.add_argument("--dump", action="store_true", help="also write <report folder>/views.parquet: "
                    "per video its label, the logits of every view and the merged probabilities "
                    "(docs/training.md)")
-    e.add_argument("--help-config", action=HelpConfig, help="list every config key with its type, default and doc")
+    e.add_argument("--help-config", action=HelpConfig,
+                   help="list every config key with its type, default and doc")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.test_views=[1,1]")
     e.set_defaults(fn=cmd_eval)
-    for launched in (p, t, e):  # the deepspeed launcher passes --local_rank=N; we read LOCAL_RANK from the env
-        launched.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    # the deepspeed launcher passes --local_rank=N; we read LOCAL_RANK from the env
+    for launched in (p, t, e):
+        launched.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                              help=argparse.SUPPRESS)
     for cmd in (t, e):
         cmd.add_argument("--debug", action="store_true",
                          help="print the traceback of a failure on the terminal too (it always "
                               "goes to <run folder>/logs/<command>-rank<r>.log)")
-    r = sub.add_parser("report", help="write <run>/report.md with accuracy and plots", epilog=exitcodes.EPILOG)
+    r = sub.add_parser("report", help="write <run>/report.md with accuracy and plots",
+                       epilog=exitcodes.EPILOG)
     r.add_argument("run_dir", type=Path, help="the out_dir of a training run")
     r.set_defaults(fn=cmd_report)
     return p

@@ -1,4 +1,5 @@
-"""Typed configuration of a training run, loaded from ``configs/*.yaml`` with dotted command-line overrides."""
+"""Typed configuration of a training run, loaded from ``configs/*.yaml`` with dotted
+command-line overrides."""
 
 from __future__ import annotations
 
@@ -23,22 +24,26 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Further architecture arguments (e.g. ``attention_type`` for TimeSformer)."""
     init: list[str] = field(default_factory=list)
-    """Checkpoints loaded in order before training (CLIP, VideoMAE, CAST, TimeSformer, timm; see docs/models.md).
-    An entry may also be a run folder (its best checkpoint) or a DeepSpeed tag folder. A checkpoint whose head has
-    another number of classes initialises everything but the head."""
+    """Checkpoints loaded in order before training (CLIP, VideoMAE, CAST, TimeSformer, timm; see
+    docs/models.md). An entry may also be a run folder (its best checkpoint) or a DeepSpeed tag
+    folder. A checkpoint whose head has another number of classes initialises everything but
+    the head."""
     trusted_checkpoints: list[str] = field(default_factory=list)
-    """Checkpoint files loaded with full pickle (not weights-only) because they hold objects outside the allow-list
-    (``tstl.models.checkpoint``); only for files you trust. ``$TSTL_TRUSTED_CHECKPOINTS`` lists more."""
+    """Checkpoint files loaded with full pickle (not weights-only) because they hold objects outside
+    the allow-list (``tstl.models.checkpoint``); only for files you trust.
+    ``$TSTL_TRUSTED_CHECKPOINTS`` lists more."""
     freeze_pretrained: bool = True
-    """Keep the model's pre-trained backbones frozen (B-CAST's CLIP/VideoMAE streams), as its family defines.
-    False: every parameter trains (only for backbones without pre-trained weights, as in the CPU demo)."""
+    """Keep the model's pre-trained backbones frozen (B-CAST's CLIP/VideoMAE streams), as its family
+    defines. False: every parameter trains (only for backbones without pre-trained weights, as in
+    the CPU demo)."""
     grad_checkpointing: bool = False
     """Activation checkpointing (less memory, ~30% more compute)."""
 
 
 @dataclass
 class OptimConfig:
-    """Optimizer and learning-rate schedule. Learning rates are per 256 clips and scaled by the total batch."""
+    """Optimizer and learning-rate schedule. Learning rates are per 256 clips and scaled by the
+    total batch."""
 
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-3
@@ -57,15 +62,19 @@ class OptimConfig:
     clip_grad: float = 0.0
     """Gradient-norm clipping (0 = off)."""
     schedule: Literal["cosine", "steps"] = "cosine"
-    """``cosine``: linear warm-up, then cosine to ``min_lr`` (CAST/VideoMAE). ``steps``: lr x ``lr_factors[i]``
-    from epoch ``lr_steps[i]`` on (PySlowFast ``steps_with_relative_lrs``; TimeSformer), after any warm-up."""
+    """``cosine``: linear warm-up, then cosine to ``min_lr`` (CAST/VideoMAE). ``steps``: lr x
+    ``lr_factors[i]`` from epoch ``lr_steps[i]`` on (PySlowFast ``steps_with_relative_lrs``;
+    TimeSformer), after any warm-up."""
     lr_steps: list[float] = field(default_factory=list)
-    """``steps``: epochs at which each factor starts, beginning with 0 (TimeSformer: ``[0, 11, 14]``)."""
+    """``steps``: epochs at which each factor starts, beginning with 0 (TimeSformer:
+    ``[0, 11, 14]``)."""
     lr_factors: list[float] = field(default_factory=list)
-    """``steps``: lr multipliers, one per entry of ``lr_steps`` (TimeSformer: ``[1, 0.1, 0.01]``)."""
+    """``steps``: lr multipliers, one per entry of ``lr_steps`` (TimeSformer:
+    ``[1, 0.1, 0.01]``)."""
     weight_decay_all: bool = False
-    """Decay every trainable parameter (PySlowFast's ``construct_optimizer``: only names containing ``bn`` are
-    exempt, a ViT has none). False exempts biases, norms and the model's ``no_weight_decay()`` (CAST/timm)."""
+    """Decay every trainable parameter (PySlowFast's ``construct_optimizer``: only names containing
+    ``bn`` are exempt, a ViT has none). False exempts biases, norms and the model's
+    ``no_weight_decay()`` (CAST/timm)."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.warmup_epochs < 0:
@@ -74,8 +83,10 @@ class OptimConfig:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.schedule == "steps":
             if not self.lr_steps or len(self.lr_steps) != len(self.lr_factors):
-                raise ValueError("schedule=steps needs lr_steps and lr_factors of the same, non-zero length")
-            if self.lr_steps[0] != 0 or any(b <= a for a, b in zip(self.lr_steps, self.lr_steps[1:])):
+                raise ValueError(
+                    "schedule=steps needs lr_steps and lr_factors of the same, non-zero length")
+            if (self.lr_steps[0] != 0
+                    or any(b <= a for a, b in zip(self.lr_steps, self.lr_steps[1:]))):
                 raise ValueError(f"lr_steps must start at 0 and increase, got {self.lr_steps}")
 
 
@@ -88,10 +99,11 @@ class CheckpointConfig:
     keep_last: int = 2
     """Complete checkpoints kept besides the best one."""
     every_minutes: float = 30.0
-    """Also save when this many minutes of wall-clock time passed since the last save (0 = off; rank 0's clock
-    decides for all ranks), so a preempted or crashed job loses minutes, not an epoch."""
+    """Also save when this many minutes of wall-clock time passed since the last save (0 = off; rank
+    0's clock decides for all ranks), so a preempted or crashed job loses minutes, not an epoch."""
     accept_config_change: bool = False
-    """Resume even though the run's config.yaml differs in keys outside the safe set (tstl/train/resume_guard.py)."""
+    """Resume even though the run's config.yaml differs in keys outside the safe
+    set (tstl/train/resume_guard.py)."""
 
     def __post_init__(self) -> None:
         if self.every_minutes < 0:
@@ -104,13 +116,15 @@ class TrainConfig:
 
     dataset: str = "ucf101"
     data_dir: str = "data"
-    """Folder holding ``<dataset>/shards/<split>``: a local path or an http(s) URL (nothing local but the config);
-    with ``data.shard_url_template`` and no local ``shards.json`` the shard lists come from the template."""
+    """Folder holding ``<dataset>/shards/<split>``: a local path or an http(s) URL (nothing local
+    but the config); with ``data.shard_url_template`` and no local ``shards.json`` the shard lists
+    come from the template."""
     train_split: str = "train_split1"
     val_split: str = "test_split1"
     """Shard set for the per-epoch single-view validation and the final multi-view test."""
     out_dir: str = "runs/default"
-    """Run folder: resolved config, checkpoints, metrics, evaluation report. A rerun resumes from it."""
+    """Run folder: resolved config, checkpoints, metrics, evaluation report. A rerun resumes
+    from it."""
     epochs: int = 30
     seed: int = 0
     max_nonfinite: int = 10
@@ -126,8 +140,9 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     test_merge: Literal["mean_softmax", "sum_logits"] = "mean_softmax"
-    """How the test views of a video are merged: ``mean_softmax`` (CAST/VideoMAE: mean of per-view softmax) or
-    ``sum_logits`` (PySlowFast ``DATA.ENSEMBLE_METHOD: sum`` on TimeSformer's logits)."""
+    """How the test views of a video are merged: ``mean_softmax`` (CAST/VideoMAE: mean of per-view
+    softmax) or ``sum_logits`` (PySlowFast ``DATA.ENSEMBLE_METHOD: sum`` on
+    TimeSformer's logits)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -141,8 +156,9 @@ class TrainConfig:
             validate_deepspeed(self.engine, self.data.batch_size, self.optim.clip_grad)
 
     def shard_dir(self, split: str) -> Path | str:
-        """The shard set of ``split``: ``<data_dir>/<dataset>/shards/<split>``; a URL string when ``data_dir`` is an
-        http(s) URL (the loader then reads ``shards.json`` and the shards from there, docs/loader.md)."""
+        """The shard set of ``split``: ``<data_dir>/<dataset>/shards/<split>``; a URL string when
+        ``data_dir`` is an http(s) URL (the loader then reads ``shards.json`` and the shards from
+        there, docs/loader.md)."""
         if self.data_dir.startswith(("http://", "https://")):
             return f"{self.data_dir.rstrip('/')}/{self.dataset}/shards/{split}"
         return Path(self.data_dir) / self.dataset / "shards" / split

@@ -1,4 +1,5 @@
-"""Process-group set-up and the few collective helpers the trainer needs (NCCL on GPUs, gloo on CPU)."""
+"""Process-group set-up and the few collective helpers the trainer needs (NCCL on GPUs, gloo
+on CPU)."""
 
 from __future__ import annotations
 
@@ -158,7 +159,8 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 
 def gather_objects(obj: Any) -> list[Any] | None:
-    """Every rank's ``obj`` on rank 0, in rank order; None on the other ranks (for results only rank 0 writes)."""
+    """Every rank's ``obj`` on rank 0, in rank order; None on the other ranks (for results only rank
+    0 writes)."""
     if not dist.is_initialized() or world() == 1:
         return [obj]
     out: list[Any] | None = [None] * world() if is_main() else None
@@ -176,7 +178,8 @@ def any_true(flag: bool, device: torch.device) -> bool:
 
 
 def all_max(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise maximum of ``values`` over all ranks, in one collective (flags that every rank must agree on)."""
+    """Element-wise maximum of ``values`` over all ranks, in one collective (flags that every rank
+    must agree on)."""
     if not dist.is_initialized() or world() == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float32, device=device)
@@ -196,8 +199,9 @@ def broadcast_object(obj: Any = None, src: int = 0) -> Any:
 def on_main(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on rank 0 only and return its result on every rank.
 
-    An exception on rank 0 is raised on every rank, so no rank is left waiting at the next collective; rank 0 decides
-    once for everybody (e.g. which stages are finished, even where ranks' views of a shared filesystem differ).
+    An exception on rank 0 is raised on every rank, so no rank is left waiting at the next
+    collective; rank 0 decides once for everybody (e.g. which stages are finished, even where ranks'
+    views of a shared filesystem differ).
     """
     result, error = None, None
     if is_main():
@@ -205,7 +209,8 @@ def on_main(fn: Callable[[], Any]) -> Any:
             result = fn()
         except Exception as e:
             error = e
-    ok, payload = broadcast_object((error is None, result if error is None else f"{type(error).__name__}: {error}"))
+    ok, payload = broadcast_object(
+        (error is None, result if error is None else f"{type(error).__name__}: {error}"))
     if error is not None:
         raise error
     if not ok:

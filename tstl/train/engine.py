@@ -66,7 +66,8 @@ def param_groups(model: VideoClassifier, cfg: OptimConfig) -> list[dict]:
         groups[key]["params"].append(p)
     out = [groups[k] for k in sorted(groups)]
     n = sum(p.numel() for g in out for p in g["params"])
-    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad), "a trainable parameter has no group"
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad), (
+        "a trainable parameter has no group")
     return out
 
 
@@ -79,8 +80,8 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, lr: float) -> torch.op
 
 
 def lr_factor(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the peak lr at optimizer ``step``: linear warm-up from 0 (both ends included, as CAST), then
-    cosine down to ``min_lr``."""
+    """Multiplier of the peak lr at optimizer ``step``: linear warm-up from 0 (both ends included,
+    as CAST), then cosine down to ``min_lr``."""
     if step < warmup_steps:
         return step / max(warmup_steps - 1, 1) if warmup_steps > 1 else 1.0
     k, span = step - warmup_steps, max(total_steps - warmup_steps, 1)
@@ -89,10 +90,11 @@ def lr_factor(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_s
 
 
 def step_factor(epoch: float, lr_steps: list[float], lr_factors: list[float]) -> float:
-    """PySlowFast ``steps_with_relative_lrs``: the factor of the last step that ``epoch`` has reached.
+    """PySlowFast ``steps_with_relative_lrs``: the factor of the last step that ``epoch``
+    has reached.
 
-    facebookresearch/TimeSformer ``timesformer/utils/lr_policy.py:49-74``: ``LRS[ind]`` where ``ind`` is the last
-    ``i`` with ``STEPS[i] <= epoch`` (past ``MAX_EPOCH`` the last factor stays).
+    facebookresearch/TimeSformer ``timesformer/utils/lr_policy.py:49-74``: ``LRS[ind]`` where
+    ``ind`` is the last ``i`` with ``STEPS[i] <= epoch`` (past ``MAX_EPOCH`` the last factor stays).
     """
     ind = 0
     for i, start in enumerate(lr_steps):
@@ -105,25 +107,28 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, lr: floa
                     steps_per_epoch: int, epochs: int) -> LambdaLR:
     """Per-optimizer-step schedule; every group keeps its layer-decay scale.
 
-    ``cosine``: :func:`lr_factor`. ``steps``: the same linear warm-up (if any), then :func:`step_factor` at the
-    fractional epoch ``step / steps_per_epoch`` (PySlowFast sets the lr every iteration from
-    ``cur_epoch + cur_iter / data_size``, ``tools/train_net.py:71``).
+    ``cosine``: :func:`lr_factor`. ``steps``: the same linear warm-up (if any), then
+    :func:`step_factor` at the fractional epoch ``step / steps_per_epoch`` (PySlowFast sets the lr
+    every iteration from ``cur_epoch + cur_iter / data_size``, ``tools/train_net.py:71``).
     """
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     total = steps_per_epoch * epochs
     if cfg.schedule == "steps":
         def factor(s: int) -> float:
             if s < warmup:
-                return (s / max(warmup - 1, 1) if warmup > 1 else 1.0) * step_factor(0.0, cfg.lr_steps, cfg.lr_factors)
+                return ((s / max(warmup - 1, 1) if warmup > 1 else 1.0)
+                        * step_factor(0.0, cfg.lr_steps, cfg.lr_factors))
             return step_factor(s / steps_per_epoch, cfg.lr_steps, cfg.lr_factors)
         return LambdaLR(optimizer, factor)
-    return LambdaLR(optimizer, lambda s: lr_factor(s, lr=lr, min_lr=min_lr, warmup_steps=warmup, total_steps=total))
+    return LambdaLR(optimizer, lambda s: lr_factor(s, lr=lr, min_lr=min_lr, warmup_steps=warmup,
+                                                   total_steps=total))
 
 
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler_fn, ds_config: dict):
-    """``deepspeed.initialize`` with our optimizer and scheduler; data loading stays ours (no training_data)."""
+    """``deepspeed.initialize`` with our optimizer and scheduler; data loading stays ours
+    (no training_data)."""
     import deepspeed
 
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler_fn,
-                                                   config=ds_config)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   lr_scheduler=scheduler_fn, config=ds_config)
     return engine, scheduler

@@ -1,9 +1,11 @@
-"""Multi-view evaluation: per-view logits gathered from all ranks, duplicates removed, merged per video.
+"""Multi-view evaluation: per-view logits gathered from all ranks, duplicates removed, merged
+per video.
 
-The evaluation loader gives every (video, view) as its own sample and may repeat a few to keep ranks in step; here
-each (key, view) counts once, the views of a video are merged by the run's rule (``test_merge``: ``mean_softmax``,
-CAST/VideoMAE's mean of per-view probabilities, or ``sum_logits``, PySlowFast's sum of per-view logits), and
-top-1/top-5, per-class accuracy and the confusion matrix are computed on the merged predictions.
+The evaluation loader gives every (video, view) as its own sample and may repeat a few to keep ranks
+in step; here each (key, view) counts once, the views of a video are merged by the run's rule
+(``test_merge``: ``mean_softmax``, CAST/VideoMAE's mean of per-view probabilities, or
+``sum_logits``, PySlowFast's sum of per-view logits), and top-1/top-5, per-class accuracy and the
+confusion matrix are computed on the merged predictions.
 
 A multi-head model (CAST's compositional B-CAST on EPIC-KITCHENS: verb and noun) is evaluated per
 head the same way (each head's views merged by the rule, its own top-1/top-5, per-class accuracy and
@@ -48,27 +50,29 @@ class EvalResult:
 
     def summary(self) -> dict:
         return {"top1": self.top1, "top5": self.top5, "videos": self.videos,
-                "mean_class_acc": float(np.nanmean(self.per_class)) if self.per_class.size else float("nan")}
+                "mean_class_acc": (float(np.nanmean(self.per_class)) if self.per_class.size
+                                   else float("nan"))}
 
 
 MERGE_RULES = ("mean", "mean_softmax", "sum_logits")
 
 
 def progress(batches: Iterable[dict], desc: str) -> Iterable[dict]:
-    """``batches`` with a tqdm bar and ETA on rank 0 (total: this rank's batches, when the loader knows them)."""
+    """``batches`` with a tqdm bar and ETA on rank 0 (total: this rank's batches, when the loader
+    knows them)."""
     from tqdm import tqdm
 
     total = len(batches) if hasattr(batches, "__len__") else None
-    return tqdm(batches, total=total, desc=desc, unit="batch", disable=not dist.is_main(), dynamic_ncols=True,
-                leave=False)
+    return tqdm(batches, total=total, desc=desc, unit="batch", disable=not dist.is_main(),
+                dynamic_ncols=True, leave=False)
 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, batches: Iterable[dict], device: torch.device,
             dtype: torch.dtype = torch.float32,
             desc: str = "evaluate") -> dict[tuple[str, int], tuple[np.ndarray, int]]:
-    """Logits of every (key, view) this rank sees: {(key, view): (logits, label)}; :func:`merge` applies the rule.
-    Rank 0 shows a progress bar named ``desc``."""
+    """Logits of every (key, view) this rank sees: {(key, view): (logits, label)}; :func:`merge`
+    applies the rule. Rank 0 shows a progress bar named ``desc``."""
     out = {}
     was_training = model.training
     model.eval()
@@ -87,14 +91,17 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def merge(per_rank: list[dict[tuple[str, int], tuple[np.ndarray, int]]], rule: str = "mean") -> tuple[dict, dict]:
-    """Union over ranks (a repeated (key, view) counts once), then the views of each video merged by ``rule``.
+def merge(per_rank: list[dict[tuple[str, int], tuple[np.ndarray, int]]],
+          rule: str = "mean") -> tuple[dict, dict]:
+    """Union over ranks (a repeated (key, view) counts once), then the views of each video merged
+    by ``rule``.
 
     ``mean``: the mean of the given scores (already probabilities, e.g. TSTL's routed outputs).
-    ``mean_softmax``: scores are logits; the mean of their softmax (CAST ``engine_for_onemodel.py:249,278``,
-    VideoMAE). ``sum_logits``: scores are logits; their sum (PySlowFast ``DATA.ENSEMBLE_METHOD: sum``,
-    ``timesformer/utils/meters.py:107-108``; TimeSformer's head has no softmax), stored as its softmax so the
-    merged values stay probabilities with the same ranking.
+    ``mean_softmax``: scores are logits; the mean of their softmax (CAST
+    ``engine_for_onemodel.py:249,278``, VideoMAE). ``sum_logits``: scores are logits; their sum
+    (PySlowFast ``DATA.ENSEMBLE_METHOD: sum``, ``timesformer/utils/meters.py:107-108``;
+    TimeSformer's head has no softmax), stored as its softmax so the merged values stay
+    probabilities with the same ranking.
     """
     if rule not in MERGE_RULES:
         raise ValueError(f"unknown merge rule {rule!r}; one of {', '.join(MERGE_RULES)}")
@@ -128,22 +135,24 @@ def metrics(probs: dict[str, np.ndarray], labels: dict[str, int], num_classes: i
     support = confusion.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         per_class = np.where(support > 0, np.diag(confusion) / support, np.nan)
-    return EvalResult(top1=float((pred == y).mean()), top5=float((top == y[:, None]).any(1).mean()), videos=len(keys),
-                      per_class=per_class, confusion=confusion, probs=probs, labels=labels)
+    return EvalResult(top1=float((pred == y).mean()), top5=float((top == y[:, None]).any(1).mean()),
+                      videos=len(keys), per_class=per_class, confusion=confusion, probs=probs,
+                      labels=labels)
 
 
 def evaluate(model: torch.nn.Module, batches: Iterable[dict], device: torch.device,
              num_classes: int | Mapping[str, int], dtype: torch.dtype = torch.float32,
              merge_rule: str = "mean_softmax", desc: str = "evaluate", dump: Path | None = None,
              classes: Sequence[str] | None = None) -> EvalResult | MultiHeadResult:
-    """Predict on this rank's share, gather every rank's in memory, merge views by ``merge_rule`` (the run's
-    ``test_merge``), compute the metrics (all ranks). ``num_classes`` of a multi-head model is
-    head -> classes: the result is then a ``MultiHeadResult``. Rank 0 writes the per-view ``dump``
-    (``write_dump``, with the ``classes`` names) when given (single-head models)."""
+    """Predict on this rank's share, gather every rank's in memory, merge views by ``merge_rule``
+    (the run's ``test_merge``), compute the metrics (all ranks). ``num_classes`` of a multi-head
+    model is head -> classes: the result is then a ``MultiHeadResult``. Rank 0 writes the per-view
+    ``dump`` (``write_dump``, with the ``classes`` names) when given (single-head models)."""
     multi = isinstance(num_classes, Mapping)
     if dump is not None and multi:
-        raise ValueError("tstl eval --dump writes one score row per view of a single-head model; this "
-                         "model has several heads: drop --dump (its report has per-head results)")
+        raise ValueError("tstl eval --dump writes one score row per view of a single-head model; "
+                         "this model has several heads: drop --dump (its report has per-head "
+                         "results)")
     local = predict(model, batches, device, dtype, desc)
     gathered = dist.all_gather_objects(local)
     if multi:
@@ -187,11 +196,12 @@ def write_dump(per_rank: list[dict[tuple[str, int], tuple[np.ndarray, int]]], re
 
 
 def save_report(result: EvalResult, out: Path, classes: list[str] | None = None) -> None:
-    """metrics.json, per_class.csv, confusion.npy/.csv, predictions.npz and confusion.png under ``out``.
+    """metrics.json, per_class.csv, confusion.npy/.csv, predictions.npz and confusion.png
+    under ``out``.
 
-    The PNG is ``plots.plot_confusion``'s: class names on the axes for few classes, a size-capped heatmap with
-    confused classes placed together for many (``plots.most_confused_pairs`` names them in the
-    reports). A ``MultiHeadResult`` is written by ``save_head_report``."""
+    The PNG is ``plots.plot_confusion``'s: class names on the axes for few classes, a size-capped
+    heatmap with confused classes placed together for many (``plots.most_confused_pairs`` names them
+    in the reports). A ``MultiHeadResult`` is written by ``save_head_report``."""
     if isinstance(result, MultiHeadResult):
         save_head_report(result, out, classes)  # type: ignore[arg-type]
         return
@@ -202,19 +212,22 @@ def save_report(result: EvalResult, out: Path, classes: list[str] | None = None)
         w = csv.writer(f)
         w.writerow(["label", "class", "videos", "accuracy"])
         for i, (name, acc) in enumerate(zip(names, result.per_class)):
-            w.writerow([i, name, int(result.confusion[i].sum()), "" if np.isnan(acc) else f"{acc:.4f}"])
+            w.writerow(
+                [i, name, int(result.confusion[i].sum()), "" if np.isnan(acc) else f"{acc:.4f}"])
     np.save(out / "confusion.npy", result.confusion)
     np.savetxt(out / "confusion.csv", result.confusion, fmt="%d", delimiter=",")
     keys = sorted(result.probs)
-    np.savez(out / "predictions.npz", keys=np.array(keys), probs=np.stack([result.probs[k] for k in keys]),
+    np.savez(out / "predictions.npz", keys=np.array(keys),
+             probs=np.stack([result.probs[k] for k in keys]),
              labels=np.array([result.labels[k] for k in keys]))
     plot_confusion(result.confusion, names, out / "confusion.png")
 
 
-def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = (), overrides: Sequence[str] = (),
-                        out: str | Path | None = None,
+def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = (),
+                        overrides: Sequence[str] = (), out: str | Path | None = None,
                         dump: bool = False) -> tuple[EvalResult, Path]:
-    """Multi-view evaluation of any checkpoint ``load_checkpoint`` accepts on the run's ``val_split``.
+    """Multi-view evaluation of any checkpoint ``load_checkpoint`` accepts on the
+    run's ``val_split``.
 
     Args:
         checkpoint: a checkpoint file, a DeepSpeed tag folder or a run folder (its best checkpoint).
@@ -233,7 +246,8 @@ def evaluate_checkpoint(checkpoint: str | Path, configs: Sequence[str | Path] = 
     loader = build_eval_loader(cfg.data, cfg.shard_dir(cfg.val_split), rank=dist.rank(),
                                world_size=dist.world()).to(device)
     num_classes = cfg.model.num_classes or loader.num_classes
-    # the checkpoint holds every weight: the run's model.init files (pre-trained backbones) need not be read first
+    # the checkpoint holds every weight: the run's model.init files (pre-trained backbones) need not
+    # be read first
     model, _ = build_model(replace(cfg.model, init=[]), num_classes)
     report = load_checkpoint(model, weights, trusted=list(cfg.model.trusted_checkpoints))
     logger.info("evaluating %s (%s) on %s", weights, report.format, cfg.shard_dir(cfg.val_split))

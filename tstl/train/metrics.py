@@ -25,7 +25,8 @@ class MetricsSink:
     def log(self, step: int, scalars: dict[str, float], **context) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **context, **scalars}) + "\n")
+        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **context, **scalars})
+                          + "\n")
         for k, v in scalars.items():
             self._writer.add_scalar(k, v, step)
 

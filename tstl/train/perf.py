@@ -28,11 +28,13 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100", 989.0),  # SXM
     ("H200", 989.0),
 )
-"""Dense bf16/fp16 tensor-core peak by a substring of ``torch.cuda.get_device_name`` (first match wins)."""
+"""Dense bf16/fp16 tensor-core peak by a substring of ``torch.cuda.get_device_name`` (first
+match wins)."""
 
 
 def peak_flops(device_name: str, precision: str) -> float | None:
-    """The device's dense peak FLOP/s at ``precision``; None when unknown (then no MFU is reported)."""
+    """The device's dense peak FLOP/s at ``precision``; None when unknown (then no MFU
+    is reported)."""
     if precision not in ("bf16", "fp16"):
         return None
     for key, tflops in PEAK_TFLOPS:
@@ -45,7 +47,8 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
 
 
-def count_on_meta(build: Callable[[], nn.Module], input_shape: tuple[int, ...]) -> tuple[float, float] | None:
+def count_on_meta(build: Callable[[], nn.Module],
+                  input_shape: tuple[int, ...]) -> tuple[float, float] | None:
     """(forward, forward + backward) training FLOPs of one clip of ``input_shape``
     (``[C, T, H, W]``) through the model ``build()`` makes on the meta device
     (``count_flops(..., train=True)``); None (with a warning) when the model cannot be built or run
@@ -53,7 +56,8 @@ def count_on_meta(build: Callable[[], nn.Module], input_shape: tuple[int, ...]) 
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             return count_flops(build(), input_shape, train=True)
-    except Exception as e:  # a model that cannot run on meta must not stop training; only the MFU is lost
-        logger.warning("could not count the model's FLOPs on the meta device (%s: %s); no MFU is reported",
-                       type(e).__name__, e)
+    except Exception as e:
+        # a model that cannot run on meta must not stop training; only the MFU is lost
+        logger.warning("could not count the model's FLOPs on the meta device (%s: %s); no MFU is "
+                       "reported", type(e).__name__, e)
         return None

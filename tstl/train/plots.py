@@ -1,10 +1,12 @@
-"""Figures and tables a person reads after a run: the confusion matrix, the most confused pairs, training curves.
+"""Figures and tables a person reads after a run: the confusion matrix, the most confused pairs,
+training curves.
 
-* ``plot_confusion``: row-normalised heatmap; class names on the axes when there are few classes (<= 40), otherwise
-  classes ordered so that confused ones sit together (by their most confused partner), the figure capped at
-  ``MAX_SIDE_PX`` per side, and no tick labels (the pairs table names them).
-* ``most_confused_pairs``: the off-diagonal cells with the largest counts, as (true, predicted, count, share of
-  the true class) rows, for ``report.md``.
+* ``plot_confusion``: row-normalised heatmap; class names on the axes when there are few classes (<=
+  40), otherwise classes ordered so that confused ones sit together (by their most confused
+  partner), the figure capped at ``MAX_SIDE_PX`` per side, and no tick labels (the pairs table
+  names them).
+* ``most_confused_pairs``: the off-diagonal cells with the largest counts, as (true, predicted,
+  count, share of the true class) rows, for ``report.md``.
 * ``plot_curves``: one PNG with training loss, learning rate and validation top-1 over steps, from
   ``metrics.jsonl``.
 
@@ -42,8 +44,9 @@ def row_normalised(confusion: np.ndarray) -> np.ndarray:
 def cluster_order(confusion: np.ndarray) -> np.ndarray:
     """A class order that puts each class next to the class it is most confused with (greedy chain).
 
-    Starts from the class with the most off-diagonal mass and repeatedly appends the unplaced class most confused
-    with the last placed one (in either direction); ties and unconfused classes fall back to label order.
+    Starts from the class with the most off-diagonal mass and repeatedly appends the unplaced class
+    most confused with the last placed one (in either direction); ties and unconfused classes fall
+    back to label order.
     """
     n = confusion.shape[0]
     norm = row_normalised(confusion)
@@ -63,7 +66,8 @@ def cluster_order(confusion: np.ndarray) -> np.ndarray:
 
 
 def plot_confusion(confusion: np.ndarray, names: list[str], path: Path) -> None:
-    """Row-normalised confusion heatmap at ``path`` (see the module docstring for the layout rules)."""
+    """Row-normalised confusion heatmap at ``path`` (see the module docstring for the
+    layout rules)."""
     plt = _pyplot()
     n = len(names)
     named = n <= NAMED_CLASSES
@@ -80,7 +84,8 @@ def plot_confusion(confusion: np.ndarray, names: list[str], path: Path) -> None:
     else:
         ax.set_xticks([])
         ax.set_yticks([])
-        title = f"confusion of {n} classes (row-normalised; confused classes placed together; see report.md)"
+        title = (f"confusion of {n} classes (row-normalised; confused classes placed together; "
+                 "see report.md)")
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
@@ -100,7 +105,8 @@ class ConfusedPair:
 
 
 def most_confused_pairs(confusion: np.ndarray, k: int = 15) -> list[ConfusedPair]:
-    """The ``k`` off-diagonal cells with the most videos, largest first (ties: larger share, then label order)."""
+    """The ``k`` off-diagonal cells with the most videos, largest first (ties: larger share, then
+    label order)."""
     off = confusion.copy()
     np.fill_diagonal(off, 0)
     support = confusion.sum(1)
@@ -114,7 +120,8 @@ def pairs_table(pairs: list[ConfusedPair], names: list[str]) -> list[str]:
     if not pairs:
         return ["No video was confused with another class."]
     rows = ["| true class | predicted as | videos | share of the true class |", "|---|---|---|---|"]
-    rows += [f"| {names[p.true]} | {names[p.predicted]} | {p.count} | {p.share:.1%} |" for p in pairs]
+    rows += [f"| {names[p.true]} | {names[p.predicted]} | {p.count} | {p.share:.1%} |"
+             for p in pairs]
     return rows
 
 
@@ -130,9 +137,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_curves(metrics_jsonl: Path, path: Path) -> Path | None:
-    """Training loss, learning rate and validation top-1 over optimizer steps in one PNG; None without data."""
+    """Training loss, learning rate and validation top-1 over optimizer steps in one PNG; None
+    without data."""
     rows = read_metrics(metrics_jsonl) if metrics_jsonl.exists() else []
-    series = {key: [(r["step"], r[key]) for r in rows if key in r] for key in ("train/loss", "train/lr", "val/top1")}
+    series = {key: [(r["step"], r[key]) for r in rows if key in r]
+              for key in ("train/loss", "train/lr", "val/top1")}
     if not series["train/loss"]:
         return None
     plt = _pyplot()
@@ -142,7 +151,8 @@ def plot_curves(metrics_jsonl: Path, path: Path) -> Path | None:
     ax_loss.grid(alpha=0.3)
     if series["val/top1"]:
         ax_acc = ax_loss.twinx()
-        ax_acc.plot(*zip(*series["val/top1"]), "o-", color="tab:orange", label="val top-1 (single view)")
+        ax_acc.plot(*zip(*series["val/top1"]), "o-", color="tab:orange",
+                    label="val top-1 (single view)")
         ax_acc.set(ylabel="top-1", ylim=(0, 1))
         ax_acc.legend(loc="upper right")
     ax_loss.legend(loc="upper left")

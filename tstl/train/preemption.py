@@ -33,16 +33,17 @@ logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_PREEMPTED = exitcodes.PREEMPTED  # 75
-"""Exit code after a save on a signal: EX_TEMPFAIL ("try again"), non-zero so that a job script or scheduler never
-mistakes a preempted run for a finished one, and distinct from a crash (1) or a config error (2)."""
+"""Exit code after a save on a signal: EX_TEMPFAIL ("try again"), non-zero so that a job script or
+scheduler never mistakes a preempted run for a finished one, and distinct from a crash (1) or a
+config error (2)."""
 
 
 class Preempted(Exception):
     """Raised after the checkpoint that a signal asked for was saved; the run can be resumed."""
 
     def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"{signal.Signals(signum).name} received: checkpoint saved at step {step}; rerun (or "
-                         "requeue) to resume")
+        super().__init__(f"{signal.Signals(signum).name} received: checkpoint saved at step "
+                         f"{step}; rerun (or requeue) to resume")
         self.signum, self.step = signum, step
 
 

@@ -1,9 +1,11 @@
-"""Checks a run's config can start, before anything expensive (the DeepSpeed launcher, data loading, weights).
+"""Checks a run's config can start, before anything expensive (the DeepSpeed launcher, data
+loading, weights).
 
-``tstl train --check`` (what ``make train`` runs before it launches) and every ``train``/``eval`` command call
-``check_run``: each problem is a ``UsageError`` naming what is wrong and the fix, reported once with exit code 2
-instead of a traceback on every rank after launch. The model is built on the ``meta`` device (no memory, well under
-a second for ViT-B) so unknown names, unknown architecture arguments and bad values all surface here.
+``tstl train --check`` (what ``make train`` runs before it launches) and every ``train``/``eval``
+command call ``check_run``: each problem is a ``UsageError`` naming what is wrong and the fix,
+reported once with exit code 2 instead of a traceback on every rank after launch. The model is built
+on the ``meta`` device (no memory, well under a second for ViT-B) so unknown names, unknown
+architecture arguments and bad values all surface here.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ __all__ = ["check_config_files", "check_decoder", "check_init", "check_model", "
 
 
 def check_config_files(files: Sequence[str | Path]) -> None:
-    """Every ``--config`` file exists; a missing ``configs/<kind>/<name>.yaml`` lists the names that do exist
-    (``make train DATASET=kinetics`` -> the available datasets)."""
+    """Every ``--config`` file exists; a missing ``configs/<kind>/<name>.yaml`` lists the names that
+    do exist (``make train DATASET=kinetics`` -> the available datasets)."""
     for f in (Path(str(w)) for w in files if "=" not in str(w)):
         if f.is_file():
             continue
@@ -32,12 +34,14 @@ def check_config_files(files: Sequence[str | Path]) -> None:
         hint = (f"available {kind}s in {folder}: {', '.join(have)}" if have
                 else "check the path; `tstl print-config --list` names the shipped recipes")
         if kind == "dataset":
-            hint += " (DATASET=<name> for make; a new dataset needs configs/data/<name>.yaml, docs/pipeline.md)"
+            hint += (" (DATASET=<name> for make; a new dataset needs configs/data/<name>.yaml, "
+                     "docs/pipeline.md)")
         raise UsageError(f"config file not found: {f}", hint)
 
 
 def check_model(cfg: ModelConfig, num_classes: int = 8) -> None:
-    """``model.name`` is registered and ``model.kwargs`` are arguments of its builder with valid values.
+    """``model.name`` is registered and ``model.kwargs`` are arguments of its builder with
+    valid values.
 
     Builds the model on the meta device (``num_classes`` only fills the head; its value does not
     matter; 0 keeps the variant's own, as a multi-head model needs: its heads come from the shard
@@ -52,13 +56,15 @@ def check_model(cfg: ModelConfig, num_classes: int = 8) -> None:
 
         close = difflib.get_close_matches(cfg.name, names, n=1)
         raise UsageError(f"model.name: unknown model '{cfg.name}'",
-                         (f"did you mean '{close[0]}'? " if close else "") + f"registered models: {', '.join(names)}")
+                         (f"did you mean '{close[0]}'? " if close else "")
+                         + f"registered models: {', '.join(names)}")
     try:
         with torch.device("meta"):
             head = {"num_classes": num_classes} if num_classes else {}
             create_model(cfg.name, drop_path_rate=cfg.drop_path_rate, **head, **cfg.kwargs)
     except (TypeError, ValueError) as e:
-        raise UsageError(f"model.kwargs of {cfg.name}: {e}", "fix or remove that model.kwargs.<argument>") from e
+        raise UsageError(f"model.kwargs of {cfg.name}: {e}",
+                         "fix or remove that model.kwargs.<argument>") from e
 
 
 def shards_hint(cfg: TrainConfig, split: str) -> str:
@@ -66,23 +72,28 @@ def shards_hint(cfg: TrainConfig, split: str) -> str:
     m = re.search(r"split(\d+)$", split)
     split_arg = f" SPLIT={m.group(1)}" if m and m.group(1) != "1" else ""
     data_arg = f" DATA_DIR={cfg.data_dir}" if cfg.data_dir != "data" else ""
-    return (f"build it with `make shards DATASET={cfg.dataset}{split_arg}{data_arg}` or `tstl shards build "
-            f"--dataset {cfg.dataset} --data-dir {cfg.data_dir}{' --split ' + m.group(1) if split_arg else ''}`, "
+    return (f"build it with `make shards DATASET={cfg.dataset}{split_arg}{data_arg}` or "
+            f"`tstl shards build --dataset {cfg.dataset} --data-dir {cfg.data_dir}"
+            f"{' --split ' + m.group(1) if split_arg else ''}`, "
             "or point data_dir= at the folder that holds it")
 
 
 def check_shards(cfg: TrainConfig, splits: Sequence[str]) -> None:
     """Each split's shard set (``<data_dir>/<dataset>/shards/<split>/shards.json``) exists."""
     if "://" in cfg.data_dir or cfg.data_dir.startswith("pipe:") or cfg.data.shard_url_template:
-        return  # remote (a URL, or shards and their list read through data.shard_url_template): the loader reports
+        # remote (a URL, or shards and their list read through data.shard_url_template): the
+        # loader reports
+        return
     for split in dict.fromkeys(splits):
         folder = cfg.shard_dir(split)
         if not (folder / INDEX).is_file():
-            what = "has no shards.json (an unfinished build?)" if folder.is_dir() else "does not exist"
+            what = ("has no shards.json (an unfinished build?)" if folder.is_dir()
+                    else "does not exist")
             raise UsageError(f"shard set {folder} {what}", shards_hint(cfg, split))
 
 
-def check_init(cfg: ModelConfig, entries: Sequence[str] | None = None, key: str = "model.init") -> None:
+def check_init(cfg: ModelConfig, entries: Sequence[str] | None = None,
+               key: str = "model.init") -> None:
     """Every ``model.init`` entry (or ``entries``, named ``key`` in the error) resolves to a
     checkpoint that loads into ``cfg``'s model: the file is readable and allowed, its layout is the
     model's family, no key it must provide is missing and every shape fits after the documented
@@ -151,7 +162,8 @@ def _one_line(text: str) -> str:
 
 
 def check_decoder(name: str) -> None:
-    """``data.decoder`` can run in this environment (torchcodec needs a CUDA torch build and FFmpeg libraries)."""
+    """``data.decoder`` can run in this environment (torchcodec needs a CUDA torch build and
+    FFmpeg libraries)."""
     from tstl.data.decode import check_decoder as probe
 
     try:
@@ -161,7 +173,8 @@ def check_decoder(name: str) -> None:
 
 
 def check_run(cfg: TrainConfig, *, train: bool = True, model: bool = True) -> None:
-    """Everything ``train`` (``train=True``) or an evaluation (``train=False``) needs before it starts."""
+    """Everything ``train`` (``train=True``) or an evaluation (``train=False``) needs before
+    it starts."""
     splits = [cfg.train_split] if train else []
     if not train or cfg.val_every > 0 or cfg.test_at_end:
         splits.append(cfg.val_split)

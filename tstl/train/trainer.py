@@ -1,4 +1,5 @@
-"""The training loop: build -> resume -> {train epoch, validate, checkpoint} -> multi-view test -> report."""
+"""The training loop: build -> resume -> {train epoch, validate, checkpoint} -> multi-view test
+-> report."""
 
 from __future__ import annotations
 
@@ -46,13 +47,16 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Owns the engine, loaders, checkpointer and metrics of one run; ``train()`` resumes automatically.
+    """Owns the engine, loaders, checkpointer and metrics of one run; ``train()``
+    resumes automatically.
 
     Args:
         cfg: the run.
-        label_map: relabelling handed to the train and validation loaders (``build_train_loader``): samples whose
-            label is not a key are dropped, the others become ``label_map[y]``. Kept in ``<out_dir>/labels.json``.
-        weight_adapters: state-dict adapters applied when ``cfg.model.init`` checkpoints load (``build_model``).
+        label_map: relabelling handed to the train and validation loaders (``build_train_loader``):
+            samples whose label is not a key are dropped, the others become ``label_map[y]``. Kept
+            in ``<out_dir>/labels.json``.
+        weight_adapters: state-dict adapters applied when ``cfg.model.init`` checkpoints
+            load (``build_model``).
     """
 
     def __init__(self, cfg: TrainConfig, *, label_map: Mapping[int, int] | None = None,
@@ -66,20 +70,23 @@ class Trainer:
         self.watch = preemption.active() or PreemptionWatch().install()
         self.device = dist.init()
         if self.device.type == "cpu":
-            # Denormal floats (values below ~1e-38, e.g. from softmax/GELU tails once training moves the
-            # zero-initialised adapters) are 10-20x slower on x86 CPUs; flushing them to zero changes nothing else.
+            # Denormal floats (values below ~1e-38, e.g. from softmax/GELU tails once training moves
+            # the zero-initialised adapters) are 10-20x slower on x86 CPUs; flushing them to zero
+            # changes nothing else.
             torch.set_flush_denormal(True)
         self.run_dir = Path(cfg.out_dir)
         self.dtype = compute_dtype(cfg.engine.precision, self.device)
         seed_everything(cfg.seed)  # same model init on every rank
-        self.train_loader = build_train_loader(cfg.data, cfg.shard_dir(cfg.train_split), rank=dist.rank(),
-                                               world_size=dist.world(), label_map=self.label_map)
-        # batch-level augmentation (normalisation, erasing, mixup; RandAugment too with data.augment_on=device)
-        # runs where the model is; workers hand over uint8 clips
+        self.train_loader = build_train_loader(cfg.data, cfg.shard_dir(cfg.train_split),
+                                               rank=dist.rank(), world_size=dist.world(),
+                                               label_map=self.label_map)
+        # batch-level augmentation (normalisation, erasing, mixup; RandAugment too with
+        # data.augment_on=device) runs where the model is; workers hand over uint8 clips
         self.train_loader.to(self.device)
         num_classes = cfg.model.num_classes or self.train_loader.num_classes
         if not num_classes:
-            raise ValueError("model.num_classes is 0 and the shard set has no shards.json to take it from")
+            raise ValueError(
+                "model.num_classes is 0 and the shard set has no shards.json to take it from")
         self.num_classes, self.classes = num_classes, self.train_loader.classes
         model, provenance = build_model(cfg.model, num_classes, weight_adapters)
         # issue 13: resuming with a changed config is refused; rank 0 decides, every rank raises
@@ -90,11 +97,13 @@ class Trainer:
         self.steps_per_epoch = max(1, len(self.train_loader) // cfg.engine.accum_steps)
         lr, min_lr = self.plan.scaled(cfg.optim.lr), self.plan.scaled(cfg.optim.min_lr)
         optimizer = eng.build_optimizer(eng.param_groups(model, cfg.optim), cfg.optim, lr)
-        sched = lambda opt: eng.build_scheduler(opt, cfg.optim, lr, min_lr, self.steps_per_epoch, cfg.epochs)  # noqa
+        sched = lambda opt: eng.build_scheduler(opt, cfg.optim, lr, min_lr,  # noqa
+                                                self.steps_per_epoch, cfg.epochs)
         ds_config = deepspeed_config(cfg.engine, cfg.optim.clip_grad, self.plan)
-        logger.info("batch: %d per rank x %d accumulation x %d ranks = %d; lr %.3g (= %.3g x %d / 256); "
-                    "%d optimizer steps per epoch", self.plan.micro_batch, self.plan.accum_steps, self.plan.world_size,
-                    self.plan.total, lr, cfg.optim.lr, self.plan.total, self.steps_per_epoch)
+        logger.info("batch: %d per rank x %d accumulation x %d ranks = %d; lr %.3g (= %.3g x %d / "
+                    "256); %d optimizer steps per epoch", self.plan.micro_batch,
+                    self.plan.accum_steps, self.plan.world_size, self.plan.total, lr, cfg.optim.lr,
+                    self.plan.total, self.steps_per_epoch)
         with note_waits("DeepSpeed's initialisation"):  # it may JIT-build ops under a file lock
             self.engine, self.scheduler = eng.initialize(model, optimizer, sched, ds_config)
         self._fresh_schedule = self.scheduler.state_dict()  # this layout's base lrs (elastic)
@@ -107,20 +116,25 @@ class Trainer:
         self.perf = self._count_flops(model) if dist.is_main() else None
 
     def _count_flops(self, model: nn.Module) -> dict | None:
-        """Model FLOPs per training clip (tstl/train/perf.py: counted on a meta copy) and the device's peak."""
-        counted = perf.count_on_meta(lambda: build_model(replace(self.cfg.model, init=[], grad_checkpointing=False),
-                                                         self.num_classes)[0],
-                                     (3, model.num_frames, model.img_size, model.img_size))
+        """Model FLOPs per training clip (tstl/train/perf.py: counted on a meta copy) and the
+        device's peak."""
+        counted = perf.count_on_meta(
+            lambda: build_model(replace(self.cfg.model, init=[], grad_checkpointing=False),
+                                self.num_classes)[0],
+            (3, model.num_frames, model.img_size, model.img_size))
         if counted is None:
             return None
         name = perf.device_name(self.device)
         peak = perf.peak_flops(name, self.cfg.engine.precision)
-        logger.info("model FLOPs per clip: %.3g forward, %.3g forward+backward (training); %s%s", counted[0],
-                    counted[1], name, f", dense peak {peak / 1e12:.1f} TFLOP/s" if peak else " (no known peak: no MFU)")
-        info = {"forward_flops_per_clip": counted[0], "train_flops_per_clip": counted[1], "peak_flops": peak,
-                "device": name, "precision": self.cfg.engine.precision}
+        logger.info("model FLOPs per clip: %.3g forward, %.3g forward+backward (training); %s%s",
+                    counted[0], counted[1], name,
+                    (f", dense peak {peak / 1e12:.1f} TFLOP/s" if peak
+                     else " (no known peak: no MFU)"))
+        info = {"forward_flops_per_clip": counted[0], "train_flops_per_clip": counted[1],
+                "peak_flops": peak, "device": name, "precision": self.cfg.engine.precision}
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "perf.json").write_text(json.dumps(info, indent=1))  # report.md's throughput section
+        # report.md's throughput section
+        (self.run_dir / "perf.json").write_text(json.dumps(info, indent=1))
         return info
 
     def _log_start(self, model: nn.Module, provenance: list[str]) -> None:
@@ -133,28 +147,30 @@ class Trainer:
         if dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(self.cfg, self.run_dir / "config.yaml")
-            if self.label_map is not None:  # what the config no longer says: the labels this run was trained on
+            # what the config no longer says: the labels this run was trained on
+            if self.label_map is not None:
                 (self.run_dir / "labels.json").write_text(json.dumps(
                     {"label_map": {str(k): v for k, v in self.label_map.items()}}, indent=1))
 
-    # ------------------------------------------------------------------------------------------- state
+    # ------------------------------------------------------------------------------------- state
 
     def _client_state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "nonfinite": self.nonfinite, "config": to_dict(self.cfg),
-                "batches_per_epoch": len(self.train_loader), "world_size": dist.world(),
-                "accum_steps": self.cfg.engine.accum_steps}
+        return {"step": self.step, "epoch": self.epoch, "nonfinite": self.nonfinite,
+                "config": to_dict(self.cfg), "batches_per_epoch": len(self.train_loader),
+                "world_size": dist.world(), "accum_steps": self.cfg.engine.accum_steps}
 
     def _rank_state(self) -> dict:
         return {"loader": self.train_loader.state_dict(), "rng": rng_state()}
 
     def resume(self) -> bool:
-        """Restore the newest complete checkpoint, saved by any number of ranks; False when there is none.
+        """Restore the newest complete checkpoint, saved by any number of ranks; False when there
+        is none.
 
-        Same layout (ranks, workers, batch size): the very next batch and step, RNG states included (the same
-        trajectory as an uninterrupted run). Another layout (elastic resume, docs/training.md): the loader goes on
-        with the samples of the epoch the saved job had not consumed, ``step`` becomes this layout's step at that
-        point of the epoch, the lr schedule is set to that step (``_continue_schedule``) and the RNGs are seeded
-        from (seed, step, rank).
+        Same layout (ranks, workers, batch size): the very next batch and step, RNG states included
+        (the same trajectory as an uninterrupted run). Another layout (elastic resume,
+        docs/training.md): the loader goes on with the samples of the epoch the saved job had not
+        consumed, ``step`` becomes this layout's step at that point of the epoch, the lr schedule is
+        set to that step (``_continue_schedule``) and the RNGs are seeded from (seed, step, rank).
         """
         loaded = self.ckpt.load_latest(self.engine)
         if loaded is None:
@@ -170,13 +186,15 @@ class Trainer:
         self.step = self.epoch * len(self.train_loader) + self.train_loader.step
         seed_everything(derive_seed(self.cfg.seed, self.step, dist.rank(), 0xE1A5))
         self._continue_schedule(self.step // accum)
-        logger.info("elastic resume: %d ranks saved at step %d (%d batches per epoch); %d ranks go on at step %d of %d "
-                    "(epoch %d), lr %.3g", saved_world, client["step"], client.get("batches_per_epoch", 0),
-                    dist.world(), self.step, len(self.train_loader), self.epoch, self.engine.get_lr()[0])
+        logger.info("elastic resume: %d ranks saved at step %d (%d batches per epoch); %d ranks go "
+                    "on at step %d of %d (epoch %d), lr %.3g", saved_world, client["step"],
+                    client.get("batches_per_epoch", 0), dist.world(), self.step,
+                    len(self.train_loader), self.epoch, self.engine.get_lr()[0])
         return True
 
     def _continue_schedule(self, opt_step: int) -> None:
-        """Put the lr schedule at optimizer step ``opt_step`` of this layout, with this layout's peak lr.
+        """Put the lr schedule at optimizer step ``opt_step`` of this layout, with this
+        layout's peak lr.
 
         The loaded scheduler state carries the saved job's step count and base lrs (its peak lr,
         scaled by its total batch); the state is loaded again with this layout's base lrs
@@ -194,7 +212,8 @@ class Trainer:
         self.engine.global_samples = opt_step * self.plan.total
 
     def save(self, metric: float | None = None) -> None:
-        self.ckpt.save(self.engine, self.step, self.epoch, self._client_state(), self._rank_state(), metric)
+        self.ckpt.save(self.engine, self.step, self.epoch, self._client_state(), self._rank_state(),
+                       metric)
 
     def _safe_point(self, *, step: bool = False, epoch_end: bool = False,
                     metric: float | None = None) -> None:
@@ -215,7 +234,7 @@ class Trainer:
         if stop:
             raise Preempted(self.watch.signum or signal.SIGTERM, self.step)
 
-    # ------------------------------------------------------------------------------------------- training
+    # ------------------------------------------------------------------------------------- training
 
     def loss(self, logits: torch.Tensor | dict[str, torch.Tensor],
              label: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
@@ -234,7 +253,8 @@ class Trainer:
         return F.cross_entropy(logits, label, label_smoothing=self.cfg.data.label_smoothing)
 
     def train_step(self, batch: dict) -> float | None:
-        """One micro-batch; returns the loss, or None when it was not finite (the step is skipped)."""
+        """One micro-batch; returns the loss, or None when it was not finite (the step
+        is skipped)."""
         video = batch["video"].to(self.device, dtype=self.dtype, non_blocking=True)
         label = batch["label"]  # a tensor, or head -> tensor for a multi-head shard set
         if isinstance(label, dict):
@@ -244,10 +264,11 @@ class Trainer:
         loss = self.loss(self.engine(video), label)
         if dist.any_true(not torch.isfinite(loss).item(), self.device):
             self.nonfinite += 1
-            logger.warning("non-finite loss at step %d (%d so far): batch skipped", self.step, self.nonfinite)
+            logger.warning("non-finite loss at step %d (%d so far): batch skipped", self.step,
+                           self.nonfinite)
             if self.nonfinite > self.cfg.max_nonfinite:
-                raise NonFiniteLossError(f"more than {self.cfg.max_nonfinite} non-finite losses; lower the lr or "
-                                         "check the data (see the quarantine list)")
+                raise NonFiniteLossError(f"more than {self.cfg.max_nonfinite} non-finite losses; "
+                                         "lower the lr or check the data (see the quarantine list)")
             return None
         self.engine.backward(loss)
         self.engine.step()
@@ -257,8 +278,8 @@ class Trainer:
         loader, cfg = self.train_loader, self.cfg
         if loader.epoch != self.epoch or loader.step >= len(loader):
             loader.set_epoch(self.epoch)
-        bar = tqdm(total=len(loader), initial=loader.step, desc=f"epoch {self.epoch}", disable=not dist.is_main(),
-                   dynamic_ncols=True)
+        bar = tqdm(total=len(loader), initial=loader.step, desc=f"epoch {self.epoch}",
+                   disable=not dist.is_main(), dynamic_ncols=True)
         wait = busy = 0.0
         step_s = None  # recent seconds per micro-batch (moving average): the whole-run ETA
         window = [0, 0.0]  # clips and seconds since the last logged step: achieved FLOP/s
@@ -273,13 +294,15 @@ class Trainer:
             clips_s = len(batch["key"]) * dist.world() / max(t2 - t0, 1e-9)
             step_s = t2 - t0 if step_s is None else 0.95 * step_s + 0.05 * (t2 - t0)
             window = [window[0] + len(batch["key"]), window[1] + (t2 - t0)]
-            left = cfg.epochs * len(loader) - self.step  # micro-batches left in the run (validation not counted)
+            # micro-batches left in the run (validation not counted)
+            left = cfg.epochs * len(loader) - self.step
             bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "nan", lr=f"{lr:.2e}",
                             clips_s=f"{clips_s:.1f}", wait=f"{wait / max(wait + busy, 1e-9):.0%}",
                             run_eta=tqdm.format_interval(left * step_s))
             bar.update(1)
             if loss is not None and self.step % cfg.log_every == 0:
-                self.sink.log(self.step, {"train/loss": loss, "train/lr": lr, "train/clips_per_s": clips_s,
+                self.sink.log(self.step,
+                              {"train/loss": loss, "train/lr": lr, "train/clips_per_s": clips_s,
                                           "train/data_wait": wait / max(wait + busy, 1e-9),
                                           **self._perf_scalars(*window)}, epoch=self.epoch)
                 window = [0, 0.0]
@@ -297,12 +320,14 @@ class Trainer:
         bar.close()
 
     def _perf_scalars(self, clips: int, seconds: float) -> dict[str, float]:
-        """Achieved model FLOP/s of this rank (= per device) and MFU over the last logging window."""
+        """Achieved model FLOP/s of this rank (= per device) and MFU over the last
+        logging window."""
         if self.perf is None or seconds <= 0:
             return {}
         achieved = self.perf["train_flops_per_clip"] * clips / seconds
         return {"perf/achieved_flops": achieved,
-                **({"perf/mfu": achieved / self.perf["peak_flops"]} if self.perf["peak_flops"] else {})}
+                **({"perf/mfu": achieved / self.perf["peak_flops"]} if self.perf["peak_flops"]
+                   else {})}
 
     def validate(self, views: tuple[int, int], desc: str = "validate",
                  interruptible: bool = False) -> EvalResult:
@@ -310,14 +335,16 @@ class Trainer:
         final test, whose state is saved already: the rerun tests again). The per-epoch validation
         runs to its end; a signal during it is handled at the epoch's end, where the save it asked
         for carries the metric."""
-        loader = build_eval_loader(self.cfg.data, self.cfg.shard_dir(self.cfg.val_split), rank=dist.rank(),
-                                   world_size=dist.world(), views=views, label_map=self.label_map).to(self.device)
+        loader = build_eval_loader(self.cfg.data, self.cfg.shard_dir(self.cfg.val_split),
+                                   rank=dist.rank(), world_size=dist.world(), views=views,
+                                   label_map=self.label_map).to(self.device)
         batches = _Interruptible(loader, self._safe_point, self.device) if interruptible else loader
         return evaluate(self.engine.module, batches, self.device, self.num_classes, self.dtype,
                         self.cfg.test_merge, desc)
 
     def train(self) -> EvalResult | None:
-        """Resume if a checkpoint exists, train the remaining epochs, test; returns the final test result."""
+        """Resume if a checkpoint exists, train the remaining epochs, test; returns the final
+        test result."""
         if self.resume() and self.train_loader.step >= len(self.train_loader):
             self.epoch += 1  # the checkpoint was taken at the end of an epoch
         self._safe_point()  # a signal during start-up: nothing new to save
@@ -327,9 +354,10 @@ class Trainer:
             if self.cfg.val_every and (self.epoch + 1) % self.cfg.val_every == 0:
                 res = self.validate((1, 1), f"validate epoch {self.epoch}")
                 metric = res.top1
-                self.sink.log(self.step, {"val/top1": res.top1, "val/top5": res.top5}, epoch=self.epoch)
-                logger.info("epoch %d: single-view val top-1 %.4f top-5 %.4f (%d videos)", self.epoch, res.top1,
-                            res.top5, res.videos)
+                self.sink.log(self.step, {"val/top1": res.top1, "val/top5": res.top5},
+                              epoch=self.epoch)
+                logger.info("epoch %d: single-view val top-1 %.4f top-5 %.4f (%d videos)",
+                            self.epoch, res.top1, res.top5, res.videos)
             self._safe_point(epoch_end=True, metric=metric)
             self.epoch += 1
         return self.test() if self.cfg.test_at_end else None
@@ -337,7 +365,8 @@ class Trainer:
     def test(self) -> EvalResult:
         views = tuple(self.cfg.data.test_views)
         res = self.validate(views, f"test {views[0]}x{views[1]} views", interruptible=True)
-        logger.info("multi-view test (%d x %d views): top-1 %.4f top-5 %.4f mean class acc %.4f (%d videos)",
+        logger.info("multi-view test (%d x %d views): top-1 %.4f top-5 %.4f mean class acc %.4f "
+                    "(%d videos)",
                     *views, res.top1, res.top5, res.summary()["mean_class_acc"], res.videos)
         if dist.is_main():
             save_report(res, self.run_dir / "test", self.classes)

@@ -1,1 +1,2 @@
-"""TSTL two-stage learning: class groups, stage plans, routed selector + group experts, stage files."""
+"""TSTL two-stage learning: class groups, stage plans, routed selector + group experts,
+stage files."""

@@ -1,10 +1,12 @@
-"""Typed configuration of a TSTL run: a training run's config (shared by both stages) plus a ``tstl`` section.
+"""Typed configuration of a TSTL run: a training run's config (shared by both stages) plus a
+``tstl`` section.
 
-A TSTL recipe layers the same files as ``make train`` (``configs/data/*.yaml``, ``configs/model/*.yaml``) and
-``configs/tstl/*.yaml``, so both stages use the dataset's sampling, augmentation and optimiser settings unless the
-``tstl.selector`` / ``tstl.expert`` sections override them (nested mappings with the keys of a training run,
-e.g. ``tstl.expert.epochs=5``). Those sections are checked against ``TrainConfig`` when the config loads, so a typo
-fails before anything trains.
+A TSTL recipe layers the same files as ``make train`` (``configs/data/*.yaml``,
+``configs/model/*.yaml``) and ``configs/tstl/*.yaml``, so both stages use the dataset's sampling,
+augmentation and optimiser settings unless the ``tstl.selector`` / ``tstl.expert`` sections override
+them (nested mappings with the keys of a training run, e.g. ``tstl.expert.epochs=5``). Those
+sections are checked against ``TrainConfig`` when the config loads, so a typo fails before
+anything trains.
 """
 
 from __future__ import annotations
@@ -21,26 +23,30 @@ class TwoStageConfig:
     """What TSTL adds on top of a training run."""
 
     groups: str = ""
-    """Class-group file (TSTL's ``class_grouping.json`` or ours, see docs/tstl.md); empty = balanced contiguous
-    groups of ``num_groups``. Pinned in ``<out_dir>/groups.json`` at the first run."""
+    """Class-group file (TSTL's ``class_grouping.json`` or ours, see docs/tstl.md); empty = balanced
+    contiguous groups of ``num_groups``. Pinned in ``<out_dir>/groups.json`` at the first run."""
     num_groups: int = 0
     """Number of balanced groups when no ``groups`` file is given."""
     init: list[str] = field(default_factory=list)
-    """Checkpoints loaded after ``model.init`` by both stages, e.g. a trained CAST (TSTL starts from one) or a run
-    folder. A head of another number of classes is re-initialised (an expert takes its group's rows of a head over
-    this dataset's classes). ``model.init`` or ``tstl.init`` is required for training."""
+    """Checkpoints loaded after ``model.init`` by both stages, e.g. a trained CAST (TSTL starts from
+    one) or a run folder. A head of another number of classes is re-initialised (an expert takes its
+    group's rows of a head over this dataset's classes). ``model.init`` or ``tstl.init`` is required
+    for training."""
     selector: dict[str, Any] = field(default_factory=dict)
     """Overrides of the run config for the stage-1 selector (e.g. ``{epochs: 10}``)."""
     expert: dict[str, Any] = field(default_factory=dict)
     """Overrides of the run config for every stage-2 expert."""
     expert_split: str = ""
-    """Training shard set of expert ``g``: ``expert_split.format(group=g)`` under ``<data_dir>/<dataset>/shards/``,
-    e.g. ``train-g{group:02d}`` made with ``shard_tools subset --groups ... --group g`` (without ``--remap``).
-    Empty: every expert reads ``train_split`` and keeps its classes on the fly (no extra disk)."""
+    """Training shard set of expert ``g``: ``expert_split.format(group=g)`` under
+    ``<data_dir>/<dataset>/shards/``, e.g. ``train-g{group:02d}`` made with
+    ``shard_tools subset --groups ... --group g`` (without ``--remap``). Empty: every expert reads
+    ``train_split`` and keeps its classes on the fly (no extra disk)."""
     soft_top_k: int = 2
-    """Soft routing: the selector's top-k groups' experts are weighted by its renormalised probabilities."""
+    """Soft routing: the selector's top-k groups' experts are weighted by its
+    renormalised probabilities."""
     baseline: str = ""
-    """A single B-CAST (run folder or checkpoint) evaluated on the same views in the ``eval`` report; empty = none."""
+    """A single B-CAST (run folder or checkpoint) evaluated on the same views in the ``eval``
+    report; empty = none."""
 
     def __post_init__(self) -> None:
         if self.num_groups < 0 or self.soft_top_k < 1:
@@ -52,14 +58,17 @@ class TwoStageConfig:
 
 @dataclass
 class TSTLConfig(TrainConfig):
-    """A two-stage run: the training-run keys are the base of both stages; ``out_dir`` holds the whole run."""
+    """A two-stage run: the training-run keys are the base of both stages; ``out_dir`` holds the
+    whole run."""
 
     tstl: TwoStageConfig = field(default_factory=TwoStageConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for stage in ("selector", "expert"):
-            try:  # unknown keys or bad values in tstl.<stage> fail when the config loads (with the file named)
+            # unknown keys or bad values in tstl.<stage> fail when the config loads (with the file
+            # named)
+            try:
                 self.stage_base(stage)
             except ConfigError as e:
                 raise ValueError(str(e)) from None
@@ -71,13 +80,15 @@ class TSTLConfig(TrainConfig):
         ``ConfigError``."""
         super().check()
         if not self.tstl.groups and not self.tstl.num_groups:
-            raise ConfigError("give tstl.groups=<group file> or tstl.num_groups=K (balanced groups)")
+            raise ConfigError(
+                "give tstl.groups=<group file> or tstl.num_groups=K (balanced groups)")
         for stage in ("selector", "expert"):
             config = self.stage_base(stage)
             if not config.model.freeze_pretrained:
-                raise ConfigError(f"tstl.{stage}: model.freeze_pretrained must be true: TSTL stages keep the "
-                                  "pre-trained backbones (CLIP/VideoMAE) frozen so that every stage shares them "
-                                  "(start from a trained model with tstl.init=[...])")
+                raise ConfigError(f"tstl.{stage}: model.freeze_pretrained must be true: TSTL "
+                                  "stages keep the pre-trained backbones (CLIP/VideoMAE) frozen so "
+                                  "that every stage shares them (start from a trained model with "
+                                  "tstl.init=[...])")
             if (config.engine, config.data.batch_size, config.optim.clip_grad) != (
                     self.engine, self.data.batch_size, self.optim.clip_grad):
                 try:  # the stage changes what DeepSpeed gets (super().check() saw the run's)
@@ -102,10 +113,13 @@ class TSTLConfig(TrainConfig):
         """The run config with ``defaults`` and then the ``tstl.<stage>`` overrides applied."""
         base = to_dict(self)
         base.pop("tstl")
-        return with_overrides(base, merge(defaults or {}, getattr(self.tstl, stage)), f"tstl.{stage}")
+        return with_overrides(base, merge(defaults or {}, getattr(self.tstl, stage)),
+                              f"tstl.{stage}")
 
 
-def with_overrides(base: TrainConfig | dict[str, Any], overrides: dict[str, Any], source: str) -> TrainConfig:
-    """A new, validated ``TrainConfig``: ``base`` with the nested mapping ``overrides`` merged in."""
+def with_overrides(base: TrainConfig | dict[str, Any], overrides: dict[str, Any],
+                   source: str) -> TrainConfig:
+    """A new, validated ``TrainConfig``: ``base`` with the nested mapping ``overrides``
+    merged in."""
     data = to_dict(base) if not isinstance(base, dict) else base
     return from_dict(TrainConfig, merge(data, overrides), source=source)

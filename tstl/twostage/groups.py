@@ -1,7 +1,7 @@
 """Class groups for TSTL: generation (balanced, from a confusion matrix).
 
-The group file format (``ClassGroups``, ``load_groups``/``save_groups``, ``GroupFileError``) is owned by
-``tstl.core.groups`` and re-exported here for the TSTL modules.
+The group file format (``ClassGroups``, ``load_groups``/``save_groups``, ``GroupFileError``) is
+owned by ``tstl.core.groups`` and re-exported here for the TSTL modules.
 """
 
 from __future__ import annotations
@@ -10,15 +10,16 @@ import numpy as np
 
 from tstl.core.groups import OUR_FORMAT, ClassGroups, GroupFileError, load_groups, save_groups
 
-__all__ = ["OUR_FORMAT", "ClassGroups", "GroupFileError", "balanced_groups", "confusion_groups", "load_groups",
-           "save_groups"]
+__all__ = ["OUR_FORMAT", "ClassGroups", "GroupFileError", "balanced_groups", "confusion_groups",
+           "load_groups", "save_groups"]
 
 
 def balanced_groups(num_classes: int, num_groups: int) -> ClassGroups:
     """Contiguous groups whose sizes differ by at most one."""
     if not 0 < num_groups <= num_classes:
         raise ValueError(f"num_groups must be in [1, {num_classes}], got {num_groups}")
-    return ClassGroups(tuple(tuple(int(c) for c in a) for a in np.array_split(np.arange(num_classes), num_groups)),
+    return ClassGroups(tuple(tuple(int(c) for c in a)
+                             for a in np.array_split(np.arange(num_classes), num_groups)),
                        num_classes)
 
 
@@ -26,11 +27,12 @@ def confusion_groups(confusion: np.ndarray, num_groups: int) -> ClassGroups:
     """Group classes so that mutually confused classes share a group, with balanced sizes.
 
     Method: greedy capacity-constrained agglomeration. The row-normalised confusion matrix is
-    symmetrised (``A = P + P^T``, diagonal zeroed), each class starts as its own cluster, and the pair of
-    clusters with the highest mean pairwise affinity is merged as long as the merged size stays within
-    ``ceil(N / K)``. Merging stops at ``K`` clusters; if the cap blocks progress first, the smallest
-    clusters are merged (a fallback that only happens for degenerate inputs). Groups are then ordered by
-    their smallest class id and classes within a group are sorted, so the result is deterministic.
+    symmetrised (``A = P + P^T``, diagonal zeroed), each class starts as its own cluster, and the
+    pair of clusters with the highest mean pairwise affinity is merged as long as the merged size
+    stays within ``ceil(N / K)``. Merging stops at ``K`` clusters; if the cap blocks progress first,
+    the smallest clusters are merged (a fallback that only happens for degenerate inputs). Groups
+    are then ordered by their smallest class id and classes within a group are sorted, so the result
+    is deterministic.
 
     Args:
         confusion: ``[N, N]`` counts, rows = true class, columns = predicted class.

@@ -1,4 +1,5 @@
-"""Two-stage training: the stage-1 selector, then every stage-2 expert, each an ordinary ``Trainer`` run.
+"""Two-stage training: the stage-1 selector, then every stage-2 expert, each an ordinary
+``Trainer`` run.
 
 Every stage goes through the same loader, DeepSpeed engine and checkpointing as ``make train``; the
 stages differ only in their setup (``tstl.twostage.stages``: config, label map, head-row adapter).
@@ -40,8 +41,8 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_groups(cfg: TSTLConfig) -> ClassGroups:
-    """The run's class groups: from ``tstl.groups`` or balanced, checked against the shards, pinned in the run.
-    Rank 0 reads and writes; every rank gets its answer."""
+    """The run's class groups: from ``tstl.groups`` or balanced, checked against the shards, pinned
+    in the run. Rank 0 reads and writes; every rank gets its answer."""
     return dist.on_main(lambda: _resolve_groups(cfg))
 
 
@@ -71,21 +72,24 @@ def _resolve_groups(cfg: TSTLConfig) -> ClassGroups:
         groups = balanced_groups(num_classes, cfg.tstl.num_groups)
         source = f"balanced groups (tstl.num_groups={cfg.tstl.num_groups})"
     if num_classes is not None and groups.num_classes != num_classes:
-        raise ConfigError(f"{source}: {groups.num_classes} classes, but the shards of {cfg.train_split} have "
-                          f"{num_classes}; use a group file made for this dataset (make groups)")
+        raise ConfigError(f"{source}: {groups.num_classes} classes, but the shards of "
+                          f"{cfg.train_split} have {num_classes}; use a group file made for this "
+                          "dataset (make groups)")
     pinned = Path(cfg.out_dir) / "groups.json"
     if pinned.exists():
         if load_groups(pinned).groups != groups.groups:
-            raise ConfigError(f"{pinned}: this run was started with other class groups than {source}; finish it "
-                              "with the same groups or start a new run (out_dir=...)")
+            raise ConfigError(f"{pinned}: this run was started with other class groups than "
+                              f"{source}; finish it with the same groups or start a new run "
+                              "(out_dir=...)")
     else:
         save_groups(groups, pinned, "ours")
     return groups
 
 
 def pin_init(stage: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
-    """Resolve the stage's ``model.init`` (run folders -> their best checkpoint) to absolute files once, when the
-    stage first starts, and keep them (with their SHA-256) in ``<stage>/frozen.json``.
+    """Resolve the stage's ``model.init`` (run folders -> their best checkpoint) to absolute files
+    once, when the stage first starts, and keep them (with their SHA-256)
+    in ``<stage>/frozen.json``.
 
     A resumed stage continues from its own checkpoints, whose frozen weights came from the pinned
     files; so the stage file must name those, and a rerun whose ``init`` now resolves to other files
@@ -100,8 +104,9 @@ def pin_init(stage: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
             pinned = json.loads(pin.read_text())
             before = [c["path"] for c in pinned["checkpoints"]]
             if before != files:
-                raise ConfigError(f"{out} was started from {before} and would now start from {files}; finish it "
-                                  f"with the same model.init/tstl.init or remove {out} to retrain this stage")
+                raise ConfigError(f"{out} was started from {before} and would now start from "
+                                  f"{files}; finish it with the same model.init/tstl.init or "
+                                  f"remove {out} to retrain this stage")
             return pinned
         sources = frozen_sources_from_paths(files)
         out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +121,8 @@ def pin_init(stage: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
 
 
 def train_stage(stage: Stage, dest: Path, extra: dict[str, Any]) -> None:
-    """Train one stage to its end (resuming if it was interrupted), then write its stage file (trainable-only)."""
+    """Train one stage to its end (resuming if it was interrupted), then write its stage
+    file (trainable-only)."""
     config, frozen = pin_init(stage.config)
     trainer = Trainer(config, label_map=stage.label_map, weight_adapters=stage.adapters)
     try:
@@ -125,29 +131,33 @@ def train_stage(stage: Stage, dest: Path, extra: dict[str, Any]) -> None:
         kwargs = {"num_classes": trainer.num_classes, "drop_path_rate": config.model.drop_path_rate,
                   **config.model.kwargs}
         dist.on_main(lambda: save_stage_file(model, dest, config.model.name, kwargs, frozen,
-                                             {**extra, "epochs": config.epochs, "run": config.out_dir}))
+                                             {**extra, "epochs": config.epochs,
+                                              "run": config.out_dir}))
         logger.info("wrote %s", dest)
     finally:
         trainer.close()
 
 
 def _release_memory() -> None:
-    """Between stages: the finished stage's engine, optimizer state and loader workers go before the next starts."""
+    """Between stages: the finished stage's engine, optimizer state and loader workers go before the
+    next starts."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 def train_two_stage(cfg: TSTLConfig) -> ClassGroups:
-    """Stage 1 (selector on group labels), then stage 2 (one expert per group); finished stages are skipped."""
+    """Stage 1 (selector on group labels), then stage 2 (one expert per group); finished stages
+    are skipped."""
     cfg.check_weights()  # the rest of the config was checked when it loaded (TSTLConfig.check)
     dist.init()  # before anything is written: only rank 0 writes the run's shared files
     groups = resolve_groups(cfg)
     out = Path(cfg.out_dir)
-    logger.info("TSTL run %s: %d classes in %d groups (sizes %s)", out, groups.num_classes, groups.num_groups,
-                [len(g) for g in groups.groups])
+    logger.info("TSTL run %s: %d classes in %d groups (sizes %s)", out, groups.num_classes,
+                groups.num_groups, [len(g) for g in groups.groups])
     # rank 0 decides what is finished, so that every rank runs the same stages in the same order
-    selector_done, todo = dist.on_main(lambda: (selector_file(out).exists(), pending_experts(groups, out)))
+    selector_done, todo = dist.on_main(
+        lambda: (selector_file(out).exists(), pending_experts(groups, out)))
     if selector_done:
         logger.info("stage 1: %s exists, selector already trained", selector_file(out))
     else:
@@ -155,10 +165,11 @@ def train_two_stage(cfg: TSTLConfig) -> ClassGroups:
         train_stage(selector_stage(cfg, groups), selector_file(out), {"role": "selector"})
         _release_memory()
     logger.info("stage 2: %d of %d experts to train%s", len(todo), groups.num_groups,
-                f" (finished: {sorted(set(range(groups.num_groups)) - set(todo))})" if len(todo) < groups.num_groups
-                else "")
+                f" (finished: {sorted(set(range(groups.num_groups)) - set(todo))})"
+                if len(todo) < groups.num_groups else "")
     for g in todo:
-        logger.info("stage 2: expert %d of %d, classes %s", g, groups.num_groups, list(groups.groups[g]))
+        logger.info("stage 2: expert %d of %d, classes %s", g, groups.num_groups,
+                    list(groups.groups[g]))
         train_stage(expert_stage(cfg, groups, g), expert_file(out, g),
                   {"role": "expert", "group": g, "classes": list(groups.groups[g])})
         _release_memory()
