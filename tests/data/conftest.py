@@ -26,8 +26,9 @@ def make_mp4(path: Path, frames: int, hue: int, size: str = "64x48", src: str = 
 
 
 def write_shardset(root: Path, samples: list[dict], per_shard: list[int], index: bool = True) -> Path:
-    """Write ``samples`` (dicts of ``__key__`` + parts) into shards of the given sizes plus ``shards.json`` and,
-    with ``index``, the per-sample index a build writes (without: a set built before the index existed)."""
+    """Write ``samples`` (dicts of ``__key__`` + parts) into shards of the given sizes plus
+    ``shards.json`` and, with ``index``, the per-sample index a build writes (without: a set built
+    before the index existed)."""
     root.mkdir(parents=True, exist_ok=True)
     assert sum(per_shard) == len(samples)
     shards, i = [], 0

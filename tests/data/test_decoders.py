@@ -1,9 +1,10 @@
 """``data.decoder``: decord (default) and the optional torchcodec backend.
 
-torchcodec's PyPI wheels load only with a CUDA build of torch (``../shared/reference/environment.md`` 5.4); where it
-cannot load (this project's CPU venv and CI), the tests check that the loader and the preflight name the fix, and
-the tests that decode with it are skipped with that reason. They were run in a venv with torch 2.13.0+cu130 and
-torchcodec 0.17.0 on this CPU machine (see docs/loader.md).
+torchcodec's PyPI wheels load only with a CUDA build of torch
+(``../shared/reference/environment.md`` 5.4); where it cannot load (this project's CPU venv and CI),
+the tests check that the loader and the preflight name the fix, and the tests that decode with it
+are skipped with that reason. They were run in a venv with torch 2.13.0+cu130 and torchcodec 0.17.0
+on this CPU machine (see docs/loader.md).
 """
 
 from __future__ import annotations

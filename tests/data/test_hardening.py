@@ -1,5 +1,5 @@
-"""Loader hardening (issue 12 items 7-9, issue 13 item 6): bad labels, stalled remote sources, the run-wide
-bad-sample limit on 2 gloo ranks, shard lists and manifests read over http / ``pipe:``."""
+"""Loader hardening (issue 12 items 7-9, issue 13 item 6): bad labels, stalled remote sources, the
+run-wide bad-sample limit on 2 gloo ranks, shard lists and manifests read over http / ``pipe:``."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def quarantined(q: Path) -> dict[str, tuple[str, str]]:
     return {k: (shard, reason) for k, shard, reason in (line.split("\t") for line in q.read_text().splitlines())}
 
 
-# ---- item 7: out-of-range labels ---------------------------------------------------------------------------
+# ---- item 7: out-of-range labels -----------------------------------------------------------------
 def test_out_of_range_labels_are_bad_samples_and_never_reach_mixup(tmp_path: Path, videos: dict[int, bytes],
                                                                     shardkit) -> None:
     sample, n_cls = shardkit.sample, shardkit.num_classes
@@ -49,7 +49,8 @@ def test_out_of_range_labels_are_bad_samples_and_never_reach_mixup(tmp_path: Pat
            sample("cls5", n_cls, videos[12], 12)]  # 5 classes: label 5 is one past the last
     root = shardkit.write(tmp_path / "s", good[:6] + bad[:2] + good[6:] + bad[2:], [8, 8])
     q = tmp_path / "q.txt"
-    # mixup on: before the fix, label 999 crashed the main process in the one-hot ("index 999 is out of bounds")
+    # mixup on: before the fix, label 999 crashed the main process in the one-hot ("index 999 is out
+    # of bounds")
     ld = build_train_loader(cfg(mixup=0.8, cutmix=1.0, quarantine=str(q)), root)
     batches = list(ld)
     assert len(batches) == len(ld) == 8 and ld.bad_samples == 3
@@ -62,12 +63,13 @@ def test_out_of_range_labels_are_bad_samples_and_never_reach_mixup(tmp_path: Pat
     ev = build_eval_loader(cfg(test_views=(1, 1)), root)
     labels = {k: int(v) for b in ev for k, v in zip(b["key"], b["label"])}
     assert set(labels) == {s["__key__"] for s in good} and max(labels.values()) < n_cls
-    # a label_map whose keys miss a sample's label: the label filter drops it (not in the subset, not bad)
+    # a label_map whose keys miss a sample's label: the label filter drops it (not in the subset,
+    # not bad)
     sub = build_train_loader(cfg(quarantine=str(tmp_path / "q2.txt")), root, label_map={0: 0, 1: 1})
     assert {int(v) for b in sub for v in b["label"]} == {0, 1} and sub.bad_samples == 0
 
 
-# ---- item 8: a stalled remote source ------------------------------------------------------------------------
+# ---- item 8: a stalled remote source -------------------------------------------------------------
 def _procs_with(marker: str) -> list[int]:
     out = []
     for d in Path("/proc").iterdir():
@@ -80,7 +82,8 @@ def _procs_with(marker: str) -> list[int]:
 
 @contextlib.contextmanager
 def _deadline(seconds: int) -> Iterator[None]:
-    """Bound the test's own runtime (a hang would otherwise block the suite); no assertion on speed."""
+    """Bound the test's own runtime (a hang would otherwise block the suite); no assertion on
+    speed."""
     def fail(signum: int, frame: object) -> None:
         raise TimeoutError(f"the loader hung for {seconds} s on a stalled source")
 
@@ -159,17 +162,19 @@ def test_stalled_http_source_times_out_and_retries(shardset: Callable[..., Path]
         release.set()
         server.shutdown()
         server.server_close()
-    # the samples whose bytes lie past the stall point are bad (each tried twice); those before it are read
+    # the samples whose bytes lie past the stall point are bad (each tried twice); those before it
+    # are read
     ix, half = ld.shardset.index, (root / "shard-000001.tar").stat().st_size // 2
     beyond = {ix.key[r].decode() for r in range(8, 16) if ix.offset[r] + ix.length[r] > half}
     assert len(batches) == len(ld) and ld.bad_samples == len(beyond) and 2 <= len(beyond) < 8
     assert set(quarantined(q)) == beyond and {f"v{i:03d}" for i in range(16)} - beyond == set(keys(batches))
-    assert requests.count("/shard-000001.tar") >= 2 * len(beyond)  # every one: the first attempt and a retry
+    # every one: the first attempt and a retry
+    assert requests.count("/shard-000001.tar") >= 2 * len(beyond)
     assert {shard for shard, _ in quarantined(q).values()} == {"shard-000001.tar"}
     assert all("after 2 attempts: TimeoutError" in r for _, r in quarantined(q).values())
 
 
-# ---- item 9: the bad-sample limit over all ranks ------------------------------------------------------------
+# ---- item 9: the bad-sample limit over all ranks -------------------------------------------------
 _RANK = textwrap.dedent("""
     import json, os, sys
     import torch.distributed as dist
@@ -222,7 +227,9 @@ def test_two_ranks_fail_together_when_one_ranks_data_is_broken(tmp_path: Path, v
     if broken == 16:  # both ranks stop at their first batch (2 samples each)
         assert "rank(s) [0, 1] met a batch without a single decodable sample" in errors[0]
         assert "4 of 4 samples read on 2 rank(s) were bad" in errors[0] and results[0]["steps"] == 0
-    else:  # min_bad_check (50) is never reached: the end of the epoch decides, having seen every sample
+    else:
+        # min_bad_check (50) is never reached: the end of the epoch decides, having seen every
+        # sample
         assert f"{broken} of 16 samples" in errors[0] and len(q.read_text().splitlines()) == broken
 
 
@@ -236,7 +243,8 @@ def _free_port() -> int:
 
 def test_bad_limit_counts_all_workers_and_epochs_of_a_rank(shardset: Callable[..., Path], tmp_path: Path,
                                                            videos: dict[int, bytes], shardkit) -> None:
-    """Small workers: 2 workers reading 8 samples each, 1 bad each; min_bad_check 12 is reached only together."""
+    """Small workers: 2 workers reading 8 samples each, 1 bad each; min_bad_check 12 is reached only
+    together."""
     sample = shardkit.sample
     items = [sample(f"g{i:02d}", i % 5, videos[12], 12) for i in range(14)]
     items[3] = sample("bad_a", 0, b"\0" * 2000, 12)
@@ -249,7 +257,7 @@ def test_bad_limit_counts_all_workers_and_epochs_of_a_rank(shardset: Callable[..
         list(strict)
 
 
-# ---- issue 13 item 6: shard lists and manifests over http and pipe: -----------------------------------------
+# ---- issue 13 item 6: shard lists and manifests over http and pipe: ------------------------------
 @contextlib.contextmanager
 def _serve(directory: Path) -> Iterator[str]:
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
@@ -267,7 +275,8 @@ def test_shard_set_folder_over_http_with_label_counts_from_the_remote_manifest(
         shardset: Callable[..., Path], caplog: pytest.LogCaptureFixture) -> None:
     root = shardset(20, [9, 11])  # labels i % 5; the label filter reads the index, not the tars
     with _serve(root.parent) as base, caplog.at_level(logging.WARNING):
-        url = f"{base}/{root.name}"  # the folder, as TrainConfig.shard_dir gives it for an http data_dir
+        # the folder, as TrainConfig.shard_dir gives it for an http data_dir
+        url = f"{base}/{root.name}"
         full = build_train_loader(cfg(), url)
         assert sorted(keys(list(full))) == [f"v{i:03d}" for i in range(20)] and full.num_classes == 5
         sub = build_train_loader(cfg(), url + "/", label_map={4: 1, 1: 0})
@@ -280,7 +289,8 @@ def test_template_reads_the_shard_list_with_dataset_and_split(shardset: Callable
                                                               caplog: pytest.LogCaptureFixture) -> None:
     shardset(12, [5, 7], name="ds/shards/train")
     template = f"pipe:cat {tmp_path}/{{dataset}}/shards/{{split}}/{{name}}"
-    nothing = tmp_path / "nothing/ds/shards/train"  # what the trainer asks for: no local file at all
+    # what the trainer asks for: no local file at all
+    nothing = tmp_path / "nothing/ds/shards/train"
     with caplog.at_level(logging.WARNING):
         ld = build_train_loader(cfg(shard_url_template=template), nothing)
         assert sorted(keys(list(ld))) == [f"v{i:03d}" for i in range(12)] and ld.num_classes == 5

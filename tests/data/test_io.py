@@ -1,5 +1,6 @@
-"""What the loader reads, counted at a real local http server: each byte once, ranged, retried from where it
-broke, cached per node, and only an expert's own samples; plus sets replaced under a run and orphaned workers."""
+"""What the loader reads, counted at a real local http server: each byte once, ranged, retried from
+where it broke, cached per node, and only an expert's own samples; plus sets replaced under a run
+and orphaned workers."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def test_a_body_cut_short_is_retried_from_the_sample_that_failed(shardset, serve
     root = shardset(12, [12])
     size = (root / "shard-000000.tar").stat().st_size
     with serve(root) as srv:
-        srv.cut["/shard-000000.tar"] = size // 2  # the first answer stops half-way: Content-Length not met
+        # the first answer stops half-way: Content-Length not met
+        srv.cut["/shard-000000.tar"] = size // 2
         # evaluation reads in tar order, so its samples are fetched as one coalesced request
         ld = build_eval_loader(cfg(test_views=(1, 1), eval_batch_size=12, read_retries=2), srv.url + "/")
         got = keys(ld)
@@ -63,7 +65,8 @@ def test_a_body_cut_short_is_retried_from_the_sample_that_failed(shardset, serve
     assert sorted(got) == [f"v{i:03d}" for i in range(12)] and ld.bad_samples == 0
     first, second = (int(r.split("=")[1].split("-")[0]) for r in ranges[:2])
     ix = ld.shardset.index
-    assert first == 0 and second in set(ix.offset.tolist()) and 0 < second <= size // 2  # the failed sample's start
+    # the failed sample's start
+    assert first == 0 and second in set(ix.offset.tolist()) and 0 < second <= size // 2
     assert srv.shard_bytes() < 1.6 * size  # not re-read from byte 0
 
 
@@ -84,7 +87,8 @@ def test_second_epoch_with_the_cache_reads_nothing_from_the_server(shardset, ser
         epoch1 = srv.shard_bytes()
         second = keys(ld)  # iterating again: epoch 1
     assert ld.epoch == 1 and sorted(first) == sorted(second) and first != second
-    assert epoch1 <= 1.05 * stored(root) and srv.shard_bytes() == epoch1  # epoch 2: 0 bytes from the server
+    # epoch 2: 0 bytes from the server
+    assert epoch1 <= 1.05 * stored(root) and srv.shard_bytes() == epoch1
 
 
 def test_a_server_without_ranges_works_and_the_cache_streams_each_shard_once(shardset, serve,
@@ -97,8 +101,9 @@ def test_a_server_without_ranges_works_and_the_cache_streams_each_shard_once(sha
         epoch1 = srv.shard_bytes()
         assert sorted(keys(ld)) == [f"v{i:03d}" for i in range(16)]
     biggest = max(p.stat().st_size for p in root.glob("*.tar"))
-    # each shard streamed whole once per node, plus each worker's first ranged request, answered whole (a real
-    # server sends only what fits the socket buffers before the reader hangs up; this one counts whole bodies)
+    # each shard streamed whole once per node, plus each worker's first ranged request, answered
+    # whole (a real server sends only what fits the socket buffers before the reader hangs up; this
+    # one counts whole bodies)
     assert stored(root) <= epoch1 <= stored(root) + 2 * biggest and srv.shard_bytes() == epoch1
 
 
@@ -122,7 +127,8 @@ def test_a_full_cache_disk_degrades_to_reading_from_the_source(shardset, serve, 
     root = shardset(12, [6, 6])
     real = os.replace
 
-    def full(src, dst):  # the cache's rename is where a full disk shows (the write before it may buffer)
+    def full(src, dst):
+        # the cache's rename is where a full disk shows (the write before it may buffer)
         if "cache" in str(dst):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(src, dst)

@@ -1,4 +1,5 @@
-"""The streaming loader end to end on tiny shard sets: balance, coverage, resume, bad samples, views, sources."""
+"""The streaming loader end to end on tiny shard sets: balance, coverage, resume, bad samples,
+views, sources."""
 
 from __future__ import annotations
 
@@ -41,9 +42,11 @@ def test_two_ranks_two_workers_equal_steps_and_exact_coverage(shardset: Callable
 def test_padding_rule_when_counts_do_not_divide(shardset: Callable[..., Path]) -> None:
     root = shardset(27, [5, 13, 9])
     per_rank = [run(build_train_loader(cfg(), root, rank=r, world_size=2)) for r in range(2)]
-    assert [len(b) for b in per_rank] == [7, 7]  # ceil(27 / (2 ranks x 2)) = 7 batches of 2 on each rank
+    # ceil(27 / (2 ranks x 2)) = 7 batches of 2 on each rank
+    assert [len(b) for b in per_rank] == [7, 7]
     counts = Counter(keys(per_rank[0]) + keys(per_rank[1]))
-    assert set(counts) == {f"v{i:03d}" for i in range(27)} and sum(counts.values()) == 28  # one repeat
+    # one repeat
+    assert set(counts) == {f"v{i:03d}" for i in range(27)} and sum(counts.values()) == 28
     dropped = [run(build_train_loader(cfg(), root, rank=r, world_size=2, balance="drop")) for r in range(2)]
     counts = Counter(keys(dropped[0]) + keys(dropped[1]))
     assert len(dropped[0]) == len(dropped[1]) == 6 and max(counts.values()) == 1 and len(counts) == 24
@@ -157,10 +160,12 @@ def test_reads_shard_sets_built_by_shard_tools(tmp_path: Path, videos: dict[int,
     got = keys(run(ld))
     assert ld.num_classes == 3 and ld.classes == ["a", "b", "c"] and len(got) == 8
     assert set(got) == {str(i + 1) for i in range(7)}
-    sub = build_train_loader(cfg(), root / "shards/train", label_map={2: 0, 0: 1})  # counts from the manifest
+    # counts from the manifest
+    sub = build_train_loader(cfg(), root / "shards/train", label_map={2: 0, 0: 1})
     batches = run(sub)
     assert sub.num_classes == 2 and sorted(set(keys(batches))) == ["1", "3", "4", "6", "7"]
-    assert {k: int(v) for b in batches for k, v in zip(b["key"], b["label"])}["3"] == 0  # label 2 -> 0
+    # label 2 -> 0
+    assert {k: int(v) for b in batches for k, v in zip(b["key"], b["label"])}["3"] == 0
     assert sub.classes == ["c", "a"]  # names follow the remapped order
 
 
@@ -186,7 +191,8 @@ def test_label_map_relabels_classes_to_groups(shardset: Callable[..., Path]) -> 
 
 
 def test_label_filter_keeps_balance_and_coverage(shardset: Callable[..., Path]) -> None:
-    root = shardset(30, [7, 13, 10])  # labels i % 5: 12 samples of labels 1 and 3, selected through the index
+    # labels i % 5: 12 samples of labels 1 and 3, selected through the index
+    root = shardset(30, [7, 13, 10])
     per_rank = [run(build_train_loader(cfg(), root, rank=r, world_size=2, label_map={1: 0, 3: 1})) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 3  # 12 / (2 ranks x 2)
     got = Counter(keys(per_rank[0]) + keys(per_rank[1]))
@@ -226,8 +232,8 @@ def test_truncated_shard_counts_missing_samples_and_keeps_steps(shardset: Callab
     tar = root / "shard-000001.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # a half-copied shard
     q = tmp_path / "q.txt"
-    # Read through a pipe, as a remote shard would be: a local one of the wrong size is refused up front
-    # (tests/data/test_shard_size.py).
+    # Read through a pipe, as a remote shard would be: a local one of the wrong size is refused up
+    # front (tests/data/test_shard_size.py).
     ld = build_train_loader(cfg(quarantine=str(q), shard_url_template=f"pipe:cat {root}/{{name}}"), root)
     batches = run(ld)
     assert len(batches) == len(ld) == 8 and ld.bad_samples >= 4

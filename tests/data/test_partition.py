@@ -1,5 +1,5 @@
-"""The canonical partition on its own (no data read): exact coverage, equal steps, an order that does not depend
-on the layout, resume on any layout, and mixing."""
+"""The canonical partition on its own (no data read): exact coverage, equal steps, an order that
+does not depend on the layout, resume on any layout, and mixing."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def test_every_sample_once_and_equal_steps(world: int, batch: int, drop: bool) -
     if drop:
         assert max(seen.values()) == 1 and n - unit < len(seen) <= n
     else:
-        assert set(seen) == set(range(n)) and sum(seen.values()) - n < unit  # padding: fewer than a round
+        # padding: fewer than a round
+        assert set(seen) == set(range(n)) and sum(seen.values()) - n < unit
 
 
 def test_the_order_depends_on_seed_and_set_only() -> None:
@@ -46,7 +47,8 @@ def test_the_order_depends_on_seed_and_set_only() -> None:
     assert np.array_equal(a, partition.train_order(shard_of, rows, 4, seed=1, block=0))
     assert not np.array_equal(a, partition.train_order(shard_of, rows, 4, seed=2, block=0))
     assert sorted(a.tolist()) == rows.tolist()
-    # the same positions hold the same samples on any layout: consecutive batches of the order, dealt in turn
+    # the same positions hold the same samples on any layout: consecutive batches of the order,
+    # dealt in turn
     one = [x for r in _epoch(a, 1, 4, False) for x in r]
     four = _epoch(a, 4, 4, False)
     dealt = [x for step in range(len(four[0]) // 4) for r in range(4) for x in four[r][step * 4:(step + 1) * 4]]
@@ -95,8 +97,8 @@ def test_evaluation_shares_cover_every_video() -> None:
 
 
 def test_a_rank_batch_mixes_many_shards() -> None:
-    """SSV2's train set as built (660 shards of up to 256 shuffled samples), 8 ranks: >= 4 distinct shards in a
-    rank's batch of 6 on average (the issue's aim), with the default order."""
+    """SSV2's train set as built (660 shards of up to 256 shuffled samples), 8 ranks: >= 4 distinct
+    shards in a rank's batch of 6 on average (the issue's aim), with the default order."""
     counts = [256] * 659 + [168_913 - 256 * 659]
     shard_of = _index(counts)
     order = partition.train_order(shard_of, np.arange(len(shard_of)), 660, seed=0, block=0)

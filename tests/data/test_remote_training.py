@@ -1,5 +1,6 @@
-"""Issue 13 item 6: train and evaluate with nothing local but the config; the shard sets come over http (a
-``python -m http.server`` on 127.0.0.1) or through ``pipe:`` commands, ``shards.json`` from the same place."""
+"""Issue 13 item 6: train and evaluate with nothing local but the config; the shard sets come over
+http (a ``python -m http.server`` on 127.0.0.1) or through ``pipe:`` commands, ``shards.json`` from
+the same place."""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def test_train_and_evaluate_from_an_http_data_dir(data_dir: Path, tmp_path: Path
     with http_server(data_dir) as url:
         proc = _train(f"data_dir={url}", f"out_dir={run}")
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert json.loads((run / "test/metrics.json").read_text())["videos"] == 4  # the multi-view test ran too
+        # the multi-view test ran too
+        assert json.loads((run / "test/metrics.json").read_text())["videos"] == 4
         ev = subprocess.run([sys.executable, "-m", "tstl.train.cli", "eval", "--checkpoint", str(run)], cwd=ROOT,
                             env=subprocess_env(), capture_output=True, text=True, timeout=600, check=False)
         assert ev.returncode == 0, ev.stderr[-3000:]

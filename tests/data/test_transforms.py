@@ -1,5 +1,5 @@
-"""Worker-side transforms: one draw per clip, uint8 out, SSV2 never flips, eval crops cover the long side; and the
-loader's batch format and ``augment_on`` paths."""
+"""Worker-side transforms: one draw per clip, uint8 out, SSV2 never flips, eval crops cover the long
+side; and the loader's batch format and ``augment_on`` paths."""
 
 from __future__ import annotations
 
@@ -35,8 +35,10 @@ def test_same_augmentation_on_every_frame(augment: bool) -> None:
     for seed in range(8):
         clip = tf(_textured(), np.random.default_rng(seed))
         assert clip.shape == (6, 32, 32, 3) and clip.dtype == torch.uint8
-        assert all(torch.equal(clip[t], clip[0]) for t in range(6))  # identical input frames stay identical
-        assert torch.equal(clip, tf(_textured(), np.random.default_rng(seed)))  # reproducible from the generator
+        # identical input frames stay identical
+        assert all(torch.equal(clip[t], clip[0]) for t in range(6))
+        # reproducible from the generator
+        assert torch.equal(clip, tf(_textured(), np.random.default_rng(seed)))
         outs.append(clip)
     assert not all(torch.equal(outs[0], o) for o in outs[1:])  # draws differ between clips
 
@@ -78,7 +80,7 @@ def test_eval_crops_short_side_and_positions() -> None:
     assert torch.equal(ev.crop(x, 1), EvalViews(cfg, num_crops=1).crop(x, 0))
 
 
-# ---- the loader: uint8 across the worker boundary, batch stages, augment_on -----------------------------------
+# ---- the loader: uint8 across the worker boundary, batch stages, augment_on ----------------------
 LOADER = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=1,
               min_bad_check=1000)
 
@@ -124,15 +126,17 @@ def test_both_paths_reproducible_same_format_and_range(shardset: Callable[..., P
     assert [x["key"] for x in a] == [x["key"] for x in o]  # same clips, augmented in another place
     for x, y in zip(a, o):
         assert x["video"].shape == y["video"].shape == (2, 3, 4, 32, 32) and x["label"].shape == y["label"].shape
-    lo, hi = (-0.485 / 0.229 - 1e-4, (1 - 0.406) / 0.225 + 1e-4)  # normalised uint8 range (outside erased boxes)
+    # normalised uint8 range (outside erased boxes)
+    lo, hi = (-0.485 / 0.229 - 1e-4, (1 - 0.406) / 0.225 + 1e-4)
     for x in a:
         v = x["video"]
         assert v.min() >= -6 and v.max() <= 6 and ((v >= lo) & (v <= hi)).float().mean() > 0.5
 
 
 def test_pure_scale_shrinks_antialiased_and_flips_exactly():
-    """A crop that is only scaled (and maybe flipped) is one area-averaged resize: a 1-px checkerboard shrunk 7.5x
-    comes out flat grey (bilinear alone aliases it into stripes), and the flipped clip is the mirror image."""
+    """A crop that is only scaled (and maybe flipped) is one area-averaged resize: a 1-px
+    checkerboard shrunk 7.5x comes out flat grey (bilinear alone aliases it into stripes), and the
+    flipped clip is the mirror image."""
     from tstl.data.augment import crop_matrix
     from tstl.data.transforms import flip_matrix, warp_clip
 
@@ -149,9 +153,10 @@ def test_pure_scale_shrinks_antialiased_and_flips_exactly():
 
 @pytest.mark.parametrize("box", [(0, 0, 240, 320), (17, 40, 150, 201), (5, 3, 230, 420)])
 def test_crop_resize_is_the_reference_bilinear(box):
-    """With no geometric op the crop box is resized as the reference does it: CAST ``util_tools/video_transforms.py``
-    lines 540-572 (``random_resized_crop``) crop then ``F.interpolate(mode="bilinear", align_corners=False)`` to 224.
-    OpenCV's fixed-point bilinear rounds where torch keeps floats: within 1 grey level everywhere."""
+    """With no geometric op the crop box is resized as the reference does it: CAST
+    ``util_tools/video_transforms.py`` lines 540-572 (``random_resized_crop``) crop then
+    ``F.interpolate(mode="bilinear", align_corners=False)`` to 224. OpenCV's fixed-point bilinear
+    rounds where torch keeps floats: within 1 grey level everywhere."""
     import torch.nn.functional as F
 
     from tstl.data.augment import crop_matrix

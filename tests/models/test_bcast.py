@@ -1,4 +1,5 @@
-"""B-CAST: published facts (parameters, compute, init), parity with the reference formulation, training helpers."""
+"""B-CAST: published facts (parameters, compute, init), parity with the reference formulation,
+training helpers."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ TINY = dict(depth=2, num_heads=4, patch_size=8)
 
 
 def _randomise(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random values for every tensor (zero-initialised adapters too), so parity checks every path."""
+    """Random values for every tensor (zero-initialised adapters too), so parity checks every
+    path."""
     g = torch.Generator().manual_seed(seed)
     sd = {k: torch.randn(v.shape, generator=g) * 0.05 + (1.0 if k.endswith("weight") and v.ndim == 1 else 0.0)
           for k, v in model.state_dict().items()}
@@ -38,9 +40,9 @@ def test_b16_parameter_counts() -> None:
 def test_b16_compute_per_view() -> None:
     with torch.device("meta"):
         macs = flops_per_view(create_model("bcast_vit_b16", num_classes=400))
-    # torch's FlopCounterMode does not see the fused nn.MultiheadAttention kernel that the reference's CLIP
-    # attention runs in eval mode, so the published 384.8 G leaves out CLIP's attention-score matmuls:
-    # 12 blocks x 8 frames x 12 heads x (197 x 197 x 64) x 2 (QK^T and AV).
+    # torch's FlopCounterMode does not see the fused nn.MultiheadAttention kernel that the
+    # reference's CLIP attention runs in eval mode, so the published 384.8 G leaves out CLIP's
+    # attention-score matmuls: 12 blocks x 8 frames x 12 heads x (197 x 197 x 64) x 2 (QK^T and AV).
     clip_scores = 12 * 8 * 12 * 197 * 197 * 64 * 2
     assert (macs - clip_scores) / 1e9 == pytest.approx(384.8, abs=0.05)
     assert macs / 1e9 == pytest.approx(390.5, abs=0.05)

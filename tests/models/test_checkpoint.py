@@ -1,4 +1,5 @@
-"""Loading every checkpoint layout B-CAST meets, made here with random weights in the official key layouts."""
+"""Loading every checkpoint layout B-CAST meets, made here with random weights in the official key
+layouts."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def _reference_weights(seed: int = 1) -> dict[str, torch.Tensor]:
 def _clip_layout(sd: dict) -> dict[str, torch.Tensor]:
     """Our CLIP expert weights under OpenAI's full-model names (visual.*), plus text-tower keys."""
     out = {"visual.proj": torch.randn(64, 32), "token_embedding.weight": torch.randn(10, 32),
-           "transformer.resblocks.0.attn.in_proj_weight": torch.randn(96, 32)}  # text tower: same names as visual
+           # text tower: same names as visual
+           "transformer.resblocks.0.attn.in_proj_weight": torch.randn(96, 32)}
     for k, v in sd.items():
         if m := re.match(r"blocks\.(\d+)\.clip_(.*)", k):
             out[f"visual.transformer.resblocks.{m[1]}.{m[2]}"] = v
@@ -51,7 +53,8 @@ def _videomae_layout(sd: dict, pretrain: bool, classes: int) -> dict[str, torch.
 
 
 def _scripted(weights: dict, path: Path) -> None:
-    # TorchScript keeps submodule structure, so build nested modules whose state_dict() has the dotted names.
+    # TorchScript keeps submodule structure, so build nested modules whose state_dict() has the
+    # dotted names.
     root = nn.Module()
     for k, v in weights.items():
         *mods, leaf = k.split(".")
@@ -86,7 +89,8 @@ def test_openai_clip_torchscript_archive(tmp_path: Path) -> None:
     assert torch.equal(sd["blocks.1.clip_attn.in_proj_weight"], ref["blocks.1.clip_attn.in_proj_weight"].half().float())
     assert torch.equal(sd["clip_ln_post.weight"], ref["clip_ln_post.weight"].half().float())
     assert "visual.proj" in report.unexpected or "proj" in report.unexpected
-    assert not torch.equal(sd["patch_embed.proj.weight"], ref["patch_embed.proj.weight"])  # other expert untouched
+    # other expert untouched
+    assert not torch.equal(sd["patch_embed.proj.weight"], ref["patch_embed.proj.weight"])
 
 
 def test_plain_clip_state_dict_and_a_missing_key_fails(tmp_path: Path) -> None:
@@ -116,7 +120,8 @@ def test_videomae_pretrained_and_finetuned(tmp_path: Path, pretrain: bool, class
     head_loaded = not pretrain and classes == 5
     if not pretrain:
         assert torch.equal(sd["head.weight"], ckpt["module"]["head.weight"]) == head_loaded
-    assert torch.equal(sd["vmae_fc_norm.weight"], torch.ones(64))  # VideoMAE's fc_norm is not loaded (as CAST)
+    # VideoMAE's fc_norm is not loaded (as CAST)
+    assert torch.equal(sd["vmae_fc_norm.weight"], torch.ones(64))
 
 
 def test_cast_and_deepspeed_checkpoints_round_trip(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
-"""Official checkpoint files load safely: each layout the reference code writes, built here with random small
-weights, loads into the matching tiny model under ``weights_only`` with the allow-list; a file whose pickle names
-any other global is refused with the global named, unless the user opts in (then it loads with a WARNING).
+"""Official checkpoint files load safely: each layout the reference code writes, built here with
+random small weights, loads into the matching tiny model under ``weights_only`` with the allow-list;
+a file whose pickle names any other global is refused with the global named, unless the user opts in
+(then it loads with a WARNING).
 
-Layouts transcribed from (commits as in /work/shared/reference/models-cast-tstl.md and models-timesformer.md):
+Layouts transcribed from (commits as in /work/shared/reference/models-cast-tstl.md and
+models-timesformer.md):
 
 * MCG-NJU/VideoMAE@14ef8d8 ``utils.py`` L405-422 (``save_model``, torch-amp path: model, optimizer,
   epoch, scaler, args) and L423-427 (DeepSpeed path: ``model.save_checkpoint`` with client state
@@ -71,7 +73,8 @@ def _seeded(name: str, seed: int, **kwargs) -> VideoClassifier:
 
 
 def _args(**extra) -> argparse.Namespace:
-    """The kind of values the reference parsers hold: strings, numbers, bools, None, tuples, lists."""
+    """The kind of values the reference parsers hold: strings, numbers, bools, None, tuples,
+    lists."""
     return argparse.Namespace(batch_size=6, epochs=50, update_freq=1, save_ckpt_freq=10, input_size=224,
                               num_frames=16, tubelet_size=2, patch_size=(16, 16), lr=1e-3 * 48 / 256,
                               layer_decay=0.75, opt_betas=None, clip_grad=None, mixup=0.8, smoothing=0.1,
@@ -151,7 +154,8 @@ _SCALER = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growt
 
 
 def _amp_checkpoint(model_sd: dict, model: nn.Module, epoch, args: argparse.Namespace) -> dict:
-    """utils.save_model, torch-amp path (VideoMAE utils.py L411-417; CAST L664-670; TSTL L673-679)."""
+    """utils.save_model, torch-amp path (VideoMAE utils.py L411-417; CAST L664-670; TSTL
+    L673-679)."""
     return {"model": model_sd, "optimizer": _optimizer_state(model), "epoch": epoch,
             "scaler": dict(_SCALER), "args": args}
 
@@ -201,7 +205,8 @@ def _saved(ckpt: dict, path: Path, numpy_names: str) -> Path:
 
 @NUMPY
 def test_videomae_pretrain_checkpoint_with_args(tmp_path: Path, numpy_names: str) -> None:
-    """run_mae_pretraining.py -> checkpoint-799.pth: the encoder under "encoder.", the decoder beside it."""
+    """run_mae_pretraining.py -> checkpoint-799.pth: the encoder under "encoder.", the decoder
+    beside it."""
     src = _seeded("bcast_test", 1, num_classes=5)
     sd = src.state_dict()
     enc = {f"encoder.{k}": v for k, v in sd.items()
@@ -222,7 +227,8 @@ def test_videomae_pretrain_checkpoint_with_args(tmp_path: Path, numpy_names: str
 @NUMPY
 @pytest.mark.parametrize("deepspeed", [False, True])
 def test_videomae_finetune_checkpoint(tmp_path: Path, deepspeed: bool, numpy_names: str) -> None:
-    """run_class_finetuning.py -> checkpoint-best.pth (torch-amp, with args) or mp_rank_00_model_states.pt."""
+    """run_class_finetuning.py -> checkpoint-best.pth (torch-amp, with args) or
+    mp_rank_00_model_states.pt."""
     src = _seeded("bcast_test", 2, num_classes=5)
     sd = src.state_dict()
     vmae = {k: v for k, v in sd.items()
@@ -270,8 +276,8 @@ def test_cast_checkpoint_best(tmp_path: Path, layout: str, numpy_names: str) -> 
 
 @NUMPY
 def test_tstl_selector_and_experts(tmp_path: Path, numpy_names: str) -> None:
-    """TSTL train_selector.py / train_experts.py: CAST-layout files, selector head over groups, experts over all
-    classes (8 here, 174 in TSTL), each with the run's args."""
+    """TSTL train_selector.py / train_experts.py: CAST-layout files, selector head over groups,
+    experts over all classes (8 here, 174 in TSTL), each with the run's args."""
     selector = _seeded("bcast_test", 4, num_classes=3)
     args = _args(nb_classes=3, data_set="SSV2")
     ckpt = _amp_checkpoint(selector.state_dict(), selector, "best", args)
@@ -334,7 +340,8 @@ def test_other_globals_are_still_refused(tmp_path: Path, numpy_names: str) -> No
 
 
 def test_timesformer_pyth(tmp_path: Path) -> None:
-    """PySlowFast save_checkpoint -> checkpoint_epoch_00015.pyth (model. prefix, SGD state, cfg YAML string)."""
+    """PySlowFast save_checkpoint -> checkpoint_epoch_00015.pyth (model. prefix, SGD state, cfg YAML
+    string)."""
     src = _seeded("timesformer_test", 5)
     params = list(src.parameters())
     opt = torch.optim.SGD(params, lr=0.005, momentum=0.9, weight_decay=1e-4, nesterov=True)

@@ -1,9 +1,11 @@
-"""Every registered model keeps the model contract (tstl/models/contract.py), in the spirit of timm's
-tests/test_models.py. New registrations are picked up automatically through ``list_models()``;
-multi-head models (``multi_head``: a dict of logits per head) are held to the same checks per head.
+"""Every registered model keeps the model contract (tstl/models/contract.py), in the spirit of
+timm's tests/test_models.py. New registrations are picked up automatically through
+``list_models()``; multi-head models (``multi_head``: a dict of logits per head) are held to the
+same checks per head.
 
-Full-size variants are built on the meta device (no memory, no compute) for the contract and parameter counts; the
-forward/backward runs on a reduced build of the same family and attention type (``_reduced``).
+Full-size variants are built on the meta device (no memory, no compute) for the contract and
+parameter counts; the forward/backward runs on a reduced build of the same family and attention type
+(``_reduced``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from tstl.models import VideoClassifier, create_model, list_models
 
 MODELS = list_models()
 
-# Published/known parameter counts (total, trainable) at the variant's default classes; see docs/models.md.
+# Published/known parameter counts (total, trainable) at the variant's default classes; see
+# docs/models.md.
 PARAMS = {
     "bcast_vit_b16": (172_023_552 + 45_071_232 + 769 * 400, 45_071_232 + 769 * 400),
     "bcast_compo_vit_b16": (216_808_333, 44_784_781),  # models-cast-tstl.md 2.2, compo EPIC
@@ -30,7 +33,8 @@ PARAMS = {
 }
 # A model with more parameters than this is built at full size only on the meta device.
 SMALL = 2_000_000
-# Architecture overrides for a CPU forward/backward of a full-size variant: same family, same attention type.
+# Architecture overrides for a CPU forward/backward of a full-size variant: same family, same
+# attention type.
 REDUCED = dict(depth=1, img_size=32, patch_size=8, embed_dim=64, num_heads=4, num_frames=4)
 
 
@@ -45,13 +49,15 @@ def _n_params(model: nn.Module, trainable: bool | None = None) -> int:
 
 @functools.cache
 def _full_size(name: str) -> tuple[type, str | None, int]:
-    """Class, attention type and parameter count of the variant at full size (built once, on the meta device)."""
+    """Class, attention type and parameter count of the variant at full size (built once, on the
+    meta device)."""
     full = _meta(name)
     return type(full), getattr(full, "attention_type", None), _n_params(full)
 
 
 def _reduced(name: str) -> VideoClassifier:
-    """The variant itself when small, else the variant with ``REDUCED`` overrides its class accepts."""
+    """The variant itself when small, else the variant with ``REDUCED`` overrides its class
+    accepts."""
     cls, attention_type, n_params = _full_size(name)
     torch.manual_seed(0)
     if n_params <= SMALL:
@@ -197,7 +203,8 @@ def test_optimizer_groups(name: str) -> None:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_grad_checkpointing_same_gradients(name: str) -> None:
-    model = _reduced(name).eval()  # eval: no dropout or drop path, so both passes are the same function
+    # eval: no dropout or drop path, so both passes are the same function
+    model = _reduced(name).eval()
     x = _clip(model)
     sum(o.sum() for o in _outputs(model(x)).values()).backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

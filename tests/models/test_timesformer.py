@@ -1,5 +1,6 @@
-"""TimeSformer: parameter counts, initialisation, parity with the reference formulation, checkpoint loading and
-the optimizer/training helpers. Everything runs on tiny variants except the parameter counts (meta device)."""
+"""TimeSformer: parameter counts, initialisation, parity with the reference formulation, checkpoint
+loading and the optimizer/training helpers. Everything runs on tiny variants except the parameter
+counts (meta device)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def _tiny(attention_type: str = "divided_space_time", **kw) -> TimeSformer:
 
 
 def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values everywhere (zero-initialised temporal_fc/time_embed included, so they are exercised)."""
+    """Random values everywhere (zero-initialised temporal_fc/time_embed included, so they are
+    exercised)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -26,7 +28,7 @@ def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-# ----------------------------------------------------------------------------------------------- facts
+# -------------------------------------------------------------------------------------------- facts
 
 
 @pytest.mark.parametrize("name, kwargs, expected", [
@@ -73,9 +75,10 @@ def test_overrides() -> None:
     assert model(torch.randn(2, 3, 6, 32, 32)).shape == (2, 5)
 
 
-# ----------------------------------------------------------------------------------------------- parity
+# ------------------------------------------------------------------------------------------- parity
 
-# Native size, more frames and pixels than built for (nearest-resized embeddings), fewer, and a non-square clip.
+# Native size, more frames and pixels than built for (nearest-resized embeddings), fewer, and a
+# non-square clip.
 _SHAPES = [(2, 4, 32, 32), (2, 6, 48, 40), (1, 3, 24, 32)]
 
 
@@ -110,7 +113,8 @@ def test_token_order_patch_major_time_minor() -> None:
 
 
 def test_forward_time_and_position_resize_rules() -> None:
-    """T=8 on a 4-frame model uses time_embed[t // 2]; 64 px on a 32 px model uses pos (r//2, c//2)."""
+    """T=8 on a 4-frame model uses time_embed[t // 2]; 64 px on a 32 px model uses pos
+    (r//2, c//2)."""
     model = _randomize(_tiny()).eval()
     sd = model.state_dict()
     stretched = TimeSformer(**{**_tiny_args(), "num_frames": 8, "img_size": 64}).eval()
@@ -129,7 +133,7 @@ def _tiny_args() -> dict:
     return dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_frames=4, num_classes=8)
 
 
-# ----------------------------------------------------------------------------------------------- checkpoints
+# -------------------------------------------------------------------------------------- checkpoints
 
 
 def test_official_pyth_loads_strict(tmp_path) -> None:
@@ -157,7 +161,8 @@ def test_pyth_time_embed_resized(tmp_path, src_frames: int, dst_frames: int, ind
 
 
 def _timm_vit_tiny(tmp_path, img_size: int = 32):
-    """A random-weight timm ``vit_tiny``-style state dict (ImageNet layout: 1000 classes, no temporal keys)."""
+    """A random-weight timm ``vit_tiny``-style state dict (ImageNet layout: 1000 classes, no
+    temporal keys)."""
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, depth=2)
     sd = {k: torch.randn_like(v) for k, v in vit.state_dict().items()}
     path = tmp_path / "vit_tiny.pth"
@@ -186,8 +191,8 @@ def test_timm_vit_init_divided(tmp_path) -> None:
 
 
 def test_timm_vit_init_is_a_per_frame_vit(tmp_path) -> None:
-    """Loaded from a ViT (zero temporal_fc and time_embed), divided and space-only models on a one-frame clip give
-    exactly the ViT's features."""
+    """Loaded from a ViT (zero temporal_fc and time_embed), divided and space-only models on a
+    one-frame clip give exactly the ViT's features."""
     sd, path = _timm_vit_tiny(tmp_path)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=0).eval()
     vit.load_state_dict({k: v for k, v in sd.items() if not k.startswith("head")})
@@ -201,7 +206,8 @@ def test_timm_vit_init_is_a_per_frame_vit(tmp_path) -> None:
 
 
 def test_timm_vit_pos_embed_flat_resize(tmp_path) -> None:
-    """ImageNet 2x2 patches -> 4x4: the reference loader's 1-D nearest over the flat sequence (new i <- old i//4)."""
+    """ImageNet 2x2 patches -> 4x4: the reference loader's 1-D nearest over the flat sequence
+    (new i <- old i//4)."""
     sd, path = _timm_vit_tiny(tmp_path)
     model = create_model("timesformer_test", img_size=64, patch_size=16, embed_dim=192, depth=2, num_heads=3)
     load_checkpoint(model, path)
@@ -254,13 +260,14 @@ def test_flattened_patch_projection(tmp_path) -> None:
     torch.testing.assert_close(conv.state_dict["patch_embed.proj.weight"], src.patch_embed.proj.weight)
 
 
-# ----------------------------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------------------- training
 
 
 def test_grad_checkpointing_same_gradients() -> None:
     torch.manual_seed(0)
     model = _randomize(_tiny()).train()
-    model.blocks[0].drop_path = torch.nn.Identity()  # drop path draws would differ between the two runs
+    # drop path draws would differ between the two runs
+    model.blocks[0].drop_path = torch.nn.Identity()
     model.blocks[1].drop_path = torch.nn.Identity()
     x = torch.randn(2, 3, 4, 32, 32)
     model(x).square().sum().backward()

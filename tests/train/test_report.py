@@ -1,5 +1,6 @@
-"""Report files a person reads (issue 14): capped confusion PNGs, the most confused pairs by name, the curves PNG,
-the throughput/MFU section, a torn metrics.jsonl; progress bars and log lines; the FLOP counting behind MFU."""
+"""Report files a person reads (issue 14): capped confusion PNGs, the most confused pairs by name,
+the curves PNG, the throughput/MFU section, a torn metrics.jsonl; progress bars and log lines; the
+FLOP counting behind MFU."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def _crafted(n: int, seed: int = 0) -> np.ndarray:
     c = np.diag(rng.integers(3, 9, n))
     c[rng.integers(0, n, n), rng.integers(0, n, n)] += 1  # background noise of single confusions
     c[np.arange(n), np.arange(n)] = np.diag(c).clip(min=3)
-    for t, p, k in ((5, 9, 7), (17, 3, 6), (40, 41, 5)):  # the real top off-diagonal cells, larger than the noise
+    for t, p, k in ((5, 9, 7), (17, 3, 6), (40, 41, 5)):
+        # the real top off-diagonal cells, larger than the noise
         if max(t, p) < n:
             c[t, p] = k
     return c
@@ -117,7 +119,8 @@ def test_report_of_174_classes(tmp_path: Path) -> None:
     assert "| class_17_doing_something | class_3_doing_something | 6 |" in pairs
     per_class = text.split("## Per class")[1].split("##")[0]
     assert "[test/per_class.csv](test/per_class.csv)" in per_class
-    assert per_class.count("_doing_something |") == WORST_CLASSES  # the worst ones only, not 174 rows
+    # the worst ones only, not 174 rows
+    assert per_class.count("_doing_something |") == WORST_CLASSES
     assert "MFU 30.3% of the 989 TFLOP/s dense bf16 peak of NVIDIA H200" in text
     assert "3 GFLOP; achieved 300 TFLOP/s per NVIDIA H200" in text
     assert "chance (1 / 174 classes)" in text
@@ -125,7 +128,8 @@ def test_report_of_174_classes(tmp_path: Path) -> None:
 
 def test_report_of_few_classes_lists_every_class_without_metrics(tmp_path: Path) -> None:
     run = _run_dir(tmp_path, 8)
-    (run / "metrics.jsonl").write_text('{"step": 1, "train/lo')  # only a torn line: no curves, no throughput
+    # only a torn line: no curves, no throughput
+    (run / "metrics.jsonl").write_text('{"step": 1, "train/lo')
     text = write_report(run)
     assert not (run / "curves.png").exists() and "## Throughput" not in text
     per_class = text.split("## Per class")[1].split("##")[0]
@@ -140,7 +144,7 @@ def test_plot_curves_reads_a_torn_metrics_file(tmp_path: Path) -> None:
     assert plots.plot_curves(tmp_path / "missing.jsonl", tmp_path / "none.png") is None
 
 
-# ----------------------------------------------------------------------------------------------- progress, logs
+# ----------------------------------------------------------------------------------- progress, logs
 
 def test_progress_bar_counts_this_ranks_batches() -> None:
     batches = [{"k": i} for i in range(7)]
@@ -166,10 +170,11 @@ def test_log_lines_do_not_break_a_progress_bar(monkeypatch: pytest.MonkeyPatch) 
     assert len(lines) == 1 and "epoch 0" not in lines[0] and lines[0].endswith("INFO tstl.test: a log line")
 
 
-# ----------------------------------------------------------------------------------------------- FLOPs and MFU
+# ------------------------------------------------------------------------------------ FLOPs and MFU
 
 class TwoLayers(nn.Module):
-    """x -> a (8 -> 16) -> b (16 -> 4), no biases: forward 2 x (8x16 + 16x4) = 384 FLOPs per clip."""
+    """x -> a (8 -> 16) -> b (16 -> 4), no biases: forward 2 x (8x16 + 16x4) = 384 FLOPs per
+    clip."""
 
     def __init__(self, train_a: bool, train_b: bool) -> None:
         super().__init__()
@@ -181,9 +186,12 @@ class TwoLayers(nn.Module):
 
 
 @pytest.mark.parametrize("train_a,train_b,backward", [
-    (True, True, 2 * 16 * 4 + 2 * 16 * 4 + 2 * 8 * 16),  # b: weight + input gradient; a: weight gradient only
-    (False, True, 2 * 16 * 4),  # frozen a below: b's weight gradient only (no input gradients at all)
-    (True, False, 2 * 16 * 4 + 2 * 8 * 16),  # frozen b above a trainable a: b's input gradient + a's weights
+    # b: weight + input gradient; a: weight gradient only
+    (True, True, 2 * 16 * 4 + 2 * 16 * 4 + 2 * 8 * 16),
+    # frozen a below: b's weight gradient only (no input gradients at all)
+    (False, True, 2 * 16 * 4),
+    # frozen b above a trainable a: b's input gradient + a's weights
+    (True, False, 2 * 16 * 4 + 2 * 8 * 16),
     (False, False, 0),  # nothing trains
 ])
 def test_training_flops_follow_what_autograd_runs(train_a: bool, train_b: bool, backward: int) -> None:

@@ -1,4 +1,5 @@
-"""Checkpoint completeness/rotation and non-finite loss handling, with stand-ins for the DeepSpeed engine."""
+"""Checkpoint completeness/rotation and non-finite loss handling, with stand-ins for the DeepSpeed
+engine."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def test_incomplete_save_is_ignored_and_rotation_keeps_last_and_best(tmp_path: P
     for step, metric in [(10, 0.2), (20, 0.9), (30, 0.4), (40, 0.5)]:
         _save(ck, engine, step, metric)
     tags = sorted(d.name for d in ck.dir.iterdir())
-    assert tags == ["step-0000020", "step-0000030", "step-0000040"]  # last 2 + the best (0.9 at step 20)
+    # last 2 + the best (0.9 at step 20)
+    assert tags == ["step-0000020", "step-0000030", "step-0000040"]
     assert ck.best() == str(ck.dir / "step-0000020")
 
     # a crash while saving step 50: DeepSpeed's files are there, our marker is not
@@ -68,8 +70,8 @@ def test_incomplete_save_is_ignored_and_rotation_keeps_last_and_best(tmp_path: P
 
 
 def test_resume_on_another_world_size_reads_every_saved_rank(tmp_path: Path) -> None:
-    """Elastic resume (issue 13): all saved ranks' states come back; a missing one is named (tests/train/
-    test_elastic.py runs the real thing)."""
+    """Elastic resume (issue 13): all saved ranks' states come back; a missing one is named
+    (tests/train/test_elastic.py runs the real thing)."""
     ck, engine = Checkpointer(tmp_path), FakeEngine(partitioned=False)
     tag = _save(ck, engine, 10, None)
     marker = ck.dir / tag / MARKER
@@ -111,13 +113,14 @@ def test_non_finite_losses_skip_the_step_then_stop() -> None:
 
     assert trainer.train_step(good) is not None
     assert trainer.train_step(bad) is None and trainer.train_step(bad) is None
-    assert (trainer.engine.backwards, trainer.engine.steps, trainer.nonfinite) == (1, 1, 2)  # skipped, not trained
+    # skipped, not trained
+    assert (trainer.engine.backwards, trainer.engine.steps, trainer.nonfinite) == (1, 1, 2)
     with pytest.raises(NonFiniteLossError, match="more than 2"):
         trainer.train_step(bad)
     assert trainer.engine.steps == 1
 
 
-# ----------------------------------------------------------------------------------- resume guard (issue 13)
+# -------------------------------------------------------------------------- resume guard (issue 13)
 
 def test_resume_refuses_a_changed_config_with_a_diff_unless_safe_or_accepted(tmp_path: Path) -> None:
     from tstl.core.config import ConfigError, dump_yaml
@@ -132,7 +135,8 @@ def test_resume_refuses_a_changed_config_with_a_diff_unless_safe_or_accepted(tmp
     changes = resume_guard.check(tmp_path / "config.yaml", safe, accept=False)
     assert {k for k, _, _ in changes} == {"epochs", "log_every", "checkpoint.every_minutes", "data.num_workers"}
 
-    new = TrainConfig(epochs=3, log_every=1)  # fewer epochs is not safe: the schedule already ran past its end
+    # fewer epochs is not safe: the schedule already ran past its end
+    new = TrainConfig(epochs=3, log_every=1)
     new.optim.lr = 5e-4
     with pytest.raises(ConfigError) as err:
         resume_guard.check(tmp_path / "config.yaml", new, accept=False)
@@ -143,7 +147,8 @@ def test_resume_refuses_a_changed_config_with_a_diff_unless_safe_or_accepted(tmp
 
 
 def test_resume_of_a_run_saved_before_a_key_existed(tmp_path: Path) -> None:
-    """A config.yaml without a key added later (e.g. data.decoder) matches the key's default, not another value."""
+    """A config.yaml without a key added later (e.g. data.decoder) matches the key's default, not
+    another value."""
     import yaml
 
     from tstl.core.config import ConfigError, dump_yaml
@@ -159,7 +164,7 @@ def test_resume_of_a_run_saved_before_a_key_existed(tmp_path: Path) -> None:
         resume_guard.check(tmp_path / "config.yaml", other, accept=False)
 
 
-# ----------------------------------------------------------------------------------- preemption (issue 13)
+# ---------------------------------------------------------------------------- preemption (issue 13)
 
 def test_the_checkpointer_decides_when_to_save(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,5 @@
-"""End-to-end training on synthetic shards: 2 ranks on gloo (ZeRO-1, fp32 and bf16), kill-and-resume, eval CLI."""
+"""End-to-end training on synthetic shards: 2 ranks on gloo (ZeRO-1, fp32 and bf16),
+kill-and-resume, eval CLI."""
 
 from __future__ import annotations
 
@@ -46,11 +47,13 @@ def test_two_ranks_zero1(data_dir: Path, tmp_path: Path, precision: str, leaks: 
     assert metrics["videos"] == 4  # every val video once, merged across both ranks (1 per class)
     assert (run / "test/confusion.png").exists() and (run / "report.md").exists()
     assert (run / "curves.png").exists() and "## Most confused pairs" in (run / "report.md").read_text()
-    perf = json.loads((run / "perf.json").read_text())  # issue 14: counted model FLOPs; no MFU on CPU
+    # issue 14: counted model FLOPs; no MFU on CPU
+    perf = json.loads((run / "perf.json").read_text())
     assert perf["train_flops_per_clip"] > perf["forward_flops_per_clip"] > 0 and perf["peak_flops"] is None
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["perf/achieved_flops"] > 0 and "perf/mfu" not in r for r in rows if "train/loss" in r)
-    assert len(_losses(run)) == 2 * 3  # 12 training clips / (2 ranks x batch 2) = 3 steps per epoch, on each rank
+    # 12 training clips / (2 ranks x batch 2) = 3 steps per epoch, on each rank
+    assert len(_losses(run)) == 2 * 3
     marker = json.loads(next((run / "checkpoints").glob("*/complete.json")).read_text())
     assert marker["world_size"] == 2
     assert "bf16" in (run / "config.yaml").read_text() if precision == "bf16" else True

@@ -1,4 +1,5 @@
-"""Routed multi-view evaluation against a hand computation, and TSTL's released (full-head) checkpoints."""
+"""Routed multi-view evaluation against a hand computation, and TSTL's released (full-head)
+checkpoints."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def test_routed_views_merge_like_a_hand_computation(top_k: int) -> None:
     soft = hard if top_k == 1 else s[:, 0:1] * full[0] + s[:, 1:2] * full[1]
     true_group = GROUPS.class_to_group[np.repeat(labels, 2)]
     oracle = full[true_group, np.arange(12)]
-    assert 0 < (top != true_group).sum() < 12  # some views misrouted: oracle differs from hard routing
+    # some views misrouted: oracle differs from hard routing
+    assert 0 < (top != true_group).sum() < 12
     per_video = lambda p: p.reshape(6, 2, -1).mean(1)  # noqa: E731
     methods = res["summary"]["methods"]
     for name, p in (("hard", hard), ("soft", soft), ("oracle", oracle)):
@@ -84,7 +86,8 @@ def test_released_tstl_checkpoints_with_full_class_heads(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(models.selector(x), sel.eval()(x))
         torch.testing.assert_close(models.experts[1](x), full[1].eval()(x))
-        # as TSTL: the chosen expert's softmax over all classes is the prediction, even outside its group
+        # as TSTL: the chosen expert's softmax over all classes is the prediction, even outside its
+        # group
         sel_logits = torch.tensor([[0.0, 9.0], [0.0, 9.0]])
         out = route(x, sel_logits, models.experts, GROUPS, top_k=1)
         torch.testing.assert_close(out.probs, full[1](x).softmax(-1))

@@ -27,10 +27,12 @@ def test_stage_configs_filter_relabel_and_layer_the_overrides(tmp_path):
     assert not stage.adapters
     assert sel.model.init == ["clip.pt", "vmae.pth", "cast.pth"] and sel.optim.lr == 2e-3
     assert sel.out_dir == str(tmp_path / "selector") and sel.test_at_end is False
-    assert sel.epochs == 10 and sel.data.num_frames == cfg.data.num_frames  # recipe override, else the run's
+    # recipe override, else the run's
+    assert sel.epochs == 10 and sel.data.num_frames == cfg.data.num_frames
     expert = expert_stage(cfg, GROUPS, 2)
     ex = expert.config
-    assert expert.label_map == {4: 0, 6: 1, 7: 2} and len(expert.adapters) == 1  # filter + relabel; head rows
+    # filter + relabel; head rows
+    assert expert.label_map == {4: 0, 6: 1, 7: 2} and len(expert.adapters) == 1
     assert ex.model.num_classes == 3 and ex.epochs == 3 and ex.optim.lr == cfg.optim.lr
     assert ex.out_dir == str(tmp_path / "expert_02") and ex.model.init == ["clip.pt", "vmae.pth", "cast.pth"]
     assert ex.train_split == cfg.train_split  # the same shards, filtered on the fly
@@ -55,7 +57,8 @@ def test_resume_skips_finished_experts(tmp_path):
     for g in (0, 2):
         expert_file(tmp_path, g).parent.mkdir(parents=True)
         expert_file(tmp_path, g).write_bytes(b"x")
-    expert_file(tmp_path, 1).parent.mkdir(parents=True)  # killed mid-training: folder but no expert file
+    # killed mid-training: folder but no expert file
+    expert_file(tmp_path, 1).parent.mkdir(parents=True)
     assert pending_experts(GROUPS, tmp_path) == [1]
 
 
@@ -82,7 +85,8 @@ def test_shipped_tstl_recipes_load_and_pass_the_checks():
         cfg = load_config(TSTLConfig, [ROOT / "configs" / f for f in files])
         cfg.check()
         assert selector_stage(cfg, GROUPS).config.model.freeze_pretrained
-    with pytest.raises(ConfigError, match="freeze_pretrained must be true"):  # the plain demo trains its experts
+    with pytest.raises(ConfigError, match="freeze_pretrained must be true"):
+        # the plain demo trains its experts
         load_config(TSTLConfig,
                     [ROOT / "configs" / f for f in ("data/ssv2.yaml", "demo.yaml", "tstl/default.yaml")]).check()
 

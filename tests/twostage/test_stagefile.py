@@ -20,7 +20,8 @@ KW = {"num_classes": 3}
 
 @pytest.fixture
 def frozen(tmp_path):
-    """The frozen weights' source: a checkpoint of the random weights ``_expert`` starts from (seed 7)."""
+    """The frozen weights' source: a checkpoint of the random weights ``_expert`` starts from
+    (seed 7)."""
     return frozen_sources_from_paths([write_random_checkpoint(tmp_path / "init.pt", "bcast_test", seed=7, **KW)])
 
 
@@ -108,7 +109,8 @@ def test_files_of_the_old_format_name_still_load(tmp_path, frozen):
     m = _expert(1)
     save_stage_file(m, tmp_path / "e.pt", "bcast_test", KW, frozen)
     assert read_stage_file(tmp_path / "e.pt")["format"] == "tstl-stage/v1"
-    old = {**torch.load(tmp_path / "e.pt", weights_only=True), "format": "tstl-expert/v1"}  # written before the rename
+    # written before the rename
+    old = {**torch.load(tmp_path / "e.pt", weights_only=True), "format": "tstl-expert/v1"}
     torch.save(old, tmp_path / "old.pt")
     with torch.no_grad():
         torch.testing.assert_close(load_stage_file(tmp_path / "old.pt")(_x()), m(_x()))

@@ -1,5 +1,5 @@
-"""TSTL end to end on synthetic shards: both stages through the trainer, killed in stage 2 and resumed, then the
-routed evaluation next to a single B-CAST."""
+"""TSTL end to end on synthetic shards: both stages through the trainer, killed in stage 2 and
+resumed, then the routed evaluation next to a single B-CAST."""
 
 from __future__ import annotations
 
@@ -24,14 +24,16 @@ CONFIGS = [str(ROOT / f"configs/{f}.yaml") for f in ("data/ssv2", "demo", "tstl/
 
 
 def _cli(cmd: str, data_dir: Path, run: Path, *extra: str) -> list[str]:
-    """A TSTL command on the tiny B-CAST; training starts from the random weights of ``_init(run)``."""
+    """A TSTL command on the tiny B-CAST; training starts from the random weights of
+    ``_init(run)``."""
     return [sys.executable, "-m", "tstl.twostage.cli", cmd, "--config", *CONFIGS, f"data_dir={data_dir}",
             f"out_dir={run}", "model.freeze_pretrained=true", "tstl.num_groups=2", f"tstl.init=[{_init(run)}]",
             *TINY, *extra]
 
 
 def _init(run: Path, model: str = "bcast_test") -> Path:
-    """Random initial weights beside the run (4 classes: experts take their rows of its head, as of a CAST)."""
+    """Random initial weights beside the run (4 classes: experts take their rows of its head, as of
+    a CAST)."""
     path = run.parent / f"init-{model}.pt"
     if not path.exists():
         write_random_checkpoint(path, model, num_classes=4)
@@ -65,7 +67,8 @@ def test_two_stage_run_killed_in_stage_2_resumes_then_evaluates(data_dir: Path, 
     proc = subprocess.run(train, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "selector already trained" in proc.stderr and "1 of 2 experts to train (finished: [0])" in proc.stderr
-    assert f"resumed from {run / 'expert_01/checkpoints'}" in proc.stderr  # mid-epoch, from its own checkpoint
+    # mid-epoch, from its own checkpoint
+    assert f"resumed from {run / 'expert_01/checkpoints'}" in proc.stderr
     assert {p: p.stat().st_mtime_ns for p in before} == before  # finished stages untouched
 
     # each stage was trained on the right labels of the same shards
@@ -73,7 +76,8 @@ def test_two_stage_run_killed_in_stage_2_resumes_then_evaluates(data_dir: Path, 
     ex_cfg = yaml.safe_load((run / "expert_01/config.yaml").read_text())
     assert _labels(run / "selector") == {0: 0, 1: 0, 2: 1, 3: 1} and sel_cfg["model"]["num_classes"] == 2
     assert _labels(run / "expert_01") == {2: 0, 3: 1} and ex_cfg["epochs"] == 2
-    # stage files: trainable tensors only, frozen ones by reference to the run's shared initial weights
+    # stage files: trainable tensors only, frozen ones by reference to the run's shared initial
+    # weights
     payload = read_stage_file(run / "expert_01/expert.pt")
     model = create_model("bcast_test", num_classes=2)
     assert set(payload["trainable"]) == set(model.trainable_state_dict())
@@ -118,7 +122,8 @@ def test_two_ranks_through_the_deepspeed_launcher(data_dir: Path, tmp_path: Path
     proc = subprocess.run(ev, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "eval/metrics.json").read_text())
-    assert summary["videos"] == 4 and summary["views"] == 16  # each rank's share merged on rank 0, padding dropped
+    # each rank's share merged on rank 0, padding dropped
+    assert summary["videos"] == 4 and summary["views"] == 16
     assert summary["forwards"]["views_run"] >= 16
 
 
@@ -139,11 +144,13 @@ def test_experts_can_read_per_group_subsets(data_dir: Path, tmp_path: Path) -> N
     cfg = yaml.safe_load((run / "expert_00/config.yaml").read_text())
     assert cfg["train_split"] == "train-g00" and _labels(run / "expert_00") == {3: 0, 0: 1}
     metrics = [json.loads(line) for line in (run / "expert_00/metrics.jsonl").read_text().splitlines()]
-    assert len([m for m in metrics if "train/loss" in m]) == 3  # the 6 videos of classes 3 and 0, batch 2
+    # the 6 videos of classes 3 and 0, batch 2
+    assert len([m for m in metrics if "train/loss" in m]) == 3
 
 
 def test_eval_of_released_tstl_checkpoints(data_dir: Path, tmp_path: Path) -> None:
-    """TSTL's released files: a CAST-layout selector over groups and CAST-layout experts over all classes."""
+    """TSTL's released files: a CAST-layout selector over groups and CAST-layout experts over all
+    classes."""
     torch.manual_seed(0)
     torch.save({"model": create_model("bcast_test", num_classes=2).state_dict()}, tmp_path / "selector.pth")
     experts = []
@@ -157,7 +164,8 @@ def test_eval_of_released_tstl_checkpoints(data_dir: Path, tmp_path: Path) -> No
                                   "num_heads": 2, "num_classes": 4}))
     run = tmp_path / "released"
     cmd = _cli("eval", data_dir, run) + ["--selector", str(tmp_path / "selector.pth"), "--experts",
-                                         *map(str, experts), f"tstl.groups={groups}"]  # an override after --experts
+                                         # an override after --experts
+                                         *map(str, experts), f"tstl.groups={groups}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "eval/metrics.json").read_text())
@@ -165,8 +173,8 @@ def test_eval_of_released_tstl_checkpoints(data_dir: Path, tmp_path: Path) -> No
 
 
 def test_tstl_on_timesformer(data_dir: Path, tmp_path: Path) -> None:
-    """Any family that keeps the model contract runs TSTL; a TimeSformer has no frozen part, so its stage files
-    hold the whole model."""
+    """Any family that keeps the model contract runs TSTL; a TimeSformer has no frozen part, so its
+    stage files hold the whole model."""
     run = tmp_path / "tstl-timesformer"
     extra = ["model.name=timesformer_test", f"tstl.init=[{_init(run, 'timesformer_test')}]"]
     proc = subprocess.run(_cli("train", data_dir, run, "tstl.selector.epochs=1", "tstl.expert.epochs=1", *extra),
