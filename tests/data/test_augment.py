@@ -42,9 +42,10 @@ def natural(h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-COLOUR = [("Invert", ()), ("Posterize", (1,)), ("Posterize", (2,)), ("Posterize", (4,)), ("Solarize", (100,)),
-          ("Solarize", (256,)), ("SolarizeAdd", (77,)), ("Brightness", (1.63,)), ("Brightness", (0.4,)),
-          ("Contrast", (1.7,)), ("Contrast", (0.3,)), ("Color", (1.8,)), ("Color", (0.2,)), ("Sharpness", (1.9,)),
+COLOUR = [("Invert", ()), ("Posterize", (1,)), ("Posterize", (2,)), ("Posterize", (4,)),
+          ("Solarize", (100,)), ("Solarize", (256,)), ("SolarizeAdd", (77,)),
+          ("Brightness", (1.63,)), ("Brightness", (0.4,)), ("Contrast", (1.7,)),
+          ("Contrast", (0.3,)), ("Color", (1.8,)), ("Color", (0.2,)), ("Sharpness", (1.9,)),
           ("Sharpness", (0.1,)), ("AutoContrast", ()), ("Equalize", ())]
 # NumPy/OpenCV path: cv2.addWeighted rounds where PIL's blend truncates (<= 1 level), and cv2's RGB
 # -> grey weights differ from PIL's in the last bit (<= 1 more level for Color). Everything else is
@@ -56,12 +57,14 @@ NUMPY_TOLERANCE = {"Color": 2, "Sharpness": 1}
 def test_colour_ops_match_timm_pil(name: str, args: tuple) -> None:
     # different frames: statistics per frame
     frames = np.stack([natural(seed=1), natural(seed=2) // 2 + 60])
-    ref = np.stack([np.asarray(NAME_TO_OP[name](Image.fromarray(f), *args)) for f in frames]).astype(int)
+    ref = np.stack([np.asarray(NAME_TO_OP[name](Image.fromarray(f), *args))
+                    for f in frames]).astype(int)
     got_np = colour_numpy(frames.copy(), name, args).astype(int)
     got_torch = colour_torch(torch.from_numpy(frames), name, args).numpy().astype(int)
     assert np.abs(got_torch - ref).max() == 0  # torch path: PIL's arithmetic exactly
     assert np.abs(got_np - ref).max() <= NUMPY_TOLERANCE.get(name, 0)
-    assert torch.equal(apply_colour(torch.from_numpy(frames), name, args), torch.from_numpy(got_np.astype(np.uint8)))
+    assert torch.equal(apply_colour(torch.from_numpy(frames), name, args),
+                       torch.from_numpy(got_np.astype(np.uint8)))
 
 
 def _timm_geometry(img: np.ndarray, ops: list[tuple[str, tuple]]) -> np.ndarray:
@@ -80,8 +83,9 @@ def _ours(img: np.ndarray, ops: ClipOps) -> tuple[np.ndarray, np.ndarray, np.nda
     return worker, device, fill
 
 
-@pytest.mark.parametrize("name,v", [("Rotate", 21.0), ("Rotate", -9.5), ("ShearX", 0.21), ("ShearY", -0.2),
-                                    ("TranslateXRel", 0.3), ("TranslateYRel", -0.25)])
+@pytest.mark.parametrize("name,v", [("Rotate", 21.0), ("Rotate", -9.5), ("ShearX", 0.21),
+                                    ("ShearY", -0.2), ("TranslateXRel", 0.3),
+                                    ("TranslateYRel", -0.25)])
 def test_single_geometric_op_matches_timm_pil(name: str, v: float) -> None:
     # Tolerance: mean |diff| <= 1.5 and max <= 8 grey levels. The maps are the same; OpenCV and
     # torch use the bicubic kernel with a = -0.75, PIL a = -0.5, which moves single pixels by a few
@@ -112,10 +116,11 @@ def test_composed_geometry_is_one_warp_of_the_same_map(seq: list) -> None:
     ref = _timm_geometry(img, seq)
     for got in _ours(img, ClipOps(seq))[:2]:
         fill = _ours(img, ClipOps(seq))[2]
-        edge = cv2.dilate(fill.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool) & ~cv2.erode(
-            fill.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+        edge = (cv2.dilate(fill.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+                & ~cv2.erode(fill.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool))
         d = np.abs(got - ref)
-        assert d.mean() <= 4 and np.percentile(d[~edge], 99) <= 25, (d.mean(), np.percentile(d[~edge], 99))
+        assert d.mean() <= 4 and np.percentile(d[~edge], 99) <= 25, (
+            d.mean(), np.percentile(d[~edge], 99))
         inner_fill = fill & ~edge
         assert (ref[inner_fill] == 128).all() and (got[inner_fill] == 128).all()
         inside = ~cv2.dilate(fill.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
@@ -185,7 +190,8 @@ def test_worker_and_device_paths_agree_on_the_same_draw() -> None:
         ops = policy.draw(rng)
         maps = ops.maps(64, 64)
         fill = fill_mask(maps, 64, 64) if maps else None
-        worker = torch.from_numpy(warp_clip(clip, (0, 0, 64, 64), compose(maps) if maps else np.eye(3), 64, fill))
+        worker = torch.from_numpy(warp_clip(clip, (0, 0, 64, 64),
+                                            compose(maps) if maps else np.eye(3), 64, fill))
         for name, args in ops.colour:
             worker = apply_colour(worker, name, args)
         device = torch.from_numpy(clip.copy())
@@ -227,7 +233,8 @@ def test_erasing_one_box_per_clip_on_every_frame() -> None:
         per_frame = changed.any(0)  # [T, H, W]
         # same box on every frame
         assert all(torch.equal(per_frame[t], per_frame[0]) for t in range(4))
-        rows, cols = per_frame[0].any(1).nonzero().flatten(), per_frame[0].any(0).nonzero().flatten()
+        rows, cols = (per_frame[0].any(1).nonzero().flatten(),
+                      per_frame[0].any(0).nonzero().flatten())
         area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1) / 32 ** 2
         assert 0.015 <= area <= 0.36
         assert not torch.equal(out[i, :, 0], out[i, :, 1])  # pixel-mode noise differs per frame
@@ -253,7 +260,8 @@ def test_worker_and_device_paths_same_statistics() -> None:
     frame = natural(32, 32, seed=11)
     frames = np.repeat(frame[None], 2, axis=0)
     n = 300
-    tf = TrainClipTransform(Cfg(input_size=32, rand_augment=SPEC, rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0)))
+    tf = TrainClipTransform(Cfg(input_size=32, rand_augment=SPEC, rrc_scale=(1.0, 1.0),
+                                rrc_ratio=(1.0, 1.0)))
     worker = [tf(frames, np.random.default_rng(k)).int() for k in range(n)]
     ra = DeviceRandAugment(SPEC)
     video = torch.from_numpy(np.broadcast_to(frames, (n, 2, 32, 32, 3)).copy())

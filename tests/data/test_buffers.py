@@ -70,8 +70,8 @@ class _Recording(Returns):
         _Recording.made.append(self)
 
 
-def _run(root: Path, cfg: DataConfig, reuse: bool, monkeypatch: pytest.MonkeyPatch, train: bool = True,
-         keep_raw: bool = False) -> list[dict]:
+def _run(root: Path, cfg: DataConfig, reuse: bool, monkeypatch: pytest.MonkeyPatch,
+         train: bool = True, keep_raw: bool = False) -> list[dict]:
     _Recording.made = []
     monkeypatch.setattr(loader_mod, "Returns", _Recording if reuse else (lambda roles: None))
     ld = build_train_loader(cfg, root, epoch=1) if train else build_eval_loader(cfg, root)
@@ -81,8 +81,8 @@ def _run(root: Path, cfg: DataConfig, reuse: bool, monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_reused_buffers_give_the_same_batches(shardset: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
-                                              train: bool) -> None:
+def test_reused_buffers_give_the_same_batches(shardset: Callable[..., Path],
+                                              monkeypatch: pytest.MonkeyPatch, train: bool) -> None:
     root = shardset(24, [8, 8, 8])
     cfg = DataConfig(**LOADER)
     plain = _run(root, cfg, False, monkeypatch, train)
@@ -91,11 +91,12 @@ def test_reused_buffers_give_the_same_batches(shardset: Callable[..., Path], mon
     assert sum(r.returned for r in _Recording.made) >= len(reused) - 4
     assert len(plain) == len(reused) >= 12
     for p, r in zip(plain, reused):
-        assert p["key"] == r["key"] and torch.equal(p["video"], r["video"]) and torch.equal(p["label"], r["label"])
+        assert (p["key"] == r["key"] and torch.equal(p["video"], r["video"])
+                and torch.equal(p["label"], r["label"]))
 
 
-def test_batches_held_by_the_consumer_are_never_overwritten(shardset: Callable[..., Path],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batches_held_by_the_consumer_are_never_overwritten(
+        shardset: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Keeping every raw uint8 batch alive: no buffer can come back, so the worker falls back to
     fresh buffers and every held batch keeps the contents it was sent with."""
     root = shardset(24, [8, 8, 8])
@@ -110,10 +111,12 @@ def test_small_shared_memory_is_named_with_the_fix(tmp_path: Path, monkeypatch: 
                                                    caplog: pytest.LogCaptureFixture) -> None:
     from tstl.data import buffers
 
-    monkeypatch.setattr(buffers.shutil, "disk_usage", lambda p: type("U", (), {"total": 64 * 2**20})())
+    monkeypatch.setattr(buffers.shutil, "disk_usage",
+                        lambda p: type("U", (), {"total": 64 * 2**20})())
     assert not buffers.check_room(workers=4, buffers=5, batch_bytes=19 * 2**20)
     assert "--shm-size=1g" in caplog.text and "data.num_workers" in caplog.text
     assert buffers.check_room(workers=1, buffers=2, batch_bytes=2**20)
-    monkeypatch.setattr(buffers.shutil, "disk_usage", lambda p: (_ for _ in ()).throw(FileNotFoundError(p)))
+    monkeypatch.setattr(buffers.shutil, "disk_usage",
+                        lambda p: (_ for _ in ()).throw(FileNotFoundError(p)))
     # no /dev/shm: nothing to say
     assert buffers.check_room(workers=4, buffers=5, batch_bytes=19 * 2**20)

@@ -37,12 +37,13 @@ def keys(batches: list[dict]) -> list[str]:
 
 
 def quarantined(q: Path) -> dict[str, tuple[str, str]]:
-    return {k: (shard, reason) for k, shard, reason in (line.split("\t") for line in q.read_text().splitlines())}
+    return {k: (shard, reason)
+            for k, shard, reason in (line.split("\t") for line in q.read_text().splitlines())}
 
 
 # ---- item 7: out-of-range labels -----------------------------------------------------------------
-def test_out_of_range_labels_are_bad_samples_and_never_reach_mixup(tmp_path: Path, videos: dict[int, bytes],
-                                                                    shardkit) -> None:
+def test_out_of_range_labels_are_bad_samples_and_never_reach_mixup(
+        tmp_path: Path, videos: dict[int, bytes], shardkit) -> None:
     sample, n_cls = shardkit.sample, shardkit.num_classes
     good = [sample(f"g{i:02d}", i % n_cls, videos[12], 12) for i in range(13)]
     bad = [sample("cls999", 999, videos[12], 12), sample("cls_minus1", -1, videos[12], 12),
@@ -75,7 +76,8 @@ def _procs_with(marker: str) -> list[int]:
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             with contextlib.suppress(OSError):
-                if marker in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                if marker in ((d / "cmdline").read_bytes().replace(b"\0", b" ")
+                              .decode(errors="replace")):
                     out.append(int(d.name))
     return out
 
@@ -109,14 +111,15 @@ def test_stalled_pipe_source_times_out_retries_and_leaves_no_process(shardset: C
     c = cfg(quarantine=str(q), read_timeout_s=1.0, read_retries=1)
     try:
         with _deadline(120):
-            for loader in (build_train_loader(c, shards), build_eval_loader(c, shards, views=(1, 1))):
+            for loader in (build_train_loader(c, shards),
+                           build_eval_loader(c, shards, views=(1, 1))):
                 batches = list(loader)
                 assert len(batches) == len(loader)
                 assert 2 <= loader.bad_samples < 8  # the samples after the stall point
                 assert {f"v{i:03d}" for i in range(8)} <= set(keys(batches))
         reasons = {r for _, r in quarantined(q).values()}
-        assert reasons and all("shard unreadable after 2 attempts: TimeoutError" in r and "read_timeout_s" in r
-                               for r in reasons), reasons
+        assert reasons and all("shard unreadable after 2 attempts: TimeoutError" in r
+                               and "read_timeout_s" in r for r in reasons), reasons
         assert all(shard == "shard-000001.tar" for shard, _ in quarantined(q).values())
     finally:
         left = _procs_with(marker)
@@ -126,7 +129,8 @@ def test_stalled_pipe_source_times_out_retries_and_leaves_no_process(shardset: C
     assert not left, f"stalled source processes left behind: {left}"
 
 
-def test_stalled_http_source_times_out_and_retries(shardset: Callable[..., Path], tmp_path: Path) -> None:
+def test_stalled_http_source_times_out_and_retries(shardset: Callable[..., Path],
+                                                   tmp_path: Path) -> None:
     root = shardset(16, [8, 8])
     release = threading.Event()
     requests: list[str] = []
@@ -167,7 +171,8 @@ def test_stalled_http_source_times_out_and_retries(shardset: Callable[..., Path]
     ix, half = ld.shardset.index, (root / "shard-000001.tar").stat().st_size // 2
     beyond = {ix.key[r].decode() for r in range(8, 16) if ix.offset[r] + ix.length[r] > half}
     assert len(batches) == len(ld) and ld.bad_samples == len(beyond) and 2 <= len(beyond) < 8
-    assert set(quarantined(q)) == beyond and {f"v{i:03d}" for i in range(16)} - beyond == set(keys(batches))
+    assert (set(quarantined(q)) == beyond
+            and {f"v{i:03d}" for i in range(16)} - beyond == set(keys(batches)))
     # every one: the first attempt and a retry
     assert requests.count("/shard-000001.tar") >= 2 * len(beyond)
     assert {shard for shard, _ in quarantined(q).values()} == {"shard-000001.tar"}
@@ -198,17 +203,18 @@ _RANK = textwrap.dedent("""
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("broken", [6, 16], ids=["partly-broken", "all-broken"])
-def test_two_ranks_fail_together_when_one_ranks_data_is_broken(tmp_path: Path, videos: dict[int, bytes],
-                                                               shardkit, broken: int) -> None:
+def test_two_ranks_fail_together_when_one_ranks_data_is_broken(
+        tmp_path: Path, videos: dict[int, bytes], shardkit, broken: int) -> None:
     sample = shardkit.sample
     good = [sample(f"g{i:02d}", i % 5, videos[12], 12) for i in range(16 - broken)]
     bad = [sample(f"bad{i:02d}", 0, videos[12][:600] + b"\0" * 2000, 12) for i in range(broken)]
     root = shardkit.write(tmp_path / "s", good[:8] + bad + good[8:], [16])
     q = tmp_path / "quarantine.txt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
-    procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), str(root), str(q)], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), str(root), str(q)], env=env,
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
     results = []
     try:
         for p in procs:
@@ -241,8 +247,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_bad_limit_counts_all_workers_and_epochs_of_a_rank(shardset: Callable[..., Path], tmp_path: Path,
-                                                           videos: dict[int, bytes], shardkit) -> None:
+def test_bad_limit_counts_all_workers_and_epochs_of_a_rank(
+        shardset: Callable[..., Path], tmp_path: Path, videos: dict[int, bytes], shardkit) -> None:
     """Small workers: 2 workers reading 8 samples each, 1 bad each; min_bad_check 12 is reached only
     together."""
     sample = shardkit.sample
@@ -253,7 +259,8 @@ def test_bad_limit_counts_all_workers_and_epochs_of_a_rank(shardset: Callable[..
     ok = build_train_loader(cfg(num_workers=2, max_bad_fraction=0.2, min_bad_check=12), root)
     assert len(list(ok)) == len(ok) and ok.bad_samples == 2  # 2 of 16 <= 20 %
     strict = build_train_loader(cfg(num_workers=2, max_bad_fraction=0.1, min_bad_check=12), root)
-    with pytest.raises(BadSampleRateError, match=r"2 of 1[2-6] samples read on 1 rank\(s\) were bad"):
+    with pytest.raises(BadSampleRateError,
+                       match=r"2 of 1[2-6] samples read on 1 rank\(s\) were bad"):
         list(strict)
 
 
@@ -278,15 +285,16 @@ def test_shard_set_folder_over_http_with_label_counts_from_the_remote_manifest(
         # the folder, as TrainConfig.shard_dir gives it for an http data_dir
         url = f"{base}/{root.name}"
         full = build_train_loader(cfg(), url)
-        assert sorted(keys(list(full))) == [f"v{i:03d}" for i in range(20)] and full.num_classes == 5
+        assert (sorted(keys(list(full))) == [f"v{i:03d}" for i in range(20)]
+                and full.num_classes == 5)
         sub = build_train_loader(cfg(), url + "/", label_map={4: 1, 1: 0})
         got = {k: int(v) for b in sub for k, v in zip(b["key"], b["label"])}
     assert got == {f"v{i:03d}": {4: 1, 1: 0}[i % 5] for i in range(20) if i % 5 in (1, 4)}
     assert sub.num_samples == 8 and not [r for r in caplog.records if "index" in r.getMessage()]
 
 
-def test_template_reads_the_shard_list_with_dataset_and_split(shardset: Callable[..., Path], tmp_path: Path,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_template_reads_the_shard_list_with_dataset_and_split(
+        shardset: Callable[..., Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     shardset(12, [5, 7], name="ds/shards/train")
     template = f"pipe:cat {tmp_path}/{{dataset}}/shards/{{split}}/{{name}}"
     # what the trainer asks for: no local file at all
@@ -294,8 +302,10 @@ def test_template_reads_the_shard_list_with_dataset_and_split(shardset: Callable
     with caplog.at_level(logging.WARNING):
         ld = build_train_loader(cfg(shard_url_template=template), nothing)
         assert sorted(keys(list(ld))) == [f"v{i:03d}" for i in range(12)] and ld.num_classes == 5
-        sub = build_eval_loader(cfg(shard_url_template=template, test_views=(1, 1)), nothing, label_map={2: 0})
+        sub = build_eval_loader(cfg(shard_url_template=template, test_views=(1, 1)), nothing,
+                                label_map={2: 0})
         assert sorted(keys(list(sub))) == ["v002", "v007"]
     assert not [r for r in caplog.records if "index" in r.getMessage()]
     with pytest.raises(FileNotFoundError, match=r"shards\.json: cannot read the shard list"):
-        build_train_loader(cfg(shard_url_template=template, read_retries=0), tmp_path / "nothing/ds/shards/val")
+        build_train_loader(cfg(shard_url_template=template, read_retries=0),
+                           tmp_path / "nothing/ds/shards/val")

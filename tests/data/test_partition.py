@@ -16,7 +16,8 @@ def _index(shards: list[int]) -> np.ndarray:
     return np.repeat(np.arange(len(shards)), shards)
 
 
-def _epoch(order: np.ndarray, world: int, batch: int, drop: bool, seg=partition.FRESH) -> list[list[int]]:
+def _epoch(order: np.ndarray, world: int, batch: int, drop: bool,
+           seg=partition.FRESH) -> list[list[int]]:
     """Every rank's samples for the rest of an epoch, in step order."""
     n = len(order)
     steps = partition.steps_per_rank(n, world, batch, drop)
@@ -51,7 +52,8 @@ def test_the_order_depends_on_seed_and_set_only() -> None:
     # dealt in turn
     one = [x for r in _epoch(a, 1, 4, False) for x in r]
     four = _epoch(a, 4, 4, False)
-    dealt = [x for step in range(len(four[0]) // 4) for r in range(4) for x in four[r][step * 4:(step + 1) * 4]]
+    dealt = [x for step in range(len(four[0]) // 4) for r in range(4)
+             for x in four[r][step * 4:(step + 1) * 4]]
     assert dealt[:200] == one and len(one) == 200
 
 
@@ -62,7 +64,8 @@ def test_blocks_keep_a_stretch_on_few_shards() -> None:
     assert all(len(b) == 3 for b in blocks) and set().union(*blocks) == set(range(12))
 
 
-@pytest.mark.parametrize("saved, now", [((4, 3), (3, 3)), ((2, 4), (5, 4)), ((3, 2), (2, 4)), ((2, 2), (2, 2))])
+@pytest.mark.parametrize("saved, now",
+                         [((4, 3), (3, 3)), ((2, 4), (5, 4)), ((3, 2), (2, 4)), ((2, 2), (2, 2))])
 @pytest.mark.parametrize("drop", [False, True])
 def test_resume_on_any_layout_goes_on_from_the_consumed_position(saved, now, drop: bool) -> None:
     shard_of = _index([17, 31, 22])
@@ -75,8 +78,8 @@ def test_resume_on_any_layout_goes_on_from_the_consumed_position(saved, now, dro
     seg = partition.resume_segment(70, position, w1, b1, drop)
     after = [x for r in _epoch(order, w1, b1, drop, seg) for x in r]
     assert sorted(before) == sorted(order[:position].tolist())  # exactly the consumed prefix
-    assert seg.first_step + partition.steps_left(70, position, w1, b1, drop) == partition.steps_per_rank(
-        70, w1, b1, drop)
+    assert (seg.first_step + partition.steps_left(70, position, w1, b1, drop)
+            == partition.steps_per_rank(70, w1, b1, drop))
     rest = set(order[position:].tolist())
     if drop:
         assert not set(before) & set(after) and len(rest - set(after)) < w1 * b1
@@ -90,7 +93,8 @@ def test_resume_on_any_layout_goes_on_from_the_consumed_position(saved, now, dro
 
 def test_evaluation_shares_cover_every_video() -> None:
     for n, world, workers in [(10, 3, 2), (7, 7, 1), (5, 2, 4), (100, 8, 3)]:
-        shares = [partition.split_even(partition.eval_share(n, r, world), workers) for r in range(world)]
+        shares = [partition.split_even(partition.eval_share(n, r, world), workers)
+                  for r in range(world)]
         got = Counter(int(p) % n for rank in shares for w in rank for p in w)
         assert set(got) == set(range(n)) and sum(got.values()) - n < world
         assert len({sum(len(w) for w in rank) for rank in shares}) == 1

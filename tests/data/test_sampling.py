@@ -62,10 +62,10 @@ def test_short_videos_repeat_frames_in_range(fn) -> None:
 
 def test_cast_ssv2_test_views_are_segment_starts_and_midpoints() -> None:
     # KHU-VLL/CAST dataset/ssv2.py:248-253 (+ :148-151 buffer[chunk_nb::2]); L=50, T=16, tick 3.125
-    assert sampling.cast_segment_test(50, 16, 0, 2).tolist() == [0, 3, 6, 9, 12, 15, 18, 21, 25, 28, 31, 34, 37, 40,
-                                                                   43, 46]
-    assert sampling.cast_segment_test(50, 16, 1, 2).tolist() == [1, 4, 7, 10, 14, 17, 20, 23, 26, 29, 32, 35, 39, 42,
-                                                                   45, 48]
+    assert sampling.cast_segment_test(50, 16, 0, 2).tolist() == [0, 3, 6, 9, 12, 15, 18, 21, 25, 28,
+                                                                 31, 34, 37, 40, 43, 46]
+    assert sampling.cast_segment_test(50, 16, 1, 2).tolist() == [1, 4, 7, 10, 14, 17, 20, 23, 26,
+                                                                 29, 32, 35, 39, 42, 45, 48]
     assert sampling.test_indices("segment", 50, 16, 4, 1, 2, "cast").tolist()[:3] == [1, 4, 7]
     with pytest.raises(ValueError, match="1 or 2 temporal views"):
         sampling.cast_segment_test(50, 16, 2, 3)
@@ -82,7 +82,8 @@ def _cast_ssv2_test_reference(n: int, num_segment: int, chunk_nb: int) -> list[i
     return [int(v) for v in all_index[chunk_nb::2]]
 
 
-def _cast_dense_test_reference(n: int, clip_len: int, rate: int, chunk_nb: int, test_num_segment: int) -> list[int]:
+def _cast_dense_test_reference(n: int, clip_len: int, rate: int, chunk_nb: int,
+                               test_num_segment: int) -> list[int]:
     # verbatim: KHU-VLL/CAST dataset/kinetics.py:247-249 (decoded frame indices) and :146-151
     # (temporal slice)
     all_index = list(range(0, n, rate))
@@ -104,7 +105,8 @@ def _pyslowfast_segment_test_reference(n: int, num_frames: int) -> list[int]:
     return seq
 
 
-def _pyslowfast_dense_reference(n: int, num_frames: int, rate: int, clip_idx: int, num_clips: int) -> list[int]:
+def _pyslowfast_dense_reference(n: int, num_frames: int, rate: int, clip_idx: int,
+                                num_clips: int) -> list[int]:
     # verbatim: timesformer/datasets/decoder.py:50-58 (get_start_end_idx, clip_idx >= 0) and :24-25
     # (30 fps video)
     import torch
@@ -119,14 +121,16 @@ def _pyslowfast_dense_reference(n: int, num_frames: int, rate: int, clip_idx: in
 def test_deterministic_rules_equal_the_reference_code_for_every_length() -> None:
     for n in range(1, 400):
         for chunk in (0, 1):
-            assert sampling.cast_segment_test(n, 16, chunk, 2).tolist() == _cast_ssv2_test_reference(n, 16, chunk), n
+            assert (sampling.cast_segment_test(n, 16, chunk, 2).tolist()
+                    == _cast_ssv2_test_reference(n, 16, chunk)), n
     for n in range(1, 400):
         for views in (2, 5):
             for t in range(views):
                 assert sampling.cast_dense_test(n, 16, 4, t, views).tolist() == \
                     _cast_dense_test_reference(n, 16, 4, t, views), (n, t, views)
     for n in range(1, 400):
-        assert sampling.pyslowfast_segment(n, 8, None).tolist() == _pyslowfast_segment_test_reference(n, 8), n
+        assert (sampling.pyslowfast_segment(n, 8, None).tolist()
+                == _pyslowfast_segment_test_reference(n, 8)), n
     for n in range(8, 400):  # shorter than T: we spread (see pyslowfast_dense_train)
         for t, views in ((0, 1), (1, 3), (2, 3)):
             assert sampling.pyslowfast_dense_test(n, 8, 32, t, views).tolist() == \
@@ -199,10 +203,13 @@ def test_pyslowfast_segments() -> None:
 def test_pyslowfast_dense_clips() -> None:
     # timesformer/datasets/decoder.py:50-58 and :24-25: clip_size = 32 * 8 = 256; one test view
     # starts at 0
-    assert sampling.pyslowfast_dense_test(300, 8, 32, 0, 1).tolist() == [0, 36, 72, 109, 145, 182, 218, 255]
-    assert sampling.pyslowfast_dense_test(300, 8, 32, 1, 3).tolist() == [14, 51, 87, 123, 160, 196, 233, 269]
+    assert (sampling.pyslowfast_dense_test(300, 8, 32, 0, 1).tolist()
+            == [0, 36, 72, 109, 145, 182, 218, 255])
+    assert (sampling.pyslowfast_dense_test(300, 8, 32, 1, 3).tolist()
+            == [14, 51, 87, 123, 160, 196, 233, 269])
     # shorter than the clip: delta 0, clamped at the last frame, as the reference
-    assert sampling.pyslowfast_dense_test(100, 8, 32, 0, 1).tolist() == [0, 36, 72, 99, 99, 99, 99, 99]
+    assert (sampling.pyslowfast_dense_test(100, 8, 32, 0, 1).tolist()
+            == [0, 36, 72, 99, 99, 99, 99, 99])
     rng = np.random.default_rng(0)
     starts = [int(sampling.pyslowfast_dense_train(300, 8, 32, rng)[0]) for _ in range(300)]
     assert min(starts) == 0 and max(starts) <= 44 and len(set(starts)) > 20
@@ -210,12 +217,15 @@ def test_pyslowfast_dense_clips() -> None:
 
 @pytest.mark.parametrize("convention", ["cast", "tstl", "pyslowfast"])
 @pytest.mark.parametrize("sampling_kind", ["segment", "dense"])
-def test_conventions_give_valid_indices_for_short_videos(convention: str, sampling_kind: str) -> None:
+def test_conventions_give_valid_indices_for_short_videos(convention: str,
+                                                         sampling_kind: str) -> None:
     rng = np.random.default_rng(0)
     views = 2 if convention == "cast" else 3
     for n in (1, 2, 3, 5, 15, 16, 17, 30, 63, 64, 65):
         for idx in [sampling.train_indices(sampling_kind, n, 16, 4, rng, convention)] + \
-                   [sampling.test_indices(sampling_kind, n, 16, 4, t, views, convention) for t in range(views)]:
-            assert len(idx) == 16 and idx.min() >= 0 and idx.max() < n and np.all(np.diff(idx) >= 0), (n, idx)
+                   [sampling.test_indices(sampling_kind, n, 16, 4, t, views, convention)
+                    for t in range(views)]:
+            assert (len(idx) == 16 and idx.min() >= 0 and idx.max() < n
+                    and np.all(np.diff(idx) >= 0)), (n, idx)
     with pytest.raises(ValueError, match="unknown sampling convention"):
         sampling.train_indices(sampling_kind, 10, 4, 2, rng, "videomae")

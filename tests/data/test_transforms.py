@@ -61,7 +61,8 @@ def _left_brighter(cfg: DataConfig, seeds: range) -> list[bool]:
 
 
 def test_ssv2_never_flips_ucf_sometimes_does() -> None:
-    plain = dict(input_size=32, rand_augment="", reprob=0.0, rrc_scale=(1.0, 1.0), rrc_ratio=(4 / 3, 4 / 3))
+    plain = dict(input_size=32, rand_augment="", reprob=0.0, rrc_scale=(1.0, 1.0),
+                 rrc_ratio=(4 / 3, 4 / 3))
     assert all(_left_brighter(DataConfig(flip=False, **plain), range(30)))
     flips = _left_brighter(DataConfig(flip=True, **plain), range(30))
     assert 5 < flips.count(False) < 25
@@ -108,24 +109,28 @@ def test_augment_on_resolution_and_stages(shardset: Callable[..., Path]) -> None
     assert isinstance(ld._stages()[-1], MixupCutmix)
     ld.device = torch.device("cuda")  # only resolved, never used here
     assert ld.augment_on == "device" and any(isinstance(s, DeviceRandAugment) for s in ld._stages())
-    assert build_train_loader(DataConfig(**LOADER, augment_on="worker"), root).to("cpu").augment_on == "worker"
+    assert (build_train_loader(DataConfig(**LOADER, augment_on="worker"), root).to("cpu").augment_on
+            == "worker")
     with pytest.raises(ValueError, match="augment_on"):
         DataConfig(augment_on="gpu")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("where", ["worker", "device"])
-def test_both_paths_reproducible_same_format_and_range(shardset: Callable[..., Path], where: str) -> None:
+def test_both_paths_reproducible_same_format_and_range(shardset: Callable[..., Path],
+                                                       where: str) -> None:
     root = shardset(8, [4, 4])
     c = DataConfig(**LOADER, augment_on=where)
     a = list(build_train_loader(c, root, epoch=1))
     b = list(build_train_loader(c, root, epoch=1))
     assert len(a) == len(b) == 4
-    assert all(torch.equal(x["video"], y["video"]) and torch.equal(x["label"], y["label"]) for x, y in zip(a, b))
+    assert all(torch.equal(x["video"], y["video"]) and torch.equal(x["label"], y["label"])
+               for x, y in zip(a, b))
     other = DataConfig(**LOADER, augment_on="worker" if where == "device" else "device")
     o = list(build_train_loader(other, root, epoch=1))
     assert [x["key"] for x in a] == [x["key"] for x in o]  # same clips, augmented in another place
     for x, y in zip(a, o):
-        assert x["video"].shape == y["video"].shape == (2, 3, 4, 32, 32) and x["label"].shape == y["label"].shape
+        assert (x["video"].shape == y["video"].shape == (2, 3, 4, 32, 32)
+                and x["label"].shape == y["label"].shape)
     # normalised uint8 range (outside erased boxes)
     lo, hi = (-0.485 / 0.229 - 1e-4, (1 - 0.406) / 0.225 + 1e-4)
     for x in a:
@@ -141,10 +146,12 @@ def test_pure_scale_shrinks_antialiased_and_flips_exactly():
     from tstl.data.transforms import flip_matrix, warp_clip
 
     yy, xx = np.mgrid[:240, :240]
-    frames = np.repeat((((yy + xx) % 2) * 255).astype(np.uint8)[None, :, :, None], 3, axis=3).repeat(2, axis=0)
+    frames = np.repeat((((yy + xx) % 2) * 255).astype(np.uint8)[None, :, :, None], 3,
+                       axis=3).repeat(2, axis=0)
     m = crop_matrix(240, 240, 32)
     out = warp_clip(frames, (0, 0, 240, 240), m, 32)
-    assert out.shape == (2, 32, 32, 3) and abs(float(out.mean()) - 127.5) < 2 and float(out.std()) < 3
+    assert (out.shape == (2, 32, 32, 3) and abs(float(out.mean()) - 127.5) < 2
+            and float(out.std()) < 3)
     ramp = np.repeat(np.tile(np.arange(240, dtype=np.uint8), (240, 1))[None, :, :, None], 3, axis=3)
     plain = warp_clip(ramp, (0, 0, 240, 240), m, 32)
     flipped = warp_clip(ramp, (0, 0, 240, 240), m @ flip_matrix(32), 32)

@@ -44,7 +44,8 @@ def _meta(name: str, **kwargs) -> VideoClassifier:
 
 
 def _n_params(model: nn.Module, trainable: bool | None = None) -> int:
-    return sum(p.numel() for p in model.parameters() if trainable is None or p.requires_grad == trainable)
+    return sum(p.numel() for p in model.parameters()
+               if trainable is None or p.requires_grad == trainable)
 
 
 @functools.cache
@@ -110,11 +111,13 @@ def test_contract_at_full_size(name: str) -> None:
     assert min(_heads(model).values()) > 0 and model.num_frames > 0 and model.img_size > 0
     names = {n for n, _ in model.named_parameters()}
     trainable = model.trainable_state_dict()
-    assert trainable and set(trainable) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert (trainable
+            and set(trainable) == {n for n, p in model.named_parameters() if p.requires_grad})
     total = _n_params(model)
     if name in PARAMS:
         assert (total, _n_params(model, True)) == PARAMS[name]
-    assert model.no_weight_decay() <= names, "no_weight_decay() names parameters the model does not have"
+    assert model.no_weight_decay() <= names, (
+        "no_weight_decay() names parameters the model does not have")
     x = torch.empty(1, 3, model.num_frames, model.img_size, model.img_size, device="meta")
     head = _linears(model.get_classifier())
     assert {h: lin.out_features for h, lin in head.items()} == _heads(model)
@@ -154,7 +157,8 @@ def test_features_head_split_and_classifier_reset(name: str) -> None:
     model = _reduced(name).eval()
     x = _clip(model)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)), rtol=0, atol=0)
+        torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)),
+                                   rtol=0, atol=0)
         model.reset_classifier(_classes(model, 3))
         _check_logits(model, model(x), 2)
         assert model.num_classes == _classes(model, 3)
@@ -182,7 +186,8 @@ def test_trainable_state_round_trip(name: str) -> None:
     frozen = [n for n, p in dst.named_parameters() if not p.requires_grad]
     if frozen:
         with pytest.raises(ValueError, match="frozen"):
-            dst.load_trainable_state_dict({**sd, frozen[0]: dict(dst.named_parameters())[frozen[0]].detach()})
+            dst.load_trainable_state_dict(
+                {**sd, frozen[0]: dict(dst.named_parameters())[frozen[0]].detach()})
     with pytest.raises(ValueError, match="shape"):
         dst.load_trainable_state_dict({**sd, key: torch.zeros(1, 2, 3, 4, 5)})
 

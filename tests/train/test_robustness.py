@@ -27,7 +27,8 @@ class FakeEngine:
         self.steps = 0
         self.backwards = 0
 
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict,
+                        save_latest: bool) -> None:
         assert not save_latest  # we keep our own completion markers, not DeepSpeed's `latest`
         (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
         torch.save({"module": {"w": torch.arange(64.0)}, **client_state},
@@ -45,8 +46,8 @@ class FakeEngine:
 
 
 def _save(ck: Checkpointer, engine: FakeEngine, step: int, metric: float | None) -> str:
-    return ck.save(engine, step, epoch=step // 10, client_state={"step": step}, rank_state={"loader": step},
-                   metric=metric)
+    return ck.save(engine, step, epoch=step // 10, client_state={"step": step},
+                   rank_state={"loader": step}, metric=metric)
 
 
 def test_incomplete_save_is_ignored_and_rotation_keeps_last_and_best(tmp_path: Path) -> None:
@@ -62,7 +63,8 @@ def test_incomplete_save_is_ignored_and_rotation_keeps_last_and_best(tmp_path: P
     _save(ck, engine, 50, 0.1)
     (ck.dir / "step-0000050" / MARKER).unlink()
     client, ranks, world = ck.load_latest(engine)
-    assert engine.loaded == ["step-0000040"] and client == {"step": 40} and ranks[0]["loader"] == 40 and world == 1
+    assert (engine.loaded == ["step-0000040"] and client == {"step": 40}
+            and ranks[0]["loader"] == 40 and world == 1)
 
     # a marker torn mid-write is no marker either
     (ck.dir / "step-0000050" / MARKER).write_text('{"step": 5')
@@ -122,7 +124,8 @@ def test_non_finite_losses_skip_the_step_then_stop() -> None:
 
 # -------------------------------------------------------------------------- resume guard (issue 13)
 
-def test_resume_refuses_a_changed_config_with_a_diff_unless_safe_or_accepted(tmp_path: Path) -> None:
+def test_resume_refuses_a_changed_config_with_a_diff_unless_safe_or_accepted(
+        tmp_path: Path) -> None:
     from tstl.core.config import ConfigError, dump_yaml
     from tstl.train import resume_guard
 
@@ -133,7 +136,8 @@ def test_resume_refuses_a_changed_config_with_a_diff_unless_safe_or_accepted(tmp
     safe.checkpoint.every_minutes = 5.0
     safe.data.num_workers = 0
     changes = resume_guard.check(tmp_path / "config.yaml", safe, accept=False)
-    assert {k for k, _, _ in changes} == {"epochs", "log_every", "checkpoint.every_minutes", "data.num_workers"}
+    assert ({k for k, _, _ in changes}
+            == {"epochs", "log_every", "checkpoint.every_minutes", "data.num_workers"})
 
     # fewer epochs is not safe: the schedule already ran past its end
     new = TrainConfig(epochs=3, log_every=1)
@@ -141,7 +145,8 @@ def test_resume_refuses_a_changed_config_with_a_diff_unless_safe_or_accepted(tmp
     with pytest.raises(ConfigError) as err:
         resume_guard.check(tmp_path / "config.yaml", new, accept=False)
     msg = str(err.value)
-    assert "optim.lr: 0.001 -> 0.0005" in msg and "epochs: 5 -> 3" in msg and "log_every" not in msg.split("Use")[0]
+    assert ("optim.lr: 0.001 -> 0.0005" in msg and "epochs: 5 -> 3" in msg
+            and "log_every" not in msg.split("Use")[0])
     assert "checkpoint.accept_config_change=true" in msg
     assert len(resume_guard.check(tmp_path / "config.yaml", new, accept=True)) == 3
 

@@ -12,7 +12,8 @@ import torch
 from tstl.models import create_model
 
 
-def write_random_checkpoint(path: Path, model_name: str, num_classes: int, seed: int = 0, **kwargs) -> Path:
+def write_random_checkpoint(path: Path, model_name: str, num_classes: int, seed: int = 0,
+                            **kwargs) -> Path:
     """A checkpoint of ``create_model``'s random weights after ``torch.manual_seed(seed)``, in
     CAST's layout, with a head over every class (so experts can take their group's rows of it, as
     from a trained CAST)."""
@@ -28,7 +29,7 @@ def random_init(tmp_path: Path) -> Callable[..., Path]:
     ``tmp_path``."""
 
     def make(model_name: str = "bcast_test", num_classes: int = 4, seed: int = 0, **kwargs) -> Path:
-        return write_random_checkpoint(tmp_path / f"init-{model_name}-{num_classes}-{seed}.pt", model_name,
-                                       num_classes, seed, **kwargs)
+        return write_random_checkpoint(tmp_path / f"init-{model_name}-{num_classes}-{seed}.pt",
+                                       model_name, num_classes, seed, **kwargs)
 
     return make
