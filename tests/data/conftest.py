@@ -17,17 +17,20 @@ from tstl.core.ffmpeg import ffmpeg_exe
 NUM_CLASSES = 5
 
 
-def make_mp4(path: Path, frames: int, hue: int, size: str = "64x48", src: str = "testsrc2") -> bytes:
+def make_mp4(path: Path, frames: int, hue: int, size: str = "64x48",
+             src: str = "testsrc2") -> bytes:
     """A small H.264 mp4 with exactly ``frames`` frames."""
     subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", f"{src}=size={size}:rate=12",
-                    "-vf", f"hue=h={hue}", "-frames:v", str(frames), "-c:v", "libx264", "-pix_fmt", "yuv420p",
-                    "-g", "8", "-threads", "1", "-y", str(path)], check=True)
+                    "-vf", f"hue=h={hue}", "-frames:v", str(frames), "-c:v", "libx264", "-pix_fmt",
+                    "yuv420p", "-g", "8", "-threads", "1", "-y", str(path)], check=True)
     return path.read_bytes()
 
 
-def write_shardset(root: Path, samples: list[dict], per_shard: list[int], index: bool = True) -> Path:
-    """Write ``samples`` (dicts of ``__key__`` + parts) into shards of the given sizes plus ``shards.json`` and,
-    with ``index``, the per-sample index a build writes (without: a set built before the index existed)."""
+def write_shardset(root: Path, samples: list[dict], per_shard: list[int],
+                   index: bool = True) -> Path:
+    """Write ``samples`` (dicts of ``__key__`` + parts) into shards of the given sizes plus
+    ``shards.json`` and, with ``index``, the per-sample index a build writes (without: a set built
+    before the index existed)."""
     root.mkdir(parents=True, exist_ok=True)
     assert sum(per_shard) == len(samples)
     shards, i = [], 0
@@ -36,11 +39,13 @@ def write_shardset(root: Path, samples: list[dict], per_shard: list[int], index:
         with wds.TarWriter(str(root / name), mtime=0) as w:
             for sample in samples[i:i + count]:
                 w.write(sample)
-        shards.append({"name": name, "samples": count, "bytes": (root / name).stat().st_size, "sha256": ""})
+        shards.append({"name": name, "samples": count, "bytes": (root / name).stat().st_size,
+                       "sha256": ""})
         i += count
-    meta = {"format": 1, "dataset": "test", "split": "train", "num_samples": len(samples), "num_shards": len(shards),
-            "num_classes": NUM_CLASSES, "classes": [f"c{k}" for k in range(NUM_CLASSES)], "shards": shards,
-            "missing": [], "params": {}}
+    meta = {"format": 1, "dataset": "test", "split": "train", "num_samples": len(samples),
+            "num_shards": len(shards), "num_classes": NUM_CLASSES,
+            "classes": [f"c{k}" for k in range(NUM_CLASSES)], "shards": shards, "missing": [],
+            "params": {}}
     if index:
         ss = fmt.parse_index(json.dumps(meta), str(root))
         meta["samples"] = fmt.write_samples(root, ss, fmt.scan_set(root, ss))
@@ -50,9 +55,10 @@ def write_shardset(root: Path, samples: list[dict], per_shard: list[int], index:
 
 def sample(key: str, label: int, mp4: bytes, frames: int) -> dict:
     """One sample in the shard format."""
-    meta = {"id": key, "label": label, "class_name": f"c{label}", "duration": frames / 12, "frames": frames,
-            "fps": 12.0, "width": 64, "height": 48, "source": f"{key}.mp4"}
-    return {"__key__": key, "cls": str(label).encode(), "json": json.dumps(meta).encode(), "mp4": mp4}
+    meta = {"id": key, "label": label, "class_name": f"c{label}", "duration": frames / 12,
+            "frames": frames, "fps": 12.0, "width": 64, "height": 48, "source": f"{key}.mp4"}
+    return {"__key__": key, "cls": str(label).encode(), "json": json.dumps(meta).encode(),
+            "mp4": mp4}
 
 
 @pytest.fixture(scope="session")
@@ -68,8 +74,10 @@ def shardset(tmp_path: Path, videos: dict[int, bytes]) -> Callable[..., Path]:
 
     def build(n: int = 30, per_shard: list[int] | None = None, name: str = "set") -> Path:
         lengths = [12, 20, 40, 5]
-        items = [sample(f"v{i:03d}", i % NUM_CLASSES, videos[lengths[i % 4]], lengths[i % 4]) for i in range(n)]
-        return write_shardset(tmp_path / name, items, per_shard or [n // 3, n // 3, n - 2 * (n // 3)])
+        items = [sample(f"v{i:03d}", i % NUM_CLASSES, videos[lengths[i % 4]], lengths[i % 4])
+                 for i in range(n)]
+        return write_shardset(tmp_path / name, items,
+                              per_shard or [n // 3, n // 3, n - 2 * (n // 3)])
 
     return build
 

@@ -1,9 +1,10 @@
 """``data.decoder``: decord (default) and the optional torchcodec backend.
 
-torchcodec's PyPI wheels load only with a CUDA build of torch (``../shared/reference/environment.md`` 5.4); where it
-cannot load (this project's CPU venv and CI), the tests check that the loader and the preflight name the fix, and
-the tests that decode with it are skipped with that reason. They were run in a venv with torch 2.13.0+cu130 and
-torchcodec 0.17.0 on this CPU machine (see docs/loader.md).
+torchcodec's PyPI wheels load only with a CUDA build of torch
+(``../shared/reference/environment.md`` 5.4); where it cannot load (this project's CPU venv and CI),
+the tests check that the loader and the preflight name the fix, and the tests that decode with it
+are skipped with that reason. They were run in a venv with torch 2.13.0+cu130 and torchcodec 0.17.0
+on this CPU machine (see docs/loader.md).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from tstl.data import DataConfig, build_eval_loader, build_train_loader
 from tstl.data.decode import BadSample, check_decoder, decode_clip, decoder_available
 
 TORCHCODEC = decoder_available("torchcodec")
-needs_torchcodec = pytest.mark.skipif(not TORCHCODEC, reason="torchcodec cannot load here (needs a CUDA torch build)")
+needs_torchcodec = pytest.mark.skipif(
+    not TORCHCODEC, reason="torchcodec cannot load here (needs a CUDA torch build)")
 CFG = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=1,
            mixup=0.0, cutmix=0.0, reprob=0.0, rand_augment="", min_bad_check=1000)
 
@@ -31,14 +33,17 @@ def test_unknown_decoder_is_a_config_error() -> None:
         check_decoder("pyav")
 
 
-@pytest.mark.skipif(TORCHCODEC, reason="torchcodec works here; the missing-package message is not reachable")
-def test_unusable_torchcodec_is_named_before_any_worker_starts(shardset: Callable[..., Path]) -> None:
+@pytest.mark.skipif(TORCHCODEC,
+                    reason="torchcodec works here; the missing-package message is not reachable")
+def test_unusable_torchcodec_is_named_before_any_worker_starts(
+        shardset: Callable[..., Path]) -> None:
     from tstl.train.preflight import check_decoder as preflight
 
     root = shardset(4, [4])
     with pytest.raises(RuntimeError, match=r"CUDA build of torch.*or use data.decoder=decord"):
         build_train_loader(DataConfig(**CFG, decoder="torchcodec"), root)
-    with pytest.raises(UsageError, match="data.decoder: data.decoder=torchcodec needs the torchcodec package"):
+    with pytest.raises(UsageError,
+                       match="data.decoder: data.decoder=torchcodec needs the torchcodec package"):
         preflight("torchcodec")
     preflight("decord")
 
@@ -69,4 +74,5 @@ def test_loader_with_torchcodec_matches_decord(shardset: Callable[..., Path]) ->
         b = list(build(DataConfig(**CFG, decoder="torchcodec"), root))
         assert [x["key"] for x in a] == [x["key"] for x in b]
         for x, y in zip(a, b):
-            assert x["video"].shape == y["video"].shape and (x["video"] - y["video"]).abs().mean() < 0.05
+            assert (x["video"].shape == y["video"].shape
+                    and (x["video"] - y["video"]).abs().mean() < 0.05)

@@ -1,5 +1,5 @@
-"""Loader hardening (issue 12 items 7-9, issue 13 item 6): bad labels, stalled remote sources, the run-wide
-bad-sample limit on 2 gloo ranks, shard lists and manifests read over http / ``pipe:``."""
+"""Loader hardening (issue 12 items 7-9, issue 13 item 6): bad labels, stalled remote sources, the
+run-wide bad-sample limit on 2 gloo ranks, shard lists and manifests read over http / ``pipe:``."""
 
 from __future__ import annotations
 
@@ -37,19 +37,21 @@ def keys(batches: list[dict]) -> list[str]:
 
 
 def quarantined(q: Path) -> dict[str, tuple[str, str]]:
-    return {k: (shard, reason) for k, shard, reason in (line.split("\t") for line in q.read_text().splitlines())}
+    return {k: (shard, reason)
+            for k, shard, reason in (line.split("\t") for line in q.read_text().splitlines())}
 
 
-# ---- item 7: out-of-range labels ---------------------------------------------------------------------------
-def test_out_of_range_labels_are_bad_samples_and_never_reach_mixup(tmp_path: Path, videos: dict[int, bytes],
-                                                                    shardkit) -> None:
+# ---- item 7: out-of-range labels -----------------------------------------------------------------
+def test_out_of_range_labels_are_bad_samples_and_never_reach_mixup(
+        tmp_path: Path, videos: dict[int, bytes], shardkit) -> None:
     sample, n_cls = shardkit.sample, shardkit.num_classes
     good = [sample(f"g{i:02d}", i % n_cls, videos[12], 12) for i in range(13)]
     bad = [sample("cls999", 999, videos[12], 12), sample("cls_minus1", -1, videos[12], 12),
            sample("cls5", n_cls, videos[12], 12)]  # 5 classes: label 5 is one past the last
     root = shardkit.write(tmp_path / "s", good[:6] + bad[:2] + good[6:] + bad[2:], [8, 8])
     q = tmp_path / "q.txt"
-    # mixup on: before the fix, label 999 crashed the main process in the one-hot ("index 999 is out of bounds")
+    # mixup on: before the fix, label 999 crashed the main process in the one-hot ("index 999 is out
+    # of bounds")
     ld = build_train_loader(cfg(mixup=0.8, cutmix=1.0, quarantine=str(q)), root)
     batches = list(ld)
     assert len(batches) == len(ld) == 8 and ld.bad_samples == 3
@@ -62,25 +64,28 @@ def test_out_of_range_labels_are_bad_samples_and_never_reach_mixup(tmp_path: Pat
     ev = build_eval_loader(cfg(test_views=(1, 1)), root)
     labels = {k: int(v) for b in ev for k, v in zip(b["key"], b["label"])}
     assert set(labels) == {s["__key__"] for s in good} and max(labels.values()) < n_cls
-    # a label_map whose keys miss a sample's label: the label filter drops it (not in the subset, not bad)
+    # a label_map whose keys miss a sample's label: the label filter drops it (not in the subset,
+    # not bad)
     sub = build_train_loader(cfg(quarantine=str(tmp_path / "q2.txt")), root, label_map={0: 0, 1: 1})
     assert {int(v) for b in sub for v in b["label"]} == {0, 1} and sub.bad_samples == 0
 
 
-# ---- item 8: a stalled remote source ------------------------------------------------------------------------
+# ---- item 8: a stalled remote source -------------------------------------------------------------
 def _procs_with(marker: str) -> list[int]:
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             with contextlib.suppress(OSError):
-                if marker in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                if marker in ((d / "cmdline").read_bytes().replace(b"\0", b" ")
+                              .decode(errors="replace")):
                     out.append(int(d.name))
     return out
 
 
 @contextlib.contextmanager
 def _deadline(seconds: int) -> Iterator[None]:
-    """Bound the test's own runtime (a hang would otherwise block the suite); no assertion on speed."""
+    """Bound the test's own runtime (a hang would otherwise block the suite); no assertion on
+    speed."""
     def fail(signum: int, frame: object) -> None:
         raise TimeoutError(f"the loader hung for {seconds} s on a stalled source")
 
@@ -106,14 +111,15 @@ def test_stalled_pipe_source_times_out_retries_and_leaves_no_process(shardset: C
     c = cfg(quarantine=str(q), read_timeout_s=1.0, read_retries=1)
     try:
         with _deadline(120):
-            for loader in (build_train_loader(c, shards), build_eval_loader(c, shards, views=(1, 1))):
+            for loader in (build_train_loader(c, shards),
+                           build_eval_loader(c, shards, views=(1, 1))):
                 batches = list(loader)
                 assert len(batches) == len(loader)
                 assert 2 <= loader.bad_samples < 8  # the samples after the stall point
                 assert {f"v{i:03d}" for i in range(8)} <= set(keys(batches))
         reasons = {r for _, r in quarantined(q).values()}
-        assert reasons and all("shard unreadable after 2 attempts: TimeoutError" in r and "read_timeout_s" in r
-                               for r in reasons), reasons
+        assert reasons and all("shard unreadable after 2 attempts: TimeoutError" in r
+                               and "read_timeout_s" in r for r in reasons), reasons
         assert all(shard == "shard-000001.tar" for shard, _ in quarantined(q).values())
     finally:
         left = _procs_with(marker)
@@ -123,7 +129,8 @@ def test_stalled_pipe_source_times_out_retries_and_leaves_no_process(shardset: C
     assert not left, f"stalled source processes left behind: {left}"
 
 
-def test_stalled_http_source_times_out_and_retries(shardset: Callable[..., Path], tmp_path: Path) -> None:
+def test_stalled_http_source_times_out_and_retries(shardset: Callable[..., Path],
+                                                   tmp_path: Path) -> None:
     root = shardset(16, [8, 8])
     release = threading.Event()
     requests: list[str] = []
@@ -159,17 +166,20 @@ def test_stalled_http_source_times_out_and_retries(shardset: Callable[..., Path]
         release.set()
         server.shutdown()
         server.server_close()
-    # the samples whose bytes lie past the stall point are bad (each tried twice); those before it are read
+    # the samples whose bytes lie past the stall point are bad (each tried twice); those before it
+    # are read
     ix, half = ld.shardset.index, (root / "shard-000001.tar").stat().st_size // 2
     beyond = {ix.key[r].decode() for r in range(8, 16) if ix.offset[r] + ix.length[r] > half}
     assert len(batches) == len(ld) and ld.bad_samples == len(beyond) and 2 <= len(beyond) < 8
-    assert set(quarantined(q)) == beyond and {f"v{i:03d}" for i in range(16)} - beyond == set(keys(batches))
-    assert requests.count("/shard-000001.tar") >= 2 * len(beyond)  # every one: the first attempt and a retry
+    assert (set(quarantined(q)) == beyond
+            and {f"v{i:03d}" for i in range(16)} - beyond == set(keys(batches)))
+    # every one: the first attempt and a retry
+    assert requests.count("/shard-000001.tar") >= 2 * len(beyond)
     assert {shard for shard, _ in quarantined(q).values()} == {"shard-000001.tar"}
     assert all("after 2 attempts: TimeoutError" in r for _, r in quarantined(q).values())
 
 
-# ---- item 9: the bad-sample limit over all ranks ------------------------------------------------------------
+# ---- item 9: the bad-sample limit over all ranks -------------------------------------------------
 _RANK = textwrap.dedent("""
     import json, os, sys
     import torch.distributed as dist
@@ -193,17 +203,18 @@ _RANK = textwrap.dedent("""
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("broken", [6, 16], ids=["partly-broken", "all-broken"])
-def test_two_ranks_fail_together_when_one_ranks_data_is_broken(tmp_path: Path, videos: dict[int, bytes],
-                                                               shardkit, broken: int) -> None:
+def test_two_ranks_fail_together_when_one_ranks_data_is_broken(
+        tmp_path: Path, videos: dict[int, bytes], shardkit, broken: int) -> None:
     sample = shardkit.sample
     good = [sample(f"g{i:02d}", i % 5, videos[12], 12) for i in range(16 - broken)]
     bad = [sample(f"bad{i:02d}", 0, videos[12][:600] + b"\0" * 2000, 12) for i in range(broken)]
     root = shardkit.write(tmp_path / "s", good[:8] + bad + good[8:], [16])
     q = tmp_path / "quarantine.txt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
-    procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), str(root), str(q)], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), str(root), str(q)], env=env,
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
     results = []
     try:
         for p in procs:
@@ -222,7 +233,9 @@ def test_two_ranks_fail_together_when_one_ranks_data_is_broken(tmp_path: Path, v
     if broken == 16:  # both ranks stop at their first batch (2 samples each)
         assert "rank(s) [0, 1] met a batch without a single decodable sample" in errors[0]
         assert "4 of 4 samples read on 2 rank(s) were bad" in errors[0] and results[0]["steps"] == 0
-    else:  # min_bad_check (50) is never reached: the end of the epoch decides, having seen every sample
+    else:
+        # min_bad_check (50) is never reached: the end of the epoch decides, having seen every
+        # sample
         assert f"{broken} of 16 samples" in errors[0] and len(q.read_text().splitlines()) == broken
 
 
@@ -234,9 +247,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_bad_limit_counts_all_workers_and_epochs_of_a_rank(shardset: Callable[..., Path], tmp_path: Path,
-                                                           videos: dict[int, bytes], shardkit) -> None:
-    """Small workers: 2 workers reading 8 samples each, 1 bad each; min_bad_check 12 is reached only together."""
+def test_bad_limit_counts_all_workers_and_epochs_of_a_rank(
+        shardset: Callable[..., Path], tmp_path: Path, videos: dict[int, bytes], shardkit) -> None:
+    """Small workers: 2 workers reading 8 samples each, 1 bad each; min_bad_check 12 is reached only
+    together."""
     sample = shardkit.sample
     items = [sample(f"g{i:02d}", i % 5, videos[12], 12) for i in range(14)]
     items[3] = sample("bad_a", 0, b"\0" * 2000, 12)
@@ -245,11 +259,12 @@ def test_bad_limit_counts_all_workers_and_epochs_of_a_rank(shardset: Callable[..
     ok = build_train_loader(cfg(num_workers=2, max_bad_fraction=0.2, min_bad_check=12), root)
     assert len(list(ok)) == len(ok) and ok.bad_samples == 2  # 2 of 16 <= 20 %
     strict = build_train_loader(cfg(num_workers=2, max_bad_fraction=0.1, min_bad_check=12), root)
-    with pytest.raises(BadSampleRateError, match=r"2 of 1[2-6] samples read on 1 rank\(s\) were bad"):
+    with pytest.raises(BadSampleRateError,
+                       match=r"2 of 1[2-6] samples read on 1 rank\(s\) were bad"):
         list(strict)
 
 
-# ---- issue 13 item 6: shard lists and manifests over http and pipe: -----------------------------------------
+# ---- issue 13 item 6: shard lists and manifests over http and pipe: ------------------------------
 @contextlib.contextmanager
 def _serve(directory: Path) -> Iterator[str]:
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
@@ -267,25 +282,30 @@ def test_shard_set_folder_over_http_with_label_counts_from_the_remote_manifest(
         shardset: Callable[..., Path], caplog: pytest.LogCaptureFixture) -> None:
     root = shardset(20, [9, 11])  # labels i % 5; the label filter reads the index, not the tars
     with _serve(root.parent) as base, caplog.at_level(logging.WARNING):
-        url = f"{base}/{root.name}"  # the folder, as TrainConfig.shard_dir gives it for an http data_dir
+        # the folder, as TrainConfig.shard_dir gives it for an http data_dir
+        url = f"{base}/{root.name}"
         full = build_train_loader(cfg(), url)
-        assert sorted(keys(list(full))) == [f"v{i:03d}" for i in range(20)] and full.num_classes == 5
+        assert (sorted(keys(list(full))) == [f"v{i:03d}" for i in range(20)]
+                and full.num_classes == 5)
         sub = build_train_loader(cfg(), url + "/", label_map={4: 1, 1: 0})
         got = {k: int(v) for b in sub for k, v in zip(b["key"], b["label"])}
     assert got == {f"v{i:03d}": {4: 1, 1: 0}[i % 5] for i in range(20) if i % 5 in (1, 4)}
     assert sub.num_samples == 8 and not [r for r in caplog.records if "index" in r.getMessage()]
 
 
-def test_template_reads_the_shard_list_with_dataset_and_split(shardset: Callable[..., Path], tmp_path: Path,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_template_reads_the_shard_list_with_dataset_and_split(
+        shardset: Callable[..., Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     shardset(12, [5, 7], name="ds/shards/train")
     template = f"pipe:cat {tmp_path}/{{dataset}}/shards/{{split}}/{{name}}"
-    nothing = tmp_path / "nothing/ds/shards/train"  # what the trainer asks for: no local file at all
+    # what the trainer asks for: no local file at all
+    nothing = tmp_path / "nothing/ds/shards/train"
     with caplog.at_level(logging.WARNING):
         ld = build_train_loader(cfg(shard_url_template=template), nothing)
         assert sorted(keys(list(ld))) == [f"v{i:03d}" for i in range(12)] and ld.num_classes == 5
-        sub = build_eval_loader(cfg(shard_url_template=template, test_views=(1, 1)), nothing, label_map={2: 0})
+        sub = build_eval_loader(cfg(shard_url_template=template, test_views=(1, 1)), nothing,
+                                label_map={2: 0})
         assert sorted(keys(list(sub))) == ["v002", "v007"]
     assert not [r for r in caplog.records if "index" in r.getMessage()]
     with pytest.raises(FileNotFoundError, match=r"shards\.json: cannot read the shard list"):
-        build_train_loader(cfg(shard_url_template=template, read_retries=0), tmp_path / "nothing/ds/shards/val")
+        build_train_loader(cfg(shard_url_template=template, read_retries=0),
+                           tmp_path / "nothing/ds/shards/val")

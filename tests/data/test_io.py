@@ -1,5 +1,6 @@
-"""What the loader reads, counted at a real local http server: each byte once, ranged, retried from where it
-broke, cached per node, and only an expert's own samples; plus sets replaced under a run and orphaned workers."""
+"""What the loader reads, counted at a real local http server: each byte once, ranged, retried from
+where it broke, cached per node, and only an expert's own samples; plus sets replaced under a run
+and orphaned workers."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from tstl.data.cache import NodeCache
 from tstl.data.reader import ShardSetChanged
 
 ROOT = Path(__file__).resolve().parents[2]
-CFG = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=1, mixup=0.0, cutmix=0.0,
-           min_bad_check=1000, max_bad_fraction=1.0)
+CFG = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=1, mixup=0.0,
+           cutmix=0.0, min_bad_check=1000, max_bad_fraction=1.0)
 
 
 def cfg(**kw) -> DataConfig:
@@ -55,27 +56,31 @@ def test_a_body_cut_short_is_retried_from_the_sample_that_failed(shardset, serve
     root = shardset(12, [12])
     size = (root / "shard-000000.tar").stat().st_size
     with serve(root) as srv:
-        srv.cut["/shard-000000.tar"] = size // 2  # the first answer stops half-way: Content-Length not met
+        # the first answer stops half-way: Content-Length not met
+        srv.cut["/shard-000000.tar"] = size // 2
         # evaluation reads in tar order, so its samples are fetched as one coalesced request
-        ld = build_eval_loader(cfg(test_views=(1, 1), eval_batch_size=12, read_retries=2), srv.url + "/")
+        ld = build_eval_loader(cfg(test_views=(1, 1), eval_batch_size=12, read_retries=2),
+                               srv.url + "/")
         got = keys(ld)
         ranges = [rng for path, rng in srv.requests if path.endswith(".tar")]
     assert sorted(got) == [f"v{i:03d}" for i in range(12)] and ld.bad_samples == 0
     first, second = (int(r.split("=")[1].split("-")[0]) for r in ranges[:2])
     ix = ld.shardset.index
-    assert first == 0 and second in set(ix.offset.tolist()) and 0 < second <= size // 2  # the failed sample's start
+    # the failed sample's start
+    assert first == 0 and second in set(ix.offset.tolist()) and 0 < second <= size // 2
     assert srv.shard_bytes() < 1.6 * size  # not re-read from byte 0
 
 
 def test_pipe_template_with_range_fields_reads_ranges(shardset) -> None:
     root = shardset(12, [5, 7])
-    template = (f"pipe:dd if={root}/{{name}} iflag=skip_bytes,count_bytes skip={{offset}} count={{length}} "
-                "status=none")
+    template = (f"pipe:dd if={root}/{{name}} iflag=skip_bytes,count_bytes skip={{offset}} "
+                "count={length} status=none")
     ld = build_train_loader(cfg(shard_url_template=template), root)
     assert sorted(keys(ld)) == [f"v{i:03d}" for i in range(12)] and ld.bad_samples == 0
 
 
-def test_second_epoch_with_the_cache_reads_nothing_from_the_server(shardset, serve, tmp_path: Path) -> None:
+def test_second_epoch_with_the_cache_reads_nothing_from_the_server(shardset, serve,
+                                                                   tmp_path: Path) -> None:
     root = shardset(16, [8, 8])
     c = cfg(num_workers=2, cache_dir=str(tmp_path / "cache"))
     with serve(root) as srv:
@@ -84,11 +89,12 @@ def test_second_epoch_with_the_cache_reads_nothing_from_the_server(shardset, ser
         epoch1 = srv.shard_bytes()
         second = keys(ld)  # iterating again: epoch 1
     assert ld.epoch == 1 and sorted(first) == sorted(second) and first != second
-    assert epoch1 <= 1.05 * stored(root) and srv.shard_bytes() == epoch1  # epoch 2: 0 bytes from the server
+    # epoch 2: 0 bytes from the server
+    assert epoch1 <= 1.05 * stored(root) and srv.shard_bytes() == epoch1
 
 
-def test_a_server_without_ranges_works_and_the_cache_streams_each_shard_once(shardset, serve,
-                                                                             tmp_path: Path) -> None:
+def test_a_server_without_ranges_works_and_the_cache_streams_each_shard_once(
+        shardset, serve, tmp_path: Path) -> None:
     root = shardset(16, [8, 8])
     c = cfg(num_workers=2, cache_dir=str(tmp_path / "cache"))
     with serve(root, ranges=False) as srv:
@@ -97,8 +103,9 @@ def test_a_server_without_ranges_works_and_the_cache_streams_each_shard_once(sha
         epoch1 = srv.shard_bytes()
         assert sorted(keys(ld)) == [f"v{i:03d}" for i in range(16)]
     biggest = max(p.stat().st_size for p in root.glob("*.tar"))
-    # each shard streamed whole once per node, plus each worker's first ranged request, answered whole (a real
-    # server sends only what fits the socket buffers before the reader hangs up; this one counts whole bodies)
+    # each shard streamed whole once per node, plus each worker's first ranged request, answered
+    # whole (a real server sends only what fits the socket buffers before the reader hangs up; this
+    # one counts whole bodies)
     assert stored(root) <= epoch1 <= stored(root) + 2 * biggest and srv.shard_bytes() == epoch1
 
 
@@ -112,24 +119,28 @@ def test_cache_eviction_keeps_the_limit_and_the_recent_entries(tmp_path: Path) -
         cache.put("s.tar", i * 1000, bytes(1000))
         time.sleep(0.01)
     cache.evict()
-    total = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    assert total <= 10_000 and cache.get("s.tar", 0, 1000) is not None and cache.get("s.tar", 1000, 1000) is None
+    total = sum(p.stat().st_size for p in tmp_path.rglob("*")
+                if p.is_file() and not p.name.startswith("."))
+    assert (total <= 10_000 and cache.get("s.tar", 0, 1000) is not None
+            and cache.get("s.tar", 1000, 1000) is None)
     assert cache.get("s.tar", 15_000, 999) is None  # the wrong length: dropped, never used
 
 
-def test_a_full_cache_disk_degrades_to_reading_from_the_source(shardset, serve, tmp_path: Path, monkeypatch,
-                                                                caplog) -> None:
+def test_a_full_cache_disk_degrades_to_reading_from_the_source(shardset, serve, tmp_path: Path,
+                                                               monkeypatch, caplog) -> None:
     root = shardset(12, [6, 6])
     real = os.replace
 
-    def full(src, dst):  # the cache's rename is where a full disk shows (the write before it may buffer)
+    def full(src, dst):
+        # the cache's rename is where a full disk shows (the write before it may buffer)
         if "cache" in str(dst):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(src, dst)
 
     monkeypatch.setattr(os, "replace", full)
     with serve(root) as srv, caplog.at_level(logging.WARNING):
-        ld = build_train_loader(cfg(num_workers=0, cache_dir=str(tmp_path / "cache")), srv.url + "/")
+        ld = build_train_loader(cfg(num_workers=0, cache_dir=str(tmp_path / "cache")),
+                                srv.url + "/")
         got = keys(ld)
     assert sorted(got) == [f"v{i:03d}" for i in range(12)] and ld.bad_samples == 0
     warned = [r.getMessage() for r in caplog.records if "cannot write" in r.getMessage()]
@@ -186,7 +197,8 @@ def test_a_shard_set_replaced_under_a_run_stops_it(shardset, tmp_path: Path, ser
     root = shardset(8, [4, 4])
     ld = build_train_loader(cfg(num_workers=0), root)
     list(ld)
-    (root / "shards.json").write_text((root / "shards.json").read_text().replace('"test"', '"test2"'))
+    (root / "shards.json").write_text(
+        (root / "shards.json").read_text().replace('"test"', '"test2"'))
     with pytest.raises(ShardSetChanged, match="replaced while this run was reading it"):
         list(ld)
     # bytes that are not the sample the index names (a tar replaced in place, index kept)
@@ -202,8 +214,8 @@ _TRAINER = textwrap.dedent("""
     import sys
     from tstl.data import DataConfig, build_train_loader
     root, template = sys.argv[1], sys.argv[2]
-    cfg = DataConfig(num_frames=4, input_size=32, batch_size=2, num_workers=2, mixup=0.0, cutmix=0.0,
-                     shard_url_template=template)
+    cfg = DataConfig(num_frames=4, input_size=32, batch_size=2, num_workers=2, mixup=0.0,
+                     cutmix=0.0, shard_url_template=template)
     for batch in build_train_loader(cfg, root):
         print("BATCH", flush=True)
 """)
@@ -212,11 +224,12 @@ _TRAINER = textwrap.dedent("""
 def test_workers_and_their_commands_end_with_a_killed_trainer(shardset) -> None:
     root = shardset(40, [20, 20])
     marker = "sleep 0.617"  # slows every ranged read; unique, to find what is left
-    template = (f"pipe:{marker}; dd if={root}/{{name}} iflag=skip_bytes,count_bytes skip={{offset}} "
-                "count={length} status=none")
+    template = (f"pipe:{marker}; dd if={root}/{{name}} iflag=skip_bytes,count_bytes "
+                "skip={offset} count={length} status=none")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", _TRAINER, str(root), template], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", _TRAINER, str(root), template], env=env,
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
     try:
         assert proc.stdout.readline().startswith("BATCH")
         ours = _descendants(proc.pid)
@@ -261,13 +274,14 @@ def _with(marker: str) -> list[int]:
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             with contextlib.suppress(OSError):
-                if marker in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                if marker in ((d / "cmdline").read_bytes().replace(b"\0", b" ")
+                              .decode(errors="replace")):
                     out.append(int(d.name))
     return out
 
 
-def test_a_set_without_index_is_indexed_once_and_says_how_to_save_that(tmp_path: Path, videos, shardkit,
-                                                                        caplog) -> None:
+def test_a_set_without_index_is_indexed_once_and_says_how_to_save_that(tmp_path: Path, videos,
+                                                                       shardkit, caplog) -> None:
     items = [shardkit.sample(f"k{i:02d}", i % 5, videos[12], 12) for i in range(8)]
     root = shardkit.write(tmp_path / "legacy", items, [4, 4], index=False)
     assert not (root / SAMPLES).exists()

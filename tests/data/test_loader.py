@@ -1,4 +1,5 @@
-"""The streaming loader end to end on tiny shard sets: balance, coverage, resume, bad samples, views, sources."""
+"""The streaming loader end to end on tiny shard sets: balance, coverage, resume, bad samples,
+views, sources."""
 
 from __future__ import annotations
 
@@ -28,10 +29,12 @@ def keys(batches: list[dict]) -> list[str]:
     return [k for b in batches for k in b["key"]]
 
 
-def test_two_ranks_two_workers_equal_steps_and_exact_coverage(shardset: Callable[..., Path]) -> None:
+def test_two_ranks_two_workers_equal_steps_and_exact_coverage(
+        shardset: Callable[..., Path]) -> None:
     root = shardset(32, [3, 11, 9, 9])  # uneven shards; 32 = 2 ranks x 2 workers x 4 batches of 2
     for epoch in (0, 1):
-        per_rank = [run(build_train_loader(cfg(), root, rank=r, world_size=2, epoch=epoch)) for r in range(2)]
+        per_rank = [run(build_train_loader(cfg(), root, rank=r, world_size=2, epoch=epoch))
+                    for r in range(2)]
         assert [len(b) for b in per_rank] == [8, 8]
         assert len(build_train_loader(cfg(), root, rank=1, world_size=2)) == 8
         seen = keys(per_rank[0]) + keys(per_rank[1])
@@ -41,12 +44,16 @@ def test_two_ranks_two_workers_equal_steps_and_exact_coverage(shardset: Callable
 def test_padding_rule_when_counts_do_not_divide(shardset: Callable[..., Path]) -> None:
     root = shardset(27, [5, 13, 9])
     per_rank = [run(build_train_loader(cfg(), root, rank=r, world_size=2)) for r in range(2)]
-    assert [len(b) for b in per_rank] == [7, 7]  # ceil(27 / (2 ranks x 2)) = 7 batches of 2 on each rank
+    # ceil(27 / (2 ranks x 2)) = 7 batches of 2 on each rank
+    assert [len(b) for b in per_rank] == [7, 7]
     counts = Counter(keys(per_rank[0]) + keys(per_rank[1]))
-    assert set(counts) == {f"v{i:03d}" for i in range(27)} and sum(counts.values()) == 28  # one repeat
-    dropped = [run(build_train_loader(cfg(), root, rank=r, world_size=2, balance="drop")) for r in range(2)]
+    # one repeat
+    assert set(counts) == {f"v{i:03d}" for i in range(27)} and sum(counts.values()) == 28
+    dropped = [run(build_train_loader(cfg(), root, rank=r, world_size=2, balance="drop"))
+               for r in range(2)]
     counts = Counter(keys(dropped[0]) + keys(dropped[1]))
-    assert len(dropped[0]) == len(dropped[1]) == 6 and max(counts.values()) == 1 and len(counts) == 24
+    assert (len(dropped[0]) == len(dropped[1]) == 6 and max(counts.values()) == 1
+            and len(counts) == 24)
 
 
 def test_reproducible_and_reshuffled_per_epoch(shardset: Callable[..., Path]) -> None:
@@ -60,7 +67,8 @@ def test_reproducible_and_reshuffled_per_epoch(shardset: Callable[..., Path]) ->
 
 
 @pytest.mark.parametrize("stop", [3, 4])
-def test_resume_mid_epoch_neither_replays_nor_skips(shardset: Callable[..., Path], stop: int) -> None:
+def test_resume_mid_epoch_neither_replays_nor_skips(shardset: Callable[..., Path],
+                                                    stop: int) -> None:
     root = shardset(24, [7, 9, 8])
     c = cfg(mixup=0.8, cutmix=1.0)
     full = run(build_train_loader(c, root, epoch=1))
@@ -77,12 +85,15 @@ def test_resume_mid_epoch_neither_replays_nor_skips(shardset: Callable[..., Path
     got = head + tail
     assert len(got) == len(full) == len(resumed)
     assert keys(got) == keys(full)
-    assert all(torch.equal(x["video"], y["video"]) and torch.equal(x["label"], y["label"]) for x, y in zip(got, full))
+    assert all(torch.equal(x["video"], y["video"]) and torch.equal(x["label"], y["label"])
+               for x, y in zip(got, full))
 
 
 def test_mixup_gives_soft_targets(shardset: Callable[..., Path], shardkit) -> None:
-    batch = next(iter(build_train_loader(cfg(mixup=0.8, cutmix=1.0, num_workers=0), shardset(8, [8]))))
-    assert batch["label"].shape == (2, shardkit.num_classes) and torch.allclose(batch["label"].sum(1), torch.ones(2))
+    batch = next(iter(build_train_loader(cfg(mixup=0.8, cutmix=1.0, num_workers=0),
+                                         shardset(8, [8]))))
+    assert (batch["label"].shape == (2, shardkit.num_classes)
+            and torch.allclose(batch["label"].sum(1), torch.ones(2)))
     assert batch["video"].shape == (2, 3, 4, 32, 32)
 
 
@@ -92,7 +103,8 @@ def test_multiview_eval_keys_and_views(shardset: Callable[..., Path]) -> None:
     batches = [run(build_eval_loader(c, root, rank=r, world_size=2)) for r in range(2)]
     assert len(batches[0]) == len(batches[1]) == 6  # 2 videos x 6 views per worker, batches of 4
     pairs = Counter((k, int(v)) for bs in batches for b in bs for k, v in zip(b["key"], b["view"]))
-    assert set(pairs) == {(f"v{i:03d}", v) for i in range(8) for v in range(6)} and max(pairs.values()) == 1
+    assert (set(pairs) == {(f"v{i:03d}", v) for i in range(8) for v in range(6)}
+            and max(pairs.values()) == 1)
     views = {}
     for b in batches[0]:
         for k, v, x in zip(b["key"], b["view"], b["video"]):
@@ -102,7 +114,8 @@ def test_multiview_eval_keys_and_views(shardset: Callable[..., Path]) -> None:
     assert not torch.equal(views[(k, 0)], views[(k, 3)])  # temporal views differ
 
 
-def test_bad_samples_skipped_counted_quarantined(tmp_path: Path, videos: dict[int, bytes], shardkit) -> None:
+def test_bad_samples_skipped_counted_quarantined(tmp_path: Path, videos: dict[int, bytes],
+                                                 shardkit) -> None:
     sample, write_shardset, n_cls = shardkit.sample, shardkit.write, shardkit.num_classes
     good = [sample(f"g{i:02d}", i % n_cls, videos[12], 12) for i in range(14)]
     broken = sample("bad_bytes", 0, videos[12][:600] + b"\0" * 2000, 12)
@@ -117,7 +130,8 @@ def test_bad_samples_skipped_counted_quarantined(tmp_path: Path, videos: dict[in
         assert len(per_rank[-1]) == len(ld) == 4
     got = set(keys(per_rank[0]) + keys(per_rank[1]))
     assert got == {s["__key__"] for s in good}
-    assert sorted(line.split("\t")[0] for line in q.read_text().splitlines()) == ["bad_bytes", "no_mp4"]
+    assert (sorted(line.split("\t")[0] for line in q.read_text().splitlines())
+            == ["bad_bytes", "no_mp4"])
     with pytest.raises(BadSampleRateError, match="max_bad_fraction"):
         run(build_train_loader(cfg(min_bad_check=1, max_bad_fraction=0.05, num_workers=0), root))
 
@@ -157,10 +171,12 @@ def test_reads_shard_sets_built_by_shard_tools(tmp_path: Path, videos: dict[int,
     got = keys(run(ld))
     assert ld.num_classes == 3 and ld.classes == ["a", "b", "c"] and len(got) == 8
     assert set(got) == {str(i + 1) for i in range(7)}
-    sub = build_train_loader(cfg(), root / "shards/train", label_map={2: 0, 0: 1})  # counts from the manifest
+    # counts from the manifest
+    sub = build_train_loader(cfg(), root / "shards/train", label_map={2: 0, 0: 1})
     batches = run(sub)
     assert sub.num_classes == 2 and sorted(set(keys(batches))) == ["1", "3", "4", "6", "7"]
-    assert {k: int(v) for b in batches for k, v in zip(b["key"], b["label"])}["3"] == 0  # label 2 -> 0
+    # label 2 -> 0
+    assert {k: int(v) for b in batches for k, v in zip(b["key"], b["label"])}["3"] == 0
     assert sub.classes == ["c", "a"]  # names follow the remapped order
 
 
@@ -186,11 +202,14 @@ def test_label_map_relabels_classes_to_groups(shardset: Callable[..., Path]) -> 
 
 
 def test_label_filter_keeps_balance_and_coverage(shardset: Callable[..., Path]) -> None:
-    root = shardset(30, [7, 13, 10])  # labels i % 5: 12 samples of labels 1 and 3, selected through the index
-    per_rank = [run(build_train_loader(cfg(), root, rank=r, world_size=2, label_map={1: 0, 3: 1})) for r in range(2)]
+    # labels i % 5: 12 samples of labels 1 and 3, selected through the index
+    root = shardset(30, [7, 13, 10])
+    per_rank = [run(build_train_loader(cfg(), root, rank=r, world_size=2, label_map={1: 0, 3: 1}))
+                for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 3  # 12 / (2 ranks x 2)
     got = Counter(keys(per_rank[0]) + keys(per_rank[1]))
-    assert set(got) == {f"v{i:03d}" for i in range(30) if i % 5 in (1, 3)} and sum(got.values()) == 12
+    assert (set(got) == {f"v{i:03d}" for i in range(30) if i % 5 in (1, 3)}
+            and sum(got.values()) == 12)
 
 
 def test_http_source_through_shards_json(shardset: Callable[..., Path]) -> None:
@@ -217,18 +236,21 @@ def test_iterating_again_starts_the_next_epoch(shardset: Callable[..., Path]) ->
     ld = build_train_loader(cfg(num_workers=0), root, epoch=5)
     first = keys(run(ld))
     second = keys(run(ld))
-    assert ld.epoch == 6 and second == keys(run(build_train_loader(cfg(num_workers=0), root, epoch=6)))
+    assert (ld.epoch == 6
+            and second == keys(run(build_train_loader(cfg(num_workers=0), root, epoch=6))))
     assert sorted(first) == sorted(second) and first != second
 
 
-def test_truncated_shard_counts_missing_samples_and_keeps_steps(shardset: Callable[..., Path], tmp_path: Path) -> None:
+def test_truncated_shard_counts_missing_samples_and_keeps_steps(shardset: Callable[..., Path],
+                                                                tmp_path: Path) -> None:
     root = shardset(16, [8, 8])
     tar = root / "shard-000001.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # a half-copied shard
     q = tmp_path / "q.txt"
-    # Read through a pipe, as a remote shard would be: a local one of the wrong size is refused up front
-    # (tests/data/test_shard_size.py).
-    ld = build_train_loader(cfg(quarantine=str(q), shard_url_template=f"pipe:cat {root}/{{name}}"), root)
+    # Read through a pipe, as a remote shard would be: a local one of the wrong size is refused up
+    # front (tests/data/test_shard_size.py).
+    ld = build_train_loader(cfg(quarantine=str(q), shard_url_template=f"pipe:cat {root}/{{name}}"),
+                            root)
     batches = run(ld)
     assert len(batches) == len(ld) == 8 and ld.bad_samples >= 4
     assert all(k in {f"v{i:03d}" for i in range(16)} for k in keys(batches))

@@ -1,5 +1,5 @@
-"""Worker-side transforms: one draw per clip, uint8 out, SSV2 never flips, eval crops cover the long side; and the
-loader's batch format and ``augment_on`` paths."""
+"""Worker-side transforms: one draw per clip, uint8 out, SSV2 never flips, eval crops cover the long
+side; and the loader's batch format and ``augment_on`` paths."""
 
 from __future__ import annotations
 
@@ -35,8 +35,10 @@ def test_same_augmentation_on_every_frame(augment: bool) -> None:
     for seed in range(8):
         clip = tf(_textured(), np.random.default_rng(seed))
         assert clip.shape == (6, 32, 32, 3) and clip.dtype == torch.uint8
-        assert all(torch.equal(clip[t], clip[0]) for t in range(6))  # identical input frames stay identical
-        assert torch.equal(clip, tf(_textured(), np.random.default_rng(seed)))  # reproducible from the generator
+        # identical input frames stay identical
+        assert all(torch.equal(clip[t], clip[0]) for t in range(6))
+        # reproducible from the generator
+        assert torch.equal(clip, tf(_textured(), np.random.default_rng(seed)))
         outs.append(clip)
     assert not all(torch.equal(outs[0], o) for o in outs[1:])  # draws differ between clips
 
@@ -59,7 +61,8 @@ def _left_brighter(cfg: DataConfig, seeds: range) -> list[bool]:
 
 
 def test_ssv2_never_flips_ucf_sometimes_does() -> None:
-    plain = dict(input_size=32, rand_augment="", reprob=0.0, rrc_scale=(1.0, 1.0), rrc_ratio=(4 / 3, 4 / 3))
+    plain = dict(input_size=32, rand_augment="", reprob=0.0, rrc_scale=(1.0, 1.0),
+                 rrc_ratio=(4 / 3, 4 / 3))
     assert all(_left_brighter(DataConfig(flip=False, **plain), range(30)))
     flips = _left_brighter(DataConfig(flip=True, **plain), range(30))
     assert 5 < flips.count(False) < 25
@@ -78,7 +81,7 @@ def test_eval_crops_short_side_and_positions() -> None:
     assert torch.equal(ev.crop(x, 1), EvalViews(cfg, num_crops=1).crop(x, 0))
 
 
-# ---- the loader: uint8 across the worker boundary, batch stages, augment_on -----------------------------------
+# ---- the loader: uint8 across the worker boundary, batch stages, augment_on ----------------------
 LOADER = dict(num_frames=4, input_size=32, batch_size=2, eval_batch_size=4, num_workers=1,
               min_bad_check=1000)
 
@@ -106,41 +109,49 @@ def test_augment_on_resolution_and_stages(shardset: Callable[..., Path]) -> None
     assert isinstance(ld._stages()[-1], MixupCutmix)
     ld.device = torch.device("cuda")  # only resolved, never used here
     assert ld.augment_on == "device" and any(isinstance(s, DeviceRandAugment) for s in ld._stages())
-    assert build_train_loader(DataConfig(**LOADER, augment_on="worker"), root).to("cpu").augment_on == "worker"
+    assert (build_train_loader(DataConfig(**LOADER, augment_on="worker"), root).to("cpu").augment_on
+            == "worker")
     with pytest.raises(ValueError, match="augment_on"):
         DataConfig(augment_on="gpu")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("where", ["worker", "device"])
-def test_both_paths_reproducible_same_format_and_range(shardset: Callable[..., Path], where: str) -> None:
+def test_both_paths_reproducible_same_format_and_range(shardset: Callable[..., Path],
+                                                       where: str) -> None:
     root = shardset(8, [4, 4])
     c = DataConfig(**LOADER, augment_on=where)
     a = list(build_train_loader(c, root, epoch=1))
     b = list(build_train_loader(c, root, epoch=1))
     assert len(a) == len(b) == 4
-    assert all(torch.equal(x["video"], y["video"]) and torch.equal(x["label"], y["label"]) for x, y in zip(a, b))
+    assert all(torch.equal(x["video"], y["video"]) and torch.equal(x["label"], y["label"])
+               for x, y in zip(a, b))
     other = DataConfig(**LOADER, augment_on="worker" if where == "device" else "device")
     o = list(build_train_loader(other, root, epoch=1))
     assert [x["key"] for x in a] == [x["key"] for x in o]  # same clips, augmented in another place
     for x, y in zip(a, o):
-        assert x["video"].shape == y["video"].shape == (2, 3, 4, 32, 32) and x["label"].shape == y["label"].shape
-    lo, hi = (-0.485 / 0.229 - 1e-4, (1 - 0.406) / 0.225 + 1e-4)  # normalised uint8 range (outside erased boxes)
+        assert (x["video"].shape == y["video"].shape == (2, 3, 4, 32, 32)
+                and x["label"].shape == y["label"].shape)
+    # normalised uint8 range (outside erased boxes)
+    lo, hi = (-0.485 / 0.229 - 1e-4, (1 - 0.406) / 0.225 + 1e-4)
     for x in a:
         v = x["video"]
         assert v.min() >= -6 and v.max() <= 6 and ((v >= lo) & (v <= hi)).float().mean() > 0.5
 
 
 def test_pure_scale_shrinks_antialiased_and_flips_exactly():
-    """A crop that is only scaled (and maybe flipped) is one area-averaged resize: a 1-px checkerboard shrunk 7.5x
-    comes out flat grey (bilinear alone aliases it into stripes), and the flipped clip is the mirror image."""
+    """A crop that is only scaled (and maybe flipped) is one area-averaged resize: a 1-px
+    checkerboard shrunk 7.5x comes out flat grey (bilinear alone aliases it into stripes), and the
+    flipped clip is the mirror image."""
     from tstl.data.augment import crop_matrix
     from tstl.data.transforms import flip_matrix, warp_clip
 
     yy, xx = np.mgrid[:240, :240]
-    frames = np.repeat((((yy + xx) % 2) * 255).astype(np.uint8)[None, :, :, None], 3, axis=3).repeat(2, axis=0)
+    frames = np.repeat((((yy + xx) % 2) * 255).astype(np.uint8)[None, :, :, None], 3,
+                       axis=3).repeat(2, axis=0)
     m = crop_matrix(240, 240, 32)
     out = warp_clip(frames, (0, 0, 240, 240), m, 32)
-    assert out.shape == (2, 32, 32, 3) and abs(float(out.mean()) - 127.5) < 2 and float(out.std()) < 3
+    assert (out.shape == (2, 32, 32, 3) and abs(float(out.mean()) - 127.5) < 2
+            and float(out.std()) < 3)
     ramp = np.repeat(np.tile(np.arange(240, dtype=np.uint8), (240, 1))[None, :, :, None], 3, axis=3)
     plain = warp_clip(ramp, (0, 0, 240, 240), m, 32)
     flipped = warp_clip(ramp, (0, 0, 240, 240), m @ flip_matrix(32), 32)
@@ -149,9 +160,10 @@ def test_pure_scale_shrinks_antialiased_and_flips_exactly():
 
 @pytest.mark.parametrize("box", [(0, 0, 240, 320), (17, 40, 150, 201), (5, 3, 230, 420)])
 def test_crop_resize_is_the_reference_bilinear(box):
-    """With no geometric op the crop box is resized as the reference does it: CAST ``util_tools/video_transforms.py``
-    lines 540-572 (``random_resized_crop``) crop then ``F.interpolate(mode="bilinear", align_corners=False)`` to 224.
-    OpenCV's fixed-point bilinear rounds where torch keeps floats: within 1 grey level everywhere."""
+    """With no geometric op the crop box is resized as the reference does it: CAST
+    ``util_tools/video_transforms.py`` lines 540-572 (``random_resized_crop``) crop then
+    ``F.interpolate(mode="bilinear", align_corners=False)`` to 224. OpenCV's fixed-point bilinear
+    rounds where torch keeps floats: within 1 grey level everywhere."""
     import torch.nn.functional as F
 
     from tstl.data.augment import crop_matrix

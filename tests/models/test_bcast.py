@@ -1,4 +1,5 @@
-"""B-CAST: published facts (parameters, compute, init), parity with the reference formulation, training helpers."""
+"""B-CAST: published facts (parameters, compute, init), parity with the reference formulation,
+training helpers."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ TINY = dict(depth=2, num_heads=4, patch_size=8)
 
 
 def _randomise(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random values for every tensor (zero-initialised adapters too), so parity checks every path."""
+    """Random values for every tensor (zero-initialised adapters too), so parity checks every
+    path."""
     g = torch.Generator().manual_seed(seed)
-    sd = {k: torch.randn(v.shape, generator=g) * 0.05 + (1.0 if k.endswith("weight") and v.ndim == 1 else 0.0)
+    sd = {k: torch.randn(v.shape, generator=g) * 0.05
+          + (1.0 if k.endswith("weight") and v.ndim == 1 else 0.0)
           for k, v in model.state_dict().items()}
     model.load_state_dict(sd)
     return sd
@@ -38,9 +41,9 @@ def test_b16_parameter_counts() -> None:
 def test_b16_compute_per_view() -> None:
     with torch.device("meta"):
         macs = flops_per_view(create_model("bcast_vit_b16", num_classes=400))
-    # torch's FlopCounterMode does not see the fused nn.MultiheadAttention kernel that the reference's CLIP
-    # attention runs in eval mode, so the published 384.8 G leaves out CLIP's attention-score matmuls:
-    # 12 blocks x 8 frames x 12 heads x (197 x 197 x 64) x 2 (QK^T and AV).
+    # torch's FlopCounterMode does not see the fused nn.MultiheadAttention kernel that the
+    # reference's CLIP attention runs in eval mode, so the published 384.8 G leaves out CLIP's
+    # attention-score matmuls: 12 blocks x 8 frames x 12 heads x (197 x 197 x 64) x 2 (QK^T and AV).
     clip_scores = 12 * 8 * 12 * 197 * 197 * 64 * 2
     assert (macs - clip_scores) / 1e9 == pytest.approx(384.8, abs=0.05)
     assert macs / 1e9 == pytest.approx(390.5, abs=0.05)
@@ -49,7 +52,8 @@ def test_b16_compute_per_view() -> None:
 def _pure_clip(sd: dict, x: torch.Tensor, heads: int, patch: int) -> torch.Tensor:
     f = rearrange(x[:, :, 1::2], "b c t h w -> (b t) c h w")
     s = F.conv2d(f, sd["clip_conv1.weight"], stride=patch).flatten(2).transpose(1, 2)
-    s = torch.cat([sd["clip_class_embedding"].expand(s.shape[0], 1, -1), s], 1) + sd["clip_positional_embedding"]
+    s = (torch.cat([sd["clip_class_embedding"].expand(s.shape[0], 1, -1), s], 1)
+         + sd["clip_positional_embedding"])
     s = F.layer_norm(s, s.shape[-1:], sd["clip_ln_pre.weight"], sd["clip_ln_pre.bias"], 1e-5)
     mha = torch.nn.MultiheadAttention(s.shape[-1], heads, batch_first=True)
     i = 0
@@ -57,14 +61,18 @@ def _pure_clip(sd: dict, x: torch.Tensor, heads: int, patch: int) -> torch.Tenso
         p = f"blocks.{i}."
         mha.load_state_dict({k.removeprefix(p + "clip_attn."): v for k, v in sd.items()
                              if k.startswith(p + "clip_attn.")})
-        h = F.layer_norm(s, s.shape[-1:], sd[p + "clip_ln_1.weight"], sd[p + "clip_ln_1.bias"], 1e-5)
+        h = F.layer_norm(s, s.shape[-1:], sd[p + "clip_ln_1.weight"], sd[p + "clip_ln_1.bias"],
+                         1e-5)
         s = s + mha(h, h, h, need_weights=False)[0]
-        h = F.layer_norm(s, s.shape[-1:], sd[p + "clip_ln_2.weight"], sd[p + "clip_ln_2.bias"], 1e-5)
+        h = F.layer_norm(s, s.shape[-1:], sd[p + "clip_ln_2.weight"], sd[p + "clip_ln_2.bias"],
+                         1e-5)
         h = F.linear(h, sd[p + "clip_mlp.c_fc.weight"], sd[p + "clip_mlp.c_fc.bias"])
-        s = s + F.linear(h * torch.sigmoid(1.702 * h), sd[p + "clip_mlp.c_proj.weight"], sd[p + "clip_mlp.c_proj.bias"])
+        s = s + F.linear(h * torch.sigmoid(1.702 * h), sd[p + "clip_mlp.c_proj.weight"],
+                         sd[p + "clip_mlp.c_proj.bias"])
         i += 1
     cls = rearrange(s[:, 0], "(b t) d -> b t d", b=x.shape[0]).mean(1)
-    return F.layer_norm(cls, cls.shape[-1:], sd["clip_ln_post.weight"], sd["clip_ln_post.bias"], 1e-5)
+    return F.layer_norm(cls, cls.shape[-1:], sd["clip_ln_post.weight"], sd["clip_ln_post.bias"],
+                        1e-5)
 
 
 def _pure_videomae(sd: dict, x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -77,9 +85,12 @@ def _pure_videomae(sd: dict, x: torch.Tensor, heads: int) -> torch.Tensor:
     while f"blocks.{i}.norm1.weight" in sd:
         p = f"blocks.{i}."
         h = F.layer_norm(t, t.shape[-1:], sd[p + "norm1.weight"], sd[p + "norm1.bias"], 1e-6)
-        bias = torch.cat([sd[p + "attn.q_bias"], torch.zeros_like(sd[p + "attn.q_bias"]), sd[p + "attn.v_bias"]])
-        q, k, v = rearrange(F.linear(h, sd[p + "attn.qkv.weight"], bias), "b n (e h d) -> e b h n d", e=3, h=heads)
-        a = rearrange(torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1) @ v, "b h n d -> b n (h d)")
+        bias = torch.cat([sd[p + "attn.q_bias"], torch.zeros_like(sd[p + "attn.q_bias"]),
+                          sd[p + "attn.v_bias"]])
+        q, k, v = rearrange(F.linear(h, sd[p + "attn.qkv.weight"], bias),
+                            "b n (e h d) -> e b h n d", e=3, h=heads)
+        a = rearrange(torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1) @ v,
+                      "b h n d -> b n (h d)")
         t = t + F.linear(a, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
         h = F.layer_norm(t, t.shape[-1:], sd[p + "norm2.weight"], sd[p + "norm2.bias"], 1e-6)
         t = t + F.linear(F.gelu(F.linear(h, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])),
@@ -150,12 +161,15 @@ def test_layer_decay_groups_and_no_weight_decay() -> None:
     model = create_model("bcast_test", num_classes=5)
     nwd = model.no_weight_decay()
     assert "blocks.0.t2s_cross.clip_time_pos" in nwd and "blocks.1.s2t_cross.vmae_space_pos" in nwd
-    groups = param_groups_layer_decay(model, weight_decay=0.05, no_weight_decay_list=list(nwd), layer_decay=0.75)
+    groups = param_groups_layer_decay(model, weight_decay=0.05, no_weight_decay_list=list(nwd),
+                                      layer_decay=0.75)
     by_id = {id(p): g for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     depth = len(model.blocks)
-    assert by_id[id(named["blocks.0.cross_s_down.weight"])]["lr_scale"] == pytest.approx(0.75 ** depth)
-    assert by_id[id(named["blocks.1.cross_s_down.weight"])]["lr_scale"] == pytest.approx(0.75 ** (depth - 1))
+    assert (by_id[id(named["blocks.0.cross_s_down.weight"])]["lr_scale"]
+            == pytest.approx(0.75 ** depth))
+    assert (by_id[id(named["blocks.1.cross_s_down.weight"])]["lr_scale"]
+            == pytest.approx(0.75 ** (depth - 1)))
     assert by_id[id(named["head.weight"])]["lr_scale"] == pytest.approx(1.0)
     assert by_id[id(named["head.weight"])]["weight_decay"] == 0.05
     assert by_id[id(named["head.bias"])]["weight_decay"] == 0.0
@@ -171,7 +185,8 @@ def test_rejects_clips_of_the_wrong_size() -> None:
 def test_registry_overrides() -> None:
     m = create_model("bcast_test", num_classes=3, depth=1, down_ratio=4, adapter_ratio=0.5)
     assert isinstance(m, BCAST) and len(m.blocks) == 1 and m.head.out_features == 3
-    assert m.blocks[0].cross_s_down.out_features == 16 and m.blocks[0].S_Adapter.D_fc1.out_features == 32
+    assert (m.blocks[0].cross_s_down.out_features == 16
+            and m.blocks[0].S_Adapter.D_fc1.out_features == 32)
     with pytest.raises(TypeError, match="unknown B-CAST arguments"):
         create_model("bcast_test", depht=3)
     with pytest.raises(ValueError, match="unknown model"):

@@ -1,4 +1,5 @@
-"""Loading every checkpoint layout B-CAST meets, made here with random weights in the official key layouts."""
+"""Loading every checkpoint layout B-CAST meets, made here with random weights in the official key
+layouts."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def _reference_weights(seed: int = 1) -> dict[str, torch.Tensor]:
 def _clip_layout(sd: dict) -> dict[str, torch.Tensor]:
     """Our CLIP expert weights under OpenAI's full-model names (visual.*), plus text-tower keys."""
     out = {"visual.proj": torch.randn(64, 32), "token_embedding.weight": torch.randn(10, 32),
-           "transformer.resblocks.0.attn.in_proj_weight": torch.randn(96, 32)}  # text tower: same names as visual
+           # text tower: same names as visual
+           "transformer.resblocks.0.attn.in_proj_weight": torch.randn(96, 32)}
     for k, v in sd.items():
         if m := re.match(r"blocks\.(\d+)\.clip_(.*)", k):
             out[f"visual.transformer.resblocks.{m[1]}.{m[2]}"] = v
@@ -51,7 +53,8 @@ def _videomae_layout(sd: dict, pretrain: bool, classes: int) -> dict[str, torch.
 
 
 def _scripted(weights: dict, path: Path) -> None:
-    # TorchScript keeps submodule structure, so build nested modules whose state_dict() has the dotted names.
+    # TorchScript keeps submodule structure, so build nested modules whose state_dict() has the
+    # dotted names.
     root = nn.Module()
     for k, v in weights.items():
         *mods, leaf = k.split(".")
@@ -83,10 +86,12 @@ def test_openai_clip_torchscript_archive(tmp_path: Path) -> None:
     report = load_checkpoint(model, path)
     assert report.format == "openai-clip" and not report.unexplained
     sd = model.state_dict()
-    assert torch.equal(sd["blocks.1.clip_attn.in_proj_weight"], ref["blocks.1.clip_attn.in_proj_weight"].half().float())
+    assert torch.equal(sd["blocks.1.clip_attn.in_proj_weight"],
+                       ref["blocks.1.clip_attn.in_proj_weight"].half().float())
     assert torch.equal(sd["clip_ln_post.weight"], ref["clip_ln_post.weight"].half().float())
     assert "visual.proj" in report.unexpected or "proj" in report.unexpected
-    assert not torch.equal(sd["patch_embed.proj.weight"], ref["patch_embed.proj.weight"])  # other expert untouched
+    # other expert untouched
+    assert not torch.equal(sd["patch_embed.proj.weight"], ref["patch_embed.proj.weight"])
 
 
 def test_plain_clip_state_dict_and_a_missing_key_fails(tmp_path: Path) -> None:
@@ -109,22 +114,24 @@ def test_videomae_pretrained_and_finetuned(tmp_path: Path, pretrain: bool, class
     torch.save(ckpt, tmp_path / "vmae.pth")
     model = _model()
     report = load_checkpoint(model, tmp_path / "vmae.pth")
-    assert report.format == ("videomae-pretrain" if pretrain else "videomae-finetune") and not report.unexplained
+    assert (report.format == ("videomae-pretrain" if pretrain else "videomae-finetune")
+            and not report.unexplained)
     sd = model.state_dict()
     assert torch.equal(sd["blocks.0.attn.q_bias"], ref["blocks.0.attn.q_bias"])
     assert torch.equal(sd["patch_embed.proj.weight"], ref["patch_embed.proj.weight"])
     head_loaded = not pretrain and classes == 5
     if not pretrain:
         assert torch.equal(sd["head.weight"], ckpt["module"]["head.weight"]) == head_loaded
-    assert torch.equal(sd["vmae_fc_norm.weight"], torch.ones(64))  # VideoMAE's fc_norm is not loaded (as CAST)
+    # VideoMAE's fc_norm is not loaded (as CAST)
+    assert torch.equal(sd["vmae_fc_norm.weight"], torch.ones(64))
 
 
 def test_cast_and_deepspeed_checkpoints_round_trip(tmp_path: Path) -> None:
     src = _model()
     src.load_state_dict(_reference_weights())
     torch.save({"model": src.state_dict(), "epoch": 3}, tmp_path / "cast.pth")
-    torch.save({"module": {f"module.{k}": v for k, v in src.state_dict().items()}, "dp_world_size": 1},
-               tmp_path / "mp_rank_00_model_states.pt")
+    torch.save({"module": {f"module.{k}": v for k, v in src.state_dict().items()},
+                "dp_world_size": 1}, tmp_path / "mp_rank_00_model_states.pt")
     x = torch.randn(1, 3, 4, 32, 32)
     for name in ("cast.pth", "mp_rank_00_model_states.pt"):
         model = _model()
@@ -134,7 +141,8 @@ def test_cast_and_deepspeed_checkpoints_round_trip(tmp_path: Path) -> None:
             torch.testing.assert_close(model.eval()(x), src.eval()(x), rtol=0, atol=0)
 
 
-def test_a_cast_checkpoint_of_other_classes_starts_a_new_head_only_when_asked(tmp_path: Path) -> None:
+def test_a_cast_checkpoint_of_other_classes_starts_a_new_head_only_when_asked(
+        tmp_path: Path) -> None:
     src = _model()
     src.load_state_dict(_reference_weights())
     torch.save({"model": src.state_dict()}, tmp_path / "cast.pth")
@@ -168,7 +176,8 @@ def test_adapters_edit_the_conversion_before_loading(tmp_path: Path) -> None:
     model = create_model("bcast_test", num_classes=2)
     report = load_checkpoint(model, tmp_path / "cast.pth", adapters=[first_rows, noop])
     assert seen == [("cast", (2, 64)), "second"]  # called in order, with the model's own state dict
-    assert torch.equal(model.head.weight, src.head.weight[:2]) and torch.equal(model.head.bias, src.head.bias[:2])
+    assert (torch.equal(model.head.weight, src.head.weight[:2])
+            and torch.equal(model.head.bias, src.head.bias[:2]))
     assert report.explained["adapter.note"] == "checked by the test" and not report.unexplained
 
 

@@ -21,7 +21,13 @@ from tstl.models import checkpoint as ck
 from tstl.models import create_model
 from tstl.models.checkpoint import read_checkpoint
 
-from .test_official_checkpoints import _amp_checkpoint, _args, _deepspeed_model_states, _save, _seeded
+from .test_official_checkpoints import (
+    _amp_checkpoint,
+    _args,
+    _deepspeed_model_states,
+    _save,
+    _seeded,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 # the shipped UCF101 x B-CAST layers, with the tiny B-CAST so the test files stay small

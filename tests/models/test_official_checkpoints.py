@@ -1,8 +1,10 @@
-"""Official checkpoint files load safely: each layout the reference code writes, built here with random small
-weights, loads into the matching tiny model under ``weights_only`` with the allow-list; a file whose pickle names
-any other global is refused with the global named, unless the user opts in (then it loads with a WARNING).
+"""Official checkpoint files load safely: each layout the reference code writes, built here with
+random small weights, loads into the matching tiny model under ``weights_only`` with the allow-list;
+a file whose pickle names any other global is refused with the global named, unless the user opts in
+(then it loads with a WARNING).
 
-Layouts transcribed from (commits as in /work/shared/reference/models-cast-tstl.md and models-timesformer.md):
+Layouts transcribed from (commits as in /work/shared/reference/models-cast-tstl.md and
+models-timesformer.md):
 
 * MCG-NJU/VideoMAE@14ef8d8 ``utils.py`` L405-422 (``save_model``, torch-amp path: model, optimizer,
   epoch, scaler, args) and L423-427 (DeepSpeed path: ``model.save_checkpoint`` with client state
@@ -71,15 +73,17 @@ def _seeded(name: str, seed: int, **kwargs) -> VideoClassifier:
 
 
 def _args(**extra) -> argparse.Namespace:
-    """The kind of values the reference parsers hold: strings, numbers, bools, None, tuples, lists."""
-    return argparse.Namespace(batch_size=6, epochs=50, update_freq=1, save_ckpt_freq=10, input_size=224,
-                              num_frames=16, tubelet_size=2, patch_size=(16, 16), lr=1e-3 * 48 / 256,
-                              layer_decay=0.75, opt_betas=None, clip_grad=None, mixup=0.8, smoothing=0.1,
-                              output_dir="/tmp/out", log_dir=None, device="cuda", seed=0, resume="",
-                              auto_resume=True, save_ckpt=True, dist_on_itp=False, distributed=True, rank=0,
-                              world_size=16, gpu=0, dist_backend="nccl", dist_url="env://", enable_deepspeed=True,
-                              deepspeed=False, deepspeed_config="/tmp/out/deepspeed_config.json", deepscale=False,
-                              deepscale_config=None, **extra)
+    """The kind of values the reference parsers hold: strings, numbers, bools, None, tuples,
+    lists."""
+    return argparse.Namespace(batch_size=6, epochs=50, update_freq=1, save_ckpt_freq=10,
+                              input_size=224, num_frames=16, tubelet_size=2, patch_size=(16, 16),
+                              lr=1e-3 * 48 / 256, layer_decay=0.75, opt_betas=None, clip_grad=None,
+                              mixup=0.8, smoothing=0.1, output_dir="/tmp/out", log_dir=None,
+                              device="cuda", seed=0, resume="", auto_resume=True, save_ckpt=True,
+                              dist_on_itp=False, distributed=True, rank=0, world_size=16, gpu=0,
+                              dist_backend="nccl", dist_url="env://", enable_deepspeed=True,
+                              deepspeed=False, deepspeed_config="/tmp/out/deepspeed_config.json",
+                              deepscale=False, deepscale_config=None, **extra)
 
 
 def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
@@ -147,11 +151,13 @@ def _numpy_globals(path: Path) -> set[str]:
 
 
 # GradScaler.state_dict() (VideoMAE's NativeScalerWithGradNormCount.state_dict returns it).
-_SCALER = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 3}
+_SCALER = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+           "_growth_tracker": 3}
 
 
 def _amp_checkpoint(model_sd: dict, model: nn.Module, epoch, args: argparse.Namespace) -> dict:
-    """utils.save_model, torch-amp path (VideoMAE utils.py L411-417; CAST L664-670; TSTL L673-679)."""
+    """utils.save_model, torch-amp path (VideoMAE utils.py L411-417; CAST L664-670; TSTL
+    L673-679)."""
     return {"model": model_sd, "optimizer": _optimizer_state(model), "epoch": epoch,
             "scaler": dict(_SCALER), "args": args}
 
@@ -167,7 +173,8 @@ def _deepspeed_model_states(module_sd: dict, model: nn.Module, client_state: dic
     fp16_optimizer = {  # FP16_Optimizer.state_dict (fused_optimizer.py L435-444)
         "dynamic_loss_scale": True, "cur_scale": 128.0, "cur_iter": 1000, "last_overflow_iter": 870,
         "scale_factor": 2.0, "scale_window": 128, "optimizer_state_dict": inner,
-        "fp32_groups_flat": [torch.cat([p.detach().float().flatten() for p in trainable])], "clip_grad": 0.0,
+        "fp32_groups_flat": [torch.cat([p.detach().float().flatten() for p in trainable])],
+        "clip_grad": 0.0,
     }
     state = dict(module={k: v.half() if v.is_floating_point() else v for k, v in module_sd.items()},
                  buffer_names=[n for n, _ in model.named_buffers() if n in module_sd],
@@ -176,8 +183,9 @@ def _deepspeed_model_states(module_sd: dict, model: nn.Module, client_state: dic
                  frozen_param_shapes=None, shared_params=None, frozen_param_fragments=None,
                  lr_scheduler=None, data_sampler=None, random_ltd=None,
                  sparse_tensor_module_names=set(),
-                 skipped_steps=12, global_steps=1000, global_samples=96000, dp_world_size=16, mp_world_size=1,
-                 ds_config="/tmp/out/deepspeed_config.json", ds_version="0.8.0+3a3dfe66")
+                 skipped_steps=12, global_steps=1000, global_samples=96000, dp_world_size=16,
+                 mp_world_size=1, ds_config="/tmp/out/deepspeed_config.json",
+                 ds_version="0.8.0+3a3dfe66")
     state.update(client_state)
     return state
 
@@ -201,33 +209,39 @@ def _saved(ckpt: dict, path: Path, numpy_names: str) -> Path:
 
 @NUMPY
 def test_videomae_pretrain_checkpoint_with_args(tmp_path: Path, numpy_names: str) -> None:
-    """run_mae_pretraining.py -> checkpoint-799.pth: the encoder under "encoder.", the decoder beside it."""
+    """run_mae_pretraining.py -> checkpoint-799.pth: the encoder under "encoder.", the decoder
+    beside it."""
     src = _seeded("bcast_test", 1, num_classes=5)
     sd = src.state_dict()
     enc = {f"encoder.{k}": v for k, v in sd.items()
-           if k.startswith("patch_embed.") or (k.startswith("blocks.") and k.split(".")[2] in ("norm1", "attn",
-                                                                                              "norm2", "mlp"))}
+           if k.startswith("patch_embed.")
+           or (k.startswith("blocks.") and k.split(".")[2] in ("norm1", "attn", "norm2", "mlp"))}
     enc.update({"encoder.norm.weight": torch.ones(64), "encoder.norm.bias": torch.zeros(64),
-                "encoder_to_decoder.weight": torch.randn(32, 64), "mask_token": torch.zeros(1, 1, 32),
-                "decoder.blocks.0.norm1.weight": torch.ones(32), "decoder.head.weight": torch.randn(1536, 32)})
-    ckpt = _amp_checkpoint(enc, src, 799, _args(mask_type="tube", mask_ratio=0.9, window_size=(8, 14, 14),
-                                                normlize_target=True, model="pretrain_videomae_base_patch16_224"))
+                "encoder_to_decoder.weight": torch.randn(32, 64),
+                "mask_token": torch.zeros(1, 1, 32),
+                "decoder.blocks.0.norm1.weight": torch.ones(32),
+                "decoder.head.weight": torch.randn(1536, 32)})
+    ckpt = _amp_checkpoint(enc, src, 799, _args(mask_type="tube", mask_ratio=0.9,
+                                                window_size=(8, 14, 14), normlize_target=True,
+                                                model="pretrain_videomae_base_patch16_224"))
     path = _saved(ckpt, tmp_path / "checkpoint-799.pth", numpy_names)
     model = create_model("bcast_test", num_classes=5)
     report = load_checkpoint(model, path)
     assert report.format == "videomae-pretrain" and not report.unexplained
-    assert torch.equal(model.state_dict()["blocks.1.attn.qkv.weight"], sd["blocks.1.attn.qkv.weight"])
+    assert torch.equal(model.state_dict()["blocks.1.attn.qkv.weight"],
+                       sd["blocks.1.attn.qkv.weight"])
 
 
 @NUMPY
 @pytest.mark.parametrize("deepspeed", [False, True])
 def test_videomae_finetune_checkpoint(tmp_path: Path, deepspeed: bool, numpy_names: str) -> None:
-    """run_class_finetuning.py -> checkpoint-best.pth (torch-amp, with args) or mp_rank_00_model_states.pt."""
+    """run_class_finetuning.py -> checkpoint-best.pth (torch-amp, with args) or
+    mp_rank_00_model_states.pt."""
     src = _seeded("bcast_test", 2, num_classes=5)
     sd = src.state_dict()
     vmae = {k: v for k, v in sd.items()
-            if k.startswith("patch_embed.") or (k.startswith("blocks.") and k.split(".")[2] in ("norm1", "attn",
-                                                                                              "norm2", "mlp"))}
+            if k.startswith("patch_embed.")
+            or (k.startswith("blocks.") and k.split(".")[2] in ("norm1", "attn", "norm2", "mlp"))}
     vmae.update({"fc_norm.weight": torch.ones(64), "fc_norm.bias": torch.zeros(64),
                  "head.weight": sd["head.weight"], "head.bias": sd["head.bias"]})
     if deepspeed:
@@ -255,11 +269,13 @@ def test_cast_checkpoint_best(tmp_path: Path, layout: str, numpy_names: str) -> 
     "deepspeed-with-args" adds the run's args as other scripts' client state does."""
     src = _seeded("bcast_test", 3, num_classes=5)
     if layout == "amp":
-        ckpt, name = _amp_checkpoint(src.state_dict(), src, "best", _args(data_set="SSV2", nb_classes=5,
-                                                                          window_size=16)), "checkpoint-best.pth"
+        ckpt, name = (_amp_checkpoint(src.state_dict(), src, "best",
+                                      _args(data_set="SSV2", nb_classes=5, window_size=16)),
+                      "checkpoint-best.pth")
     else:
         client = {"epoch": "best", **({"args": _args()} if layout == "deepspeed-with-args" else {})}
-        ckpt, name = _deepspeed_model_states(src.state_dict(), src, client), "mp_rank_00_model_states.pt"
+        ckpt, name = (_deepspeed_model_states(src.state_dict(), src, client),
+                      "mp_rank_00_model_states.pt")
     (tmp_path / "checkpoint-best").mkdir()
     path = _saved(ckpt, tmp_path / "checkpoint-best" / name, numpy_names)
     model = create_model("bcast_test", num_classes=5)
@@ -270,8 +286,8 @@ def test_cast_checkpoint_best(tmp_path: Path, layout: str, numpy_names: str) -> 
 
 @NUMPY
 def test_tstl_selector_and_experts(tmp_path: Path, numpy_names: str) -> None:
-    """TSTL train_selector.py / train_experts.py: CAST-layout files, selector head over groups, experts over all
-    classes (8 here, 174 in TSTL), each with the run's args."""
+    """TSTL train_selector.py / train_experts.py: CAST-layout files, selector head over groups,
+    experts over all classes (8 here, 174 in TSTL), each with the run's args."""
     selector = _seeded("bcast_test", 4, num_classes=3)
     args = _args(nb_classes=3, data_set="SSV2")
     ckpt = _amp_checkpoint(selector.state_dict(), selector, "best", args)
@@ -334,14 +350,16 @@ def test_other_globals_are_still_refused(tmp_path: Path, numpy_names: str) -> No
 
 
 def test_timesformer_pyth(tmp_path: Path) -> None:
-    """PySlowFast save_checkpoint -> checkpoint_epoch_00015.pyth (model. prefix, SGD state, cfg YAML string)."""
+    """PySlowFast save_checkpoint -> checkpoint_epoch_00015.pyth (model. prefix, SGD state, cfg YAML
+    string)."""
     src = _seeded("timesformer_test", 5)
     params = list(src.parameters())
     opt = torch.optim.SGD(params, lr=0.005, momentum=0.9, weight_decay=1e-4, nesterov=True)
     for p in params:
         p.grad = torch.zeros_like(p)
     opt.step()
-    ckpt = {"epoch": 15, "model_state": OrderedDict((f"model.{k}", v) for k, v in src.state_dict().items()),
+    ckpt = {"epoch": 15,
+            "model_state": OrderedDict((f"model.{k}", v) for k, v in src.state_dict().items()),
             "optimizer_state": opt.state_dict(),
             "cfg": "MODEL:\n  ARCH: vit\n  MODEL_NAME: vit_base_patch16_224\n  NUM_CLASSES: 8\n"
                    "TRAIN:\n  BATCH_SIZE: 8\n"}
@@ -355,8 +373,8 @@ def test_timesformer_pyth(tmp_path: Path) -> None:
 def _foreign(tmp_path: Path, zipfile: bool = True) -> tuple[Path, VideoClassifier]:
     src = _seeded("bcast_test", 6, num_classes=5)
     path = tmp_path / "checkpoint-best.pth"
-    torch.save({**_amp_checkpoint(src.state_dict(), src, "best", _args()), "run_state": RunState()}, path,
-               _use_new_zipfile_serialization=zipfile)
+    torch.save({**_amp_checkpoint(src.state_dict(), src, "best", _args()), "run_state": RunState()},
+               path, _use_new_zipfile_serialization=zipfile)
     return path, src
 
 
@@ -373,8 +391,10 @@ def test_a_foreign_global_is_refused_and_named(tmp_path: Path, zipfile: bool) ->
 
 
 @pytest.mark.parametrize("how", ["argument", "config-list", "environment"])
-def test_the_opt_in_loads_a_trusted_file_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                                        monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+def test_the_opt_in_loads_a_trusted_file_with_a_warning(tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        how: str) -> None:
     path, src = _foreign(tmp_path)
     trusted: object = False
     if how == "argument":
@@ -388,12 +408,14 @@ def test_the_opt_in_loads_a_trusted_file_with_a_warning(tmp_path: Path, caplog: 
         report = load_checkpoint(model, path, trusted=trusted)
     assert report.format == "cast"
     _same_weights(model, src)
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "weights_only=False" in r.getMessage()]
-    assert len(warnings) == 1 and str(path) in warnings[0].getMessage() and "RunState" in warnings[0].getMessage()
+    warnings = [r for r in caplog.records
+                if r.levelno == logging.WARNING and "weights_only=False" in r.getMessage()]
+    assert (len(warnings) == 1 and str(path) in warnings[0].getMessage()
+            and "RunState" in warnings[0].getMessage())
 
 
-def test_a_trusted_file_that_is_safe_loads_without_warning(tmp_path: Path,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_a_trusted_file_that_is_safe_loads_without_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     src = _seeded("bcast_test", 7, num_classes=5)
     torch.save(_amp_checkpoint(src.state_dict(), src, 1, _args()), tmp_path / "c.pth")
     with caplog.at_level(logging.WARNING, logger="tstl.models.checkpoint"):

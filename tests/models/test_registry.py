@@ -1,9 +1,11 @@
-"""Every registered model keeps the model contract (tstl/models/contract.py), in the spirit of timm's
-tests/test_models.py. New registrations are picked up automatically through ``list_models()``;
-multi-head models (``multi_head``: a dict of logits per head) are held to the same checks per head.
+"""Every registered model keeps the model contract (tstl/models/contract.py), in the spirit of
+timm's tests/test_models.py. New registrations are picked up automatically through
+``list_models()``; multi-head models (``multi_head``: a dict of logits per head) are held to the
+same checks per head.
 
-Full-size variants are built on the meta device (no memory, no compute) for the contract and parameter counts; the
-forward/backward runs on a reduced build of the same family and attention type (``_reduced``).
+Full-size variants are built on the meta device (no memory, no compute) for the contract and
+parameter counts; the forward/backward runs on a reduced build of the same family and attention type
+(``_reduced``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from tstl.models import VideoClassifier, create_model, list_models
 
 MODELS = list_models()
 
-# Published/known parameter counts (total, trainable) at the variant's default classes; see docs/models.md.
+# Published/known parameter counts (total, trainable) at the variant's default classes; see
+# docs/models.md.
 PARAMS = {
     "bcast_vit_b16": (172_023_552 + 45_071_232 + 769 * 400, 45_071_232 + 769 * 400),
     "bcast_compo_vit_b16": (216_808_333, 44_784_781),  # models-cast-tstl.md 2.2, compo EPIC
@@ -30,7 +33,8 @@ PARAMS = {
 }
 # A model with more parameters than this is built at full size only on the meta device.
 SMALL = 2_000_000
-# Architecture overrides for a CPU forward/backward of a full-size variant: same family, same attention type.
+# Architecture overrides for a CPU forward/backward of a full-size variant: same family, same
+# attention type.
 REDUCED = dict(depth=1, img_size=32, patch_size=8, embed_dim=64, num_heads=4, num_frames=4)
 
 
@@ -40,18 +44,21 @@ def _meta(name: str, **kwargs) -> VideoClassifier:
 
 
 def _n_params(model: nn.Module, trainable: bool | None = None) -> int:
-    return sum(p.numel() for p in model.parameters() if trainable is None or p.requires_grad == trainable)
+    return sum(p.numel() for p in model.parameters()
+               if trainable is None or p.requires_grad == trainable)
 
 
 @functools.cache
 def _full_size(name: str) -> tuple[type, str | None, int]:
-    """Class, attention type and parameter count of the variant at full size (built once, on the meta device)."""
+    """Class, attention type and parameter count of the variant at full size (built once, on the
+    meta device)."""
     full = _meta(name)
     return type(full), getattr(full, "attention_type", None), _n_params(full)
 
 
 def _reduced(name: str) -> VideoClassifier:
-    """The variant itself when small, else the variant with ``REDUCED`` overrides its class accepts."""
+    """The variant itself when small, else the variant with ``REDUCED`` overrides its class
+    accepts."""
     cls, attention_type, n_params = _full_size(name)
     torch.manual_seed(0)
     if n_params <= SMALL:
@@ -104,11 +111,13 @@ def test_contract_at_full_size(name: str) -> None:
     assert min(_heads(model).values()) > 0 and model.num_frames > 0 and model.img_size > 0
     names = {n for n, _ in model.named_parameters()}
     trainable = model.trainable_state_dict()
-    assert trainable and set(trainable) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert (trainable
+            and set(trainable) == {n for n, p in model.named_parameters() if p.requires_grad})
     total = _n_params(model)
     if name in PARAMS:
         assert (total, _n_params(model, True)) == PARAMS[name]
-    assert model.no_weight_decay() <= names, "no_weight_decay() names parameters the model does not have"
+    assert model.no_weight_decay() <= names, (
+        "no_weight_decay() names parameters the model does not have")
     x = torch.empty(1, 3, model.num_frames, model.img_size, model.img_size, device="meta")
     head = _linears(model.get_classifier())
     assert {h: lin.out_features for h, lin in head.items()} == _heads(model)
@@ -148,7 +157,8 @@ def test_features_head_split_and_classifier_reset(name: str) -> None:
     model = _reduced(name).eval()
     x = _clip(model)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)), rtol=0, atol=0)
+        torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)),
+                                   rtol=0, atol=0)
         model.reset_classifier(_classes(model, 3))
         _check_logits(model, model(x), 2)
         assert model.num_classes == _classes(model, 3)
@@ -176,7 +186,8 @@ def test_trainable_state_round_trip(name: str) -> None:
     frozen = [n for n, p in dst.named_parameters() if not p.requires_grad]
     if frozen:
         with pytest.raises(ValueError, match="frozen"):
-            dst.load_trainable_state_dict({**sd, frozen[0]: dict(dst.named_parameters())[frozen[0]].detach()})
+            dst.load_trainable_state_dict(
+                {**sd, frozen[0]: dict(dst.named_parameters())[frozen[0]].detach()})
     with pytest.raises(ValueError, match="shape"):
         dst.load_trainable_state_dict({**sd, key: torch.zeros(1, 2, 3, 4, 5)})
 
@@ -197,7 +208,8 @@ def test_optimizer_groups(name: str) -> None:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_grad_checkpointing_same_gradients(name: str) -> None:
-    model = _reduced(name).eval()  # eval: no dropout or drop path, so both passes are the same function
+    # eval: no dropout or drop path, so both passes are the same function
+    model = _reduced(name).eval()
     x = _clip(model)
     sum(o.sum() for o in _outputs(model(x)).values()).backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -295,5 +295,6 @@ def test_a_sigkill_of_the_launcher_or_of_a_rank_leaves_no_process(
     if victim == "launcher":  # stopped as preempted: a resumable checkpoint
         assert list(run.glob("checkpoints/step-*/complete.json"))
         logs = [(run / "logs" / f"train-rank{r}.log").read_text() for r in (0, 1)]
-        assert any("the launcher is gone" in log for log in logs)  # the first rank to see it stops all
+        # the first rank to see it stops all
+        assert any("the launcher is gone" in log for log in logs)
         assert all("SIGTERM received: checkpoint saved at step" in log for log in logs)

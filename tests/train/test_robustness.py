@@ -1,4 +1,5 @@
-"""Checkpoint completeness/rotation and non-finite loss handling, with stand-ins for the DeepSpeed engine."""
+"""Checkpoint completeness/rotation and non-finite loss handling, with stand-ins for the DeepSpeed
+engine."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ class FakeEngine:
         self.steps = 0
         self.backwards = 0
 
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict,
+                        save_latest: bool) -> None:
         assert not save_latest  # we keep our own completion markers, not DeepSpeed's `latest`
         (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
         torch.save({"module": {"w": torch.arange(64.0)}, **client_state},
@@ -44,8 +46,8 @@ class FakeEngine:
 
 
 def _save(ck: Checkpointer, engine: FakeEngine, step: int, metric: float | None) -> str:
-    return ck.save(engine, step, epoch=step // 10, client_state={"step": step}, rank_state={"loader": step},
-                   metric=metric)
+    return ck.save(engine, step, epoch=step // 10, client_state={"step": step},
+                   rank_state={"loader": step}, metric=metric)
 
 
 def test_incomplete_save_is_ignored_and_rotation_keeps_last_and_best(tmp_path: Path) -> None:
@@ -53,14 +55,16 @@ def test_incomplete_save_is_ignored_and_rotation_keeps_last_and_best(tmp_path: P
     for step, metric in [(10, 0.2), (20, 0.9), (30, 0.4), (40, 0.5)]:
         _save(ck, engine, step, metric)
     tags = sorted(d.name for d in ck.dir.iterdir())
-    assert tags == ["step-0000020", "step-0000030", "step-0000040"]  # last 2 + the best (0.9 at step 20)
+    # last 2 + the best (0.9 at step 20)
+    assert tags == ["step-0000020", "step-0000030", "step-0000040"]
     assert ck.best() == str(ck.dir / "step-0000020")
 
     # a crash while saving step 50: DeepSpeed's files are there, our marker is not
     _save(ck, engine, 50, 0.1)
     (ck.dir / "step-0000050" / MARKER).unlink()
     client, ranks, world = ck.load_latest(engine)
-    assert engine.loaded == ["step-0000040"] and client == {"step": 40} and ranks[0]["loader"] == 40 and world == 1
+    assert (engine.loaded == ["step-0000040"] and client == {"step": 40}
+            and ranks[0]["loader"] == 40 and world == 1)
 
     # a marker torn mid-write is no marker either
     (ck.dir / "step-0000050" / MARKER).write_text('{"step": 5')
@@ -68,8 +72,8 @@ def test_incomplete_save_is_ignored_and_rotation_keeps_last_and_best(tmp_path: P
 
 
 def test_resume_on_another_world_size_reads_every_saved_rank(tmp_path: Path) -> None:
-    """Elastic resume (issue 13): all saved ranks' states come back; a missing one is named (tests/train/
-    test_elastic.py runs the real thing)."""
+    """Elastic resume (issue 13): all saved ranks' states come back; a missing one is named
+    (tests/train/test_elastic.py runs the real thing)."""
     ck, engine = Checkpointer(tmp_path), FakeEngine(partitioned=False)
     tag = _save(ck, engine, 10, None)
     marker = ck.dir / tag / MARKER
@@ -111,15 +115,17 @@ def test_non_finite_losses_skip_the_step_then_stop() -> None:
 
     assert trainer.train_step(good) is not None
     assert trainer.train_step(bad) is None and trainer.train_step(bad) is None
-    assert (trainer.engine.backwards, trainer.engine.steps, trainer.nonfinite) == (1, 1, 2)  # skipped, not trained
+    # skipped, not trained
+    assert (trainer.engine.backwards, trainer.engine.steps, trainer.nonfinite) == (1, 1, 2)
     with pytest.raises(NonFiniteLossError, match="more than 2"):
         trainer.train_step(bad)
     assert trainer.engine.steps == 1
 
 
-# ----------------------------------------------------------------------------------- resume guard (issue 13)
+# -------------------------------------------------------------------------- resume guard (issue 13)
 
-def test_resume_refuses_a_changed_config_with_a_diff_unless_safe_or_accepted(tmp_path: Path) -> None:
+def test_resume_refuses_a_changed_config_with_a_diff_unless_safe_or_accepted(
+        tmp_path: Path) -> None:
     from tstl.core.config import ConfigError, dump_yaml
     from tstl.train import resume_guard
 
@@ -130,20 +136,24 @@ def test_resume_refuses_a_changed_config_with_a_diff_unless_safe_or_accepted(tmp
     safe.checkpoint.every_minutes = 5.0
     safe.data.num_workers = 0
     changes = resume_guard.check(tmp_path / "config.yaml", safe, accept=False)
-    assert {k for k, _, _ in changes} == {"epochs", "log_every", "checkpoint.every_minutes", "data.num_workers"}
+    assert ({k for k, _, _ in changes}
+            == {"epochs", "log_every", "checkpoint.every_minutes", "data.num_workers"})
 
-    new = TrainConfig(epochs=3, log_every=1)  # fewer epochs is not safe: the schedule already ran past its end
+    # fewer epochs is not safe: the schedule already ran past its end
+    new = TrainConfig(epochs=3, log_every=1)
     new.optim.lr = 5e-4
     with pytest.raises(ConfigError) as err:
         resume_guard.check(tmp_path / "config.yaml", new, accept=False)
     msg = str(err.value)
-    assert "optim.lr: 0.001 -> 0.0005" in msg and "epochs: 5 -> 3" in msg and "log_every" not in msg.split("Use")[0]
+    assert ("optim.lr: 0.001 -> 0.0005" in msg and "epochs: 5 -> 3" in msg
+            and "log_every" not in msg.split("Use")[0])
     assert "checkpoint.accept_config_change=true" in msg
     assert len(resume_guard.check(tmp_path / "config.yaml", new, accept=True)) == 3
 
 
 def test_resume_of_a_run_saved_before_a_key_existed(tmp_path: Path) -> None:
-    """A config.yaml without a key added later (e.g. data.decoder) matches the key's default, not another value."""
+    """A config.yaml without a key added later (e.g. data.decoder) matches the key's default, not
+    another value."""
     import yaml
 
     from tstl.core.config import ConfigError, dump_yaml
@@ -159,7 +169,7 @@ def test_resume_of_a_run_saved_before_a_key_existed(tmp_path: Path) -> None:
         resume_guard.check(tmp_path / "config.yaml", other, accept=False)
 
 
-# ----------------------------------------------------------------------------------- preemption (issue 13)
+# ---------------------------------------------------------------------------- preemption (issue 13)
 
 def test_the_checkpointer_decides_when_to_save(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:

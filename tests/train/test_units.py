@@ -50,7 +50,8 @@ def test_deepspeed_config_follows_ours() -> None:
     ds = deepspeed_config(EngineConfig(precision="fp16", zero_stage=1, accum_steps=2), 1.0, plan)
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["zero_optimization"] == {"stage": 1}
-    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and ds["gradient_clipping"] == 1.0
+    assert (ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0
+            and ds["gradient_clipping"] == 1.0)
     ds = deepspeed_config(EngineConfig(precision="bf16"), 0.0, plan)
     assert ds["bf16"] == {"enabled": True} and "fp16" not in ds and "gradient_clipping" not in ds
 
@@ -64,7 +65,8 @@ def test_deepspeed_config_follows_ours() -> None:
 ])
 def test_config_errors_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:
-        load_config(TrainConfig, [ROOT / "configs/data/ssv2.yaml", ROOT / "configs/model/bcast_vit_b16.yaml"],
+        load_config(TrainConfig,
+                    [ROOT / "configs/data/ssv2.yaml", ROOT / "configs/model/bcast_vit_b16.yaml"],
                     [override])
     assert message in str(e.value)
 
@@ -76,14 +78,17 @@ def test_shipped_recipes_load() -> None:
         cfg = load_config(TrainConfig, [ROOT / "configs" / f for f in files])
         assert cfg.epochs >= 1
     ssv2 = load_config(TrainConfig, [ROOT / "configs/data/ssv2.yaml"])
-    assert ssv2.data.flip is False and ssv2.data.sampling == "segment" and tuple(ssv2.data.test_views) == (2, 3)
+    assert (ssv2.data.flip is False and ssv2.data.sampling == "segment"
+            and tuple(ssv2.data.test_views) == (2, 3))
 
 
 def test_multi_view_merge_matches_a_hand_computation() -> None:
     p = lambda *v: np.array(v, dtype=np.float32)  # noqa: E731
-    rank0 = {("a", 0): (p(0.6, 0.3, 0.1), 0), ("a", 1): (p(0.2, 0.7, 0.1), 0), ("b", 0): (p(0.1, 0.1, 0.8), 2)}
+    rank0 = {("a", 0): (p(0.6, 0.3, 0.1), 0), ("a", 1): (p(0.2, 0.7, 0.1), 0),
+             ("b", 0): (p(0.1, 0.1, 0.8), 2)}
     # rank 1 repeats ("a", 1) (loader padding) and holds the other views
-    rank1 = {("a", 1): (p(0.2, 0.7, 0.1), 0), ("b", 1): (p(0.3, 0.3, 0.4), 2), ("c", 0): (p(0.5, 0.4, 0.1), 1)}
+    rank1 = {("a", 1): (p(0.2, 0.7, 0.1), 0), ("b", 1): (p(0.3, 0.3, 0.4), 2),
+             ("c", 0): (p(0.5, 0.4, 0.1), 1)}
     probs, labels = merge([rank0, rank1])
     np.testing.assert_allclose(probs["a"], [0.4, 0.5, 0.1], rtol=1e-6)  # the duplicate counted once
     np.testing.assert_allclose(probs["b"], [0.2, 0.2, 0.6], rtol=1e-6)
@@ -112,8 +117,10 @@ def test_evaluate_on_one_rank_uses_softmax_of_the_model() -> None:
 
 
 def test_engine_deepspeed_is_merged_last_key_by_key() -> None:
-    extra = {"zero_optimization": {"overlap_comm": True}, "flops_profiler": {"enabled": True, "profile_step": 3},
-             "csv_monitor": {"enabled": True, "output_path": "runs/x/ds", "job_name": "ds"}, "steps_per_print": 50}
+    extra = {"zero_optimization": {"overlap_comm": True},
+             "flops_profiler": {"enabled": True, "profile_step": 3},
+             "csv_monitor": {"enabled": True, "output_path": "runs/x/ds", "job_name": "ds"},
+             "steps_per_print": 50}
     ds = deepspeed_config(EngineConfig(zero_stage=1, deepspeed=extra), 0.0, BatchPlan(4, 1, 1))
     assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True}  # ours kept, theirs added
     assert ds["flops_profiler"] == extra["flops_profiler"] and ds["steps_per_print"] == 50
@@ -121,26 +128,35 @@ def test_engine_deepspeed_is_merged_last_key_by_key() -> None:
 
 
 @pytest.mark.parametrize("override,message", [
-    ("engine.deepspeed.train_batch_size=64", "engine.deepspeed.train_batch_size is generated from our config: set "
+    ("engine.deepspeed.train_batch_size=64",
+     "engine.deepspeed.train_batch_size is generated from our config: set "
      "data.batch_size and engine.accum_steps instead"),
     ("engine.deepspeed.zero_optimization.stage=2", "set engine.zero_stage instead"),
     ("engine.deepspeed.bf16.enabled=false", "set engine.precision instead"),
     ("engine.deepspeed.gradient_clipping=1.0", "set optim.clip_grad instead"),
-    ("engine.deepspeed.flops_profilr.enabled=true", "engine.deepspeed.flops_profilr (did you mean 'flops_profiler'?)"),
+    ("engine.deepspeed.flops_profilr.enabled=true",
+     "engine.deepspeed.flops_profilr (did you mean 'flops_profiler'?)"),
     ("engine.deepspeed.flops_profiler.enabeld=true", "did you mean 'flops_profiler.enabled'?"),
-    ("engine.deepspeed.zero_optimization.overlap_com=true", "engine.deepspeed: DeepSpeed rejects the merged config"),
-    ("engine.deepspeed.tensorboard.enabled=maybe", "engine.deepspeed: DeepSpeed rejects the merged config"),
+    ("engine.deepspeed.zero_optimization.overlap_com=true",
+     "engine.deepspeed: DeepSpeed rejects the merged config"),
+    ("engine.deepspeed.tensorboard.enabled=maybe",
+     "engine.deepspeed: DeepSpeed rejects the merged config"),
 ])
 def test_engine_deepspeed_errors_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:
-        load_config(TrainConfig, [ROOT / "configs/data/ssv2.yaml", ROOT / "configs/model/bcast_vit_b16.yaml"],
+        load_config(TrainConfig,
+                    [ROOT / "configs/data/ssv2.yaml", ROOT / "configs/model/bcast_vit_b16.yaml"],
                     [override])
     assert message in str(e.value)
 
 
 def test_engine_deepspeed_documented_examples_load() -> None:
-    cfg = load_config(TrainConfig, [ROOT / "configs/data/ssv2.yaml", ROOT / "configs/model/bcast_vit_b16.yaml"], [
-        "engine.deepspeed.flops_profiler.enabled=true", "engine.deepspeed.flops_profiler.profile_step=20",
-        "engine.deepspeed.tensorboard.enabled=true", "engine.deepspeed.tensorboard.output_path=runs/x/ds",
-        "engine.deepspeed.comms_logger.enabled=true", "engine.deepspeed.zero_optimization.reduce_bucket_size=50000000"])
+    cfg = load_config(TrainConfig, [ROOT / "configs/data/ssv2.yaml",
+                                    ROOT / "configs/model/bcast_vit_b16.yaml"], [
+        "engine.deepspeed.flops_profiler.enabled=true",
+        "engine.deepspeed.flops_profiler.profile_step=20",
+        "engine.deepspeed.tensorboard.enabled=true",
+        "engine.deepspeed.tensorboard.output_path=runs/x/ds",
+        "engine.deepspeed.comms_logger.enabled=true",
+        "engine.deepspeed.zero_optimization.reduce_bucket_size=50000000"])
     assert cfg.engine.deepspeed["flops_profiler"] == {"enabled": True, "profile_step": 20}

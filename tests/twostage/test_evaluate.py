@@ -1,4 +1,5 @@
-"""Routed multi-view evaluation against a hand computation, and TSTL's released (full-head) checkpoints."""
+"""Routed multi-view evaluation against a hand computation, and TSTL's released (full-head)
+checkpoints."""
 
 from __future__ import annotations
 
@@ -34,8 +35,10 @@ def test_routed_views_merge_like_a_hand_computation(top_k: int) -> None:
     x = rng.normal(size=(12, 5)).astype(np.float32)  # 6 videos x 2 views
     labels = np.array([0, 1, 2, 3, 0, 2])
     keys = [f"v{i}" for i in range(6)]
-    batches = [{"video": torch.tensor(x[i:i + 4]), "label": torch.tensor(np.repeat(labels, 2)[i:i + 4]),
-                "key": [keys[j // 2] for j in range(i, i + 4)], "view": torch.tensor([j % 2 for j in range(i, i + 4)])}
+    batches = [{"video": torch.tensor(x[i:i + 4]),
+                "label": torch.tensor(np.repeat(labels, 2)[i:i + 4]),
+                "key": [keys[j // 2] for j in range(i, i + 4)],
+                "view": torch.tensor([j % 2 for j in range(i, i + 4)])}
                for i in range(0, 12, 4)]
     local, tally = predict_routed(models, batches, torch.device("cpu"), top_k)
     res = summarize([local], [tally], GROUPS, top_k)
@@ -50,23 +53,28 @@ def test_routed_views_merge_like_a_hand_computation(top_k: int) -> None:
     soft = hard if top_k == 1 else s[:, 0:1] * full[0] + s[:, 1:2] * full[1]
     true_group = GROUPS.class_to_group[np.repeat(labels, 2)]
     oracle = full[true_group, np.arange(12)]
-    assert 0 < (top != true_group).sum() < 12  # some views misrouted: oracle differs from hard routing
+    # some views misrouted: oracle differs from hard routing
+    assert 0 < (top != true_group).sum() < 12
     per_video = lambda p: p.reshape(6, 2, -1).mean(1)  # noqa: E731
     methods = res["summary"]["methods"]
     for name, p in (("hard", hard), ("soft", soft), ("oracle", oracle)):
-        assert methods[name]["top1"] == pytest.approx(float((per_video(p).argmax(1) == labels).mean())), name
+        assert (methods[name]["top1"]
+                == pytest.approx(float((per_video(p).argmax(1) == labels).mean()))), name
     sel_video = per_video(s).argmax(1)
-    assert res["summary"]["selector_acc"] == pytest.approx(float((sel_video == GROUPS.class_to_group[labels]).mean()))
+    assert (res["summary"]["selector_acc"]
+            == pytest.approx(float((sel_video == GROUPS.class_to_group[labels]).mean())))
     for e in res["summary"]["experts"]:
         mine = GROUPS.class_to_group[labels] == e["group"]
         assert e["videos"] == mine.sum()
-        assert e["accuracy"] == pytest.approx(float((per_video(oracle).argmax(1) == labels)[mine].mean()))
+        assert (e["accuracy"]
+                == pytest.approx(float((per_video(oracle).argmax(1) == labels)[mine].mean())))
     f = res["summary"]["forwards"]
     assert f["selector"] == 12 and f["hard_routed"] == np.bincount(top, minlength=2).tolist()
     assert sum(f["routed_experts"]) == 12 * top_k  # only the chosen experts ran
     # the true group's expert runs again only for views the selector sent elsewhere
     assert f["oracle_extra"] == (int((top != true_group).sum()) if top_k == 1 else 0)
-    assert methods["hard"]["forwards_per_view"] == 2 and methods["soft"]["forwards_per_view"] == 1 + top_k
+    assert (methods["hard"]["forwards_per_view"] == 2
+            and methods["soft"]["forwards_per_view"] == 1 + top_k)
 
 
 def test_released_tstl_checkpoints_with_full_class_heads(tmp_path) -> None:
@@ -84,9 +92,11 @@ def test_released_tstl_checkpoints_with_full_class_heads(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(models.selector(x), sel.eval()(x))
         torch.testing.assert_close(models.experts[1](x), full[1].eval()(x))
-        # as TSTL: the chosen expert's softmax over all classes is the prediction, even outside its group
+        # as TSTL: the chosen expert's softmax over all classes is the prediction, even outside its
+        # group
         sel_logits = torch.tensor([[0.0, 9.0], [0.0, 9.0]])
         out = route(x, sel_logits, models.experts, GROUPS, top_k=1)
         torch.testing.assert_close(out.probs, full[1](x).softmax(-1))
     with pytest.raises(ValueError, match="head has 4 outputs, the groups 2"):
-        load_released("bcast_test", tmp_path / "expert-0.pth", [tmp_path / "expert-0.pth"] * 2, GROUPS)
+        load_released("bcast_test", tmp_path / "expert-0.pth", [tmp_path / "expert-0.pth"] * 2,
+                      GROUPS)

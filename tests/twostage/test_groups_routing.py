@@ -62,7 +62,8 @@ def test_validation_errors_name_file(tmp_path, mutate, msg):
 
 def test_our_format_validation(tmp_path):
     p = tmp_path / "g.json"
-    p.write_text(json.dumps({"format": "tstl-groups/v1", "num_classes": 4, "groups": [[0, 1], [2]]}))
+    p.write_text(json.dumps({"format": "tstl-groups/v1", "num_classes": 4,
+                             "groups": [[0, 1], [2]]}))
     with pytest.raises(GroupFileError, match=r"\[3\] are in no group"):
         load_groups(p)
     p.write_text(json.dumps({"num_classes": 4, "groups": [[0, 1], [2, 3]]}))

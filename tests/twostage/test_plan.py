@@ -14,25 +14,31 @@ ROOT = Path(__file__).resolve().parents[2]
 def _cfg(tmp_path, *extra):
     files = [ROOT / "configs/data/ssv2.yaml", ROOT / "configs/model/bcast_vit_b16.yaml",
              ROOT / "configs/tstl/default.yaml"]
-    cfg = load_config(TSTLConfig, files, [f"out_dir={tmp_path}", "model.init=[clip.pt,vmae.pth]", *extra])
+    cfg = load_config(TSTLConfig, files,
+                      [f"out_dir={tmp_path}", "model.init=[clip.pt,vmae.pth]", *extra])
     cfg.check()
     return cfg
 
 
 def test_stage_configs_filter_relabel_and_layer_the_overrides(tmp_path):
-    cfg = _cfg(tmp_path, "tstl.init=[cast.pth]", "tstl.expert.epochs=3", "tstl.selector.optim.lr=2e-3")
+    cfg = _cfg(tmp_path, "tstl.init=[cast.pth]", "tstl.expert.epochs=3",
+               "tstl.selector.optim.lr=2e-3")
     stage = selector_stage(cfg, GROUPS)
     sel = stage.config
-    assert stage.label_map == dict(enumerate([0, 1, 1, 1, 2, 0, 2, 2])) and sel.model.num_classes == 3
+    assert (stage.label_map == dict(enumerate([0, 1, 1, 1, 2, 0, 2, 2]))
+            and sel.model.num_classes == 3)
     assert not stage.adapters
     assert sel.model.init == ["clip.pt", "vmae.pth", "cast.pth"] and sel.optim.lr == 2e-3
     assert sel.out_dir == str(tmp_path / "selector") and sel.test_at_end is False
-    assert sel.epochs == 10 and sel.data.num_frames == cfg.data.num_frames  # recipe override, else the run's
+    # recipe override, else the run's
+    assert sel.epochs == 10 and sel.data.num_frames == cfg.data.num_frames
     expert = expert_stage(cfg, GROUPS, 2)
     ex = expert.config
-    assert expert.label_map == {4: 0, 6: 1, 7: 2} and len(expert.adapters) == 1  # filter + relabel; head rows
+    # filter + relabel; head rows
+    assert expert.label_map == {4: 0, 6: 1, 7: 2} and len(expert.adapters) == 1
     assert ex.model.num_classes == 3 and ex.epochs == 3 and ex.optim.lr == cfg.optim.lr
-    assert ex.out_dir == str(tmp_path / "expert_02") and ex.model.init == ["clip.pt", "vmae.pth", "cast.pth"]
+    assert (ex.out_dir == str(tmp_path / "expert_02")
+            and ex.model.init == ["clip.pt", "vmae.pth", "cast.pth"])
     assert ex.train_split == cfg.train_split  # the same shards, filtered on the fly
     sub = expert_stage(_cfg(tmp_path, "tstl.expert_split=train-g{group:02d}"), GROUPS, 2)
     assert sub.config.train_split == "train-g02" and sub.label_map == {4: 0, 6: 1, 7: 2}
@@ -55,7 +61,8 @@ def test_resume_skips_finished_experts(tmp_path):
     for g in (0, 2):
         expert_file(tmp_path, g).parent.mkdir(parents=True)
         expert_file(tmp_path, g).write_bytes(b"x")
-    expert_file(tmp_path, 1).parent.mkdir(parents=True)  # killed mid-training: folder but no expert file
+    # killed mid-training: folder but no expert file
+    expert_file(tmp_path, 1).parent.mkdir(parents=True)
     assert pending_experts(GROUPS, tmp_path) == [1]
 
 
@@ -65,14 +72,16 @@ def test_cli_groups(tmp_path):
     from tstl.twostage.cli import main
     from tstl.twostage.groups import load_groups
 
-    assert main(["groups", "--num-groups", "4", "--num-classes", "8", "--out", str(tmp_path / "b.json")]) == 0
+    assert main(["groups", "--num-groups", "4", "--num-classes", "8", "--out",
+                 str(tmp_path / "b.json")]) == 0
     assert load_groups(tmp_path / "b.json").groups == ((0, 1), (2, 3), (4, 5), (6, 7))
     conf = np.eye(8) * 10
     for a, b in ((0, 7), (1, 6), (2, 5), (3, 4)):
         conf[a, b] = conf[b, a] = 5
     np.save(tmp_path / "c.npy", conf)
-    assert main(["groups", "--method", "confusion", "--num-groups", "4", "--confusion", str(tmp_path / "c.npy"),
-                 "--format", "tstl", "--out", str(tmp_path / "c.json")]) == 0
+    assert main(["groups", "--method", "confusion", "--num-groups", "4", "--confusion",
+                 str(tmp_path / "c.npy"), "--format", "tstl", "--out",
+                 str(tmp_path / "c.json")]) == 0
     assert load_groups(tmp_path / "c.json").groups == ((0, 7), (1, 6), (2, 5), (3, 4))
 
 
@@ -82,15 +91,19 @@ def test_shipped_tstl_recipes_load_and_pass_the_checks():
         cfg = load_config(TSTLConfig, [ROOT / "configs" / f for f in files])
         cfg.check()
         assert selector_stage(cfg, GROUPS).config.model.freeze_pretrained
-    with pytest.raises(ConfigError, match="freeze_pretrained must be true"):  # the plain demo trains its experts
+    with pytest.raises(ConfigError, match="freeze_pretrained must be true"):
+        # the plain demo trains its experts
         load_config(TSTLConfig,
-                    [ROOT / "configs" / f for f in ("data/ssv2.yaml", "demo.yaml", "tstl/default.yaml")]).check()
+                    [ROOT / "configs" / f
+                     for f in ("data/ssv2.yaml", "demo.yaml", "tstl/default.yaml")]).check()
 
 
 def test_training_without_weights_to_start_from_is_refused(tmp_path):
     from tstl.twostage.train import train_two_stage
 
-    cfg = load_config(TSTLConfig, [ROOT / "configs" / f for f in ("data/ssv2.yaml", "demo.yaml", "tstl/demo.yaml")],
+    cfg = load_config(TSTLConfig,
+                      [ROOT / "configs" / f
+                       for f in ("data/ssv2.yaml", "demo.yaml", "tstl/demo.yaml")],
                       [f"out_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"tstl.init=\[<trained B-CAST run or checkpoint>\]"):
         train_two_stage(cfg)
@@ -111,7 +124,8 @@ def test_stage_init_is_pinned_and_a_changed_init_is_refused_on_resume(tmp_path, 
     stage.model.init = ["a.pt"]  # relative, as typed on a command line
     monkeypatch.chdir(tmp_path)
     pinned, frozen = pin_init(stage)
-    assert pinned.model.init == [str(tmp_path / "a.pt")] == [c["path"] for c in frozen["checkpoints"]]
+    assert (pinned.model.init == [str(tmp_path / "a.pt")]
+            == [c["path"] for c in frozen["checkpoints"]])
     stage.model.init = ["b.pt"]
     pin_init(stage)  # nothing trained yet: the stage simply starts from b
     marker = tmp_path / "expert_00/checkpoints/step-0000001/complete.json"
@@ -129,7 +143,8 @@ def _on_main_worker(rank: int, port: str, results) -> None:
 
     from tstl.train import dist
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=port)
     tdist.init_process_group("gloo", rank=rank, world_size=2)
 
     def boom():

@@ -20,8 +20,10 @@ KW = {"num_classes": 3}
 
 @pytest.fixture
 def frozen(tmp_path):
-    """The frozen weights' source: a checkpoint of the random weights ``_expert`` starts from (seed 7)."""
-    return frozen_sources_from_paths([write_random_checkpoint(tmp_path / "init.pt", "bcast_test", seed=7, **KW)])
+    """The frozen weights' source: a checkpoint of the random weights ``_expert`` starts from
+    (seed 7)."""
+    return frozen_sources_from_paths([write_random_checkpoint(tmp_path / "init.pt", "bcast_test",
+                                                              seed=7, **KW)])
 
 
 def _expert(seed_train: int):
@@ -108,7 +110,8 @@ def test_files_of_the_old_format_name_still_load(tmp_path, frozen):
     m = _expert(1)
     save_stage_file(m, tmp_path / "e.pt", "bcast_test", KW, frozen)
     assert read_stage_file(tmp_path / "e.pt")["format"] == "tstl-stage/v1"
-    old = {**torch.load(tmp_path / "e.pt", weights_only=True), "format": "tstl-expert/v1"}  # written before the rename
+    # written before the rename
+    old = {**torch.load(tmp_path / "e.pt", weights_only=True), "format": "tstl-expert/v1"}
     torch.save(old, tmp_path / "old.pt")
     with torch.no_grad():
         torch.testing.assert_close(load_stage_file(tmp_path / "old.pt")(_x()), m(_x()))
@@ -123,14 +126,16 @@ def test_head_rows_adapter_takes_a_groups_rows_of_a_full_head(tmp_path, caplog):
     torch.nn.init.normal_(cast.head.weight)
     torch.save({"model": cast.state_dict()}, tmp_path / "cast.pth")
     expert = create_model("bcast_test", num_classes=2)
-    load_checkpoint(expert, tmp_path / "cast.pth", reinit_mismatched=("head.",), adapters=[head_rows([3, 1], 5)])
+    load_checkpoint(expert, tmp_path / "cast.pth", reinit_mismatched=("head.",),
+                    adapters=[head_rows([3, 1], 5)])
     torch.testing.assert_close(expert.head.weight, cast.head.weight[[3, 1]])
     torch.testing.assert_close(expert.head.bias, cast.head.bias[[3, 1]])
     # a head over another dataset's classes is not taken: the expert's head keeps its initialisation
     other = create_model("bcast_test", num_classes=2)
     before = other.head.weight.clone()
     with caplog.at_level("WARNING"):
-        load_checkpoint(other, tmp_path / "cast.pth", reinit_mismatched=("head.",), adapters=[head_rows([3, 1], 7)])
+        load_checkpoint(other, tmp_path / "cast.pth", reinit_mismatched=("head.",),
+                        adapters=[head_rows([3, 1], 7)])
     torch.testing.assert_close(other.head.weight, before)
     assert "head has 5 classes, this dataset 7" in caplog.text
     with pytest.raises(ValueError, match="cannot take rows"):
