@@ -1,5 +1,5 @@
-"""A local http server that counts the bytes it sends: the I/O benchmark and the loader tests measure reads
-where a real deployment pays for them, at the server (loopback only)."""
+"""A local http server that counts the bytes it sends: the I/O benchmark and the loader tests
+measure reads where a real deployment pays for them, at the server (loopback only)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 class CountingServer:
     """A local http server over a folder that counts the bytes of every body it sends, per path.
 
-    ``ranges``: answer ``Range: bytes=a-b`` with 206 (else the whole file, as ``python -m http.server`` does);
-    ``cut``: path -> n, the first answer for that path stops after ``n`` body bytes (a dropped connection).
+    ``ranges``: answer ``Range: bytes=a-b`` with 206 (else the whole file, as
+    ``python -m http.server`` does); ``cut``: path -> n, the first answer for that path stops after
+    ``n`` body bytes (a dropped connection).
     """
 
     def __init__(self, root: Path, ranges: bool = True) -> None:

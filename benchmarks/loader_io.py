@@ -1,13 +1,15 @@
-"""Loader I/O: what an epoch reads, on paper at cluster sizes and counted at a real local http server.
+"""Loader I/O: what an epoch reads, on paper at cluster sizes and counted at a real local http
+server.
 
-Planner (no data read): an SSV2-sized shard list -- 168,913 samples of ~600 KB (log-normal sizes, seeded) in 660
-shards of up to 256, 174 classes -- and the loader's own partition (``tstl.data.partition``) and request planner
-(``tstl.data.reader.request_bytes``). For every (rank, step) of an epoch it plans the ranged requests that batch
-costs and adds them up. The 0.2 loader (contiguous slots of the epoch per (rank, worker), each shard read from byte
-0 up to the slot's last sample in it) is restated alongside as the baseline.
+Planner (no data read): an SSV2-sized shard list -- 168,913 samples of ~600 KB (log-normal sizes,
+seeded) in 660 shards of up to 256, 174 classes -- and the loader's own partition
+(``tstl.data.partition``) and request planner (``tstl.data.reader.request_bytes``). For every (rank,
+step) of an epoch it plans the ranged requests that batch costs and adds them up. The 0.2 loader
+(contiguous slots of the epoch per (rank, worker), each shard read from byte 0 up to the slot's last
+sample in it) is restated alongside as the baseline.
 
-Server-counted: a small set of SSV2-like clips served over loopback by ``benchmarks.http_counting`` and read by
-the real loader, bytes counted where the server sends them.
+Server-counted: a small set of SSV2-like clips served over loopback by ``benchmarks.http_counting``
+and read by the real loader, bytes counted where the server sends them.
 
 Run: ``python -m benchmarks.loader_io --out docs/benchmarks.md``.
 """
@@ -38,7 +40,8 @@ def ssv2_index(seed: int = 0) -> SampleIndex:
     n, per = SSV2["samples"], SSV2["per_shard"]
     rng = np.random.default_rng(seed)
     sizes = rng.lognormal(math.log(SSV2["mean_bytes"]) - 0.125, 0.5, n).astype(np.int64)
-    length = -(-(sizes + 3 * 512 + 64) // 512) * 512  # three members: headers, cls, json, mp4, padding
+    # three members: headers, cls, json, mp4, padding
+    length = -(-(sizes + 3 * 512 + 64) // 512) * 512
     shard = np.minimum(np.arange(n) // per, SSV2["shards"] - 1).astype(np.int32)
     offset = np.zeros(n, dtype=np.int64)
     for s in range(SSV2["shards"]):
@@ -52,9 +55,11 @@ def _order(ix: SampleIndex, rows: np.ndarray, epoch: int = 0) -> np.ndarray:
     return partition.train_order(ix.shard, rows, SSV2["shards"], seed=1000 + epoch, block=0)
 
 
-def epoch_reads(ix: SampleIndex, order: np.ndarray, world: int, seg: partition.Segment = partition.FRESH,
+def epoch_reads(ix: SampleIndex, order: np.ndarray, world: int,
+                seg: partition.Segment = partition.FRESH,
                 drop: bool = False) -> tuple[int, int, float]:
-    """(bytes, requests, mean distinct shards per rank batch) of the rest of an epoch from ``seg``."""
+    """(bytes, requests, mean distinct shards per rank batch) of the rest of an epoch from
+    ``seg``."""
     n = len(order)
     steps = partition.steps_per_rank(n, world, BATCH, drop)
     total = reqs = 0
@@ -70,8 +75,9 @@ def epoch_reads(ix: SampleIndex, order: np.ndarray, world: int, seg: partition.S
 
 
 def baseline_reads(ix: SampleIndex, order_shards: np.ndarray, slots: int) -> int:
-    """The 0.2 loader: slot ``s`` reads positions ``[s L, (s + 1) L)`` of the shards-in-order sequence (wrapping:
-    the padding), opening each shard it touches at byte 0 and reading through its last sample there."""
+    """The 0.2 loader: slot ``s`` reads positions ``[s L, (s + 1) L)`` of the shards-in-order
+    sequence (wrapping: the padding), opening each shard it touches at byte 0 and reading through
+    its last sample there."""
     counts = np.bincount(ix.shard, minlength=SSV2["shards"])[order_shards]
     ends = np.cumsum(counts)
     starts = ends - counts
@@ -114,8 +120,8 @@ def planner_table() -> str:
         cells["exact"].append(f"{in_flight * ix.length.mean() / stored:.3f}")
         # elastic: the issue's resume to fewer ranks, at the middle of the epoch
         to = {8: 4, 64: 56, 512: 504}[world]
-        pos = partition.FRESH.consumed(partition.steps_per_rank(len(order), world, BATCH, False) // 2, world,
-                                       BATCH)
+        pos = partition.FRESH.consumed(
+            partition.steps_per_rank(len(order), world, BATCH, False) // 2, world, BATCH)
         seg = partition.resume_segment(len(order), pos, to, BATCH, False)
         rest_read, _, _ = epoch_reads(ix, order, to, seg)
         cells["elastic"].append(f"{rest_read / int(ix.length[order[pos:]].sum()):.3f} (to {to})")
@@ -148,8 +154,8 @@ def server_table(videos: int = 24) -> str:
         paths = make_videos(Path(tmp) / "v", videos)
         root = write_shards(paths, Path(tmp) / "set", per_shard=videos // 3, repeat=2)
         stored = sum(p.stat().st_size for p in root.glob("*.tar"))
-        c = DataConfig(num_frames=8, input_size=112, batch_size=2, num_workers=2, rand_augment="", reprob=0.0,
-                       mixup=0.0, cutmix=0.0, cache_dir=str(Path(tmp) / "cache"))
+        c = DataConfig(num_frames=8, input_size=112, batch_size=2, num_workers=2, rand_augment="",
+                       reprob=0.0, mixup=0.0, cutmix=0.0, cache_dir=str(Path(tmp) / "cache"))
         rows = []
         with CountingServer(root) as srv:
             for r in range(2):  # 2 ranks x 2 workers = 4 slots over 3 shards
@@ -158,7 +164,8 @@ def server_table(videos: int = 24) -> str:
             for r in range(2):
                 list(build_train_loader(c, srv.url + "/", rank=r, world_size=2, epoch=1))
             second = srv.shard_bytes() - first
-        rows.append(f"| 2 ranks x 2 workers, 3 shards, epoch 1: bytes sent / stored | {first / stored:.3f} |")
+        rows.append("| 2 ranks x 2 workers, 3 shards, epoch 1: bytes sent / stored | "
+                    f"{first / stored:.3f} |")
         rows.append(f"| the same, epoch 2 with `data.cache_dir` | {second} bytes |")
     return "| measured at a loopback http server | |\n|---|---|\n" + "\n".join(rows)
 

@@ -1,7 +1,8 @@
 """Write one benchmark's section into docs/benchmarks.md without touching the others.
 
-Each benchmark owns the text between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``; a new section is
-appended at the end. Several benchmarks can therefore run independently and update one shared report.
+Each benchmark owns the text between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``; a new
+section is appended at the end. Several benchmarks can therefore run independently and update one
+shared report.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import os
 import re
 from pathlib import Path
 
-_HEADER = "# Benchmarks\n\nWritten by `make bench`; each section is replaced by the benchmark that owns it.\n"
+_HEADER = ("# Benchmarks\n\nWritten by `make bench`; each section is replaced by the "
+           "benchmark that owns it.\n")
 
 
 def update_section(path: str | os.PathLike, name: str, markdown: str) -> None:
@@ -20,7 +22,8 @@ def update_section(path: str | os.PathLike, name: str, markdown: str) -> None:
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
+    text = (pattern.sub(lambda _: block, text) if pattern.search(text)
+            else text.rstrip("\n") + "\n\n" + block + "\n")
     tmp = path.with_suffix(".md.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(text)

@@ -1,9 +1,11 @@
-"""Benchmark: one TimeSformer training step (forward + cross-entropy + backward), this implementation vs the
-reference formulation (``reference_timesformer``), same weights, same clip, in one run.
+"""Benchmark: one TimeSformer training step (forward + cross-entropy + backward), this
+implementation vs the reference formulation (``reference_timesformer``), same weights, same clip, in
+one run.
 
-Writes the "timesformer" section of docs/benchmarks.md. Defaults are the issue's setting (divided attention,
-8x224, batch 2, CPU, float32); ``--frames/--img-size/--depth`` shrink it for a quick run. On CUDA the step runs
-under bf16 autocast and the section also gives peak memory and model FLOP utilisation (``--peak-tflops``).
+Writes the "timesformer" section of docs/benchmarks.md. Defaults are the issue's setting (divided
+attention, 8x224, batch 2, CPU, float32); ``--frames/--img-size/--depth`` shrink it for a quick run.
+On CUDA the step runs under bf16 autocast and the section also gives peak memory and model FLOP
+utilisation (``--peak-tflops``).
 
     python -m benchmarks.timesformer --out docs/benchmarks.md
     python -m benchmarks.timesformer --out /tmp/b.md --frames 4 --img-size 64 --depth 2   # seconds
@@ -65,11 +67,12 @@ def _step(forward: Callable[[torch.Tensor], torch.Tensor], model: TimeSformer, x
     return time.perf_counter() - start
 
 
-def time_steps(impls: dict[str, Callable[[torch.Tensor], torch.Tensor]], model: TimeSformer, x: torch.Tensor,
-               y: torch.Tensor, repeats: int) -> list[StepResult]:
+def time_steps(impls: dict[str, Callable[[torch.Tensor], torch.Tensor]], model: TimeSformer,
+               x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[StepResult]:
     """Time ``repeats`` steps of each implementation after one warm-up step each.
 
-    The implementations alternate step by step, so load from other processes on a shared machine hits both alike.
+    The implementations alternate step by step, so load from other processes on a shared machine
+    hits both alike.
     """
     results = {name: StepResult(name, []) for name in impls}
     for name, forward in impls.items():  # warm-up: allocators, kernels, peak memory
@@ -95,7 +98,8 @@ def step_flops(model: TimeSformer, x: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def run(frames: int, img_size: int, batch: int, depth: int, repeats: int, device: str) -> tuple[list[StepResult], dict]:
+def run(frames: int, img_size: int, batch: int, depth: int, repeats: int,
+        device: str) -> tuple[list[StepResult], dict]:
     """Build the model once and time both implementations on the same weights and clip."""
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -108,7 +112,8 @@ def run(frames: int, img_size: int, batch: int, depth: int, repeats: int, device
     heads = model.blocks[0].attn.num_heads
     results = time_steps({
         "tstl TimeSformer": model,
-        "reference formulation": lambda v: reference_forward(params, v, model.attention_type, heads),
+        "reference formulation": lambda v: reference_forward(params, v, model.attention_type,
+                                                             heads),
     }, model, x, y, repeats)
     info = {"params": sum(p.numel() for p in model.parameters())}
     if dev.type == "cuda":
@@ -119,16 +124,17 @@ def run(frames: int, img_size: int, batch: int, depth: int, repeats: int, device
 def render(results: list[StepResult], info: dict, args: argparse.Namespace) -> str:
     """Markdown section: settings, a table of step times and the speed-up."""
     ours, ref = results
-    dev = args.device if args.device != "cpu" else f"CPU ({torch.get_num_threads()} threads, {platform.machine()})"
+    dev = (args.device if args.device != "cpu"
+           else f"CPU ({torch.get_num_threads()} threads, {platform.machine()})")
     precision = "bf16 autocast" if args.device.startswith("cuda") else "float32"
     lines = [
         "## TimeSformer training step",
         "",
-        f"Divided space-time attention, {args.frames}x{args.img_size}, batch {args.batch}, depth {args.depth}, "
-        f"{info['params'] / 1e6:.2f} M parameters, {precision}, {dev}. Forward + cross-entropy + backward, "
-        f"median of {args.repeats} steps after one warm-up, the two implementations alternating step by step; "
-        "both implementations share the same parameters and "
-        "clip (`python -m benchmarks.timesformer`).",
+        f"Divided space-time attention, {args.frames}x{args.img_size}, batch {args.batch}, depth "
+        f"{args.depth}, {info['params'] / 1e6:.2f} M parameters, {precision}, {dev}. Forward + "
+        f"cross-entropy + backward, median of {args.repeats} steps after one warm-up, the two "
+        "implementations alternating step by step; both implementations share the same parameters "
+        "and clip (`python -m benchmarks.timesformer`).",
         "",
         "| implementation | step (s), median | fastest step (s) | clips/s |"
         + (" peak memory (MiB) | MFU |" if "flops" in info else ""),
@@ -140,30 +146,35 @@ def render(results: list[StepResult], info: dict, args: argparse.Namespace) -> s
             mfu = info["flops"] / r.median / (args.peak_tflops * 1e12)
             row += f" {r.peak_mib:.0f} | {100 * mfu:.1f}% |"
         lines.append(row)
-    lines += ["", f"Speed-up over the reference formulation: **{ref.median / ours.median:.2f}x** (median), "
-              f"{min(ref.seconds) / min(ours.seconds):.2f}x (fastest steps)."]
+    lines += ["", f"Speed-up over the reference formulation: **{ref.median / ours.median:.2f}x** "
+                  f"(median), {min(ref.seconds) / min(ours.seconds):.2f}x (fastest steps)."]
     if "flops" not in info:
-        lines += ["", "CPU steps are dominated by the weight matmuls that both implementations share, and timings on a "
-                  "shared machine are noisy (hence the alternation). No GPU was used for this run, so bf16 clips/s, "
-                  "peak memory and MFU are not measured here (`--device cuda`)."]
+        lines += ["", "CPU steps are dominated by the weight matmuls that both implementations "
+                      "share, and timings on a shared machine are noisy (hence the alternation). "
+                      "No GPU was used for this run, so bf16 clips/s, peak memory and MFU are not "
+                      "measured here (`--device cuda`)."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", default="docs/benchmarks.md", help="report to update (section 'timesformer')")
+    parser.add_argument("--out", default="docs/benchmarks.md",
+                        help="report to update (section 'timesformer')")
     parser.add_argument("--frames", type=int, default=8, help="clip length (size knob)")
     parser.add_argument("--img-size", type=int, default=224, help="frame size (size knob)")
     parser.add_argument("--depth", type=int, default=12, help="number of blocks (size knob)")
     parser.add_argument("--batch", type=int, default=2, help="clips per step")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per implementation (alternating)")
-    parser.add_argument("--device", default="cpu", help="torch device; CUDA runs under bf16 autocast")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed steps per implementation (alternating)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device; CUDA runs under bf16 autocast")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the device's dense bf16 peak for MFU (H100 SXM: 989)")
     args = parser.parse_args(argv)
     init_logging()
-    results, info = run(args.frames, args.img_size, args.batch, args.depth, args.repeats, args.device)
+    results, info = run(args.frames, args.img_size, args.batch, args.depth, args.repeats,
+                        args.device)
     markdown = render(results, info, args)
     update_section(args.out, "timesformer", markdown)
     print(markdown)

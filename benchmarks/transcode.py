@@ -1,8 +1,8 @@
 """Transcode benchmark: our stage against plain ffmpeg on the same files with the same parallelism.
 
-Both sides run the identical ffmpeg argument list with ``jobs`` concurrent processes; the stage adds source
-checks, output probing, atomic renames and the manifest. Also timed: a rerun with nothing to do.
-Writes the "transcode" section of docs/benchmarks.md.
+Both sides run the identical ffmpeg argument list with ``jobs`` concurrent processes; the stage adds
+source checks, output probing, atomic renames and the manifest. Also timed: a rerun with nothing to
+do. Writes the "transcode" section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def _direct(sources: list[Path], out: Path, jobs: int) -> float:
     params = TranscodeParams()
 
     def one(src: Path) -> None:
-        subprocess.run(build_command(src, out / f"{src.stem}.mp4", params), check=False, capture_output=True)
+        subprocess.run(build_command(src, out / f"{src.stem}.mp4", params), check=False,
+                       capture_output=True)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(jobs) as pool:
@@ -42,7 +43,8 @@ def _direct(sources: list[Path], out: Path, jobs: int) -> float:
 
 
 def run(videos_per_class: int, jobs: int, work: Path) -> dict:
-    cfg = SynthConfig(seed=0, videos_per_class=videos_per_class, broken_ssv2=0, duration_s=(1.5, 3.0))
+    cfg = SynthConfig(seed=0, videos_per_class=videos_per_class, broken_ssv2=0,
+                      duration_s=(1.5, 3.0))
     generate(cfg, work / "raw", datasets=("ssv2",), jobs=jobs)
     root = work / "raw" / "ssv2"
     ann = read_annotations(root)
@@ -59,7 +61,8 @@ def run(videos_per_class: int, jobs: int, work: Path) -> dict:
     summary = prepare_ssv2(root, PrepareOptions(data_dir=work / "data", jobs=jobs))
     t_noop = time.perf_counter() - start
     assert summary.done == 0, "the rerun should have had nothing to do"
-    return {"videos": len(sources), "jobs": jobs, "direct_s": t_direct, "stage_s": t_stage, "noop_s": t_noop}
+    return {"videos": len(sources), "jobs": jobs, "direct_s": t_direct, "stage_s": t_stage,
+            "noop_s": t_noop}
 
 
 def markdown(r: dict) -> str:
@@ -67,13 +70,16 @@ def markdown(r: dict) -> str:
     stage_rate = r["videos"] / r["stage_s"]
     return f"""## Transcode stage (`python -m benchmarks.transcode`)
 
-{r['videos']} synthetic SSV2-style VP9 clips (1.5-3 s, 240 px high) -> H.264 240p, {r['jobs']} parallel jobs,
-{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {ffmpeg_version()[:40]}.
+{r['videos']} synthetic SSV2-style VP9 clips (1.5-3 s, 240 px high) -> H.264 240p, {r['jobs']}
+parallel jobs, {platform.processor() or platform.machine()}, {os.cpu_count()} cores,
+{ffmpeg_version()[:40]}.
 
 | run | seconds | videos/s |
 |---|---|---|
-| plain ffmpeg, same argv and parallelism | {r['direct_s']:.2f} | {r['videos'] / r['direct_s']:.1f} |
-| `prepare-ssv2` stage (checks, probe, atomic rename, manifest) | {r['stage_s']:.2f} | {stage_rate:.1f} |
+| plain ffmpeg, same argv and parallelism | {r['direct_s']:.2f} | \
+{r['videos'] / r['direct_s']:.1f} |
+| `prepare-ssv2` stage (checks, probe, atomic rename, manifest) | {r['stage_s']:.2f} | \
+{stage_rate:.1f} |
 | rerun with nothing to do | {r['noop_s']:.2f} | |
 
 Throughput ratio stage / plain ffmpeg: **{ratio:.3f}** (target >= 0.95).
@@ -83,9 +89,11 @@ Throughput ratio stage / plain ffmpeg: **{ratio:.3f}** (target >= 0.95).
 def main(argv: list[str] | None = None) -> None:
     from tstl.core.log import init_logging
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m benchmarks.transcode")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                prog="python -m benchmarks.transcode")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="report to update")
-    p.add_argument("--videos-per-class", type=int, default=125, help="8 classes x this many videos (default 1,000)")
+    p.add_argument("--videos-per-class", type=int, default=125,
+                   help="8 classes x this many videos (default 1,000)")
     p.add_argument("--jobs", type=int, default=os.cpu_count())
     args = p.parse_args(argv)
     init_logging()

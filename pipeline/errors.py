@@ -1,10 +1,11 @@
-"""Errors of the offline stages that are not a video's fault (the id safety rule and ``MetadataError`` live in the
-dataset registry, ``tstl.core.datasets.base``).
+"""Errors of the offline stages that are not a video's fault (the id safety rule and
+``MetadataError`` live in the dataset registry, ``tstl.core.datasets.base``).
 
 Exit codes of ``python -m pipeline.cli`` (also in docs/pipeline.md):
-0 done; 1 more videos failed than ``--max-failure-fraction`` allows; 2 bad input (metadata, arguments);
-3 environment error (disk full, read-only or forbidden folder, ffmpeg missing): fix it and rerun, nothing was
-recorded against any video; 4 another run holds the dataset folder (``--wait-lock`` queues instead).
+0 done; 1 more videos failed than ``--max-failure-fraction`` allows; 2 bad input (metadata,
+arguments); 3 environment error (disk full, read-only or forbidden folder, ffmpeg missing): fix it
+and rerun, nothing was recorded against any video; 4 another run holds the dataset folder
+(``--wait-lock`` queues instead).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""Parquet manifests that survive being killed: an append-only journal compacted into Parquet at the end.
+"""Parquet manifests that survive being killed: an append-only journal compacted into Parquet at the
+end.
 
-While a stage runs, each finished item is appended as one JSON line to ``<manifest>.journal`` and flushed, so a
-run killed at any moment (SIGKILL included) loses at most the items in flight. The next run reads the previous
-Parquet manifest *and* the journal (ignoring a torn last line), and ``compact()`` folds both into a new Parquet
-file written under a temporary name and renamed. Memory stays bounded by one small record per item.
+While a stage runs, each finished item is appended as one JSON line to ``<manifest>.journal`` and
+flushed, so a run killed at any moment (SIGKILL included) loses at most the items in flight. The
+next run reads the previous Parquet manifest *and* the journal (ignoring a torn last line), and
+``compact()`` folds both into a new Parquet file written under a temporary name and renamed. Memory
+stays bounded by one small record per item.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from tstl.core.faults import fault_point
 logger = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([
-    ("key", pa.string()),            # item id: SSV2 video id, "<Class>/<name>" for UCF101, the clip name for K400
+    ("key", pa.string()),            # item id: SSV2 video id, "<Class>/<name>" for UCF101, the clip
+                                     # name for K400
     ("split", pa.string()),          # comma-separated annotation splits that list the item
     ("source", pa.string()),         # absolute source path
     ("source_size", pa.int64()),
@@ -64,7 +67,8 @@ def read_rows(path: Path) -> Iterator[dict]:
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError:
-                    logger.warning("%s: ignoring a torn line (the previous run was killed while writing)", journal)
+                    logger.warning("%s: ignoring a torn line (the previous run was "
+                                   "killed while writing)", journal)
 
 
 def journal_path(path: Path) -> Path:
@@ -79,9 +83,9 @@ def latest_by_key(path: Path) -> dict[str, dict]:
 def repair_journal(path: Path) -> None:
     """Make a journal end on a line boundary before anything is appended to it.
 
-    A power cut or a full disk can leave a partial last line; appending after it would glue the next row to it and
-    lose that row too. A partial line that still parses is completed with its newline; otherwise it is cut off
-    (its item has no record, so the stage redoes it).
+    A power cut or a full disk can leave a partial last line; appending after it would glue the next
+    row to it and lose that row too. A partial line that still parses is completed with its newline;
+    otherwise it is cut off (its item has no record, so the stage redoes it).
     """
     try:
         size = path.stat().st_size
@@ -110,11 +114,12 @@ def repair_journal(path: Path) -> None:
             json.loads(tail)
             f.seek(size)
             f.write(b"\n")
-            logger.warning("%s: completed an unterminated last line (the previous run stopped while writing)", path)
+            logger.warning("%s: completed an unterminated last line (the previous run "
+                           "stopped while writing)", path)
         except ValueError:
             f.truncate(start)
-            logger.warning("%s: dropped a torn last line (the previous run stopped while writing); its item is "
-                           "redone", path)
+            logger.warning("%s: dropped a torn last line (the previous run stopped while "
+                           "writing); its item is redone", path)
         f.flush()
         os.fsync(f.fileno())
 
@@ -130,14 +135,16 @@ class Journal:
 
     def append(self, row: dict) -> None:
         fault_point("journal-append")
-        self._f.write(json.dumps(_normalise(row)) + "\n")  # one write per line: a kill tears at most this line
+        # one write per line: a kill tears at most this line
+        self._f.write(json.dumps(_normalise(row)) + "\n")
 
     def close(self) -> None:
         self._f.close()
 
 
 def write_parquet(path: Path, rows: Iterable[dict], batch_size: int = 8192) -> int:
-    """Write rows atomically (temp name, then rename) in bounded-memory batches. Returns the row count."""
+    """Write rows atomically (temp name, then rename) in bounded-memory batches. Returns the row
+    count."""
     tmp = temp_name(path)
     n = 0
     try:
@@ -164,9 +171,9 @@ def temp_name(path: Path) -> Path:
 
 
 def clean_temps(folder: Path, names: str) -> list[Path]:
-    """Delete temp files (``.<name>.tmp-<pid>``) a killed run left in ``folder`` for outputs whose name fully
-    matches the regular expression ``names``. Only call this while holding the dataset lock that guards those
-    outputs, so no live writer's temp file is taken."""
+    """Delete temp files (``.<name>.tmp-<pid>``) a killed run left in ``folder`` for outputs whose
+    name fully matches the regular expression ``names``. Only call this while holding the dataset
+    lock that guards those outputs, so no live writer's temp file is taken."""
     pattern = re.compile(rf"\.(?:{names})\.tmp-[0-9]+")
     removed = []
     if folder.is_dir():
@@ -180,7 +187,8 @@ def clean_temps(folder: Path, names: str) -> list[Path]:
 
 
 def compact(path: Path, keep: set[str] | None = None) -> int:
-    """Fold the journal into the Parquet manifest (newest row per key, sorted by key) and drop the journal.
+    """Fold the journal into the Parquet manifest (newest row per key, sorted by key) and drop the
+    journal.
 
     Args:
         keep: only these keys survive (items no longer listed in the annotations are dropped).

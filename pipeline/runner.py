@@ -8,9 +8,10 @@ the work on a thread pool (the heavy lifting happens in ffmpeg subprocesses, so 
 avoid pickling), journals every result as soon as it is known, and compacts the manifest at the
 end.
 
-An item is skipped when its manifest row says it was produced from a source of the same size and mtime, with
-the same parameters, and the output still has the recorded size and mtime. Nothing is probed or decoded for a
-skipped item, so a rerun with nothing to do costs two ``stat`` calls per item.
+An item is skipped when its manifest row says it was produced from a source of the same size and
+mtime, with the same parameters, and the output still has the recorded size and mtime. Nothing is
+probed or decoded for a skipped item, so a rerun with nothing to do costs two ``stat`` calls per
+item.
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ class Summary:
 
     def log(self, desc: str) -> None:
         kinds = Counter(status for _, status, _ in self.failures)
-        logger.info("%s: %d items, %d processed, %d already done, %d not ok %s (%d missing source, %d broken) in "
-                    "%.1f s", desc, self.total, self.done, self.skipped, len(self.failures),
+        logger.info("%s: %d items, %d processed, %d already done, %d not ok %s (%d missing source, "
+                    "%d broken) in %.1f s",
+                    desc, self.total, self.done, self.skipped, len(self.failures),
                     dict(kinds) if kinds else "", self.missing, self.broken, self.seconds)
         for key, status, error in self.failures[:20]:
             logger.warning("  %s: %s: %s", key, status, error)
@@ -115,13 +117,15 @@ def in_part(key: str, part: tuple[int, int]) -> bool:
     return n == 1 or int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % n == i - 1
 
 
-def _is_current(item: Item, prev: dict | None, src: os.stat_result, phash: str, retry_failed: bool) -> bool:
+def _is_current(item: Item, prev: dict | None, src: os.stat_result, phash: str,
+                retry_failed: bool) -> bool:
     if prev is None or prev.get("params_hash") != phash:
         return False
     if prev.get("source_size") != src.st_size or prev.get("source_mtime_ns") != src.st_mtime_ns:
         return False
     if prev.get("status") != "ok":
-        return not retry_failed  # a known-bad source stays failed until it changes or --retry-failed
+        # a known-bad source stays failed until it changes or --retry-failed
+        return not retry_failed
     try:
         out = item.output.stat()
     except FileNotFoundError:
@@ -132,7 +136,8 @@ def _is_current(item: Item, prev: dict | None, src: os.stat_result, phash: str, 
 def _row(item: Item, src: os.stat_result | None, params: dict, phash: str, result: dict) -> dict:
     row = {
         "key": item.key, "split": item.split, "source": str(item.source), "output": item.output_rel,
-        "source_size": src.st_size if src else None, "source_mtime_ns": src.st_mtime_ns if src else None,
+        "source_size": src.st_size if src else None,
+        "source_mtime_ns": src.st_mtime_ns if src else None,
         "params": json.dumps(params, sort_keys=True), "params_hash": phash,
         "processed_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
     }
@@ -151,7 +156,8 @@ def _safe(work: Work, batch: list[Item]) -> list[dict]:
         return results
     except EnvironmentFault:
         raise
-    except Exception as e:  # one bad item must never stop the stage; a full disk or read-only folder must
+    except Exception as e:
+        # one bad item must never stop the stage; a full disk or read-only folder must
         if is_environment_error(e):
             raise EnvironmentFault(f"{batch[0].output}: {e}") from e
         logger.debug("%s failed", ", ".join(i.key for i in batch), exc_info=True)
@@ -160,7 +166,8 @@ def _safe(work: Work, batch: list[Item]) -> list[dict]:
 
 def run_stage(items: Iterable[Item], work: Work, manifest_path: Path, params: dict, *,
               jobs: int, desc: str, retry_failed: bool = False) -> Summary:
-    """Run ``work`` on every item whose output is missing, stale or broken; record everything in the manifest."""
+    """Run ``work`` on every item whose output is missing, stale or broken; record everything in the
+    manifest."""
     start = time.monotonic()
     phash = params_hash(params)
     previous = mf.latest_by_key(manifest_path)

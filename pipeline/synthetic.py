@@ -1,32 +1,34 @@
 """Synthetic SSV2-, UCF101-, Kinetics-400- and EPIC-KITCHENS-100-style datasets in the official
 on-disk layouts.
 
-Every class is the same textured object on a textured background; classes differ only in the *motion*: left to
-right vs right to left, up vs down, clockwise vs counter-clockwise rotation, approaching vs receding. A single
-frame therefore carries no class information, a model that ignores frame order cannot separate the pairs, and a
-horizontal flip turns "left to right" into "right to left" (and clockwise into counter-clockwise) -- exactly the
-properties that make SSV2 direction-sensitive.
+Every class is the same textured object on a textured background; classes differ only in the
+*motion*: left to right vs right to left, up vs down, clockwise vs counter-clockwise rotation,
+approaching vs receding. A single frame therefore carries no class information, a model that ignores
+frame order cannot separate the pairs, and a horizontal flip turns "left to right" into "right to
+left" (and clockwise into counter-clockwise) -- exactly the properties that make SSV2
+direction-sensitive.
 
 Layouts written under ``--out``:
 
-* ``ssv2/20bn-something-something-v2/<id>.webm`` (VP9, 240 px high, varied widths, durations and frame rates) and
-  ``ssv2/labels/{labels,train,validation,test}.json`` in the official JSON formats;
-* ``ucf101/UCF-101/<Class>/v_<Class>_gGG_cCC.avi`` (MPEG-4 Part 2 in AVI, like the Xvid originals) and
-  ``ucf101/ucfTrainTestlist/{classInd.txt,trainlist0k.txt,testlist0k.txt}``, including the real
+* ``ssv2/20bn-something-something-v2/<id>.webm`` (VP9, 240 px high, varied widths, durations and
+  frame rates) and ``ssv2/labels/{labels,train,validation,test}.json`` in the official JSON formats;
+* ``ucf101/UCF-101/<Class>/v_<Class>_gGG_cCC.avi`` (MPEG-4 Part 2 in AVI, like the Xvid originals)
+  and ``ucf101/ucfTrainTestlist/{classInd.txt,trainlist0k.txt,testlist0k.txt}``, including the real
   ``HandstandPushups``/``v_HandStandPushups_*`` case mismatch;
-* ``kinetics400/{train,val,test}/<youtube_id>_<start:06d>_<end:06d>.mp4`` (H.264 at a few sizes and frame rates,
-  portrait ones too) and ``kinetics400/annotations/{train,val,test}.csv`` (``label,youtube_id,time_start,time_end,
-  split``, ``is_cc`` in train, no labels in test), with every distribution layout mixed in: a few clips in class
-  folders (``train/<class_name>/<name>.mp4``), a few untrimmed downloads (``<split>/<youtube_id>.mp4`` holding more
-  than the segment), listed clips with no file (YouTube removals) and a broken file;
+* ``kinetics400/{train,val,test}/<youtube_id>_<start:06d>_<end:06d>.mp4`` (H.264 at a few sizes and
+  frame rates, portrait ones too) and ``kinetics400/annotations/{train,val,test}.csv``
+  (``label,youtube_id,time_start,time_end,split``, ``is_cc`` in train, no labels in test), with
+  every distribution layout mixed in: a few clips in class folders
+  (``train/<class_name>/<name>.mp4``), a few untrimmed downloads (``<split>/<youtube_id>.mp4``
+  holding more than the segment), listed clips with no file (YouTube removals) and a broken file;
 * ``ek100/<participant>/videos/<video_id>.MP4`` (long videos, several narrations each) and
   ``ek100/epic-kitchens-100-annotations/EPIC_100_*.csv`` in the official columns
   (``pipeline.synthetic_ek100``);
 * ``synthetic_info.json`` describing what was generated (seed, classes, broken files).
 
-A few deliberately broken files (zero-byte, truncated, not a video) are listed in the annotations like any other
-video so the preparation stage meets them. Output is deterministic for a seed: each video has its own RNG stream,
-so the number of worker processes does not matter.
+A few deliberately broken files (zero-byte, truncated, not a video) are listed in the annotations
+like any other video so the preparation stage meets them. Output is deterministic for a seed: each
+video has its own RNG stream, so the number of worker processes does not matter.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class MotionClass:
     ucf_name: str
 
 
-# The order is the class index of the SSV2-style dataset. UCF101 indices follow classInd.txt (alphabetical).
+# The order is the class index of the SSV2-style dataset. UCF101 indices follow classInd.txt
+# (alphabetical).
 CLASSES: tuple[MotionClass, ...] = (
     MotionClass("left_to_right", "Pushing [something] from left to right", "SlideLeftToRight"),
     MotionClass("right_to_left", "Pushing [something] from right to left", "SlideRightToLeft"),
@@ -71,7 +74,8 @@ CLASSES: tuple[MotionClass, ...] = (
     MotionClass("approach", "Moving [something] towards the camera", "Approach"),
     MotionClass("recede", "Moving [something] away from the camera", "Recede"),
 )
-# UCF101's folder is "HandstandPushups" but its files are "v_HandStandPushups_*": reproduce that quirk.
+# UCF101's folder is "HandstandPushups" but its files are "v_HandStandPushups_*": reproduce that
+# quirk.
 UCF_FILE_PREFIX = {"HandstandPushups": "HandStandPushups"}
 NOUNS = ("box", "cup", "book", "pen", "ball", "phone", "bottle", "remote", "wallet", "spoon")
 BROKEN_KINDS = ("zero-byte", "truncated", "not-a-video")
@@ -93,7 +97,8 @@ class SynthConfig:
     ucf_fps: int = 25
     broken_ssv2: int = 3
     broken_ucf: int = 1
-    k400_sizes: tuple[tuple[int, int], ...] = ((160, 120), (128, 96), (96, 128))  # (width, height); portrait too
+    # (width, height); portrait too
+    k400_sizes: tuple[tuple[int, int], ...] = ((160, 120), (128, 96), (96, 128))
     k400_fps: tuple[int, ...] = (24, 25, 30)
     broken_k400: int = 1
     missing_k400: int = 2      # listed in the CSVs, no file (YouTube removals)
@@ -106,7 +111,8 @@ class SynthConfig:
     ek100_val_videos: int = 2
     ek100_narrations: int = 8
     ek100_sizes: tuple[tuple[int, int], ...] = ((192, 108), (160, 120))
-    background: str = "texture"  # "texture" (hard: the object hides in clutter) or "plain" (noise on a flat colour)
+    # "texture" (hard: the object hides in clutter) or "plain" (noise on a flat colour)
+    background: str = "texture"
 
     def __post_init__(self) -> None:
         if not 2 <= self.num_classes <= len(CLASSES):
@@ -114,7 +120,8 @@ class SynthConfig:
         if self.videos_per_class < 3:
             raise ValueError("videos_per_class must be >= 3 (one per split)")
         if self.ucf_groups_per_class < 3:
-            raise ValueError("ucf_groups_per_class must be >= 3 so each of the three splits has test groups")
+            raise ValueError("ucf_groups_per_class must be >= 3 so each of the three "
+                             "splits has test groups")
         if self.ek100_train_videos < 2 or self.ek100_val_videos < 2 or self.ek100_narrations < 3:
             raise ValueError("ek100_train_videos and ek100_val_videos must be >= 2 (one of each is "
                              "missing or short on purpose) and ek100_narrations >= 3")
@@ -122,8 +129,9 @@ class SynthConfig:
 
 PRESETS: dict[str, dict] = {
     "ci": {},
-    # Enough clips for a small model to learn the motions in a few CPU minutes; clips stay short and narrow.
-    # A plain background keeps the object visible at the 32 px a CPU demo can afford; the classes stay motion-only.
+    # Enough clips for a small model to learn the motions in a few CPU minutes; clips stay short and
+    # narrow. A plain background keeps the object visible at the 32 px a CPU demo can afford; the
+    # classes stay motion-only.
     "demo": {"videos_per_class": 40, "ucf_groups_per_class": 6, "ucf_clips_per_group": 4,
              "background": "plain", "ek100_train_videos": 12, "ek100_val_videos": 4,
              "ek100_narrations": 24},
@@ -146,7 +154,7 @@ class VideoJob:
     background: str = "texture"
 
 
-# ---------------------------------------------------------------------------------------------- rendering
+# ---------------------------------------------------------------------------------------- rendering
 
 
 def _texture(rng: np.random.Generator, h: int, w: int, scale: int) -> np.ndarray:
@@ -161,13 +169,15 @@ def _object_patch(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.n
     """A textured, asymmetric object (so rotation is visible) and its alpha mask."""
     tex = _texture(rng, size, size, max(2, size // 6))
     # A bright bar from the centre to the rim marks the orientation, so rotation is easy to see.
-    tex[size // 2 - size // 10 : size // 2 + size // 10, size // 2 : size - size // 8] = (255, 255, 255)
+    tex[size // 2 - size // 10 : size // 2 + size // 10,
+        size // 2 : size - size // 8] = (255, 255, 255)
     yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
     mask = (yy**2 + xx**2) <= (size / 2) ** 2 * 0.95
     return tex, mask
 
 
-def _warp(tex: np.ndarray, mask: np.ndarray, angle: float, scale: float) -> tuple[np.ndarray, np.ndarray]:
+def _warp(tex: np.ndarray, mask: np.ndarray, angle: float,
+          scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Rotate (radians, clockwise on screen) and scale a patch with nearest-neighbour sampling."""
     size = tex.shape[0]
     out = max(2, int(round(size * scale)))
@@ -182,7 +192,8 @@ def _warp(tex: np.ndarray, mask: np.ndarray, angle: float, scale: float) -> tupl
     return tex[yi, xi], mask[yi, xi] & valid
 
 
-def _trajectory(motion: str, rng: np.random.Generator, w: int, h: int, n: int) -> dict[str, np.ndarray]:
+def _trajectory(motion: str, rng: np.random.Generator, w: int, h: int,
+                n: int) -> dict[str, np.ndarray]:
     """Per-frame centre (x, y), rotation angle and scale for a motion class."""
     t = np.linspace(0.0, 1.0, n)
     cx = np.full(n, rng.uniform(0.35, 0.65) * w)
@@ -215,7 +226,8 @@ def render_frames(motion: str, seed: tuple[int, ...], width: int, height: int, n
     plate = _texture(rng, height, width, scale=int(rng.integers(6, 16))) // 2 + 40
     if background == "plain":
         colour = rng.integers(30, 90, size=3)
-        plate = (colour + rng.integers(-8, 9, size=(height, width, 3))).clip(0, 255).astype(np.uint8)
+        plate = ((colour + rng.integers(-8, 9, size=(height, width, 3)))
+                 .clip(0, 255).astype(np.uint8))
     tex, mask = _object_patch(rng, int(min(width, height) * rng.uniform(0.28, 0.38)))
     traj = _trajectory(motion, rng, width, height, num_frames)
     frames = np.repeat(plate[None], num_frames, axis=0)
@@ -230,7 +242,7 @@ def render_frames(motion: str, seed: tuple[int, ...], width: int, height: int, n
     return frames
 
 
-# ---------------------------------------------------------------------------------------------- encoding
+# ---------------------------------------------------------------------------------------- encoding
 
 
 def _break(path: Path, kind: str) -> None:
@@ -249,15 +261,15 @@ def _break(path: Path, kind: str) -> None:
 def make_video(job: VideoJob) -> str:
     """Worker entry: render, encode and (optionally) damage one video. Returns its path."""
     path = Path(job.path)
-    frames = render_frames(CLASSES[job.class_index].motion, job.seed, job.width, job.height, job.num_frames,
-                           job.background)
+    frames = render_frames(CLASSES[job.class_index].motion, job.seed, job.width, job.height,
+                           job.num_frames, job.background)
     encode(frames, path, job.fps, job.codec)
     if job.broken:
         _break(path, job.broken)
     return job.path
 
 
-# ---------------------------------------------------------------------------------------------- layouts
+# ---------------------------------------------------------------------------------------- layouts
 
 
 def _num_frames(rng: np.random.Generator, cfg: SynthConfig, fps: int) -> int:
@@ -284,30 +296,39 @@ def plan_ssv2(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict]:
         for i in range(cfg.videos_per_class):
             vid = str(int(ids[k]))
             k += 1
-            split = "train" if i < counts[0] else "validation" if i < counts[0] + counts[1] else "test"
+            split = ("train" if i < counts[0] else "validation" if i < counts[0] + counts[1]
+                     else "test")
             fps = int(rng.choice(cfg.ssv2_fps))
             noun = str(rng.choice(NOUNS))
             jobs.append(VideoJob(str(vid_dir / f"{vid}.webm"), c, (cfg.seed, 1, int(vid)),
                                  int(rng.choice(cfg.ssv2_widths)),
-                                 240, fps, _num_frames(rng, cfg, fps), "vp9", background=cfg.background))
+                                 240, fps, _num_frames(rng, cfg, fps), "vp9",
+                                 background=cfg.background))
             template = cls.ssv2_template
-            entry = {"id": vid, "label": template.replace("[something]", noun).lower(), "template": template,
-                     "placeholders": [noun]}
+            entry = {"id": vid, "label": template.replace("[something]", noun).lower(),
+                     "template": template, "placeholders": [noun]}
             splits[split].append(entry if split != "test" else {"id": vid})
-    # Deliberately broken videos: drawn from the labelled splits so the preparation stage meets them.
-    labelled = [j for j in jobs if any(e["id"] == Path(j.path).stem for e in splits["train"] + splits["validation"])]
-    for n, j in enumerate(rng.choice(len(labelled), size=min(cfg.broken_ssv2, len(labelled)), replace=False)):
+    # Deliberately broken videos: drawn from the labelled splits so the preparation stage meets
+    # them.
+    labelled = [
+        j for j in jobs
+        if any(e["id"] == Path(j.path).stem for e in splits["train"] + splits["validation"])]
+    for n, j in enumerate(rng.choice(len(labelled), size=min(cfg.broken_ssv2, len(labelled)),
+                                     replace=False)):
         labelled[int(j)].broken = BROKEN_KINDS[n % len(BROKEN_KINDS)]
-    labels = {cls.ssv2_template.replace("[", "").replace("]", ""): str(c) for c, cls in enumerate(classes)}
+    labels = {cls.ssv2_template.replace("[", "").replace("]", ""): str(c)
+              for c, cls in enumerate(classes)}
     for split in splits.values():
         split.sort(key=lambda e: int(e["id"]))
     return jobs, {"labels": labels, **splits}
 
 
 def plan_ucf101(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict[str, list[str]]]:
-    """Jobs and split-list contents for the UCF101-style dataset (three official-style splits by group)."""
+    """Jobs and split-list contents for the UCF101-style dataset (three official-style splits by
+    group)."""
     rng = np.random.default_rng([cfg.seed, 2])
-    names = sorted(cls.ucf_name for cls in CLASSES[: cfg.num_classes])  # classInd.txt is alphabetical
+    # classInd.txt is alphabetical
+    names = sorted(cls.ucf_name for cls in CLASSES[: cfg.num_classes])
     motion_of = {cls.ucf_name: i for i, cls in enumerate(CLASSES)}
     lists: dict[str, list[str]] = {"classInd.txt": [f"{i + 1} {n}" for i, n in enumerate(names)]}
     for k in (1, 2, 3):
@@ -319,8 +340,9 @@ def plan_ucf101(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict[str,
         for g in range(1, cfg.ucf_groups_per_class + 1):
             for c in range(1, cfg.ucf_clips_per_group + 1):
                 rel = f"{name}/v_{prefix}_g{g:02d}_c{c:02d}.avi"
-                jobs.append(VideoJob(str(root / "UCF-101" / rel), motion_of[name], (cfg.seed, 2, label, g, c), w, h,
-                                     cfg.ucf_fps, _num_frames(rng, cfg, cfg.ucf_fps), "mpeg4",
+                jobs.append(VideoJob(str(root / "UCF-101" / rel), motion_of[name],
+                                     (cfg.seed, 2, label, g, c), w, h, cfg.ucf_fps,
+                                     _num_frames(rng, cfg, cfg.ucf_fps), "mpeg4",
                                      background=cfg.background))
                 for k in (1, 2, 3):
                     # Like the official protocol, a whole group is either train or test in a split.
@@ -328,7 +350,8 @@ def plan_ucf101(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict[str,
                         lists[f"testlist0{k}.txt"].append(rel)
                     else:
                         lists[f"trainlist0{k}.txt"].append(f"{rel} {label + 1}")
-    for n, j in enumerate(rng.choice(len(jobs), size=min(cfg.broken_ucf, len(jobs)), replace=False)):
+    for n, j in enumerate(rng.choice(len(jobs), size=min(cfg.broken_ucf, len(jobs)),
+                                     replace=False)):
         jobs[int(j)].broken = BROKEN_KINDS[(n + 1) % len(BROKEN_KINDS)]
     return jobs, lists
 
@@ -341,8 +364,10 @@ def k400_class_name(cls: MotionClass) -> str:
     return cls.motion.replace("_", " ")
 
 
-def plan_kinetics400(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict[str, list[dict]], dict]:
-    """Jobs, CSV rows per split and a description (missing, untrimmed, class-folder clips) of the K400-style set."""
+def plan_kinetics400(cfg: SynthConfig,
+                     root: Path) -> tuple[list[VideoJob], dict[str, list[dict]], dict]:
+    """Jobs, CSV rows per split and a description (missing, untrimmed, class-folder clips) of the
+    K400-style set."""
     rng = np.random.default_rng([cfg.seed, 3])
     classes = CLASSES[: cfg.num_classes]
     counts = _split_counts(cfg.videos_per_class, cfg.split_fractions)
@@ -359,7 +384,8 @@ def plan_kinetics400(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict
     picks = [int(n) for n in rng.permutation(labelled)]
     missing = set(picks[: cfg.missing_k400])
     untrimmed = set(picks[cfg.missing_k400: cfg.missing_k400 + cfg.untrimmed_k400])
-    folders = set(picks[len(missing) + len(untrimmed): len(missing) + len(untrimmed) + cfg.class_folder_k400])
+    folders = set(
+        picks[len(missing) + len(untrimmed): len(missing) + len(untrimmed) + cfg.class_folder_k400])
     broken = picks[len(missing) + len(untrimmed) + len(folders):][: cfg.broken_k400]
     info: dict = {"missing": [], "untrimmed": {}, "class_folders": [], "broken": {}}
     for n, (split, c, yid, start, end) in enumerate(clips):
@@ -367,7 +393,8 @@ def plan_kinetics400(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict
         w, h = cfg.k400_sizes[n % len(cfg.k400_sizes)]
         fps = int(cfg.k400_fps[n % len(cfg.k400_fps)])
         label = k400_class_name(classes[c]) if split != "test" else ""
-        row = {"label": label, "youtube_id": yid, "time_start": start, "time_end": end, "split": split}
+        row = {"label": label, "youtube_id": yid, "time_start": start, "time_end": end,
+               "split": split}
         if split == "train":
             row["is_cc"] = 0
         rows[split].append(row)
@@ -375,8 +402,8 @@ def plan_kinetics400(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict
             info["missing"].append(name)
             continue
         if n in untrimmed:
-            # the whole "YouTube video": 1 s before the segment and 0.5 s after, so the cut is visible; the CSV's
-            # segment is rewritten to [1, 1 + clip length] of it
+            # the whole "YouTube video": 1 s before the segment and 0.5 s after, so the cut is
+            # visible; the CSV's segment is rewritten to [1, 1 + clip length] of it
             seconds = float(rng.uniform(*cfg.duration_s))
             row["time_start"], row["time_end"] = 1, 1 + int(np.ceil(seconds))
             name = f"{yid}_{1:06d}_{row['time_end']:06d}"
@@ -388,7 +415,8 @@ def plan_kinetics400(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict
             frames = _num_frames(rng, cfg, fps)
             if n in folders:
                 info["class_folders"].append(name)
-        job = VideoJob(str(path), c, (cfg.seed, 3, n), w, h, fps, frames, "h264", background=cfg.background)
+        job = VideoJob(str(path), c, (cfg.seed, 3, n), w, h, fps, frames, "h264",
+                       background=cfg.background)
         if n in broken:
             job.broken = "truncated"
             info["broken"][name] = "truncated"
@@ -399,8 +427,8 @@ def plan_kinetics400(cfg: SynthConfig, root: Path) -> tuple[list[VideoJob], dict
 
 
 def _write_k400_csv(path: Path, rows: list[dict]) -> None:
-    columns = ["label", "youtube_id", "time_start", "time_end", "split"] + (["is_cc"] if rows and "is_cc" in rows[0]
-                                                                            else [])
+    columns = ["label", "youtube_id", "time_start", "time_end", "split"] + (
+        ["is_cc"] if rows and "is_cc" in rows[0] else [])
     buf = io.StringIO()
     writer = csv.DictWriter(buf, columns, lineterminator="\n")
     writer.writeheader()
@@ -412,21 +440,26 @@ def _render_all(jobs: list[VideoJob], jobs_n: int, desc: str) -> None:
     for j in jobs:
         Path(j.path).parent.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(max_workers=jobs_n) as pool:
-        for _ in tqdm(pool.map(make_video, jobs, chunksize=1), total=len(jobs), desc=desc, unit="video"):
+        for _ in tqdm(pool.map(make_video, jobs, chunksize=1), total=len(jobs), desc=desc,
+                      unit="video"):
             pass
 
 
-def generate(cfg: SynthConfig, out: Path, datasets: tuple[str, ...] = ("ssv2", "ucf101"), jobs: int = 0) -> dict:
-    """Write the requested synthetic datasets under ``out``; returns the info written to ``synthetic_info.json``."""
+def generate(cfg: SynthConfig, out: Path, datasets: tuple[str, ...] = ("ssv2", "ucf101"),
+             jobs: int = 0) -> dict:
+    """Write the requested synthetic datasets under ``out``; returns the info written to
+    ``synthetic_info.json``."""
     jobs = jobs or os.cpu_count() or 1
-    info: dict = {"seed": cfg.seed, "config": asdict(cfg), "classes": [asdict(c) for c in CLASSES[: cfg.num_classes]]}
+    info: dict = {"seed": cfg.seed, "config": asdict(cfg),
+                  "classes": [asdict(c) for c in CLASSES[: cfg.num_classes]]}
     if "ssv2" in datasets:
         root = out / "ssv2"
         vids, ann = plan_ssv2(cfg, root)
         _render_all(vids, jobs, "synthetic ssv2")
         for name, content in ann.items():
             write_text_atomic(root / "labels" / f"{name}.json", json.dumps(content, indent=1))
-        info["ssv2"] = {"videos": len(vids), "splits": {k: len(v) for k, v in ann.items() if k != "labels"},
+        info["ssv2"] = {"videos": len(vids),
+                        "splits": {k: len(v) for k, v in ann.items() if k != "labels"},
                         "broken": {Path(j.path).stem: j.broken for j in vids if j.broken}}
     if "ucf101" in datasets:
         root = out / "ucf101"
@@ -449,7 +482,8 @@ def generate(cfg: SynthConfig, out: Path, datasets: tuple[str, ...] = ("ssv2", "
         for split, split_rows in rows.items():
             _write_k400_csv(root / "annotations" / f"{split}.csv", split_rows)
         info["kinetics400"] = {"videos": len(vids), "splits": {k: len(v) for k, v in rows.items()},
-                               "classes": sorted(k400_class_name(c) for c in CLASSES[: cfg.num_classes]), **k400}
+                               "classes": sorted(k400_class_name(c)
+                                                 for c in CLASSES[: cfg.num_classes]), **k400}
     write_text_atomic(out / "synthetic_info.json", json.dumps(info, indent=1))
     logger.info("synthetic datasets written under %s: %s", out,
                 ", ".join(f"{d} {info[d]['videos']} videos" for d in datasets))
@@ -460,15 +494,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipeline.syntheti
     from tstl.core import exitcodes
     from tstl.core.log import init_logging
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog=prog, epilog=exitcodes.EPILOG)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog=prog,
+                                epilog=exitcodes.EPILOG)
     p.add_argument("--out", type=Path, required=True,
                    help="folder to write ssv2/, ucf101/ (kinetics400/, ek100/) into")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="ci", help="size preset (default: ci, tiny)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="ci",
+                   help="size preset (default: ci, tiny)")
     p.add_argument("--datasets", default="ssv2,ucf101",
                    help="comma-separated subset of ssv2,ucf101,kinetics400,ek100 (default "
                         "ssv2,ucf101)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--num-classes", type=int, help=f"number of motion classes, 2..{len(CLASSES)} (default 8)")
+    p.add_argument("--num-classes", type=int,
+                   help=f"number of motion classes, 2..{len(CLASSES)} (default 8)")
     p.add_argument("--videos-per-class", type=int, help="SSV2-style videos per class")
     p.add_argument("--broken-ssv2", type=int, help="deliberately broken SSV2 files (default 3)")
     p.add_argument("--broken-ucf", type=int, help="deliberately broken UCF101 files (default 1)")
@@ -476,7 +513,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipeline.syntheti
     args = p.parse_args(argv)
     init_logging()
     overrides = {k: v for k, v in vars(args).items()
-                 if k in ("seed", "num_classes", "videos_per_class", "broken_ssv2", "broken_ucf") and v is not None}
+                 if k in ("seed", "num_classes", "videos_per_class", "broken_ssv2", "broken_ucf")
+                 and v is not None}
     datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
     known = ("ssv2", "ucf101", "kinetics400", "ek100")
     if not datasets or (unknown := [d for d in datasets if d not in known]):

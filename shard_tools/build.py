@@ -1,22 +1,24 @@
-"""Pack prepared videos and their annotation CSV into a WebDataset shard set, reproducibly and resumably.
+"""Pack prepared videos and their annotation CSV into a WebDataset shard set, reproducibly and
+resumably.
 
-One sample per video: ``<key>.cls`` (label), ``<key>.json`` (id, label, class name, duration, exact frame count,
-fps, width, height, source) and ``<key>.mp4`` (the file's bytes, unchanged). Training splits are shuffled with a
-seeded RNG before sharding, so shard order and content depend only on the inputs and the seed. A
-multi-head dataset (EPIC-KITCHENS: verb and noun) keeps its first head's label in ``cls`` and every
-head's in the json's ``labels``; its ``shards.json`` names the heads' classes and the manifest
-counts each head's labels.
+One sample per video: ``<key>.cls`` (label), ``<key>.json`` (id, label, class name, duration, exact
+frame count, fps, width, height, source) and ``<key>.mp4`` (the file's bytes, unchanged). Training
+splits are shuffled with a seeded RNG before sharding, so shard order and content depend only on the
+inputs and the seed. A multi-head dataset (EPIC-KITCHENS: verb and noun) keeps its first head's
+label in ``cls`` and every head's in the json's ``labels``; its ``shards.json`` names the heads'
+classes and the manifest counts each head's labels.
 
 Shard size: at most ``max_samples`` samples and ``max_bytes`` bytes. By default ``max_samples`` is
-``clamp(ceil(N / 128), 8, 256)``: at least 128 shards when the split is large enough (so 16 GPUs x 8 workers all get
-shards), and never more than 256 videos per shard. SSV2 train (168,913 videos) -> 660 shards of 256; SSV2 val
-(24,777) -> 128 shards of 194; UCF101 train split 1 (9,537) -> 128 shards of 75; UCF101 test split 1 (3,783) -> 127
-shards.
+``clamp(ceil(N / 128), 8, 256)``: at least 128 shards when the split is large enough (so 16 GPUs x 8
+workers all get shards), and never more than 256 videos per shard. SSV2 train (168,913 videos) ->
+660 shards of 256; SSV2 val (24,777) -> 128 shards of 194; UCF101 train split 1 (9,537) -> 128
+shards of 75; UCF101 test split 1 (3,783) -> 127 shards.
 
-A rerun re-plans the shards, keeps every existing shard whose plan (keys, labels, source sizes and mtimes) is
-unchanged and whose sha256 still matches the manifest, and rebuilds the others. The new set is written beside the
-old one and switched in with one atomic rename (``shard_tools.publish``): readers never see old metadata over new
-tars, and a build killed at any point leaves the previous set in place.
+A rerun re-plans the shards, keeps every existing shard whose plan (keys, labels, source sizes and
+mtimes) is unchanged and whose sha256 still matches the manifest, and rebuilds the others. The new
+set is written beside the old one and switched in with one atomic rename (``shard_tools.publish``):
+readers never see old metadata over new tars, and a build killed at any point leaves the previous
+set in place.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ class Record:
 
 
 def sample_key(rel: str) -> str:
-    """``Class/v_x_g01.mp4`` -> ``Class_v_x_g01``: webdataset keys may not contain dots (or slashes, for us)."""
+    """``Class/v_x_g01.mp4`` -> ``Class_v_x_g01``: webdataset keys may not contain dots (or slashes,
+    for us)."""
     return rel.rsplit(".", 1)[0].replace("/", "_").replace(".", "_")
 
 
@@ -153,14 +156,16 @@ def plan_hash(records: list[Record]) -> str:
 
 
 def probe_bytes(data: bytes) -> dict:
-    """Exact frame count (demuxed packets; no decoding), fps, size and duration of an mp4 in memory."""
+    """Exact frame count (demuxed packets; no decoding), fps, size and duration of an mp4 in
+    memory."""
     with av.open(io.BytesIO(data)) as c:
         s = c.streams.video[0]
         frames = sum(1 for pkt in c.demux(s) if pkt.size)
         rate = s.average_rate or s.guessed_rate
         duration = float(s.duration * s.time_base) if s.duration else (c.duration or 0) / 1e6
-        return {"frames": frames, "fps": float(rate) if rate else 0.0, "width": s.codec_context.width,
-                "height": s.codec_context.height, "duration": round(duration, 6)}
+        return {"frames": frames, "fps": float(rate) if rate else 0.0,
+                "width": s.codec_context.width, "height": s.codec_context.height,
+                "duration": round(duration, 6)}
 
 
 Sample = tuple[str, dict[str, bytes]]
@@ -200,14 +205,15 @@ def write_shard(path: Path, records: list[Record],
             head_hist[h][y] = head_hist[h].get(y, 0) + 1
     size, digest = write_tar(path, samples)
     keys = [k for k, _ in samples]
-    info = ShardInfo(path.name, len(samples), size, digest, dict(sorted(hist.items())), plan_hash(records),
-                     keys[0] if keys else "", keys[-1] if keys else "",
+    info = ShardInfo(path.name, len(samples), size, digest, dict(sorted(hist.items())),
+                     plan_hash(records), keys[0] if keys else "", keys[-1] if keys else "",
                      {h: dict(sorted(c.items())) for h, c in head_hist.items()})
     return info, bad
 
 
 def _still_valid(path: Path, old: ShardInfo | None, phash: str, verify: bool) -> bool:
-    if old is None or old.plan_hash != phash or not path.exists() or path.stat().st_size != old.bytes:
+    if (old is None or old.plan_hash != phash or not path.exists()
+            or path.stat().st_size != old.bytes):
         return False
     return not verify or sha256_file(path) == old.sha256
 
@@ -216,7 +222,8 @@ Job = tuple[Path, list[Record], list[tuple[Path, ShardInfo]], bool, tuple[str, .
 
 
 def _build_one(job: Job) -> tuple[ShardInfo, list[str], bool]:
-    """Write shard ``dest`` into the staging folder: a hard link to a still-valid old copy, else built anew."""
+    """Write shard ``dest`` into the staging folder: a hard link to a still-valid old copy, else
+    built anew."""
     dest, records, candidates, verify, heads = job
     phash = plan_hash(records)
     for path, old in candidates:
@@ -236,7 +243,8 @@ def build_split(rows: list[tuple[str, Label]], videos: Path, out: Path, *, datas
     heads = heads or {}
     records, missing = _records(rows, videos, classes)
     for rel in missing:
-        logger.warning("%s/%s: listed in the annotations but not found; left out (rerun the prepare stage)",
+        logger.warning("%s/%s: listed in the annotations but not found; left out "
+                       "(rerun the prepare stage)",
                        videos, rel)
     plan = plan_shards(records, shuffle, opts)
     names = [f"shard-{i:06d}.tar" for i in range(len(plan))]
@@ -252,7 +260,8 @@ def build_split(rows: list[tuple[str, Label]], videos: Path, out: Path, *, datas
         pool = ProcessPoolExecutor(max_workers=opts.jobs) if opts.jobs > 1 else None
         try:
             results = pool.map(_build_one, jobs) if pool else map(_build_one, jobs)
-            for info, errs, built in tqdm(results, total=len(jobs), desc=f"shards {dataset}/{split}", unit="shard"):
+            for info, errs, built in tqdm(results, total=len(jobs),
+                                          desc=f"shards {dataset}/{split}", unit="shard"):
                 infos.append(info)
                 bad.extend(errs)
                 if built:
@@ -264,36 +273,40 @@ def build_split(rows: list[tuple[str, Label]], videos: Path, out: Path, *, datas
             logger.warning("%s", err)
         ss = ShardSet(dataset, split, classes, infos, missing + bad,
                       {"seed": opts.seed, "shuffled": shuffle,
-                       "samples_per_shard": opts.samples_per_shard(len(records)), "max_bytes": opts.max_bytes,
-                       "format_version": FORMAT_VERSION}, heads=heads)
+                       "samples_per_shard": opts.samples_per_shard(len(records)),
+                       "max_bytes": opts.max_bytes, "format_version": FORMAT_VERSION}, heads=heads)
         shards.save(stage.dir, ss)
         changed = stage.publish(rebuilt)
-    logger.info("%s/%s: %d samples in %d shards (%d rebuilt, %d kept)%s, %d left out -> %s", dataset, split,
-                ss.num_samples, len(infos), len(rebuilt), len(infos) - len(rebuilt),
+    logger.info("%s/%s: %d samples in %d shards (%d rebuilt, %d kept)%s, %d left out -> %s",
+                dataset, split, ss.num_samples, len(infos), len(rebuilt), len(infos) - len(rebuilt),
                 "" if changed else ", already current", len(ss.missing), out)
     return ss
 
 
 def dataset_splits(dataset: str, split: int) -> list[str]:
-    """The annotation CSVs (stems) that form the shard sets of ``dataset`` for ``--split k`` (the registry's rule)."""
+    """The annotation CSVs (stems) that form the shard sets of ``dataset`` for ``--split k`` (the
+    registry's rule)."""
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset '{dataset}' (registered: {', '.join(DATASETS)}; use --annotations to "
-                         "shard other CSVs)")
+        raise ValueError(f"unknown dataset '{dataset}' (registered: {', '.join(DATASETS)}; use "
+                         "--annotations to shard other CSVs)")
     return get_dataset(dataset).shard_splits(split)
 
 
 def build_dataset(data_dir: Path, dataset: str, split: int, opts: BuildOptions,
-                  annotations: list[Path] | None = None, videos: Path | None = None) -> list[ShardSet]:
+                  annotations: list[Path] | None = None,
+                  videos: Path | None = None) -> list[ShardSet]:
     """Shard every split of a prepared dataset (or the given annotation CSVs)."""
     root = data_dir / dataset
     videos = videos or root / "videos"
     classes = read_classes(root / "annotations" / "classes.txt")
     heads = {h: read_classes(root / "annotations" / f"{h}_classes.txt") for h in _heads(dataset)}
-    csvs = annotations or [root / "annotations" / f"{s}.csv" for s in dataset_splits(dataset, split)]
+    csvs = (annotations
+            or [root / "annotations" / f"{s}.csv" for s in dataset_splits(dataset, split)])
     sets = []
     for csv in csvs:
         if not csv.exists():
-            raise FileNotFoundError(f"{csv} not found: run `make prepare-{dataset}` first (or pass --annotations)")
+            raise FileNotFoundError(f"{csv} not found: run `make prepare-{dataset}` first "
+                                    "(or pass --annotations)")
         name = csv.stem
         sets.append(build_split(read_csv(csv, csv_format(dataset)), videos, root / "shards" / name,
                                 dataset=dataset, split=name, classes=classes,

@@ -1,14 +1,16 @@
-"""Switch a shard set's metadata and tars together: readers see the old set or the new one, never a mix.
+"""Switch a shard set's metadata and tars together: readers see the old set or the new one, never a
+mix.
 
-The path users pass (``<dataset>/shards/<split>``) is a relative symlink to a generation folder beside it,
-``.<split>.gen-<hash>``, where ``<hash>`` is taken from the set's ``shards.json`` and manifest (so the same inputs give
-the same name). A build writes the new set into a fresh staging folder ``.<split>.tmp-<pid>`` (unchanged shards are
-hard links into the current generation, so they cost no space and keep their mtime), renames it to its generation
-name and swaps the symlink with one atomic ``rename``; then the old generation is removed. A kill at any point
-leaves the symlink on a complete set; the next build removes staging folders and stray generations.
+The path users pass (``<dataset>/shards/<split>``) is a relative symlink to a generation folder
+beside it, ``.<split>.gen-<hash>``, where ``<hash>`` is taken from the set's ``shards.json`` and
+manifest (so the same inputs give the same name). A build writes the new set into a fresh staging
+folder ``.<split>.tmp-<pid>`` (unchanged shards are hard links into the current generation, so they
+cost no space and keep their mtime), renames it to its generation name and swaps the symlink with
+one atomic ``rename``; then the old generation is removed. A kill at any point leaves the symlink on
+a complete set; the next build removes staging folders and stray generations.
 
-A set built before this layout (a plain folder) is moved to a generation folder once, with a symlink in its
-place; between those two renames the set is briefly absent, never mixed.
+A set built before this layout (a plain folder) is moved to a generation folder once, with a symlink
+in its place; between those two renames the set is briefly absent, never mixed.
 
 One builder per shard set at a time (``make shards`` runs them one after another).
 """
@@ -42,7 +44,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def generation_name(out: Path, shard_dir: Path) -> str:
-    """``.<split>.gen-<hash>`` of the set in ``shard_dir`` (hash over its ``shards.json`` and manifest)."""
+    """``.<split>.gen-<hash>`` of the set in ``shard_dir`` (hash over its ``shards.json`` and
+    manifest)."""
     h = hashlib.sha256()
     for name in (shards.INDEX, shards.MANIFEST):
         h.update((shard_dir / name).read_bytes())
@@ -68,7 +71,8 @@ def _remove(path: Path) -> None:
 
 
 def stray(out: Path) -> list[Path]:
-    """Staging folders, temporary links and generations of ``out`` that the symlink does not point to."""
+    """Staging folders, temporary links and generations of ``out`` that the symlink does not point
+    to."""
     if not out.parent.is_dir():
         return []
     pattern, cur = _own(out), current(out)
@@ -78,8 +82,9 @@ def stray(out: Path) -> list[Path]:
 class Staging:
     """A fresh folder to write the new set of ``out`` into; ``publish()`` makes it visible.
 
-    Entering removes what killed builds left (staging folders, temporary links) and moves a plain-folder set to
-    the symlink layout. Leaving without ``publish()`` (an exception) removes the staging folder.
+    Entering removes what killed builds left (staging folders, temporary links) and moves a
+    plain-folder set to the symlink layout. Leaving without ``publish()`` (an exception) removes the
+    staging folder.
     """
 
     def __init__(self, out: Path) -> None:
@@ -110,7 +115,8 @@ class Staging:
             self._switch(legacy.name)
 
     def sources(self) -> list[Path]:
-        """Folders whose shards may be reused, the visible set last (it wins): stray complete generations first."""
+        """Folders whose shards may be reused, the visible set last (it wins): stray complete
+        generations first."""
         cur = current(self.out)
         gens = [p for p in stray(self.out) if p.name.startswith(f".{self.out.name}.gen-")
                 and (p / shards.INDEX).exists()]
@@ -128,8 +134,9 @@ class Staging:
     def publish(self, rebuilt: list[str] = ()) -> bool:
         """Make the staged set the visible one; False when its metadata equals the visible set's.
 
-        Then only the ``rebuilt`` shards (damaged copies rewritten with the bytes the metadata promises) are
-        renamed over the visible ones, each atomically; everything else stays untouched.
+        Then only the ``rebuilt`` shards (damaged copies rewritten with the bytes the metadata
+        promises) are renamed over the visible ones, each atomically; everything else stays
+        untouched.
         """
         name = generation_name(self.out, self.dir)
         cur = current(self.out)

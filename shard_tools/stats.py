@@ -34,8 +34,8 @@ def _describe(name: str, x: np.ndarray, unit: str = "") -> str:
     if x.size == 0:
         return f"{name:<10} (none)"
     q = np.percentile(x, [0, 5, 50, 95, 100])
-    return f"{name:<10} mean {x.mean():10.2f}{unit}  min {q[0]:.2f}  p5 {q[1]:.2f}  median {q[2]:.2f}  " \
-           f"p95 {q[3]:.2f}  max {q[4]:.2f}"
+    return f"{name:<10} mean {x.mean():10.2f}{unit}  min {q[0]:.2f}  p5 {q[1]:.2f}  " \
+           f"median {q[2]:.2f}  p95 {q[3]:.2f}  max {q[4]:.2f}"
 
 
 def _balance(title: str, labels: np.ndarray, names: list[str]) -> tuple[list[str], np.ndarray]:
@@ -55,8 +55,9 @@ def report(shard_dir: Path, png: Path | None = None) -> str:
     distributions when ``png`` is given."""
     ss = shards.load(shard_dir)
     data = collect(shard_dir)
-    lines = [f"{shard_dir}: {ss.dataset}/{ss.split}, {ss.num_samples} samples in {len(ss.shards)} shards, "
-             f"{sum(s.bytes for s in ss.shards) / 2**20:.1f} MiB, {len(ss.missing)} left out",
+    lines = [f"{shard_dir}: {ss.dataset}/{ss.split}, {ss.num_samples} samples in {len(ss.shards)} "
+             f"shards, {sum(s.bytes for s in ss.shards) / 2**20:.1f} MiB, "
+             f"{len(ss.missing)} left out",
              _describe("duration", data["duration"], " s"), _describe("frames", data["frames"]),
              _describe("fps", data["fps"]), _describe("size", data["bytes"] / 1024, " KiB")]
     tables = [(f"{h} classes", data[f"label/{h}"], names) for h, names in ss.heads.items()]

@@ -22,8 +22,9 @@ logger = logging.getLogger(__name__)
 
 
 def read_group_map(path: Path) -> list[list[int]]:
-    """Class groups of a group file in either format TSTL training reads (``tstl.core.groups``), each group's
-    classes in the file's order, which is also the order of the local ids a remapped subset and an expert use."""
+    """Class groups of a group file in either format TSTL training reads (``tstl.core.groups``),
+    each group's classes in the file's order, which is also the order of the local ids a remapped
+    subset and an expert use."""
     return [list(g) for g in load_groups(path).groups]
 
 
@@ -45,21 +46,24 @@ def _filtered(src: Path, ss: ShardSet, keep: dict[int, int], remap: bool, head: 
             if remap:
                 meta = json.loads(parts[JSON])
                 meta[GLOBAL_LABEL], meta["label"] = label, keep[label]
-                parts = {**parts, CLS: str(keep[label]).encode(), JSON: json.dumps(meta, sort_keys=True).encode()}
+                parts = {**parts, CLS: str(keep[label]).encode(),
+                         JSON: json.dumps(meta, sort_keys=True).encode()}
             yield key, parts, (keep[label] if remap else label), labels
 
 
 def subset(src: Path, out: Path, classes: list[int], *, remap: bool = False,
            head: str | None = None, opts: BuildOptions | None = None) -> ShardSet:
-    """Write the samples of ``classes`` from shard set ``src`` into a new set ``out`` (bytes copied as they are).
+    """Write the samples of ``classes`` from shard set ``src`` into a new set ``out`` (bytes copied
+    as they are).
 
     Args:
-        remap: relabel to local ids 0..len(classes)-1 in the given order (the original label stays in the json as
-            ``global_label``); otherwise labels are kept. One-label sets only.
+        remap: relabel to local ids 0..len(classes)-1 in the given order (the original label
+            stays in the json as ``global_label``); otherwise labels are kept. One-label sets only.
         head: the head whose classes select the samples, on a multi-head set (default its first).
     """
     opts = opts or BuildOptions()
-    src_dir = src.resolve()  # one generation of the source set, even if a build switches it meanwhile
+    # one generation of the source set, even if a build switches it meanwhile
+    src_dir = src.resolve()
     ss = shards.load(src_dir)
     head = _check_head(ss, head, remap, src)
     keep = {c: i for i, c in enumerate(classes)}
@@ -97,8 +101,8 @@ def subset(src: Path, out: Path, classes: list[int], *, remap: bool = False,
                           heads=ss.heads)
         shards.save(stage.dir, result)
         stage.publish()
-    logger.info("subset of %s with %d classes: %d samples in %d shards -> %s", src, len(classes), result.num_samples,
-                len(infos), out)
+    logger.info("subset of %s with %d classes: %d samples in %d shards -> %s", src, len(classes),
+                result.num_samples, len(infos), out)
     return result
 
 

@@ -1,7 +1,9 @@
-"""Reproducible tar shards: fixed member metadata and order, written under a temporary name and renamed.
+"""Reproducible tar shards: fixed member metadata and order, written under a temporary name and
+renamed.
 
-Every member gets mtime 0, uid/gid 0, empty user/group names and mode 0644, and the parts of a sample are written
-in a fixed order, so the same samples always give byte-identical shards (and the same sha256).
+Every member gets mtime 0, uid/gid 0, empty user/group names and mode 0644, and the parts of a
+sample are written in a fixed order, so the same samples always give byte-identical shards (and the
+same sha256).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def write_tar(path: Path, samples: Iterable[Sample]) -> tuple[int, str]:
             with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for key, parts in samples:
                     if "." in key:
-                        raise ValueError(f"sample key '{key}' contains a dot; webdataset splits keys at the first dot")
+                        raise ValueError(f"sample key '{key}' contains a dot; webdataset splits "
+                                         "keys at the first dot")
                     for ext in sorted(parts):
                         data = parts[ext]
                         tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
@@ -59,7 +62,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def iter_samples(path: Path) -> Iterator[Sample]:
-    """Samples of a shard, grouped by key in file order (raises tarfile.TarError on a damaged tar)."""
+    """Samples of a shard, grouped by key in file order (raises tarfile.TarError on a damaged
+    tar)."""
     key, parts = None, {}
     with tarfile.open(path, mode="r:") as tar:
         for member in tar:

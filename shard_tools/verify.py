@@ -1,4 +1,5 @@
-"""Verify a shard set: checksums against the manifest, tar integrity, sample parts, and that every video decodes."""
+"""Verify a shard set: checksums against the manifest, tar integrity, sample parts, and that every
+video decodes."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ class ShardReport:
 
 
 def decode_check(data: bytes, frames: int) -> str | None:
-    """Decode first, middle and last frame with decord from memory; None if fine, else the problem."""
+    """Decode first, middle and last frame with decord from memory; None if fine, else the
+    problem."""
     import decord
 
     try:
@@ -61,7 +63,8 @@ def verify_shard(path: Path, info: ShardInfo, decode: bool = True) -> ShardRepor
                 continue
             meta = json.loads(parts[JSON])
             if int(parts[CLS]) != meta["label"]:
-                report.errors.append(f"{key}: .{CLS} {int(parts[CLS])} != json label {meta['label']}")
+                report.errors.append(f"{key}: .{CLS} {int(parts[CLS])} != json "
+                                     f"label {meta['label']}")
             if decode and (err := decode_check(parts[MP4], meta["frames"])):
                 report.errors.append(f"{key}: {err}")
     except (tarfile.TarError, ValueError, KeyError, UnicodeDecodeError) as e:
@@ -77,30 +80,37 @@ def _verify(args: tuple[Path, ShardInfo, bool]) -> ShardReport:
 
 def verify(shard_dir: Path, *, decode: bool = True, jobs: int = 1) -> list[ShardReport]:
     """Check every shard of a set; returns one report per shard (errors empty when fine)."""
-    shard_dir = shard_dir.resolve()  # one generation of the set, even if a build switches it meanwhile
+    # one generation of the set, even if a build switches it meanwhile
+    shard_dir = shard_dir.resolve()
     ss = shards.load(shard_dir)
     work = [(shard_dir / s.name, s, decode) for s in ss.shards]
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
-        reports = list(tqdm(pool.map(_verify, work), total=len(work), desc=f"verify {shard_dir.name}", unit="shard"))
+        reports = list(tqdm(pool.map(_verify, work), total=len(work),
+                            desc=f"verify {shard_dir.name}", unit="shard"))
     extra = {p.name for p in shard_dir.glob("shard-*.tar")} - {s.name for s in ss.shards}
     if extra:
-        reports.append(ShardReport("(set)", errors=[f"shards not in the manifest: {sorted(extra)}"]))
+        reports.append(ShardReport("(set)",
+                                   errors=[f"shards not in the manifest: {sorted(extra)}"]))
     if errors := index_problems(shard_dir, ss):
         reports.append(ShardReport(f"({shards.SAMPLES})", errors=errors))
     return reports
 
 
 def index_problems(shard_dir: Path, ss: shards.ShardSet) -> list[str]:
-    """Whether the per-sample index describes the tars exactly (a missing one is only a warning: loaders then
-    index the set at every start)."""
+    """Whether the per-sample index describes the tars exactly (a missing one is only a warning:
+    loaders then index the set at every start)."""
     if ss.samples is None:
-        logger.warning("%s has no per-sample index: `tstl shards index %s` adds it (loaders read faster)",
+        logger.warning("%s has no per-sample index: `tstl shards index %s` adds it "
+                       "(loaders read faster)",
                        shard_dir, shard_dir)
         return []
     try:
-        saved = shards.parse_samples((shard_dir / ss.samples["name"]).read_bytes(), ss, str(shard_dir))
+        saved = shards.parse_samples((shard_dir / ss.samples["name"]).read_bytes(), ss,
+                                     str(shard_dir))
         fresh = shards.scan_set(shard_dir, ss)
     except (OSError, shards.ShardSetError) as e:
         return [str(e)]
-    same = all((getattr(saved, k) == getattr(fresh, k)).all() for k in ("shard", "offset", "length", "label", "key"))
-    return [] if same else ["the index does not match the tars: run `tstl shards index` (or rebuild the set)"]
+    same = all((getattr(saved, k) == getattr(fresh, k)).all()
+               for k in ("shard", "offset", "length", "label", "key"))
+    return ([] if same else ["the index does not match the tars: run `tstl shards index` "
+                             "(or rebuild the set)"])

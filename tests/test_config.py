@@ -58,12 +58,14 @@ def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
 def test_unknown_key_names_source_and_suggests(tmp_path: Path) -> None:
     f = tmp_path / "bad.yaml"
     f.write_text("optim:\n  lrr: 0.1\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'optim.lrr' \(did you mean 'lr'\?\)"):
+    with pytest.raises(ConfigError,
+                       match=r"bad.yaml: unknown key 'optim.lrr' \(did you mean 'lr'\?\)"):
         load_config(Top, [f])
 
 
 def test_bad_values_and_validation_errors() -> None:
-    with pytest.raises(ConfigError, match="command line: optim.name: expected one of 'adamw', 'sgd'"):
+    with pytest.raises(ConfigError,
+                       match="command line: optim.name: expected one of 'adamw', 'sgd'"):
         load_config(Top, [], ["optim.name=adam"])
     with pytest.raises(ConfigError, match="lr must be > 0"):
         load_config(Top, [], ["optim.lr=-1"])
@@ -97,14 +99,16 @@ def test_describe_keys_lists_every_nested_key_with_type_default_and_docstring():
     # every leaf of a default config is listed, nested sections as dotted keys
     def leaves(d, prefix=""):
         for k, v in d.items():
-            if isinstance(v, dict) and k not in ("kwargs", "deepspeed"):  # free-form mappings are one key
+            # free-form mappings are one key
+            if isinstance(v, dict) and k not in ("kwargs", "deepspeed"):
                 yield from leaves(v, f"{prefix}{k}.")
             else:
                 yield f"{prefix}{k}"
     from tstl.core.config import to_dict
     assert set(leaves(to_dict(TrainConfig()))) == set(keys)
     assert keys["data.sampling"].type == "segment|dense"
-    assert keys["data.test_views"].type == "[int, int]" and keys["data.test_views"].default == [2, 3]
+    assert (keys["data.test_views"].type == "[int, int]"
+            and keys["data.test_views"].default == [2, 3])
     assert keys["data.num_frames"].doc == "Frames per clip (T)."
     text = format_keys(TrainConfig)
     assert "optim.lr: float = 0.001" in text and "    Peak learning rate" in text

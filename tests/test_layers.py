@@ -1,4 +1,5 @@
-"""Imports only point down the layers of docs/architecture.md; siblings on one layer do not import each other.
+"""Imports only point down the layers of docs/architecture.md; siblings on one layer do not import
+each other.
 
 ```
 tstl.cli
@@ -9,9 +10,9 @@ pipeline | shard_tools
 tstl.core
 ```
 
-Every import in every ``.py`` under ``pipeline/``, ``shard_tools/`` and ``tstl/`` is checked, module-level or inside a
-function (relative imports are resolved first). ``benchmarks/`` and ``tests/`` may import anything and nothing may
-import them.
+Every import in every ``.py`` under ``pipeline/``, ``shard_tools/`` and ``tstl/`` is checked,
+module-level or inside a function (relative imports are resolved first). ``benchmarks/`` and
+``tests/`` may import anything and nothing may import them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ DIAGRAM = ("tstl.core < pipeline | shard_tools < tstl.data | tstl.models < tstl.
 
 
 def component(module: str) -> str | None:
-    """The layered component a dotted module name belongs to (None: not ours, e.g. a third-party package)."""
+    """The layered component a dotted module name belongs to (None: not ours, e.g. a third-party
+    package)."""
     parts = module.split(".")
     if parts[0] == "tstl" and len(parts) > 1 and f"tstl.{parts[1]}" in LAYERS:
         return f"tstl.{parts[1]}"
@@ -70,7 +72,8 @@ def imports(path: Path) -> list[tuple[int, str]]:
             else:
                 mod = node.module or ""
             # ``from tstl import data`` imports the subpackage: check each name as a module too
-            out += [(node.lineno, f"{mod}.{a.name}" if component(f"{mod}.{a.name}") in LAYERS and mod == "tstl"
+            out += [(node.lineno,
+                     f"{mod}.{a.name}" if component(f"{mod}.{a.name}") in LAYERS and mod == "tstl"
                      else mod) for a in node.names]
     return out
 
@@ -78,15 +81,19 @@ def imports(path: Path) -> list[tuple[int, str]]:
 def rule(src: str, dst: str) -> str | None:
     """Why ``src`` may not import ``dst`` (None: allowed)."""
     if src not in LAYERS:
-        return f"{src} is not in the layer table of tests/test_layers.py; add it there and to docs/architecture.md"
+        return (f"{src} is not in the layer table of tests/test_layers.py; add it there and to "
+                "docs/architecture.md")
     if dst not in LAYERS:
-        return f"{dst} is not in the layer table of tests/test_layers.py; add it there and to docs/architecture.md"
+        return (f"{dst} is not in the layer table of tests/test_layers.py; add it there and to "
+                "docs/architecture.md")
     if src == dst or {src, dst} == {"tstl", "tstl.core"}:
         return None
     if LAYERS[dst] > LAYERS[src]:
-        return f"{src} (layer {LAYERS[src]}) may not import {dst} (layer {LAYERS[dst]}): imports point down ({DIAGRAM})"
+        return (f"{src} (layer {LAYERS[src]}) may not import {dst} (layer {LAYERS[dst]}): imports "
+                f"point down ({DIAGRAM})")
     if LAYERS[dst] == LAYERS[src]:
-        return f"{src} and {dst} are siblings on layer {LAYERS[src]} and may not import each other ({DIAGRAM})"
+        return (f"{src} and {dst} are siblings on layer {LAYERS[src]} and may not import "
+                f"each other ({DIAGRAM})")
     return None
 
 
@@ -110,16 +117,19 @@ def test_imports_point_down_the_layers() -> None:
 
 
 def test_the_checker_sees_up_across_and_nested_imports(tmp_path: Path, monkeypatch) -> None:
-    assert rule("shard_tools", "tstl.twostage") and "point down" in rule("shard_tools", "tstl.twostage")
+    assert (rule("shard_tools", "tstl.twostage")
+            and "point down" in rule("shard_tools", "tstl.twostage"))
     assert rule("tstl.data", "tstl.models") and "siblings" in rule("tstl.data", "tstl.models")
     assert rule("tstl.core", "pipeline") and rule("tstl.train", "tstl.data") is None
     assert rule("pipeline", "tstl.core") is None and rule("tstl.twostage", "tstl.train") is None
-    assert rule("tstl.cli", "tstl.twostage") is None and "point down" in rule("tstl.twostage", "tstl.cli")
+    assert (rule("tstl.cli", "tstl.twostage") is None
+            and "point down" in rule("tstl.twostage", "tstl.cli"))
     assert "not in the layer table" in rule("tstl.new", "tstl.core")
     # nested (function-level) and relative imports are seen
     fake = ROOT / "tstl" / "data" / "_layer_probe.py"
     code = "def f():\n    from ..twostage import groups\n    import tstl.train.engine\n"
-    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: code if self == fake else _read(self, *a, **k))
+    monkeypatch.setattr(Path, "read_text",
+                        lambda self, *a, **k: code if self == fake else _read(self, *a, **k))
     assert imports(fake) == [(2, "tstl.twostage"), (3, "tstl.train.engine")]
 
 

@@ -1,4 +1,5 @@
-"""tstl.core.lock: exclusive/shared dataset-folder locks on flock, re-entrant, never stale after SIGKILL."""
+"""tstl.core.lock: exclusive/shared dataset-folder locks on flock, re-entrant, never stale after
+SIGKILL."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ def _hold(folder: Path, stage: str, part: str = "None", seconds: float = 60) -> 
     code = ("import time; from pathlib import Path; from tstl.core.lock import dataset_lock\n"
             f"with dataset_lock(Path({str(folder)!r}), {stage!r}, part={part}):\n"
             f"    print('held', flush=True); time.sleep({seconds})\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -36,8 +38,10 @@ def test_exclusive_lock_names_the_holder_and_is_released_by_sigkill(tmp_path: Pa
     p = _hold(tmp_path, "prepare-ssv2")
     try:
         record = json.loads((tmp_path / LOCK_NAME).read_text())
-        assert record["pid"] == p.pid and record["stage"] == "prepare-ssv2" and record["host"] and record["started"]
-        with (pytest.raises(LockedError, match=rf"in use by pid {p.pid} on .*prepare-ssv2.*--wait-lock"),
+        assert (record["pid"] == p.pid and record["stage"] == "prepare-ssv2" and record["host"]
+                and record["started"])
+        with (pytest.raises(LockedError,
+                            match=rf"in use by pid {p.pid} on .*prepare-ssv2.*--wait-lock"),
               dataset_lock(tmp_path, "finalize")):
             pass
         assert f"pid {p.pid}" in holder(tmp_path / LOCK_NAME)
@@ -69,7 +73,8 @@ def test_parts_share_the_folder_but_not_a_part(tmp_path: Path) -> None:
     try:
         with dataset_lock(tmp_path, "prepare-ssv2", part=(2, 2)):  # another part: fine
             pass
-        with pytest.raises(LockedError, match=rf"pid {p1.pid}"), dataset_lock(tmp_path, "prepare-ssv2", part=(1, 2)):
+        with (pytest.raises(LockedError, match=rf"pid {p1.pid}"),
+              dataset_lock(tmp_path, "prepare-ssv2", part=(1, 2))):
             pass
         with (pytest.raises(LockedError, match=rf"in use by part runs: pid {p1.pid}"),
               dataset_lock(tmp_path, "finalize")):
@@ -87,5 +92,6 @@ def test_unwritable_folder_raises_oserror(tmp_path: Path, monkeypatch: pytest.Mo
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / LOCK_NAME))
 
     monkeypatch.setattr(os, "open", deny)
-    with pytest.raises(OSError, match="Read-only file system"), dataset_lock(tmp_path, "prepare-ssv2"):
+    with (pytest.raises(OSError, match="Read-only file system"),
+          dataset_lock(tmp_path, "prepare-ssv2")):
         pass

@@ -1,11 +1,12 @@
 """A literal, functional restatement of the reference B-CAST forward (KHU-VLL/CAST) and of its
 compositional variant, for parity tests and benchmarks.
 
-It follows the reference's formulation step by step: the CLIP stream is sequence-first (``[N, B*T', D]``) and runs
-through ``F.multi_head_attention_forward`` like ``nn.MultiheadAttention``; VideoMAE and cross-attention compute
-``softmax(q * scale @ k^T) @ v`` explicitly; nothing is fused. It reads weights from a state dict in CAST's key
-layout, so ``reference_forward(model.state_dict(), x, ...)`` must equal ``model(x)``. Written from the reference's
-semantics (see docs/models.md), not copied from it.
+It follows the reference's formulation step by step: the CLIP stream is sequence-first
+(``[N, B*T', D]``) and runs through ``F.multi_head_attention_forward`` like
+``nn.MultiheadAttention``; VideoMAE and cross-attention compute ``softmax(q * scale @ k^T) @ v``
+explicitly; nothing is fused. It reads weights from a state dict in CAST's key layout, so
+``reference_forward(model.state_dict(), x, ...)`` must equal ``model(x)``. Written from the
+reference's semantics (see docs/models.md), not copied from it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _vmae_attn(x: torch.Tensor, sd: dict, p: str, heads: int) -> torch.Tensor:
     b, n, _ = x.shape
     bias = torch.cat([sd[f"{p}.q_bias"], torch.zeros_like(sd[f"{p}.v_bias"]), sd[f"{p}.v_bias"]])
-    qkv = F.linear(x, sd[f"{p}.qkv.weight"], bias).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    qkv = (F.linear(x, sd[f"{p}.qkv.weight"], bias).reshape(b, n, 3, heads, -1)
+           .permute(2, 0, 3, 1, 4))
     out = _attend(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(b, n, -1)
     return _lin(out, sd, f"{p}.proj")
 
@@ -49,9 +51,10 @@ def _t2s(ns: torch.Tensor, nt: torch.Tensor, sd: dict, p: str, heads: int) -> to
     cls, pat = ns[:1], ns[1:]
     pat = rearrange(pat, "n (b t) d -> (b n) t d", b=b) + sd[f"{p}.clip_time_pos"]
     kv_in = rearrange(nt, "b (t n) d -> (b n) t d", t=t) + sd[f"{p}.vmae_time_pos"]
-    q = rearrange(F.linear(pat, sd[f"{p}.t2s_q.weight"], sd[f"{p}.t2s_q_bias"]), "b t (h d) -> b h t d", h=heads)
-    kv = rearrange(F.linear(kv_in, sd[f"{p}.t2s_kv.weight"], sd[f"{p}.t2s_kv_bias"]), "b t (e h d) -> e b h t d",
-                   e=2, h=heads)
+    q = rearrange(F.linear(pat, sd[f"{p}.t2s_q.weight"], sd[f"{p}.t2s_q_bias"]),
+                  "b t (h d) -> b h t d", h=heads)
+    kv = rearrange(F.linear(kv_in, sd[f"{p}.t2s_kv.weight"], sd[f"{p}.t2s_kv_bias"]),
+                   "b t (e h d) -> e b h t d", e=2, h=heads)
     out = _lin(rearrange(_attend(q, kv[0], kv[1]), "b h t d -> b t (h d)"), sd, f"{p}.t2s_proj")
     out = rearrange(out, "(b n) t d -> n (b t) d", b=b)
     return torch.cat([cls, out], dim=0)
@@ -62,21 +65,25 @@ def _s2t(ns: torch.Tensor, nt: torch.Tensor, sd: dict, p: str, heads: int) -> to
     t = ns.shape[1] // b
     pat = rearrange(ns[1:], "n b d -> b n d") + sd[f"{p}.clip_space_pos"]
     q_in = rearrange(nt, "b (t n) d -> (b t) n d", t=t) + sd[f"{p}.vmae_space_pos"]
-    q = rearrange(F.linear(q_in, sd[f"{p}.s2t_q.weight"], sd[f"{p}.s2t_q_bias"]), "b n (h d) -> b h n d", h=heads)
-    kv = rearrange(F.linear(pat, sd[f"{p}.s2t_kv.weight"], sd[f"{p}.s2t_kv_bias"]), "b n (e h d) -> e b h n d",
-                   e=2, h=heads)
+    q = rearrange(F.linear(q_in, sd[f"{p}.s2t_q.weight"], sd[f"{p}.s2t_q_bias"]),
+                  "b n (h d) -> b h n d", h=heads)
+    kv = rearrange(F.linear(pat, sd[f"{p}.s2t_kv.weight"], sd[f"{p}.s2t_kv_bias"]),
+                   "b n (e h d) -> e b h n d", e=2, h=heads)
     out = _lin(rearrange(_attend(q, kv[0], kv[1]), "b h n d -> b n (h d)"), sd, f"{p}.t2s_proj")
     return rearrange(out, "(b t) n d -> b (t n) d", b=b)
 
 
-def _block(s: torch.Tensor, t: torch.Tensor, sd: dict, p: str, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _block(s: torch.Tensor, t: torch.Tensor, sd: dict, p: str,
+           heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     h = _ln(s, sd, f"{p}.clip_ln_1", 1e-5)
     a, _ = F.multi_head_attention_forward(
-        h, h, h, h.shape[-1], heads, sd[f"{p}.clip_attn.in_proj_weight"], sd[f"{p}.clip_attn.in_proj_bias"],
-        None, None, False, 0.0, sd[f"{p}.clip_attn.out_proj.weight"], sd[f"{p}.clip_attn.out_proj.bias"],
-        training=False, need_weights=False)
+        h, h, h, h.shape[-1], heads, sd[f"{p}.clip_attn.in_proj_weight"],
+        sd[f"{p}.clip_attn.in_proj_bias"], None, None, False, 0.0,
+        sd[f"{p}.clip_attn.out_proj.weight"], sd[f"{p}.clip_attn.out_proj.bias"], training=False,
+        need_weights=False)
     s = s + _adapter(a, sd, f"{p}.S_Adapter", True)
-    t = t + _adapter(_vmae_attn(_ln(t, sd, f"{p}.norm1", 1e-6), sd, f"{p}.attn", heads), sd, f"{p}.T_Adapter", True)
+    t = t + _adapter(_vmae_attn(_ln(t, sd, f"{p}.norm1", 1e-6), sd, f"{p}.attn", heads), sd,
+                     f"{p}.T_Adapter", True)
     ns = _ln(_lin(s, sd, f"{p}.cross_s_down"), sd, f"{p}.ln_s_cross", 1e-6)
     nt = _ln(_lin(t, sd, f"{p}.cross_t_down"), sd, f"{p}.ln_t_cross", 1e-6)
     s = s + _lin(F.gelu(_t2s(ns, nt, sd, f"{p}.t2s_cross", heads)), sd, f"{p}.cross_s_up")

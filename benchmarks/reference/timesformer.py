@@ -1,13 +1,13 @@
-"""A literal, functional restatement of the reference TimeSformer forward (facebookresearch/TimeSformer ``vit.py``),
-for parity tests and benchmarks.
+"""A literal, functional restatement of the reference TimeSformer forward
+(facebookresearch/TimeSformer ``vit.py``), for parity tests and benchmarks.
 
-It follows the reference step by step: every frame gets its own cls token before the position embedding and the
-first B rows' cls are kept; tokens are regrouped with einops (one copy per regrouping); attention is
-``softmax(q @ k^T * scale) @ v`` computed explicitly; the final norm runs over every token before the cls is
-taken. It reads weights from a state dict in the model's (= the reference's) key layout, so
-``reference_forward(model.state_dict(), x, ...)`` must equal ``model(x)`` in eval mode. Written from the
-reference's semantics (see docs/models.md), not copied from it. No dropout or drop path: inference only, plus
-gradients for the benchmark.
+It follows the reference step by step: every frame gets its own cls token before the position
+embedding and the first B rows' cls are kept; tokens are regrouped with einops (one copy per
+regrouping); attention is ``softmax(q @ k^T * scale) @ v`` computed explicitly; the final norm runs
+over every token before the cls is taken. It reads weights from a state dict in the model's (= the
+reference's) key layout, so ``reference_forward(model.state_dict(), x, ...)`` must equal
+``model(x)`` in eval mode. Written from the reference's semantics (see docs/models.md), not copied
+from it. No dropout or drop path: inference only, plus gradients for the benchmark.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def _lin(x: torch.Tensor, sd: dict, name: str) -> torch.Tensor:
 
 def _attn(x: torch.Tensor, sd: dict, name: str, heads: int) -> torch.Tensor:
     _b, _n, c = x.shape
-    qkv = rearrange(_lin(x, sd, f"{name}.qkv"), "b n (three h d) -> three b h n d", three=3, h=heads)
+    qkv = rearrange(_lin(x, sd, f"{name}.qkv"), "b n (three h d) -> three b h n d", three=3,
+                    h=heads)
     q, k, v = qkv[0], qkv[1], qkv[2]
     attn = ((q @ k.transpose(-2, -1)) * (c // heads) ** -0.5).softmax(dim=-1)
     return _lin(rearrange(attn @ v, "b h n d -> b n (h d)"), sd, f"{name}.proj")
@@ -39,11 +40,13 @@ def _mlp(x: torch.Tensor, sd: dict, name: str) -> torch.Tensor:
     return _lin(F.gelu(_lin(x, sd, f"{name}.fc1")), sd, f"{name}.fc2")
 
 
-def _divided_block(x: torch.Tensor, sd: dict, p: str, heads: int, b: int, t: int, w: int) -> torch.Tensor:
+def _divided_block(x: torch.Tensor, sd: dict, p: str, heads: int, b: int, t: int,
+                   w: int) -> torch.Tensor:
     h = (x.size(1) - 1) // t // w
     xt = rearrange(x[:, 1:], "b (h w t) m -> (b h w) t m", b=b, h=h, w=w, t=t)
     res_t = _attn(_ln(xt, sd, f"{p}.temporal_norm1"), sd, f"{p}.temporal_attn", heads)
-    res_t = _lin(rearrange(res_t, "(b h w) t m -> b (h w t) m", b=b, h=h, w=w, t=t), sd, f"{p}.temporal_fc")
+    res_t = _lin(rearrange(res_t, "(b h w) t m -> b (h w t) m", b=b, h=h, w=w, t=t), sd,
+                 f"{p}.temporal_fc")
     xt = x[:, 1:] + res_t
     init_cls = x[:, 0].unsqueeze(1)
     cls = rearrange(init_cls.repeat(1, t, 1), "b t m -> (b t) m").unsqueeze(1)
@@ -86,9 +89,10 @@ def _embed(x: torch.Tensor, sd: dict, attention_type: str) -> tuple[torch.Tensor
     return x, t, w
 
 
-def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, attention_type: str, num_heads: int,
-                      features: bool = False) -> torch.Tensor:
-    """Logits (or, with ``features``, the final-normed cls token) of the reference forward on ``x [B,3,T,H,W]``."""
+def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, attention_type: str,
+                      num_heads: int, features: bool = False) -> torch.Tensor:
+    """Logits (or, with ``features``, the final-normed cls token) of the reference forward on
+    ``x [B,3,T,H,W]``."""
     b = x.shape[0]
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     x, t, w = _embed(x, sd, attention_type)

@@ -1,4 +1,5 @@
-"""The data-wait benchmark trains through the real trainer at a tiny size and writes only its own section."""
+"""The data-wait benchmark trains through the real trainer at a tiny size and writes only its own
+section."""
 
 from __future__ import annotations
 
@@ -15,5 +16,6 @@ def test_bench_writes_its_section(tmp_path) -> None:
     assert "keep me" in text
     section = text.split("<!-- bench:data-wait -->")[1].split("<!-- /bench:data-wait -->")[0]
     rows = re.findall(r"^\| (\d) \| (\d+)% \| ([\d.]+) \| (\d+) \|$", section, re.M)
-    assert [r[0] for r in rows] == ["1", "2"]  # one row per worker count, from the trainer's own metrics
+    # one row per worker count, from the trainer's own metrics
+    assert [r[0] for r in rows] == ["1", "2"]
     assert all(0 <= int(r[1]) <= 100 and float(r[2]) > 0 for r in rows)

@@ -1,4 +1,5 @@
-"""The loader benchmark runs every path at a tiny size and writes one row per path, with medians and ranges."""
+"""The loader benchmark runs every path at a tiny size and writes one row per path, with medians and
+ranges."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def test_bench_writes_every_path(tmp_path) -> None:
     for key, label in loader.PATHS.items():
         assert (label in rows) == (tc or not key.startswith("tc-")), label
         assert float(rows.get(label, 1)) > 0, label
-    ratio = re.search(r"worker side \(decode, crop, uint8 out\) \| [\d.]+ \| \*\*([\d.]+)\*\* \(([\d.]+)-([\d.]+)\)",
+    ratio = re.search(r"worker side \(decode, crop, uint8 out\) \| [\d.]+ \| \*\*([\d.]+)\*\* "
+                      r"\(([\d.]+)-([\d.]+)\)",
                       section)
     assert ratio, "the device-side ratio is the bold figure, with the rounds' range"

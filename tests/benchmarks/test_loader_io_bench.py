@@ -1,4 +1,5 @@
-"""The I/O planner of ``make bench`` (``benchmarks/loader_io.py``) on an SSV2-sized list: the issue's bounds."""
+"""The I/O planner of ``make bench`` (``benchmarks/loader_io.py``) on an SSV2-sized list: the
+issue's bounds."""
 
 from __future__ import annotations
 

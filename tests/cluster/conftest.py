@@ -1,5 +1,5 @@
-"""The session's one-host Slurm cluster (started once, stopped by pid at the end); skips with the reason if
-impossible."""
+"""The session's one-host Slurm cluster (started once, stopped by pid at the end); skips with the
+reason if impossible."""
 
 from __future__ import annotations
 

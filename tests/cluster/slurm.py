@@ -1,7 +1,9 @@
-"""A one-host Slurm cluster for the tests: Debian's slurmctld/slurmd/munge, a generated slurm.conf in a temp folder.
+"""A one-host Slurm cluster for the tests: Debian's slurmctld/slurmd/munge, a generated slurm.conf
+in a temp folder.
 
-Everything lives under the folder it is given (config, munge key and socket, state, logs, pid files); the daemons
-are stopped by pid. ``why_not()`` says why a cluster cannot run here (the tests then skip with that reason).
+Everything lives under the folder it is given (config, munge key and socket, state, logs, pid
+files); the daemons are stopped by pid. ``why_not()`` says why a cluster cannot run here (the tests
+then skip with that reason).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PACKAGES = "slurmctld slurmd slurm-client munge"
-DAEMONS = {"munged": "/usr/sbin/munged", "slurmctld": "/usr/sbin/slurmctld", "slurmd": "/usr/sbin/slurmd"}
+DAEMONS = {"munged": "/usr/sbin/munged", "slurmctld": "/usr/sbin/slurmctld",
+           "slurmd": "/usr/sbin/slurmd"}
 
 
 def why_not() -> str | None:
@@ -24,7 +27,8 @@ def why_not() -> str | None:
     if os.name != "posix" or os.geteuid() != 0:
         return "the Slurm tests start slurmctld/slurmd/munged and need root (CI runs as root)"
     missing = [name for name, path in DAEMONS.items() if not os.access(path, os.X_OK)]
-    missing += [c for c in ("sbatch", "squeue", "scontrol", "scancel", "sinfo") if not shutil.which(c)]
+    missing += [c for c in ("sbatch", "squeue", "scontrol", "scancel", "sinfo")
+                if not shutil.which(c)]
     if missing:
         return (f"Slurm/munge not installed ({', '.join(missing)} missing): as root, "
                 f"apt-get install -y --no-install-recommends {PACKAGES}")
@@ -52,7 +56,8 @@ class Cluster:
         return {**os.environ, "SLURM_CONF": str(self.conf), **extra}
 
     def run(self, *cmd: str, check: bool = True, env: dict | None = None) -> str:
-        p = subprocess.run(list(cmd), env=env or self.env(), capture_output=True, text=True, timeout=60)
+        p = subprocess.run(list(cmd), env=env or self.env(), capture_output=True, text=True,
+                           timeout=60)
         if check and p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)}: exit {p.returncode}\n{p.stdout}\n{p.stderr}")
         return p.stdout
@@ -70,18 +75,19 @@ class Cluster:
             f"SlurmctldHost={self.host}",
             "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/munge", "CredType=cred/munge",
-            # cred_expire is also how long a requeued job waits before it may start again (default 120 s)
+            # cred_expire is also how long a requeued job waits before it may start again (default
+            # 120 s)
             f"AuthInfo=socket={self.root}/munge/munge.socket,cred_expire=15",
             f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
             f"StateSaveLocation={self.root}/state", f"SlurmdSpoolDir={self.root}/spool",
             f"SlurmctldPidFile={self.root}/slurmctld.pid", f"SlurmdPidFile={self.root}/slurmd.pid",
-            f"SlurmctldLogFile={self.root}/log/slurmctld.log", f"SlurmdLogFile={self.root}/log/slurmd.log",
-            "SlurmctldDebug=info", "SlurmdDebug=info",
+            f"SlurmctldLogFile={self.root}/log/slurmctld.log",
+            f"SlurmdLogFile={self.root}/log/slurmd.log", "SlurmctldDebug=info", "SlurmdDebug=info",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
             "ReturnToService=2", "MpiDefault=none", "SchedulerType=sched/backfill",
-            "AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none",
-            "JobCompType=jobcomp/none", "JobRequeue=1",
+            "AccountingStorageType=accounting_storage/none",
+            "JobAcctGatherType=jobacct_gather/none", "JobCompType=jobcomp/none", "JobRequeue=1",
             "KillWait=30", "MinJobAge=600", "SchedulerParameters=sched_interval=1",
             f"NodeName={self.host} CPUs={cpus} RealMemory=4000 State=UNKNOWN",
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
@@ -91,13 +97,14 @@ class Cluster:
     def start(self) -> None:
         self.write_config()
         m = self.root / "munge"
-        subprocess.run([DAEMONS["munged"], "--force", f"--key-file={m}/munge.key", f"--socket={m}/munge.socket",
-                        f"--pid-file={m}/munged.pid", f"--log-file={self.root}/log/munged.log",
-                        f"--seed-file={m}/munged.seed"], check=True, capture_output=True, timeout=30)
+        subprocess.run([DAEMONS["munged"], "--force", f"--key-file={m}/munge.key",
+                        f"--socket={m}/munge.socket", f"--pid-file={m}/munged.pid",
+                        f"--log-file={self.root}/log/munged.log", f"--seed-file={m}/munged.seed"],
+                       check=True, capture_output=True, timeout=30)
         self.pids["munged"] = self._pid(m / "munged.pid")
         for name in ("slurmctld", "slurmd"):
-            subprocess.run([DAEMONS[name], "-f", str(self.conf)], check=True, capture_output=True, timeout=30,
-                           env=self.env())
+            subprocess.run([DAEMONS[name], "-f", str(self.conf)], check=True, capture_output=True,
+                           timeout=30, env=self.env())
             self.pids[name] = self._pid(self.root / f"{name}.pid")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -135,14 +142,15 @@ class Cluster:
             else:
                 os.kill(pid, signal.SIGKILL)
 
-    # ------------------------------------------------------------------------------------------- jobs
+    # ----------------------------------------------------------------------------------------- jobs
 
     def sbatch(self, *args: str, env: dict | None = None) -> int:
         out = self.run("sbatch", "--parsable", *args, env=env)
         return int(out.strip().split(";")[0])
 
     def state(self, job: int | str) -> str:
-        """The job's state (for an array: every task's, space-separated), '' when Slurm forgot it."""
+        """The job's state (for an array: every task's, space-separated), '' when Slurm forgot
+        it."""
         out = self.run("squeue", "-h", "-j", str(job), "-o", "%T", "--states=all", check=False)
         return " ".join(sorted(set(out.split())))
 
@@ -150,8 +158,9 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             st = self.state(job)
-            if st and all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                                "BOOT_FAIL", "DEADLINE", "PREEMPTED") for s in st.split()):
+            if st and all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
+                                "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+                          for s in st.split()):
                 return st
             time.sleep(0.5)
         raise TimeoutError(f"job {job} still {self.state(job)!r} after {timeout}s")

@@ -1,5 +1,6 @@
-"""DeepSpeed multi-node for real: two launcher processes on this machine act as two nodes of one hostfile
-(``--no_ssh --node_rank 0/1``, one rank each) and train exactly as one 2-rank launch does."""
+"""DeepSpeed multi-node for real: two launcher processes on this machine act as two nodes of one
+hostfile (``--no_ssh --node_rank 0/1``, one rank each) and train exactly as one 2-rank launch
+does."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ DS = [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
 def _train_args(data_dir: Path, run: Path) -> list[str]:
-    return ["--module", "tstl.train.cli", "train", "--config", *CONFIGS, f"data_dir={data_dir}", f"out_dir={run}",
-            "epochs=2", "engine.zero_stage=1", *TINY, "val_every=0", "test_at_end=false"]
+    return ["--module", "tstl.train.cli", "train", "--config", *CONFIGS, f"data_dir={data_dir}",
+            f"out_dir={run}", "epochs=2", "engine.zero_stage=1", *TINY, "val_every=0",
+            "test_at_end=false"]
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -36,12 +38,14 @@ def test_two_nodes_without_ssh_match_one_two_rank_launch(data_dir: Path, tmp_pat
                           cwd=ROOT, env=leaks.env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    # two "nodes": names in the hostfile need not resolve with --no_ssh; every node runs its own launcher
+    # two "nodes": names in the hostfile need not resolve with --no_ssh; every node runs its own
+    # launcher
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     port = leaks.port()
-    launchers = [subprocess.Popen([*DS, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(r),
-                                   "--master_addr", "127.0.0.1", "--master_port", port, *_train_args(data_dir, two)],
+    launchers = [subprocess.Popen([*DS, "--hostfile", str(hostfile), "--no_ssh", "--node_rank",
+                                   str(r), "--master_addr", "127.0.0.1", "--master_port", port,
+                                   *_train_args(data_dir, two)],
                                   cwd=ROOT, env=leaks.env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in launchers]

@@ -1,4 +1,5 @@
-"""Bad ids, torn journals, stale temp files, environment errors, concurrent runs, absurd frame sizes (issue 12)."""
+"""Bad ids, torn journals, stale temp files, environment errors, concurrent runs, absurd frame sizes
+(issue 12)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from pipeline.transcode import TranscodeParams, transcode
 from tstl.core.ffmpeg import ffmpeg_exe
 
 ROOT = Path(__file__).resolve().parents[2]
-CFG = SynthConfig(seed=5, num_classes=2, videos_per_class=4, ucf_groups_per_class=3, ucf_clips_per_group=1,
-                  broken_ssv2=1, broken_ucf=1, duration_s=(0.5, 0.7), ssv2_widths=(160, 176))
+CFG = SynthConfig(seed=5, num_classes=2, videos_per_class=4, ucf_groups_per_class=3,
+                  ucf_clips_per_group=1, broken_ssv2=1, broken_ucf=1, duration_s=(0.5, 0.7),
+                  ssv2_widths=(160, 176))
 FAST = ["--jobs", "1", "--height", "48", "--preset", "ultrafast", "--max-failure-fraction", "0.5"]
 PARAMS = TranscodeParams(height=48, preset="ultrafast")
 
@@ -42,22 +44,24 @@ def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = tmp_path_factory.mktemp("ref")
-    assert _cli(["prepare-ssv2", "--ssv2-root", str(raw / "ssv2"), "--data-dir", str(data), *FAST]).returncode == 0
+    assert _cli(["prepare-ssv2", "--ssv2-root", str(raw / "ssv2"), "--data-dir", str(data),
+                 *FAST]).returncode == 0
     return data
 
 
-def _cli(args: list[str], env: dict | None = None, kill_at: str | None = None) -> subprocess.CompletedProcess:
+def _cli(args: list[str], env: dict | None = None,
+         kill_at: str | None = None) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("TSTL_FAULT")}
     full.update(PYTHONPATH=str(ROOT), **(env or {}))
     if kill_at:
         full["TSTL_FAULT_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=full, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=full,
+                          capture_output=True, text=True, timeout=300)
 
 
 def _outputs(dataset_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(dataset_dir)): p.read_bytes() for p in sorted(dataset_dir.rglob("*")) if p.is_file()
-            and p.suffix in (".mp4", ".csv", ".txt")}
+    return {str(p.relative_to(dataset_dir)): p.read_bytes() for p in sorted(dataset_dir.rglob("*"))
+            if p.is_file() and p.suffix in (".mp4", ".csv", ".txt")}
 
 
 def _copy(reference: Path, tmp_path: Path) -> Path:
@@ -66,7 +70,7 @@ def _copy(reference: Path, tmp_path: Path) -> Path:
     return data
 
 
-# ------------------------------------------------------------------------------------------ 1. video ids
+# ------------------------------------------------------------------------------- 1. video ids
 
 
 @pytest.mark.parametrize("bad_id,reason", [
@@ -78,17 +82,19 @@ def _copy(reference: Path, tmp_path: Path) -> Path:
     (" 12", "not an integer"),
     ("12abc", "not an integer"),
 ])
-def test_unsafe_or_malformed_ssv2_ids_are_bad_metadata(raw: Path, tmp_path: Path, bad_id: str, reason: str,
-                                                       capsys: pytest.CaptureFixture) -> None:
+def test_unsafe_or_malformed_ssv2_ids_are_bad_metadata(
+        raw: Path, tmp_path: Path, bad_id: str, reason: str, capsys: pytest.CaptureFixture) -> None:
     src = tmp_path / "ssv2"
     shutil.copytree(raw / "ssv2/labels", src / "labels")
     train = json.loads((src / "labels/train.json").read_text())
     train[1]["id"] = bad_id
     (src / "labels/train.json").write_text(json.dumps(train))
-    assert cli_main(["prepare-ssv2", "--ssv2-root", str(src), "--data-dir", str(tmp_path / "d")]) == EXIT_BAD_INPUT
+    assert cli_main(["prepare-ssv2", "--ssv2-root", str(src), "--data-dir",
+                     str(tmp_path / "d")]) == EXIT_BAD_INPUT
     log = capsys.readouterr().err
     assert f"{src / 'labels/train.json'}: entry 1 has id {bad_id!r}: {reason}" in log
-    assert not (tmp_path / "d").exists() and not (tmp_path / "escape.mp4").exists()  # nothing transcoded
+    # nothing transcoded
+    assert not (tmp_path / "d").exists() and not (tmp_path / "escape.mp4").exists()
 
 
 @pytest.mark.parametrize("line,match", [
@@ -98,29 +104,32 @@ def test_unsafe_or_malformed_ssv2_ids_are_bad_metadata(raw: Path, tmp_path: Path
     ("SlideLeftToRight/notes.avi 1", "not '<Class>/v_<Class>_gNN_cNN.avi'"),
     ("SlideLeftToRight/v_SlideLeftToRight_g01_c01.avi one", "label 'one' is not an integer"),
 ])
-def test_bad_ucf101_list_lines_name_the_file_and_line(raw: Path, tmp_path: Path, line: str, match: str,
-                                                      capsys: pytest.CaptureFixture) -> None:
+def test_bad_ucf101_list_lines_name_the_file_and_line(
+        raw: Path, tmp_path: Path, line: str, match: str, capsys: pytest.CaptureFixture) -> None:
     src = tmp_path / "ucf101"
     shutil.copytree(raw / "ucf101/ucfTrainTestlist", src / "ucfTrainTestlist")
     path = src / "ucfTrainTestlist/trainlist01.txt"
     lines = path.read_text().splitlines()
     lines[2] = line
     path.write_text("\r\n".join(lines) + "\r\n")
-    assert cli_main(["prepare-ucf101", "--ucf101-root", str(src), "--data-dir", str(tmp_path / "d")]) == 2
+    assert cli_main(["prepare-ucf101", "--ucf101-root", str(src), "--data-dir",
+                     str(tmp_path / "d")]) == 2
     log = capsys.readouterr().err
     assert f"{path}: line 3: " in log and match in log
     assert not (tmp_path / "d").exists()
 
 
-# ------------------------------------------------------------------------------------------ 2. stale temps
+# ------------------------------------------------------------------------------- 2. stale temps
 
 
-def test_rerun_and_finalize_remove_their_own_stale_temp_files_only(raw: Path, reference: Path, tmp_path: Path) -> None:
+def test_rerun_and_finalize_remove_their_own_stale_temp_files_only(
+        raw: Path, reference: Path, tmp_path: Path) -> None:
     data = _copy(reference, tmp_path)
     ds, ann = data / "ssv2", data / "ssv2/annotations"
     stale = [ann / ".train.csv.tmp-123", ann / ".classes.txt.tmp-9", ann / ".excluded.txt.tmp-4",
              ann / ".listed_val.csv.tmp-17", ds / ".manifest.parquet.tmp-77"]
-    foreign = [ann / ".notes.md.tmp-1", ann / "train.csv.tmp-1", ds / ".other.parquet.tmp-3", data / ".x.csv.tmp-2"]
+    foreign = [ann / ".notes.md.tmp-1", ann / "train.csv.tmp-1", ds / ".other.parquet.tmp-3",
+               data / ".x.csv.tmp-2"]
     for p in stale + foreign:
         p.write_text("left by a killed run")
     opts = PrepareOptions(data_dir=data, jobs=1, params=PARAMS)
@@ -134,22 +143,26 @@ def test_rerun_and_finalize_remove_their_own_stale_temp_files_only(raw: Path, re
     assert _outputs(ds) == _outputs(reference / "ssv2")
 
 
-def test_part_run_clears_only_its_own_manifest_temps(raw: Path, reference: Path, tmp_path: Path) -> None:
+def test_part_run_clears_only_its_own_manifest_temps(
+        raw: Path, reference: Path, tmp_path: Path) -> None:
     data = _copy(reference, tmp_path)
     ds = data / "ssv2"
-    own, other, shared = (ds / ".manifest.part-1-of-2.parquet.tmp-5", ds / ".manifest.part-2-of-2.parquet.tmp-6",
+    own, other, shared = (ds / ".manifest.part-1-of-2.parquet.tmp-5",
+                          ds / ".manifest.part-2-of-2.parquet.tmp-6",
                           ds / "annotations/.classes.txt.tmp-7")
     for p in (own, other, shared):
         p.write_text("x")
     prepare_ssv2(raw / "ssv2", PrepareOptions(data_dir=data, jobs=1, params=PARAMS, part=(1, 2)))
-    assert not own.exists() and other.exists() and shared.exists()  # part 2 may be writing those right now
+    # part 2 may be writing those right now
+    assert not own.exists() and other.exists() and shared.exists()
 
 
-# ------------------------------------------------------------------------------------------ 3. torn journal
+# ------------------------------------------------------------------------------- 3. torn journal
 
 
 @pytest.mark.parametrize("tear", ["partial-row", "row-without-newline"])
-def test_torn_last_journal_line_costs_no_video(raw: Path, reference: Path, tmp_path: Path, tear: str) -> None:
+def test_torn_last_journal_line_costs_no_video(
+        raw: Path, reference: Path, tmp_path: Path, tear: str) -> None:
     args = ["prepare-ssv2", "--ssv2-root", str(raw / "ssv2"), "--data-dir", str(tmp_path), *FAST]
     assert _cli(args, kill_at="journal-append#4").returncode == -signal.SIGKILL
     journal = mf.journal_path(tmp_path / "ssv2/manifest.parquet")
@@ -178,7 +191,7 @@ def test_journal_repair_keeps_complete_rows(tmp_path: Path) -> None:
     assert sorted(mf.latest_by_key(manifest)) == ["1", "3"]
 
 
-# ------------------------------------------------------------------------------------------ 4. environment
+# ------------------------------------------------------------------------------- 4. environment
 
 
 def _fake_ffmpeg(tmp_path: Path, message: str) -> Path:
@@ -190,16 +203,18 @@ def _fake_ffmpeg(tmp_path: Path, message: str) -> Path:
     return exe
 
 
-@pytest.mark.parametrize("message", ["No space left on device", "Read-only file system", "Permission denied"])
-def test_environment_errors_stop_the_stage_and_blame_no_video(raw: Path, reference: Path, tmp_path: Path,
-                                                              message: str) -> None:
+@pytest.mark.parametrize("message",
+                         ["No space left on device", "Read-only file system", "Permission denied"])
+def test_environment_errors_stop_the_stage_and_blame_no_video(
+        raw: Path, reference: Path, tmp_path: Path, message: str) -> None:
     args = ["prepare-ssv2", "--ssv2-root", str(raw / "ssv2"), "--data-dir", str(tmp_path), *FAST]
     proc = _cli(args, env={"FFMPEG": str(_fake_ffmpeg(tmp_path, message))})
     assert proc.returncode == EXIT_ENVIRONMENT, proc.stderr
     assert message in proc.stderr and "rerun" in proc.stderr and "Traceback" not in proc.stderr
     broken = set(json.loads((raw / "synthetic_info.json").read_text())["ssv2"]["broken"])
     rows = list(mf.read_rows(tmp_path / "ssv2/manifest.parquet"))
-    assert all(r["key"] in broken for r in rows if r["status"] != "ok")  # only truly broken sources are failed
+    # only truly broken sources are failed
+    assert all(r["key"] in broken for r in rows if r["status"] != "ok")
     proc = _cli(args)  # space freed: the same command, no flags
     assert proc.returncode == 0, proc.stderr
     assert _outputs(tmp_path / "ssv2") == _outputs(reference / "ssv2")
@@ -293,7 +308,8 @@ def test_missing_ffmpeg_is_an_environment_error(raw: Path, tmp_path: Path) -> No
 def test_unwritable_data_folder_gives_a_message_even_with_nothing_to_do(
         raw: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture, code: int) -> None:
-    """Injected (the CI runs as root, where chmod does not stop writes): every write under the data folder fails."""
+    """Injected (the CI runs as root, where chmod does not stop writes): every write under the data
+    folder fails."""
     data = _copy(reference, tmp_path)
     root = str(data)
     real_os_open, real_open = os.open, io.open
@@ -323,21 +339,22 @@ def test_unwritable_data_folder_gives_a_message_even_with_nothing_to_do(
     assert _outputs(data / "ssv2") == _outputs(reference / "ssv2")
 
 
-# ------------------------------------------------------------------------------------------ 5. lock
+# ------------------------------------------------------------------------------- 5. lock
 
 
 def _holder(folder: Path, seconds: float) -> subprocess.Popen:
     code = ("import sys, time; from pathlib import Path; from tstl.core.lock import dataset_lock\n"
             f"with dataset_lock(Path({str(folder)!r}), 'prepare-ssv2'):\n"
             f"    print('held', flush=True); time.sleep({seconds})\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
 
 
-def test_second_run_exits_at_once_naming_the_holder_or_waits(raw: Path, reference: Path, tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture) -> None:
+def test_second_run_exits_at_once_naming_the_holder_or_waits(
+        raw: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = _copy(reference, tmp_path)
     args = ["prepare-ssv2", "--ssv2-root", str(raw / "ssv2"), "--data-dir", str(data), *FAST]
     holder = _holder(data / "ssv2", 60)
@@ -359,17 +376,21 @@ def test_second_run_exits_at_once_naming_the_holder_or_waits(raw: Path, referenc
     holder.wait()
 
 
-# ------------------------------------------------------------------------------------------ 10. frame geometry
+# ------------------------------------------------------------------------------- 10. frame geometry
 
 
-@pytest.mark.parametrize("size,reason", [("16x2400", "a side is under 32 px"), ("4000x16", "a side is under 32 px"),
+@pytest.mark.parametrize("size,reason", [("16x2400", "a side is under 32 px"),
+                                         ("4000x16", "a side is under 32 px"),
                                          ("40x400", "aspect ratio over 8")])
-def test_absurd_frame_sizes_are_bad_videos_with_a_reason(tmp_path: Path, size: str, reason: str) -> None:
+def test_absurd_frame_sizes_are_bad_videos_with_a_reason(
+        tmp_path: Path, size: str, reason: str) -> None:
     src = tmp_path / f"v{size}.avi"
-    subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", f"testsrc=size={size}:rate=10", "-frames:v", "10",
-                    "-c:v", "mpeg4", "-q:v", "31", str(src)], check=True)
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i",
+                    f"testsrc=size={size}:rate=10", "-frames:v", "10", "-c:v", "mpeg4", "-q:v",
+                    "31", str(src)], check=True)
     src.write_bytes(src.read_bytes() + b"\0" * 2048)  # above the minimum source size
     out = tmp_path / "out.mp4"
     result = transcode(Item("k", src, out, out.name), PARAMS, timeout=60)
-    assert result["status"] == "failed" and result["error"] == f"not a usable video: frame size {size}: {reason}"
+    assert (result["status"] == "failed"
+            and result["error"] == f"not a usable video: frame size {size}: {reason}")
     assert not out.exists()

@@ -1,4 +1,5 @@
-"""The synthetic datasets: official layouts, determinism, broken files and motion-only class information."""
+"""The synthetic datasets: official layouts, determinism, broken files and motion-only class
+information."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 
 from pipeline.synthetic import CLASSES, SynthConfig, generate, render_frames
 
-CFG = SynthConfig(seed=3, num_classes=8, videos_per_class=3, ucf_groups_per_class=3, ucf_clips_per_group=1,
-                  broken_ssv2=3, broken_ucf=1, duration_s=(1.0, 1.5))
+CFG = SynthConfig(seed=3, num_classes=8, videos_per_class=3, ucf_groups_per_class=3,
+                  ucf_clips_per_group=1, broken_ssv2=3, broken_ucf=1, duration_s=(1.0, 1.5))
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,8 @@ def _decode(path: Path) -> list[np.ndarray]:
 def test_ssv2_layout_and_official_json(synth: tuple[Path, dict]) -> None:
     out, _info = synth
     labels = json.loads((out / "ssv2/labels/labels.json").read_text())
-    assert len(labels) == 8 and all("[" not in k for k in labels) and sorted(labels.values(), key=int) == [
-        str(i) for i in range(8)]
+    assert (len(labels) == 8 and all("[" not in k for k in labels)
+            and sorted(labels.values(), key=int) == [str(i) for i in range(8)])
     train = json.loads((out / "ssv2/labels/train.json").read_text())
     val = json.loads((out / "ssv2/labels/validation.json").read_text())
     test = json.loads((out / "ssv2/labels/test.json").read_text())
@@ -38,7 +39,8 @@ def test_ssv2_layout_and_official_json(synth: tuple[Path, dict]) -> None:
     assert all(set(e) == {"id"} for e in test)
     for e in train + val:
         assert set(e) == {"id", "label", "template", "placeholders"}
-        assert e["template"].replace("[", "").replace("]", "") in labels  # the MMAction2/CAST label rule
+        # the MMAction2/CAST label rule
+        assert e["template"].replace("[", "").replace("]", "") in labels
         assert e["placeholders"][0] in e["label"]
     ids = [e["id"] for e in train + val + test]
     assert len(set(ids)) == len(ids)
@@ -72,10 +74,12 @@ def test_broken_files_are_listed_and_broken(synth: tuple[Path, dict]) -> None:
         if kind == "zero-byte":
             assert path.stat().st_size == 0
         else:
-            with pytest.raises((av.error.FFmpegError, av.error.InvalidDataError, ValueError, IndexError)):
+            with pytest.raises((av.error.FFmpegError, av.error.InvalidDataError, ValueError,
+                                IndexError)):
                 frames = _decode(path)
                 if kind == "truncated" and len(frames) < 8:
-                    raise ValueError("truncated")  # decodes partially: fewer frames than any generated clip
+                    # decodes partially: fewer frames than any generated clip
+                    raise ValueError("truncated")
     assert len(info["ucf101"]["broken"]) == 1
 
 
@@ -91,7 +95,8 @@ def test_ucf101_layout_lists_and_handstand_quirk(synth: tuple[Path, dict]) -> No
         test = (lists / f"testlist0{k}.txt").read_text().split()
         assert all(len(t) == 2 and 1 <= int(t[1]) <= 8 for t in train) and test
         train_groups = {t[0].rsplit("_c", 1)[0] for t in train}
-        assert not train_groups & {t.rsplit("_c", 1)[0] for t in test}  # groups never straddle train/test
+        # groups never straddle train/test
+        assert not train_groups & {t.rsplit("_c", 1)[0] for t in test}
         for rel, label in train:
             assert (out / "ucf101/UCF-101" / rel).exists()
             assert names[int(label) - 1] == rel.split("/")[0]
@@ -123,8 +128,8 @@ def _background(motion: str, seed: tuple[int, ...]) -> np.ndarray:
     return np.median(render_frames(motion, seed, 160, 240, 24), axis=0).astype(np.uint8)
 
 
-@pytest.mark.parametrize("motion,axis,sign", [("left_to_right", 1, 1), ("right_to_left", 1, -1), ("up", 0, -1),
-                                               ("down", 0, 1)])
+@pytest.mark.parametrize("motion,axis,sign", [("left_to_right", 1, 1), ("right_to_left", 1, -1),
+                                              ("up", 0, -1), ("down", 0, 1)])
 def test_objects_move_in_the_labelled_direction(motion: str, axis: int, sign: int) -> None:
     seed = (7, 1, 99)
     frames = render_frames(motion, seed, 160, 240, 24)
@@ -138,7 +143,8 @@ def test_flip_turns_left_to_right_into_right_to_left_and_frames_alone_carry_no_l
     flipped = frames[:, :, ::-1]
     c = _centroid(flipped, _background("left_to_right", seed)[:, ::-1])
     assert c[-1, 1] < c[0, 1]  # a flipped "left to right" clip moves right to left
-    reversed_clip = frames[::-1]  # the same frames in another order are a valid "right to left" clip
+    # the same frames in another order are a valid "right to left" clip
+    reversed_clip = frames[::-1]
     c_rev = _centroid(reversed_clip, _background("left_to_right", seed))
     assert c_rev[-1, 1] < c_rev[0, 1]
     assert {c.motion for c in CLASSES} >= {"clockwise", "counterclockwise", "approach", "recede"}

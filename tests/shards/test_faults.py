@@ -1,9 +1,10 @@
-"""Fault injection for ``shard_tools build`` (issue 12, item 6): SIGKILL the build at every named crash point
-(``tstl.core.faults``), rerun it, and compare every output byte for byte with an uninterrupted run.
+"""Fault injection for ``shard_tools build`` (issue 12, item 6): SIGKILL the build at every named
+crash point (``tstl.core.faults``), rerun it, and compare every output byte for byte with an
+uninterrupted run.
 
-Two scenarios: a first build, and a rebuild after the annotations changed (one training label, so one training
-shard is rebuilt, one is reused, and the validation set is already current). Between the kill and the rerun a
-reader must see a complete set, the old or the new one, never a mix.
+Two scenarios: a first build, and a rebuild after the annotations changed (one training label, so
+one training shard is rebuilt, one is reused, and the validation set is already current). Between
+the kill and the rerun a reader must see a complete set, the old or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -30,18 +31,21 @@ TEMP_MARKERS = (".tmp-", ".link-")
 def _mp4(path: Path, frames: int, hue: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=32x24:rate=12",
-                    "-vf", f"hue=h={hue}", "-frames:v", str(frames), "-c:v", "libx264", "-pix_fmt", "yuv420p",
-                    "-threads", "1", "-fflags", "+bitexact", "-y", str(path)], check=True)
+                    "-vf", f"hue=h={hue}", "-frames:v", str(frames), "-c:v", "libx264", "-pix_fmt",
+                    "yuv420p", "-threads", "1", "-fflags", "+bitexact", "-y", str(path)],
+                   check=True)
 
 
 def _cmd(data: Path) -> list[str]:
-    return ["build", "--dataset", "ssv2", "--data-dir", str(data), "--max-samples", "2", "--jobs", "1"]
+    return ["build", "--dataset", "ssv2", "--data-dir", str(data), "--max-samples", "2", "--jobs",
+            "1"]
 
 
 def _run(data: Path, **env: str) -> int:
     full = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
-    proc = subprocess.run([sys.executable, "-m", "shard_tools.cli", *_cmd(data)], cwd=ROOT, env=full,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    proc = subprocess.run([sys.executable, "-m", "shard_tools.cli", *_cmd(data)], cwd=ROOT,
+                          env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          check=False)
     return proc.returncode
 
 
@@ -65,14 +69,16 @@ def _visible(out: Path) -> dict[str, bytes] | None:
 
 
 def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, symlinks=True)  # copy2 keeps the videos' mtimes, which the shard plans hash
+    # copy2 keeps the videos' mtimes, which the shard plans hash
+    shutil.copytree(src, dst, symlinks=True)
     return dst
 
 
 @pytest.fixture(scope="module")
 def states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """``fresh`` (prepared, no shards), ``built`` (its reference build), ``changed`` (built + a changed training
-    label) and ``rebuilt`` (the reference rebuild of ``changed``), each with the trace of its uninterrupted run."""
+    """``fresh`` (prepared, no shards), ``built`` (its reference build), ``changed`` (built + a
+    changed training label) and ``rebuilt`` (the reference rebuild of ``changed``), each with the
+    trace of its uninterrupted run."""
     base = tmp_path_factory.mktemp("faults")
     fresh = base / "fresh"
     ann = fresh / "ssv2/annotations"
@@ -85,7 +91,8 @@ def states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     built = _copy(fresh, base / "built")
     assert _run(built, TSTL_FAULT_TRACE=str(base / "built.trace")) == 0
     changed = _copy(built, base / "changed")
-    (changed / "ssv2/annotations/train.csv").write_text("1.mp4 0\n2.mp4 1\n3.mp4 2\n4.mp4 2\n")  # 4.mp4: 0 -> 2
+    # 4.mp4: 0 -> 2
+    (changed / "ssv2/annotations/train.csv").write_text("1.mp4 0\n2.mp4 1\n3.mp4 2\n4.mp4 2\n")
     rebuilt = _copy(changed, base / "rebuilt")
     assert _run(rebuilt, TSTL_FAULT_TRACE=str(base / "rebuilt.trace")) == 0
     return {"fresh": fresh, "built": built, "changed": changed, "rebuilt": rebuilt, "base": base}
@@ -103,7 +110,8 @@ def _pairs(trace: Path) -> list[tuple[str, int]]:
 def test_reference_runs(states: dict[str, Path]) -> None:
     built, rebuilt = states["built"] / "ssv2/shards", states["rebuilt"] / "ssv2/shards"
     for split in SPLITS:
-        assert (built / split).is_symlink() and all(not r.errors for r in verify(built / split, decode=False))
+        assert ((built / split).is_symlink()
+                and all(not r.errors for r in verify(built / split, decode=False)))
         assert all(not r.errors for r in verify(rebuilt / split, decode=False))
     assert _visible(built / "val") == _visible(rebuilt / "val")
     assert _visible(built / "train") != _visible(rebuilt / "train")
@@ -124,7 +132,8 @@ def test_reference_runs(states: dict[str, Path]) -> None:
     assert _tree(scratch / "ssv2/shards") == _tree(rebuilt)
 
 
-def test_kill_at_every_point_then_rerun_gives_the_uninterrupted_result(states: dict[str, Path]) -> None:
+def test_kill_at_every_point_then_rerun_gives_the_uninterrupted_result(
+        states: dict[str, Path]) -> None:
     base = states["base"]
     scenarios = [("fresh", "built"), ("changed", "rebuilt")]
     trials = []
@@ -133,8 +142,9 @@ def test_kill_at_every_point_then_rerun_gives_the_uninterrupted_result(states: d
         assert len(set(pairs)) == len(pairs)
         trials += [(start, ref, name, hit) for name, hit in pairs]
     names = {name for _, _, name, _ in trials}
-    assert {"shards.tar.tmp", "shards.tar", "shards.reuse", "shards.manifest.tmp", "shards.index.tmp",
-            "shards.generation", "shards.link.tmp", "shards.switch", "shards.gc"} <= names
+    assert {"shards.tar.tmp", "shards.tar", "shards.reuse", "shards.manifest.tmp",
+            "shards.index.tmp", "shards.generation", "shards.link.tmp", "shards.switch",
+            "shards.gc"} <= names
     assert len(trials) >= 20
     stats = Counter()
     for n, (start, ref, name, hit) in enumerate(trials):
@@ -152,15 +162,18 @@ def test_kill_at_every_point_then_rerun_gives_the_uninterrupted_result(states: d
         assert sorted(got) == sorted(want), f"{name}#{hit}: files differ after the rerun"
         diffs = [k for k in want if got[k] != want[k]]
         assert not diffs, f"{name}#{hit}: {diffs} differ from the uninterrupted run"
-        assert not [k for k in got if any(m in k for m in TEMP_MARKERS)], f"{name}#{hit}: temp files left"
+        assert not [k for k in got if any(m in k for m in TEMP_MARKERS)], (
+            f"{name}#{hit}: temp files left")
         stats["trials"] += 1
         shutil.rmtree(work)
-    print(f"fault injection: {stats['trials']} kills at {len(names)} points, 0 differences, 0 partial files, "
-          f"0 temp files; {stats['complete']} complete sets seen between kill and rerun")
+    print(f"fault injection: {stats['trials']} kills at {len(names)} points, 0 differences, 0 "
+          f"partial files, 0 temp files; {stats['complete']} complete sets seen "
+          "between kill and rerun")
 
 
 def test_plain_folder_sets_move_to_the_symlink_layout(states: dict[str, Path]) -> None:
-    """A set built before the symlink layout is reused (hard links) and moved once, also across a kill."""
+    """A set built before the symlink layout is reused (hard links) and moved once, also across a
+    kill."""
     for n, kill in enumerate(("", "shards.legacy#1")):
         work = _copy(states["built"], states["base"] / f"legacy-{n}")
         for s in SPLITS:  # make both splits plain folders, as older builds wrote them
@@ -171,7 +184,8 @@ def test_plain_folder_sets_move_to_the_symlink_layout(states: dict[str, Path]) -
         mtime = (work / "ssv2/shards/val/shard-000000.tar").stat().st_mtime_ns
         if kill:
             assert _run(work, TSTL_FAULT_AT=kill) == -9
-            assert not (work / "ssv2/shards/train").exists()  # between the two renames: absent, never mixed
+            # between the two renames: absent, never mixed
+            assert not (work / "ssv2/shards/train").exists()
         assert cli_main(_cmd(work)) == 0
         assert _tree(work / "ssv2/shards") == _tree(states["built"] / "ssv2/shards")
         assert (work / "ssv2/shards/val/shard-000000.tar").stat().st_mtime_ns == mtime

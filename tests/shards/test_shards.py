@@ -31,8 +31,9 @@ N_VIDEOS, N_CLASSES = 18, 3
 def _mp4(path: Path, frames: int, seed: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i",
-                    f"testsrc2=size=64x48:rate=12:duration={frames / 12},hue=h={seed * 20}", "-c:v", "libx264",
-                    "-pix_fmt", "yuv420p", "-threads", "1", "-fflags", "+bitexact", "-y", str(path)], check=True)
+                    f"testsrc2=size=64x48:rate=12:duration={frames / 12},hue=h={seed * 20}", "-c:v",
+                    "libx264", "-pix_fmt", "yuv420p", "-threads", "1", "-fflags", "+bitexact", "-y",
+                    str(path)], check=True)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,8 @@ def test_samples_parts_and_metadata(built: Path, dataset: Path) -> None:
     for info in ss.shards:
         with tarfile.open(built / "train" / info.name) as tar:
             for m in tar.getmembers():
-                assert m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" and "." not in m.name.split(".")[0]
+                assert (m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == ""
+                        and "." not in m.name.split(".")[0])
         for key, parts in iter_samples(built / "train" / info.name):
             assert sorted(parts) == ["cls", "json", "mp4"]
             meta = json.loads(parts["json"])
@@ -83,7 +85,8 @@ def test_samples_parts_and_metadata(built: Path, dataset: Path) -> None:
     assert sorted(seen, key=int) == [str(i) for i in range(1, 13)]
     order = [k for info in ss.shards for k, _ in iter_samples(built / "train" / info.name)]
     assert order != sorted(order, key=int)  # training shards are shuffled
-    val = [k for info in shardset.load(built / "val").shards for k, _ in iter_samples(built / "val" / info.name)]
+    val = [k for info in shardset.load(built / "val").shards
+           for k, _ in iter_samples(built / "val" / info.name)]
     assert val == [str(i) for i in range(13, 19)]  # evaluation shards keep the annotation order
 
 
@@ -101,7 +104,8 @@ def test_manifest_and_index(built: Path) -> None:
         assert (built / "train" / r["shard"]).stat().st_size == r["bytes"]
 
 
-def test_rebuild_is_byte_identical_and_repairs_only_damage(built: Path, dataset: Path, tmp_path: Path) -> None:
+def test_rebuild_is_byte_identical_and_repairs_only_damage(
+        built: Path, dataset: Path, tmp_path: Path) -> None:
     before = _digests(built / "train")
     again = tmp_path / "copy"
     shutil.copytree(dataset / "ssv2", again / "ssv2", ignore=shutil.ignore_patterns("shards"))
@@ -120,14 +124,17 @@ def test_rebuild_is_byte_identical_and_repairs_only_damage(built: Path, dataset:
 def test_killed_build_resumes_to_the_same_set(built: Path, dataset: Path, tmp_path: Path) -> None:
     work = tmp_path / "d"
     shutil.copytree(dataset / "ssv2", work / "ssv2", ignore=shutil.ignore_patterns("shards"))
-    cmd = [sys.executable, "-m", "shard_tools.cli", "build", "--dataset", "ssv2", "--data-dir", str(work),
-           "--max-samples", "1", "--jobs", "1"]
-    # A new session, so the kill takes the whole process group (the pool workers too), as a scheduler would.
+    cmd = [sys.executable, "-m", "shard_tools.cli", "build", "--dataset", "ssv2", "--data-dir",
+           str(work), "--max-samples", "1", "--jobs", "1"]
+    # A new session, so the kill takes the whole process group (the pool workers too), as a
+    # scheduler would.
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     out = work / "ssv2/shards/train"
-    deadline = time.monotonic() + 60  # the new set is written in a staging folder beside the path users pass
-    while time.monotonic() < deadline and len(list(out.parent.glob(".train.tmp-*/shard-*.tar"))) < 2:
+    # the new set is written in a staging folder beside the path users pass
+    deadline = time.monotonic() + 60
+    while (time.monotonic() < deadline
+            and len(list(out.parent.glob(".train.tmp-*/shard-*.tar"))) < 2):
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -165,14 +172,17 @@ def test_subset_by_classes_and_by_tstl_group_map(built: Path, tmp_path: Path) ->
     groups = read_group_map(SHARED / "tstl-class_grouping.json")
     assert len(groups) == 15 and sorted(c for g in groups for c in g) == list(range(174))
     gm = tmp_path / "groups.json"
-    gm.write_text(json.dumps({"format": "tstl-groups/v1", "num_classes": 3, "groups": [[1], [2, 0]]}))
-    assert cli_main(["subset", str(built / "train"), str(tmp_path / "g"), "--groups", str(gm), "--group", "1"]) == 0
+    gm.write_text(json.dumps({"format": "tstl-groups/v1", "num_classes": 3,
+                              "groups": [[1], [2, 0]]}))
+    assert cli_main(["subset", str(built / "train"), str(tmp_path / "g"), "--groups", str(gm),
+                     "--group", "1"]) == 0
     labels = {int(p["cls"]) for i in shardset.load(tmp_path / "g").shards
               for _, p in iter_samples(tmp_path / "g" / i.name)}
     assert labels == {0, 2}
-    assert cli_main(["subset", str(built / "train"), str(tmp_path / "r"), "--groups", str(gm), "--group", "1",
-                     "--remap"]) == 0
-    assert shardset.load(tmp_path / "r").classes == ["c", "a"]  # local ids in the group file's order, as experts
+    assert cli_main(["subset", str(built / "train"), str(tmp_path / "r"), "--groups", str(gm),
+                     "--group", "1", "--remap"]) == 0
+    # local ids in the group file's order, as experts
+    assert shardset.load(tmp_path / "r").classes == ["c", "a"]
 
 
 def test_cast_annotation_files_are_accepted(dataset: Path, tmp_path: Path) -> None:
@@ -182,7 +192,8 @@ def test_cast_annotation_files_are_accepted(dataset: Path, tmp_path: Path) -> No
     csv = tmp_path / "mine.csv"
     csv.write_text("1.mp4 5\n2.mp4 7\n")
     (dataset / "ssv2/annotations/classes.txt").read_text()
-    sets = build_dataset(tmp_path, "ssv2", 1, OPTS, annotations=[csv], videos=dataset / "ssv2/videos")
+    sets = build_dataset(tmp_path, "ssv2", 1, OPTS, annotations=[csv],
+                         videos=dataset / "ssv2/videos")
     assert sets[0].num_samples == 2 and sets[0].split == "mine"
 
 
@@ -202,6 +213,8 @@ def test_cli_help_ls_inspect_stats(built: Path, capsys: pytest.CaptureFixture, t
     before = sorted(p.name for p in (built / "train").iterdir())
     monkeypatch.chdir(tmp_path)
     assert cli_main(["stats", str(built / "train")]) == 0
-    assert (tmp_path / "train-stats.png").stat().st_size > 1000 and "train-stats.png" in capsys.readouterr().out
+    assert ((tmp_path / "train-stats.png").stat().st_size > 1000
+            and "train-stats.png" in capsys.readouterr().out)
     assert sorted(p.name for p in (built / "train").iterdir()) == before
-    assert cli_main(["build", "--dataset", "ucf101", "--data-dir", str(built.parent.parent)]) == 2  # not prepared
+    # not prepared
+    assert cli_main(["build", "--dataset", "ucf101", "--data-dir", str(built.parent.parent)]) == 2
