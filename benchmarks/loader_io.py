@@ -170,13 +170,26 @@ def server_table(videos: int = 24) -> str:
     return "| measured at a loopback http server | |\n|---|---|\n" + "\n".join(rows)
 
 
+NOTES = """\
+What an epoch reads. Planner rows: the loader's own partition and request planner over an SSV2-sized
+shard list (no data read); the 0.2 row restates the old slot partition (contiguous stretches per
+(rank, worker), each shard read from byte 0 through the slot's last sample in it), which reproduces
+the figures the issue measured on the old code (1.05 / 1.39 / 4.13). Every sample is one ranged
+request of its own bytes, so bytes read per epoch are the bytes of the positions read: the set once,
+plus the padding (< world x batch samples). What a resume reads again is the batches that were in
+flight: `num_workers x (prefetch_factor + 1)` batches per rank (the DataLoader's queue and each
+worker's read-ahead), whatever the data size; an elastic resume reads the rest of the epoch plus the
+new layout's padding; a TSTL expert reads its own samples plus padding. Server rows: the real loader
+over loopback http, bytes counted where the server sends them."""
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="markdown report to update (section 'loader-io')")
     p.add_argument("--videos", type=int, default=24)
     a = p.parse_args(argv)
-    text = ("## Loader I/O (`python -m benchmarks.loader_io`)\n\n" + planner_table() + "\n\n" +
-            server_table(a.videos) + "\n")
+    text = ("## Loader I/O (`python -m benchmarks.loader_io`)\n\n" + NOTES + "\n\n"
+            + planner_table() + "\n\n" + server_table(a.videos) + "\n")
     print(text)
     if a.out:
         update_section(a.out, "loader-io", text)
