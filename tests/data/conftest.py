@@ -86,3 +86,17 @@ def shardset(tmp_path: Path, videos: dict[int, bytes]) -> Callable[..., Path]:
 def shardkit() -> types.SimpleNamespace:
     """The sample/shard-set writers for tests that craft their own (bad) samples."""
     return types.SimpleNamespace(sample=sample, write=write_shardset, num_classes=NUM_CLASSES)
+
+
+def procs_with(marker: str) -> list[int]:
+    """Pids of the live processes whose command line holds ``marker`` (to find what a test left)."""
+    import contextlib
+
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in ((d / "cmdline").read_bytes().replace(b"\0", b" ")
+                              .decode(errors="replace")):
+                    out.append(int(d.name))
+    return out

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.data.conftest import procs_with
 from tstl.data import BadSampleRateError, DataConfig, build_eval_loader, build_train_loader
 from tstl.data.sources import Shard, resolve
 
@@ -71,17 +72,6 @@ def test_out_of_range_labels_are_bad_samples_and_never_reach_mixup(
 
 
 # ---- item 8: a stalled remote source -------------------------------------------------------------
-def _procs_with(marker: str) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            with contextlib.suppress(OSError):
-                if marker in ((d / "cmdline").read_bytes().replace(b"\0", b" ")
-                              .decode(errors="replace")):
-                    out.append(int(d.name))
-    return out
-
-
 @contextlib.contextmanager
 def _deadline(seconds: int) -> Iterator[None]:
     """Bound the test's own runtime (a hang would otherwise block the suite); no assertion on
@@ -122,7 +112,7 @@ def test_stalled_pipe_source_times_out_retries_and_leaves_no_process(shardset: C
                                and "read_timeout_s" in r for r in reasons), reasons
         assert all(shard == "shard-000001.tar" for shard, _ in quarantined(q).values())
     finally:
-        left = _procs_with(marker)
+        left = procs_with(marker)
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

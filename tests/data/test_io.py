@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.data.conftest import procs_with
 from tstl.core.shards import SAMPLES
 from tstl.data import DataConfig, build_eval_loader, build_train_loader
 from tstl.data.cache import NodeCache
@@ -237,9 +238,9 @@ def test_workers_and_their_commands_end_with_a_killed_trainer(shardset) -> None:
         proc.kill()  # SIGKILL: nothing of the trainer's own code runs
         proc.wait()
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and (_alive(ours) or _with(marker)):
+        while time.monotonic() < deadline and (_alive(ours) or procs_with(marker)):
             time.sleep(0.2)
-        assert not _alive(ours) and not _with(marker), (_alive(ours), _with(marker))
+        assert not _alive(ours) and not procs_with(marker), (_alive(ours), procs_with(marker))
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -267,17 +268,6 @@ def _alive(pids: set[int]) -> set[int]:
             if (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z":
                 alive.add(pid)
     return alive
-
-
-def _with(marker: str) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            with contextlib.suppress(OSError):
-                if marker in ((d / "cmdline").read_bytes().replace(b"\0", b" ")
-                              .decode(errors="replace")):
-                    out.append(int(d.name))
-    return out
 
 
 def test_a_set_without_index_is_indexed_once_and_says_how_to_save_that(tmp_path: Path, videos,

@@ -116,6 +116,19 @@ class HelpConfig(argparse.Action):
         parser.exit()
 
 
+def add_launch_args(parser: argparse.ArgumentParser,
+                    commands: tuple[argparse.ArgumentParser, ...]) -> None:
+    """What every launched command takes: ``--local_rank`` (the DeepSpeed launcher passes it; we
+    read ``LOCAL_RANK`` from the environment) and ``--debug``."""
+    for launched in (parser, *commands):
+        launched.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                              help=argparse.SUPPRESS)
+    for cmd in commands:
+        cmd.add_argument("--debug", action="store_true",
+                         help="print the traceback of a failure on the terminal too (it always "
+                              "goes to <run folder>/logs/<command>-rank<r>.log)")
+
+
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", "'"),
                                 epilog=exitcodes.EPILOG)
@@ -152,14 +165,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="list every config key with its type, default and doc")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.test_views=[1,1]")
     e.set_defaults(fn=cmd_eval)
-    # the deepspeed launcher passes --local_rank=N; we read LOCAL_RANK from the env
-    for launched in (p, t, e):
-        launched.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                              help=argparse.SUPPRESS)
-    for cmd in (t, e):
-        cmd.add_argument("--debug", action="store_true",
-                         help="print the traceback of a failure on the terminal too (it always "
-                              "goes to <run folder>/logs/<command>-rank<r>.log)")
+    add_launch_args(p, (t, e))
     r = sub.add_parser("report", help="write <run>/report.md with accuracy and plots",
                        epilog=exitcodes.EPILOG)
     r.add_argument("run_dir", type=Path, help="the out_dir of a training run")

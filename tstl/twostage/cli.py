@@ -19,7 +19,7 @@ from tstl.core.config import ConfigError, load_cli_config
 from tstl.core.exitcodes import UsageError
 from tstl.core.log import init_logging
 from tstl.train import runlog
-from tstl.train.cli import HelpConfig, run_command
+from tstl.train.cli import HelpConfig, add_launch_args, run_command
 from tstl.twostage.config import TSTLConfig
 from tstl.twostage.groups import (
     GroupFileError,
@@ -185,14 +185,7 @@ def build_parser(prog: str = PROG, names: dict[str, str] | None = None) -> argpa
                    help="list every config key with its type, default and doc")
     e.add_argument("overrides", nargs="*")
     e.set_defaults(fn=_eval)
-    # the deepspeed launcher passes --local_rank=N; we read LOCAL_RANK from the env
-    for launched in (p, t, e):
-        launched.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                              help=argparse.SUPPRESS)
-    for cmd in (t, e):
-        cmd.add_argument("--debug", action="store_true",
-                         help="print the traceback of a failure on the terminal too (it always "
-                              "goes to <run folder>/logs/<command>-rank<r>.log)")
+    add_launch_args(p, (t, e))
     g = sub.add_parser("groups", prog=sub_prog("groups"), epilog=exitcodes.EPILOG,
                        help="write a class-group file (balanced-contiguous or from a confusion "
                             "matrix)")
