@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Self
 
 from tstl.core import shards
+from tstl.core.durable import fsync_dir
 from tstl.core.faults import fault_point
 
 logger = logging.getLogger(__name__)
@@ -33,14 +34,6 @@ logger = logging.getLogger(__name__)
 
 def _own(out: Path) -> re.Pattern:
     return re.compile(rf"^\.{re.escape(out.name)}\.(gen-[0-9a-f]{{16}}|tmp-\d+|link-\d+)$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def generation_name(out: Path, shard_dir: Path) -> str:
@@ -128,7 +121,7 @@ class Staging:
         os.symlink(target, link)
         fault_point("shards.link.tmp")
         os.replace(link, self.out)  # the one atomic step readers see
-        _fsync_dir(self.out.parent)
+        fsync_dir(self.out.parent)
         fault_point("shards.switch")
 
     def publish(self, rebuilt: list[str] = ()) -> bool:
@@ -150,7 +143,7 @@ class Staging:
             final = self.out.parent / name
             if final.exists():
                 _remove(final)  # a stray generation with the same content: ours replaces it
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             os.replace(self.dir, final)
             fault_point("shards.generation")
             self._switch(name)

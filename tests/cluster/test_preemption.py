@@ -5,12 +5,15 @@ with the diff."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import ROOT, TINY, Leaks
 
@@ -55,3 +58,33 @@ def test_sigterm_saves_exits_75_and_the_rerun_resumes(data_dir: Path, tmp_path: 
     error = changed.stderr[changed.stderr.index("error: "):]
     assert "optim.lr: 0.032 -> 0.0005" in error and "checkpoint.accept_config_change=true" in error
     assert "log_every: 1 -> 2" not in error.split("Use another")[0]  # a safe change is not listed
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_to_the_whole_process_group_spares_the_loader_workers(
+        signum: signal.Signals, data_dir: Path, tmp_path: Path, leaks: Leaks) -> None:
+    """Slurm signals every process of a step (time limit, ``scancel``, a forwarded warning), and so
+    does ``kill -TERM -PGID``: the DataLoader workers get the signal too. They must live on until
+    the trainer has saved; a worker that died of it crashed the run (exit 1, no checkpoint)."""
+    from tstl.train.preemption import EXIT_PREEMPTED
+
+    run = tmp_path / "run"
+    tiny = [a for a in TINY if not a.startswith("data.num_workers")]
+    cmd = [sys.executable, "-m", "tstl.train.cli", "train", "--config", *CONFIGS,
+           f"data_dir={data_dir}", f"out_dir={run}", "epochs=2", *tiny, "data.num_workers=2",
+           "val_every=0", "test_at_end=false"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=leaks.env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not ((run / "metrics.jsonl").exists()
+               and "train/loss" in (run / "metrics.jsonl").read_text()):
+        assert (proc.poll() is None
+                and time.monotonic() < deadline), "training ended or never started"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signum)  # the trainer and both workers
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    name = signal.Signals(signum).name
+    step = int(re.search(rf"{name} received: checkpoint saved at step (\d+)", err).group(1))
+    assert (run / f"checkpoints/step-{step:07d}/complete.json").exists()
+    assert "exited unexpectedly" not in err

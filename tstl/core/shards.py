@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from tstl.core.durable import replace_fsynced
 from tstl.core.faults import fault_point
 from tstl.core.transport import is_local
 
@@ -155,12 +156,6 @@ def index_bytes(ss: ShardSet) -> bytes:
     return json.dumps(index, indent=1).encode()
 
 
-def _fsynced_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_manifest(path: Path, shards: list[ShardInfo]) -> None:
     """Write ``manifest.parquet`` atomically (temporary name, then rename)."""
     import pyarrow as pa
@@ -175,7 +170,7 @@ def write_manifest(path: Path, shards: list[ShardInfo]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema()), tmp)
     fault_point("shards.manifest.tmp")
-    _fsynced_replace(tmp, path)
+    replace_fsynced(tmp, path)
     fault_point("shards.manifest")
 
 
@@ -188,7 +183,7 @@ def save(shard_dir: Path, ss: ShardSet) -> None:
     tmp = shard_dir / f".{INDEX}.tmp-{os.getpid()}"
     tmp.write_bytes(index_bytes(ss))
     fault_point("shards.index.tmp")
-    _fsynced_replace(tmp, shard_dir / INDEX)
+    replace_fsynced(tmp, shard_dir / INDEX)
     fault_point("shards.index")
 
 
@@ -394,7 +389,7 @@ def write_samples(shard_dir: Path, ss: ShardSet, index: SampleIndex, name: str =
     pq.write_table(samples_table(ss, index), tmp, compression="zstd")
     data = tmp.read_bytes()
     fault_point("shards.samples.tmp")
-    _fsynced_replace(tmp, path)
+    replace_fsynced(tmp, path)
     return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "rows": len(index)}
 

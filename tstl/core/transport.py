@@ -132,14 +132,28 @@ def kill_live_commands() -> None:
 def orphan_guard(_worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: end this worker (and its ``pipe:`` commands) as soon as its
     parent, the training process, dies -- even by SIGKILL -- instead of reading on for minutes
-    (issue 21)."""
+    (issue 21); live through the stop signals that the trainer handles itself.
+
+    A scheduler signals every process of a job step, workers included (Slurm's time limit and
+    ``scancel`` send SIGTERM, a forwarded warning SIGUSR1; so does ``kill -TERM -PGID``). A worker
+    that died of it would crash its trainer ("DataLoader worker exited unexpectedly") before the
+    trainer, which got the same signal, saves at its next safe point and exits 75. So SIGUSR1 is
+    ignored, and the first SIGTERM while the trainer lives: the trainer shuts the workers down.
+    A second SIGTERM (``Process.terminate()`` of a worker that did not stop in time, at the
+    trainer's exit) or one after the trainer died (``PR_SET_PDEATHSIG``) ends the worker.
+    """
     parent = os.getppid()
+    spared: list[int] = []
 
     def _end(*_: object) -> None:
+        if os.getppid() == parent and not spared:
+            spared.append(1)  # the trainer got it too and stops us in its own time
+            return
         kill_live_commands()
         os._exit(1)
 
     signal.signal(signal.SIGTERM, _end)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before prctl took effect

@@ -41,6 +41,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from tstl.core.durable import fsync_dir, write_text_durable
 from tstl.train import dist
 from tstl.train.config import CheckpointConfig
 from tstl.train.preemption import PreemptionWatch
@@ -182,10 +183,10 @@ class Checkpointer:
             listed = dict(sorted(kv for part in files for kv in part.items()))
             marker = {"step": step, "epoch": epoch, "metric": metric, "world_size": dist.world(),
                       "format": FORMAT, "files": listed}
-            _fsync_dir(folder)
-            _write_durable(folder / MARKER, json.dumps(marker, indent=1))
-            _fsync_dir(folder)
-            _fsync_dir(self.dir)
+            fsync_dir(folder)
+            write_text_durable(folder / MARKER, json.dumps(marker, indent=1))
+            fsync_dir(folder)
+            fsync_dir(self.dir)
             self._rotate()
         dist.barrier()
         self.last_save = time.monotonic()
@@ -353,25 +354,6 @@ def _digest(path: Path) -> dict:
         size = os.fstat(f.fileno()).st_size
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     return {"size": size, "sha256": digest}
-
-
-def _write_durable(path: Path, text: str) -> None:
-    """``path`` with ``text``, replaced atomically and fsynced (the temp file before the rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the names in ``folder`` (new files, renames) durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _move_aside(folder: Path) -> str:
