@@ -93,19 +93,31 @@ def test_two_tasks_train_through_the_sbatch_script(reference_run: Path) -> None:
     assert (reference_run / "report.md").exists()
 
 
+@pytest.mark.parametrize("how", ["warning", "term-all"])
 def test_preempted_job_checkpoints_requeues_and_resumes(
-        slurm: Cluster, data_dir: Path, reference_run: Path, tmp_path: Path) -> None:
+        how: str, slurm: Cluster, data_dir: Path, reference_run: Path, tmp_path: Path) -> None:
+    """``warning``: the USR1 Slurm sends the batch script before the time limit, forwarded by it.
+    ``term-all``: SIGTERM to the training step (``scancel --signal=TERM JOB.0``): slurmstepd
+    signals every process of the step, the loader workers included, which must not die before
+    their rank saves (a time limit does the same, and also signals ``srun``, which then kills the
+    step: hence the script's ``--signal=B:USR1@300`` warning)."""
     run, log = tmp_path / "run", tmp_path / "job.out"
-    job = slurm.sbatch(*ONE_NODE, f"--output={log}", TRAIN_SBATCH, *TRAIN_ARGS,
+    # the loader's order does not depend on the worker count: the losses equal the reference's
+    workers = ["data.num_workers=1"] if how == "term-all" else []
+    job = slurm.sbatch(*ONE_NODE, f"--output={log}", TRAIN_SBATCH, *TRAIN_ARGS, *workers,
                        f"data_dir={data_dir}", f"out_dir={run}", env=_job_env(slurm))
     deadline = time.monotonic() + 300
     while not ((run / "metrics.jsonl").exists() and _losses(run)):  # the first step is done
         assert slurm.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text()[-4000:]
         assert time.monotonic() < deadline, "training never started"
         time.sleep(0.05)
-    # the warning Slurm sends before the time limit (--signal=B:USR1@300), sent now: to the batch
-    # script only
-    slurm.run("scancel", "--signal=USR1", "--batch", str(job))
+    if how == "warning":
+        # the warning Slurm sends before the time limit (--signal=B:USR1@300), sent now: to the
+        # batch script only
+        slurm.run("scancel", "--signal=USR1", "--batch", str(job))
+    else:
+        slurm.run("scancel", "--signal=TERM", f"{job}.0")
+    name = "USR1" if how == "warning" else "TERM"
     # the job is requeued (its script says so), runs again and completes
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline:
@@ -118,7 +130,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text[-4000:]
     assert "requeueing job" in text and "restart 1" in text, text[-4000:]
-    saved = re.search(r"USR1 received: checkpoint saved at step (\d+)", text)
+    saved = re.search(rf"{name} received: checkpoint saved at step (\d+)", text)
     assert saved, text[-4000:]
     step = int(saved.group(1))
     # resumed from the signal's checkpoint
