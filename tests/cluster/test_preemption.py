@@ -56,7 +56,7 @@ def test_sigterm_saves_exits_75_and_the_rerun_resumes(data_dir: Path, tmp_path: 
     assert changed.returncode == 2, changed.stderr[-3000:]
     # the CLI prints "error: <message>" (exit 2)
     error = changed.stderr[changed.stderr.index("error: "):]
-    assert "optim.lr: 0.032 -> 0.0005" in error and "checkpoint.accept_config_change=true" in error
+    assert "optim.lr: 0.064 -> 0.0005" in error and "checkpoint.accept_config_change=true" in error
     assert "log_every: 1 -> 2" not in error.split("Use another")[0]  # a safe change is not listed
 
 

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import ROOT, TINY, Leaks, subprocess_env
 from tests.data.conftest import make_mp4, sample, write_shardset
@@ -268,8 +269,8 @@ def _expected_lr(step: int, world: int, steps_per_epoch: int) -> float:
     layout's step."""
     from tstl.train import engine as eng
 
-    # configs/demo.yaml, batch 2 per rank
-    lr, min_lr = 3.2e-2 * 2 * world / 256, 3.2e-4 * 2 * world / 256
+    optim = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())["optim"]  # batch 2 per rank
+    lr, min_lr = optim["lr"] * 2 * world / 256, optim["min_lr"] * 2 * world / 256
     return lr * eng.lr_factor(step, lr=lr, min_lr=min_lr, warmup_steps=2 * steps_per_epoch,
                               total_steps=steps_per_epoch)
 
