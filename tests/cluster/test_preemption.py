@@ -20,6 +20,16 @@ from tests.conftest import ROOT, TINY, Leaks
 CONFIGS = [str(ROOT / "configs/data/ssv2.yaml"), str(ROOT / "configs/demo.yaml")]
 
 
+def _wait_for_first_step(proc: subprocess.Popen, run: Path, timeout: float = 300) -> None:
+    """Until the run has logged a training loss (the trainer is inside its loop)."""
+    deadline = time.monotonic() + timeout
+    while not ((run / "metrics.jsonl").exists()
+               and "train/loss" in (run / "metrics.jsonl").read_text()):
+        assert (proc.poll() is None
+                and time.monotonic() < deadline), "training ended or never started"
+        time.sleep(0.05)
+
+
 def test_sigterm_saves_exits_75_and_the_rerun_resumes(data_dir: Path, tmp_path: Path,
                                                        leaks: Leaks) -> None:
     from tstl.train.preemption import EXIT_PREEMPTED
@@ -30,12 +40,7 @@ def test_sigterm_saves_exits_75_and_the_rerun_resumes(data_dir: Path, tmp_path: 
            "test_at_end=false"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=leaks.env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not ((run / "metrics.jsonl").exists()
-               and "train/loss" in (run / "metrics.jsonl").read_text()):
-        assert (proc.poll() is None
-                and time.monotonic() < deadline), "training ended or never started"
-        time.sleep(0.05)
+    _wait_for_first_step(proc, run)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode == EXIT_PREEMPTED == 75, err[-3000:]
@@ -75,12 +80,7 @@ def test_a_signal_to_the_whole_process_group_spares_the_loader_workers(
            "val_every=0", "test_at_end=false"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=leaks.env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not ((run / "metrics.jsonl").exists()
-               and "train/loss" in (run / "metrics.jsonl").read_text()):
-        assert (proc.poll() is None
-                and time.monotonic() < deadline), "training ended or never started"
-        time.sleep(0.05)
+    _wait_for_first_step(proc, run)
     os.killpg(proc.pid, signum)  # the trainer and both workers
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
