@@ -204,9 +204,10 @@ def test_the_checkpointer_decides_when_to_save(tmp_path: Path,
     assert off.decide(4) == (False, False)  # 0 = no step or timed saves; an unsignalled watch
 
 
-def test_handle_signals_keeps_the_handler_after_a_signal() -> None:
-    """After a signal the process is about to exit 75: a second one must not kill it (143) on the
-    way out."""
+def test_handle_signals_ignores_further_signals_after_one() -> None:
+    """After a signal the process is about to exit 75: a second one (``srun --kill-on-bad-exit``
+    stopping the ranks that have not exited yet) must not kill it (143) on the way out, even while
+    the interpreter finalizes (CPython resets Python handlers then, not SIG_IGN)."""
     import os
     import signal
 
@@ -218,10 +219,12 @@ def test_handle_signals_keeps_the_handler_after_a_signal() -> None:
     try:
         with preemption.handle_signals() as watch:
             os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGTERM)  # would end pytest with the default handler
         assert watch.signum == signal.SIGTERM
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in preemption.SIGNALS)
+        os.kill(os.getpid(), signal.SIGTERM)  # would end pytest with the default action
     finally:
         watch.uninstall()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 # ----------------------------------------------------------------------------------- durable

@@ -103,9 +103,12 @@ def handle_signals() -> Iterator[PreemptionWatch]:
     runs several).
 
     On the way out the previous handlers come back, unless a signal came: then the process is about
-    to exit 75 and the flag handler stays, so that a second signal (``srun --kill-on-bad-exit``
-    terminating the ranks that have not exited yet) cannot turn that exit into a kill (143) while
-    the interpreter shuts down.
+    to exit 75 and ignores these signals from here on, so that a second one (``srun
+    --kill-on-bad-exit`` terminating the ranks that have not exited yet, once the first rank has
+    exited 75) cannot turn that exit into a kill (143) and the job into a failure. Ignored at the
+    OS level, not by a Python handler: CPython puts the default action back on every signal with a
+    Python handler while the interpreter finalizes, the moment a rank spends tearing down its
+    process group.
     """
     global _ACTIVE
     watch = PreemptionWatch().install()
@@ -116,3 +119,6 @@ def handle_signals() -> Iterator[PreemptionWatch]:
         _ACTIVE = None
         if watch.signum is None:
             watch.uninstall()
+        else:
+            for sig in SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
